@@ -1,0 +1,38 @@
+# Two commands for a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+DATA   ?= data/synthetic
+PLAN   ?= demo
+
+.PHONY: demo test test-slow install synth preprocess notebooks bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . || \
+	    $(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+## the main job: synthetic data -> the whole pipeline
+demo: $(VENV)/.installed
+	$(PY) -m rsna_utils demo --data $(DATA) --plan $(PLAN)
+
+## the test suite (CI runs this)
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+synth: $(VENV)/.installed
+	$(PY) -m rsna_utils synth --out $(DATA) --patients 200 --size small
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/preprocess.py
+
+clean:
+	rm -rf $(VENV) runs data/synthetic*

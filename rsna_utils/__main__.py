@@ -1,0 +1,3 @@
+from rsna_utils.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,295 @@
+"""Read a DICOM file: header fields the pipeline needs, and the stored pixel values.
+
+Backends are chosen by name (`dicomsdl`, `pydicom`; the GPU backends live in `rsna_utils.gpu`).
+Each one is a small function `decode(path, header) -> np.ndarray` of stored values; the header is
+always parsed with pydicom (without the pixel data), so every backend sees the same fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rsna_utils.errors import DecodeError, RsnaError
+
+# Decoding more pixels than this is refused before any decoder runs (a header can lie).
+# The largest real mammograms are about 5,000 x 4,000 = 20 M pixels.
+DEFAULT_MAX_PIXELS = 80_000_000
+
+TRANSFER_SYNTAX_NAMES = {
+    "1.2.840.10008.1.2": "Implicit VR Little Endian",
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
+    "1.2.840.10008.1.2.2": "Explicit VR Big Endian",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+    "1.2.840.10008.1.2.4.50": "JPEG Baseline",
+    "1.2.840.10008.1.2.4.51": "JPEG Extended (12-bit)",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+    "1.2.840.10008.1.2.4.201": "HTJ2K Lossless",
+    "1.2.840.10008.1.2.4.203": "HTJ2K",
+}
+# Which packages decode what: named in the error when nothing could.
+DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle or dicomsdl",
+    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg or dicomsdl",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg, python-gdcm or dicomsdl",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg or dicomsdl",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg or dicomsdl",
+    "1.2.840.10008.1.2.4.80": "pyjpegls, python-gdcm or dicomsdl",
+    "1.2.840.10008.1.2.4.81": "pyjpegls, python-gdcm or dicomsdl",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg or dicomsdl",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg or dicomsdl",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",
+}
+
+
+def transfer_syntax_name(uid: str) -> str:
+    return f"{TRANSFER_SYNTAX_NAMES.get(uid, 'unknown transfer syntax')} ({uid})"
+
+
+@dataclass
+class VoiLut:
+    """One item of the VOI LUT Sequence (PS3.3 C.11.2.1.1)."""
+    first_mapped: int
+    bits: int
+    data: np.ndarray  # uint16 entries
+
+
+@dataclass
+class DicomHeader:
+    """What the pipeline needs from a header. Missing tags keep their defaults (None / [])."""
+    path: str
+    transfer_syntax: str = ""
+    rows: int = 0
+    columns: int = 0
+    frames: int = 1
+    samples_per_pixel: int = 1
+    bits_allocated: int = 16
+    bits_stored: int = 16
+    pixel_representation: int = 0
+    photometric: str = "MONOCHROME2"
+    window_centers: list[float] = field(default_factory=list)
+    window_widths: list[float] = field(default_factory=list)
+    voi_function: str = "LINEAR"
+    voi_luts: list[VoiLut] = field(default_factory=list)
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+    pixel_padding_value: int | None = None
+    laterality: str | None = None
+    view: str | None = None
+    modality: str | None = None
+    manufacturer: str | None = None
+    has_pixel_data: bool = True
+
+    @property
+    def signed(self) -> bool:
+        return self.pixel_representation == 1
+
+    @property
+    def monochrome1(self) -> bool:
+        return self.photometric == "MONOCHROME1"
+
+
+@dataclass
+class DicomImage:
+    pixels: np.ndarray          # stored values, (rows, columns), uint16 or int16
+    header: DicomHeader
+    backend: str
+
+
+def _floats(value) -> list[float]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
+        return [float(v) for v in value]
+    return [float(value)]
+
+
+def _parse_voi_luts(ds) -> list[VoiLut]:
+    luts = []
+    for item in ds.get("VOILUTSequence") or []:
+        desc = item.get("LUTDescriptor")
+        if desc is None or "LUTData" not in item:
+            continue
+        n, first, bits = int(desc[0]) or 65536, int(desc[1]), int(desc[2])
+        elem = item["LUTData"]
+        if isinstance(elem.value, (bytes, bytearray)):
+            data = np.frombuffer(elem.value, dtype="<u2")[:n]
+        else:
+            data = np.asarray(_floats(elem.value), dtype=np.uint16)[:n]
+        luts.append(VoiLut(first_mapped=first, bits=bits, data=data.astype(np.uint16)))
+    return luts
+
+
+def read_header(path: str | Path, ds=None) -> DicomHeader:
+    """Parse the header with pydicom, without reading the pixel data.
+
+    Raises RsnaError naming the file when it is not a readable DICOM file.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = str(path)
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except FileNotFoundError:
+            raise RsnaError(f"{path}: file not found; check --images and the CSV") from None
+        except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError,
+                IndexError, OverflowError) as e:
+            raise RsnaError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e}); "
+                            "re-export or re-download it") from None
+    try:
+        ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.get(
+            "file_meta", {}) else "1.2.840.10008.1.2"
+        slope = ds.get("RescaleSlope")
+        intercept = ds.get("RescaleIntercept")
+        pad = ds.get("PixelPaddingValue")
+        h = DicomHeader(
+            path=path,
+            transfer_syntax=ts,
+            rows=int(ds.get("Rows") or 0),
+            columns=int(ds.get("Columns") or 0),
+            frames=int(ds.get("NumberOfFrames") or 1),
+            samples_per_pixel=int(ds.get("SamplesPerPixel") or 1),
+            bits_allocated=int(ds.get("BitsAllocated") or 16),
+            bits_stored=int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16),
+            pixel_representation=int(ds.get("PixelRepresentation") or 0),
+            photometric=str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip(),
+            window_centers=_floats(ds.get("WindowCenter")),
+            window_widths=_floats(ds.get("WindowWidth")),
+            voi_function=str(ds.get("VOILUTFunction") or "LINEAR").strip().upper(),
+            voi_luts=_parse_voi_luts(ds),
+            rescale_slope=float(slope) if slope not in (None, "") else 1.0,
+            rescale_intercept=float(intercept) if intercept not in (None, "") else 0.0,
+            pixel_padding_value=int(pad) if isinstance(pad, (int, float)) else None,
+            laterality=(ds.get("ImageLaterality") or ds.get("Laterality") or None),
+            view=(ds.get("ViewPosition") or None),
+            modality=(ds.get("Modality") or None),
+            manufacturer=(ds.get("Manufacturer") or None),
+            has_pixel_data=("PixelData" in ds) or _has_pixel_tag(path),
+        )
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as e:
+        raise RsnaError(f"{path}: unreadable header field ({type(e).__name__}: {e}); "
+                        "the file is damaged") from None
+    return h
+
+
+def _has_pixel_tag(path: str) -> bool:
+    # stop_before_pixels drops PixelData from the dataset; look for the tag in the raw bytes.
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - min(size, 64 * 1024 * 1024)))
+            return b"\xe0\x7f\x10\x00" in f.read()
+    except OSError:
+        return False
+
+
+def check_header(h: DicomHeader, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse what no backend should try to decode; raise DecodeError with the reason."""
+    if not h.has_pixel_data:
+        raise DecodeError(f"{h.path}: no PixelData element; nothing to decode")
+    if h.rows <= 0 or h.columns <= 0:
+        raise DecodeError(f"{h.path}: Rows={h.rows} Columns={h.columns} is not an image size")
+    if h.rows * h.columns * h.samples_per_pixel > max_pixels:
+        raise DecodeError(
+            f"{h.path}: header declares {h.rows} x {h.columns} pixels, over the limit of "
+            f"{max_pixels:,}; raise max_pixels (--max-pixels) if the file is genuine")
+    if h.samples_per_pixel != 1 or h.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DecodeError(f"{h.path}: PhotometricInterpretation {h.photometric} with "
+                          f"{h.samples_per_pixel} samples; only grayscale mammograms are supported")
+    if h.bits_allocated not in (8, 16):
+        raise DecodeError(f"{h.path}: BitsAllocated {h.bits_allocated} is not supported (8 or 16)")
+
+
+def _check_pixels(arr: np.ndarray, h: DicomHeader) -> np.ndarray:
+    if arr.ndim == 3 and h.frames > 1:
+        arr = arr[0]
+    if arr.shape != (h.rows, h.columns):
+        raise DecodeError(f"{h.path}: decoded shape {arr.shape} differs from Rows x Columns "
+                          f"{h.rows} x {h.columns}; the header or the data is wrong")
+    if arr.dtype not in (np.uint16, np.int16):
+        arr = arr.astype(np.int16 if h.signed else np.uint16)
+    return arr
+
+
+def _decode_dicomsdl(path: str, h: DicomHeader) -> np.ndarray:
+    import dicomsdl
+    try:
+        dset = dicomsdl.open(path)
+        arr = dset.pixelData(index=0, storedvalue=True)
+    except Exception as e:  # dicomsdl raises RuntimeError/its own types from C++
+        raise DecodeError(f"dicomsdl: {type(e).__name__}: {str(e).strip()[:200]}") from None
+    if arr is None:
+        raise DecodeError("dicomsdl: returned no pixels")
+    return arr
+
+
+def _decode_pydicom(path: str, h: DicomHeader) -> np.ndarray:
+    import pydicom
+    try:
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+    except Exception as e:  # plugins raise many types (RuntimeError, ValueError, NotImplemented...)
+        raise DecodeError(f"pydicom: {type(e).__name__}: {str(e).strip()[:200]}") from None
+    return arr
+
+
+CPU_BACKENDS = {"dicomsdl": _decode_dicomsdl, "pydicom": _decode_pydicom}
+AUTO_ORDER = ("dicomsdl", "pydicom")
+
+
+def available_backends() -> list[str]:
+    names = list(CPU_BACKENDS)
+    from rsna_utils import gpu
+    names += [n for n in gpu.GPU_BACKENDS]
+    return names
+
+
+def decode_pixels(h: DicomHeader, backend: str = "auto",
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """Decode the stored values of the first frame; returns (array, backend used)."""
+    check_header(h, max_pixels)
+    if backend == "auto":
+        order = AUTO_ORDER
+    elif backend in CPU_BACKENDS:
+        order = (backend,)
+    else:
+        raise RsnaError(f"unknown backend {backend!r}; choose one of "
+                        f"{', '.join(['auto', *CPU_BACKENDS])} (GPU: nvimgcodec, dali)")
+    errors = []
+    for name in order:
+        try:
+            return _check_pixels(CPU_BACKENDS[name](h.path, h), h), name
+        except DecodeError as e:
+            errors.append(str(e))
+        except MemoryError:
+            errors.append(f"{name}: out of memory")
+    raise DecodeError(
+        f"{h.path}: cannot decode {transfer_syntax_name(h.transfer_syntax)} pixel data "
+        f"with {', '.join(order)}; it needs {DECODER_PACKAGES.get(h.transfer_syntax, 'a decoder for this transfer syntax')}"
+        f" [{'; '.join(errors)}]")
+
+
+def read_dicom(path: str | Path, backend: str = "auto",
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> DicomImage:
+    """Read one DICOM file: stored pixel values (first frame) and the header fields.
+
+    backend: "auto" (dicomsdl, then pydicom), "dicomsdl", "pydicom"; the GPU backends
+    ("nvimgcodec", "dali") decode batches through `rsna_utils.gpu`.
+    """
+    h = read_header(path)
+    if backend in ("nvimgcodec", "dali"):
+        from rsna_utils import gpu
+        arr = gpu.decode_batch([h], backend)[0]
+        return DicomImage(_check_pixels(arr, h), h, backend)
+    arr, used = decode_pixels(h, backend, max_pixels)
+    return DicomImage(arr, h, used)
