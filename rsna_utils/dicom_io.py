@@ -49,6 +49,11 @@ DECODER_PACKAGES = {
 }
 
 
+# Transfer syntaxes whose frames carry a JPEG / JPEG 2000 header with the image size.
+CODESTREAM_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                       "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+
+
 def transfer_syntax_name(uid: str) -> str:
     return f"{TRANSFER_SYNTAX_NAMES.get(uid, 'unknown transfer syntax')} ({uid})"
 
@@ -86,6 +91,7 @@ class DicomHeader:
     modality: str | None = None
     manufacturer: str | None = None
     has_pixel_data: bool = True
+    pixel_data_length: int | None = None     # bytes, for native (uncompressed) data
 
     @property
     def signed(self) -> bool:
@@ -138,7 +144,8 @@ def read_header(path: str | Path, ds=None) -> DicomHeader:
     path = str(path)
     if ds is None:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            # defer_size: large values (PixelData) are not read, only their length noted
+            ds = pydicom.dcmread(path, defer_size="512 KB")
         except FileNotFoundError:
             raise RsnaError(f"{path}: file not found; check --images and the CSV") from None
         except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError,
@@ -173,24 +180,16 @@ def read_header(path: str | Path, ds=None) -> DicomHeader:
             view=(ds.get("ViewPosition") or None),
             modality=(ds.get("Modality") or None),
             manufacturer=(ds.get("Manufacturer") or None),
-            has_pixel_data=("PixelData" in ds) or _has_pixel_tag(path),
+            has_pixel_data="PixelData" in ds,
         )
+        if h.has_pixel_data:
+            raw = ds.get_item("PixelData")
+            length = getattr(raw, "length", None)
+            h.pixel_data_length = None if length in (None, 0xFFFFFFFF) else int(length)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as e:
         raise RsnaError(f"{path}: unreadable header field ({type(e).__name__}: {e}); "
                         "the file is damaged") from None
     return h
-
-
-def _has_pixel_tag(path: str) -> bool:
-    # stop_before_pixels drops PixelData from the dataset; look for the tag in the raw bytes.
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - min(size, 64 * 1024 * 1024)))
-            return b"\xe0\x7f\x10\x00" in f.read()
-    except OSError:
-        return False
 
 
 def check_header(h: DicomHeader, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -208,6 +207,14 @@ def check_header(h: DicomHeader, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
                           f"{h.samples_per_pixel} samples; only grayscale mammograms are supported")
     if h.bits_allocated not in (8, 16):
         raise DecodeError(f"{h.path}: BitsAllocated {h.bits_allocated} is not supported (8 or 16)")
+    if h.pixel_data_length is not None and h.transfer_syntax not in CODESTREAM_SYNTAXES | {
+            "1.2.840.10008.1.2.5"}:
+        expected = h.rows * h.columns * h.frames * h.bits_allocated // 8
+        if h.pixel_data_length not in (expected, expected + 1):
+            raise DecodeError(
+                f"{h.path}: PixelData holds {h.pixel_data_length} bytes but Rows x Columns x "
+                f"frames ({h.rows} x {h.columns} x {h.frames}) needs {expected}; the header or "
+                "the data is wrong")
 
 
 def _check_pixels(arr: np.ndarray, h: DicomHeader) -> np.ndarray:
@@ -265,6 +272,10 @@ def decode_pixels(h: DicomHeader, backend: str = "auto",
     else:
         raise RsnaError(f"unknown backend {backend!r}; choose one of "
                         f"{', '.join(['auto', *CPU_BACKENDS])} (GPU: nvimgcodec, dali)")
+    if h.transfer_syntax in CODESTREAM_SYNTAXES:
+        # A decoder trusts Rows/Columns and allocates for them: check the codestream first.
+        from rsna_utils.frames import check_codestream
+        check_codestream(h.path, h.rows, h.columns, transfer_syntax=h.transfer_syntax)
     errors = []
     for name in order:
         try:
@@ -275,8 +286,9 @@ def decode_pixels(h: DicomHeader, backend: str = "auto",
             errors.append(f"{name}: out of memory")
     raise DecodeError(
         f"{h.path}: cannot decode {transfer_syntax_name(h.transfer_syntax)} pixel data "
-        f"with {', '.join(order)}; it needs {DECODER_PACKAGES.get(h.transfer_syntax, 'a decoder for this transfer syntax')}"
-        f" [{'; '.join(errors)}]")
+        f"with {', '.join(order)}; it decodes with "
+        f"{DECODER_PACKAGES.get(h.transfer_syntax, 'a decoder for this transfer syntax')}"
+        f" (if installed, the data is likely corrupt) [{'; '.join(errors)}]")
 
 
 def read_dicom(path: str | Path, backend: str = "auto",

@@ -96,8 +96,7 @@ def preprocess_image(path: str | Path, cfg: PreprocessConfig, backend: str = "au
     rows, cols = pixels.shape
     mask = None
     if cfg.crop:
-        mask = roi.breast_mask(small8)
-        box_small = roi.mask_box(mask)
+        mask, box_small = roi.find_breast(small8)
         if box_small is None:
             raise PreprocessError(f"{path}: no breast region found after windowing "
                                   f"({window.describe()}); check the window or use crop=False")
@@ -204,6 +203,8 @@ def _init_worker(cfg: PreprocessConfig, backend: str, compression: int, hook) ->
     global _CFG, _BACKEND, _COMPRESSION, _HOOK
     _CFG, _BACKEND, _COMPRESSION, _HOOK = cfg, backend, compression, hook
     cv2.setNumThreads(1)
+    import faulthandler  # a crashing decoder is recorded in failures.csv; no stack dump
+    faulthandler.disable()
 
 
 def _work(item: Item) -> tuple[str, Item, dict | str]:
@@ -327,10 +328,10 @@ class Preprocessor:
         k, n = shard if isinstance(shard, tuple) else parse_shard(shard)
         suffix = "" if n == 1 else f".{k}-of-{n}"
         items = list_items(images, csv_path, out, (k, n))
+        meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)   # repairs a cut last line
         done = load_done(out)
         todo = [it for it in items if it.image_id not in done]
         s = RunSummary(skipped=len(items) - len(todo), out=str(out))
-        meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)
         # failures of earlier runs are retried, so their rows are replaced
         fail_log = _CsvLog(out / f"failures{suffix}.csv", FAILURE_COLUMNS, fresh=True)
         from tqdm.auto import tqdm

@@ -47,8 +47,13 @@ def downscale(pixels: np.ndarray, max_side: int = 1024) -> tuple[np.ndarray, flo
     return cv2.resize(src, size, interpolation=cv2.INTER_AREA), f
 
 
-def breast_mask(img8: np.ndarray, open_frac: float = 0.01) -> np.ndarray:
-    """Largest bright connected region of an 8-bit image (the breast), as a bool mask."""
+def breast_mask(img8: np.ndarray, open_frac: float = 0.01, band_frac: float = 0.015) -> np.ndarray:
+    """Largest bright connected region of an 8-bit image (the breast), as a bool mask.
+
+    A band of `band_frac` along the image border is ignored: scanned films and some detectors
+    have bright frames or collimator edges there that would join the breast to the border.
+    `find_breast` extends the box back to the edge where the breast reaches the band.
+    """
     nz = img8[img8 > 0]
     if nz.size == 0:
         return np.zeros(img8.shape, bool)
@@ -56,6 +61,9 @@ def breast_mask(img8: np.ndarray, open_frac: float = 0.01) -> np.ndarray:
     # Half of Otsu keeps the dim skin line; a floor stops noise in near-black backgrounds.
     t = float(np.clip(0.5 * otsu, 5, 80))
     binary = (img8 > t).astype(np.uint8)
+    b = band_width(img8.shape, band_frac)
+    if b:
+        binary[:b], binary[-b:], binary[:, :b], binary[:, -b:] = 0, 0, 0, 0
     k = max(3, int(round(open_frac * max(img8.shape))) | 1)
     binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, cv2.getStructuringElement(
         cv2.MORPH_ELLIPSE, (k, k)))
@@ -72,6 +80,25 @@ def mask_box(mask: np.ndarray) -> Box | None:
     if len(ys) == 0:
         return None
     return Box(int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1)
+
+
+def band_width(shape: tuple[int, int], band_frac: float = 0.015) -> int:
+    return int(round(band_frac * max(shape))) if min(shape) > 64 else 0
+
+
+def find_breast(img8: np.ndarray, band_frac: float = 0.015) -> tuple[np.ndarray, Box | None]:
+    """Breast mask and its box on an 8-bit image; the box reaches the image edge where the
+    breast touches the ignored border band (the chest wall side, usually)."""
+    mask = breast_mask(img8, band_frac=band_frac)
+    box = mask_box(mask)
+    if box is None:
+        return mask, None
+    b = band_width(img8.shape, band_frac)
+    rows, cols = img8.shape
+    if b:
+        box = Box(0 if box.y0 <= b else box.y0, 0 if box.x0 <= b else box.x0,
+                  rows if box.y1 >= rows - b else box.y1, cols if box.x1 >= cols - b else box.x1)
+    return mask, box
 
 
 def add_margin(box: Box, margin: float, rows: int, cols: int) -> Box:

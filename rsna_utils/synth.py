@@ -247,7 +247,9 @@ def render_image(row: dict, size: str, seed_seq: np.random.SeedSequence) -> tupl
     full_mask = cv2.resize(mask, (W, H), interpolation=cv2.INTER_NEAREST).astype(bool)
     full_dist = cv2.resize(dist, (W, H), interpolation=cv2.INTER_LINEAR) * s
 
-    objects: dict = {"lesions": [], "markers": []}
+    ys_, xs_ = np.nonzero(full_mask.any(axis=1))[0], np.nonzero(full_mask.any(axis=0))[0]
+    objects: dict = {"lesions": [], "markers": [],
+                     "breast_box": (int(ys_[0]), int(xs_[0]), int(ys_[-1]) + 1, int(xs_[-1]) + 1)}
 
     def point_inside(margin: float) -> tuple[float, float] | None:
         ys, xs = np.nonzero(full_dist > margin)
@@ -403,7 +405,7 @@ def encode_dicom(stored: np.ndarray, row: dict, window: tuple[list, list], seed:
         ds.PixelData = stored.astype("<u2").tobytes()
     elif enc == "rle":
         from pydicom.uid import RLELossless
-        ds.compress(RLELossless, stored, encoding_plugin="pydicom")
+        ds.compress(RLELossless, stored, encoding_plugin="pydicom", generate_instance_uid=False)
     else:
         if enc == "j2k":
             frame = imagecodecs.jpeg2k_encode(stored, level=0, reversible=True,

@@ -1,0 +1,53 @@
+"""Shared fixtures: synthetic datasets (built once per session) and the real test files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_testdata() -> Path | None:
+    """../shared/testdata next to the repository (or $RSNA_TESTDATA)."""
+    for c in (os.environ.get("RSNA_TESTDATA"), REPO.parent / "shared" / "testdata",
+              Path("/work/shared/testdata")):
+        if c and (Path(c) / "nema_wg04_cr").is_dir():
+            return Path(c)
+    return None
+
+
+TESTDATA = find_testdata()
+needs_testdata = pytest.mark.skipif(TESTDATA is None, reason="../shared/testdata not found "
+                                    "(set RSNA_TESTDATA to the folder of real DICOM files)")
+
+
+@pytest.fixture(scope="session")
+def synth200(tmp_path_factory):
+    """The 200-patient small synthetic set the foundation issue specifies."""
+    from rsna_utils.synth import synthesize
+    out = tmp_path_factory.mktemp("synth200")
+    synthesize(out, patients=200, seed=7, size="small", workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory):
+    """A 12-patient set with many positives, for quick pipeline tests."""
+    from rsna_utils.synth import synthesize
+    out = tmp_path_factory.mktemp("synth12")
+    synthesize(out, patients=12, seed=3, positive_rate=0.5, size="small", test_patients=4,
+               workers=2, progress=False)
+    return out
+
+
+class AbortOn:
+    """Test hook for the preprocessor: kills the worker process on one chosen file."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, path: str) -> None:
+        if os.path.basename(path) == self.name:
+            os.abort()
