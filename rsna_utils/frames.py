@@ -26,13 +26,36 @@ class Codestream:
     sof: int = 0        # JPEG: the SOF marker (0xC3 = lossless Huffman)
 
 
+_LAST: tuple = ("", 0.0, b"")   # (path, mtime, frame): the check and the decode read once
+
+
 def first_frame(path: str, ds=None) -> bytes:
     """The first frame's compressed bytes (fragments joined) of an encapsulated file."""
+    import os
+
+    global _LAST
+    if ds is None:
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            mtime = -1
+        if _LAST[0] == str(path) and _LAST[1] == mtime:
+            return _LAST[2]
+        frame = _first_frame(path, None)
+        _LAST = (str(path), mtime, frame)
+        return frame
+    return _first_frame(path, ds)
+
+
+def _first_frame(path: str, ds) -> bytes:
     import pydicom
     from pydicom.encaps import generate_frames
 
     if ds is None:
-        ds = pydicom.dcmread(path)
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as e:  # pydicom raises many types on damaged files
+            raise DecodeError(f"{path}: cannot read the file ({type(e).__name__}: {e})") from None
     if "PixelData" not in ds:
         raise DecodeError(f"{path}: no PixelData element; nothing to decode")
     if not ds.file_meta.TransferSyntaxUID.is_encapsulated:

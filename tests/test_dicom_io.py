@@ -21,18 +21,22 @@ def _pydicom_can(path) -> bool:
 
 
 @needs_testdata
-@pytest.mark.parametrize("backend", ["dicomsdl", "pydicom", "auto"])
+@pytest.mark.parametrize("backend", ["imagecodecs", "dicomsdl", "pydicom", "auto"])
 @pytest.mark.parametrize("case, enc", LOSSLESS)
 def test_real_lossless_files_decode_bit_exactly(case, enc, backend):
     d = TESTDATA / "nema_wg04_cr"
     path = d / f"{case}_{enc}.dcm"
+    if backend == "imagecodecs" and enc not in ("J2KR", "JPLL"):
+        with pytest.raises(DecodeError, match="imagecodecs: not used for"):
+            read_dicom(path, backend=backend)
+        return
     if backend == "pydicom" and enc == "JLSL" and not _pydicom_can(path):
         pytest.skip("no JPEG-LS plugin for pydicom installed")
     ref = pydicom.dcmread(d / f"{case}_UNC.dcm").pixel_array
     img = read_dicom(path, backend=backend)
     assert img.pixels.dtype == np.uint16
     assert np.array_equal(img.pixels, ref)
-    assert img.backend in ("dicomsdl", "pydicom")
+    assert img.backend == backend or backend == "auto"
     assert img.header.rows, img.header.columns == ref.shape
 
 
@@ -99,7 +103,7 @@ def test_rows_columns_disagreeing_with_data(tmp_path, synth_small):
 
 def test_unknown_backend_lists_choices(synth_small):
     src = next((synth_small / "train_images").glob("*/*.dcm"))
-    with pytest.raises(RsnaError, match="choose one of auto, dicomsdl, pydicom"):
+    with pytest.raises(RsnaError, match="choose one of auto, imagecodecs, dicomsdl, pydicom"):
         read_dicom(src, backend="turbo")
 
 
@@ -107,4 +111,7 @@ def test_backends_agree_on_synthetic(synth_small):
     for p in sorted((synth_small / "train_images").glob("*/*.dcm"))[:12]:
         a = read_dicom(p, backend="dicomsdl").pixels
         b = read_dicom(p, backend="pydicom").pixels
-        assert np.array_equal(a, b)
+        c = read_dicom(p, backend="auto")
+        assert np.array_equal(a, b) and np.array_equal(a, c.pixels)
+        if c.header.transfer_syntax in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.70"):
+            assert c.backend == "imagecodecs"
