@@ -143,8 +143,8 @@ def main() -> int:
           f"scaling {rates[2] / rates[1]:.2f}x")
     for syn in ("1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90"):
         peak, added = peak_memory(syn, files[0])
-        print(f"## Peak RSS of one worker on a 5000x4000 {TS_NAMES[syn]} image: {peak:.0f} MiB "
-              f"(image work added {added:.0f} MiB)")
+        print(f"## Peak RSS of one worker process (interpreter and libraries included) on a "
+              f"5000x4000 {TS_NAMES[syn]} image: {peak:.0f} MiB")
     return 0
 
 
