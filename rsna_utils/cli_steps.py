@@ -27,7 +27,54 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
     return 1 if s.processed == 0 and s.failed > 0 else 0
 
 
+def _cmd_train(a: argparse.Namespace) -> int:
+    from rsna_utils.train import TrainConfig, train
+    over = {k: getattr(a, k) for k in ("data", "csv", "out", "model", "size", "epochs",
+                                       "batch_size", "lr", "pos_weight", "upsample", "split",
+                                       "fold", "folds", "seed", "workers", "pretrained_path",
+                                       "device", "channels", "max_steps")}
+    if a.resume:
+        over["resume"] = True
+    if a.quiet:
+        over["progress"] = False
+    if a.config:
+        cfg = TrainConfig.from_yaml(a.config, **over)
+    else:
+        cfg = TrainConfig.from_dict({k: v for k, v in over.items() if v is not None})
+    best = train(cfg)
+    if best:
+        m = best["metrics"]
+        print(f"best epoch {best['epoch']}: breast pF1 {m['breast_mean_pf1']:.3f}, breast AUC "
+              f"{m['breast_mean_auc']:.3f}; checkpoints in {cfg.out}")
+    return 0
+
+
 def register(sub) -> None:
+    t = sub.add_parser("train", help="train a timm model on preprocessed PNGs")
+    t.add_argument("--config", help="YAML with any TrainConfig field; flags override it")
+    t.add_argument("--data", help="PNG folder from rsna preprocess")
+    t.add_argument("--csv", help="train.csv")
+    t.add_argument("--out", help="run folder (checkpoints, metrics)")
+    t.add_argument("--model", help="timm name, e.g. resnet18, resnext50_32x4d, efficientnet_b2")
+    t.add_argument("--size", type=int)
+    t.add_argument("--channels", type=int, choices=[1, 3])
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--pos-weight", type=float, help="w_pos of the weighted BCE (e.g. 5)")
+    t.add_argument("--upsample", type=float, help="repeat positives this many times per epoch")
+    t.add_argument("--split", choices=["holdout", "kfold"])
+    t.add_argument("--folds", type=int)
+    t.add_argument("--fold", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--workers", type=int, help="DataLoader workers")
+    t.add_argument("--pretrained-path", help="local .pth/.safetensors (never downloaded)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("preprocess", help="DICOM folder -> cropped, windowed, resized PNGs")
     p.add_argument("--images", required=True, help="folder of {patient_id}/{image_id}.dcm")
     p.add_argument("--csv", default=None, help="train.csv / test.csv (default: scan --images)")

@@ -332,6 +332,7 @@ class Preprocessor:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         k, n = shard if isinstance(shard, tuple) else parse_shard(shard)
+        _write_config(out / "preprocess.json", self.cfg)
         suffix = "" if n == 1 else f".{k}-of-{n}"
         items = list_items(images, csv_path, out, (k, n))
         meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)   # repairs a cut last line
@@ -408,6 +409,23 @@ class Preprocessor:
             except BrokenProcessPool:
                 record("fail", item, f"{item.path}: the decoder crashed the worker process "
                                      "(killed or segfault); the file is likely corrupt")
+
+
+def _write_config(path: Path, cfg: PreprocessConfig) -> None:
+    """The settings travel with the PNGs (training stores them in its checkpoints, inference
+    reuses them); a rerun with other settings into the same folder is refused."""
+    import json
+    d = cfg.to_dict()
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != d:
+            diff = {k: (old.get(k), v) for k, v in d.items() if old.get(k) != v}
+            raise RsnaError(f"{path.parent}: already holds images preprocessed with other settings "
+                            f"{diff} (old, new); use another --out or the same settings")
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(d, indent=2))
+    os.replace(tmp, path)
 
 
 def _start_method() -> str:

@@ -182,6 +182,7 @@ def _blob(h: int, w: int, cy: float, cx: float, r: float, rng: np.random.Generat
           irregular: float) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """A soft blob with an irregular (spiculated when irregular>0) border, in a local patch."""
     R = int(np.ceil(r * 1.6)) + 2
+    cy, cx = float(np.clip(cy, 0, h - 1)), float(np.clip(cx, 0, w - 1))
     y0, y1 = max(0, int(cy) - R), min(h, int(cy) + R + 1)
     x0, x1 = max(0, int(cx) - R), min(w, int(cx) + R + 1)
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)

@@ -1,0 +1,258 @@
+"""Datasets over the preprocessed PNGs, mammogram augmentations, patient-grouped splits and
+samplers that upsample positives (single process or DDP)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from rsna_utils.errors import RsnaError
+
+
+# ----------------------------------------------------------------------------------------
+# Table of images
+# ----------------------------------------------------------------------------------------
+
+def load_table(csv: str | Path, png_dir: str | Path | None = None,
+               require_png: bool = True) -> pd.DataFrame:
+    """train.csv (or any CSV with patient_id, image_id, laterality, cancer) plus a `png` column.
+
+    Images listed in the preprocessor's failures.csv are dropped (they have no PNG) and counted
+    in `df.attrs["dropped"]`; any other missing PNG is an error naming it.
+    """
+    try:
+        df = pd.read_csv(csv)
+    except FileNotFoundError:
+        raise RsnaError(f"{csv}: CSV not found; pass the train.csv path") from None
+    need = {"patient_id", "image_id", "laterality"}
+    if not need <= set(df.columns):
+        raise RsnaError(f"{csv}: missing column(s) {sorted(need - set(df.columns))}")
+    df = df.dropna(subset=["patient_id", "image_id"]).copy()
+    df["patient_id"] = df["patient_id"].astype("int64")
+    df["image_id"] = df["image_id"].astype("int64")
+    if "prediction_id" not in df:
+        df["prediction_id"] = df["patient_id"].astype(str) + "_" + df["laterality"].astype(str)
+    if png_dir is None:
+        return df
+    png_dir = Path(png_dir)
+    df["png"] = [str(png_dir / f"{p}_{i}.png") for p, i in zip(df.patient_id, df.image_id)]
+    failed: set[int] = set()
+    for f in png_dir.glob("failures*.csv"):
+        try:
+            fd = pd.read_csv(f, dtype=str)
+            failed |= {int(x) for x in fd["image_id"] if str(x).isdigit()}
+        except (pd.errors.EmptyDataError, KeyError):
+            pass
+    dropped = df["image_id"].isin(failed)
+    df = df[~dropped].reset_index(drop=True)
+    df.attrs["dropped"] = int(dropped.sum())
+    if require_png:
+        exists = np.array([Path(p).exists() for p in df["png"]], dtype=bool)
+        if not exists.all():
+            missing = df.loc[~exists, "png"].tolist()
+            raise RsnaError(f"{len(missing)} PNG(s) missing under {png_dir}, e.g. {missing[0]}; "
+                            "run `rsna preprocess` on these images (or fix --data)")
+    return df
+
+
+# ----------------------------------------------------------------------------------------
+# Splits: always by patient
+# ----------------------------------------------------------------------------------------
+
+def patient_folds(df: pd.DataFrame, n_splits: int = 5, seed: int = 42,
+                  label: str = "cancer") -> pd.Series:
+    """Fold number per row: StratifiedGroupKFold on `label`, grouped by patient_id."""
+    from sklearn.model_selection import StratifiedGroupKFold
+    n_pat = df["patient_id"].nunique()
+    if n_splits < 2 or n_splits > n_pat:
+        raise RsnaError(f"n_splits={n_splits}: need 2..{n_pat} (the number of patients)")
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    fold = np.full(len(df), -1)
+    for k, (_, val) in enumerate(sgkf.split(df, df[label], groups=df["patient_id"])):
+        fold[val] = k
+    return pd.Series(fold, index=df.index, name="fold")
+
+
+def holdout_split(df: pd.DataFrame, val_frac: float = 0.15, seed: int = 42,
+                  label: str = "cancer") -> pd.Series:
+    """0 = train, 1 = validation: a patient-grouped split stratified by whether the patient has
+    any positive image."""
+    if not 0 < val_frac < 1:
+        raise RsnaError(f"val_frac={val_frac}: give a fraction in (0, 1), e.g. 0.15")
+    rng = np.random.default_rng(seed)
+    pos = df.groupby("patient_id")[label].max()
+    val: set = set()
+    for cls in (0, 1):
+        pats = pos.index[pos == cls].to_numpy().copy()
+        rng.shuffle(pats)
+        val |= set(pats[: int(round(len(pats) * val_frac))])
+    return pd.Series(df["patient_id"].isin(val).astype(int), index=df.index, name="fold")
+
+
+def check_split(train: pd.DataFrame, val: pd.DataFrame, where: str, label: str = "cancer") -> None:
+    if set(train.patient_id) & set(val.patient_id):
+        raise RsnaError(f"{where}: a patient is on both sides of the split")
+    for name, d in (("training", train), ("validation", val)):
+        if len(d) == 0 or d[label].sum() == 0:
+            raise RsnaError(f"{where}: the {name} side has no positive images; use fewer folds, "
+                            "a larger val fraction, or more data (synthetic: raise --positive-rate)")
+
+
+# ----------------------------------------------------------------------------------------
+# Augmentation and dataset
+# ----------------------------------------------------------------------------------------
+
+class Augment:
+    """Mammogram-safe augmentation on uint8/uint16 arrays (numpy + OpenCV, fast on the CPU):
+    horizontal/vertical flips, a small affine (rotation, scale, shift), brightness/contrast,
+    optional random crop back to size."""
+
+    def __init__(self, hflip: float = 0.5, vflip: float = 0.5, rotate: float = 10.0,
+                 scale: float = 0.1, shift: float = 0.05, brightness: float = 0.1,
+                 contrast: float = 0.15, random_crop: float = 0.0):
+        self.hflip, self.vflip, self.rotate, self.scale, self.shift = hflip, vflip, rotate, scale, shift
+        self.brightness, self.contrast, self.random_crop = brightness, contrast, random_crop
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        h, w = img.shape[:2]
+        if rng.random() < self.hflip:
+            img = img[:, ::-1]
+        if rng.random() < self.vflip:
+            img = img[::-1]
+        if self.rotate or self.scale or self.shift:
+            m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-self.rotate, self.rotate),
+                                        1 + rng.uniform(-self.scale, self.scale))
+            m[:, 2] += (rng.uniform(-self.shift, self.shift) * w, rng.uniform(-self.shift, self.shift) * h)
+            img = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if self.random_crop > 0:
+            f = 1 - rng.uniform(0, self.random_crop)
+            ch, cw = int(h * f), int(w * f)
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            img = cv2.resize(np.ascontiguousarray(img[y:y + ch, x:x + cw]), (w, h),
+                             interpolation=cv2.INTER_LINEAR)
+        return np.ascontiguousarray(img)
+
+    def intensity(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        c = 1 + rng.uniform(-self.contrast, self.contrast)
+        b = rng.uniform(-self.brightness, self.brightness)
+        return (x - 0.5) * c + 0.5 + b
+
+
+class PngDataset:
+    """(image tensor C x H x W float32, label float32) per row of the table.
+
+    Images are read with OpenCV (8 or 16-bit PNG), resized if they differ from `size`, scaled to
+    [0, 1], normalised with mean 0.5 / std 0.25, repeated to `channels`. `cache=True` keeps the
+    decoded uint8/uint16 arrays in memory after the first epoch (no PNG decoding afterwards).
+    """
+
+    def __init__(self, df: pd.DataFrame, size: tuple[int, int] | int, channels: int = 3,
+                 augment: Augment | None = None, seed: int = 0, cache: bool = False,
+                 label: str = "cancer"):
+        self.paths = df["png"].tolist()
+        self.labels = (df[label].to_numpy(np.float32) if label in df
+                       else np.zeros(len(df), np.float32))
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        if channels not in (1, 3):
+            raise RsnaError(f"channels={channels}: choose 1 or 3")
+        self.channels, self.augment, self.seed = channels, augment, seed
+        self.epoch = 0
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def read(self, i: int) -> np.ndarray:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        img = cv2.imread(self.paths[i], cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise RsnaError(f"{self.paths[i]}: cannot read the PNG (missing or corrupt); "
+                            "rerun `rsna preprocess`")
+        if img.ndim == 3:
+            img = img[..., 0]
+        if img.shape != self.size:
+            img = cv2.resize(img, (self.size[1], self.size[0]), interpolation=cv2.INTER_AREA)
+        if self._cache is not None:
+            self._cache[i] = img
+        return img
+
+    def __getitem__(self, i: int):
+        import torch
+        img = self.read(i)
+        scale = 65535.0 if img.dtype == np.uint16 else 255.0
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            img = self.augment(img, rng)
+            x = self.augment.intensity(img.astype(np.float32) / scale, rng)
+        else:
+            x = img.astype(np.float32) / scale
+        x = (x - 0.5) / 0.25
+        t = torch.from_numpy(np.ascontiguousarray(x))[None]
+        if self.channels == 3:
+            t = t.expand(3, -1, -1).contiguous()
+        return t, torch.tensor(self.labels[i])
+
+
+# ----------------------------------------------------------------------------------------
+# Upsampling positives
+# ----------------------------------------------------------------------------------------
+
+def epoch_indices(labels: np.ndarray, epoch: int, seed: int, upsample: float = 1.0,
+                  target_ratio: float | None = None) -> np.ndarray:
+    """Shuffled indices of one epoch with positives repeated.
+
+    upsample: each positive appears this many times (the original project used 5).
+    target_ratio: alternatively, repeat positives until they make up this share of the epoch.
+    """
+    labels = np.asarray(labels)
+    pos, neg = np.flatnonzero(labels > 0.5), np.flatnonzero(labels <= 0.5)
+    if target_ratio is not None:
+        if not 0 < target_ratio < 1:
+            raise RsnaError(f"target_ratio={target_ratio}: give a share in (0, 1)")
+        if len(pos):
+            upsample = max(1.0, target_ratio * len(neg) / ((1 - target_ratio) * len(pos)))
+    if upsample < 1:
+        raise RsnaError(f"upsample={upsample}: give a factor >= 1")
+    whole, frac = int(upsample), upsample - int(upsample)
+    rng = np.random.default_rng([seed, epoch])
+    extra = rng.choice(pos, size=int(round(frac * len(pos))), replace=False) if len(pos) else pos
+    idx = np.concatenate([neg] + [pos] * whole + [extra])
+    rng.shuffle(idx)
+    return idx
+
+
+class UpsampleSampler:
+    """Sampler over `epoch_indices`, sharded for DDP: every rank sees the same shuffled,
+    upsampled list, takes every world_size-th entry, padded to equal length (so the ranks
+    run the same number of steps)."""
+
+    def __init__(self, labels: np.ndarray, seed: int = 0, upsample: float = 1.0,
+                 target_ratio: float | None = None, rank: int = 0, world_size: int = 1):
+        self.labels, self.seed, self.upsample, self.target_ratio = labels, seed, upsample, target_ratio
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._len = math.ceil(len(self._indices()) / world_size)
+
+    def _indices(self) -> np.ndarray:
+        return epoch_indices(self.labels, self.epoch, self.seed, self.upsample, self.target_ratio)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        idx = self._indices()
+        total = self._len * self.world_size
+        if len(idx) < total:
+            idx = np.concatenate([idx, idx[: total - len(idx)]])
+        return iter(idx[self.rank:total:self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self._len

@@ -1,0 +1,144 @@
+"""timm backbones with one output logit, pretrained weights from a local file only, the
+weighted BCE loss, and safe checkpoint reading/writing."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rsna_utils.errors import RsnaError
+
+# The design's progression, plus what the winners used. Any timm name works if timm knows it.
+SUPPORTED = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "efficientnet_b0",
+             "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
+             "convnext_small", "convnext_tiny"]
+
+
+def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | None = None,
+                 drop_rate: float = 0.0):
+    """A timm model with one logit. Never downloads: weights come from `pretrained_path`
+    (.pth / .pt via torch.load(weights_only=True), or .safetensors)."""
+    import timm
+
+    if name not in timm.list_models():
+        close = [m for m in SUPPORTED if name.split("_")[0] in m] or SUPPORTED
+        raise RsnaError(f"unknown model {name!r}; supported: {', '.join(SUPPORTED)} "
+                        f"(any timm.list_models() name works; did you mean {close[0]}?)")
+    model = timm.create_model(name, pretrained=False, num_classes=1, in_chans=in_chans,
+                              drop_rate=drop_rate)
+    if pretrained_path:
+        state = load_weights(pretrained_path)
+        state = state.get("model", state) if isinstance(state.get("model"), dict) else state
+        own = model.state_dict()
+        head = {k for k in own if k.startswith(model.default_cfg.get("classifier", "fc"))}
+        usable, wrong = {}, []
+        for k, v in state.items():
+            if k not in own or k in head:
+                continue
+            if v.shape == own[k].shape:
+                usable[k] = v
+            elif (v.ndim == 4 and v.shape[1] == 3 and own[k].shape[1] == 1
+                  and v.shape[0] == own[k].shape[0] and v.shape[2:] == own[k].shape[2:]):
+                # first conv: RGB weights for a 1-channel input, summed over RGB (as timm does)
+                usable[k] = v.sum(1, keepdim=True)
+            else:
+                wrong.append(k)
+        body = [k for k in own if k not in head]
+        if len(usable) < 0.9 * len(body):
+            raise RsnaError(
+                f"{pretrained_path}: weights are for another architecture than {name!r} "
+                f"({len(usable)} of {len(body)} tensors match; e.g. {(wrong or list(state))[:1]}); "
+                "pass the file made for this model")
+        model.load_state_dict(usable, strict=False)
+    return model
+
+
+def load_weights(path: str | Path) -> dict:
+    """Tensors only: safetensors, or torch.load(weights_only=True), which refuses pickled code."""
+    import pickle
+
+    import torch
+    path = Path(path)
+    if not path.exists():
+        raise RsnaError(f"{path}: weights file not found; pass a local .pth or .safetensors file "
+                        "(nothing is downloaded)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        code = pickled_globals(path)
+        if code:
+            raise RsnaError(f"{path}: refused: the file holds pickled code ({', '.join(code[:3])}) "
+                            "that would run when unpickled; only tensor checkpoints are "
+                            "loaded") from None
+        raise RsnaError(f"{path}: unreadable checkpoint (not a tensor file: "
+                        f"{str(e).strip().splitlines()[-3][:120] if str(e) else ''}); delete it or "
+                        "point to another file") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise RsnaError(f"{path}: unreadable checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); delete it or point "
+                        "to another file") from None
+
+
+SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.slice",
+                        "numpy.core.multiarray._reconstruct", "numpy.dtype", "numpy.ndarray",
+                        "numpy._core.multiarray._reconstruct", "_codecs.encode")
+
+
+def pickled_globals(path: str | Path) -> list[str]:
+    """Callables a pickle would import (module.name), found by reading its opcodes without
+    executing anything; torch's own rebuild functions are left out."""
+    import pickletools
+    import zipfile
+
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith(".pkl")]
+                blobs = [z.read(n) for n in names]
+        else:
+            blobs = [path.read_bytes()]
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found = []
+    for blob in blobs:
+        strings: list[str] = []
+        try:
+            for op, arg, _ in pickletools.genops(blob):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(str(arg))
+                elif op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+        except (ValueError, EOFError, TypeError, KeyError):
+            pass
+    return [g for g in found if not g.startswith(SAFE_GLOBAL_PREFIXES)]
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> None:
+    """Atomic: written to a temporary name, then renamed; a kill leaves the old file intact."""
+    import torch
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class WeightedBCE:
+    """L = -1/N sum(w_pos * y * log(p) + w_neg * (1 - y) * log(1 - p)), computed on logits
+    (log(sigmoid(x)) = -softplus(-x)) so it stays finite for any logit."""
+
+    def __init__(self, w_pos: float = 1.0, w_neg: float = 1.0):
+        if w_pos <= 0 or w_neg <= 0:
+            raise RsnaError(f"loss weights must be > 0 (got w_pos={w_pos}, w_neg={w_neg})")
+        self.w_pos, self.w_neg = w_pos, w_neg
+
+    def __call__(self, logits, y):
+        import torch.nn.functional as F
+        logits = logits.float().view(-1)
+        y = y.float().view(-1)
+        loss = self.w_pos * y * F.softplus(-logits) + self.w_neg * (1 - y) * F.softplus(logits)
+        return loss.mean()

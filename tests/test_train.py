@@ -1,0 +1,174 @@
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rsna_utils.data import (UpsampleSampler, check_split, epoch_indices, holdout_split,
+                             load_table, patient_folds)
+from rsna_utils.errors import RsnaError
+from rsna_utils.models import WeightedBCE, create_model, load_weights
+from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.train import TrainConfig, train
+
+
+def test_weighted_bce_is_the_formula_and_stable():
+    x = torch.tensor([-3.0, -0.5, 0.0, 2.0, 4.0])
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    p = torch.sigmoid(x)
+    expected = -(5 * y * torch.log(p) + 2 * (1 - y) * torch.log(1 - p)).mean()
+    assert WeightedBCE(5, 2)(x, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    ref = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(5.0))(x, y)
+    assert WeightedBCE(5, 1)(x, y).item() == pytest.approx(ref.item(), rel=1e-5)
+    big = WeightedBCE(5, 1)(torch.tensor([-200.0, 200.0]), torch.tensor([1.0, 0.0]))
+    assert torch.isfinite(big) and big.item() == pytest.approx(0.5 * (5 * 200 + 200))
+    with pytest.raises(RsnaError):
+        WeightedBCE(0, 1)
+
+
+def test_upsampling_factor_and_ratio():
+    labels = np.array([1] * 10 + [0] * 90)
+    idx = epoch_indices(labels, epoch=0, seed=1, upsample=5)
+    assert (labels[idx] == 1).sum() == 50 and (labels[idx] == 0).sum() == 90
+    assert not np.array_equal(idx, epoch_indices(labels, epoch=1, seed=1, upsample=5))
+    assert np.array_equal(idx, epoch_indices(labels, epoch=0, seed=1, upsample=5))
+    r = epoch_indices(labels, 0, 1, target_ratio=0.5)
+    assert abs((labels[r] == 1).mean() - 0.5) < 0.02
+
+
+def test_distributed_sampler_keeps_upsampling():
+    labels = np.array([1] * 7 + [0] * 60)
+    s0 = UpsampleSampler(labels, seed=3, upsample=4, rank=0, world_size=2)
+    s1 = UpsampleSampler(labels, seed=3, upsample=4, rank=1, world_size=2)
+    a, b = list(s0), list(s1)
+    assert len(a) == len(b) == len(s0)
+    full = epoch_indices(labels, 0, 3, 4)
+    assert sorted(a + b)[: len(full)] == sorted(a + b)[: len(full)]
+    assert (labels[a + b] == 1).sum() >= 28
+
+
+def test_patient_grouped_splits():
+    rng = np.random.default_rng(0)
+    pats = np.repeat(np.arange(60), 4)
+    cancer = np.repeat(rng.random(60) < 0.3, 4).astype(int)
+    df = pd.DataFrame({"patient_id": pats, "image_id": np.arange(240), "cancer": cancer})
+    folds = patient_folds(df, 4, seed=1)
+    assert (df.assign(f=folds).groupby("patient_id").f.nunique() == 1).all()
+    for k in range(4):
+        assert df.cancer[folds == k].sum() > 0
+    h = holdout_split(df, 0.15, seed=1)
+    share = df.assign(h=h).groupby("patient_id").h.first().mean()
+    assert 0.1 < share < 0.2
+    with pytest.raises(RsnaError, match="no positive images"):
+        check_split(df[df.cancer == 0], df[df.cancer == 1], "test")
+
+
+def test_models_one_logit_and_bad_names(tmp_path):
+    m = create_model("resnet18", in_chans=1)
+    assert m(torch.rand(2, 1, 64, 64)).shape == (2, 1)
+    with pytest.raises(RsnaError, match="unknown model 'resnet1800'"):
+        create_model("resnet1800")
+
+
+def test_pretrained_from_local_file_only(tmp_path):
+    from safetensors.torch import save_file
+    src = create_model("resnet18")
+    torch.save(src.state_dict(), tmp_path / "r18.pth")
+    save_file(src.state_dict(), str(tmp_path / "r18.safetensors"))
+    for f in ("r18.pth", "r18.safetensors"):
+        m = create_model("resnet18", pretrained_path=tmp_path / f)
+        assert torch.equal(m.conv1.weight, src.conv1.weight)
+    one = create_model("resnet18", in_chans=1, pretrained_path=tmp_path / "r18.pth")
+    assert torch.allclose(one.conv1.weight, src.conv1.weight.sum(1, keepdim=True))
+    torch.save(create_model("efficientnet_b0").state_dict(), tmp_path / "b0.pth")
+    with pytest.raises(RsnaError, match="another architecture"):
+        create_model("resnet18", pretrained_path=tmp_path / "b0.pth")
+    with pytest.raises(RsnaError, match="not found"):
+        create_model("resnet18", pretrained_path=tmp_path / "nope.pth")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    e = _Exploit()
+    e.marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model": e}, f)
+    with pytest.raises(RsnaError, match="refused"):
+        load_weights(tmp_path / "evil.pth")
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(RsnaError, match="unreadable checkpoint"):
+        load_weights(tmp_path / "garbage.pt")
+
+
+@pytest.fixture(scope="module")
+def png48(tmp_path_factory, synth_small):
+    out = tmp_path_factory.mktemp("png48")
+    Preprocessor(PreprocessConfig(size=48), workers=2, progress=False).run(
+        synth_small / "train_images", synth_small / "train.csv", out)
+    return out
+
+
+def _cfg(tmp_path, png48, synth_small, **kw):
+    d = dict(data=str(png48), csv=str(synth_small / "train.csv"), out=str(tmp_path / "run"),
+             model="resnet18", size=48, epochs=1, batch_size=8, workers=0, device="cpu",
+             max_steps=3, progress=False, val_frac=0.3)
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+def test_train_writes_checkpoints_metrics_and_resumes(tmp_path, png48, synth_small):
+    best = train(_cfg(tmp_path, png48, synth_small))
+    run = tmp_path / "run"
+    for f in ("best.pt", "last.pt", "metrics.csv", "metrics.json", "splits.csv", "config.json",
+              "val_predictions.csv"):
+        assert (run / f).exists(), f
+    ck = torch.load(run / "best.pt", weights_only=True)
+    assert ck["model_name"] == "resnet18" and ck["preprocess"]["size"] == [48, 48]
+    assert 0 <= ck["threshold"] <= 1 and "breast_mean_pf1" in best["metrics"]
+    splits = pd.read_csv(run / "splits.csv")
+    assert (splits.groupby("patient_id").fold.nunique() == 1).all()
+    train(_cfg(tmp_path, png48, synth_small, epochs=2, resume=True))
+    assert list(pd.read_csv(run / "metrics.csv").epoch) == [0, 1]
+    assert not list(run.glob(".*tmp*"))
+
+
+def test_train_bad_inputs(tmp_path, png48, synth_small):
+    with pytest.raises(RsnaError, match="unknown model"):
+        train(_cfg(tmp_path, png48, synth_small, model="resnet_nope"))
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "last.pt").write_bytes(b"corrupt")
+    with pytest.raises(RsnaError, match="unreadable checkpoint"):
+        train(_cfg(tmp_path, png48, synth_small, resume=True))
+    csv = pd.read_csv(synth_small / "train.csv")
+    csv.loc[0, "image_id"] = 1
+    csv.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(RsnaError, match="PNG.*missing"):
+        load_table(tmp_path / "bad.csv", png48)
+    pd.read_csv(synth_small / "train.csv").assign(cancer=0).to_csv(tmp_path / "neg.csv", index=False)
+    with pytest.raises(RsnaError, match="no positive images"):
+        train(_cfg(tmp_path, png48, synth_small, csv=str(tmp_path / "neg.csv"), out=str(tmp_path / "r2")))
+
+
+def test_ddp_two_processes_gloo_identical_weights(tmp_path, png48, synth_small):
+    env = dict(os.environ, RSNA_WRITE_RANK_DIGEST="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", "-m", "rsna_utils", "train", "--data", str(png48),
+           "--csv", str(synth_small / "train.csv"), "--out", str(tmp_path / "ddp"),
+           "--model", "resnet18", "--size", "48", "--epochs", "1", "--batch-size", "4",
+           "--workers", "0", "--device", "cpu", "--max-steps", "3", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d0 = (tmp_path / "ddp" / "weights_rank0.txt").read_text()
+    d1 = (tmp_path / "ddp" / "weights_rank1.txt").read_text()
+    assert d0 == d1
+    assert len(pd.read_csv(tmp_path / "ddp" / "metrics.csv")) == 1
