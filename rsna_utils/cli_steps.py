@@ -49,7 +49,42 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from rsna_utils.predict import predict
+    r = predict(a.images, a.csv, a.checkpoints, a.out, a.sample_submission, a.labels, a.tta,
+                a.agg, a.binarize, a.batch_size, a.workers, a.device, a.backend, not a.quiet)
+    n = len(r.images)
+    print(f"predicted {n} images ({len(r.warnings)} unreadable, see the warnings file) for "
+          f"{len(r.submission)} breasts in {r.seconds:.1f} s ({n / r.seconds:.2f} img/s)"
+          + (f"; wrote {a.out}" if a.out else ""))
+    if r.metrics:
+        m = r.metrics
+        for lvl in ("image", "breast_mean", "breast_max"):
+            print(f"  {lvl:12s} pF1 {m[f'{lvl}_pf1']:.4f}  AUC {m[f'{lvl}_auc']:.4f}  "
+                  f"PR-AUC {m[f'{lvl}_pr_auc']:.4f}  best threshold {m[f'{lvl}_best_threshold']:.4f}"
+                  f" -> F1 {m[f'{lvl}_best_f1']:.4f}")
+    return 0
+
+
 def register(sub) -> None:
+    q = sub.add_parser("predict", help="test DICOMs + checkpoints -> submission.csv")
+    q.add_argument("--images", required=True, help="test_images folder")
+    q.add_argument("--csv", required=True, help="test.csv")
+    q.add_argument("--checkpoints", nargs="+", required=True, help="one or more best.pt")
+    q.add_argument("--out", default="submission.csv")
+    q.add_argument("--sample-submission", default=None, help="check the ids against it")
+    q.add_argument("--labels", default=None,
+                   help="CSV with image_id,cancer: also print image/breast pF1, AUC, threshold")
+    q.add_argument("--tta", action="store_true", help="average with the horizontal flip")
+    q.add_argument("--agg", choices=["mean", "max"], default="mean")
+    q.add_argument("--binarize", default=None, help="threshold (the checkpoint's) or quantile:0.02")
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--workers", type=int, default=2, help="preprocessing processes")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    q.add_argument("--backend", default="auto")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=_cmd_predict)
+
     t = sub.add_parser("train", help="train a timm model on preprocessed PNGs")
     t.add_argument("--config", help="YAML with any TrainConfig field; flags override it")
     t.add_argument("--data", help="PNG folder from rsna preprocess")

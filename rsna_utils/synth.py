@@ -273,13 +273,13 @@ def render_image(row: dict, size: str, seed_seq: np.random.SeedSequence) -> tupl
     if row["cancer"]:
         scale = row["lesion_size"]
         if row["lesion_kind"] == "mass":
-            add_mass(W * 0.045 * scale, 0.05 + 0.10 * row["lesion_strength"], 1.0, "mass")
+            add_mass(W * 0.06 * scale, 0.07 + 0.10 * row["lesion_strength"], 1.0, "mass")
         else:
             r_cluster = W * 0.05 * scale
             pt = point_inside(r_cluster * 1.5)
             if pt is not None:
                 n = int(rng.integers(8, 20))
-                r_dot = max(1.2, W * 0.006)
+                r_dot = max(1.2, W * 0.008)
                 ys, xs = [], []
                 for _ in range(n):
                     dy, dx = rng.normal(0, r_cluster / 2, 2)

@@ -311,6 +311,7 @@ def train(cfg: TrainConfig) -> dict:
                 "epoch": epoch, "config": asdict(cfg), "preprocess": preprocess,
                 "model_name": cfg.model, "channels": cfg.channels, "size": size,
                 "threshold": m["breast_mean_best_threshold"], "metrics": _plain(m),
+                "prior": float(train_df.groupby("prediction_id").cancer.max().mean()),
                 "history": [_plain(h) for h in history],
             }
             if improved:

@@ -1,0 +1,264 @@
+"""Inference: test DICOMs -> predictions -> a validated Kaggle submission.csv.
+
+Images are preprocessed in memory, in DataLoader worker processes, with the settings stored in
+the checkpoint (no PNGs written, nothing retyped); batches stream through the model(s), so
+memory stays flat as the test set grows. An image that cannot be read still gets its breast a
+prediction: the mean of the breast's other views, or the training prior when none could be read.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rsna_utils.errors import RsnaError
+
+DEFAULT_PRIOR = 0.021   # share of positive breasts in the RSNA training data
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    name: str
+    path: str
+    threshold: float
+    prior: float
+
+
+def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel], dict]:
+    """Models and the one preprocessing config they share (an ensemble must agree on it)."""
+    from rsna_utils.models import create_model, load_weights
+    if not paths:
+        raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
+    models, pre, shape = [], None, None
+    for p in paths:
+        ck = load_weights(p)
+        if not isinstance(ck, dict) or "model" not in ck or "model_name" not in ck:
+            raise RsnaError(f"{p}: not a checkpoint written by `rsna train` (no model / model_name)")
+        this_pre = {k: v for k, v in (ck.get("preprocess") or {}).items()}
+        this_shape = (tuple(ck.get("size") or this_pre.get("size") or (0, 0)), ck.get("channels", 3))
+        if pre is not None and (this_pre != pre or this_shape != shape):
+            raise RsnaError(f"{p}: preprocessing or input size differs from {paths[0]}; an "
+                            "ensemble must share them (train on the same PNG folder)")
+        pre, shape = this_pre, this_shape
+        model = create_model(ck["model_name"], ck.get("channels", 3))
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise RsnaError(f"{p}: its weights do not fit a {ck['model_name']!r} model "
+                            f"({str(e).splitlines()[0][:160]}); the checkpoint is damaged or "
+                            "mislabelled") from None
+        model.to(device).eval()
+        models.append(LoadedModel(model, ck["model_name"], str(p), float(ck.get("threshold", 0.5)),
+                                  float(ck.get("prior", DEFAULT_PRIOR))))
+    if not pre:
+        raise RsnaError(f"{paths[0]}: the checkpoint carries no preprocessing settings (trained on "
+                        "PNGs without preprocess.json); retrain from `rsna preprocess` output")
+    return models, pre
+
+
+class DicomStream:
+    """Dataset: one preprocessed test image per row, made in memory. Never raises: a failed
+    image yields zeros and its reason, so one bad file cannot stop the run."""
+
+    def __init__(self, df: pd.DataFrame, images: Path, pre: dict, backend: str = "auto",
+                 channels: int = 3):
+        from rsna_utils.preprocess import PreprocessConfig
+        self.paths = [str(images / str(p) / f"{i}.dcm") for p, i in zip(df.patient_id, df.image_id)]
+        self.cfg = PreprocessConfig(**{k: (tuple(v) if k == "size" else v) for k, v in pre.items()})
+        self.backend, self.channels = backend, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import torch
+        from rsna_utils.preprocess import preprocess_image
+        h, w = self.cfg.size
+        reason = ""
+        try:
+            if not os.path.exists(self.paths[i]):
+                raise RsnaError(f"{self.paths[i]}: file not found (listed in the CSV)")
+            img, _ = preprocess_image(self.paths[i], self.cfg, self.backend)
+            x = img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0)
+        except RsnaError as e:
+            reason, x = str(e), np.zeros((h, w), np.float32)
+        except Exception as e:  # a decoder bug on a strange file costs this image only
+            reason, x = f"{self.paths[i]}: unexpected {type(e).__name__}: {e}", np.zeros((h, w), np.float32)
+        t = torch.from_numpy((x - 0.5) / 0.25)[None]
+        if self.channels == 3:
+            t = t.expand(3, -1, -1).contiguous()
+        return t, i, reason
+
+
+def _collate(batch):
+    import torch
+    return (torch.stack([b[0] for b in batch]), [b[1] for b in batch], [b[2] for b in batch])
+
+
+@dataclass
+class PredictResult:
+    submission: pd.DataFrame
+    images: pd.DataFrame                 # one row per image: prediction (NaN when unreadable)
+    warnings: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedModel], pre: dict,
+                   device, batch_size: int = 16, workers: int = 2, tta: bool = False,
+                   backend: str = "auto", channels: int = 3, progress: bool = True):
+    """Per-image probabilities (mean over models and TTA); NaN and a reason where unreadable."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    ds = DicomStream(df, Path(images), pre, backend, channels)
+    dl = DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+                    multiprocessing_context="forkserver" if workers > 0 else None,
+                    pin_memory=device.type == "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    preds = np.full(len(ds), np.nan, np.float32)
+    reasons = [""] * len(ds)
+    bar = tqdm(total=len(ds), desc="predict", unit="img", disable=not progress, file=sys.stderr)
+    with torch.inference_mode():
+        for x, idx, why in dl:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            p = torch.zeros(len(x), device=device)
+            for m in models:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    p += torch.sigmoid(m.model(x).float().view(-1))
+                    if tta:
+                        p += torch.sigmoid(m.model(torch.flip(x, dims=[3])).float().view(-1))
+            p /= len(models) * (2 if tta else 1)
+            p = p.cpu().numpy()
+            for j, i in enumerate(idx):
+                if why[j]:
+                    reasons[i] = why[j]
+                else:
+                    preds[i] = p[j]
+            bar.update(len(idx))
+    bar.close()
+    return preds, reasons
+
+
+def aggregate(images: pd.DataFrame, agg: str = "mean", prior: float = DEFAULT_PRIOR) -> pd.DataFrame:
+    """Per prediction_id: mean (or max) over the views that could be read; the prior where none."""
+    if agg not in ("mean", "max"):
+        raise RsnaError(f"aggregation {agg!r}: choose mean or max")
+    g = images.groupby("prediction_id", sort=False)["prediction"]
+    out = (g.mean() if agg == "mean" else g.max()).reset_index()   # NaN views are skipped
+    out["prediction"] = out["prediction"].fillna(prior)
+    return out
+
+
+def binarize(values: np.ndarray, how: str | None, threshold: float) -> np.ndarray:
+    """None: probabilities; "threshold": >= the checkpoint's tuned threshold; "quantile:q":
+    the top q share (e.g. quantile:0.02) set to 1."""
+    if not how:
+        return values
+    if how == "threshold":
+        return (values >= threshold).astype(np.float64)
+    if how.startswith("quantile:"):
+        q = float(how.split(":", 1)[1])
+        if not 0 < q < 1:
+            raise RsnaError(f"--binarize {how}: the share must be in (0, 1), e.g. quantile:0.02")
+        cut = np.quantile(values, 1 - q)
+        return (values >= cut).astype(np.float64)
+    raise RsnaError(f"--binarize {how!r}: choose threshold or quantile:Q")
+
+
+def validate_submission(sub: pd.DataFrame, expected_ids: list[str]) -> None:
+    """The checks Kaggle would fail a file for; raises RsnaError saying which one."""
+    if list(sub.columns) != ["prediction_id", "cancer"]:
+        raise RsnaError(f"submission columns {list(sub.columns)}: must be prediction_id,cancer")
+    if sub["prediction_id"].duplicated().any():
+        raise RsnaError(f"duplicated prediction_id {sub.prediction_id[sub.prediction_id.duplicated()].iloc[0]!r}")
+    missing = set(expected_ids) - set(sub["prediction_id"])
+    extra = set(sub["prediction_id"]) - set(expected_ids)
+    if missing or extra:
+        raise RsnaError(f"submission ids differ from the expected ones: {len(missing)} missing "
+                        f"(e.g. {sorted(missing)[:2]}), {len(extra)} extra (e.g. {sorted(extra)[:2]})")
+    v = pd.to_numeric(sub["cancer"], errors="coerce")
+    if v.isna().any():
+        raise RsnaError(f"cancer is NaN or not a number for {int(v.isna().sum())} row(s), e.g. "
+                        f"{sub.prediction_id[v.isna()].iloc[0]!r}")
+    if ((v < 0) | (v > 1)).any():
+        raise RsnaError(f"cancer outside [0, 1] for {int(((v < 0) | (v > 1)).sum())} row(s)")
+
+
+def predict(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
+            out: str | Path | None = "submission.csv", sample_submission: str | Path | None = None,
+            labels: str | Path | None = None, tta: bool = False, agg: str = "mean",
+            binarize_how: str | None = None, batch_size: int = 16, workers: int = 2,
+            device: str = "auto", backend: str = "auto", progress: bool = True) -> PredictResult:
+    """The whole inference step (what `rsna predict` and the inference notebook call)."""
+    from rsna_utils.train import resolve_device
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    try:
+        df = pd.read_csv(csv)
+    except FileNotFoundError:
+        raise RsnaError(f"{csv}: CSV not found; pass the test.csv path") from None
+    need = {"patient_id", "image_id", "laterality"}
+    if not need <= set(df.columns):
+        raise RsnaError(f"{csv}: missing column(s) {sorted(need - set(df.columns))}")
+    if "prediction_id" not in df:
+        df["prediction_id"] = df.patient_id.astype(str) + "_" + df.laterality.astype(str)
+    models, pre = load_checkpoints(checkpoints, dev)
+    channels = _in_chans(models[0].model) or 3
+    preds, reasons = predict_images(df, images, models, pre, dev, batch_size, workers, tta,
+                                    backend, channels, progress)
+    imgs = df[["patient_id", "image_id", "laterality", "prediction_id"]].copy()
+    imgs["prediction"] = preds
+    imgs["problem"] = reasons
+    prior = float(np.mean([m.prior for m in models]))
+    breast = aggregate(imgs, agg, prior)
+    threshold = float(np.mean([m.threshold for m in models]))
+    order = list(dict.fromkeys(df["prediction_id"]))          # test.csv order, each once
+    breast = breast.set_index("prediction_id").loc[order].reset_index()
+    sub = pd.DataFrame({"prediction_id": breast["prediction_id"],
+                        "cancer": binarize(breast["prediction"].to_numpy(), binarize_how, threshold)})
+    expected = order
+    if sample_submission is not None:
+        expected = list(pd.read_csv(sample_submission)["prediction_id"])
+    validate_submission(sub, expected)
+    warnings = [dict(image_id=r.image_id, prediction_id=r.prediction_id, reason=r.problem)
+                for r in imgs.itertuples() if r.problem]
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        sub.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+        wpath = out.with_name(out.stem + "_warnings.csv")
+        pd.DataFrame(warnings, columns=["image_id", "prediction_id", "reason"]).to_csv(wpath, index=False)
+    res = PredictResult(sub, imgs, warnings, seconds=time.perf_counter() - t0)
+    if labels is not None:
+        res.metrics = score(imgs, labels)
+    return res
+
+
+def _in_chans(model) -> int | None:
+    import torch
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+def score(imgs: pd.DataFrame, labels: str | Path) -> dict:
+    """Image- and breast-level metrics against a CSV with image_id and cancer."""
+    from rsna_utils.metrics import evaluate
+    lab = pd.read_csv(labels)
+    if not {"image_id", "cancer"} <= set(lab.columns):
+        raise RsnaError(f"{labels}: needs image_id and cancer columns (train.csv or test_labels.csv)")
+    d = imgs.merge(lab[["image_id", "cancer"]], on="image_id", how="inner")
+    if d.empty:
+        raise RsnaError(f"{labels}: none of the predicted image_ids is labelled there")
+    d["prediction"] = d["prediction"].fillna(DEFAULT_PRIOR)
+    return evaluate(d)

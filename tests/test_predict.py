@@ -1,0 +1,108 @@
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rsna_utils.errors import RsnaError
+from rsna_utils.predict import aggregate, binarize, predict, validate_submission
+from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, synth_small):
+    root = tmp_path_factory.mktemp("tiny")
+    Preprocessor(PreprocessConfig(size=48), workers=2, progress=False).run(
+        synth_small / "train_images", synth_small / "train.csv", root / "png")
+    train(TrainConfig(data=str(root / "png"), csv=str(synth_small / "train.csv"),
+                      out=str(root / "run"), model="resnet18", size=48, epochs=1, batch_size=8,
+                      workers=0, device="cpu", max_steps=2, progress=False, val_frac=0.3))
+    return root / "run" / "best.pt"
+
+
+def test_rsna_predict_writes_a_valid_submission(tmp_path, synth_small, tiny_ckpt):
+    out = tmp_path / "submission.csv"
+    r = subprocess.run([sys.executable, "-m", "rsna_utils", "predict",
+                        "--images", str(synth_small / "test_images"),
+                        "--csv", str(synth_small / "test.csv"), "--checkpoints", str(tiny_ckpt),
+                        "--out", str(out), "--sample-submission", str(synth_small / "sample_submission.csv"),
+                        "--labels", str(synth_small / "test_labels.csv"), "--tta", "--workers", "1",
+                        "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sub = pd.read_csv(out)
+    sample = pd.read_csv(synth_small / "sample_submission.csv")
+    assert list(sub.columns) == ["prediction_id", "cancer"]
+    assert list(sub.prediction_id) == list(sample.prediction_id)
+    assert sub.cancer.between(0, 1).all() and sub.cancer.notna().all()
+    assert "breast_mean" in r.stdout and "AUC" in r.stdout
+    assert pd.read_csv(tmp_path / "submission_warnings.csv").empty
+
+
+def test_unreadable_images_still_get_a_row(tmp_path, synth_small, tiny_ckpt):
+    images = tmp_path / "test_images"
+    shutil.copytree(synth_small / "test_images", images)
+    test = pd.read_csv(synth_small / "test.csv")
+    first = test.iloc[0]
+    (images / str(first.patient_id) / f"{first.image_id}.dcm").unlink()          # missing
+    second = test.iloc[1]
+    (images / str(second.patient_id) / f"{second.image_id}.dcm").write_bytes(b"garbage" * 50)
+    # every view of one breast unreadable -> the prior
+    last_breast = test.prediction_id.iloc[-1]
+    for r in test[test.prediction_id == last_breast].itertuples():
+        (images / str(r.patient_id) / f"{r.image_id}.dcm").unlink()
+    res = predict(images, synth_small / "test.csv", [tiny_ckpt], tmp_path / "s.csv",
+                  synth_small / "sample_submission.csv", workers=0, device="cpu", progress=False)
+    assert len(res.submission) == test.prediction_id.nunique()
+    warned = {w["image_id"] for w in res.warnings}
+    assert {first.image_id, second.image_id} <= warned
+    reasons = " ".join(w["reason"] for w in res.warnings)
+    assert "file not found" in reasons and "not a readable DICOM" in reasons
+    prior = torch.load(tiny_ckpt, weights_only=True)["prior"]
+    assert res.submission.set_index("prediction_id").loc[last_breast, "cancer"] == pytest.approx(prior)
+    w = pd.read_csv(tmp_path / "s_warnings.csv")
+    assert set(w.image_id) == warned
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, synth_small, tiny_ckpt):
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    ck["model_name"] = "efficientnet_b0"
+    torch.save(ck, tmp_path / "other.pt")
+    with pytest.raises(RsnaError, match="do not fit a 'efficientnet_b0' model"):
+        predict(synth_small / "test_images", synth_small / "test.csv", [tmp_path / "other.pt"],
+                None, workers=0, device="cpu", progress=False)
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    ck["preprocess"]["size"] = [64, 64]
+    torch.save(ck, tmp_path / "p64.pt")
+    with pytest.raises(RsnaError, match="ensemble must share"):
+        predict(synth_small / "test_images", synth_small / "test.csv", [tiny_ckpt, tmp_path / "p64.pt"],
+                None, workers=0, device="cpu", progress=False)
+
+
+def test_validation_refuses_bad_submissions():
+    ids = ["1_L", "1_R"]
+    ok = pd.DataFrame({"prediction_id": ids, "cancer": [0.1, 0.9]})
+    validate_submission(ok, ids)
+    with pytest.raises(RsnaError, match="NaN"):
+        validate_submission(ok.assign(cancer=[np.nan, 0.2]), ids)
+    with pytest.raises(RsnaError, match="outside"):
+        validate_submission(ok.assign(cancer=[1.5, 0.2]), ids)
+    with pytest.raises(RsnaError, match="1 missing"):
+        validate_submission(ok.iloc[:1], ids)
+    with pytest.raises(RsnaError, match="duplicated"):
+        validate_submission(pd.concat([ok, ok]), ids)
+
+
+def test_aggregate_and_binarize():
+    imgs = pd.DataFrame({"prediction_id": ["a", "a", "b", "c"], "prediction": [0.2, 0.4, np.nan, 0.9]})
+    m = aggregate(imgs, "mean", prior=0.05).set_index("prediction_id").prediction
+    assert m["a"] == pytest.approx(0.3) and m["b"] == 0.05 and m["c"] == 0.9
+    assert aggregate(imgs, "max").set_index("prediction_id").prediction["a"] == 0.4
+    v = np.linspace(0, 1, 101)
+    assert binarize(v, "threshold", 0.5).sum() == 51
+    assert binarize(v, "quantile:0.1", 0.5).sum() == 11
+    with pytest.raises(RsnaError):
+        binarize(v, "quantile:2", 0.5)
