@@ -32,7 +32,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     over = {k: getattr(a, k) for k in ("data", "csv", "out", "model", "size", "epochs",
                                        "batch_size", "lr", "pos_weight", "upsample", "split",
                                        "fold", "folds", "seed", "workers", "pretrained_path",
-                                       "device", "channels", "max_steps")}
+                                       "device", "channels", "max_steps", "global_pool")}
     if a.resume:
         over["resume"] = True
     if a.quiet:
@@ -66,7 +66,55 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _print_run(res: dict) -> None:
+    print(f"executed notebooks in {res['run_dir']}:")
+    for n in res["notebooks"]:
+        print(f"  {n['notebook']}  ({n['seconds']} s)")
+    if res["submission"]:
+        print(f"submission: {res['submission']}")
+
+
+def _cmd_notebooks(a: argparse.Namespace) -> int:
+    from rsna_utils.notebooks import run_plan
+    _print_run(run_plan(a.plan, a.data, a.runs, a.name, a.param, progress=not a.quiet))
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rsna_utils.notebooks import run_plan
+    from rsna_utils.synth import synthesize
+    if not (Path(a.data) / "train.csv").exists():
+        print(f"generating the synthetic dataset in {a.data} ...", flush=True)
+        synthesize(a.data, patients=a.patients, seed=0, positive_rate=a.positive_rate,
+                   size="small", progress=not a.quiet)
+    _print_run(run_plan(a.plan, a.data, a.runs, None, a.param, progress=not a.quiet))
+    return 0
+
+
 def register(sub) -> None:
+    n = sub.add_parser("notebooks", help="run a notebook plan headless with papermill")
+    n.add_argument("--plan", default="demo", help="demo, kaggle, or a plan YAML path")
+    n.add_argument("--data", default="data/synthetic", help="dataset folder ({data} in the plan)")
+    n.add_argument("--runs", default="runs", help="executed notebooks go to RUNS/<plan name>/")
+    n.add_argument("--name", default=None, help="run name (default: the plan's)")
+    n.add_argument("-p", "--param", action="append", default=[],
+                   help="override a parameter: key=value (all steps) or step.key=value")
+    n.add_argument("--quiet", action="store_true")
+    n.set_defaults(func=_cmd_notebooks)
+
+    d = sub.add_parser("demo", help="synthetic data + the demo notebook plan (make demo)")
+    d.add_argument("--data", default="data/synthetic")
+    d.add_argument("--plan", default="demo")
+    d.add_argument("--runs", default="runs")
+    d.add_argument("--patients", type=int, default=60)
+    d.add_argument("--positive-rate", type=float, default=0.3,
+                   help="raised from the real 2%% so the small validation split has positives")
+    d.add_argument("-p", "--param", action="append", default=[])
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_cmd_demo)
+
     q = sub.add_parser("predict", help="test DICOMs + checkpoints -> submission.csv")
     q.add_argument("--images", required=True, help="test_images folder")
     q.add_argument("--csv", required=True, help="test.csv")
@@ -105,6 +153,7 @@ def register(sub) -> None:
     t.add_argument("--workers", type=int, help="DataLoader workers")
     t.add_argument("--pretrained-path", help="local .pth/.safetensors (never downloaded)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--global-pool", choices=["avg", "max", "avgmax", "catavgmax"])
     t.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--quiet", action="store_true")

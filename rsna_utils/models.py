@@ -14,7 +14,7 @@ SUPPORTED = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "efficientne
 
 
 def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | None = None,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, global_pool: str = "avg"):
     """A timm model with one logit. Never downloads: weights come from `pretrained_path`
     (.pth / .pt via torch.load(weights_only=True), or .safetensors)."""
     import timm
@@ -23,8 +23,11 @@ def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | Non
         close = [m for m in SUPPORTED if name.split("_")[0] in m] or SUPPORTED
         raise RsnaError(f"unknown model {name!r}; supported: {', '.join(SUPPORTED)} "
                         f"(any timm.list_models() name works; did you mean {close[0]}?)")
+    if global_pool not in ("avg", "max", "avgmax", "catavgmax"):
+        raise RsnaError(f"global_pool {global_pool!r}: choose avg, max, avgmax or catavgmax")
+    # max pooling suits small lesions in a large image (one bright spot decides)
     model = timm.create_model(name, pretrained=False, num_classes=1, in_chans=in_chans,
-                              drop_rate=drop_rate)
+                              drop_rate=drop_rate, global_pool=global_pool)
     if pretrained_path:
         state = load_weights(pretrained_path)
         state = state.get("model", state) if isinstance(state.get("model"), dict) else state

@@ -28,6 +28,7 @@ class LoadedModel:
     path: str
     threshold: float
     prior: float
+    size: tuple = (0, 0)     # the model's input (height, width)
 
 
 def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel], dict]:
@@ -41,12 +42,13 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
         if not isinstance(ck, dict) or "model" not in ck or "model_name" not in ck:
             raise RsnaError(f"{p}: not a checkpoint written by `rsna train` (no model / model_name)")
         this_pre = {k: v for k, v in (ck.get("preprocess") or {}).items()}
-        this_shape = (tuple(ck.get("size") or this_pre.get("size") or (0, 0)), ck.get("channels", 3))
+        this_shape = ck.get("channels", 3)
         if pre is not None and (this_pre != pre or this_shape != shape):
-            raise RsnaError(f"{p}: preprocessing or input size differs from {paths[0]}; an "
+            raise RsnaError(f"{p}: preprocessing or channels differ from {paths[0]}; an "
                             "ensemble must share them (train on the same PNG folder)")
         pre, shape = this_pre, this_shape
-        model = create_model(ck["model_name"], ck.get("channels", 3))
+        model = create_model(ck["model_name"], ck.get("channels", 3),
+                             global_pool=ck.get("global_pool", "avg"))
         try:
             model.load_state_dict(ck["model"])
         except RuntimeError as e:
@@ -55,7 +57,8 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
                             "mislabelled") from None
         model.to(device).eval()
         models.append(LoadedModel(model, ck["model_name"], str(p), float(ck.get("threshold", 0.5)),
-                                  float(ck.get("prior", DEFAULT_PRIOR))))
+                                  float(ck.get("prior", DEFAULT_PRIOR)),
+                                  tuple(ck.get("size") or this_pre.get("size") or (0, 0))))
     if not pre:
         raise RsnaError(f"{paths[0]}: the checkpoint carries no preprocessing settings (trained on "
                         "PNGs without preprocess.json); retrain from `rsna preprocess` output")
@@ -130,10 +133,15 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             p = torch.zeros(len(x), device=device)
             for m in models:
+                xm = x
+                if tuple(m.size) != tuple(x.shape[-2:]) and min(m.size) > 0:
+                    # models of an ensemble may train at other sizes than the PNGs (area, as
+                    # the training dataset resizes)
+                    xm = torch.nn.functional.interpolate(x, size=tuple(m.size), mode="area")
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    p += torch.sigmoid(m.model(x).float().view(-1))
+                    p += torch.sigmoid(m.model(xm).float().view(-1))
                     if tta:
-                        p += torch.sigmoid(m.model(torch.flip(x, dims=[3])).float().view(-1))
+                        p += torch.sigmoid(m.model(torch.flip(xm, dims=[3])).float().view(-1))
             p /= len(models) * (2 if tta else 1)
             p = p.cpu().numpy()
             for j, i in enumerate(idx):

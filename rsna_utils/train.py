@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 42
     workers: int = 2
     pretrained_path: str | None = None
+    global_pool: str = "avg"                # avg | max | avgmax | catavgmax
     ema: float = 0.0                        # EMA decay (e.g. 0.999); 0 = off
     amp: str = "auto"                       # auto (bf16/fp16 on GPU) | bf16 | fp16 | off
     channels_last: bool = True
@@ -259,7 +260,8 @@ def train(cfg: TrainConfig) -> dict:
     val_dl = DataLoader(val_ds, cfg.batch_size * 2, shuffle=False, **loader_kw)
 
     # model
-    model = create_model(cfg.model, cfg.channels, cfg.pretrained_path).to(device)
+    model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
+                         global_pool=cfg.global_pool).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
@@ -310,6 +312,7 @@ def train(cfg: TrainConfig) -> dict:
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
                 "epoch": epoch, "config": asdict(cfg), "preprocess": preprocess,
                 "model_name": cfg.model, "channels": cfg.channels, "size": size,
+                "global_pool": cfg.global_pool,
                 "threshold": m["breast_mean_best_threshold"], "metrics": _plain(m),
                 "prior": float(train_df.groupby("prediction_id").cancer.max().mean()),
                 "history": [_plain(h) for h in history],

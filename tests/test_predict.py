@@ -75,7 +75,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, synth_small, tiny_ckpt
         predict(synth_small / "test_images", synth_small / "test.csv", [tmp_path / "other.pt"],
                 None, workers=0, device="cpu", progress=False)
     ck = torch.load(tiny_ckpt, weights_only=True)
-    ck["preprocess"]["size"] = [64, 64]
+    ck["preprocess"]["margin"] = 0.1
     torch.save(ck, tmp_path / "p64.pt")
     with pytest.raises(RsnaError, match="ensemble must share"):
         predict(synth_small / "test_images", synth_small / "test.csv", [tiny_ckpt, tmp_path / "p64.pt"],
