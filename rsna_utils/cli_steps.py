@@ -21,9 +21,20 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
     cfg = PreprocessConfig(size=a.size, resize_mode=a.resize_mode, bits=a.bits, margin=a.margin,
                            flip=a.flip, window_index=a.window_index,
                            window_first=a.window_first, max_pixels=a.max_pixels)
-    s = Preprocessor(cfg, backend=a.backend, workers=a.workers,
-                     progress=not a.quiet).run(a.images, a.csv, a.out, a.shard)
-    print(s.line())
+    from rsna_utils import gpu
+    chosen = gpu.resolve_backend(a.backend)
+    if chosen in gpu.GPU_BACKENDS:
+        if not gpu.cuda_available():
+            from rsna_utils.errors import RsnaError
+            raise RsnaError(f"--backend {a.backend}: no CUDA GPU here; use --backend auto or a CPU backend")
+        s = gpu.GpuPreprocessor(cfg, backend=chosen, batch_size=a.batch_size,
+                                progress=not a.quiet).run(a.images, a.csv, a.out, a.shard)
+        print(s.line() + f" [{chosen} on the GPU, {s.fallbacks} via the CPU fallback]")
+    else:
+        backend = "auto" if a.backend == "auto" else a.backend
+        s = Preprocessor(cfg, backend=backend, workers=a.workers,
+                         progress=not a.quiet).run(a.images, a.csv, a.out, a.shard)
+        print(s.line())
     return 1 if s.processed == 0 and s.failed > 0 else 0
 
 
@@ -173,8 +184,10 @@ def register(sub) -> None:
     p.add_argument("--window-first", action="store_true",
                    help="window at full resolution before resizing (slower)")
     p.add_argument("--backend", default="auto",
-                   help="auto, dicomsdl, pydicom (GPU: nvimgcodec, dali)")
+                   help="auto (a GPU backend when CUDA and the package are present), "
+                        "imagecodecs, dicomsdl, pydicom, nvimgcodec, dali")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--batch-size", type=int, default=32, help="GPU decode batch")
     p.add_argument("--shard", default=None, help="K/N: process shard K (from 0) of N")
     p.add_argument("--max-pixels", type=int, default=80_000_000,
                    help="refuse headers declaring more pixels than this")

@@ -323,7 +323,7 @@ def read_dicom(path: str | Path, backend: str = "auto",
     h = read_header(path)
     if backend in ("nvimgcodec", "dali"):
         from rsna_utils import gpu
-        arr = gpu.decode_batch([h], backend)[0]
+        arr = gpu.decode_batch([h], backend, "cuda" if gpu.cuda_available() else "cpu")[0]
         return DicomImage(_check_pixels(arr, h), h, backend)
     arr, used = decode_pixels(h, backend, max_pixels)
     return DicomImage(arr, h, used)

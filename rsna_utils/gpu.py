@@ -1,5 +1,391 @@
-"""GPU decoding backends (nvImageCodec, DALI). Filled in by the GPU issue; importing this module
-never imports CUDA packages."""
+"""GPU decoding (nvImageCodec, DALI) and the whole preprocessing step on the GPU.
+
+The compressed frame is cut out of PixelData on the CPU (`rsna_utils.frames`), decoded in
+batches by nvImageCodec or DALI into uint16 tensors, then windowed (the same lookup table as the
+CPU path), cropped and area-resized in torch. The breast box is found on a small subsample copied
+to the CPU (the same `roi.find_breast` as the CPU path). PNGs are written by a thread pool so the
+GPU does not wait. Any file a GPU decoder rejects goes through the CPU path and is counted.
+
+Nothing here imports CUDA packages at module import: `import rsna_utils.gpu` works anywhere.
+"""
 from __future__ import annotations
 
-GPU_BACKENDS: dict = {}
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rsna_utils.errors import DecodeError, RsnaError
+
+GPU_BACKENDS = ("nvimgcodec", "dali")
+GPU_SYNTAXES = {"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90",
+                "1.2.840.10008.1.2.4.91"}
+_LOG_LOCK = threading.Lock()
+INSTALL_HINT = "pip install -r requirements-gpu.txt (nvidia-nvimgcodec-cu13, nvidia-dali-cuda130)"
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def package_available(name: str) -> bool:
+    try:
+        if name == "nvimgcodec":
+            from nvidia import nvimgcodec  # noqa: F401
+        elif name == "dali":
+            import nvidia.dali  # noqa: F401
+        else:
+            return False
+        return True
+    except ImportError:
+        return False
+
+
+def resolve_backend(name: str) -> str:
+    """`auto` -> nvimgcodec (then dali) when CUDA and the package are present, else the CPU."""
+    if name == "auto":
+        if cuda_available():
+            for b in GPU_BACKENDS:
+                if package_available(b):
+                    return b
+        return "cpu"
+    if name in GPU_BACKENDS:
+        if not package_available(name):
+            raise RsnaError(f"backend {name!r} is not installed; {INSTALL_HINT}")
+        return name
+    return "cpu"
+
+
+def rescale_to_precision(x, precision: int):
+    """DALI's GPU decoder returns a codestream of precision P < 16 scaled to the full 16-bit
+    range (ANCHORS.md); round(x * (2**P - 1) / 65535) gives the stored values back."""
+    if precision >= 16:
+        return x
+    top = float(2 ** precision - 1)
+    if hasattr(x, "to"):   # torch
+        import torch
+        return torch.round(x.to(torch.float32) * (top / 65535.0)).to(torch.int32)
+    return np.rint(x.astype(np.float64) * (top / 65535.0)).astype(np.uint16)
+
+
+class NvImageCodecDecoder:
+    """Batched decode with nvImageCodec: device "cuda" (GPU, torch tensors) or "cpu"
+    (its CPU-only backend: JPEG 2000 only; numpy arrays). Returns None where it failed."""
+
+    def __init__(self, device: str = "cuda", device_id: int = 0):
+        from nvidia import nvimgcodec as nv
+        self.nv, self.device = nv, device
+        if device == "cpu":
+            self.decoder = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                      backends=[nv.Backend(nv.BackendKind.CPU_ONLY)])
+        else:
+            self.decoder = nv.Decoder(device_id=device_id)
+        # allow_any_depth keeps 12/16-bit values as uint16 instead of scaling to uint8
+        self.params = nv.DecodeParams(allow_any_depth=True, color_spec=nv.ColorSpec.UNCHANGED,
+                                      sample_format=nv.SampleFormat.I_UNCHANGED)
+
+    def decode(self, frames: list[bytes]) -> list:
+        streams = [self.nv.CodeStream(f) for f in frames]
+        images = self.decoder.decode(streams, params=self.params)
+        out = []
+        for img in images:
+            if img is None:
+                out.append(None)
+            elif self.device == "cpu":
+                out.append(np.asarray(img.cpu())[..., 0])
+            else:
+                import torch
+                out.append(torch.as_tensor(img, device="cuda")[..., 0])
+        return out
+
+
+class DaliDecoder:
+    """Batched decode with DALI `fn.decoders.image(dtype=UINT16)` fed by an external source;
+    device "cuda" uses the mixed (GPU) decoder, "cpu" the CPU one. Outputs go to torch through
+    DLPack as uint16 tensors (never through int16, which would wrap values above 32767)."""
+
+    def __init__(self, device: str = "cuda", batch_size: int = 32, device_id: int = 0,
+                 num_threads: int = 4):
+        from nvidia.dali import fn, pipeline_def, types
+        self.device, self.batch_size = device, batch_size
+        dec_device = "mixed" if device == "cuda" else "cpu"
+
+        @pipeline_def(batch_size=batch_size, num_threads=num_threads,
+                      device_id=device_id if device == "cuda" else None, prefetch_queue_depth=1,
+                      exec_dynamic=True)
+        def pipe():
+            data = fn.external_source(name="frames", dtype=types.UINT8, no_copy=False)
+            return fn.decoders.image(data, device=dec_device, output_type=types.ANY_DATA,
+                                     dtype=types.UINT16)
+        self.pipe = pipe()
+        self.pipe.build()
+
+    def decode(self, frames: list[bytes]) -> list:
+        out = []
+        for i in range(0, len(frames), self.batch_size):
+            chunk = [np.frombuffer(f, np.uint8) for f in frames[i:i + self.batch_size]]
+            try:
+                out += self._run(chunk)
+            except RuntimeError:
+                for one in chunk:    # a bad frame fails the whole batch: retry one by one
+                    try:
+                        out += self._run([one])
+                    except RuntimeError:
+                        out.append(None)
+        return out
+
+    def _run(self, chunk: list[np.ndarray]) -> list:
+        self.pipe.feed_input("frames", chunk)
+        (res,) = self.pipe.run()
+        res = res.as_cpu() if self.device == "cpu" else res
+        outs = []
+        for k in range(len(chunk)):
+            t = res[k]
+            if self.device == "cpu":
+                outs.append(np.array(t)[..., 0])
+            else:
+                import torch
+                outs.append(torch.from_dlpack(t)[..., 0])
+        return outs
+
+
+def make_decoder(name: str, device: str = "cuda", batch_size: int = 32):
+    if name == "nvimgcodec":
+        return NvImageCodecDecoder(device)
+    if name == "dali":
+        return DaliDecoder(device, batch_size)
+    raise RsnaError(f"unknown GPU backend {name!r}; choose {', '.join(GPU_BACKENDS)}")
+
+
+def decode_batch(headers, backend: str, device: str = "cuda") -> list:
+    """Stored values for each header's file (first frame); DecodeError for a file the GPU
+    decoder cannot take (use the CPU path for it)."""
+    from rsna_utils.frames import check_codestream, first_frame
+    dec = make_decoder(backend, device)
+    frames, prec = [], []
+    for h in headers:
+        if h.transfer_syntax not in GPU_SYNTAXES:
+            raise DecodeError(f"{h.path}: {backend} does not decode {h.transfer_syntax}")
+        cs = check_codestream(h.path, h.rows, h.columns, transfer_syntax=h.transfer_syntax)
+        frames.append(first_frame(h.path))
+        prec.append(cs.precision)
+    out = []
+    for h, p, img in zip(headers, prec, dec.decode(frames)):
+        if img is None:
+            raise DecodeError(f"{h.path}: {backend} could not decode the frame")
+        if backend == "dali" and device == "cuda":
+            img = rescale_to_precision(img, p)
+        out.append(img if isinstance(img, np.ndarray) else img.cpu().numpy().astype(np.uint16))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# The whole preprocessing step on the GPU
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    item: object
+    header: object
+    precision: int = 16
+
+
+def gpu_preprocess_tensor(x, h, cfg, device):
+    """Stored-value tensor (H, W) on the GPU -> output image (numpy) and meta; same rules and
+    order as `preprocess.preprocess_image`: LUT windowing, ROI on a subsample, crop, area
+    resize, LUT, flip."""
+    import torch
+    import torch.nn.functional as F
+
+    from rsna_utils import roi
+    from rsna_utils.preprocess import PreprocessError
+    from rsna_utils.voi import build_lut, select_window
+    rows, cols = x.shape
+    k = int(np.ceil(max(rows, cols) / cfg.roi_max_side))
+    small = x[::k, ::k].contiguous().cpu().numpy()
+    if small.dtype != np.uint16 and not h.signed:
+        small = small.astype(np.uint16)
+    if small.min() == small.max() and int(x.min()) == int(x.max()):
+        raise PreprocessError(f"{h.path}: every pixel is {int(x.flatten()[0])}; an empty image has no breast")
+    window = select_window(h, cfg.window_index, cfg.prefer_lut, small)
+    lut, off = build_lut(h, window, cfg.bits)
+    lut8 = lut if cfg.bits == 8 else (lut >> 8).astype(np.uint8)
+    small8 = np.take(lut8, small.astype(np.int32) + off)
+    mask = None
+    if cfg.crop:
+        mask, box_small = roi.find_breast(small8)
+        if box_small is None:
+            raise PreprocessError(f"{h.path}: no breast region found after windowing ({window.describe()})")
+        box = roi.add_margin(box_small.scaled(rows / small.shape[0], cols / small.shape[1], rows, cols),
+                             cfg.margin, rows, cols)
+    else:
+        box = roi.Box(0, 0, rows, cols)
+    crop = x[box.y0:box.y1, box.x0:box.x1].to(torch.float32)[None, None]
+    th, tw = cfg.size
+    if cfg.resize_mode == "pad":
+        s = min(th / crop.shape[2], tw / crop.shape[3])
+        nh, nw = max(1, round(crop.shape[2] * s)), max(1, round(crop.shape[3] * s))
+        r = torch.zeros((th, tw), device=device)
+        r[:nh, :nw] = F.interpolate(crop, size=(nh, nw), mode="area")[0, 0]
+    else:
+        r = F.interpolate(crop, size=(th, tw), mode="area")[0, 0]
+    idx = torch.round(r).to(torch.int64) + off
+    lut_t = torch.as_tensor(lut.astype(np.int32), device=device)
+    out = lut_t[idx.clamp_(0, len(lut) - 1)]
+    flipped = roi.needs_flip(cfg.flip, mask if mask is not None else small8 > 0, h.laterality)
+    if flipped:
+        out = torch.flip(out, dims=[1])
+    img = out.cpu().numpy().astype(np.uint8 if cfg.bits == 8 else np.uint16)
+    meta = dict(rows=rows, columns=cols, transfer_syntax=h.transfer_syntax, photometric=h.photometric,
+                crop_y0=box.y0, crop_x0=box.x0, crop_y1=box.y1, crop_x1=box.x1,
+                flipped=bool(flipped), window=window.describe(), window_note=window.note)
+    return img, meta
+
+
+class GpuPreprocessor:
+    """The GPU version of `Preprocessor.run`: same inputs, outputs (PNGs, meta.csv,
+    failures.csv), resume and shards. `device="cpu"` runs the same code with the decoder's CPU
+    backend and torch on the CPU (for tests on machines without a GPU)."""
+
+    def __init__(self, cfg=None, backend: str = "nvimgcodec", batch_size: int = 32,
+                 png_threads: int = 8, cpu_workers: int = 4, device: str = "cuda",
+                 progress: bool = True):
+        from rsna_utils.preprocess import PreprocessConfig
+        self.cfg = cfg or PreprocessConfig()
+        self.backend, self.batch_size, self.device = backend, batch_size, device
+        self.png_threads, self.cpu_workers, self.progress = png_threads, cpu_workers, progress
+
+    def run(self, images, csv_path, out, shard=None):
+        import torch
+
+        from rsna_utils.dicom_io import read_header
+        from rsna_utils.frames import check_codestream, first_frame
+        from rsna_utils.preprocess import (FAILURE_COLUMNS, META_COLUMNS, RunSummary, _CsvLog,
+                                           _write_config, list_items, load_done, parse_shard,
+                                           preprocess_image, write_png)
+        from tqdm.auto import tqdm
+        t0 = time.perf_counter()
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        k, n = shard if isinstance(shard, tuple) else parse_shard(shard)
+        _write_config(out / "preprocess.json", self.cfg)
+        suffix = "" if n == 1 else f".{k}-of-{n}"
+        items = list_items(images, csv_path, out, (k, n))
+        meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)
+        done = load_done(out)
+        todo = [it for it in items if it.image_id not in done]
+        s = RunSummary(skipped=len(items) - len(todo), out=str(out))
+        fail_log = _CsvLog(out / f"failures{suffix}.csv", FAILURE_COLUMNS, fresh=True)
+        dev = torch.device("cuda" if self.device == "cuda" else "cpu")
+        decoder = make_decoder(self.backend, self.device, self.batch_size)
+        writer = ThreadPoolExecutor(self.png_threads)
+        io = ThreadPoolExecutor(self.png_threads)
+        bar = tqdm(total=len(todo), desc=f"preprocess ({self.backend})", unit="img",
+                   disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        writes = []
+
+        def ok(item, img, meta, backend, t_item):
+            meta.update(backend=backend, decode_ms=round(t_item, 2), total_ms=round(t_item, 2))
+            writes.append(writer.submit(_write_then_log, item, img, meta, meta_log, write_png))
+            s.processed += 1
+
+        def fail(item, reason):
+            row = dict(image_id=item.image_id, patient_id=item.patient_id, path=item.path,
+                       reason=str(reason).replace("\n", " "))
+            fail_log.write(row)
+            s.failures.append(row)
+            s.failed += 1
+
+        def load(item):
+            """CPU side, in threads: header, codestream check, frame bytes."""
+            if item.problem:
+                return item, None, None, 0, item.problem
+            if not os.path.exists(item.path):
+                return item, None, None, 0, f"{item.path}: file not found (listed in the CSV)"
+            try:
+                h = read_header(item.path)
+                if h.transfer_syntax not in GPU_SYNTAXES:
+                    return item, h, None, 0, None          # CPU path
+                cs = check_codestream(item.path, h.rows, h.columns, transfer_syntax=h.transfer_syntax)
+                return item, h, first_frame(item.path), cs.precision, None
+            except RsnaError as e:
+                return item, None, None, 0, str(e)
+            except Exception as e:  # damaged files raise many types in pydicom
+                return item, None, None, 0, f"{item.path}: unexpected {type(e).__name__}: {e}"
+
+        cpu_fallback = []
+        try:
+            for i in range(0, len(todo), self.batch_size):
+                batch = list(io.map(load, todo[i:i + self.batch_size]))
+                gpu_items = [b for b in batch if b[2] is not None]
+                for item, h, frame, p, err in batch:
+                    if err:
+                        fail(item, err)
+                        bar.update()
+                    elif frame is None:
+                        cpu_fallback.append((item, "syntax"))
+                tb = time.perf_counter()
+                decoded = decoder.decode([b[2] for b in gpu_items]) if gpu_items else []
+                per = (time.perf_counter() - tb) * 1e3 / max(1, len(gpu_items))
+                for (item, h, _, p, _), x in zip(gpu_items, decoded):
+                    if x is None:
+                        cpu_fallback.append((item, f"{self.backend} rejected the frame"))
+                        continue
+                    try:
+                        if not isinstance(x, torch.Tensor):
+                            x = torch.from_numpy(np.ascontiguousarray(x).astype(np.int32))
+                        if self.backend == "dali" and self.device == "cuda":
+                            x = rescale_to_precision(x, p)
+                        if x.shape != (h.rows, h.columns):
+                            raise DecodeError(f"{h.path}: decoded shape {tuple(x.shape)} differs from "
+                                              f"Rows x Columns {h.rows} x {h.columns}")
+                        img, meta = gpu_preprocess_tensor(x.to(dev), h, self.cfg, dev)
+                        ok(item, img, meta, self.backend, per)
+                    except RsnaError as e:
+                        fail(item, e)
+                    bar.update()
+            # files the GPU path does not take: the CPU pipeline, in threads (decoders release the GIL)
+            def cpu_one(arg):
+                item, why = arg
+                t = time.perf_counter()
+                try:
+                    img, meta = preprocess_image(item.path, self.cfg, "auto")
+                    return item, img, meta, f"cpu-fallback:{meta['backend']}", (time.perf_counter() - t) * 1e3, None
+                except RsnaError as e:
+                    return item, None, None, None, 0, str(e)
+                except Exception as e:
+                    return item, None, None, None, 0, f"{item.path}: unexpected {type(e).__name__}: {e}"
+            for item, img, meta, backend, ms, err in ThreadPoolExecutor(self.cpu_workers).map(cpu_one, cpu_fallback):
+                if err:
+                    fail(item, err)
+                else:
+                    ok(item, img, meta, backend, ms)
+                bar.update()
+            for w in writes:
+                w.result()
+        finally:
+            writer.shutdown(wait=True)
+            io.shutdown(wait=True)
+            bar.close()
+            meta_log.close()
+            fail_log.close()
+        s.seconds = time.perf_counter() - t0
+        s.fallbacks = len(cpu_fallback)
+        return s
+
+
+def _write_then_log(item, img, meta, meta_log, write_png):
+    write_png(item.png, img)
+    with _LOG_LOCK:
+        meta_log.write(dict(meta, image_id=item.image_id, patient_id=item.patient_id,
+                            png=os.path.basename(item.png)))
+

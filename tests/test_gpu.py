@@ -1,0 +1,128 @@
+"""GPU backends. Their decoders also run on the CPU (nvImageCodec's CPU-only backend and DALI's
+CPU decoder, JPEG 2000 only), so the backend code, frame extraction and the fallback are tested
+here when the packages are installed (`pip install -r requirements-gpu.txt`); the CUDA tests run
+on a GPU machine (benchmarks/gpu_check.sh)."""
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from conftest import TESTDATA, needs_testdata
+from rsna_utils import gpu, synth
+from rsna_utils.errors import DecodeError
+from rsna_utils.frames import first_frame, parse_codestream
+from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+
+cuda = pytest.mark.skipif(not gpu.cuda_available(), reason="needs a CUDA GPU")
+
+
+def test_frame_extraction_and_codestream_headers(synth_small):
+    kinds = set()
+    for p in sorted((synth_small / "train_images").glob("*/*.dcm")):
+        ds = pydicom.dcmread(p)
+        if not ds.file_meta.TransferSyntaxUID.is_encapsulated or ds.file_meta.TransferSyntaxUID == synth.RLE_LOSSLESS:
+            continue
+        cs = parse_codestream(first_frame(str(p)))
+        assert (cs.rows, cs.columns) == (ds.Rows, ds.Columns)
+        assert cs.precision == ds.BitsStored and cs.components == 1
+        kinds.add(cs.kind)
+        if cs.kind == "jpeg":
+            assert cs.sof == 0xC3   # lossless Huffman, SV1
+    assert kinds == {"jp2", "j2k", "jpeg"} or kinds >= {"jp2", "jpeg"}
+
+
+@needs_testdata
+def test_frame_extraction_on_real_files():
+    d = TESTDATA / "nema_wg04_cr"
+    for name, kind in (("RG2_J2KR", ("j2k", "jp2")), ("RG2_JPLL", ("jpeg",)), ("RG1_J2KR", ("j2k", "jp2"))):
+        ds = pydicom.dcmread(d / f"{name}.dcm")
+        cs = parse_codestream(first_frame(str(d / f"{name}.dcm")))
+        assert cs.kind in kind and (cs.rows, cs.columns) == (ds.Rows, ds.Columns)
+
+
+def test_bad_codestreams_are_refused():
+    with pytest.raises(DecodeError, match="unknown codestream"):
+        parse_codestream(b"\x00\x01\x02garbage")
+    with pytest.raises(DecodeError, match="SOF"):
+        parse_codestream(b"\xff\xd8\xff\xda\x00\x02")
+    with pytest.raises(DecodeError):
+        parse_codestream(synth_jp2_without_codestream())
+
+
+def synth_jp2_without_codestream() -> bytes:
+    from rsna_utils.frames import JP2_SIGNATURE
+    return JP2_SIGNATURE + (8).to_bytes(4, "big") + b"ftyp"
+
+
+def test_dali_precision_rescale_recovers_stored_values():
+    stored = np.array([0, 1, 2047, 4095], np.uint16)
+    scaled = np.rint(stored.astype(np.float64) * 65535 / 4095).astype(np.uint16)   # DALI GPU output
+    assert np.array_equal(gpu.rescale_to_precision(scaled, 12), stored)
+    big = np.array([40000, 65535], np.uint16)
+    assert np.array_equal(gpu.rescale_to_precision(big, 16), big)   # above 32767 survives
+
+
+def test_auto_backend_is_cpu_without_cuda():
+    if gpu.cuda_available():
+        pytest.skip("CUDA present")
+    assert gpu.resolve_backend("auto") == "cpu"
+
+
+@pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])
+def test_gpu_backend_on_cpu_matches_cpu_path_and_falls_back(tmp_path, synth_small, backend):
+    if not gpu.package_available(backend):
+        pytest.skip(f"{backend} not installed ({gpu.INSTALL_HINT})")
+    cfg = PreprocessConfig(size=64)
+    images, csv = synth_small / "train_images", synth_small / "train.csv"
+    s = gpu.GpuPreprocessor(cfg, backend=backend, device="cpu", batch_size=8, progress=False).run(
+        images, csv, tmp_path / "gpu")
+    Preprocessor(cfg, workers=1, progress=False).run(images, csv, tmp_path / "cpu")
+    g = pd.read_csv(tmp_path / "gpu" / "meta.csv").set_index("image_id")
+    c = pd.read_csv(tmp_path / "cpu" / "meta.csv").set_index("image_id")
+    assert s.failed == 0 and set(g.index) == set(c.index)
+    # JPEG Lossless has no CPU decoder in these packages: the fallback took it, and said so
+    jpll = g.transfer_syntax == synth.JPEG_LOSSLESS_SV1
+    assert g.loc[jpll, "backend"].str.startswith("cpu-fallback").all() and s.fallbacks >= jpll.sum()
+    assert (g.loc[g.transfer_syntax == synth.JPEG2000_LOSSLESS, "backend"] == backend).all()
+    import cv2
+    for iid in g.index:
+        for k in ("crop_y0", "crop_x0", "crop_y1", "crop_x1"):
+            assert abs(g.loc[iid, k] - c.loc[iid, k]) <= 8
+        a = cv2.imread(str(tmp_path / "gpu" / g.loc[iid, "png"]), cv2.IMREAD_UNCHANGED).astype(int)
+        b = cv2.imread(str(tmp_path / "cpu" / c.loc[iid, "png"]), cv2.IMREAD_UNCHANGED).astype(int)
+        assert np.abs(a - b).mean() <= 1.0, iid
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])
+def test_cuda_decode_is_bit_exact(synth_small, backend):
+    if not gpu.package_available(backend):
+        pytest.skip(f"{backend} not installed")
+    from rsna_utils.dicom_io import read_dicom, read_header
+    paths = [p for p in sorted((synth_small / "train_images").glob("*/*.dcm"))
+             if read_header(p).transfer_syntax in gpu.GPU_SYNTAXES]
+    hs = [read_header(p) for p in paths]
+    got = gpu.decode_batch(hs, backend, "cuda")
+    for p, a in zip(paths, got):
+        assert np.array_equal(a, read_dicom(p, backend="pydicom").pixels), p
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])
+def test_cuda_pipeline_agrees_with_cpu(tmp_path, synth_small, backend):
+    if not gpu.package_available(backend):
+        pytest.skip(f"{backend} not installed")
+    import cv2
+    cfg = PreprocessConfig(size=128)
+    images, csv = synth_small / "train_images", synth_small / "train.csv"
+    gpu.GpuPreprocessor(cfg, backend=backend, progress=False).run(images, csv, tmp_path / "g")
+    Preprocessor(cfg, workers=2, progress=False).run(images, csv, tmp_path / "c")
+    g = pd.read_csv(tmp_path / "g" / "meta.csv").set_index("image_id")
+    c = pd.read_csv(tmp_path / "c" / "meta.csv").set_index("image_id")
+    assert set(g.index) == set(c.index)
+    for iid in g.index:
+        a = cv2.imread(str(tmp_path / "g" / g.loc[iid, "png"]), cv2.IMREAD_UNCHANGED).astype(int)
+        b = cv2.imread(str(tmp_path / "c" / c.loc[iid, "png"]), cv2.IMREAD_UNCHANGED).astype(int)
+        assert np.abs(a - b).mean() <= 1.0
