@@ -136,8 +136,23 @@ def _parse_voi_luts(ds) -> list[VoiLut]:
 def read_header(path: str | Path, ds=None) -> DicomHeader:
     """Parse the header with pydicom, without reading the pixel data.
 
-    Raises RsnaError naming the file when it is not a readable DICOM file.
+    Raises RsnaError naming the file when it is not a readable DICOM file. pydicom parses
+    lazily and raises many types on damaged files (struct.error, BytesLengthException,
+    NotImplementedError for an unknown VR...: all found by the fuzz test); they all mean the
+    same to a user, so they become one clear error.
     """
+    try:
+        return _read_header(path, ds)
+    except RsnaError:
+        raise
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as e:
+        raise RsnaError(f"{path}: not a readable DICOM file ({type(e).__name__}: "
+                        f"{str(e)[:160]}); re-export or re-download it") from None
+
+
+def _read_header(path: str | Path, ds=None) -> DicomHeader:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -233,7 +248,9 @@ def _decode_dicomsdl(path: str, h: DicomHeader) -> np.ndarray:
     try:
         dset = dicomsdl.open(path)
         arr = dset.pixelData(index=0, storedvalue=True)
-    except Exception as e:  # dicomsdl raises RuntimeError/its own types from C++
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # dicomsdl raises RuntimeError/its own types from C++
         raise DecodeError(f"dicomsdl: {type(e).__name__}: {str(e).strip()[:200]}") from None
     if arr is None:
         raise DecodeError("dicomsdl: returned no pixels")
@@ -245,7 +262,10 @@ def _decode_pydicom(path: str, h: DicomHeader) -> np.ndarray:
     try:
         ds = pydicom.dcmread(path)
         arr = ds.pixel_array
-    except Exception as e:  # plugins raise many types (RuntimeError, ValueError, NotImplemented...)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # plugins raise many types; pylibjpeg-rle (Rust) panics with a
+        # pyo3 PanicException, which derives from BaseException (found by the fuzz test)
         raise DecodeError(f"pydicom: {type(e).__name__}: {str(e).strip()[:200]}") from None
     return arr
 
@@ -266,7 +286,9 @@ def _decode_imagecodecs(path: str, h: DicomHeader) -> np.ndarray:
         if h.transfer_syntax in J2K_SYNTAXES:
             return imagecodecs.jpeg2k_decode(frame, numthreads=1)
         return imagecodecs.jpeg8_decode(frame)
-    except Exception as e:  # imagecodecs raises its own *Error types per codec
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # imagecodecs raises its own *Error types per codec
         raise DecodeError(f"imagecodecs: {type(e).__name__}: {str(e).strip()[:200]}") from None
 
 

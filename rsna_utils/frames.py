@@ -64,8 +64,10 @@ def _first_frame(path: str, ds) -> bytes:
     n = int(ds.get("NumberOfFrames") or 1)
     try:
         return next(generate_frames(ds.PixelData, number_of_frames=n))
-    except (StopIteration, ValueError, KeyError, IndexError, EOFError) as e:
-        raise DecodeError(f"{path}: broken encapsulated pixel data ({type(e).__name__}: {e})") from None
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as e:  # StopIteration, ValueError, struct.error, ... on damaged data
+        raise DecodeError(f"{path}: broken encapsulated pixel data ({type(e).__name__}: {str(e)[:160]})") from None
 
 
 def _j2k_codestream(data: bytes) -> bytes:

@@ -320,7 +320,7 @@ class GpuPreprocessor:
             except RsnaError as e:
                 return item, None, None, 0, str(e)
             except Exception as e:  # damaged files raise many types in pydicom
-                return item, None, None, 0, f"{item.path}: unexpected {type(e).__name__}: {e}"
+                return item, None, None, 0, f"{item.path}: unhandled exception {type(e).__name__}: {e}"
 
         cpu_fallback = []
         try:
@@ -363,7 +363,7 @@ class GpuPreprocessor:
                 except RsnaError as e:
                     return item, None, None, None, 0, str(e)
                 except Exception as e:
-                    return item, None, None, None, 0, f"{item.path}: unexpected {type(e).__name__}: {e}"
+                    return item, None, None, None, 0, f"{item.path}: unhandled exception {type(e).__name__}: {e}"
             for item, img, meta, backend, ms, err in ThreadPoolExecutor(self.cpu_workers).map(cpu_one, cpu_fallback):
                 if err:
                     fail(item, err)

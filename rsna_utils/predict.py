@@ -92,7 +92,7 @@ class DicomStream:
         except RsnaError as e:
             reason, x = str(e), np.zeros((h, w), np.float32)
         except Exception as e:  # a decoder bug on a strange file costs this image only
-            reason, x = f"{self.paths[i]}: unexpected {type(e).__name__}: {e}", np.zeros((h, w), np.float32)
+            reason, x = f"{self.paths[i]}: unhandled exception {type(e).__name__}: {e}", np.zeros((h, w), np.float32)
         t = torch.from_numpy((x - 0.5) / 0.25)[None]
         if self.channels == 3:
             t = t.expand(3, -1, -1).contiguous()

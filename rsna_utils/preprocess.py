@@ -227,8 +227,10 @@ def _work(item: Item) -> tuple[str, Item, dict | str]:
         return "fail", item, str(e)
     except MemoryError:
         return "fail", item, f"{item.path}: out of memory while processing"
-    except Exception as e:  # a library bug on a strange file must cost one file, not the run
-        return "fail", item, f"{item.path}: unexpected {type(e).__name__}: {e}"
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a library bug on a strange file must cost one file, not the run
+        return "fail", item, f"{item.path}: unhandled exception {type(e).__name__}: {e}"
 
 
 class _CsvLog:
@@ -307,13 +309,15 @@ class Preprocessor:
 
     def __init__(self, cfg: PreprocessConfig | None = None, backend: str = "auto",
                  workers: int | None = None, png_compression: int = 1, progress: bool = True,
-                 test_hook=None):
+                 test_hook=None, file_timeout: float = 120.0):
         self.cfg = cfg or PreprocessConfig()
         self.backend = backend
-        self.workers = max(1, workers or os.cpu_count() or 1)
+        # workers=0 runs in this process (no crash containment); 1 or more use worker processes
+        self.workers = (os.cpu_count() or 1) if workers is None else max(0, workers)
         self.png_compression = png_compression
         self.progress = progress
         self.test_hook = test_hook  # called with each path in the worker (crash tests)
+        self.file_timeout = file_timeout  # seconds one file may take before its worker is killed
 
     def process(self, path: str | Path) -> tuple[np.ndarray, dict]:
         return preprocess_image(path, self.cfg, self.backend)
@@ -360,7 +364,7 @@ class Preprocessor:
             bar.update()
 
         try:
-            if self.workers == 1 and self.test_hook is None:
+            if self.workers == 0:   # in this process: for debugging; a decoder crash ends the run
                 _init_worker(self.cfg, self.backend, self.png_compression, None)
                 for it in todo:
                     record(*_work(it))
@@ -374,19 +378,22 @@ class Preprocessor:
         return s
 
     def _run_pool(self, todo: list[Item], record) -> None:
-        """Keep a bounded window of tasks in flight; when a worker dies (a decoder crash),
-        rerun the in-flight tasks one at a time in a fresh process to find the culprit."""
+        """Keep a bounded window of tasks in flight; when a worker dies (a decoder crash) or a
+        task runs past the time limit (a decoder hang), the pool is torn down and the in-flight
+        tasks rerun one at a time in a fresh process, which finds the culprit."""
         queue = list(reversed(todo))
-        window = self.workers * 4
+        window = self.workers * 2
         while queue:
             suspects: list[Item] = []
             with self._pool(self.workers) as ex:
-                running = {}
+                running: dict = {}
+                started: dict = {}
                 while queue or running:
                     while queue and len(running) < window:
                         it = queue.pop()
-                        running[ex.submit(_work, it)] = it
-                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                        fut = ex.submit(_work, it)
+                        running[fut], started[fut] = it, time.monotonic()
+                    finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
                     broken = False
                     for fut in finished:
                         it = running.pop(fut)
@@ -395,6 +402,13 @@ class Preprocessor:
                         except BrokenProcessPool:
                             suspects.append(it)
                             broken = True
+                        except Exception as e:  # e.g. a result that cannot be unpickled
+                            record("fail", item=it, info=f"{it.path}: unhandled exception {type(e).__name__}: {e}")
+                    # a queued task may wait for one other: twice the limit means a hang
+                    if not broken and any(time.monotonic() - started[f] > 2 * self.file_timeout
+                                          for f in running):
+                        _kill_workers(ex)
+                        broken = True
                     if broken:
                         suspects += list(running.values())
                         running.clear()
@@ -403,12 +417,25 @@ class Preprocessor:
                 self._isolate(it, record)
 
     def _isolate(self, item: Item, record) -> None:
+        from concurrent.futures import TimeoutError as FutureTimeout
         with self._pool(1) as ex:
             try:
-                record(*ex.submit(_work, item).result())
+                record(*ex.submit(_work, item).result(timeout=self.file_timeout))
             except BrokenProcessPool:
                 record("fail", item, f"{item.path}: the decoder crashed the worker process "
                                      "(killed or segfault); the file is likely corrupt")
+            except FutureTimeout:
+                _kill_workers(ex)
+                record("fail", item, f"{item.path}: processing took over {self.file_timeout:g} s "
+                                     "(file_timeout) and was stopped; the file is likely corrupt")
+
+
+def _kill_workers(ex: ProcessPoolExecutor) -> None:
+    for proc in list((getattr(ex, "_processes", None) or {}).values()):
+        try:
+            proc.kill()
+        except (OSError, AttributeError):
+            pass
 
 
 def _write_config(path: Path, cfg: PreprocessConfig) -> None:

@@ -51,3 +51,15 @@ class AbortOn:
     def __call__(self, path: str) -> None:
         if os.path.basename(path) == self.name:
             os.abort()
+
+
+class HangOn:
+    """Test hook: sleeps forever on one chosen file (a decoder that hangs)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, path: str) -> None:
+        import time
+        if os.path.basename(path) == self.name:
+            time.sleep(3600)

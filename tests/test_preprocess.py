@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
 
-from conftest import AbortOn
+from conftest import AbortOn, HangOn
 from rsna_utils.preprocess import PreprocessConfig, Preprocessor, parse_shard, preprocess_image
 from rsna_utils.errors import RsnaError
 from rsna_utils import synth
@@ -162,7 +162,7 @@ def test_resume_skips_done_and_repairs_cut_meta(tmp_path, synth_small):
 def test_parallel_equals_serial_and_shards_split(tmp_path, synth_small):
     images, csv = synth_small / "train_images", synth_small / "train.csv"
     cfg = PreprocessConfig(size=64)
-    Preprocessor(cfg, workers=1, progress=False).run(images, csv, tmp_path / "a")
+    Preprocessor(cfg, workers=0, progress=False).run(images, csv, tmp_path / "a")
     Preprocessor(cfg, workers=2, progress=False).run(images, csv, tmp_path / "b")
     a = {p.name: p.read_bytes() for p in (tmp_path / "a").glob("*.png")}
     b = {p.name: p.read_bytes() for p in (tmp_path / "b").glob("*.png")}
@@ -195,3 +195,14 @@ def test_window_after_resize_close_to_window_first(synth_small):
         b, _ = preprocess_image(p, PreprocessConfig(size=128, window_first=True))
         diffs.append(np.abs(a.astype(int) - b).mean())
     assert max(diffs) < 1.0
+
+
+def test_hanging_decoder_costs_one_file(tmp_path, synth_small):
+    images, csv = synth_small / "train_images", synth_small / "train.csv"
+    victim = sorted(images.glob("*/*.dcm"))[3]
+    s = Preprocessor(PreprocessConfig(size=48), workers=2, progress=False, file_timeout=3,
+                     test_hook=HangOn(victim.name)).run(images, csv, tmp_path / "o")
+    fails = pd.read_csv(tmp_path / "o" / "failures.csv", dtype=str)
+    assert list(fails.image_id) == [victim.stem]
+    assert "took over 3 s" in fails.reason.iloc[0]
+    assert s.processed == len(pd.read_csv(csv)) - 1
