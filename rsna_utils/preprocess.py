@@ -338,6 +338,8 @@ class Preprocessor:
         k, n = shard if isinstance(shard, tuple) else parse_shard(shard)
         _write_config(out / "preprocess.json", self.cfg)
         suffix = "" if n == 1 else f".{k}-of-{n}"
+        for stale in out.glob("*.png.tmp*"):   # left by a killed run (never under a final name)
+            stale.unlink(missing_ok=True)
         items = list_items(images, csv_path, out, (k, n))
         meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)   # repairs a cut last line
         done = load_done(out)

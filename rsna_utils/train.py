@@ -279,6 +279,8 @@ def train(cfg: TrainConfig) -> dict:
 
     start, best, history = 0, None, []
     last = out / "last.pt"
+    for stale in out.glob(".*.pt.tmp*"):       # a checkpoint write cut by a kill
+        stale.unlink(missing_ok=True)
     if cfg.resume and last.exists():
         ck = load_weights(last)
         try:
