@@ -269,22 +269,10 @@ class GpuPreprocessor:
 
         from rsna_utils.dicom_io import read_header
         from rsna_utils.frames import check_codestream, first_frame
-        from rsna_utils.preprocess import (FAILURE_COLUMNS, META_COLUMNS, RunSummary, _CsvLog,
-                                           _write_config, list_items, load_done, parse_shard,
-                                           preprocess_image, write_png)
+        from rsna_utils.preprocess import open_run, preprocess_image, write_png
         from tqdm.auto import tqdm
         t0 = time.perf_counter()
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        k, n = shard if isinstance(shard, tuple) else parse_shard(shard)
-        _write_config(out / "preprocess.json", self.cfg)
-        suffix = "" if n == 1 else f".{k}-of-{n}"
-        items = list_items(images, csv_path, out, (k, n))
-        meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)
-        done = load_done(out)
-        todo = [it for it in items if it.image_id not in done]
-        s = RunSummary(skipped=len(items) - len(todo), out=str(out))
-        fail_log = _CsvLog(out / f"failures{suffix}.csv", FAILURE_COLUMNS, fresh=True)
+        todo, s, meta_log, fail_log = open_run(out, self.cfg, images, csv_path, shard)
         dev = torch.device("cuda" if self.device == "cuda" else "cpu")
         decoder = make_decoder(self.backend, self.device, self.batch_size)
         writer = ThreadPoolExecutor(self.png_threads)

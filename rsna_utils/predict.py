@@ -208,15 +208,8 @@ def predict(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
     from rsna_utils.train import resolve_device
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    try:
-        df = pd.read_csv(csv)
-    except FileNotFoundError:
-        raise RsnaError(f"{csv}: CSV not found; pass the test.csv path") from None
-    need = {"patient_id", "image_id", "laterality"}
-    if not need <= set(df.columns):
-        raise RsnaError(f"{csv}: missing column(s) {sorted(need - set(df.columns))}")
-    if "prediction_id" not in df:
-        df["prediction_id"] = df.patient_id.astype(str) + "_" + df.laterality.astype(str)
+    from rsna_utils.data import load_table
+    df = load_table(csv)    # checks the columns, adds prediction_id when absent
     models, pre = load_checkpoints(checkpoints, dev)
     channels = _in_chans(models[0].model) or 3
     preds, reasons = predict_images(df, images, models, pre, dev, batch_size, workers, tta,

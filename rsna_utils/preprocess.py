@@ -333,20 +333,7 @@ class Preprocessor:
     def run(self, images: str | Path, csv_path: str | Path | None, out: str | Path,
             shard: str | tuple[int, int] | None = None) -> RunSummary:
         t0 = time.perf_counter()
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        k, n = shard if isinstance(shard, tuple) else parse_shard(shard)
-        _write_config(out / "preprocess.json", self.cfg)
-        suffix = "" if n == 1 else f".{k}-of-{n}"
-        for stale in out.glob("*.png.tmp*"):   # left by a killed run (never under a final name)
-            stale.unlink(missing_ok=True)
-        items = list_items(images, csv_path, out, (k, n))
-        meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)   # repairs a cut last line
-        done = load_done(out)
-        todo = [it for it in items if it.image_id not in done]
-        s = RunSummary(skipped=len(items) - len(todo), out=str(out))
-        # failures of earlier runs are retried, so their rows are replaced
-        fail_log = _CsvLog(out / f"failures{suffix}.csv", FAILURE_COLUMNS, fresh=True)
+        todo, s, meta_log, fail_log = open_run(out, self.cfg, images, csv_path, shard)
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc="preprocess", unit="img", disable=not self.progress,
                    file=sys.stderr, dynamic_ncols=True)
@@ -438,6 +425,27 @@ def _kill_workers(ex: ProcessPoolExecutor) -> None:
             proc.kill()
         except (OSError, AttributeError):
             pass
+
+
+def open_run(out: str | Path, cfg: PreprocessConfig, images, csv_path, shard):
+    """What every preprocessing run (CPU or GPU) starts with: the output folder, its settings
+    file, the shard's items minus those already done, and the two logs.
+    Returns (todo, summary, meta_log, fail_log)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    k, n = shard if isinstance(shard, tuple) else parse_shard(shard)
+    _write_config(out / "preprocess.json", cfg)
+    suffix = "" if n == 1 else f".{k}-of-{n}"
+    for stale in out.glob("*.png.tmp*"):   # left by a killed run (never under a final name)
+        stale.unlink(missing_ok=True)
+    items = list_items(images, csv_path, out, (k, n))
+    meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)   # repairs a cut last line
+    done = load_done(out)
+    todo = [it for it in items if it.image_id not in done]
+    summary = RunSummary(skipped=len(items) - len(todo), out=str(out))
+    # failures of earlier runs are retried, so their rows are replaced
+    fail_log = _CsvLog(out / f"failures{suffix}.csv", FAILURE_COLUMNS, fresh=True)
+    return todo, summary, meta_log, fail_log
 
 
 def _write_config(path: Path, cfg: PreprocessConfig) -> None:
