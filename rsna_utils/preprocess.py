@@ -330,6 +330,19 @@ class Preprocessor:
                                    initargs=(self.cfg, self.backend, self.png_compression,
                                              self.test_hook))
 
+    def _check_pool_starts(self) -> None:
+        """A broken pool may mean the workers cannot start at all (then every file would be
+        blamed): the usual cause is a script without a __main__ guard."""
+        with self._pool(1) as ex:
+            try:
+                ex.submit(_noop).result(timeout=120)
+            except BrokenProcessPool:
+                raise RsnaError(
+                    "worker processes could not start. From a Python script, put the call under "
+                    "`if __name__ == \"__main__\":` (workers start with forkserver/spawn and "
+                    "import the main script), or use workers=0") from None
+        self._pool_checked = True
+
     def run(self, images: str | Path, csv_path: str | Path | None, out: str | Path,
             shard: str | tuple[int, int] | None = None) -> RunSummary:
         t0 = time.perf_counter()
@@ -407,6 +420,8 @@ class Preprocessor:
 
     def _isolate(self, item: Item, record) -> None:
         from concurrent.futures import TimeoutError as FutureTimeout
+        if not getattr(self, "_pool_checked", False):
+            self._check_pool_starts()
         with self._pool(1) as ex:
             try:
                 record(*ex.submit(_work, item).result(timeout=self.file_timeout))
@@ -417,6 +432,10 @@ class Preprocessor:
                 _kill_workers(ex)
                 record("fail", item, f"{item.path}: processing took over {self.file_timeout:g} s "
                                      "(file_timeout) and was stopped; the file is likely corrupt")
+
+
+def _noop() -> int:
+    return os.getpid()
 
 
 def _kill_workers(ex: ProcessPoolExecutor) -> None:

@@ -206,3 +206,14 @@ def test_hanging_decoder_costs_one_file(tmp_path, synth_small):
     assert list(fails.image_id) == [victim.stem]
     assert "took over 3 s" in fails.reason.iloc[0]
     assert s.processed == len(pd.read_csv(csv)) - 1
+
+
+def test_script_without_main_guard_gets_a_clear_error(tmp_path, synth_small):
+    script = tmp_path / "s.py"
+    script.write_text(
+        "from rsna_utils.preprocess import PreprocessConfig, Preprocessor\n"
+        f"Preprocessor(PreprocessConfig(size=32), workers=2, progress=False).run("
+        f"'{synth_small / 'train_images'}', '{synth_small / 'train.csv'}', '{tmp_path / 'o'}')\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "__main__" in r.stderr and "worker processes could not start" in r.stderr
