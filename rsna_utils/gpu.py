@@ -251,124 +251,141 @@ def gpu_preprocess_tensor(x, h, cfg, device):
     return img, meta
 
 
+def load_frame(path: str):
+    """CPU side of a GPU decode (run in threads): (header, frame or None, precision, error).
+    frame None without an error: a transfer syntax the GPU decoders do not take (CPU path)."""
+    from rsna_utils.dicom_io import read_header
+    from rsna_utils.frames import check_codestream, first_frame
+    if not os.path.exists(path):
+        return None, None, 0, f"{path}: file not found (listed in the CSV)"
+    try:
+        h = read_header(path)
+        if h.transfer_syntax not in GPU_SYNTAXES:
+            return h, None, 0, None
+        cs = check_codestream(path, h.rows, h.columns, transfer_syntax=h.transfer_syntax)
+        return h, first_frame(path), cs.precision, None
+    except RsnaError as e:
+        return None, None, 0, str(e)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # damaged files raise many types in pydicom
+        return None, None, 0, f"{path}: unhandled exception {type(e).__name__}: {e}"
+
+
+def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool: ThreadPoolExecutor):
+    """One batch through the GPU pipeline, in order: (image, meta, error) per path. Files the
+    GPU decoder does not take or rejects go through the CPU pipeline (meta["backend"] says
+    "cpu-fallback:..."); errors are clean RsnaError messages."""
+    import torch
+
+    from rsna_utils.preprocess import preprocess_image
+    loaded = list(pool.map(load_frame, paths))
+    results: list = [None] * len(paths)
+    on_gpu = [i for i, (h, f, p, e) in enumerate(loaded) if f is not None]
+    for i, (h, f, p, e) in enumerate(loaded):
+        if e:
+            results[i] = (None, None, e)
+    t0 = time.perf_counter()
+    decoded = decoder.decode([loaded[i][1] for i in on_gpu]) if on_gpu else []
+    per = (time.perf_counter() - t0) * 1e3 / max(1, len(on_gpu))
+    fallback = [i for i, (h, f, p, e) in enumerate(loaded) if not e and f is None]
+    for i, x in zip(on_gpu, decoded):
+        h, _, p, _ = loaded[i]
+        if x is None:
+            fallback.append(i)
+            continue
+        t1 = time.perf_counter()
+        try:
+            if not isinstance(x, torch.Tensor):
+                x = torch.from_numpy(np.ascontiguousarray(x).astype(np.int32))
+            if backend == "dali" and getattr(decoder, "device", "cuda") == "cuda":
+                x = rescale_to_precision(x, p)
+            if tuple(x.shape) != (h.rows, h.columns):
+                raise DecodeError(f"{h.path}: decoded shape {tuple(x.shape)} differs from "
+                                  f"Rows x Columns {h.rows} x {h.columns}")
+            img, meta = gpu_preprocess_tensor(x.to(device), h, cfg, device)
+            meta.update(backend=backend, decode_ms=round(per, 2),
+                        total_ms=round(per + (time.perf_counter() - t1) * 1e3, 2))
+            results[i] = (img, meta, None)
+        except RsnaError as e:
+            results[i] = (None, None, str(e))
+
+    def cpu_one(i):
+        try:
+            img, meta = preprocess_image(paths[i], cfg, "auto")
+            meta["backend"] = f"cpu-fallback:{meta['backend']}"
+            return i, (img, meta, None)
+        except RsnaError as e:
+            return i, (None, None, str(e))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            return i, (None, None, f"{paths[i]}: unhandled exception {type(e).__name__}: {e}")
+    for i, r in pool.map(cpu_one, fallback):
+        results[i] = r
+    return results, len(fallback)
+
+
 class GpuPreprocessor:
     """The GPU version of `Preprocessor.run`: same inputs, outputs (PNGs, meta.csv,
     failures.csv), resume and shards. `device="cpu"` runs the same code with the decoder's CPU
     backend and torch on the CPU (for tests on machines without a GPU)."""
 
     def __init__(self, cfg=None, backend: str = "nvimgcodec", batch_size: int = 32,
-                 png_threads: int = 8, cpu_workers: int = 4, device: str = "cuda",
-                 progress: bool = True):
+                 png_threads: int = 8, device: str = "cuda", progress: bool = True):
         from rsna_utils.preprocess import PreprocessConfig
         self.cfg = cfg or PreprocessConfig()
         self.backend, self.batch_size, self.device = backend, batch_size, device
-        self.png_threads, self.cpu_workers, self.progress = png_threads, cpu_workers, progress
+        self.png_threads, self.progress = png_threads, progress
 
     def run(self, images, csv_path, out, shard=None):
         import torch
-
-        from rsna_utils.dicom_io import read_header
-        from rsna_utils.frames import check_codestream, first_frame
-        from rsna_utils.preprocess import open_run, preprocess_image, write_png
         from tqdm.auto import tqdm
+
+        from rsna_utils.preprocess import open_run, write_png
         t0 = time.perf_counter()
         todo, s, meta_log, fail_log = open_run(out, self.cfg, images, csv_path, shard)
         dev = torch.device("cuda" if self.device == "cuda" else "cpu")
         decoder = make_decoder(self.backend, self.device, self.batch_size)
-        writer = ThreadPoolExecutor(self.png_threads)
-        io = ThreadPoolExecutor(self.png_threads)
+        writer, pool = ThreadPoolExecutor(self.png_threads), ThreadPoolExecutor(self.png_threads)
         bar = tqdm(total=len(todo), desc=f"preprocess ({self.backend})", unit="img",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
-        writes = []
-
-        def ok(item, img, meta, backend, t_item):
-            meta.update(backend=backend, decode_ms=round(t_item, 2), total_ms=round(t_item, 2))
-            writes.append(writer.submit(_write_then_log, item, img, meta, meta_log, write_png))
-            s.processed += 1
-
-        def fail(item, reason):
-            row = dict(image_id=item.image_id, patient_id=item.patient_id, path=item.path,
-                       reason=str(reason).replace("\n", " "))
-            fail_log.write(row)
-            s.failures.append(row)
-            s.failed += 1
-
-        def load(item):
-            """CPU side, in threads: header, codestream check, frame bytes."""
-            if item.problem:
-                return item, None, None, 0, item.problem
-            if not os.path.exists(item.path):
-                return item, None, None, 0, f"{item.path}: file not found (listed in the CSV)"
-            try:
-                h = read_header(item.path)
-                if h.transfer_syntax not in GPU_SYNTAXES:
-                    return item, h, None, 0, None          # CPU path
-                cs = check_codestream(item.path, h.rows, h.columns, transfer_syntax=h.transfer_syntax)
-                return item, h, first_frame(item.path), cs.precision, None
-            except RsnaError as e:
-                return item, None, None, 0, str(e)
-            except Exception as e:  # damaged files raise many types in pydicom
-                return item, None, None, 0, f"{item.path}: unhandled exception {type(e).__name__}: {e}"
-
-        cpu_fallback = []
+        writes, s.fallbacks = [], 0
         try:
-            for i in range(0, len(todo), self.batch_size):
-                batch = list(io.map(load, todo[i:i + self.batch_size]))
-                gpu_items = [b for b in batch if b[2] is not None]
-                for item, h, frame, p, err in batch:
+            for b in range(0, len(todo), self.batch_size):
+                batch = todo[b:b + self.batch_size]
+                ready = [it for it in batch if not it.problem]
+                for it in batch:
+                    if it.problem:
+                        self._fail(s, fail_log, it, it.problem)
+                results, n_fb = preprocess_paths([it.path for it in ready], self.cfg, decoder,
+                                                 self.backend, dev, pool)
+                s.fallbacks += n_fb
+                for it, (img, meta, err) in zip(ready, results):
                     if err:
-                        fail(item, err)
-                        bar.update()
-                    elif frame is None:
-                        cpu_fallback.append((item, "syntax"))
-                tb = time.perf_counter()
-                decoded = decoder.decode([b[2] for b in gpu_items]) if gpu_items else []
-                per = (time.perf_counter() - tb) * 1e3 / max(1, len(gpu_items))
-                for (item, h, _, p, _), x in zip(gpu_items, decoded):
-                    if x is None:
-                        cpu_fallback.append((item, f"{self.backend} rejected the frame"))
-                        continue
-                    try:
-                        if not isinstance(x, torch.Tensor):
-                            x = torch.from_numpy(np.ascontiguousarray(x).astype(np.int32))
-                        if self.backend == "dali" and self.device == "cuda":
-                            x = rescale_to_precision(x, p)
-                        if x.shape != (h.rows, h.columns):
-                            raise DecodeError(f"{h.path}: decoded shape {tuple(x.shape)} differs from "
-                                              f"Rows x Columns {h.rows} x {h.columns}")
-                        img, meta = gpu_preprocess_tensor(x.to(dev), h, self.cfg, dev)
-                        ok(item, img, meta, self.backend, per)
-                    except RsnaError as e:
-                        fail(item, e)
-                    bar.update()
-            # files the GPU path does not take: the CPU pipeline, in threads (decoders release the GIL)
-            def cpu_one(arg):
-                item, why = arg
-                t = time.perf_counter()
-                try:
-                    img, meta = preprocess_image(item.path, self.cfg, "auto")
-                    return item, img, meta, f"cpu-fallback:{meta['backend']}", (time.perf_counter() - t) * 1e3, None
-                except RsnaError as e:
-                    return item, None, None, None, 0, str(e)
-                except Exception as e:
-                    return item, None, None, None, 0, f"{item.path}: unhandled exception {type(e).__name__}: {e}"
-            for item, img, meta, backend, ms, err in ThreadPoolExecutor(self.cpu_workers).map(cpu_one, cpu_fallback):
-                if err:
-                    fail(item, err)
-                else:
-                    ok(item, img, meta, backend, ms)
-                bar.update()
+                        self._fail(s, fail_log, it, err)
+                    else:   # PNG encoding in threads: the GPU goes on with the next batch
+                        writes.append(writer.submit(_write_then_log, it, img, meta, meta_log, write_png))
+                        s.processed += 1
+                bar.update(len(batch))
             for w in writes:
                 w.result()
         finally:
             writer.shutdown(wait=True)
-            io.shutdown(wait=True)
+            pool.shutdown(wait=True)
             bar.close()
             meta_log.close()
             fail_log.close()
         s.seconds = time.perf_counter() - t0
-        s.fallbacks = len(cpu_fallback)
         return s
+
+    @staticmethod
+    def _fail(s, fail_log, item, reason) -> None:
+        row = dict(image_id=item.image_id, patient_id=item.patient_id, path=item.path,
+                   reason=str(reason).replace("\n", " "))
+        fail_log.write(row)
+        s.failures.append(row)
+        s.failed += 1
 
 
 def _write_then_log(item, img, meta, meta_log, write_png):
@@ -376,4 +393,3 @@ def _write_then_log(item, img, meta, meta_log, write_png):
     with _LOG_LOCK:
         meta_log.write(dict(meta, image_id=item.image_id, patient_id=item.patient_id,
                             png=os.path.basename(item.png)))
-

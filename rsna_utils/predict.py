@@ -99,6 +99,34 @@ class DicomStream:
         return t, i, reason
 
 
+def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device):
+    """Like the DataLoader over `ds`, but through the GPU pipeline of `rsna_utils.gpu`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from rsna_utils import gpu
+    decoder = gpu.make_decoder(backend, "cuda", batch_size)
+    h, w = ds.cfg.size
+    with ThreadPoolExecutor(8) as pool:
+        for b in range(0, len(ds), batch_size):
+            idx = list(range(b, min(len(ds), b + batch_size)))
+            results, _ = gpu.preprocess_paths([ds.paths[i] for i in idx], ds.cfg, decoder,
+                                              backend, device, pool)
+            xs, why = [], []
+            for img, _, err in results:
+                if err:
+                    x = np.zeros((h, w), np.float32)
+                else:
+                    x = img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0)
+                xs.append(torch.from_numpy((x - 0.5) / 0.25)[None])
+                why.append(err or "")
+            x = torch.stack(xs)
+            if ds.channels == 3:
+                x = x.expand(-1, 3, -1, -1)
+            yield x, idx, why
+
+
 def _collate(batch):
     import torch
     return (torch.stack([b[0] for b in batch]), [b[1] for b in batch], [b[2] for b in batch])
@@ -120,10 +148,16 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
+    from rsna_utils import gpu
     ds = DicomStream(df, Path(images), pre, backend, channels)
-    dl = DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-                    multiprocessing_context="forkserver" if workers > 0 else None,
-                    pin_memory=device.type == "cuda")
+    chosen = gpu.resolve_backend(backend) if device.type == "cuda" else "cpu"
+    if chosen in gpu.GPU_BACKENDS:
+        # decode on the GPU in batches (CPU fallback per file inside), no worker processes
+        dl = _gpu_batches(ds, chosen, batch_size, device)
+    else:
+        dl = DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+                        multiprocessing_context="forkserver" if workers > 0 else None,
+                        pin_memory=device.type == "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else None
     preds = np.full(len(ds), np.nan, np.float32)
     reasons = [""] * len(ds)

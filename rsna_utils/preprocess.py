@@ -293,6 +293,7 @@ class RunSummary:
     seconds: float = 0.0
     out: str = ""
     failures: list = field(default_factory=list)
+    fallbacks: int = 0          # GPU runs: files that went through the CPU path
 
     def line(self) -> str:
         rate = self.processed / self.seconds if self.seconds else 0.0

@@ -126,3 +126,26 @@ def test_cuda_pipeline_agrees_with_cpu(tmp_path, synth_small, backend):
         a = cv2.imread(str(tmp_path / "g" / g.loc[iid, "png"]), cv2.IMREAD_UNCHANGED).astype(int)
         b = cv2.imread(str(tmp_path / "c" / c.loc[iid, "png"]), cv2.IMREAD_UNCHANGED).astype(int)
         assert np.abs(a - b).mean() <= 1.0
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_predict_uses_the_gpu_path(tmp_path, synth_small):
+    if not gpu.package_available("nvimgcodec"):
+        pytest.skip("nvimgcodec not installed")
+    from rsna_utils.predict import predict
+    from rsna_utils.train import TrainConfig, train
+    Preprocessor(PreprocessConfig(size=64), workers=2, progress=False).run(
+        synth_small / "train_images", synth_small / "train.csv", tmp_path / "png")
+    train(TrainConfig(data=str(tmp_path / "png"), csv=str(synth_small / "train.csv"),
+                      out=str(tmp_path / "run"), size=64, epochs=1, max_steps=2, workers=0,
+                      device="cuda", progress=False, val_frac=0.3))
+    gpu_res = predict(synth_small / "test_images", synth_small / "test.csv",
+                      [tmp_path / "run" / "best.pt"], tmp_path / "g.csv", device="cuda",
+                      backend="auto", progress=False)
+    cpu_res = predict(synth_small / "test_images", synth_small / "test.csv",
+                      [tmp_path / "run" / "best.pt"], tmp_path / "c.csv", device="cuda",
+                      backend="imagecodecs", workers=2, progress=False)
+    assert not gpu_res.warnings
+    diff = (gpu_res.submission.cancer - cpu_res.submission.cancer).abs().max()
+    assert diff < 0.05
