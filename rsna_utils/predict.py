@@ -150,6 +150,9 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     from tqdm.auto import tqdm
     from rsna_utils import gpu
     ds = DicomStream(df, Path(images), pre, backend, channels)
+    if backend in gpu.GPU_BACKENDS and device.type != "cuda":
+        raise RsnaError(f"backend {backend!r} decodes on a GPU but the device is {device.type}; "
+                        "use --device cuda or --backend auto")
     chosen = gpu.resolve_backend(backend) if device.type == "cuda" else "cpu"
     if chosen in gpu.GPU_BACKENDS:
         # decode on the GPU in batches (CPU fallback per file inside), no worker processes
