@@ -172,3 +172,17 @@ def test_ddp_two_processes_gloo_identical_weights(tmp_path, png48, synth_small):
     d1 = (tmp_path / "ddp" / "weights_rank1.txt").read_text()
     assert d0 == d1
     assert len(pd.read_csv(tmp_path / "ddp" / "metrics.csv")) == 1
+
+
+def test_yaml_config_and_cli_errors(tmp_path, png48, synth_small):
+    (tmp_path / "t.yaml").write_text(f"data: {png48}\ncsv: {synth_small / 'train.csv'}\nmodel: resnet18\nsize: 48\nepochs: 3\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "t.yaml", epochs=1, out=str(tmp_path / "o"))
+    assert cfg.epochs == 1 and cfg.size == 48 and cfg.model == "resnet18"
+    (tmp_path / "bad.yaml").write_text("modle: resnet18\n")
+    with pytest.raises(RsnaError, match="unknown training option.*modle"):
+        TrainConfig.from_yaml(tmp_path / "bad.yaml")
+    r = subprocess.run([sys.executable, "-m", "rsna_utils", "train", "--config", str(tmp_path / "t.yaml"),
+                        "--model", "resnet_nope", "--out", str(tmp_path / "o2"), "--device", "cpu",
+                        "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("rsna train: error: unknown model 'resnet_nope'")
