@@ -392,12 +392,17 @@ class Preprocessor:
                 running: dict = {}
                 started: dict = {}
                 while queue or running:
+                    broken = False
                     while queue and len(running) < window:
                         it = queue.pop()
-                        fut = ex.submit(_work, it)
+                        try:
+                            fut = ex.submit(_work, it)
+                        except BrokenProcessPool:   # a worker died since the last wait()
+                            queue.append(it)        # not started: not a suspect
+                            broken = True
+                            break
                         running[fut], started[fut] = it, time.monotonic()
                     finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
-                    broken = False
                     for fut in finished:
                         it = running.pop(fut)
                         try:
