@@ -210,7 +210,8 @@ def _read_header(path: str | Path, ds=None) -> DicomHeader:
 def check_header(h: DicomHeader, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Refuse what no backend should try to decode; raise DecodeError with the reason."""
     if not h.has_pixel_data:
-        raise DecodeError(f"{h.path}: no PixelData element; nothing to decode")
+        raise DecodeError(f"{h.path}: no PixelData element (absent, or the file is truncated); "
+                          "nothing to decode")
     if h.rows <= 0 or h.columns <= 0:
         raise DecodeError(f"{h.path}: Rows={h.rows} Columns={h.columns} is not an image size")
     if h.rows * h.columns * h.samples_per_pixel > max_pixels:

@@ -37,7 +37,7 @@ def test_real_lossless_files_decode_bit_exactly(case, enc, backend):
     assert img.pixels.dtype == np.uint16
     assert np.array_equal(img.pixels, ref)
     assert img.backend == backend or backend == "auto"
-    assert img.header.rows, img.header.columns == ref.shape
+    assert (img.header.rows, img.header.columns) == ref.shape
 
 
 @needs_testdata

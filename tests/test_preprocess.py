@@ -102,7 +102,7 @@ def test_bad_input_each_one_row_and_everything_else_written(tmp_path, bad_datase
     meta = pd.read_csv(out / "meta.csv", dtype=str)
     reasons = dict(zip(fails.image_id, fails.reason))
     expect = {
-        "truncated": "truncated.dcm" and "", "not_dicom": "not a readable DICOM",
+        "truncated": "the file is truncated", "not_dicom": "not a readable DICOM",
         "no_pixel_data": "no PixelData", "lying_syntax": "says JPEG 2000 but the frame is a JPEG",
         "corrupt_codestream": "likely corrupt", "rows_disagree": "codestream is",
         "all_zero": "every pixel is 0", "missing_file": "file not found",
