@@ -223,6 +223,12 @@ def check_header(h: DicomHeader, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
                           f"{h.samples_per_pixel} samples; only grayscale mammograms are supported")
     if h.bits_allocated not in (8, 16):
         raise DecodeError(f"{h.path}: BitsAllocated {h.bits_allocated} is not supported (8 or 16)")
+    if not 1 <= h.bits_stored <= h.bits_allocated:
+        raise DecodeError(f"{h.path}: BitsStored {h.bits_stored} must be 1..BitsAllocated "
+                          f"({h.bits_allocated}); the header is damaged")
+    if not (np.isfinite(h.rescale_slope) and np.isfinite(h.rescale_intercept)) or h.rescale_slope == 0:
+        raise DecodeError(f"{h.path}: RescaleSlope {h.rescale_slope} / RescaleIntercept "
+                          f"{h.rescale_intercept} are not usable; the header is damaged")
     if h.pixel_data_length is not None and h.transfer_syntax not in CODESTREAM_SYNTAXES | {
             "1.2.840.10008.1.2.5"}:
         expected = h.rows * h.columns * h.frames * h.bits_allocated // 8

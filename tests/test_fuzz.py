@@ -78,7 +78,7 @@ def test_fuzz_preprocessor(tmp_path, synth_small):
     if problems:   # keep the inputs that broke it as regression cases
         os.makedirs(REGRESSIONS, exist_ok=True)
         fails = pd.read_csv(tmp_path / "out" / "failures.csv", dtype=str)
-        for r in fails[fails.reason.str.contains("unhandled exception|crashed|took over")].head(10).itertuples():
+        for r in fails[fails.reason.str.contains("unhandled exception")].head(10).itertuples():
             shutil.copy(r.path, os.path.join(REGRESSIONS, f"fuzz_{SEED}_{r.image_id}.dcm"))
     assert not problems, f"RSNA_FUZZ_SEED={SEED}: " + "; ".join(problems[:5])
     assert s.processed + s.failed == len(listed)
