@@ -92,6 +92,8 @@ class DicomHeader:
     manufacturer: str | None = None
     has_pixel_data: bool = True
     pixel_data_length: int | None = None     # bytes, for native (uncompressed) data
+    # the lazily read pydicom dataset: the frame is cut from it without parsing the file again
+    dataset: object = field(default=None, repr=False, compare=False)
 
     @property
     def signed(self) -> bool:
@@ -197,6 +199,7 @@ def _read_header(path: str | Path, ds=None) -> DicomHeader:
             manufacturer=(ds.get("Manufacturer") or None),
             has_pixel_data="PixelData" in ds,
         )
+        h.dataset = ds
         if h.has_pixel_data:
             raw = ds.get_item("PixelData")
             length = getattr(raw, "length", None)
@@ -288,7 +291,7 @@ def _decode_imagecodecs(path: str, h: DicomHeader) -> np.ndarray:
         raise DecodeError(f"imagecodecs: not used for {transfer_syntax_name(h.transfer_syntax)}")
     import imagecodecs
     from rsna_utils.frames import J2K_SYNTAXES, first_frame
-    frame = first_frame(path)
+    frame = first_frame(path, h.dataset)
     try:
         if h.transfer_syntax in J2K_SYNTAXES:
             return imagecodecs.jpeg2k_decode(frame, numthreads=1)
@@ -325,7 +328,7 @@ def decode_pixels(h: DicomHeader, backend: str = "auto",
     if h.transfer_syntax in CODESTREAM_SYNTAXES:
         # A decoder trusts Rows/Columns and allocates for them: check the codestream first.
         from rsna_utils.frames import check_codestream
-        check_codestream(h.path, h.rows, h.columns, transfer_syntax=h.transfer_syntax)
+        check_codestream(h.path, h.rows, h.columns, ds=h.dataset, transfer_syntax=h.transfer_syntax)
     errors = []
     for name in order:
         try:
