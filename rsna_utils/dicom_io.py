@@ -6,6 +6,7 @@ always parsed with pydicom (without the pixel data), so every backend sees the s
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,6 +205,14 @@ def _read_header(path: str | Path, ds=None) -> DicomHeader:
             raw = ds.get_item("PixelData")
             length = getattr(raw, "length", None)
             h.pixel_data_length = None if length in (None, 0xFFFFFFFF) else int(length)
+            tell = getattr(raw, "value_tell", None)
+            if h.pixel_data_length is not None and tell is not None:
+                # a truncated file: fewer bytes left than PixelData declares (dicomsdl 0.109
+                # reads past the end and segfaults on such files: found by the fuzz test)
+                left = os.path.getsize(path) - int(tell)
+                if left < h.pixel_data_length:
+                    raise DecodeError(f"{path}: PixelData declares {h.pixel_data_length} bytes but "
+                                      f"only {left} are in the file; the file is truncated")
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as e:
         raise RsnaError(f"{path}: unreadable header field ({type(e).__name__}: {e}); "
                         "the file is damaged") from None
@@ -329,6 +338,9 @@ def decode_pixels(h: DicomHeader, backend: str = "auto",
         # A decoder trusts Rows/Columns and allocates for them: check the codestream first.
         from rsna_utils.frames import check_codestream
         check_codestream(h.path, h.rows, h.columns, ds=h.dataset, transfer_syntax=h.transfer_syntax)
+    if h.transfer_syntax == "1.2.840.10008.1.2.5":
+        from rsna_utils.frames import check_rle_header
+        check_rle_header(h.path, h.bits_allocated, h.samples_per_pixel, ds=h.dataset)
     errors = []
     for name in order:
         try:
