@@ -316,13 +316,6 @@ CPU_BACKENDS = {"imagecodecs": _decode_imagecodecs, "dicomsdl": _decode_dicomsdl
 AUTO_ORDER = ("imagecodecs", "dicomsdl", "pydicom")
 
 
-def available_backends() -> list[str]:
-    names = list(CPU_BACKENDS)
-    from rsna_utils import gpu
-    names += [n for n in gpu.GPU_BACKENDS]
-    return names
-
-
 def decode_pixels(h: DicomHeader, backend: str = "auto",
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
     """Decode the stored values of the first frame; returns (array, backend used)."""

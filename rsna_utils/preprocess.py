@@ -1,8 +1,8 @@
 """DICOM -> windowed, cropped, resized PNG: one image (`preprocess_image`) and a whole folder
 (`Preprocessor.run`: parallel, resumable, shardable, crash-contained).
 
-Order of work per image, chosen for speed (see BENCHMARKS.md): decode; downscale the stored
-values (area); window the small copy with the VOI lookup table and find the breast on it; cut
+Order of work per image, chosen for speed (see BENCHMARKS.md): decode; subsample the stored
+values (every k-th pixel); window the small copy with the VOI lookup table and find the breast on it; cut
 the box out of the full-resolution stored values; area-resize the crop; window the small result.
 Windowing after the area resize costs a few hundredths of a gray level on average against
 windowing first (`window_first=True` does that, at about 20 ms more per large image).

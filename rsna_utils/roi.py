@@ -1,7 +1,7 @@
 """Breast region of interest, orientation and resizing.
 
-The breast is found on a downscaled 8-bit copy (fast: a 4096 x 3328 image becomes about
-1024 x 832): threshold, a small opening that cuts thin bridges to markers and labels, then the
+The breast is found on a subsampled 8-bit copy (fast: a 4096 x 3328 image becomes about
+512 x 416): threshold, a small opening that cuts thin bridges to markers and labels, then the
 largest connected component. Burned-in text and markers are separate, smaller components, so
 they fall outside the box even when they touch the image border.
 """
@@ -34,17 +34,6 @@ class Box:
 
     def __str__(self) -> str:
         return f"{self.y0}:{self.y1},{self.x0}:{self.x1}"
-
-
-def downscale(pixels: np.ndarray, max_side: int = 1024) -> tuple[np.ndarray, float]:
-    """Area-downscale so the longer side is at most max_side; returns (small, factor)."""
-    rows, cols = pixels.shape
-    f = max(rows, cols) / max_side
-    if f <= 1:
-        return pixels, 1.0
-    size = (max(1, int(round(cols / f))), max(1, int(round(rows / f))))
-    src = pixels if pixels.dtype != np.int16 else pixels.astype(np.float32)
-    return cv2.resize(src, size, interpolation=cv2.INTER_AREA), f
 
 
 def subsample(pixels: np.ndarray, max_side: int = 512) -> np.ndarray:
