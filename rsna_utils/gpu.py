@@ -175,8 +175,8 @@ def decode_batch(headers, backend: str, device: str = "cuda") -> list:
     for h in headers:
         if h.transfer_syntax not in GPU_SYNTAXES:
             raise DecodeError(f"{h.path}: {backend} does not decode {h.transfer_syntax}")
-        cs = check_codestream(h.path, h.rows, h.columns, transfer_syntax=h.transfer_syntax)
-        frames.append(first_frame(h.path))
+        cs = check_codestream(h.path, h.rows, h.columns, ds=h.dataset, transfer_syntax=h.transfer_syntax)
+        frames.append(first_frame(h.path, h.dataset))
         prec.append(cs.precision)
     out = []
     for h, p, img in zip(headers, prec, dec.decode(frames)):
@@ -262,8 +262,8 @@ def load_frame(path: str):
         h = read_header(path)
         if h.transfer_syntax not in GPU_SYNTAXES:
             return h, None, 0, None
-        cs = check_codestream(path, h.rows, h.columns, transfer_syntax=h.transfer_syntax)
-        return h, first_frame(path), cs.precision, None
+        cs = check_codestream(path, h.rows, h.columns, ds=h.dataset, transfer_syntax=h.transfer_syntax)
+        return h, first_frame(path, h.dataset), cs.precision, None
     except RsnaError as e:
         return None, None, 0, str(e)
     except (KeyboardInterrupt, SystemExit):
