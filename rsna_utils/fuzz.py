@@ -76,3 +76,19 @@ def write_mutants(seeds: list[Path], out_dir: Path, n: int, seed: int) -> list[t
         (d / f"{iid}.dcm").write_bytes(mutant)
         rows.append((pid, iid, f"{kind} of {src.name}"))
     return rows
+
+
+def corrupt_codestream(data: bytes, seed: int = 0, frac: tuple[float, float] = (0.3, 0.7)) -> bytes:
+    """`data` (a DICOM file with one compressed frame) with the middle of its codestream
+    replaced by random bytes: the DICOM structure and the codestream header (SIZ / SOF) stay
+    intact, so the file reaches the decoder, which must fail or return garbage for it alone."""
+    rng = np.random.default_rng(seed)
+    pix = data.rfind(PIXEL_TAG)
+    start = data.find(ITEM_TAG, data.find(ITEM_TAG, pix) + 8)   # skip the offset table item
+    if pix < 0 or start < 0:
+        raise ValueError("not an encapsulated DICOM file")
+    n = int.from_bytes(data[start + 4:start + 8], "little")
+    a, b = start + 8 + int(n * frac[0]), start + 8 + int(n * frac[1])
+    buf = bytearray(data)
+    buf[a:b] = rng.integers(0, 256, b - a, dtype=np.uint8).tobytes()
+    return bytes(buf)

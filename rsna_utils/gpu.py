@@ -77,6 +77,118 @@ def rescale_to_precision(x, precision: int):
     return np.rint(x.astype(np.float64) * (top / 65535.0)).astype(np.uint16)
 
 
+# ----------------------------------------------------------------------------------------
+# Which codestreams a GPU decoder returns exactly: decided by a self-test, not by trust
+# ----------------------------------------------------------------------------------------
+# Public trackers report GPU decoders that mis-decode some precisions (nvImageCodec and 9-15-bit
+# lossless JPEG) and DALI returning codestreams of P < 16 bits scaled to 16 bits (but a real RSNA
+# JP2 file unscaled). So before a decoder sees a file of a new (transfer syntax, container,
+# precision), it decodes a probe image of that kind, encoded here by imagecodecs, and compares it
+# with imagecodecs' own CPU decode: "exact" goes on the GPU, "scaled" goes on the GPU and is
+# rescaled, anything else goes to the CPU path with the reason in meta.csv (`gpu_route`).
+
+PROBE_SHAPE = (96, 80)
+
+
+def probe_image(precision: int) -> np.ndarray:
+    """A small image that uses the whole range of `precision` bits (0 and the top value too):
+    a ramp plus fine noise, so that both smooth and busy code paths of a decoder run."""
+    top = 2 ** precision - 1
+    h, w = PROBE_SHAPE
+    ramp = np.linspace(0, top, h * w).reshape(h, w)
+    noise = np.random.default_rng(precision).integers(-(top // 16) - 1, top // 16 + 2, (h, w))
+    img = np.clip(ramp + noise, 0, top)
+    img[0, 0], img[-1, -1] = 0, top
+    return img.astype(np.uint16 if precision > 8 else np.uint8)
+
+
+def encode_probe(syntax: str, kind: str, precision: int) -> bytes:
+    """The probe encoded as a file of this kind would be (imagecodecs; lossy J2K stays lossy)."""
+    import imagecodecs
+    img = probe_image(precision)
+    if kind in ("jp2", "j2k"):
+        return bytes(imagecodecs.jpeg2k_encode(
+            img, level=0 if syntax != "1.2.840.10008.1.2.4.91" else 30,
+            reversible=syntax != "1.2.840.10008.1.2.4.91", codecformat=kind,
+            bitspersample=precision, numthreads=1))
+    predictor = 1 if syntax == "1.2.840.10008.1.2.4.70" else 6
+    return bytes(imagecodecs.jpeg8_encode(img, lossless=True, predictor=predictor,
+                                          bitspersample=precision))
+
+
+def cpu_decode_frame(frame: bytes, kind: str) -> np.ndarray:
+    import imagecodecs
+    if kind in ("jp2", "j2k"):
+        return imagecodecs.jpeg2k_decode(frame, numthreads=1)
+    return imagecodecs.jpeg8_decode(frame)
+
+
+def compare_decodes(gpu_out, cpu_out: np.ndarray, precision: int) -> str:
+    """"exact", "scaled" (the GPU value is the stored value scaled to 16 bits) or "wrong: ..."."""
+    if gpu_out is None:
+        return "wrong: the decoder returned nothing"
+    g = gpu_out.cpu().numpy() if hasattr(gpu_out, "cpu") else np.asarray(gpu_out)
+    g = g.reshape(g.shape[:2]).astype(np.int64)
+    c = np.asarray(cpu_out).astype(np.int64)
+    if g.shape != c.shape:
+        return f"wrong: shape {g.shape}, expected {c.shape}"
+    if np.array_equal(g, c):
+        return "exact"
+    if precision < 16 and np.array_equal(rescale_to_precision(g.astype(np.uint16), precision)
+                                         .astype(np.int64), c):
+        return "scaled"
+    bad = g != c
+    return f"wrong: {int(bad.sum())} of {bad.size} probe pixels differ (max {int(np.abs(g - c).max())})"
+
+
+class DecodeRules:
+    """Per (transfer syntax, container, precision): how a GPU decoder's output relates to the
+    stored values, learnt once per decoder from a probe (see above)."""
+
+    def __init__(self, decoder, backend: str):
+        self.decoder, self.backend, self.modes = decoder, backend, {}
+
+    def mode(self, syntax: str, kind: str, precision: int) -> str:
+        key = (syntax, kind, precision)
+        if key not in self.modes:
+            try:
+                frame = encode_probe(syntax, kind, precision)
+                ref = cpu_decode_frame(frame, kind)
+            except ImportError:
+                self.modes[key] = "unverified"     # no imagecodecs: trust the decoder
+                return self.modes[key]
+            except Exception as e:                 # imagecodecs cannot write this precision
+                self.modes[key] = f"wrong: no probe ({type(e).__name__}: {str(e)[:80]})"
+                return self.modes[key]
+            try:
+                out = self.decoder.decode([frame])[0]
+            except Exception as e:
+                out, self.modes[key] = None, f"wrong: {type(e).__name__}: {str(e)[:80]}"
+            if key not in self.modes:
+                self.modes[key] = compare_decodes(out, ref, precision)
+        return self.modes[key]
+
+    def route(self, h, cs) -> str | None:
+        """None when this file goes to the GPU decoder; else why it goes to the CPU path."""
+        from rsna_utils.dicom_io import transfer_syntax_name
+        if h.transfer_syntax not in GPU_SYNTAXES:
+            return f"{transfer_syntax_name(h.transfer_syntax)} is not decoded on the GPU"
+        if h.signed or cs.signed:
+            return "signed pixel values (the GPU decoders return unsigned)"
+        if cs.components != 1 or not 2 <= cs.precision <= 16:
+            return f"{cs.components} components of {cs.precision} bits"
+        m = self.mode(h.transfer_syntax, cs.kind, cs.precision)
+        if m.startswith("wrong"):
+            return f"{self.backend} self-test failed for {cs.kind} at {cs.precision} bits ({m})"
+        return None
+
+    def fix(self, x, h, cs):
+        """The decoder's output as stored values (undo the 16-bit scaling where it applies)."""
+        if self.modes.get((h.transfer_syntax, cs.kind, cs.precision)) == "scaled":
+            return rescale_to_precision(x, cs.precision)
+        return x
+
+
 class NvImageCodecDecoder:
     """Batched decode with nvImageCodec: device "cuda" (GPU, torch tensors) or "cpu"
     (its CPU-only backend: JPEG 2000 only; numpy arrays). Returns None where it failed."""
@@ -94,8 +206,12 @@ class NvImageCodecDecoder:
                                       sample_format=nv.SampleFormat.I_UNCHANGED)
 
     def decode(self, frames: list[bytes]) -> list:
-        streams = [self.nv.CodeStream(f) for f in frames]
-        images = self.decoder.decode(streams, params=self.params)
+        try:
+            images = self.decoder.decode([self.nv.CodeStream(f) for f in frames], params=self.params)
+        except Exception:
+            if len(frames) == 1:
+                return [None]
+            return [x for f in frames for x in self.decode([f])]   # isolate the bad frame
         out = []
         for img in images:
             if img is None:
@@ -159,31 +275,39 @@ class DaliDecoder:
 
 
 def make_decoder(name: str, device: str = "cuda", batch_size: int = 32):
+    """A batched GPU decoder with its `rules` (the self-tested routing of `DecodeRules`)."""
     if name == "nvimgcodec":
-        return NvImageCodecDecoder(device)
-    if name == "dali":
-        return DaliDecoder(device, batch_size)
-    raise RsnaError(f"unknown GPU backend {name!r}; choose {', '.join(GPU_BACKENDS)}")
+        dec = NvImageCodecDecoder(device)
+    elif name == "dali":
+        dec = DaliDecoder(device, batch_size)
+    else:
+        raise RsnaError(f"unknown GPU backend {name!r}; choose {', '.join(GPU_BACKENDS)}")
+    dec.rules = DecodeRules(dec, name)
+    return dec
 
 
-def decode_batch(headers, backend: str, device: str = "cuda") -> list:
-    """Stored values for each header's file (first frame); DecodeError for a file the GPU
-    decoder cannot take (use the CPU path for it)."""
+def decode_batch(headers, backend: str, device: str = "cuda", decoder=None) -> list:
+    """Stored values (numpy) for each header's file (first frame); DecodeError for a file the
+    GPU decoder does not take or fails on (use the CPU path for it)."""
+    from rsna_utils.dicom_io import check_header
     from rsna_utils.frames import check_codestream, first_frame
-    dec = make_decoder(backend, device)
-    frames, prec = [], []
+    dec = decoder or make_decoder(backend, device)
+    frames, css = [], []
     for h in headers:
+        check_header(h)
         if h.transfer_syntax not in GPU_SYNTAXES:
             raise DecodeError(f"{h.path}: {backend} does not decode {h.transfer_syntax}")
         cs = check_codestream(h.path, h.rows, h.columns, ds=h.dataset, transfer_syntax=h.transfer_syntax)
+        why = dec.rules.route(h, cs)
+        if why:
+            raise DecodeError(f"{h.path}: {why}")
         frames.append(first_frame(h.path, h.dataset))
-        prec.append(cs.precision)
+        css.append(cs)
     out = []
-    for h, p, img in zip(headers, prec, dec.decode(frames)):
+    for h, cs, img in zip(headers, css, dec.decode(frames)):
         if img is None:
             raise DecodeError(f"{h.path}: {backend} could not decode the frame")
-        if backend == "dali" and device == "cuda":
-            img = rescale_to_precision(img, p)
+        img = dec.rules.fix(img, h, cs)
         out.append(img if isinstance(img, np.ndarray) else img.cpu().numpy().astype(np.uint16))
     return out
 
@@ -229,7 +353,11 @@ def gpu_preprocess_tensor(x, h, cfg, device):
                              cfg.margin, rows, cols)
     else:
         box = roi.Box(0, 0, rows, cols)
-    crop = x[box.y0:box.y1, box.x0:box.x1].to(torch.float32)[None, None]
+    lut_t = torch.as_tensor(lut.astype(np.int32), device=device)
+    crop = x[box.y0:box.y1, box.x0:box.x1]
+    if cfg.window_first:   # as the CPU path: window at full resolution, then resize
+        crop = lut_t[(crop.to(torch.int64) + off).clamp_(0, len(lut) - 1)]
+    crop = crop.to(torch.float32)[None, None]
     th, tw = cfg.size
     if cfg.resize_mode == "pad":
         s = min(th / crop.shape[2], tw / crop.shape[3])
@@ -238,9 +366,10 @@ def gpu_preprocess_tensor(x, h, cfg, device):
         r[:nh, :nw] = F.interpolate(crop, size=(nh, nw), mode="area")[0, 0]
     else:
         r = F.interpolate(crop, size=(th, tw), mode="area")[0, 0]
-    idx = torch.round(r).to(torch.int64) + off
-    lut_t = torch.as_tensor(lut.astype(np.int32), device=device)
-    out = lut_t[idx.clamp_(0, len(lut) - 1)]
+    if cfg.window_first:
+        out = torch.round(r).to(torch.int32)
+    else:
+        out = lut_t[(torch.round(r).to(torch.int64) + off).clamp_(0, len(lut) - 1)]
     flipped = roi.needs_flip(cfg.flip, mask if mask is not None else small8 > 0, h.laterality)
     if flipped:
         out = torch.flip(out, dims=[1])
@@ -251,60 +380,75 @@ def gpu_preprocess_tensor(x, h, cfg, device):
     return img, meta
 
 
-def load_frame(path: str):
-    """CPU side of a GPU decode (run in threads): (header, frame or None, precision, error).
-    frame None without an error: a transfer syntax the GPU decoders do not take (CPU path)."""
-    from rsna_utils.dicom_io import read_header
+def load_frame(path: str, max_pixels: int | None = None):
+    """CPU side of a GPU decode (run in threads): (header, frame or None, codestream, error).
+    The same header checks as the CPU path run first. frame None without an error: a transfer
+    syntax the GPU decoders do not take (CPU path)."""
+    from rsna_utils.dicom_io import DEFAULT_MAX_PIXELS, check_header, read_header
     from rsna_utils.frames import check_codestream, first_frame
     if not os.path.exists(path):
-        return None, None, 0, f"{path}: file not found (listed in the CSV)"
+        return None, None, None, f"{path}: file not found (listed in the CSV)"
     try:
         h = read_header(path)
+        check_header(h, max_pixels or DEFAULT_MAX_PIXELS)
         if h.transfer_syntax not in GPU_SYNTAXES:
-            return h, None, 0, None
+            return h, None, None, None
         cs = check_codestream(path, h.rows, h.columns, ds=h.dataset, transfer_syntax=h.transfer_syntax)
-        return h, first_frame(path, h.dataset), cs.precision, None
+        return h, first_frame(path, h.dataset), cs, None
     except RsnaError as e:
-        return None, None, 0, str(e)
+        return None, None, None, str(e)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # damaged files raise many types in pydicom
-        return None, None, 0, f"{path}: unhandled exception {type(e).__name__}: {e}"
+        return None, None, None, f"{path}: unhandled exception {type(e).__name__}: {e}"
 
 
-def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool: ThreadPoolExecutor):
+def load_frames(paths: list[str], cfg, pool: ThreadPoolExecutor):
+    """Start reading a batch's frames in the pool; the result is waited for by
+    `preprocess_paths` (so the next batch is read while the GPU decodes this one)."""
+    return [pool.submit(load_frame, p, cfg.max_pixels) for p in paths]
+
+
+def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool: ThreadPoolExecutor,
+                     loading=None):
     """One batch through the GPU pipeline, in order: (image, meta, error) per path. Files the
-    GPU decoder does not take or rejects go through the CPU pipeline (meta["backend"] says
-    "cpu-fallback:..."); errors are clean RsnaError messages."""
+    GPU decoder does not take, fails its self-test for, or rejects go through the CPU pipeline
+    (meta["backend"] says "cpu-fallback:...", meta["gpu_route"] why); errors are clean
+    RsnaError messages. `loading`: futures from `load_frames` started earlier."""
     import torch
 
     from rsna_utils.preprocess import preprocess_image
-    loaded = list(pool.map(load_frame, paths))
+    loaded = [f.result() for f in (loading or load_frames(paths, cfg, pool))]
     results: list = [None] * len(paths)
-    on_gpu = [i for i, (h, f, p, e) in enumerate(loaded) if f is not None]
-    for i, (h, f, p, e) in enumerate(loaded):
+    why = {}
+    for i, (h, f, cs, e) in enumerate(loaded):
         if e:
             results[i] = (None, None, e)
+        elif f is None:
+            why[i] = decoder.rules.route(h, None)
+        else:
+            r = decoder.rules.route(h, cs)
+            if r:
+                why[i] = r
+    on_gpu = [i for i, (h, f, cs, e) in enumerate(loaded) if f is not None and i not in why]
     t0 = time.perf_counter()
     decoded = decoder.decode([loaded[i][1] for i in on_gpu]) if on_gpu else []
     per = (time.perf_counter() - t0) * 1e3 / max(1, len(on_gpu))
-    fallback = [i for i, (h, f, p, e) in enumerate(loaded) if not e and f is None]
     for i, x in zip(on_gpu, decoded):
-        h, _, p, _ = loaded[i]
+        h, _, cs, _ = loaded[i]
         if x is None:
-            fallback.append(i)
+            why[i] = f"{backend} could not decode the frame"
             continue
         t1 = time.perf_counter()
         try:
             if not isinstance(x, torch.Tensor):
                 x = torch.from_numpy(np.ascontiguousarray(x).astype(np.int32))
-            if backend == "dali" and getattr(decoder, "device", "cuda") == "cuda":
-                x = rescale_to_precision(x, p)
+            x = decoder.rules.fix(x, h, cs)
             if tuple(x.shape) != (h.rows, h.columns):
                 raise DecodeError(f"{h.path}: decoded shape {tuple(x.shape)} differs from "
                                   f"Rows x Columns {h.rows} x {h.columns}")
             img, meta = gpu_preprocess_tensor(x.to(device), h, cfg, device)
-            meta.update(backend=backend, decode_ms=round(per, 2),
+            meta.update(backend=backend, gpu_route="gpu", decode_ms=round(per, 2),
                         total_ms=round(per + (time.perf_counter() - t1) * 1e3, 2))
             results[i] = (img, meta, None)
         except RsnaError as e:
@@ -314,6 +458,7 @@ def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool:
         try:
             img, meta = preprocess_image(paths[i], cfg, "auto")
             meta["backend"] = f"cpu-fallback:{meta['backend']}"
+            meta["gpu_route"] = why[i]
             return i, (img, meta, None)
         except RsnaError as e:
             return i, (None, None, str(e))
@@ -321,9 +466,9 @@ def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool:
             raise
         except BaseException as e:
             return i, (None, None, f"{paths[i]}: unhandled exception {type(e).__name__}: {e}")
-    for i, r in pool.map(cpu_one, fallback):
+    for i, r in pool.map(cpu_one, sorted(why)):
         results[i] = r
-    return results, len(fallback)
+    return results, len(why)
 
 
 class GpuPreprocessor:
@@ -332,11 +477,13 @@ class GpuPreprocessor:
     backend and torch on the CPU (for tests on machines without a GPU)."""
 
     def __init__(self, cfg=None, backend: str = "nvimgcodec", batch_size: int = 32,
-                 png_threads: int = 8, device: str = "cuda", progress: bool = True):
+                 png_threads: int = 8, device: str = "cuda", progress: bool = True, decoder=None):
         from rsna_utils.preprocess import PreprocessConfig
         self.cfg = cfg or PreprocessConfig()
         self.backend, self.batch_size, self.device = backend, batch_size, device
         self.png_threads, self.progress = png_threads, progress
+        # any object with decode(frames) -> list of arrays / tensors / None (tests inject one)
+        self.decoder = decoder
 
     def run(self, images, csv_path, out, shard=None):
         import torch
@@ -346,22 +493,28 @@ class GpuPreprocessor:
         t0 = time.perf_counter()
         todo, s, meta_log, fail_log = open_run(out, self.cfg, images, csv_path, shard)
         dev = torch.device("cuda" if self.device == "cuda" else "cpu")
-        decoder = make_decoder(self.backend, self.device, self.batch_size)
+        decoder = self.decoder or make_decoder(self.backend, self.device, self.batch_size)
+        if not hasattr(decoder, "rules"):
+            decoder.rules = DecodeRules(decoder, self.backend)
         writer, pool = ThreadPoolExecutor(self.png_threads), ThreadPoolExecutor(self.png_threads)
         bar = tqdm(total=len(todo), desc=f"preprocess ({self.backend})", unit="img",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         writes, s.fallbacks = [], 0
         try:
-            for b in range(0, len(todo), self.batch_size):
-                batch = todo[b:b + self.batch_size]
-                ready = [it for it in batch if not it.problem]
+            batches = [todo[b:b + self.batch_size] for b in range(0, len(todo), self.batch_size)]
+            ready = [[it for it in batch if not it.problem] for batch in batches]
+            loading = load_frames([it.path for it in ready[0]], self.cfg, pool) if batches else []
+            for k, batch in enumerate(batches):
                 for it in batch:
                     if it.problem:
                         self._fail(s, fail_log, it, it.problem)
-                results, n_fb = preprocess_paths([it.path for it in ready], self.cfg, decoder,
-                                                 self.backend, dev, pool)
+                this = loading
+                if k + 1 < len(batches):   # read the next batch while this one is on the GPU
+                    loading = load_frames([it.path for it in ready[k + 1]], self.cfg, pool)
+                results, n_fb = preprocess_paths([it.path for it in ready[k]], self.cfg, decoder,
+                                                 self.backend, dev, pool, this)
                 s.fallbacks += n_fb
-                for it, (img, meta, err) in zip(ready, results):
+                for it, (img, meta, err) in zip(ready[k], results):
                     if err:
                         self._fail(s, fail_log, it, err)
                     else:   # PNG encoding in threads: the GPU goes on with the next batch

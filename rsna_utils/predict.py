@@ -161,7 +161,9 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
         dl = DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
                         multiprocessing_context="forkserver" if workers > 0 else None,
                         pin_memory=device.type == "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    # bf16 where the GPU has it (Ampere on); fp16 on a T4 / P100 (Kaggle), which has no bf16
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
+        if device.type == "cuda" else None
     preds = np.full(len(ds), np.nan, np.float32)
     reasons = [""] * len(ds)
     bar = tqdm(total=len(ds), desc="predict", unit="img", disable=not progress, file=sys.stderr)

@@ -30,7 +30,7 @@ from rsna_utils.voi import apply_lut, build_lut, select_window
 
 META_COLUMNS = ["image_id", "patient_id", "png", "rows", "columns", "transfer_syntax",
                 "photometric", "crop_y0", "crop_x0", "crop_y1", "crop_x1", "flipped", "window",
-                "window_note", "backend", "decode_ms", "total_ms"]
+                "window_note", "backend", "gpu_route", "decode_ms", "total_ms"]
 FAILURE_COLUMNS = ["image_id", "patient_id", "path", "reason"]
 
 

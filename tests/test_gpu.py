@@ -149,3 +149,163 @@ def test_cuda_predict_uses_the_gpu_path(tmp_path, synth_small):
     assert not gpu_res.warnings
     diff = (gpu_res.submission.cancer - cpu_res.submission.cancer).abs().max()
     assert diff < 0.05
+
+
+# ---- the routing rule: self-test probes decide what a GPU decoder may decode ----------------
+
+class FakeGpuDecoder:
+    """Decodes with imagecodecs, then behaves as a GPU decoder might: "exact", "scaled" (DALI's
+    16-bit scaling of P < 16-bit codestreams), "wrong" (one pixel off) or "none" (rejects),
+    for the codestream kinds in `kinds` (the others decode exactly)."""
+
+    def __init__(self, how: str, kinds=("jp2", "j2k", "jpeg")):
+        self.how, self.kinds, self.device, self.calls = how, kinds, "cpu", 0
+
+    def decode(self, frames):
+        import torch
+        out = []
+        for f in frames:
+            self.calls += 1
+            cs = parse_codestream(f)
+            try:
+                x = gpu.cpu_decode_frame(f, cs.kind).astype(np.int64)
+            except Exception:
+                out.append(None)
+                continue
+            how = self.how if cs.kind in self.kinds else "exact"
+            if how == "none":
+                out.append(None)
+                continue
+            if how == "scaled" and cs.precision < 16:
+                x = np.rint(x * 65535 / (2 ** cs.precision - 1))
+            elif how == "wrong":
+                x[x.shape[0] // 2, x.shape[1] // 2] += 1
+            out.append(torch.from_numpy(x.astype(np.int32)))
+        return out
+
+
+@pytest.mark.parametrize("how, mode", [("exact", "exact"), ("scaled", "scaled"), ("wrong", "wrong"),
+                                       ("none", "wrong")])
+def test_self_test_probe_classifies_a_decoder(how, mode):
+    rules = gpu.DecodeRules(FakeGpuDecoder(how), "fake")
+    for syntax, kind in ((synth.JPEG2000_LOSSLESS, "jp2"), (synth.JPEG2000_LOSSLESS, "j2k"),
+                         (synth.JPEG_LOSSLESS_SV1, "jpeg")):
+        for p in (12, 14):
+            assert rules.mode(syntax, kind, p).startswith(mode), (syntax, kind, p, rules.mode(syntax, kind, p))
+    # a 16-bit codestream cannot be "scaled": such a decoder is exact there
+    assert rules.mode(synth.JPEG2000_LOSSLESS, "j2k", 16).startswith("exact" if mode != "wrong" else "wrong")
+    n = rules.decoder.calls
+    rules.mode(synth.JPEG2000_LOSSLESS, "jp2", 12)
+    assert rules.decoder.calls == n      # learnt once per kind, then cached
+
+
+def test_probe_image_spans_the_precision():
+    for p in (8, 12, 16):
+        img = gpu.probe_image(p)
+        assert img.min() == 0 and img.max() == 2 ** p - 1 and len(np.unique(img)) >= min(500, 2 ** p)
+
+
+def test_route_sends_signed_and_unknown_kinds_to_the_cpu():
+    from rsna_utils.dicom_io import DicomHeader
+    from rsna_utils.frames import Codestream
+    rules = gpu.DecodeRules(FakeGpuDecoder("exact"), "fake")
+    h = DicomHeader(path="x.dcm", transfer_syntax=synth.JPEG2000_LOSSLESS, rows=8, columns=8)
+    assert rules.route(h, Codestream("j2k", 8, 8, 12, 1)) is None
+    assert "signed" in rules.route(h, Codestream("j2k", 8, 8, 12, 1, signed=True))
+    assert "components" in rules.route(h, Codestream("j2k", 8, 8, 12, 3))
+    h.transfer_syntax = "1.2.840.10008.1.2.5"
+    assert "not decoded on the GPU" in rules.route(h, None)
+
+
+@pytest.mark.parametrize("how", ["scaled", "wrong"])
+def test_gpu_pipeline_with_a_misbehaving_decoder_still_matches_the_cpu(tmp_path, synth_small, how):
+    """A decoder that scales is rescaled; one that is wrong for JPEG loses JPEG to the CPU path,
+    with the reason in meta.csv; either way every output equals the CPU pipeline's."""
+    import cv2
+    cfg = PreprocessConfig(size=64)
+    images, csv = synth_small / "train_images", synth_small / "train.csv"
+    s = gpu.GpuPreprocessor(cfg, backend="fake", device="cpu", batch_size=8, progress=False,
+                            decoder=FakeGpuDecoder(how, kinds=("jpeg",))).run(images, csv, tmp_path / "g")
+    Preprocessor(cfg, workers=1, progress=False).run(images, csv, tmp_path / "c")
+    g = pd.read_csv(tmp_path / "g" / "meta.csv").set_index("image_id")
+    c = pd.read_csv(tmp_path / "c" / "meta.csv").set_index("image_id")
+    assert s.failed == 0 and set(g.index) == set(c.index)
+    jpeg = g.transfer_syntax == synth.JPEG_LOSSLESS_SV1
+    j2k = g.transfer_syntax == synth.JPEG2000_LOSSLESS
+    assert jpeg.any() and j2k.any()
+    assert (g.loc[j2k, "gpu_route"] == "gpu").all()
+    if how == "wrong":
+        assert g.loc[jpeg, "gpu_route"].str.contains("self-test failed for jpeg").all()
+        assert g.loc[jpeg, "backend"].str.startswith("cpu-fallback").all()
+    else:
+        assert (g.loc[jpeg, "gpu_route"] == "gpu").all()
+    other = ~(jpeg | j2k)
+    assert g.loc[other, "gpu_route"].str.contains("not decoded on the GPU").all()
+    for iid in g.index:
+        a = cv2.imread(str(tmp_path / "g" / g.loc[iid, "png"]), cv2.IMREAD_UNCHANGED).astype(int)
+        b = cv2.imread(str(tmp_path / "c" / c.loc[iid, "png"]), cv2.IMREAD_UNCHANGED).astype(int)
+        assert np.abs(a - b).mean() <= 1.0, iid
+
+
+def test_corrupt_codestream_in_a_batch_costs_that_file_only(tmp_path, synth_small):
+    """The corrupt file keeps a valid header, so it reaches the decoder; the decoder rejects it
+    (None), the CPU path then fails it too, it lands in failures.csv, and the batch's other
+    files are made."""
+    import shutil
+    from rsna_utils.fuzz import corrupt_codestream
+    images = tmp_path / "images"
+    shutil.copytree(synth_small / "train_images", images)
+    df = pd.read_csv(synth_small / "train.csv")
+    j2k = [r for r in df.itertuples() if pydicom.dcmread(images / str(r.patient_id) / f"{r.image_id}.dcm",
+                                                         stop_before_pixels=True).file_meta.TransferSyntaxUID
+           == synth.JPEG2000_LOSSLESS]
+    bad = j2k[0]
+    p = images / str(bad.patient_id) / f"{bad.image_id}.dcm"
+    p.write_bytes(corrupt_codestream(p.read_bytes(), seed=1))
+    parse_codestream(first_frame(str(p)))          # the header still parses
+    s = gpu.GpuPreprocessor(PreprocessConfig(size=64), backend="fake", device="cpu", batch_size=8,
+                            progress=False, decoder=FakeGpuDecoder("exact")).run(
+        images, synth_small / "train.csv", tmp_path / "g")
+    assert s.failed + s.processed == len(df)
+    if s.failed:     # OpenJPEG refused the stream on both paths
+        assert s.failed == 1 and str(bad.image_id) in str(s.failures[0]["image_id"])
+    assert s.processed >= len(df) - 1
+
+
+def test_corrupt_codestream_keeps_the_dicom_structure(synth_small):
+    from rsna_utils.fuzz import corrupt_codestream
+    p = next(q for q in sorted((synth_small / "train_images").glob("*/*.dcm"))
+             if pydicom.dcmread(q, stop_before_pixels=True).file_meta.TransferSyntaxUID == synth.JPEG2000_LOSSLESS)
+    data = p.read_bytes()
+    bad = corrupt_codestream(data, seed=3)
+    assert len(bad) == len(data) and bad != data and bad[:len(data) // 4] == data[:len(data) // 4]
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])
+def test_cuda_corrupt_frames_cost_one_file_and_memory_stays_flat(tmp_path, synth_small, backend):
+    if not gpu.package_available(backend):
+        pytest.skip(f"{backend} not installed")
+    import gc
+
+    import torch
+    from rsna_utils.fuzz import corrupt_codestream
+    paths = [str(p) for p in sorted((synth_small / "train_images").glob("*/*.dcm"))
+             if pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID in gpu.GPU_SYNTAXES]
+    dec = gpu.make_decoder(backend, "cuda", 8)
+    used = []
+    for b in range(10):
+        bad = tmp_path / f"bad{b}.dcm"
+        bad.write_bytes(corrupt_codestream(open(paths[b % len(paths)], "rb").read(), seed=b))
+        frames = [first_frame(p) for p in paths[:7]]
+        frames.insert(b % 8, first_frame(str(bad)))
+        out = dec.decode(frames)
+        assert len(out) == 8
+        assert all(x is not None for k, x in enumerate(out) if k != b % 8), b
+        del out
+        gc.collect()
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        used.append((total - free) / 2**20)
+    assert max(used[2:]) - used[1] < 64, used      # MiB: flat after the first batches
