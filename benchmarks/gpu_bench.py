@@ -69,7 +69,7 @@ def train_feed(png_dir: Path, csv: Path, model_name: str, batch: int, size: int 
     """(img/s from random tensors, img/s from the PNG DataLoader) for one model and batch."""
     import torch
     from torch.utils.data import DataLoader
-    from rsna_utils.data import PngDataset, UpsampleSampler, load_table, Augment
+    from rsna_utils.data import Augment, PngDataset, UpsampleSampler, load_table, worker_init
     from rsna_utils.models import WeightedBCE, create_model
     dev = torch.device("cuda")
     model = create_model(model_name).to(dev).to(memory_format=torch.channels_last)
@@ -98,7 +98,8 @@ def train_feed(png_dir: Path, csv: Path, model_name: str, batch: int, size: int 
     ds = PngDataset(df, size, 3, Augment(), cache=False)
     dl = DataLoader(ds, batch, sampler=UpsampleSampler(ds.labels, upsample=5), num_workers=14,
                     pin_memory=True, persistent_workers=True, prefetch_factor=4,
-                    multiprocessing_context="forkserver", drop_last=True)
+                    multiprocessing_context="forkserver", drop_last=True,
+                    worker_init_fn=worker_init)
     it = iter(dl)
     for _ in range(3):
         xb, yb = next(it)

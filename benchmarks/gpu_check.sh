@@ -13,7 +13,9 @@
 #       nvidia-nvjpeg nvidia-nvjpeg2k-cu13
 #   DALI (199 MB) is over one call's 64 MiB: `split -b 50000000 -d` its wheel into
 #   wheels_dali1..4/part0N (+ a NAME file), one folder carried per call to the same warm machine;
-#   `setup` joins them. Real files: copy the J2KR/J2KI/JPLL/JPLY files of
+#   `setup` joins them. DALI also needs (pure-Python or small wheels; the H200 image lacks them):
+#   optree gast astunparse makefun nvtx libcst nvidia-libnvcomp-cu13==5.3.0.16 (put them in
+#   wheels_x/, carried with one of the DALI parts). Real files: copy the J2KR/J2KI/JPLL/JPLY files of
 #   ../shared/testdata/nema_wg04_cr into wheels_testdata/nema_wg04_cr/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,15 +30,20 @@ export LD_LIBRARY_PATH="$(ls -d $SITE/nvidia/*/lib 2>/dev/null | tr '\n' ':')${L
 export RSNA_TESTDATA="$PWD/wheels_testdata"
 
 step_setup() {
-    if [ "$(ls wheels_dali*/part* 2>/dev/null | wc -l)" = 4 ] && [ ! -f "$SITE/.dali" ]; then
+    # ONE pip command for every wheel: `pip install --target --upgrade` replaces a whole
+    # top-level folder, so a second install into nvidia/ wiped the first (seen on the H200)
+    local dali=()
+    if [ "$(ls wheels_dali*/part* 2>/dev/null | wc -l)" = 4 ]; then
         mkdir -p /tmp/dali && cat wheels_dali*/part* > "/tmp/dali/$(cat wheels_dali1/NAME)"
-        python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" --upgrade /tmp/dali/*.whl \
-            && touch "$SITE/.dali"
     fi
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" --upgrade wheels*/*.whl 2>&1 | grep -v "already exists" | tail -3
+    ls /tmp/dali/*.whl >/dev/null 2>&1 && dali=(/tmp/dali/*.whl)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" --upgrade \
+        "${dali[@]}" wheels*/*.whl 2>&1 | grep -v "already exists" | tail -3
+    export LD_LIBRARY_PATH="$(ls -d $SITE/nvidia/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
     python3 -c "from rsna_utils import gpu; print({b: gpu.package_available(b) for b in gpu.GPU_BACKENDS})"
+    python3 -c "import nvidia.dali" 2>&1 | tail -1
 }
 
 step_synth() {   # in its own session: it goes on between calls to the same machine

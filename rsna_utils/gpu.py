@@ -87,7 +87,7 @@ def rescale_to_precision(x, precision: int):
 # with imagecodecs' own CPU decode: "exact" goes on the GPU, "scaled" goes on the GPU and is
 # rescaled, anything else goes to the CPU path with the reason in meta.csv (`gpu_route`).
 
-PROBE_SHAPE = (96, 80)
+PROBE_SHAPE = (512, 512)   # nvImageCodec 0.9 mis-decoded 96x80 lossless JPEG (10-16 bits) on an H200, 512x512 exactly
 
 
 def probe_image(precision: int) -> np.ndarray:
@@ -403,10 +403,39 @@ def load_frame(path: str, max_pixels: int | None = None):
         return None, None, None, f"{path}: unhandled exception {type(e).__name__}: {e}"
 
 
-def load_frames(paths: list[str], cfg, pool: ThreadPoolExecutor):
-    """Start reading a batch's frames in the pool; the result is waited for by
-    `preprocess_paths` (so the next batch is read while the GPU decodes this one)."""
-    return [pool.submit(load_frame, p, cfg.max_pixels) for p in paths]
+def _load_frame_light(path: str, max_pixels: int | None = None):
+    """`load_frame` in a worker process: the header travels back without its pydicom dataset."""
+    h, frame, cs, err = load_frame(path, max_pixels)
+    if h is not None:
+        h.dataset = None
+    return h, frame, cs, err
+
+
+def load_frames(paths: list[str], cfg, pool):
+    """Start reading a batch's frames in `pool`; the results are waited for by
+    `preprocess_paths`, so the next batch is read while the GPU decodes this one. With a
+    process pool the header parse and frame cut run outside the GIL: on an H200 with 16 cores,
+    reading in 14 threads was the bottleneck of the whole GPU pipeline (BENCHMARKS.md)."""
+    from concurrent.futures import ProcessPoolExecutor
+    fn = _load_frame_light if isinstance(pool, ProcessPoolExecutor) else load_frame
+    return [pool.submit(fn, p, cfg.max_pixels) for p in paths]
+
+
+def frame_loader(workers: int):
+    """The pool that reads frames: `workers` processes (forkserver: the parent holds CUDA
+    and threads), or threads when workers is 0."""
+    if workers <= 0:
+        return ThreadPoolExecutor(8)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from rsna_utils.preprocess import _start_method
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context(_start_method()))
+
+
+def default_load_workers(device: str) -> int:
+    """Processes for reading frames: all cores but two on a GPU run, none (threads) on the CPU."""
+    return max(2, min(14, (os.cpu_count() or 2) - 2)) if device == "cuda" else 0
 
 
 def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool: ThreadPoolExecutor,
@@ -477,11 +506,13 @@ class GpuPreprocessor:
     backend and torch on the CPU (for tests on machines without a GPU)."""
 
     def __init__(self, cfg=None, backend: str = "nvimgcodec", batch_size: int = 32,
-                 png_threads: int = 8, device: str = "cuda", progress: bool = True, decoder=None):
+                 png_threads: int = 8, device: str = "cuda", progress: bool = True, decoder=None,
+                 load_workers: int | None = None):
         from rsna_utils.preprocess import PreprocessConfig
         self.cfg = cfg or PreprocessConfig()
         self.backend, self.batch_size, self.device = backend, batch_size, device
         self.png_threads, self.progress = png_threads, progress
+        self.load_workers = default_load_workers(device) if load_workers is None else load_workers
         # any object with decode(frames) -> list of arrays / tensors / None (tests inject one)
         self.decoder = decoder
 
@@ -497,20 +528,21 @@ class GpuPreprocessor:
         if not hasattr(decoder, "rules"):
             decoder.rules = DecodeRules(decoder, self.backend)
         writer, pool = ThreadPoolExecutor(self.png_threads), ThreadPoolExecutor(self.png_threads)
+        loader = frame_loader(self.load_workers) if todo else None
         bar = tqdm(total=len(todo), desc=f"preprocess ({self.backend})", unit="img",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         writes, s.fallbacks = [], 0
         try:
             batches = [todo[b:b + self.batch_size] for b in range(0, len(todo), self.batch_size)]
             ready = [[it for it in batch if not it.problem] for batch in batches]
-            loading = load_frames([it.path for it in ready[0]], self.cfg, pool) if batches else []
+            loading = load_frames([it.path for it in ready[0]], self.cfg, loader) if batches else []
             for k, batch in enumerate(batches):
                 for it in batch:
                     if it.problem:
                         self._fail(s, fail_log, it, it.problem)
                 this = loading
                 if k + 1 < len(batches):   # read the next batch while this one is on the GPU
-                    loading = load_frames([it.path for it in ready[k + 1]], self.cfg, pool)
+                    loading = load_frames([it.path for it in ready[k + 1]], self.cfg, loader)
                 results, n_fb = preprocess_paths([it.path for it in ready[k]], self.cfg, decoder,
                                                  self.backend, dev, pool, this)
                 s.fallbacks += n_fb
@@ -526,6 +558,8 @@ class GpuPreprocessor:
         finally:
             writer.shutdown(wait=True)
             pool.shutdown(wait=True)
+            if loader is not None:
+                loader.shutdown(wait=True, cancel_futures=True)
             bar.close()
             meta_log.close()
             fail_log.close()

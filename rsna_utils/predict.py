@@ -99,8 +99,9 @@ class DicomStream:
         return t, i, reason
 
 
-def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device):
-    """Like the DataLoader over `ds`, but through the GPU pipeline of `rsna_utils.gpu`."""
+def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device, workers: int | None = None):
+    """Like the DataLoader over `ds`, but through the GPU pipeline of `rsna_utils.gpu`: frames
+    are read by worker processes one batch ahead while the GPU decodes the current one."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -108,23 +109,31 @@ def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device):
     from rsna_utils import gpu
     decoder = gpu.make_decoder(backend, "cuda", batch_size)
     h, w = ds.cfg.size
-    with ThreadPoolExecutor(8) as pool:
-        for b in range(0, len(ds), batch_size):
-            idx = list(range(b, min(len(ds), b + batch_size)))
-            results, _ = gpu.preprocess_paths([ds.paths[i] for i in idx], ds.cfg, decoder,
-                                              backend, device, pool)
-            xs, why = [], []
-            for img, _, err in results:
-                if err:
-                    x = np.zeros((h, w), np.float32)
-                else:
-                    x = img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0)
-                xs.append(torch.from_numpy((x - 0.5) / 0.25)[None])
-                why.append(err or "")
-            x = torch.stack(xs)
-            if ds.channels == 3:
-                x = x.expand(-1, 3, -1, -1)
-            yield x, idx, why
+    batches = [list(range(b, min(len(ds), b + batch_size))) for b in range(0, len(ds), batch_size)]
+    loader = gpu.frame_loader(gpu.default_load_workers("cuda") if workers is None else workers)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            loading = gpu.load_frames([ds.paths[i] for i in batches[0]], ds.cfg, loader) if batches else []
+            for k, idx in enumerate(batches):
+                this = loading
+                if k + 1 < len(batches):
+                    loading = gpu.load_frames([ds.paths[i] for i in batches[k + 1]], ds.cfg, loader)
+                results, _ = gpu.preprocess_paths([ds.paths[i] for i in idx], ds.cfg, decoder,
+                                                  backend, device, pool, this)
+                xs, why = [], []
+                for img, _, err in results:
+                    if err:
+                        x = np.zeros((h, w), np.float32)
+                    else:
+                        x = img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0)
+                    xs.append(torch.from_numpy((x - 0.5) / 0.25)[None])
+                    why.append(err or "")
+                x = torch.stack(xs)
+                if ds.channels == 3:
+                    x = x.expand(-1, 3, -1, -1)
+                yield x, idx, why
+    finally:
+        loader.shutdown(wait=True, cancel_futures=True)
 
 
 def _collate(batch):

@@ -517,7 +517,8 @@ def synthesize(out: str | Path, patients: int = 200, seed: int = 0, positive_rat
     train["age"] = train["age"].astype("float64")
     train[TRAIN_COLUMNS].to_csv(out / "train.csv", index=False)
     test = pd.DataFrame(test_rows, columns=list(train_rows[0]) if train_rows else None)
-    test["prediction_id"] = test["patient_id"].astype(str) + "_" + test["laterality"]
+    # both sides as str: pandas 3.0 refuses str + object on an empty frame (test_patients=0)
+    test["prediction_id"] = test["patient_id"].astype(str) + "_" + test["laterality"].astype(str)
     test[TEST_COLUMNS].to_csv(out / "test.csv", index=False)
     sub = pd.DataFrame({"prediction_id": test["prediction_id"].drop_duplicates(), "cancer": 0.021})
     sub[SUBMISSION_COLUMNS].to_csv(out / "sample_submission.csv", index=False)

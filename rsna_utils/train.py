@@ -230,7 +230,7 @@ def train(cfg: TrainConfig) -> dict:
     import torch.distributed as dist
     from torch.utils.data import DataLoader
 
-    from rsna_utils.data import Augment, PngDataset, UpsampleSampler, load_table
+    from rsna_utils.data import Augment, PngDataset, UpsampleSampler, load_table, worker_init
     from rsna_utils.models import WeightedBCE, create_model, load_weights, save_checkpoint
 
     rank, world, local_rank = distributed_env()
@@ -255,7 +255,8 @@ def train(cfg: TrainConfig) -> dict:
     pin = device.type == "cuda"
     loader_kw = dict(num_workers=cfg.workers, pin_memory=pin,
                      persistent_workers=cfg.workers > 0 and not cfg.cache,
-                     multiprocessing_context="forkserver" if cfg.workers > 0 else None)
+                     multiprocessing_context="forkserver" if cfg.workers > 0 else None,
+                     worker_init_fn=worker_init if cfg.workers > 0 else None)
     train_dl = DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=False, **loader_kw)
     val_dl = DataLoader(val_ds, cfg.batch_size * 2, shuffle=False, **loader_kw)
 

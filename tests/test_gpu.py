@@ -309,3 +309,22 @@ def test_cuda_corrupt_frames_cost_one_file_and_memory_stays_flat(tmp_path, synth
         free, total = torch.cuda.mem_get_info()
         used.append((total - free) / 2**20)
     assert max(used[2:]) - used[1] < 64, used      # MiB: flat after the first batches
+
+
+def test_gpu_pipeline_reads_frames_in_worker_processes(tmp_path, synth_small):
+    """load_workers > 0: headers and frames come from worker processes (the H200 bottleneck was
+    reading in threads); the outputs are those of the threaded reader."""
+    import cv2
+    cfg = PreprocessConfig(size=64)
+    images, csv = synth_small / "train_images", synth_small / "train.csv"
+    runs = {}
+    for n in (0, 2):
+        s = gpu.GpuPreprocessor(cfg, backend="fake", device="cpu", batch_size=8, progress=False,
+                                decoder=FakeGpuDecoder("exact"), load_workers=n).run(images, csv, tmp_path / str(n))
+        assert s.failed == 0
+        runs[n] = pd.read_csv(tmp_path / str(n) / "meta.csv").set_index("image_id").sort_index()
+    assert (runs[0].gpu_route == runs[2].gpu_route).all()
+    for iid in runs[0].index:
+        a = cv2.imread(str(tmp_path / "0" / runs[0].loc[iid, "png"]), cv2.IMREAD_UNCHANGED)
+        b = cv2.imread(str(tmp_path / "2" / runs[2].loc[iid, "png"]), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(a, b), iid
