@@ -43,7 +43,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     over = {k: getattr(a, k) for k in ("data", "csv", "out", "model", "size", "epochs",
                                        "batch_size", "lr", "pos_weight", "upsample", "split",
                                        "fold", "folds", "seed", "workers", "pretrained_path",
-                                       "device", "channels", "max_steps", "global_pool")}
+                                       "device", "channels", "max_steps", "global_pool",
+                                       "select_by", "ema", "augment")}
     if a.resume:
         over["resume"] = True
     if a.quiet:
@@ -150,7 +151,7 @@ def register(sub) -> None:
     t.add_argument("--csv", help="train.csv")
     t.add_argument("--out", help="run folder (checkpoints, metrics)")
     t.add_argument("--model", help="timm name, e.g. resnet18, resnext50_32x4d, efficientnet_b2")
-    t.add_argument("--size", type=int)
+    t.add_argument("--size", type=_size, help="model input: 512 or HEIGHTxWIDTH, e.g. 1536x768")
     t.add_argument("--channels", type=int, choices=[1, 3])
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
@@ -166,6 +167,11 @@ def register(sub) -> None:
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
     t.add_argument("--global-pool", choices=["avg", "max", "avgmax", "catavgmax"])
     t.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
+    t.add_argument("--select-by", choices=["auc", "pr_auc", "pf1"],
+                   help="breast-level measure that picks best.pt (default auc: threshold-free)")
+    t.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999 (0 = off)")
+    t.add_argument("--augment", type=lambda v: v.lower() in ("1", "true", "yes", "on"),
+                   help="true/false (default true)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
@@ -175,7 +181,8 @@ def register(sub) -> None:
     p.add_argument("--csv", default=None, help="train.csv / test.csv (default: scan --images)")
     p.add_argument("--out", required=True, help="output folder (PNGs, meta.csv, failures.csv)")
     p.add_argument("--size", type=_size, default=(512, 512), help="512 or HEIGHTxWIDTH")
-    p.add_argument("--resize-mode", choices=["stretch", "pad"], default="stretch")
+    p.add_argument("--resize-mode", choices=["stretch", "pad"], default="pad",
+                   help="pad (default): keep the crop's aspect ratio, black background; stretch")
     p.add_argument("--bits", type=int, choices=[8, 16], default=8)
     p.add_argument("--margin", type=float, default=0.0, help="grow the ROI box (fraction)")
     p.add_argument("--flip", choices=["none", "mass", "laterality"], default="mass",

@@ -106,15 +106,19 @@ def check_split(train: pd.DataFrame, val: pd.DataFrame, where: str, label: str =
 # ----------------------------------------------------------------------------------------
 
 class Augment:
-    """Mammogram-safe augmentation on uint8/uint16 arrays (numpy + OpenCV, fast on the CPU):
-    horizontal/vertical flips, a small affine (rotation, scale, shift), brightness/contrast,
-    optional random crop back to size."""
+    """Mammogram-safe augmentation on uint8/uint16 arrays (numpy + OpenCV, fast on the CPU),
+    the kinds the top RSNA teams used: horizontal/vertical flips, a small affine (rotation,
+    scale, shift), coarse dropout (a few black boxes), gamma, brightness/contrast, optional
+    random crop back to size."""
 
     def __init__(self, hflip: float = 0.5, vflip: float = 0.5, rotate: float = 10.0,
                  scale: float = 0.1, shift: float = 0.05, brightness: float = 0.1,
-                 contrast: float = 0.15, random_crop: float = 0.0):
+                 contrast: float = 0.15, random_crop: float = 0.0, gamma: float = 0.2,
+                 dropout: float = 0.5, dropout_holes: int = 4, dropout_size: float = 0.1):
         self.hflip, self.vflip, self.rotate, self.scale, self.shift = hflip, vflip, rotate, scale, shift
         self.brightness, self.contrast, self.random_crop = brightness, contrast, random_crop
+        self.gamma, self.dropout = gamma, dropout
+        self.dropout_holes, self.dropout_size = dropout_holes, dropout_size
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         h, w = img.shape[:2]
@@ -134,12 +138,47 @@ class Augment:
             y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
             img = cv2.resize(np.ascontiguousarray(img[y:y + ch, x:x + cw]), (w, h),
                              interpolation=cv2.INTER_LINEAR)
-        return np.ascontiguousarray(img)
+        img = np.ascontiguousarray(img)
+        if self.dropout and rng.random() < self.dropout:
+            img = img.copy() if not img.flags.writeable else img
+            for _ in range(int(rng.integers(1, self.dropout_holes + 1))):
+                bh = max(1, int(h * rng.uniform(0.3, 1.0) * self.dropout_size))
+                bw = max(1, int(w * rng.uniform(0.3, 1.0) * self.dropout_size))
+                y, x = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+                img[y:y + bh, x:x + bw] = 0
+        return img
 
     def intensity(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Gamma, then contrast and brightness, on a [0, 1] image."""
+        if self.gamma:
+            x = np.power(np.clip(x, 0, 1), float(np.exp(rng.uniform(-self.gamma, self.gamma))))
         c = 1 + rng.uniform(-self.contrast, self.contrast)
         b = rng.uniform(-self.brightness, self.brightness)
         return (x - 0.5) * c + 0.5 + b
+
+
+DEFAULT_NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))   # checkpoints written before the norm was stored
+
+
+def to_input(x: np.ndarray, norm=DEFAULT_NORM, channels: int = 3):
+    """A [0, 1] float image (H, W) -> the model's input tensor (C, H, W): repeated to
+    `channels` and normalised per channel with the backbone's pretrained mean / std (stored in
+    the checkpoint). Training and inference both end here."""
+    import torch
+    mean, std = (np.asarray(v, np.float32)[:channels] for v in norm)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    t = torch.from_numpy(x)[None].expand(channels, -1, -1)
+    return (t - torch.from_numpy(mean)[:, None, None]) / torch.from_numpy(std)[:, None, None]
+
+
+def model_input(img: np.ndarray, size, norm=DEFAULT_NORM, channels: int = 3):
+    """An output image (uint8 / uint16, 0 = background) -> model input of `size` (height,
+    width): the one resize (`roi.resize`, aspect kept, black padding) of training, CPU and GPU
+    inference."""
+    from rsna_utils import roi
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    img = roi.resize(img, size, "pad")
+    return to_input(img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0), norm, channels)
 
 
 def worker_init(worker_id: int) -> None:
@@ -160,14 +199,14 @@ class PngDataset:
 
     def __init__(self, df: pd.DataFrame, size: tuple[int, int] | int, channels: int = 3,
                  augment: Augment | None = None, seed: int = 0, cache: bool = False,
-                 label: str = "cancer"):
+                 label: str = "cancer", norm=DEFAULT_NORM):
         self.paths = df["png"].tolist()
         self.labels = (df[label].to_numpy(np.float32) if label in df
                        else np.zeros(len(df), np.float32))
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         if channels not in (1, 3):
             raise RsnaError(f"channels={channels}: choose 1 or 3")
-        self.channels, self.augment, self.seed = channels, augment, seed
+        self.channels, self.augment, self.seed, self.norm = channels, augment, seed, norm
         self.epoch = 0
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
@@ -199,8 +238,9 @@ class PngDataset:
                             "rerun `rsna preprocess`")
         if img.ndim == 3:
             img = img[..., 0]
-        if img.shape != self.size:
-            img = cv2.resize(img, (self.size[1], self.size[0]), interpolation=cv2.INTER_AREA)
+        if img.shape != self.size:   # the same resize as inference (aspect kept, black pad)
+            from rsna_utils import roi
+            img = roi.resize(img, self.size, "pad")
         if self._cache is not None:
             self._cache[i] = img
         return img
@@ -215,10 +255,7 @@ class PngDataset:
             x = self.augment.intensity(img.astype(np.float32) / scale, rng)
         else:
             x = img.astype(np.float32) / scale
-        x = (x - 0.5) / 0.25
-        t = torch.from_numpy(np.ascontiguousarray(x))[None]
-        if self.channels == 3:
-            t = t.expand(3, -1, -1).contiguous()
+        t = to_input(x, self.norm, self.channels)
         return t, torch.tensor(self.labels[i])
 
 

@@ -358,14 +358,8 @@ def gpu_preprocess_tensor(x, h, cfg, device):
     if cfg.window_first:   # as the CPU path: window at full resolution, then resize
         crop = lut_t[(crop.to(torch.int64) + off).clamp_(0, len(lut) - 1)]
     crop = crop.to(torch.float32)[None, None]
-    th, tw = cfg.size
-    if cfg.resize_mode == "pad":
-        s = min(th / crop.shape[2], tw / crop.shape[3])
-        nh, nw = max(1, round(crop.shape[2] * s)), max(1, round(crop.shape[3] * s))
-        r = torch.zeros((th, tw), device=device)
-        r[:nh, :nw] = F.interpolate(crop, size=(nh, nw), mode="area")[0, 0]
-    else:
-        r = F.interpolate(crop, size=(th, tw), mode="area")[0, 0]
+    nh, nw = roi.fit_shape(crop.shape[2], crop.shape[3], cfg.size, cfg.resize_mode)
+    r = F.interpolate(crop, size=(nh, nw), mode="area")[0, 0]
     if cfg.window_first:
         out = torch.round(r).to(torch.int32)
     else:
@@ -373,6 +367,8 @@ def gpu_preprocess_tensor(x, h, cfg, device):
     flipped = roi.needs_flip(cfg.flip, mask if mask is not None else small8 > 0, h.laterality)
     if flipped:
         out = torch.flip(out, dims=[1])
+    if (nh, nw) != tuple(cfg.size):   # background after windowing and flipping (as the CPU)
+        out = torch.nn.functional.pad(out, (0, cfg.size[1] - nw, 0, cfg.size[0] - nh))
     img = out.cpu().numpy().astype(np.uint8 if cfg.bits == 8 else np.uint16)
     meta = dict(rows=rows, columns=cols, transfer_syntax=h.transfer_syntax, photometric=h.photometric,
                 crop_y0=box.y0, crop_x0=box.x0, crop_y1=box.y1, crop_x1=box.x1,

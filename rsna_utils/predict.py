@@ -29,6 +29,7 @@ class LoadedModel:
     threshold: float
     prior: float
     size: tuple = (0, 0)     # the model's input (height, width)
+    norm: tuple = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))   # input mean / std (stored at training)
 
 
 def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel], dict]:
@@ -58,7 +59,8 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
         model.to(device).eval()
         models.append(LoadedModel(model, ck["model_name"], str(p), float(ck.get("threshold", 0.5)),
                                   float(ck.get("prior", DEFAULT_PRIOR)),
-                                  tuple(ck.get("size") or this_pre.get("size") or (0, 0))))
+                                  tuple(ck.get("size") or this_pre.get("size") or (0, 0)),
+                                  tuple(tuple(v) for v in ck.get("norm") or LoadedModel.norm)))
     if not pre:
         raise RsnaError(f"{paths[0]}: the checkpoint carries no preprocessing settings (trained on "
                         "PNGs without preprocess.json); retrain from `rsna preprocess` output")
@@ -80,31 +82,26 @@ class DicomStream:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        import torch
+        """(output image uint8/uint16 at the preprocessing size, index, reason)."""
         from rsna_utils.preprocess import preprocess_image
-        h, w = self.cfg.size
-        reason = ""
+        reason, img = "", None
         try:
             if not os.path.exists(self.paths[i]):
                 raise RsnaError(f"{self.paths[i]}: file not found (listed in the CSV)")
             img, _ = preprocess_image(self.paths[i], self.cfg, self.backend)
-            x = img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0)
         except RsnaError as e:
-            reason, x = str(e), np.zeros((h, w), np.float32)
+            reason = str(e)
         except Exception as e:  # a decoder bug on a strange file costs this image only
-            reason, x = f"{self.paths[i]}: unhandled exception {type(e).__name__}: {e}", np.zeros((h, w), np.float32)
-        t = torch.from_numpy((x - 0.5) / 0.25)[None]
-        if self.channels == 3:
-            t = t.expand(3, -1, -1).contiguous()
-        return t, i, reason
+            reason = f"{self.paths[i]}: unhandled exception {type(e).__name__}: {e}"
+        if img is None:
+            img = np.zeros(self.cfg.size, np.uint8)
+        return img, i, reason
 
 
 def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device, workers: int | None = None):
     """Like the DataLoader over `ds`, but through the GPU pipeline of `rsna_utils.gpu`: frames
     are read by worker processes one batch ahead while the GPU decodes the current one."""
     from concurrent.futures import ThreadPoolExecutor
-
-    import torch
 
     from rsna_utils import gpu
     decoder = gpu.make_decoder(backend, "cuda", batch_size)
@@ -120,25 +117,24 @@ def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device, workers
                     loading = gpu.load_frames([ds.paths[i] for i in batches[k + 1]], ds.cfg, loader)
                 results, _ = gpu.preprocess_paths([ds.paths[i] for i in idx], ds.cfg, decoder,
                                                   backend, device, pool, this)
-                xs, why = [], []
-                for img, _, err in results:
-                    if err:
-                        x = np.zeros((h, w), np.float32)
-                    else:
-                        x = img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0)
-                    xs.append(torch.from_numpy((x - 0.5) / 0.25)[None])
-                    why.append(err or "")
-                x = torch.stack(xs)
-                if ds.channels == 3:
-                    x = x.expand(-1, 3, -1, -1)
-                yield x, idx, why
+                imgs = [img if not err else np.zeros((h, w), np.uint8) for img, _, err in results]
+                yield imgs, idx, [err or "" for _, _, err in results]
     finally:
         loader.shutdown(wait=True, cancel_futures=True)
 
 
 def _collate(batch):
+    return [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
+
+
+def batch_input(imgs: list, m: "LoadedModel", channels: int, fallback_size):
+    """The model's input batch (N, C, H, W) from output images: `data.model_input`, the
+    same resize and normalisation as training."""
     import torch
-    return (torch.stack([b[0] for b in batch]), [b[1] for b in batch], [b[2] for b in batch])
+
+    from rsna_utils.data import model_input
+    size = tuple(m.size) if min(m.size) > 0 else tuple(fallback_size)
+    return torch.stack([model_input(im, size, m.norm, channels) for im in imgs])
 
 
 @dataclass
@@ -169,7 +165,7 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     else:
         dl = DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
                         multiprocessing_context="forkserver" if workers > 0 else None,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=False)
     # bf16 where the GPU has it (Ampere on); fp16 on a T4 / P100 (Kaggle), which has no bf16
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
         if device.type == "cuda" else None
@@ -177,15 +173,11 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     reasons = [""] * len(ds)
     bar = tqdm(total=len(ds), desc="predict", unit="img", disable=not progress, file=sys.stderr)
     with torch.inference_mode():
-        for x, idx, why in dl:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            p = torch.zeros(len(x), device=device)
+        for imgs, idx, why in dl:
+            p = torch.zeros(len(imgs), device=device)
             for m in models:
-                xm = x
-                if tuple(m.size) != tuple(x.shape[-2:]) and min(m.size) > 0:
-                    # models of an ensemble may train at other sizes than the PNGs (area, as
-                    # the training dataset resizes)
-                    xm = torch.nn.functional.interpolate(x, size=tuple(m.size), mode="area")
+                xm = batch_input(imgs, m, channels, ds.cfg.size).to(device, non_blocking=True)
+                xm = xm.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     p += torch.sigmoid(m.model(xm).float().view(-1))
                     if tta:

@@ -42,7 +42,7 @@ class PreprocessError(RsnaError):
 class PreprocessConfig:
     """Everything that decides the output pixels. Saved with checkpoints (inference reuses it)."""
     size: tuple[int, int] = (512, 512)      # (height, width)
-    resize_mode: str = "stretch"            # stretch | pad
+    resize_mode: str = "pad"                # pad (keep the aspect, black background) | stretch
     bits: int = 8                           # 8 or 16-bit PNG
     margin: float = 0.0                     # grow the ROI box by this fraction on each side
     flip: str = "mass"                      # none | mass | laterality (chest wall to the left)
@@ -105,18 +105,19 @@ def preprocess_image(path: str | Path, cfg: PreprocessConfig, backend: str = "au
     else:
         box = roi.Box(0, 0, rows, cols)
     crop = pixels[box.y0:box.y1, box.x0:box.x1]
+    shape = roi.fit_shape(*crop.shape, cfg.size, cfg.resize_mode)
     if cfg.window_first:
-        out = roi.resize(apply_lut(crop, lut, off), cfg.size, cfg.resize_mode)
+        out = roi.resize_to(apply_lut(crop, lut, off), shape)
     else:
         if crop.dtype == np.int16:   # cv2 area-resizes int16 poorly: go through float
-            r = roi.resize(crop.astype(np.float32), cfg.size, cfg.resize_mode)
-            r = np.rint(r).astype(np.int16)
+            r = np.rint(roi.resize_to(crop.astype(np.float32), shape)).astype(np.int16)
         else:
-            r = roi.resize(crop, cfg.size, cfg.resize_mode)
+            r = roi.resize_to(crop, shape)
         out = apply_lut(r, lut, off)
     flipped = roi.needs_flip(cfg.flip, mask if mask is not None else small8 > 0, h.laterality)
     if flipped:
         out = np.ascontiguousarray(out[:, ::-1])
+    out = roi.pad_to(out, cfg.size)     # background after windowing: black on MONOCHROME1 too
     t1 = time.perf_counter()
     meta = dict(rows=rows, columns=cols, transfer_syntax=h.transfer_syntax,
                 photometric=h.photometric, crop_y0=box.y0, crop_x0=box.x0, crop_y1=box.y1,

@@ -125,21 +125,42 @@ def needs_flip(mode: str, mask: np.ndarray | None, laterality: str | None) -> bo
     raise ValueError(f"flip mode {mode!r}: choose none, mass or laterality")
 
 
-def resize(img: np.ndarray, size: tuple[int, int], mode: str = "stretch") -> np.ndarray:
-    """Resize to (height, width) with area interpolation.
-
-    mode "stretch" fills the target; "pad" keeps the aspect ratio and pads with 0 at the
-    right/bottom (the chest wall stays on the left edge after flipping).
-    """
+def fit_shape(h: int, w: int, size: tuple[int, int], mode: str = "pad") -> tuple[int, int]:
+    """(height, width) that an (h, w) image is resized to: the target for "stretch"; the
+    largest size with the image's aspect ratio inside the target for "pad"."""
     th, tw = size
-    h, w = img.shape[:2]
-    interp = cv2.INTER_AREA if (h >= th or w >= tw) else cv2.INTER_LINEAR
     if mode == "stretch":
-        return cv2.resize(img, (tw, th), interpolation=interp)
+        return th, tw
     if mode != "pad":
         raise ValueError(f"resize mode {mode!r}: choose stretch or pad")
     s = min(th / h, tw / w)
-    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    return min(th, max(1, int(round(h * s)))), min(tw, max(1, int(round(w * s))))
+
+
+def resize_to(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Area interpolation when shrinking, linear when enlarging (OpenCV)."""
+    nh, nw = shape
+    h, w = img.shape[:2]
+    if (h, w) == (nh, nw):
+        return img
+    interp = cv2.INTER_AREA if (h >= nh or w >= nw) else cv2.INTER_LINEAR
+    return cv2.resize(img, (nw, nh), interpolation=interp)
+
+
+def pad_to(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Place img at the top left of a black (0) canvas of `size`. Called on output values
+    (after windowing and flipping), so the padding is background on every photometric
+    interpretation and the chest wall stays on the left edge."""
+    th, tw = size
+    if img.shape[:2] == (th, tw):
+        return img
     out = np.zeros((th, tw), dtype=img.dtype)
-    out[:nh, :nw] = cv2.resize(img, (nw, nh), interpolation=interp)
+    out[:img.shape[0], :img.shape[1]] = img
     return out
+
+
+def resize(img: np.ndarray, size: tuple[int, int], mode: str = "stretch") -> np.ndarray:
+    """Resize an output image (0 = background) to (height, width): "stretch" fills the target;
+    "pad" keeps the aspect ratio and pads with 0 at the right / bottom. The one resize of
+    training (PNG -> model input) and inference."""
+    return pad_to(resize_to(img, fit_shape(*img.shape[:2], size, mode)), size)

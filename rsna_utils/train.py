@@ -25,7 +25,7 @@ class TrainConfig:
     csv: str = "data/synthetic/train.csv"
     out: str = "runs/train"
     model: str = "resnet18"
-    size: int | list = 256                  # int or [height, width]
+    size: int | list | str = 256            # int, [height, width] or "HEIGHTxWIDTH" (e.g. 1536x768)
     channels: int = 3
     epochs: int = 2
     batch_size: int = 16
@@ -46,6 +46,7 @@ class TrainConfig:
     pretrained_path: str | None = None
     global_pool: str = "avg"                # avg | max | avgmax | catavgmax
     ema: float = 0.0                        # EMA decay (e.g. 0.999); 0 = off
+    select_by: str = "auc"                  # best.pt by breast auc | pr_auc | pf1
     amp: str = "auto"                       # auto (bf16/fp16 on GPU) | bf16 | fp16 | off
     channels_last: bool = True
     cache: bool = False                     # keep decoded PNGs in memory
@@ -240,8 +241,11 @@ def train(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    size = [cfg.size, cfg.size] if isinstance(cfg.size, int) else list(cfg.size)
+    size = parse_size(cfg.size)
+    if cfg.select_by not in ("auc", "pr_auc", "pf1"):
+        raise RsnaError(f"select_by={cfg.select_by!r}: choose auc, pr_auc or pf1")
     preprocess = _preprocess_config(Path(cfg.data))
+    norm = _input_norm(cfg.model)
 
     # data
     table = load_table(cfg.csv, cfg.data)
@@ -249,8 +253,8 @@ def train(cfg: TrainConfig) -> dict:
         raise RsnaError(f"{cfg.csv}: no 'cancer' column; training needs labels (train.csv)")
     train_df, val_df = make_split(table, cfg, out)
     aug = Augment(random_crop=cfg.random_crop) if cfg.augment else None
-    train_ds = PngDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache)
-    val_ds = PngDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache)
+    train_ds = PngDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache, norm=norm)
+    val_ds = PngDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm)
     sampler = UpsampleSampler(train_ds.labels, cfg.seed, cfg.upsample, cfg.target_ratio, rank, world)
     pin = device.type == "cuda"
     loader_kw = dict(num_workers=cfg.workers, pin_memory=pin,
@@ -263,6 +267,8 @@ def train(cfg: TrainConfig) -> dict:
     # model
     model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
                          global_pool=cfg.global_pool).to(device)
+    if rank == 0 and getattr(model, "pretrained_report", None):
+        print(model.pretrained_report, file=sys.stderr)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
@@ -276,7 +282,8 @@ def train(cfg: TrainConfig) -> dict:
     ema = None
     if cfg.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema))
+        # use_buffers: BatchNorm running statistics are averaged too, not left at their start
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
 
     start, best, history = 0, None, []
     last = out / "last.pt"
@@ -308,14 +315,16 @@ def train(cfg: TrainConfig) -> dict:
             m, preds = evaluate(eval_model, val_dl, val_df, device, dtype, cfg.channels_last)
             row.update(m)
             history.append(row)
-            score = (_nan0(m["breast_mean_pf1"]), _nan0(m["breast_mean_auc"]))
+            # threshold-free first: pF1 of raw probabilities mostly measures calibration
+            key = {"auc": "breast_mean_auc", "pr_auc": "breast_mean_pr_auc", "pf1": "breast_mean_pf1"}
+            score = (_nan0(m[key[cfg.select_by]]), _nan0(m["breast_mean_pr_auc"]), _nan0(m["breast_mean_auc"]))
             improved = best is None or score > tuple(best["score"])
-            state = {
-                "model": _state(eval_model), "optimizer": optimizer.state_dict(),
+            state = {   # last.pt: the live weights and the EMA apart (resume needs both)
+                "model": _state(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
                 "epoch": epoch, "config": asdict(cfg), "preprocess": preprocess,
                 "model_name": cfg.model, "channels": cfg.channels, "size": size,
-                "global_pool": cfg.global_pool,
+                "global_pool": cfg.global_pool, "norm": [list(norm[0]), list(norm[1])],
                 "threshold": m["breast_mean_best_threshold"], "metrics": _plain(m),
                 "prior": float(train_df.groupby("prediction_id").cancer.max().mean()),
                 "history": [_plain(h) for h in history],
@@ -323,9 +332,9 @@ def train(cfg: TrainConfig) -> dict:
             if improved:
                 best = {"epoch": epoch, "score": list(score), "metrics": _plain(m)}
             state["best"] = best
-            if improved:
-                save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "ema")},
-                                out / "best.pt")
+            if improved:   # best.pt: the weights that were evaluated (the EMA when on)
+                save_checkpoint({**{k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "ema")},
+                                 "model": _state(eval_model)}, out / "best.pt")
                 preds.to_csv(out / "val_predictions.csv", index=False)
             save_checkpoint(state, last)
             pd.DataFrame(history).to_csv(out / "metrics.csv", index=False)
@@ -341,6 +350,32 @@ def train(cfg: TrainConfig) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return best or {}
+
+
+def parse_size(size) -> list[int]:
+    """256, [h, w], (h, w) or "HxW" -> [h, w]; a clear error for anything else."""
+    if isinstance(size, str):
+        parts = size.lower().replace(" ", "").split("x")
+        try:
+            size = [int(p) for p in parts] if len(parts) == 2 else int(parts[0])
+        except ValueError:
+            raise RsnaError(f"size {size!r}: give 512 or HEIGHTxWIDTH, e.g. 1536x768") from None
+    if isinstance(size, int):
+        size = [size, size]
+    size = [int(v) for v in size]
+    if len(size) != 2 or min(size) < 32:
+        raise RsnaError(f"size {size}: give 512 or HEIGHTxWIDTH with both sides >= 32")
+    return size
+
+
+def _input_norm(model_name: str):
+    """The backbone's pretrained mean / std (timm's config), stored in the checkpoint."""
+    try:
+        from rsna_utils.models import input_norm
+    except ImportError:
+        from rsna_utils.data import DEFAULT_NORM
+        return DEFAULT_NORM
+    return input_norm(model_name)
 
 
 def _state(model) -> dict:

@@ -1,0 +1,135 @@
+"""Real mammograms exported as 8-bit JPEG / PNG (e.g. the public RSNA export in
+`../shared/realdata/rsna_dev`, `{patient_id}_{image_id}_*.jpg` under `benign/` and
+`malignant/`) wrapped as an RSNA-shaped dataset: 12-bit DICOMs (JPEG 2000 in JP2 and JPEG
+Lossless SV1, the generator's encoders), `train.csv` / `test.csv` / `test_labels.csv` with a
+patient-grouped held-out test part. Then every step runs through the same commands a user runs.
+
+The export has no laterality or view: the side is read from the image (where the breast's
+mass lies), and the view is left unknown ("UNK")."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rsna_utils.errors import RsnaError
+
+NAME = re.compile(r"^(\d+)_(\d+)")
+REALDATA_ENV = "RSNA_REALDATA"
+
+
+def find_realdata() -> Path | None:
+    """$RSNA_REALDATA, else ../shared/realdata/rsna_dev beside the repository."""
+    repo = Path(__file__).resolve().parents[1]
+    for c in (os.environ.get(REALDATA_ENV), repo.parent / "shared" / "realdata" / "rsna_dev",
+              Path("/work/shared/realdata/rsna_dev")):
+        if c and (Path(c) / "malignant").is_dir() and (Path(c) / "benign").is_dir():
+            return Path(c)
+    return None
+
+
+def list_images(src: str | Path) -> pd.DataFrame:
+    """One row per image file under src/benign and src/malignant: path, patient_id, image_id,
+    cancer. A name without the `{patient_id}_{image_id}` prefix is an error naming it."""
+    src = Path(src)
+    rows = []
+    for label, folder in ((0, "benign"), (1, "malignant")):
+        d = src / folder
+        if not d.is_dir():
+            raise RsnaError(f"{d}: folder not found; expected {src}/benign and {src}/malignant")
+        for p in sorted(d.iterdir()):
+            if p.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+                continue
+            m = NAME.match(p.name)
+            if not m:
+                raise RsnaError(f"{p}: name does not start with {{patient_id}}_{{image_id}}; rename it")
+            rows.append(dict(path=str(p), patient_id=int(m.group(1)), image_id=int(m.group(2)), cancer=label))
+    if not rows:
+        raise RsnaError(f"{src}: no .jpg/.png images under benign/ and malignant/")
+    df = pd.DataFrame(rows)
+    dup = df[df.image_id.duplicated(keep=False)]
+    if len(dup):   # an image listed twice keeps its malignant label (labels are per breast)
+        df = df.sort_values("cancer").drop_duplicates("image_id", keep="last")
+    return df.sort_values(["patient_id", "image_id"]).reset_index(drop=True)
+
+
+def side_of_breast(gray: np.ndarray) -> str:
+    """"L" when the breast's mass lies in the left half of the image, else "R" (the export
+    has no ImageLaterality; what matters is that the views of one breast agree)."""
+    g = gray.astype(np.float32)
+    border = np.median(np.concatenate([g[:, :4].ravel(), g[:, -4:].ravel()]))
+    mass = np.abs(g - border)
+    cols = mass.sum(0)
+    half = len(cols) // 2
+    return "L" if cols[:half].sum() >= cols[half:].sum() else "R"
+
+
+def _wrap_one(args) -> dict:
+    path, out_path, row = args
+    import cv2
+
+    from rsna_utils.synth import encode_dicom
+    gray = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if gray is None:
+        raise RsnaError(f"{path}: unreadable image")
+    stored = gray.astype(np.uint16) * 16 + 8           # 8-bit export -> 12-bit stored values
+    lat = side_of_breast(gray)
+    r = dict(row, laterality=lat, view="UNK", machine_id=216, modality_absent=0,
+             encoding="j2k" if row["image_id"] % 2 else "jpll", jp2=bool(row["image_id"] % 4 == 1))
+    ds = encode_dicom(stored, r, ([2048.0], [4096.0]), seed=0)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out_path, enforce_file_format=True)
+    return dict(image_id=row["image_id"], laterality=lat)
+
+
+def wrap(src: str | Path, out: str | Path, test_frac: float = 0.25, seed: int = 0,
+         workers: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
+    """Write out/train_images, out/test_images (DICOM), train.csv, test.csv, test_labels.csv,
+    sample_submission.csv. Patients are split train/test (stratified by whether the patient
+    has a cancer). Returns counts."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from rsna_utils.data import holdout_split
+    df = list_images(src)
+    if limit:
+        keep = df.drop_duplicates("patient_id").sample(frac=1, random_state=seed).patient_id
+        chosen, n = [], 0
+        for p in keep:
+            chosen.append(p)
+            n += int((df.patient_id == p).sum())
+            if n >= limit:
+                break
+        df = df[df.patient_id.isin(chosen)].reset_index(drop=True)
+    out = Path(out)
+    df["laterality"] = "L"      # provisional, for the split helper
+    df["fold"] = holdout_split(df, test_frac, seed)
+    df["part"] = np.where(df.fold == 1, "test", "train")
+    jobs = [(r.path, str(out / f"{r.part}_images" / str(r.patient_id) / f"{r.image_id}.dcm"),
+             dict(patient_id=int(r.patient_id), image_id=int(r.image_id))) for r in df.itertuples()]
+    res = []
+    workers = workers or min(os.cpu_count() or 1, 8)
+    with ProcessPoolExecutor(workers) as ex:
+        for r in tqdm(ex.map(_wrap_one, jobs, chunksize=8), total=len(jobs), desc="wrap",
+                      disable=not progress):
+            res.append(r)
+    df = df.drop(columns="laterality").merge(pd.DataFrame(res), on="image_id")
+    df["site_id"], df["view"], df["age"], df["machine_id"], df["implant"] = 1, "UNK", np.nan, 216, 0
+    for c in ("biopsy", "invasive", "BIRADS", "density", "difficult_negative_case"):
+        df[c] = np.nan
+    df["prediction_id"] = df.patient_id.astype(str) + "_" + df.laterality
+    from rsna_utils.synth import SUBMISSION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = df[df.part == "train"], df[df.part == "test"]
+    train[TRAIN_COLUMNS].to_csv(out / "train.csv", index=False)
+    test[TEST_COLUMNS].to_csv(out / "test.csv", index=False)
+    test[["prediction_id", "patient_id", "image_id", "cancer"]].to_csv(out / "test_labels.csv", index=False)
+    pd.DataFrame({"prediction_id": test.prediction_id.drop_duplicates(), "cancer": 0.0})[
+        SUBMISSION_COLUMNS].to_csv(out / "sample_submission.csv", index=False)
+    return dict(out=str(out), train_images=len(train), test_images=len(test),
+                train_patients=train.patient_id.nunique(), test_patients=test.patient_id.nunique(),
+                train_positive=int(train.cancer.sum()), test_positive=int(test.cancer.sum()))
