@@ -44,7 +44,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
                                        "batch_size", "lr", "pos_weight", "upsample", "split",
                                        "fold", "folds", "seed", "workers", "pretrained_path",
                                        "device", "channels", "max_steps", "global_pool",
-                                       "select_by", "ema", "augment")}
+                                       "select_by", "ema", "augment", "aux", "aux_weight")}
     if a.resume:
         over["resume"] = True
     if a.quiet:
@@ -169,6 +169,9 @@ def register(sub) -> None:
     t.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
     t.add_argument("--select-by", choices=["auc", "pr_auc", "pf1"],
                    help="breast-level measure that picks best.pt (default auc: threshold-free)")
+    t.add_argument("--aux", help="auxiliary targets from the CSV, comma-separated: biopsy, "
+                   "invasive, difficult_negative_case, view, BIRADS, density, age")
+    t.add_argument("--aux-weight", type=float, help="their loss weight (default 0.1)")
     t.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999 (0 = off)")
     t.add_argument("--augment", type=lambda v: v.lower() in ("1", "true", "yes", "on"),
                    help="true/false (default true)")

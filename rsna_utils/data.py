@@ -181,6 +181,40 @@ def model_input(img: np.ndarray, size, norm=DEFAULT_NORM, channels: int = 3):
     return to_input(img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0), norm, channels)
 
 
+# Auxiliary targets from train.csv's metadata (2nd and 4th place used them): each becomes a
+# target in [0, 1] for a BCE-with-logits head, NaN (masked) where missing.
+AUX_TARGETS = {
+    "biopsy": "binary", "invasive": "binary", "difficult_negative_case": "binary",
+    "view": "MLO vs CC", "BIRADS": "0-2 scaled to 0-1", "density": "A-D scaled to 0-1",
+    "age": "(age - 40) / 50, clipped to 0-1",
+}
+
+
+def aux_targets(df: pd.DataFrame, names: list[str], where: str = "the CSV") -> np.ndarray:
+    """(N, len(names)) float32 targets in [0, 1], NaN where the value is missing or unknown."""
+    out = np.full((len(df), len(names)), np.nan, np.float32)
+    for j, name in enumerate(names):
+        if name not in AUX_TARGETS:
+            raise RsnaError(f"auxiliary target {name!r}: choose from {', '.join(AUX_TARGETS)}")
+        if name not in df:
+            raise RsnaError(f"{where}: no {name!r} column for the auxiliary target; remove it from "
+                            "aux or use a CSV that has it (RSNA train.csv does)")
+        v = df[name]
+        if name in ("biopsy", "invasive", "difficult_negative_case"):
+            t = v.map(lambda x: {True: 1.0, False: 0.0, "True": 1.0, "False": 0.0, 1: 1.0, 0: 0.0,
+                                 1.0: 1.0, 0.0: 0.0}.get(x, np.nan))
+        elif name == "view":
+            t = v.astype(str).str.upper().map({"MLO": 1.0, "CC": 0.0})
+        elif name == "BIRADS":
+            t = pd.to_numeric(v, errors="coerce") / 2.0
+        elif name == "density":
+            t = v.astype(str).str.upper().map({"A": 0.0, "B": 1 / 3, "C": 2 / 3, "D": 1.0})
+        else:
+            t = ((pd.to_numeric(v, errors="coerce") - 40.0) / 50.0).clip(0, 1)
+        out[:, j] = t.to_numpy(np.float32)
+    return out
+
+
 def worker_init(worker_id: int) -> None:
     """One OpenCV and one torch thread per DataLoader worker: on the 16-core H200 machine, 14
     workers each starting 16 threads fed resnext50 at 0.37x its random-input speed."""
@@ -199,7 +233,7 @@ class PngDataset:
 
     def __init__(self, df: pd.DataFrame, size: tuple[int, int] | int, channels: int = 3,
                  augment: Augment | None = None, seed: int = 0, cache: bool = False,
-                 label: str = "cancer", norm=DEFAULT_NORM):
+                 label: str = "cancer", norm=DEFAULT_NORM, aux: list[str] | None = None):
         self.paths = df["png"].tolist()
         self.labels = (df[label].to_numpy(np.float32) if label in df
                        else np.zeros(len(df), np.float32))
@@ -207,6 +241,8 @@ class PngDataset:
         if channels not in (1, 3):
             raise RsnaError(f"channels={channels}: choose 1 or 3")
         self.channels, self.augment, self.seed, self.norm = channels, augment, seed, norm
+        # with auxiliary targets the label is a vector: [cancer, aux...]
+        self.aux = aux_targets(df, list(aux)) if aux else None
         self.epoch = 0
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
@@ -256,6 +292,8 @@ class PngDataset:
         else:
             x = img.astype(np.float32) / scale
         t = to_input(x, self.norm, self.channels)
+        if self.aux is not None:
+            return t, torch.from_numpy(np.concatenate([[self.labels[i]], self.aux[i]]).astype(np.float32))
         return t, torch.tensor(self.labels[i])
 
 

@@ -50,6 +50,8 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
         pre, shape = this_pre, this_shape
         model = create_model(ck["model_name"], ck.get("channels", 3),
                              global_pool=ck.get("global_pool", "avg"))
+        if ck.get("aux"):
+            model.reset_classifier(1 + len(ck["aux"]))   # logit 0 is the cancer
         try:
             model.load_state_dict(ck["model"])
         except RuntimeError as e:
@@ -154,6 +156,7 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from rsna_utils import gpu
+    from rsna_utils.train import cancer_logit
     ds = DicomStream(df, Path(images), pre, backend, channels)
     if backend in gpu.GPU_BACKENDS and device.type != "cuda":
         raise RsnaError(f"backend {backend!r} decodes on a GPU but the device is {device.type}; "
@@ -179,9 +182,9 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
                 xm = batch_input(imgs, m, channels, ds.cfg.size).to(device, non_blocking=True)
                 xm = xm.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    p += torch.sigmoid(m.model(xm).float().view(-1))
+                    p += torch.sigmoid(cancer_logit(m.model(xm)))
                     if tta:
-                        p += torch.sigmoid(m.model(torch.flip(xm, dims=[3])).float().view(-1))
+                        p += torch.sigmoid(cancer_logit(m.model(torch.flip(xm, dims=[3]))))
             p /= len(models) * (2 if tta else 1)
             p = p.cpu().numpy()
             for j, i in enumerate(idx):

@@ -471,9 +471,27 @@ def open_run(out: str | Path, cfg: PreprocessConfig, images, csv_path, shard):
     done = load_done(out)
     todo = [it for it in items if it.image_id not in done]
     summary = RunSummary(skipped=len(items) - len(todo), out=str(out))
-    # failures of earlier runs are retried, so their rows are replaced
-    fail_log = _CsvLog(out / f"failures{suffix}.csv", FAILURE_COLUMNS, fresh=True)
+    # failures of earlier runs are retried, so their rows are replaced; rows of images that
+    # this run does not list (another CSV into the same folder, e.g. test after train) stay
+    fpath = out / f"failures{suffix}.csv"
+    keep = _other_failures(fpath, {it.image_id for it in items})
+    fail_log = _CsvLog(fpath, FAILURE_COLUMNS, fresh=True)
+    for row in keep:
+        fail_log.write(row)
     return todo, summary, meta_log, fail_log
+
+
+def _other_failures(path: Path, ids: set) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        old = pd.read_csv(path, dtype=str).fillna("")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError):
+        return []
+    if "image_id" not in old:
+        return []
+    ids = {str(i) for i in ids}
+    return [r for r in old.to_dict("records") if r["image_id"] not in ids]
 
 
 def _write_config(path: Path, cfg: PreprocessConfig) -> None:

@@ -47,6 +47,8 @@ class TrainConfig:
     global_pool: str = "avg"                # avg | max | avgmax | catavgmax
     ema: float = 0.0                        # EMA decay (e.g. 0.999); 0 = off
     select_by: str = "auc"                  # best.pt by breast auc | pr_auc | pf1
+    aux: list = field(default_factory=list) # auxiliary targets, e.g. [BIRADS, density, view]
+    aux_weight: float = 0.1                 # their loss weight against the cancer loss
     amp: str = "auto"                       # auto (bf16/fp16 on GPU) | bf16 | fp16 | off
     channels_last: bool = True
     cache: bool = False                     # keep decoded PNGs in memory
@@ -151,6 +153,34 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 # One epoch, evaluation
 # ----------------------------------------------------------------------------------------
 
+def cancer_logit(out):
+    """The cancer logit of a model's output: (N,) or column 0 of (N, 1 + aux)."""
+    out = out.float()
+    return out[:, 0] if out.ndim == 2 else out.view(-1)
+
+
+class CancerAuxLoss:
+    """The weighted BCE of the cancer logit, plus `aux_weight` x the mean BCE of the auxiliary
+    logits over the targets that are known (NaN targets are masked)."""
+
+    def __init__(self, cancer_loss, aux_weight: float = 0.1):
+        if aux_weight < 0:
+            raise RsnaError(f"aux_weight={aux_weight}: must be >= 0")
+        self.cancer_loss, self.aux_weight = cancer_loss, aux_weight
+
+    def __call__(self, out, y):
+        import torch.nn.functional as F
+        out, y = out.float(), y.float()
+        if y.ndim == 1 or y.shape[1] == 1:
+            return self.cancer_loss(cancer_logit(out), y.view(-1))
+        loss = self.cancer_loss(out[:, 0], y[:, 0])
+        known = ~y[:, 1:].isnan()
+        if self.aux_weight and known.any():
+            aux = F.binary_cross_entropy_with_logits(out[:, 1:][known], y[:, 1:][known])
+            loss = loss + self.aux_weight * aux
+        return loss
+
+
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, cfg: TrainConfig,
                     epoch: int, dtype=None, scaler=None, ema=None, rank: int = 0) -> dict:
     import torch
@@ -205,9 +235,9 @@ def predict_loader(model, loader, device, dtype=None, channels_last: bool = True
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                p = torch.sigmoid(model(x).float().view(-1))
+                p = torch.sigmoid(cancer_logit(model(x)))
                 if tta_flip:
-                    p = (p + torch.sigmoid(model(torch.flip(x, dims=[3])).float().view(-1))) / 2
+                    p = (p + torch.sigmoid(cancer_logit(model(torch.flip(x, dims=[3]))))) / 2
             out.append(p.cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -251,9 +281,14 @@ def train(cfg: TrainConfig) -> dict:
     table = load_table(cfg.csv, cfg.data)
     if "cancer" not in table:
         raise RsnaError(f"{cfg.csv}: no 'cancer' column; training needs labels (train.csv)")
+    aux = [a.strip() for a in cfg.aux.split(",")] if isinstance(cfg.aux, str) else list(cfg.aux or [])
+    if aux:
+        from rsna_utils.data import aux_targets
+        aux_targets(table, aux, str(cfg.csv))     # a missing column: one clear line, nothing written
     train_df, val_df = make_split(table, cfg, out)
     aug = Augment(random_crop=cfg.random_crop) if cfg.augment else None
-    train_ds = PngDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache, norm=norm)
+    train_ds = PngDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache, norm=norm,
+                          aux=aux)
     val_ds = PngDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm)
     sampler = UpsampleSampler(train_ds.labels, cfg.seed, cfg.upsample, cfg.target_ratio, rank, world)
     pin = device.type == "cuda"
@@ -267,12 +302,14 @@ def train(cfg: TrainConfig) -> dict:
     # model
     model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
                          global_pool=cfg.global_pool).to(device)
+    if aux:
+        model.reset_classifier(1 + len(aux))      # logit 0: cancer; then one per aux target
     if rank == 0 and getattr(model, "pretrained_report", None):
         print(model.pretrained_report, file=sys.stderr)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
-    loss_fn = WeightedBCE(cfg.pos_weight, cfg.neg_weight)
+    loss_fn = CancerAuxLoss(WeightedBCE(cfg.pos_weight, cfg.neg_weight), cfg.aux_weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(min(len(train_dl), cfg.max_steps or 10**9) / cfg.accumulate))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
@@ -324,7 +361,7 @@ def train(cfg: TrainConfig) -> dict:
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
                 "epoch": epoch, "config": asdict(cfg), "preprocess": preprocess,
                 "model_name": cfg.model, "channels": cfg.channels, "size": size,
-                "global_pool": cfg.global_pool, "norm": [list(norm[0]), list(norm[1])],
+                "global_pool": cfg.global_pool, "norm": [list(norm[0]), list(norm[1])], "aux": aux,
                 "threshold": m["breast_mean_best_threshold"], "metrics": _plain(m),
                 "prior": float(train_df.groupby("prediction_id").cancer.max().mean()),
                 "history": [_plain(h) for h in history],

@@ -217,3 +217,21 @@ def test_script_without_main_guard_gets_a_clear_error(tmp_path, synth_small):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "__main__" in r.stderr and "worker processes could not start" in r.stderr
+
+
+def test_a_second_csv_into_the_same_folder_keeps_the_first_runs_failures(tmp_path, synth_small):
+    """train.csv then test.csv into one PNG folder: the failures of the first run stay listed."""
+    import shutil
+    images = tmp_path / "images"
+    shutil.copytree(synth_small / "train_images", images)
+    df = pd.read_csv(synth_small / "train.csv")
+    a, b = df.iloc[:6], df.iloc[6:12]
+    a.to_csv(tmp_path / "a.csv", index=False)
+    b.to_csv(tmp_path / "b.csv", index=False)
+    bad = images / str(a.patient_id.iloc[0]) / f"{a.image_id.iloc[0]}.dcm"
+    bad.write_bytes(bad.read_bytes()[:300])
+    out = tmp_path / "png"
+    Preprocessor(PreprocessConfig(size=32), workers=1, progress=False).run(images, tmp_path / "a.csv", out)
+    Preprocessor(PreprocessConfig(size=32), workers=1, progress=False).run(images, tmp_path / "b.csv", out)
+    f = pd.read_csv(out / "failures.csv")
+    assert f.image_id.astype(str).tolist() == [str(a.image_id.iloc[0])]

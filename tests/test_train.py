@@ -189,3 +189,34 @@ def test_yaml_config_and_cli_errors(tmp_path, png48, synth_small):
                         "--quiet"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("rsna train: error: unknown model 'resnet_nope'")
+
+
+def test_auxiliary_targets_train_and_predict(tmp_path, synth_small):
+    """Aux heads on the metadata: the model has 1 + K logits, inference reads logit 0, and a
+    missing column is refused with one line before anything is written."""
+    import pytest
+    from rsna_utils.data import aux_targets
+    from rsna_utils.errors import RsnaError
+    from rsna_utils.predict import predict
+    from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+    from rsna_utils.train import TrainConfig, train
+    import pandas as pd
+    df = pd.read_csv(synth_small / "train.csv")
+    t = aux_targets(df, ["view", "density", "age", "biopsy"])
+    assert t.shape == (len(df), 4) and set(np.unique(t[:, 0][~np.isnan(t[:, 0])])) <= {0.0, 1.0}
+    assert np.nanmax(t) <= 1 and np.nanmin(t) >= 0
+    png = tmp_path / "png"
+    Preprocessor(PreprocessConfig(size=(64, 32)), workers=1, progress=False).run(
+        synth_small / "train_images", synth_small / "train.csv", png)
+    cfg = dict(data=str(png), csv=str(synth_small / "train.csv"), size="64x32", epochs=1,
+               max_steps=2, workers=0, progress=False, val_frac=0.3, batch_size=4)
+    with pytest.raises(RsnaError, match="no 'shoe_size'|shoe_size"):
+        train(TrainConfig(out=str(tmp_path / "bad"), aux=["shoe_size"], **cfg))
+    assert not (tmp_path / "bad" / "best.pt").exists()
+    train(TrainConfig(out=str(tmp_path / "run"), aux=["view", "density", "age"], **cfg))
+    import torch
+    ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert ck["aux"] == ["view", "density", "age"] and ck["size"] == [64, 32]
+    r = predict(synth_small / "test_images", synth_small / "test.csv", [tmp_path / "run" / "best.pt"],
+                tmp_path / "sub.csv", workers=0, progress=False)
+    assert r.submission.cancer.between(0, 1).all()

@@ -1,0 +1,159 @@
+"""Real-data learning benchmark (issue 11): do real RSNA mammograms learn?
+
+`../shared/realdata/rsna_dev` (or $RSNA_REALDATA: 1,727 real RSNA images exported as 8-bit
+JPEGs, 574 with cancer) is wrapped as an RSNA-shaped DICOM dataset (`rsna_utils.realdata`), a
+quarter of the patients held out as the test set, then the same commands a user runs:
+
+    rsna preprocess -> rsna train -> rsna predict --labels test_labels.csv
+
+and, on the same PNGs and the same split, the baseline the issue names: a logistic regression on
+the frozen ImageNet features of the same backbone (global average pool). Prints a table and writes
+`benchmarks/results/realdata_<date>.json` and the training curves as a PNG.
+
+    python benchmarks/realdata.py [--size 512x256] [--epochs 8] [--model tf_efficientnet_lite0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def rsna(*args: str) -> None:
+    cmd = [sys.executable, "-m", "rsna_utils", *args]
+    print("$ rsna " + " ".join(args), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO)
+    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def frozen_probe(png: Path, data: Path, model_name: str, pretrained: str, size) -> dict:
+    """Logistic regression on frozen ImageNet features (same PNGs, same patients out)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from rsna_utils.data import model_input
+    from rsna_utils.metrics import breast_level, pr_auc, roc_auc
+    from rsna_utils.models import create_model, input_norm
+    import cv2
+    m = create_model(model_name, 3, pretrained).eval()
+    m.reset_classifier(0)
+    norm = input_norm(model_name)
+
+    def feats(df):
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(df), 32):
+                xb = torch.stack([model_input(cv2.imread(str(png / f"{r.patient_id}_{r.image_id}.png"),
+                                                         cv2.IMREAD_UNCHANGED), size, norm)
+                                  for r in df.iloc[i:i + 32].itertuples()])
+                out.append(m(xb).numpy())
+        return np.concatenate(out)
+    tr = pd.read_csv(data / "train.csv")
+    te = pd.read_csv(data / "test.csv").merge(pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]],
+                                              on="image_id")
+    done = {p.stem for p in png.glob("*.png")}
+    tr = tr[[f"{r.patient_id}_{r.image_id}" in done for r in tr.itertuples()]]
+    te = te[[f"{r.patient_id}_{r.image_id}" in done for r in te.itertuples()]]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
+    clf.fit(feats(tr), tr.cancer)
+    te = te.assign(prediction=clf.predict_proba(feats(te))[:, 1])
+    b = breast_level(te)
+    return dict(breast_auc=roc_auc(b.cancer, b.prediction), breast_pr_auc=pr_auc(b.cancer, b.prediction),
+                image_auc=roc_auc(te.cancer, te.prediction))
+
+
+def curves(metrics_csv: Path, out_png: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    h = pd.read_csv(metrics_csv)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].plot(h.epoch, h.train_loss, "o-")
+    ax[0].set(title="training loss", xlabel="epoch")
+    ax[1].plot(h.epoch, h.breast_mean_auc, "o-", label="breast AUC")
+    ax[1].plot(h.epoch, h.breast_mean_pr_auc, "s-", label="breast PR-AUC")
+    ax[1].set(title="validation (held-out patients of the training part)", xlabel="epoch")
+    ax[1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+
+
+def main() -> int:
+    from rsna_utils.realdata import find_realdata, wrap
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--src", default=None)
+    ap.add_argument("--work", default=str(REPO / "data" / "realdata"))
+    ap.add_argument("--size", default="512x256")
+    ap.add_argument("--png-size", default="640x320")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--model", default="tf_efficientnet_lite0")
+    ap.add_argument("--pretrained", default="pypi")
+    ap.add_argument("--lr", default="3e-4")
+    ap.add_argument("--batch-size", default="16")
+    ap.add_argument("--limit", type=int, default=None, help="wrap only about this many images")
+    ap.add_argument("--skip-probe", action="store_true")
+    a = ap.parse_args()
+    src = a.src or find_realdata()
+    if src is None:
+        print("no real data: set RSNA_REALDATA or place ../shared/realdata/rsna_dev")
+        return 0
+    work = Path(a.work)
+    data, png, run = work / "dcm", work / f"png{a.png_size}", work / f"run_{a.model}_{a.size}"
+    t0 = time.perf_counter()
+    if not (data / "train.csv").exists():
+        print(wrap(src, data, test_frac=0.25, seed=0, limit=a.limit), flush=True)
+    rsna("preprocess", "--images", str(data / "train_images"), "--csv", str(data / "train.csv"),
+         "--out", str(png), "--size", a.png_size, "--workers", "2", "--quiet")
+    rsna("preprocess", "--images", str(data / "test_images"), "--csv", str(data / "test.csv"),
+         "--out", str(png), "--size", a.png_size, "--workers", "2", "--quiet")
+    rsna("train", "--data", str(png), "--csv", str(data / "train.csv"), "--out", str(run),
+         "--model", a.model, "--pretrained-path", a.pretrained, "--size", a.size,
+         "--epochs", str(a.epochs), "--batch-size", a.batch_size, "--lr", a.lr,
+         "--pos-weight", "1", "--upsample", "1", "--workers", "2", "--quiet")
+    # what `rsna predict --labels` runs, in-process to keep the per-image scores
+    from rsna_utils.predict import predict
+    imgs = pd.read_csv(data / "test.csv")
+    r = predict(data / "test_images", data / "test.csv", [run / "best.pt"], run / "submission.csv",
+                labels=data / "test_labels.csv", workers=2, progress=False)
+    m = r.metrics
+    size = tuple(int(v) for v in a.size.split("x"))
+    probe = {} if a.skip_probe else frozen_probe(png, data, a.model, a.pretrained, size)
+    hist = pd.read_csv(run / "metrics.csv")
+    out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size,
+               epochs=a.epochs, train_images=int(len(pd.read_csv(data / "train.csv"))),
+               test_images=int(len(imgs)), test_breast_auc=m["breast_mean_auc"],
+               test_breast_pr_auc=m["breast_mean_pr_auc"], test_image_auc=m["image_auc"],
+               test_breast_best_f1=m["breast_mean_best_f1"], probe=probe,
+               val_auc_by_epoch=[round(float(v), 4) for v in hist.breast_mean_auc],
+               train_loss_by_epoch=[round(float(v), 4) for v in hist.train_loss],
+               seconds=round(time.perf_counter() - t0))
+    res = REPO / "benchmarks" / "results"
+    res.mkdir(exist_ok=True)
+    (res / f"realdata_{out['date']}_{a.model}_{a.size}.json").write_text(json.dumps(out, indent=1))
+    curves(run / "metrics.csv", res / f"realdata_{out['date']}_{a.model}_{a.size}.png",
+           f"{a.model} ({a.pretrained}) at {a.size} on real RSNA images")
+    print(f"\n| recipe | held-out breast AUC | breast PR-AUC | image AUC |\n|---|---|---|---|")
+    if probe:
+        print(f"| frozen {a.model} features + logistic regression | {probe['breast_auc']:.3f} | "
+              f"{probe['breast_pr_auc']:.3f} | {probe['image_auc']:.3f} |")
+    print(f"| fine-tuned {a.model} ({a.pretrained}) {a.size}, {a.epochs} epochs | {m['breast_mean_auc']:.3f} | "
+          f"{m['breast_mean_pr_auc']:.3f} | {m['image_auc']:.3f} |")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
