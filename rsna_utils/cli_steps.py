@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from rsna_utils.errors import RsnaError
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -35,7 +38,7 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
         s = Preprocessor(cfg, backend=backend, workers=a.workers,
                          progress=not a.quiet).run(a.images, a.csv, a.out, a.shard)
         print(s.line())
-    return 1 if s.processed == 0 and s.failed > 0 else 0
+    return 1 if s.processed + s.skipped == 0 and s.failed > 0 else 0
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -61,10 +64,28 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_oof(a: argparse.Namespace) -> int:
+    from rsna_utils.oof import write_ensemble
+    r = write_ensemble(a.runs, a.out, agg=a.agg, mode=a.mode)
+    print(f"{r['n_breasts']} out-of-fold breasts ({r['n_positives']} positive) from {len(a.runs)} runs: "
+          f"AUC {r['auc']:.3f}, PR-AUC {r['pr_auc']:.3f}; binarised pF1 {r['pf1']:.3f} at "
+          f"{r['binarize']} (threshold {r['threshold']:.4f}); wrote {a.out}")
+    return 0
+
+
 def _cmd_predict(a: argparse.Namespace) -> int:
     from rsna_utils.predict import predict
+    threshold, binarize = None, a.binarize
+    if a.ensemble:     # the out-of-fold cut of `rsna oof`, and how it binarises
+        import json
+        try:
+            ens = json.loads(Path(a.ensemble).read_text())
+        except (OSError, ValueError) as e:
+            raise RsnaError(f"{a.ensemble}: cannot read the ensemble JSON ({e}); run `rsna oof` first") from None
+        threshold, binarize = ens["threshold"], binarize or ens.get("binarize", "threshold")
     r = predict(a.images, a.csv, a.checkpoints, a.out, a.sample_submission, a.labels, a.tta,
-                a.agg, a.binarize, a.batch_size, a.workers, a.device, a.backend, not a.quiet)
+                a.agg, binarize, a.batch_size, a.workers, a.device, a.backend, not a.quiet,
+                threshold=threshold)
     n = len(r.images)
     print(f"predicted {n} images ({len(r.warnings)} unreadable, see the warnings file) for "
           f"{len(r.submission)} breasts in {r.seconds:.1f} s ({n / r.seconds:.2f} img/s)"
@@ -127,6 +148,14 @@ def register(sub) -> None:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_cmd_demo)
 
+    o = sub.add_parser("oof", help="merge out-of-fold predictions, tune the ensemble's threshold")
+    o.add_argument("--runs", nargs="+", required=True,
+                   help="training run folders: every fold of every model of the ensemble")
+    o.add_argument("--out", default="ensemble.json")
+    o.add_argument("--agg", choices=["mean", "max"], default="mean", help="as the submission")
+    o.add_argument("--mode", choices=["threshold", "quantile"], default="threshold")
+    o.set_defaults(func=_cmd_oof)
+
     q = sub.add_parser("predict", help="test DICOMs + checkpoints -> submission.csv")
     q.add_argument("--images", required=True, help="test_images folder")
     q.add_argument("--csv", required=True, help="test.csv")
@@ -138,6 +167,8 @@ def register(sub) -> None:
     q.add_argument("--tta", action="store_true", help="average with the horizontal flip")
     q.add_argument("--agg", choices=["mean", "max"], default="mean")
     q.add_argument("--binarize", default=None, help="threshold (the checkpoint's) or quantile:0.02")
+    q.add_argument("--ensemble", default=None,
+                   help="ensemble.json of `rsna oof`: binarise at its out-of-fold threshold")
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--workers", type=int, default=2, help="preprocessing processes")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

