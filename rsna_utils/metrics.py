@@ -32,18 +32,87 @@ def fbeta_at(labels, predictions, threshold: float, beta: float = 1.0) -> float:
     return pfbeta(labels, (np.asarray(predictions) >= threshold).astype(float), beta)
 
 
+def _fbeta_counts(tp, fp, n_pos, beta: float) -> np.ndarray:
+    """Binarized F-beta from counts: (1+b2)TP / ((1+b2)TP + b2 FN + FP); 0 where undefined."""
+    b2 = beta * beta
+    tp = np.asarray(tp, dtype=np.float64)
+    fp = np.asarray(fp, dtype=np.float64)
+    num = (1 + b2) * tp
+    den = num + b2 * (n_pos - tp) + fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f = np.where((den > 0) & (tp > 0), num / np.where(den > 0, den, 1.0), 0.0)
+    return f
+
+
+def _threshold_curve(labels, predictions, beta: float = 1.0,
+                     thresholds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Candidate thresholds (ascending), the binarized F-beta at each ("score >= t is
+    positive"), the number of predictions called positive at each, and n.
+
+    Candidates: every distinct finite score, or the given `thresholds`. NaN predictions are
+    never positive (as `fbeta_at`), but a NaN-scored cancer still counts as a false negative.
+    Sort once, then suffix sums give TP/FP at every candidate: O((n + m) log n)."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.asarray(predictions, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels ({y.size}) and predictions ({p.size}) differ in length")
+    pos = y == 1
+    n_pos = int(pos.sum())
+    ok = ~np.isnan(p)
+    p, pos = p[ok], pos[ok]
+    order = np.argsort(p, kind="mergesort")
+    ps, poss = p[order], pos[order]
+    # suffix[i] = positives among ps[i:], i = 0..n
+    suffix_pos = np.concatenate([np.cumsum(poss[::-1])[::-1], [0]])
+    if thresholds is None:
+        cand = np.unique(ps)
+    else:
+        cand = np.asarray(thresholds, dtype=np.float64).ravel()
+        cand = np.unique(cand[~np.isnan(cand)])
+    idx = np.searchsorted(ps, cand, side="left")      # first score >= t
+    called = len(ps) - idx
+    tp = suffix_pos[idx]
+    fp = called - tp
+    return cand, _fbeta_counts(tp, fp, n_pos, beta), called, int(y.size)
+
+
+def _pick(cand: np.ndarray, f: np.ndarray) -> int:
+    """Index of the best F; among (near-)ties the highest threshold, i.e. fewest positives."""
+    best = f.max()
+    near = np.flatnonzero(f >= best - 1e-12 * max(best, 1.0))
+    return int(near[-1])
+
+
 def best_threshold(labels, predictions, beta: float = 1.0,
                    thresholds: np.ndarray | None = None) -> tuple[float, float]:
-    """The threshold that maximises binarized pF-beta, and that score."""
-    p = np.asarray(predictions, dtype=np.float64)
-    if thresholds is None:
-        thresholds = np.unique(np.concatenate([np.quantile(p, np.linspace(0, 1, 201)), [0.5]]))
-    best_t, best = 0.5, -1.0
-    for t in thresholds:
-        s = fbeta_at(labels, p, float(t), beta)
-        if s > best:
-            best_t, best = float(t), s
-    return best_t, max(best, 0.0)
+    """The threshold that maximises binarized pF-beta ("prediction >= threshold" is positive),
+    and that score.
+
+    Exact: every distinct prediction is tried (or only `thresholds` when given), TP/FP at each
+    from one sort and cumulative sums, O(n log n). Ties go to the higher threshold (fewer
+    positives). With no positive label every score is 0.0: the highest candidate is returned
+    with 0.0; with no candidate at all (no predictions, all NaN) (0.5, 0.0)."""
+    cand, f, _, _ = _threshold_curve(labels, predictions, beta, thresholds)
+    if cand.size == 0:
+        return 0.5, 0.0
+    i = _pick(cand, f)
+    return float(cand[i]), max(float(f[i]), 0.0)
+
+
+def best_quantile(labels, predictions, beta: float = 1.0) -> tuple[float, float]:
+    """The top share q of predictions to flag positive ("flag the top q%") that maximises
+    binarized pF-beta, and that score.
+
+    Only shares that a cut can realise are tried (a group of tied scores is flagged whole), so
+    the optimum is that of `best_threshold` and q = (# predictions >= that threshold) / n, n
+    counting every prediction. `predict.binarize(values, "quantile:q")` (np.quantile(values,
+    1 - q), >= cut) flags exactly those k = q n on the same values. Ties go to the smaller q.
+    (0.0, 0.0) when there is nothing to flag."""
+    cand, f, called, n = _threshold_curve(labels, predictions, beta)
+    if cand.size == 0 or n == 0:
+        return 0.0, 0.0
+    i = _pick(cand, f)
+    return float(called[i]) / n, max(float(f[i]), 0.0)
 
 
 def roc_auc(labels, predictions) -> float:
