@@ -262,7 +262,8 @@ def train(cfg: TrainConfig) -> dict:
     from torch.utils.data import DataLoader
 
     from rsna_utils.data import Augment, PngDataset, UpsampleSampler, load_table, worker_init
-    from rsna_utils.models import WeightedBCE, create_model, load_weights, save_checkpoint
+    from rsna_utils.models import (WeightedBCE, create_model, init_head, load_weights,
+                                   save_checkpoint)
 
     rank, world, local_rank = distributed_env()
     device = resolve_device(cfg.device, local_rank)
@@ -304,6 +305,7 @@ def train(cfg: TrainConfig) -> dict:
                          global_pool=cfg.global_pool).to(device)
     if aux:
         model.reset_classifier(1 + len(aux))      # logit 0: cancer; then one per aux target
+        init_head(model)
     if rank == 0 and getattr(model, "pretrained_report", None):
         print(model.pretrained_report, file=sys.stderr)
     if cfg.channels_last:
