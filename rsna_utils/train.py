@@ -44,7 +44,8 @@ class TrainConfig:
     seed: int = 42
     workers: int = 2
     pretrained_path: str | None = None
-    global_pool: str = "avg"                # avg | max | avgmax | catavgmax
+    global_pool: str = "avg"                # avg | max | avgmax | catavgmax | gem
+    drop_path: float = 0.0                  # stochastic depth rate (timm drop_path_rate)
     ema: float = 0.0                        # EMA decay (e.g. 0.999); 0 = off
     select_by: str = "auc"                  # best.pt by breast auc | pr_auc | pf1
     aux: list = field(default_factory=list) # auxiliary targets, e.g. [BIRADS, density, view]
@@ -302,7 +303,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # model
     model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
-                         global_pool=cfg.global_pool).to(device)
+                         global_pool=cfg.global_pool, drop_path=cfg.drop_path).to(device)
     if aux:
         model.reset_classifier(1 + len(aux))      # logit 0: cancer; then one per aux target
         init_head(model)

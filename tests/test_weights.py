@@ -234,3 +234,13 @@ def test_classifier_head_starts_small_on_every_backbone():
     for name in ("tf_efficientnet_lite0", "resnet18"):
         head = create_model(name).get_classifier()
         assert float(head.weight.std()) < 0.02 and float(head.bias.abs().max()) == 0.0, name
+
+
+def test_gem_pooling_and_a_pooling_the_backbone_cannot_take():
+    import torch
+    from rsna_utils.errors import RsnaError
+    from rsna_utils.models import create_model
+    m = create_model("resnet18", 1, global_pool="gem", drop_path=0.1)
+    assert m(torch.rand(2, 1, 64, 32)).shape == (2, 1) and "global_pool.p" in m.state_dict()
+    with pytest.raises(RsnaError, match="convnext_tiny.*catavgmax.*avg"):
+        create_model("convnext_tiny", global_pool="catavgmax")
