@@ -105,6 +105,7 @@ def main() -> int:
     ap.add_argument("--batch-size", default="16")
     ap.add_argument("--limit", type=int, default=None, help="wrap only about this many images")
     ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--tta", action="store_true", help="predict with the horizontal flip too")
     a = ap.parse_args()
     src = a.src or find_realdata()
     if src is None:
@@ -127,12 +128,12 @@ def main() -> int:
     from rsna_utils.predict import predict
     imgs = pd.read_csv(data / "test.csv")
     r = predict(data / "test_images", data / "test.csv", [run / "best.pt"], run / "submission.csv",
-                labels=data / "test_labels.csv", workers=2, progress=False)
+                labels=data / "test_labels.csv", workers=2, progress=False, tta=a.tta)
     m = r.metrics
     size = tuple(int(v) for v in a.size.split("x"))
     probe = {} if a.skip_probe else frozen_probe(png, data, a.model, a.pretrained, size)
     hist = pd.read_csv(run / "metrics.csv")
-    out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size,
+    out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size, tta=a.tta,
                epochs=a.epochs, train_images=int(len(pd.read_csv(data / "train.csv"))),
                test_images=int(len(imgs)), test_breast_auc=m["breast_mean_auc"],
                test_breast_pr_auc=m["breast_mean_pr_auc"], test_image_auc=m["image_auc"],

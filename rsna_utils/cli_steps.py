@@ -47,7 +47,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
                                        "batch_size", "lr", "pos_weight", "upsample", "split",
                                        "fold", "folds", "seed", "workers", "pretrained_path",
                                        "device", "channels", "max_steps", "global_pool",
-                                       "select_by", "ema", "augment", "aux", "aux_weight",
+                                       "select_by", "ema", "augment", "aux", "aux_weight", "target_ratio",
                                        "drop_path")}
     if a.resume:
         over["resume"] = True
@@ -189,7 +189,9 @@ def register(sub) -> None:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--pos-weight", type=float, help="w_pos of the weighted BCE (e.g. 5)")
-    t.add_argument("--upsample", type=float, help="repeat positives this many times per epoch")
+    t.add_argument("--upsample", type=float, help="repeat positives this many times per epoch "
+                   "(default 1: positives are repeated up to --target-ratio of each epoch)")
+    t.add_argument("--target-ratio", type=float, help="positives' share of each epoch (default 0.1)")
     t.add_argument("--split", choices=["holdout", "kfold"])
     t.add_argument("--folds", type=int)
     t.add_argument("--fold", type=int)

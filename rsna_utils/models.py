@@ -45,9 +45,12 @@ def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | Non
                                   drop_rate=drop_rate, global_pool="avg" if global_pool == "gem"
                                   else global_pool, **kw)
         if global_pool == "gem":
-            if not hasattr(model, "global_pool"):
+            if hasattr(model, "global_pool"):              # resnet, efficientnet, ...
+                model.global_pool = GeM()
+            elif hasattr(getattr(model, "head", None), "global_pool"):   # convnext: pool, norm, flatten
+                model.head.global_pool = GeM(flatten=False)
+            else:
                 raise TypeError("no global_pool layer to replace")
-            model.global_pool = GeM()
         if global_pool != "avg":
             _check_forward(model, in_chans)
     except (TypeError, RuntimeError, AssertionError, ValueError) as e:
@@ -77,11 +80,11 @@ def _gem_class():
         """Generalised mean pooling, (mean x^p)^(1/p) with a learnt p (3 at start): between
         average (p = 1) and max pooling; flattens like timm's pooling layer."""
 
-        def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        def __init__(self, p: float = 3.0, eps: float = 1e-6, flatten: bool = True):
             super().__init__()
             self.p = torch.nn.Parameter(torch.tensor(float(p)))
             self.eps = eps
-            self.flatten = torch.nn.Flatten(1)
+            self.flatten = torch.nn.Flatten(1) if flatten else torch.nn.Identity()
 
         def forward(self, x):
             x = x.float().clamp(min=self.eps).pow(self.p)
@@ -95,8 +98,8 @@ def _gem_class():
     return GeM
 
 
-def GeM(p: float = 3.0):
-    return _gem_class()(p)
+def GeM(p: float = 3.0, flatten: bool = True):
+    return _gem_class()(p, flatten=flatten)
 
 
 def init_head(model, std: float = 0.01) -> None:
