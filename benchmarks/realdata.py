@@ -123,7 +123,7 @@ def main() -> int:
     rsna("train", "--data", str(png), "--csv", str(data / "train.csv"), "--out", str(run),
          "--model", a.model, "--pretrained-path", a.pretrained, "--size", a.size,
          "--epochs", str(a.epochs), "--batch-size", a.batch_size, "--lr", a.lr,
-         "--pos-weight", "1", "--upsample", "1", "--workers", "2", "--quiet")
+         "--pos-weight", "1", "--upsample", "1", "--augment", "true", "--workers", "2", "--quiet")
     # what `rsna predict --labels` runs, in-process to keep the per-image scores
     from rsna_utils.predict import predict
     imgs = pd.read_csv(data / "test.csv")

@@ -102,6 +102,23 @@ def GeM(p: float = 3.0, flatten: bool = True):
     return _gem_class()(p, flatten=flatten)
 
 
+def set_outputs(model, n: int) -> None:
+    """Give the classifier n outputs (1 + auxiliary targets) without touching the pooling (timm's
+    reset_classifier rebuilds the pooling layer too, which would drop GeM)."""
+    import torch
+    old = model.get_classifier()
+    if not isinstance(old, torch.nn.Linear):
+        raise RsnaError(f"{type(model).__name__}: its classifier is a {type(old).__name__}, not a "
+                        "linear layer; auxiliary targets need a linear head (use another backbone)")
+    parent, path = model, model.pretrained_cfg.get("classifier", "fc").split(".")
+    for name in path[:-1]:
+        parent = getattr(parent, name)
+    if getattr(parent, path[-1], None) is not old:
+        raise RsnaError(f"{type(model).__name__}: classifier not found at {'.'.join(path)!r}")
+    setattr(parent, path[-1], torch.nn.Linear(old.in_features, n))
+    init_head(model)
+
+
 def init_head(model, std: float = 0.01) -> None:
     """Small random weights and zero bias for the classifier. timm's EfficientNet init draws a
     1-output head from U(-1, 1) (its range is 1/sqrt(fan_out)): with the pretrained Lite0 the first

@@ -11,6 +11,8 @@ runs/<name>/; the run stops at the first failing notebook and names it with its 
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -103,5 +105,10 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
                             f"{e.evalue} (executed copy with the traceback: {out})") from None
         done.append(dict(step=step_name, notebook=str(out), seconds=round(time.perf_counter() - t0, 1)))
     sub = run_dir / "submission.csv"
+    kaggle = Path(os.environ.get("KAGGLE_WORKING", "/kaggle/working"))
+    if sub.exists() and Path(runs).resolve() == kaggle.resolve():
+        # Kaggle scores /kaggle/working/submission.csv, not the plan's sub-folder
+        shutil.copyfile(sub, kaggle / "submission.csv")
+        sub = kaggle / "submission.csv"
     return {"run_dir": str(run_dir), "notebooks": done,
             "submission": str(sub) if sub.exists() else None}

@@ -34,7 +34,7 @@ class LoadedModel:
 
 def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel], dict]:
     """Models and the one preprocessing config they share (an ensemble must agree on it)."""
-    from rsna_utils.models import create_model, load_weights
+    from rsna_utils.models import create_model, load_weights, set_outputs
     if not paths:
         raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
     models, pre, shape = [], None, None
@@ -51,7 +51,7 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
         model = create_model(ck["model_name"], ck.get("channels", 3),
                              global_pool=ck.get("global_pool", "avg"))
         if ck.get("aux"):
-            model.reset_classifier(1 + len(ck["aux"]))   # logit 0 is the cancer
+            set_outputs(model, 1 + len(ck["aux"]))       # logit 0 is the cancer
         try:
             model.load_state_dict(ck["model"])
         except RuntimeError as e:

@@ -267,8 +267,8 @@ def train(cfg: TrainConfig) -> dict:
     from torch.utils.data import DataLoader
 
     from rsna_utils.data import Augment, PngDataset, UpsampleSampler, load_table, worker_init
-    from rsna_utils.models import (WeightedBCE, create_model, init_head, load_weights,
-                                   save_checkpoint)
+    from rsna_utils.models import (WeightedBCE, create_model, load_weights, save_checkpoint,
+                                   set_outputs)
 
     rank, world, local_rank = distributed_env()
     device = resolve_device(cfg.device, local_rank)
@@ -310,8 +310,7 @@ def train(cfg: TrainConfig) -> dict:
     model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
                          global_pool=cfg.global_pool, drop_path=cfg.drop_path).to(device)
     if aux:
-        model.reset_classifier(1 + len(aux))      # logit 0: cancer; then one per aux target
-        init_head(model)
+        set_outputs(model, 1 + len(aux))          # logit 0: cancer; then one per aux target
     if rank == 0 and getattr(model, "pretrained_report", None):
         print(model.pretrained_report, file=sys.stderr)
     if cfg.channels_last:

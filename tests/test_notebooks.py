@@ -76,7 +76,7 @@ def test_a_failing_notebook_stops_the_plan_and_names_itself(tmp_path, synth_smal
     plan.write_text(json.dumps({"name": "bad", "steps": [
         {"notebook": "03_train.ipynb", "parameters": {"model": "no_such_net", "data_dir": str(synth_small)}},
         {"notebook": "01_eda.ipynb"}]}))
-    with pytest.raises(RsnaError, match=r"notebook 03_train failed in cell \d+: RsnaError: .*missing"):
+    with pytest.raises(RsnaError, match=r"notebook 03_train failed in cell \d+: RsnaError: unknown model .no_such_net"):
         run_plan(plan, data=synth_small, runs=tmp_path, progress=False)
     assert not (tmp_path / "bad" / "01_eda.ipynb").exists()
 
@@ -94,3 +94,16 @@ def test_kaggle_plan_trains_every_fold_it_ensembles_and_binarises():
     assert all(p.get("pretrained_path") for p in train.values())
     assert max(p["size"][0] for p in train.values()) >= 1536
     assert all(p["size"][0] == 2 * p["size"][1] for p in train.values())
+
+
+def test_on_kaggle_the_submission_lands_where_kaggle_scores_it(tmp_path, monkeypatch):
+    from rsna_utils.notebooks import run_plan
+    working = tmp_path / "working"
+    monkeypatch.setenv("KAGGLE_WORKING", str(working))
+    (working / "kaggle").mkdir(parents=True)
+    (working / "kaggle" / "submission.csv").write_text("prediction_id,cancer\n1_L,0\n")
+    r = run_plan("kaggle", data=tmp_path, runs=working, only=["no-such-step"], progress=False)
+    assert r["submission"] == str(working / "submission.csv")
+    assert (working / "submission.csv").read_text().startswith("prediction_id,cancer")
+    other = run_plan("kaggle", data=tmp_path, runs=tmp_path / "elsewhere", only=["x"], progress=False)
+    assert other["submission"] is None
