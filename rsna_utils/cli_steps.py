@@ -76,16 +76,22 @@ def _cmd_oof(a: argparse.Namespace) -> int:
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from rsna_utils.predict import predict
-    threshold, binarize = None, a.binarize
+    threshold, binarize, agg = None, a.binarize, a.agg
     if a.ensemble:     # the out-of-fold cut of `rsna oof`, and how it binarises
         import json
         try:
             ens = json.loads(Path(a.ensemble).read_text())
-        except (OSError, ValueError) as e:
-            raise RsnaError(f"{a.ensemble}: cannot read the ensemble JSON ({e}); run `rsna oof` first") from None
-        threshold, binarize = ens["threshold"], binarize or ens.get("binarize", "threshold")
+            threshold = float(ens["threshold"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RsnaError(f"{a.ensemble}: not an ensemble JSON with a threshold ({type(e).__name__}: "
+                            f"{e}); write it with `rsna oof`") from None
+        if agg is not None and agg != ens.get("agg", "mean"):
+            raise RsnaError(f"{a.ensemble}: its threshold was tuned on {ens.get('agg')}-aggregated "
+                            f"breasts but --agg is {agg}; drop --agg or rerun `rsna oof --agg {agg}`")
+        agg, binarize = ens.get("agg", "mean"), binarize or ens.get("binarize", "threshold")
+    agg = agg or "mean"
     r = predict(a.images, a.csv, a.checkpoints, a.out, a.sample_submission, a.labels, a.tta,
-                a.agg, binarize, a.batch_size, a.workers, a.device, a.backend, not a.quiet,
+                agg, binarize, a.batch_size, a.workers, a.device, a.backend, not a.quiet,
                 threshold=threshold)
     n = len(r.images)
     print(f"predicted {n} images ({len(r.warnings)} unreadable, see the warnings file) for "
@@ -166,7 +172,8 @@ def register(sub) -> None:
     q.add_argument("--labels", default=None,
                    help="CSV with image_id,cancer: also print image/breast pF1, AUC, threshold")
     q.add_argument("--tta", action="store_true", help="average with the horizontal flip")
-    q.add_argument("--agg", choices=["mean", "max"], default="mean")
+    q.add_argument("--agg", choices=["mean", "max"], default=None,
+                   help="views -> breast (default mean, or the --ensemble JSON's)")
     q.add_argument("--binarize", default=None, help="threshold (the checkpoint's) or quantile:0.02")
     q.add_argument("--ensemble", default=None,
                    help="ensemble.json of `rsna oof`: binarise at its out-of-fold threshold")
@@ -211,7 +218,7 @@ def register(sub) -> None:
     t.add_argument("--aux-weight", type=float, help="their loss weight (default 0.1)")
     t.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999 (0 = off)")
     t.add_argument("--augment", type=lambda v: v.lower() in ("1", "true", "yes", "on"),
-                   help="true/false (default true)")
+                   help="true/false (default false; on for long runs on real data)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)

@@ -3,6 +3,7 @@ samplers that upsample positives (single process or DDP)."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import cv2
@@ -140,7 +141,7 @@ class Augment:
                              interpolation=cv2.INTER_LINEAR)
         img = np.ascontiguousarray(img)
         if self.dropout and rng.random() < self.dropout:
-            img = img.copy() if not img.flags.writeable else img
+            img = img.copy()     # never write into a cached array
             for _ in range(int(rng.integers(1, self.dropout_holes + 1))):
                 bh = max(1, int(h * rng.uniform(0.3, 1.0) * self.dropout_size))
                 bw = max(1, int(w * rng.uniform(0.3, 1.0) * self.dropout_size))
@@ -259,10 +260,11 @@ class PngDataset:
         seeded by the dataset seed and the DataLoader worker's seed."""
         import torch
         info = torch.utils.data.get_worker_info()
-        key = (info.id, info.seed % 2**32) if info is not None else (-1, 0)
+        rank = int(os.environ.get("RANK", 0))       # DDP ranks share torch seeds: keep them apart
+        key = (info.id, info.seed % 2**32, rank) if info is not None else (-1, 0, rank)
         if getattr(self, "_rng_key", None) != key:
             self._rng_key = key
-            self._rng_state = np.random.default_rng([self.seed, key[0] + 1, key[1]])
+            self._rng_state = np.random.default_rng([self.seed, key[0] + 1, key[1], key[2]])
         return self._rng_state
 
     def read(self, i: int) -> np.ndarray:

@@ -16,7 +16,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -141,6 +140,25 @@ def compare_decodes(gpu_out, cpu_out: np.ndarray, precision: int) -> str:
     return f"wrong: {int(bad.sum())} of {bad.size} probe pixels differ (max {int(np.abs(g - c).max())})"
 
 
+def looks_scaled(x, precision: int, n: int = 4096) -> bool:
+    """True when the values exceed 2**P - 1 and a sample of them survives the round trip
+    stored -> 16-bit -> stored (the mark of a P-bit image scaled to 16 bits)."""
+    top = 2 ** precision - 1
+    if hasattr(x, "cpu"):
+        flat = x.reshape(-1)
+        mx = int(flat.max())
+        idx = np.linspace(0, flat.numel() - 1, min(n, flat.numel())).astype(np.int64)
+        v = flat[idx].cpu().numpy().astype(np.float64)
+    else:
+        flat = np.asarray(x).reshape(-1)
+        mx = int(flat.max())
+        v = flat[np.linspace(0, flat.size - 1, min(n, flat.size)).astype(np.int64)].astype(np.float64)
+    if mx <= top:
+        return False
+    back = np.rint(np.rint(v * top / 65535.0) * 65535.0 / top)
+    return bool(np.all(back == v))
+
+
 class DecodeRules:
     """Per (transfer syntax, container, precision): how a GPU decoder's output relates to the
     stored values, learnt once per decoder from a probe (see above)."""
@@ -183,8 +201,12 @@ class DecodeRules:
         return None
 
     def fix(self, x, h, cs):
-        """The decoder's output as stored values (undo the 16-bit scaling where it applies)."""
-        if self.modes.get((h.transfer_syntax, cs.kind, cs.precision)) == "scaled":
+        """The decoder's output as stored values. Where the probe said "scaled" (or could not be
+        run), each file is checked too: a real RSNA JP2 file came back from DALI unscaled while
+        probes were scaled, so the rescale applies only when this file's values sit on the
+        16-bit grid of its precision and go above 2**P - 1."""
+        mode = self.modes.get((h.transfer_syntax, cs.kind, cs.precision))
+        if mode in ("scaled", "unverified") and cs.precision < 16 and looks_scaled(x, cs.precision):
             return rescale_to_precision(x, cs.precision)
         return x
 
@@ -443,7 +465,13 @@ def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool:
     import torch
 
     from rsna_utils.preprocess import preprocess_image
-    loaded = [f.result() for f in (loading or load_frames(paths, cfg, pool))]
+    from concurrent.futures.process import BrokenProcessPool
+    try:
+        loaded = [f.result() for f in (loading or load_frames(paths, cfg, pool))]
+    except BrokenProcessPool:
+        raise RsnaError("the frame-reading worker processes could not start or died. From a Python "
+                        "script, put the call under `if __name__ == \"__main__\":` (workers start "
+                        "with forkserver), or pass load_workers=0 (threads)") from None
     results: list = [None] * len(paths)
     why = {}
     for i, (h, f, cs, e) in enumerate(loaded):
@@ -476,8 +504,14 @@ def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool:
             meta.update(backend=backend, gpu_route="gpu", decode_ms=round(per, 2),
                         total_ms=round(per + (time.perf_counter() - t1) * 1e3, 2))
             results[i] = (img, meta, None)
+        except DecodeError as e:
+            why[i] = str(e)
         except RsnaError as e:
             results[i] = (None, None, str(e))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:   # a torch / CUDA error (e.g. out of memory) costs this file's GPU pass only
+            why[i] = f"GPU step failed ({type(e).__name__}: {str(e)[:120]})"
 
     def cpu_one(i):
         try:

@@ -47,8 +47,8 @@ def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | Non
         if global_pool == "gem":
             if hasattr(model, "global_pool"):              # resnet, efficientnet, ...
                 model.global_pool = GeM()
-            elif hasattr(getattr(model, "head", None), "global_pool"):   # convnext: pool, norm, flatten
-                model.head.global_pool = GeM(flatten=False)
+            elif hasattr(getattr(model, "head", None), "global_pool"):
+                pass   # convnext pools signed features before its LayerNorm: GeM needs x >= 0, avg stays
             else:
                 raise TypeError("no global_pool layer to replace")
         if global_pool != "avg":
@@ -115,7 +115,8 @@ def set_outputs(model, n: int) -> None:
         parent = getattr(parent, name)
     if getattr(parent, path[-1], None) is not old:
         raise RsnaError(f"{type(model).__name__}: classifier not found at {'.'.join(path)!r}")
-    setattr(parent, path[-1], torch.nn.Linear(old.in_features, n))
+    setattr(parent, path[-1], torch.nn.Linear(old.in_features, n, device=old.weight.device,
+                                              dtype=old.weight.dtype))
     init_head(model)
 
 

@@ -360,9 +360,10 @@ def train(cfg: TrainConfig) -> dict:
             row.update(m)
             history.append(row)
             # threshold-free first: pF1 of raw probabilities mostly measures calibration
-            key = {"auc": "breast_mean_auc", "pr_auc": "breast_mean_pr_auc", "pf1": "breast_mean_pf1"}
-            score = (_nan0(m[key[cfg.select_by]]), _nan0(m["breast_mean_pr_auc"]), _nan0(m["breast_mean_auc"]))
-            improved = best is None or score > tuple(best["score"])
+            score = selection_score(m, cfg.select_by)
+            # rebuilt from the stored metrics: a resumed run may select by another measure, and
+            # older checkpoints stored (pF1, AUC)
+            improved = best is None or score > selection_score(best.get("metrics", {}), cfg.select_by)
             state = {   # last.pt: the live weights and the EMA apart (resume needs both)
                 "model": _state(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
@@ -394,6 +395,13 @@ def train(cfg: TrainConfig) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return best or {}
+
+
+def selection_score(m: dict, select_by: str) -> tuple:
+    """What picks best.pt: the chosen breast-level measure, then PR-AUC, then AUC."""
+    key = {"auc": "breast_mean_auc", "pr_auc": "breast_mean_pr_auc", "pf1": "breast_mean_pf1"}
+    return (_nan0(m.get(key[select_by])), _nan0(m.get("breast_mean_pr_auc")),
+            _nan0(m.get("breast_mean_auc")))
 
 
 def parse_size(size) -> list[int]:

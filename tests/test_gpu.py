@@ -328,3 +328,22 @@ def test_gpu_pipeline_reads_frames_in_worker_processes(tmp_path, synth_small):
         a = cv2.imread(str(tmp_path / "0" / runs[0].loc[iid, "png"]), cv2.IMREAD_UNCHANGED)
         b = cv2.imread(str(tmp_path / "2" / runs[2].loc[iid, "png"]), cv2.IMREAD_UNCHANGED)
         assert np.array_equal(a, b), iid
+
+
+def test_the_scaled_rule_is_checked_per_file():
+    """A probe said "scaled", but a file that comes back unscaled (as a real RSNA JP2 did from
+    DALI) must not be divided by 16; a scaled one is brought back exactly."""
+    import torch
+    from rsna_utils.dicom_io import DicomHeader
+    from rsna_utils.frames import Codestream
+    stored = np.random.default_rng(0).integers(0, 4096, (64, 48)).astype(np.int64)
+    stored[0, 0] = 4095
+    scaled = np.rint(stored * 65535 / 4095)
+    assert gpu.looks_scaled(scaled, 12) and not gpu.looks_scaled(stored, 12)
+    assert gpu.looks_scaled(torch.from_numpy(scaled.astype(np.int32)), 12)
+    rules = gpu.DecodeRules(FakeGpuDecoder("scaled"), "fake")
+    h = DicomHeader(path="x.dcm", transfer_syntax=synth.JPEG2000_LOSSLESS, rows=64, columns=48)
+    cs = Codestream("jp2", 64, 48, 12, 1)
+    rules.modes[(h.transfer_syntax, "jp2", 12)] = "scaled"
+    assert np.array_equal(rules.fix(scaled, h, cs), stored)
+    assert np.array_equal(rules.fix(stored, h, cs), stored)

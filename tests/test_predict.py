@@ -106,3 +106,17 @@ def test_aggregate_and_binarize():
     assert binarize(v, "quantile:0.1", 0.5).sum() == 11
     with pytest.raises(RsnaError):
         binarize(v, "quantile:2", 0.5)
+
+
+def test_ensemble_threshold_refuses_another_aggregation(tmp_path, capsys):
+    import json
+    from rsna_utils.cli import main
+    ens = tmp_path / "ensemble.json"
+    ens.write_text(json.dumps({"threshold": 0.3, "agg": "max", "binarize": "threshold"}))
+    rc = main(["predict", "--images", str(tmp_path), "--csv", str(tmp_path / "t.csv"),
+               "--checkpoints", str(tmp_path / "b.pt"), "--ensemble", str(ens), "--agg", "mean"])
+    assert rc == 2 and "tuned on max-aggregated" in capsys.readouterr().err
+    ens.write_text("{}")
+    rc = main(["predict", "--images", str(tmp_path), "--csv", str(tmp_path / "t.csv"),
+               "--checkpoints", str(tmp_path / "b.pt"), "--ensemble", str(ens)])
+    assert rc == 2 and "rsna oof" in capsys.readouterr().err
