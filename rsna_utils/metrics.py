@@ -163,3 +163,49 @@ def evaluate(df: pd.DataFrame, pred_col: str = "prediction", label_col: str = "c
                     f"{name}_best_f1": f, f"{name}_n": int(len(d)),
                     f"{name}_positives": int(np.sum(y))})
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# Calibration: is a predicted 0.1 right one time in ten?
+# ----------------------------------------------------------------------------------------
+
+def brier_score(labels, predictions) -> float:
+    """Mean squared error of the probabilities, mean((p - y)^2); lower is better."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.asarray(predictions, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels ({y.size}) and predictions ({p.size}) differ in length")
+    return float(np.mean((p - y) ** 2)) if y.size else float("nan")
+
+
+def calibration_bin(predictions, n_bins: int = 10) -> np.ndarray:
+    """Bin index 0..n_bins-1 of each probability: equal-width bins [k/n, (k+1)/n), the last
+    one closed at 1.0 (values are clipped to [0, 1] first)."""
+    p = np.clip(np.asarray(predictions, dtype=np.float64).ravel(), 0.0, 1.0)
+    return np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+
+
+def reliability_table(labels, predictions, n_bins: int = 10) -> pd.DataFrame:
+    """The reliability diagram as a table: per equal-width bin its range, count, mean
+    prediction and observed share of positives (NaN in empty bins)."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.asarray(predictions, dtype=np.float64).ravel()
+    b = calibration_bin(p, n_bins)
+    n = np.bincount(b, minlength=n_bins)
+    sp = np.bincount(b, weights=np.clip(p, 0, 1), minlength=n_bins)
+    sy = np.bincount(b, weights=y, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame({"bin": np.arange(n_bins), "lo": np.arange(n_bins) / n_bins,
+                             "hi": np.arange(1, n_bins + 1) / n_bins, "n": n,
+                             "mean_prediction": np.where(n > 0, sp / np.maximum(n, 1), np.nan),
+                             "observed_rate": np.where(n > 0, sy / np.maximum(n, 1), np.nan)})
+
+
+def expected_calibration_error(labels, predictions, n_bins: int = 10) -> float:
+    """ECE: sum over equal-width bins of (bin share) * |mean prediction - share positive|."""
+    t = reliability_table(labels, predictions, n_bins)
+    used = t["n"] > 0
+    if not used.any():
+        return float("nan")
+    w = t.loc[used, "n"] / t.loc[used, "n"].sum()
+    return float((w * (t.loc[used, "mean_prediction"] - t.loc[used, "observed_rate"]).abs()).sum())

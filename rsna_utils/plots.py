@@ -177,3 +177,69 @@ def timing_histogram(png_dir: str | Path):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def close(fig) -> None:
+    """Free a figure that was saved (a report makes many)."""
+    _plt().close(fig)
+
+
+def _ci(h: dict, k: str) -> str:
+    return f"{h[k]:.3f} [{h[k + '_low']:.3f}, {h[k + '_high']:.3f}]"
+
+
+def roc_pr_bands(roc: pd.DataFrame, pr: pd.DataFrame, headline: dict):
+    """ROC and PR curves with their bootstrap bands (`evaluate.evaluate_predictions`)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    axes[0].fill_between(roc.fpr, roc.tpr_low, roc.tpr_high, alpha=0.25, label="95% CI")
+    axes[0].plot(roc.fpr, roc.tpr, label=f"AUC {_ci(headline, 'auc')}")
+    axes[0].plot([0, 1], [0, 1], "--", color="gray")
+    s, t = headline.get("sensitivity"), headline.get("specificity")
+    if s is not None and t is not None:
+        axes[0].plot([1 - t], [s], "o", color="tab:red",
+                     label=f"threshold {headline['threshold']:.3g}")
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (breast)")
+    axes[1].fill_between(pr.recall, pr.precision_low, pr.precision_high, alpha=0.25, label="95% CI")
+    axes[1].plot(pr.recall, pr.precision, label=f"AP {_ci(headline, 'pr_auc')}")
+    axes[1].axhline(headline.get("prevalence", 0), ls="--", color="gray", label="prevalence")
+    axes[1].set(xlabel="recall", ylabel="precision (interpolated)", title="PR (breast)")
+    for ax in axes:
+        ax.legend(fontsize=8, loc="lower right" if ax is axes[0] else "upper right")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(table: pd.DataFrame, headline: dict):
+    """Observed share of cancers against the mean prediction per bin, and how many per bin."""
+    plt = _plt()
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(5, 5.5), height_ratios=[3, 1], sharex=True)
+    used = table[table.n > 0]
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect")
+    ax.plot(used.mean_prediction, used.observed_rate, "o-",
+            label=f"Brier {_ci(headline, 'brier')}\nECE {_ci(headline, 'ece')}")
+    ax.set(ylabel="observed cancer rate", title="Reliability (breast)", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8, loc="lower right")
+    hx.bar((table.lo + table.hi) / 2, table.n, width=table.hi - table.lo, color="lightgray",
+           edgecolor="gray")
+    hx.set(yscale="log", xlabel="predicted probability", ylabel="breasts")
+    fig.tight_layout()
+    return fig
+
+
+def breakdown_forest(table: pd.DataFrame, metric: str = "auc"):
+    """`metric` with its interval for every subgroup (one row each), the whole set on top."""
+    plt = _plt()
+    t = table.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(t) + 1.2))
+    y = np.arange(len(t))[::-1]
+    est = t[metric].to_numpy(dtype=float)
+    lo = np.nan_to_num(est - t[f"{metric}_low"].to_numpy(dtype=float))
+    hi = np.nan_to_num(t[f"{metric}_high"].to_numpy(dtype=float) - est)
+    ax.errorbar(est, y, xerr=[np.maximum(lo, 0), np.maximum(hi, 0)], fmt="o", capsize=2)
+    labels = [f"{r.breakdown}={r.group} ({r.level}, {r.n_positives}/{r.n})" for r in t.itertuples()]
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.axvline(est[0], ls=":", color="gray")
+    ax.set(xlabel=f"{metric} (95% CI)", title=f"{metric} by subgroup")
+    fig.tight_layout()
+    return fig
