@@ -170,6 +170,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    _register_explain(sub)
     n = sub.add_parser("notebooks", help="run a notebook plan headless with papermill")
     n.add_argument("--plan", default="demo", help="demo, kaggle, or a plan YAML path")
     n.add_argument("--data", default="data/synthetic", help="dataset folder ({data} in the plan)")
@@ -303,3 +304,36 @@ def register(sub) -> None:
                    help="refuse headers declaring more pixels than this")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_preprocess)
+
+
+def _cmd_explain(a: argparse.Namespace) -> int:
+    from rsna_utils.exam_report import write_exam_reports
+    r = write_exam_reports(a.images, a.csv, a.checkpoints, a.out, threshold=a.threshold,
+                           limit=a.limit, device=a.device, progress=not a.quiet, by=a.by,
+                           backend=a.backend, agg=a.agg)
+    n_pos = int(r["exams"]["positive"].sum())
+    print(f"explained {len(r['views'])} views of {len(r['exams'])} exams ({n_pos} positive at "
+          f"threshold {r['threshold']:.4f}) in {r['seconds']:.1f} s; open {r['index']} "
+          f"(peaks per view in {r['heatmaps_csv']})")
+    return 0
+
+
+def _register_explain(sub) -> None:
+    """`rsna explain`: per-exam figures with Grad-CAM heat, index.html, heatmaps.csv."""
+    x = sub.add_parser("explain", help="per-exam figures: the views, Grad-CAM heat mapped to the "
+                       "original pixels, scores and decision; index.html; heatmaps.csv")
+    x.add_argument("--images", required=True, help="folder of {patient_id}/{image_id}.dcm")
+    x.add_argument("--csv", required=True, help="train.csv / test.csv (patient_id, image_id, "
+                   "laterality; view optional)")
+    x.add_argument("--checkpoints", nargs="+", required=True, help="one or more best.pt")
+    x.add_argument("--out", required=True, help="output folder (figures, index.html, heatmaps.csv)")
+    x.add_argument("--threshold", type=float, default=None,
+                   help="breast decision cut (default: the checkpoints' validation threshold)")
+    x.add_argument("--limit", type=int, default=None, help="only the first N exams of the CSV")
+    x.add_argument("--by", choices=["patient", "breast"], default="patient",
+                   help="one figure per patient (default) or per patient and laterality")
+    x.add_argument("--agg", choices=["mean", "max"], default="mean", help="views -> breast score")
+    x.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    x.add_argument("--backend", default="auto", help="CPU decoder: auto, imagecodecs, dicomsdl, pydicom")
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(func=_cmd_explain)
