@@ -198,3 +198,65 @@ def test_make_lab_starts_jupyterlab_with_the_projects_kernel(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
+
+
+def _kaggle_like_venv(root: Path, pins: set) -> Path:
+    """A fresh virtual environment that, like Kaggle's image, already has the PyTorch stack
+    (linked from this environment) and nothing else of ours."""
+    from importlib import metadata
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    provided = root / "image-site-packages"
+    provided.mkdir()
+    here = Path(metadata.distribution("torch").locate_file(""))
+    for name in bundle.closure(bundle.FROM_IMAGE):
+        if name in pins:
+            continue                       # pinned by us (numpy): the bundle must bring it
+        for f in metadata.distribution(name).files or []:
+            top = f.parts[0]
+            if top != ".." and not (provided / top).exists() and (here / top).exists():
+                (provided / top).symlink_to(here / top)
+    site = next(venv.glob("lib/python3*/site-packages"))
+    (site / "kaggle_image.pth").write_text(str(provided) + "\n")
+    return venv
+
+
+@pytest.mark.slow
+def test_bundle_installs_offline_in_a_fresh_env_and_runs_demo_then_submit(tmp_path, synth_small):
+    """The bundle alone (pip --no-index, no pip config) makes a torch-only environment run the
+    demo plan (training + export), then the submit plan on a fake /kaggle mount."""
+    kag = tmp_path / "kaggle"
+    inp, working = kag / "input", kag / "working"
+    working.mkdir(parents=True)
+    info = bundle.build_bundle(inp / "rsna-bundle")
+    assert (inp / "rsna-bundle" / "rsna_bundle.json").exists() and info["wheels"] > 50
+    venv = _kaggle_like_venv(tmp_path, set(bundle.plan_bundle()["pins"]))
+    py = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON", "VIRTUAL"))}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", KAGGLE_INPUT=str(inp),
+               KAGGLE_WORKING=str(working), PATH=f"{venv / 'bin'}:{env.get('PATH', '')}")
+    run = lambda *a: subprocess.run([py, *a], cwd=tmp_path, env=env, text=True,  # noqa: E731
+                                    capture_output=True, timeout=1500)
+    r = run(str(inp / "rsna-bundle" / "install.py"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run("-c", "import rsna_utils, dicomsdl, pylibjpeg, papermill, timm; "
+                  "print(rsna_utils.__file__)")
+    assert r.returncode == 0 and str(venv) in r.stdout, r.stdout + r.stderr   # not the checkout
+    demo = ["epochs=1", "max_steps=2", "n_header_scan=30", "n_samples=6", "workers=1",
+            "03_train_resnet18.size=48"]
+    r = run("-m", "rsna_utils", "notebooks", "--plan", "demo", "--data", str(synth_small),
+            "--runs", str(tmp_path / "runs"), "--quiet", *sum((["-p", p] for p in demo), []))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "runs" / "demo" / "index.html").exists()
+    shutil.copytree(tmp_path / "runs" / "demo" / "rsna-models", inp / "rsna-models")
+    (inp / "rsna-breast-cancer-detection").symlink_to(synth_small)
+    r = run("-m", "rsna_utils", "notebooks", "--plan", "submit", "--data",
+            str(inp / "rsna-breast-cancer-detection"), "--runs", str(working), "--quiet",
+            "-p", "device=cpu", "-p", "workers=1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sub = pd.read_csv(working / "submission.csv")
+    sample = pd.read_csv(synth_small / "sample_submission.csv")
+    assert list(sub.prediction_id) == list(sample.prediction_id)
+    assert set(sub.cancer.unique()) <= {0, 1}                 # binarised at the OOF threshold
+    executed = next(working.glob("*/04_inference_submission.ipynb")).read_text()
+    assert "hidden test" in executed and "images/s" in executed
