@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils import metrics
+from rsna_utils.calibrate import METHODS as CALIBRATIONS, calibrate_oof
 from rsna_utils.errors import RsnaError
 
 PRED_FILE = "val_predictions.csv"
@@ -339,12 +340,26 @@ def ensemble_threshold(oof_df: pd.DataFrame, agg: str = "mean", beta: float = 1.
 
 def write_ensemble(run_dirs: list[str | Path], out_json: str | Path, agg: str = "mean",
                    mode: str = "threshold", beta: float = 1.0,
-                   allow_missing: bool = False) -> dict:
+                   allow_missing: bool = False, calibration: str | None = "platt") -> dict:
     """merge_oof + ensemble_threshold; writes `out_json` (the cut inference applies, with the
     metrics and the runs) and the merged oof_predictions.csv beside it. Returns the dict (with
-    "oof_csv" added)."""
+    "oof_csv" added).
+
+    `calibration` ("platt", "temperature", "isotonic" or None): also fit a calibrator on the
+    same breast-level OOF predictions (`calibrate.calibrate_oof`) and store it, plain JSON
+    numbers, under "calibrator", for `rsna predict --output calibrated`. The threshold is for
+    the raw prediction (calibration is monotone: it would flag the same breasts). When no
+    calibrator can be fitted, "calibrator" is None and "calibration_error" says why."""
+    if calibration is not None and calibration not in CALIBRATIONS:
+        raise RsnaError(f"calibration {calibration!r}: choose one of {', '.join(CALIBRATIONS)} "
+                        "or None")
     df = merge_oof(run_dirs, allow_missing=allow_missing)
     res = ensemble_threshold(df, agg=agg, beta=beta, mode=mode)
+    if calibration is not None:
+        try:
+            res["calibrator"] = calibrate_oof(df, agg=agg, method=calibration)
+        except RsnaError as e:      # e.g. an untrained smoke-test model: keep the threshold
+            res["calibrator"], res["calibration_error"] = None, str(e)
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     oof_csv = out_json.parent / OOF_FILE

@@ -223,6 +223,39 @@ def binarize(values: np.ndarray, how: str | None, threshold: float) -> np.ndarra
     raise RsnaError(f"--binarize {how!r}: choose threshold or quantile:Q")
 
 
+OUTPUTS = ("probability", "calibrated", "binary")
+
+
+def resolve_output(output: str | None, binarize_how: str | None,
+                   calibrator: dict | None = None, agg: str = "mean") -> tuple[str, str | None]:
+    """What the submission holds: "probability" (the ensemble's breast probability),
+    "calibrated" (that probability through `calibrator`, `calibrate.apply_calibrator`) or
+    "binary" (0/1 at `binarize_how`: "threshold" (default) or "quantile:q").
+    Default: binary when `binarize_how` is given (the old --binarize), else probability.
+    Returns (output, binarize_how); RsnaError for a combination that cannot be meant."""
+    if output is None:
+        output = "binary" if binarize_how else "probability"
+    if output not in OUTPUTS:
+        raise RsnaError(f"output {output!r}: choose one of {', '.join(OUTPUTS)}")
+    if output != "binary" and binarize_how:
+        raise RsnaError(f"--binarize {binarize_how} with --output {output}: binarising gives "
+                        "--output binary; drop one of them")
+    if output == "binary":
+        return output, binarize_how or "threshold"
+    if output == "calibrated":
+        from rsna_utils.calibrate import check_calibrator
+        if calibrator is None:
+            raise RsnaError("--output calibrated needs a calibrator: pass --ensemble "
+                            "ensemble.json written by `rsna oof` (it fits one on the out-of-fold "
+                            "predictions), or calibrator= to predict()")
+        check_calibrator(calibrator)
+        if calibrator.get("agg", agg) != agg:
+            raise RsnaError(f"the calibrator was fitted on {calibrator['agg']}-aggregated breasts "
+                            f"but the views are aggregated with {agg}; use --agg "
+                            f"{calibrator['agg']} or refit with `rsna oof --agg {agg}`")
+    return output, None
+
+
 def validate_submission(sub: pd.DataFrame, expected_ids: list[str]) -> None:
     """The checks Kaggle would fail a file for; raises RsnaError saying which one."""
     if list(sub.columns) != ["prediction_id", "cancer"]:
@@ -247,11 +280,18 @@ def predict(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
             labels: str | Path | None = None, tta: bool = False, agg: str = "mean",
             binarize_how: str | None = None, batch_size: int = 16, workers: int = 2,
             device: str = "auto", backend: str = "auto", progress: bool = True,
-            threshold: float | None = None) -> PredictResult:
+            threshold: float | None = None, output: str | None = None,
+            calibrator: dict | None = None) -> PredictResult:
     """The whole inference step (what `rsna predict` and the inference notebook call).
     `threshold`: the cut for binarize_how="threshold" (e.g. the out-of-fold ensemble threshold
-    of `oof.write_ensemble`); default: the mean of the checkpoints' validation thresholds."""
+    of `oof.write_ensemble`); default: the mean of the checkpoints' validation thresholds.
+    `output`: probability, calibrated or binary (`resolve_output`); calibrated needs
+    `calibrator` (ensemble.json's "calibrator"). Binary output cuts the raw probability (the
+    threshold was tuned on it). Breasts with no readable view get the training prior, not
+    calibrated (it already is the cancer rate). Beside `out`: <stem>_warnings.csv and
+    <stem>_images.csv (per image: the raw probability, the label when `labels` is given)."""
     from rsna_utils.train import resolve_device
+    output, binarize_how = resolve_output(output, binarize_how, calibrator, agg)
     t0 = time.perf_counter()
     dev = resolve_device(device)
     from rsna_utils.data import load_table
@@ -270,7 +310,9 @@ def predict(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
     order = list(dict.fromkeys(df["prediction_id"]))          # test.csv order, each once
     breast = breast.set_index("prediction_id").loc[order].reset_index()
     sub = pd.DataFrame({"prediction_id": breast["prediction_id"],
-                        "cancer": binarize(breast["prediction"].to_numpy(), binarize_how, threshold)})
+                        "cancer": breast_output(breast["prediction"].to_numpy(), output,
+                                                binarize_how, threshold, calibrator,
+                                                unread=_unread(imgs, breast["prediction_id"]))})
     expected = order
     if sample_submission is not None:
         expected = list(pd.read_csv(sample_submission)["prediction_id"])
@@ -288,7 +330,36 @@ def predict(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
     res = PredictResult(sub, imgs, warnings, seconds=time.perf_counter() - t0)
     if labels is not None:
         res.metrics = score(imgs, labels)
+        res.images = imgs.merge(_labels(labels)[["image_id", "cancer"]], on="image_id", how="left")
+    if out is not None:       # for `rsna evaluate --predictions` (labels from --meta or here)
+        res.images.to_csv(out.with_name(out.stem + "_images.csv"), index=False)
     return res
+
+
+def _unread(imgs: pd.DataFrame, ids: pd.Series) -> np.ndarray:
+    """Per breast (in `ids` order): True when none of its views could be read."""
+    read = imgs["prediction"].notna().groupby(imgs["prediction_id"]).any()
+    return ~read.loc[ids].to_numpy()
+
+
+def breast_output(values: np.ndarray, output: str, binarize_how: str | None = None,
+                  threshold: float = 0.5, calibrator: dict | None = None,
+                  unread: np.ndarray | None = None) -> np.ndarray:
+    """The submission's column from the breast probabilities: as they are (probability),
+    through the calibrator (calibrated; breasts flagged in `unread` keep their value, the
+    prior) or 0/1 (binary: `binarize` of the raw values)."""
+    if output == "probability":
+        return values
+    if output == "binary":
+        return binarize(values, binarize_how or "threshold", threshold)
+    if output == "calibrated":
+        from rsna_utils.calibrate import apply_calibrator
+        if calibrator is None:
+            raise RsnaError("output calibrated: no calibrator given (ensemble.json's "
+                            "\"calibrator\" from `rsna oof`)")
+        cal = apply_calibrator(calibrator, values)
+        return np.where(unread, values, cal) if unread is not None else cal
+    raise RsnaError(f"output {output!r}: choose one of {', '.join(OUTPUTS)}")
 
 
 def _in_chans(model) -> int | None:
@@ -302,11 +373,16 @@ def _in_chans(model) -> int | None:
 def score(imgs: pd.DataFrame, labels: str | Path) -> dict:
     """Image- and breast-level metrics against a CSV with image_id and cancer."""
     from rsna_utils.metrics import evaluate
-    lab = pd.read_csv(labels)
-    if not {"image_id", "cancer"} <= set(lab.columns):
-        raise RsnaError(f"{labels}: needs image_id and cancer columns (train.csv or test_labels.csv)")
+    lab = _labels(labels)
     d = imgs.merge(lab[["image_id", "cancer"]], on="image_id", how="inner")
     if d.empty:
         raise RsnaError(f"{labels}: none of the predicted image_ids is labelled there")
     d["prediction"] = d["prediction"].fillna(DEFAULT_PRIOR)
     return evaluate(d)
+
+
+def _labels(labels: str | Path) -> pd.DataFrame:
+    lab = pd.read_csv(labels)
+    if not {"image_id", "cancer"} <= set(lab.columns):
+        raise RsnaError(f"{labels}: needs image_id and cancer columns (train.csv or test_labels.csv)")
+    return lab

@@ -130,6 +130,36 @@ def test_write_ensemble(runs, tmp_path):
     assert ensemble_threshold(oof)["threshold"] == res["threshold"]
 
 
+def test_write_ensemble_stores_a_breast_level_calibrator(runs, tmp_path):
+    from rsna_utils.calibrate import apply_calibrator, fit_calibrator
+    dirs, _ = runs
+    res = write_ensemble(dirs, tmp_path / "ensemble.json", agg="max", calibration="isotonic")
+    saved = json.loads((tmp_path / "ensemble.json").read_text())
+    c = saved["calibrator"]
+    assert c["method"] == "isotonic" and c["agg"] == "max" and c == res["calibrator"]
+    assert all(isinstance(v, float) for v in c["x"] + c["y"])
+    # fitted on the same max-aggregated breasts the threshold was tuned on
+    b = breast_level(merge_oof(dirs), agg="max")
+    assert c["n"] == len(b) == saved["n_breasts"]
+    ref = fit_calibrator(b.cancer, b.prediction, "isotonic")
+    assert apply_calibrator(c, b.prediction) == pytest.approx(apply_calibrator(ref, b.prediction))
+    assert c["cross_fitted"]["folds"] == 2                 # the runs' folds
+    assert "calibrator" not in write_ensemble(dirs, tmp_path / "e2.json", calibration=None)
+    with pytest.raises(RsnaError, match="calibration 'spline': choose one of platt"):
+        write_ensemble(dirs, tmp_path / "e3.json", calibration="spline")
+
+
+def test_unfittable_calibrator_keeps_the_threshold(tmp_path):
+    t = _table()
+    t["prediction"] = np.where(t.cancer == 1, 0.2, 0.6)     # scores fall with cancer
+    t.loc[t.index[:4], "prediction"] = 0.9
+    run = _write_run(tmp_path / "bad", t)
+    res = write_ensemble([run], tmp_path / "ensemble.json")
+    saved = json.loads((tmp_path / "ensemble.json").read_text())
+    assert saved["calibrator"] is None and "slope on the logit" in saved["calibration_error"]
+    assert saved["threshold"] == res["threshold"]
+
+
 def test_duplicate_image_in_two_folds_of_one_model(runs, tmp_path):
     dirs, _ = runs
     copy = tmp_path / "runs" / "resnet18" / "fold0_again"

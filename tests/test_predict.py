@@ -120,3 +120,63 @@ def test_ensemble_threshold_refuses_another_aggregation(tmp_path, capsys):
     rc = main(["predict", "--images", str(tmp_path), "--csv", str(tmp_path / "t.csv"),
                "--checkpoints", str(tmp_path / "b.pt"), "--ensemble", str(ens)])
     assert rc == 2 and "rsna oof" in capsys.readouterr().err
+
+
+def test_output_modes_do_what_they_say():
+    from rsna_utils.calibrate import apply_calibrator
+    from rsna_utils.predict import breast_output, resolve_output
+    cal = {"method": "platt", "a": 1.0, "b": -np.log(25), "agg": "mean"}
+    v = np.array([0.05, 0.3, 0.6, 0.9])
+    assert breast_output(v, "probability") is v
+    c = breast_output(v, "calibrated", calibrator=cal, unread=np.array([0, 0, 1, 0], bool))
+    odds = v / (1 - v) / 25
+    np.testing.assert_allclose(c[[0, 1, 3]], (odds / (1 + odds))[[0, 1, 3]])
+    assert c[2] == 0.6                           # an unreadable breast keeps the prior
+    np.testing.assert_array_equal(breast_output(v, "binary", "threshold", 0.3), [0, 1, 1, 1])
+    # binary cuts the raw score: calibrating first then cutting at the raw threshold would not
+    assert (apply_calibrator(cal, v) >= 0.3).sum() == 0
+    assert resolve_output(None, None) == ("probability", None)
+    assert resolve_output(None, "quantile:0.1") == ("binary", "quantile:0.1")
+    assert resolve_output("binary", None) == ("binary", "threshold")
+    assert resolve_output("calibrated", None, cal) == ("calibrated", None)
+    with pytest.raises(RsnaError, match="needs a calibrator.*--ensemble"):
+        resolve_output("calibrated", None)
+    with pytest.raises(RsnaError, match="--binarize threshold with --output probability"):
+        resolve_output("probability", "threshold")
+    with pytest.raises(RsnaError, match="fitted on mean-aggregated.*--agg mean"):
+        resolve_output("calibrated", None, cal, agg="max")
+    with pytest.raises(RsnaError, match="output 'logit'"):
+        resolve_output("logit", None)
+
+
+def test_predict_writes_probability_calibrated_and_binary(tmp_path, synth_small, tiny_ckpt):
+    from rsna_utils.calibrate import apply_calibrator
+    from rsna_utils.evaluate import load_predictions
+    cal = {"method": "platt", "a": 2.0, "b": -3.0, "agg": "mean"}
+    kw = dict(workers=0, device="cpu", progress=False)
+    args = (synth_small / "test_images", synth_small / "test.csv", [tiny_ckpt])
+    prob = predict(*args, tmp_path / "p.csv", labels=synth_small / "test_labels.csv", **kw)
+    calib = predict(*args, tmp_path / "c.csv", output="calibrated", calibrator=cal, **kw)
+    binary = predict(*args, tmp_path / "b.csv", output="binary", threshold=0.5, **kw)
+    p = prob.submission.cancer.to_numpy()
+    assert ((p > 0) & (p < 1)).all()
+    np.testing.assert_allclose(calib.submission.cancer, apply_calibrator(cal, p), rtol=1e-6)
+    np.testing.assert_array_equal(binary.submission.cancer, (p >= 0.5).astype(float))
+    # the image-level file, with labels, is what `rsna evaluate --predictions` reads
+    imgs = load_predictions(tmp_path / "p_images.csv")
+    assert len(imgs) == len(pd.read_csv(synth_small / "test.csv"))
+    assert imgs.cancer.sum() > 0
+    assert not pd.read_csv(tmp_path / "c_images.csv").columns.isin(["cancer"]).any()
+
+
+def test_cli_output_calibrated_needs_the_ensemble_calibrator(tmp_path, capsys):
+    import json
+    from rsna_utils.cli import main
+    ens = tmp_path / "ensemble.json"
+    ens.write_text(json.dumps({"threshold": 0.3, "agg": "mean", "binarize": "threshold"}))
+    base = ["predict", "--images", str(tmp_path), "--csv", str(tmp_path / "t.csv"),
+            "--checkpoints", str(tmp_path / "b.pt")]
+    assert main(base + ["--ensemble", str(ens), "--output", "calibrated"]) == 2
+    assert "no calibrator" in capsys.readouterr().err
+    assert main(base + ["--output", "calibrated"]) == 2
+    assert "needs a calibrator" in capsys.readouterr().err
