@@ -171,8 +171,8 @@ def resampled_metrics(y, p, weights, threshold: float, beta: float = 1.0,
 
     AUC: the Mann-Whitney form of the ROC trapezoid (a tie counts half), as roc_auc_score;
     PR AUC: recall steps times precision at each distinct positive score, as
-    average_precision_score; NaN where a class is missing. Only the negatives' weights are
-    cumulated (one cumsum per resample); the rest is one matrix product."""
+    average_precision_score; NaN where a class is missing. Two matrix products (one sparse)
+    and cumulative sums over the distinct positive scores: no per-resample sort or loop."""
     y = np.asarray(y, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
     w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
@@ -190,24 +190,24 @@ def resampled_metrics(y, p, weights, threshold: float, beta: float = 1.0,
     n_pos, n_neg, ctp, cfp, t_tp, t_fp, sq = s[:, :len(cols)].T
     total = n_pos + n_neg
 
-    # ranking: for each distinct positive score, the negatives' weight below and equal to it
-    neg_idx = np.flatnonzero(~pos)
-    neg_sorted = neg_idx[np.argsort(p[neg_idx], kind="mergesort")]
-    neg_scores = p[neg_sorted]
-    cneg = np.zeros((w.shape[0], neg_sorted.size + 1))        # cneg[:, k]: the k lowest
-    np.cumsum(w[:, neg_sorted], axis=1, out=cneg[:, 1:])
-    pos_idx = np.flatnonzero(pos)
-    pos_sorted = pos_idx[np.argsort(-p[pos_idx], kind="mergesort")]   # descending
-    ps = p[pos_sorted]
-    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]]) if ps.size else np.zeros(0, int)
-    wpos = (np.add.reduceat(w[:, pos_sorted], starts, axis=1) if ps.size
-            else np.zeros((w.shape[0], 0)))                           # per positive score
-    s_g = ps[starts]
-    below = cneg[:, np.searchsorted(neg_scores, s_g, side="left")]
-    upto = cneg[:, np.searchsorted(neg_scores, s_g, side="right")]
+    # ranking: per distinct positive score s_g (ascending), the weight of its positives and of
+    # the negatives below it and tied with it. One sparse matrix sends each row to its bucket:
+    # positives to their group, negatives to "between s_g-1 and s_g" (2g) or "tied with s_g"
+    # (2g+1); one product sums every resample's weights per bucket.
+    from scipy import sparse
+    s_g = np.unique(p[pos])
+    g = len(s_g)
+    j = np.searchsorted(s_g, p)                                   # scores s_g below p
+    tied = (j < g) & (s_g[np.minimum(j, g - 1)] == p) if g else np.zeros(len(p), bool)
+    bucket = np.where(pos, 2 * g + 1 + j, np.where(tied, 2 * j + 1, 2 * j))
+    m = sparse.csr_matrix((np.ones(len(p)), (np.arange(len(p)), bucket)), shape=(len(p), 3 * g + 1))
+    sums = np.asarray(w @ m)
+    cneg = np.cumsum(sums[:, :2 * g + 1], axis=1)
+    below, upto = cneg[:, 0:2 * g:2], cneg[:, 1:2 * g:2]         # negatives < s_g, <= s_g
+    wpos = sums[:, 2 * g + 1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         auc = (wpos * (below + 0.5 * (upto - below))).sum(1) / (n_pos * n_neg)
-        tp = np.cumsum(wpos, axis=1)                  # positives scored >= s_g
+        tp = n_pos[:, None] - np.cumsum(wpos, axis=1) + wpos     # positives scored >= s_g
         fp = n_neg[:, None] - below                   # negatives scored >= s_g
         ap = (wpos * np.where(tp > 0, tp / np.where(tp + fp > 0, tp + fp, 1), 0.0)).sum(1) / n_pos
         auc[(n_pos == 0) | (n_neg == 0)] = np.nan
