@@ -1,7 +1,11 @@
 """The notebook suite: thin (a test parses every cell), stored without outputs, and runnable
-headless through the demo plan."""
+headless through the demo plan; the plans name real parameters; the submit plan needs no training."""
 import ast
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nbformat
 import pandas as pd
@@ -10,43 +14,143 @@ import pytest
 from rsna_utils.notebooks import NOTEBOOKS, load_plan, run_plan
 
 NBS = sorted(NOTEBOOKS.glob("*.ipynb"))
+FIRST = ["01_eda.ipynb", "02_preprocessing_demo.ipynb", "03_train.ipynb",
+         "04_inference_submission.ipynb"]
 FORBIDDEN = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.For, ast.While, ast.Lambda,
              ast.AsyncFor)
+MAX_LINE = 100
+PLANS = ["demo", "kaggle", "submit"]
 
 
 def test_the_four_notebooks_exist_in_order():
-    assert [p.name for p in NBS] == ["01_eda.ipynb", "02_preprocessing_demo.ipynb",
-                                     "03_train.ipynb", "04_inference_submission.ipynb"]
+    names = [p.name for p in NBS]
+    assert names[:4] == FIRST
+    # later notebooks (05_explain_evaluate...) come after, numbered on
+    assert all(n[:2].isdigit() and int(n[:2]) > 4 for n in names[4:]), names
+
+
+def _code(path) -> list:
+    return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+
+
+def _imported_names(tree) -> list[str]:
+    names = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            names += [a.asname or a.name.split(".")[0] for a in n.names]
+        elif isinstance(n, ast.ImportFrom):
+            names += [a.asname or a.name for a in n.names]
+    return names
 
 
 @pytest.mark.parametrize("path", NBS, ids=lambda p: p.name)
 def test_notebooks_are_thin_and_stored_without_outputs(path):
-    nb = nbformat.read(path, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
+    code = _code(path)
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1, "exactly one cell tagged 'parameters'"
     for stmt in ast.parse(params[0].source).body:
         assert isinstance(stmt, ast.Assign), f"parameters cell: only assignments ({ast.dump(stmt)[:60]})"
         ast.literal_eval(stmt.value)   # literals only: raises otherwise
+    imported, used = [], set()
     for c in code:
         assert not c.get("outputs") and c.get("execution_count") is None, "strip outputs"
         tree = ast.parse(c.source)
         bad = [type(n).__name__ for n in ast.walk(tree) if isinstance(n, FORBIDDEN)]
         assert not bad, f"logic belongs in rsna_utils, not a notebook: {bad} in\n{c.source}"
         assert len(c.source.splitlines()) <= 25
+        long = [ln for ln in c.source.splitlines() if len(ln) > MAX_LINE]
+        assert not long, f"code lines over {MAX_LINE} characters in {path.name}: {long}"
+        imported += _imported_names(tree)
+        used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    unused = [n for n in imported if n not in used]
+    assert not unused, f"{path.name} imports {unused} but never uses them"
 
 
-@pytest.mark.parametrize("plan", ["demo", "kaggle"])
+def test_the_thinness_checks_can_fail():
+    tree = ast.parse("import os, json as j\nfrom pathlib import Path\nos.getcwd()")
+    assert [n for n in _imported_names(tree)
+            if n not in {x.id for x in ast.walk(tree) if isinstance(x, ast.Name)}] == ["j", "Path"]
+
+
+@pytest.mark.parametrize("path", NBS, ids=lambda p: p.name)
+def test_every_notebook_starts_with_the_bundle_setup_cell(path):
+    cells = nbformat.read(path, as_version=4).cells
+    first = cells[0]
+    assert first.cell_type == "code" and "parameters" not in first.metadata.get("tags", [])
+    assert "rsna_bundle.json" in first.source and "install.py" in first.source
+    code = _code(path)
+    assert code.index(first) < [i for i, c in enumerate(code)
+                                if "parameters" in c.metadata.get("tags", [])][0]
+
+
+def _run_setup(source: str, kaggle_input: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, KAGGLE_INPUT=str(kaggle_input))
+    return subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_the_setup_cell_does_nothing_without_a_bundle_and_installs_with_one(tmp_path):
+    source = _code(NBS[0])[0].source
+    assert all(_code(p)[0].source == source for p in NBS), "one setup cell, the same everywhere"
+    inputs = tmp_path / "input"
+    (inputs / "rsna-breast-cancer-detection").mkdir(parents=True)     # a competition, no bundle
+    r = _run_setup(source, inputs)
+    assert r.returncode == 0 and not r.stdout and not r.stderr, r
+    assert _run_setup(source, tmp_path / "absent").returncode == 0     # not on Kaggle at all
+    bundle = inputs / "rsna-bundle"
+    bundle.mkdir()
+    (bundle / "rsna_bundle.json").write_text("{}")
+    (bundle / "install.py").write_text(
+        "import pathlib, sys\npathlib.Path(sys.argv[0]).with_name('ran').write_text('yes')\n")
+    r = _run_setup(source, inputs)
+    assert r.returncode == 0, r.stderr
+    assert (bundle / "ran").read_text() == "yes"
+    (bundle / "install.py").write_text("raise SystemExit(3)\n")       # a failed install stops it
+    assert _run_setup(source, inputs).returncode != 0
+
+
+@pytest.mark.parametrize("plan", PLANS)
 def test_plans_name_real_parameters(plan):
     import papermill as pm
     d = load_plan(plan)
     for step in d["steps"]:
         declared = set(pm.inspect_notebook(str(NOTEBOOKS / step["notebook"])))
         assert set(step.get("parameters", {})) <= declared, step
+
+
+@pytest.mark.parametrize("plan", ["demo", "kaggle"])
+def test_training_plans_follow_the_model_progression(plan):
+    d = load_plan(plan)
     models = [s["parameters"].get("model") for s in d["steps"] if s["notebook"] == "03_train.ipynb"]
     order = list(dict.fromkeys(models))      # the progression, each model once (folds repeat it)
     assert order[0] == "resnet18" and order[1] == "resnext50_32x4d"
     assert "efficientnet" in order[2]
+    infer = [s for s in d["steps"] if s["notebook"] == "04_inference_submission.ipynb"][-1]
+    assert infer["parameters"]["export_dir"] == "{run_dir}/rsna-models"
+
+
+def test_notebook_parameters_are_named_after_what_they_set():
+    """03 sets TrainConfig fields, 02 PreprocessConfig fields and Preprocessor.run arguments, 04
+    predict's arguments: one spelling per setting (the extra ones are listed here)."""
+    import dataclasses
+    import inspect
+
+    import papermill as pm
+
+    from rsna_utils.predict import predict
+    from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+    from rsna_utils.train import TrainConfig
+
+    def params(nb):
+        return set(pm.inspect_notebook(str(NOTEBOOKS / nb)))
+
+    assert params("03_train.ipynb") <= {f.name for f in dataclasses.fields(TrainConfig)}
+    pre = ({f.name for f in dataclasses.fields(PreprocessConfig)}
+           | set(inspect.signature(Preprocessor.run).parameters)
+           | set(inspect.signature(Preprocessor).parameters))
+    assert params("02_preprocessing_demo.ipynb") - pre == {"example"}
+    extra = {"ensemble", "oof_runs", "export_dir", "hidden_test_patients"}
+    assert params("04_inference_submission.ipynb") - set(inspect.signature(predict).parameters) == extra
 
 
 def test_demo_plan_runs_headless(tmp_path, synth_small):
@@ -64,17 +168,36 @@ def test_demo_plan_runs_headless(tmp_path, synth_small):
         assert not [o for o in outs if o.get("output_type") == "error"]
         figures = sum("image/png" in o.get("data", {}) for o in outs)
         assert figures >= min_figures[n["step"]], (n["step"], figures)
+        assert Path(n["notebook"]).with_suffix(".html").is_file(), n["notebook"]
+    report = res.get("report")
+    assert report and Path(report).name == "index.html" and Path(report).is_file(), report
     sub = pd.read_csv(res["submission"])
     sample = pd.read_csv(synth_small / "sample_submission.csv")
     assert list(sub.prediction_id) == list(sample.prediction_id)
-    assert sub.cancer.between(0, 1).all()
+    assert set(sub.cancer) <= {0, 1}                   # binarised at the out-of-fold threshold
+    printed = "".join(o.get("text", "") for c in nbformat.read(res["notebooks"][-1]["notebook"], 4).cells
+                      if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "out-of-fold:" in printed and "hidden test" in printed and "exported 3" in printed
+
+    # the export is all the submit plan needs: the same submission, without the training runs
+    export = Path(res["run_dir"]) / "rsna-models"
+    ens = json.loads((export / "ensemble.json").read_text())
+    assert len(ens["checkpoints"]) == 3 and all((export / c).is_file() for c in ens["checkpoints"])
+    moved = tmp_path / "elsewhere" / "rsna-models"
+    moved.parent.mkdir()
+    export.rename(moved)            # the copy on Kaggle knows nothing of the training run folder
+    sub2 = run_plan("submit", data=synth_small, runs=tmp_path, progress=False,
+                    overrides=[f"ensemble={moved}/ensemble.json", "device=cpu", "workers=1"])
+    assert [n["step"] for n in sub2["notebooks"]] == ["04_inference_submission"]
+    assert pd.read_csv(sub2["submission"]).equals(sub)
 
 
 def test_a_failing_notebook_stops_the_plan_and_names_itself(tmp_path, synth_small):
     from rsna_utils.errors import RsnaError
     plan = tmp_path / "p.yaml"
     plan.write_text(json.dumps({"name": "bad", "steps": [
-        {"notebook": "03_train.ipynb", "parameters": {"model": "no_such_net", "data_dir": str(synth_small)}},
+        {"notebook": "03_train.ipynb",
+         "parameters": {"model": "no_such_net", "csv": str(synth_small / "train.csv")}},
         {"notebook": "01_eda.ipynb"}]}))
     with pytest.raises(RsnaError, match=r"notebook 03_train failed in cell \d+: RsnaError: unknown model .no_such_net"):
         run_plan(plan, data=synth_small, runs=tmp_path, progress=False)
@@ -83,27 +206,42 @@ def test_a_failing_notebook_stops_the_plan_and_names_itself(tmp_path, synth_smal
 
 def test_kaggle_plan_trains_every_fold_it_ensembles_and_binarises():
     d = load_plan("kaggle")
-    train = {s["parameters"]["out_dir"]: s["parameters"] for s in d["steps"] if s["notebook"] == "03_train.ipynb"}
+    train = {s["parameters"]["out"]: s["parameters"] for s in d["steps"] if s["notebook"] == "03_train.ipynb"}
     infer = [s for s in d["steps"] if s["notebook"] == "04_inference_submission.ipynb"][-1]["parameters"]
     used = [c.rsplit("/", 1)[0] for c in infer["checkpoints"]]
     assert set(used) <= set(train) and used == infer["oof_runs"]
     for model in {train[u]["model"] for u in used}:
         folds = sorted(train[u]["fold"] for u in used if train[u]["model"] == model)
         assert folds == list(range(train[used[0]]["folds"])), model
-    assert infer["binarize"] == "threshold"
+    assert infer["binarize_how"] == "threshold"
     assert all(p.get("pretrained_path") for p in train.values())
     assert max(p["size"][0] for p in train.values()) >= 1536
     assert all(p["size"][0] == 2 * p["size"][1] for p in train.values())
+    assert all(p["split"] == "kfold" and p["device"] == "cuda" for p in train.values())
+    assert infer["export_dir"] == "{run_dir}/rsna-models"
+
+
+def test_submit_plan_reads_only_the_exported_ensemble_and_the_test_data():
+    d = load_plan("submit")
+    assert [s["notebook"] for s in d["steps"]] == ["04_inference_submission.ipynb"]
+    p = d["steps"][0]["parameters"]
+    assert p["ensemble"] == "{data}/../rsna-models/ensemble.json"
+    assert not {"oof_runs", "checkpoints", "export_dir", "labels"} & set(p)
+    assert p["images"] == "{data}/test_images" and p["csv"] == "{data}/test.csv"
+    assert p["out"] == "{run_dir}/submission.csv"
+    assert p["binarize_how"] == "threshold" and p["tta"] is True and p["device"] == "cuda"
+    paths = [v for v in p.values() if isinstance(v, str) and "/" in v]
+    assert all(v.startswith(("{data}/", "{run_dir}/")) and "train" not in v for v in paths), paths
 
 
 def test_on_kaggle_the_submission_lands_where_kaggle_scores_it(tmp_path, monkeypatch):
-    from rsna_utils.notebooks import run_plan
     working = tmp_path / "working"
     monkeypatch.setenv("KAGGLE_WORKING", str(working))
-    (working / "kaggle").mkdir(parents=True)
-    (working / "kaggle" / "submission.csv").write_text("prediction_id,cancer\n1_L,0\n")
-    r = run_plan("kaggle", data=tmp_path, runs=working, only=["no-such-step"], progress=False)
-    assert r["submission"] == str(working / "submission.csv")
-    assert (working / "submission.csv").read_text().startswith("prediction_id,cancer")
+    for plan in ("kaggle", "submit"):
+        (working / plan).mkdir(parents=True)
+        (working / plan / "submission.csv").write_text(f"prediction_id,cancer\n1_L,0\n# {plan}\n")
+        r = run_plan(plan, data=tmp_path, runs=working, only=["no-such-step"], progress=False)
+        assert r["submission"] == str(working / "submission.csv")
+        assert (working / "submission.csv").read_text().endswith(f"# {plan}\n")
     other = run_plan("kaggle", data=tmp_path, runs=tmp_path / "elsewhere", only=["x"], progress=False)
     assert other["submission"] is None
