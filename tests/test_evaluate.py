@@ -191,3 +191,22 @@ def test_unreadable_images_are_dropped_and_counted():
     r = ev.evaluate_predictions(df, None, n_boot=5)
     assert r["headline"]["dropped_nan"] == 2
     assert r["metrics"].query("level == 'image'").n.iloc[0] == len(df) - 2
+
+
+def test_cli_evaluates_oof_predictions_with_train_csv(tmp_path, capsys):
+    from rsna_utils.cli import main
+    df = _images(40, seed=8)
+    df.drop(columns="prediction").to_csv(tmp_path / "train.csv", index=False)
+    df[["patient_id", "image_id", "laterality", "prediction_id", "cancer", "prediction"]].to_csv(
+        tmp_path / "oof_predictions.csv", index=False)
+    rc = main(["evaluate", "--predictions", str(tmp_path / "oof_predictions.csv"), "--meta",
+               str(tmp_path / "train.csv"), "--out", str(tmp_path / "eval"), "--n-boot", "30",
+               "--threshold", "0.2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "AUC" in out and "(given)" in out and "no " not in out.split("wrote")[0]
+    m = pd.read_csv(tmp_path / "eval" / "metrics.csv")
+    assert (m.threshold == 0.2).all() and "view" in set(m.breakdown)
+    rc = main(["evaluate", "--predictions", str(tmp_path / "oof_predictions.csv"),
+               "--out", str(tmp_path / "e2"), "--n-boot", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "no site_id breakdown" in out
