@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))     # the fuzzer (test helpers) lives with the tests
 
 
 def cpu_reference(path: str):
@@ -117,7 +118,7 @@ def corrupt_batches(files: list[str], backend: str, batches: int = 10, batch: in
 
     from rsna_utils import gpu
     from rsna_utils.frames import first_frame
-    from rsna_utils.fuzz import corrupt_codestream
+    from fuzz import corrupt_codestream
     from rsna_utils.gpu import GPU_SYNTAXES
     from rsna_utils.dicom_io import read_header
     good = [p for p in files if read_header(p).transfer_syntax in GPU_SYNTAXES]

@@ -24,7 +24,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rsna_utils.dicom_io import CPU_BACKENDS, read_header  # noqa: E402
+from rsna_utils import decoders  # noqa: E402
+from rsna_utils.dicom_io import read_header  # noqa: E402
 from rsna_utils.preprocess import (PreprocessConfig, Preprocessor, preprocess_image,  # noqa: E402
                                    write_png)
 from rsna_utils.synth import synthesize  # noqa: E402
@@ -49,7 +50,7 @@ def per_file(files: list[Path], repeats: int, size: int, out: Path) -> pd.DataFr
         if h.transfer_syntax not in TS_NAMES:
             continue
         r = dict(file=f.name, syntax=TS_NAMES[h.transfer_syntax], size=f"{h.rows}x{h.columns}")
-        for name, fn in CPU_BACKENDS.items():
+        for name, fn in ((n, decoders.get(n).decode) for n in decoders.CPU_ORDER):
             r[f"{name}_ms"] = _time(lambda: fn(str(f), read_header(f)), repeats)
 
         def pipeline():

@@ -1,108 +1,22 @@
 """Read a DICOM file: header fields the pipeline needs, and the stored pixel values.
 
-Backends are chosen by name (`dicomsdl`, `pydicom`; the GPU backends live in `rsna_utils.gpu`).
-Each one is a small function `decode(path, header) -> np.ndarray` of stored values; the header is
-always parsed with pydicom (without the pixel data), so every backend sees the same fields.
+The header is always parsed with pydicom, without the pixel data (`rsna_utils.header`), so every
+decoder sees the same fields; the pixels come from the decoder plug-ins of
+`rsna_utils.decoders` (imagecodecs, dicomsdl, pydicom on the CPU; nvImageCodec, DALI on a GPU),
+chosen by name. Header checks run before any decoder.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rsna_utils.errors import DecodeError, RsnaError
-
-# Decoding more pixels than this is refused before any decoder runs (a header can lie).
-# The largest real mammograms are about 5,000 x 4,000 = 20 M pixels.
-DEFAULT_MAX_PIXELS = 80_000_000
-
-TRANSFER_SYNTAX_NAMES = {
-    "1.2.840.10008.1.2": "Implicit VR Little Endian",
-    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
-    "1.2.840.10008.1.2.2": "Explicit VR Big Endian",
-    "1.2.840.10008.1.2.5": "RLE Lossless",
-    "1.2.840.10008.1.2.4.50": "JPEG Baseline",
-    "1.2.840.10008.1.2.4.51": "JPEG Extended (12-bit)",
-    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
-    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
-    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
-    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
-    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
-    "1.2.840.10008.1.2.4.91": "JPEG 2000",
-    "1.2.840.10008.1.2.4.201": "HTJ2K Lossless",
-    "1.2.840.10008.1.2.4.203": "HTJ2K",
-}
-# Which packages decode what: named in the error when nothing could.
-DECODER_PACKAGES = {
-    "1.2.840.10008.1.2.5": "pylibjpeg-rle or dicomsdl",
-    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg or dicomsdl",
-    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg, python-gdcm or dicomsdl",
-    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg or dicomsdl",
-    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg or dicomsdl",
-    "1.2.840.10008.1.2.4.80": "pyjpegls, python-gdcm or dicomsdl",
-    "1.2.840.10008.1.2.4.81": "pyjpegls, python-gdcm or dicomsdl",
-    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg or dicomsdl",
-    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg or dicomsdl",
-    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",
-}
-
-
-# Transfer syntaxes whose frames carry a JPEG / JPEG 2000 header with the image size.
-CODESTREAM_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-                       "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
-
-
-def transfer_syntax_name(uid: str) -> str:
-    return f"{TRANSFER_SYNTAX_NAMES.get(uid, 'unknown transfer syntax')} ({uid})"
-
-
-@dataclass
-class VoiLut:
-    """One item of the VOI LUT Sequence (PS3.3 C.11.2.1.1)."""
-    first_mapped: int
-    bits: int
-    data: np.ndarray  # uint16 entries
-
-
-@dataclass
-class DicomHeader:
-    """What the pipeline needs from a header. Missing tags keep their defaults (None / [])."""
-    path: str
-    transfer_syntax: str = ""
-    rows: int = 0
-    columns: int = 0
-    frames: int = 1
-    samples_per_pixel: int = 1
-    bits_allocated: int = 16
-    bits_stored: int = 16
-    pixel_representation: int = 0
-    photometric: str = "MONOCHROME2"
-    window_centers: list[float] = field(default_factory=list)
-    window_widths: list[float] = field(default_factory=list)
-    voi_function: str = "LINEAR"
-    voi_luts: list[VoiLut] = field(default_factory=list)
-    rescale_slope: float = 1.0
-    rescale_intercept: float = 0.0
-    pixel_padding_value: int | None = None
-    laterality: str | None = None
-    view: str | None = None
-    modality: str | None = None
-    manufacturer: str | None = None
-    has_pixel_data: bool = True
-    pixel_data_length: int | None = None     # bytes, for native (uncompressed) data
-    # the lazily read pydicom dataset: the frame is cut from it without parsing the file again
-    dataset: object = field(default=None, repr=False, compare=False)
-
-    @property
-    def signed(self) -> bool:
-        return self.pixel_representation == 1
-
-    @property
-    def monochrome1(self) -> bool:
-        return self.photometric == "MONOCHROME1"
+from rsna_utils import decoders, uids
+from rsna_utils.errors import DecodeError
+# the header layer, re-exported: `from rsna_utils.dicom_io import read_header` keeps working
+from rsna_utils.header import (  # noqa: F401
+    DEFAULT_MAX_PIXELS, DicomHeader, VoiLut, check_header, read_header, transfer_syntax_name)
 
 
 @dataclass
@@ -110,145 +24,6 @@ class DicomImage:
     pixels: np.ndarray          # stored values, (rows, columns), uint16 or int16
     header: DicomHeader
     backend: str
-
-
-def _floats(value) -> list[float]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
-        return [float(v) for v in value]
-    return [float(value)]
-
-
-def _parse_voi_luts(ds) -> list[VoiLut]:
-    luts = []
-    for item in ds.get("VOILUTSequence") or []:
-        desc = item.get("LUTDescriptor")
-        if desc is None or "LUTData" not in item:
-            continue
-        n, first, bits = int(desc[0]) or 65536, int(desc[1]), int(desc[2])
-        elem = item["LUTData"]
-        if isinstance(elem.value, (bytes, bytearray)):
-            data = np.frombuffer(elem.value, dtype="<u2")[:n]
-        else:
-            data = np.asarray(_floats(elem.value), dtype=np.uint16)[:n]
-        luts.append(VoiLut(first_mapped=first, bits=bits, data=data.astype(np.uint16)))
-    return luts
-
-
-def read_header(path: str | Path, ds=None) -> DicomHeader:
-    """Parse the header with pydicom, without reading the pixel data.
-
-    Raises RsnaError naming the file when it is not a readable DICOM file. pydicom parses
-    lazily and raises many types on damaged files (struct.error, BytesLengthException,
-    NotImplementedError for an unknown VR...: all found by the fuzz test); they all mean the
-    same to a user, so they become one clear error.
-    """
-    try:
-        return _read_header(path, ds)
-    except RsnaError:
-        raise
-    except (KeyboardInterrupt, SystemExit, MemoryError):
-        raise
-    except BaseException as e:
-        raise RsnaError(f"{path}: not a readable DICOM file ({type(e).__name__}: "
-                        f"{str(e)[:160]}); re-export or re-download it") from None
-
-
-def _read_header(path: str | Path, ds=None) -> DicomHeader:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    path = str(path)
-    if ds is None:
-        try:
-            # defer_size: large values (PixelData) are not read, only their length noted
-            ds = pydicom.dcmread(path, defer_size="512 KB")
-        except FileNotFoundError:
-            raise RsnaError(f"{path}: file not found; check --images and the CSV") from None
-        except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError,
-                IndexError, OverflowError) as e:
-            raise RsnaError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e}); "
-                            "re-export or re-download it") from None
-    try:
-        ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.get(
-            "file_meta", {}) else "1.2.840.10008.1.2"
-        slope = ds.get("RescaleSlope")
-        intercept = ds.get("RescaleIntercept")
-        pad = ds.get("PixelPaddingValue")
-        h = DicomHeader(
-            path=path,
-            transfer_syntax=ts,
-            rows=int(ds.get("Rows") or 0),
-            columns=int(ds.get("Columns") or 0),
-            frames=int(ds.get("NumberOfFrames") or 1),
-            samples_per_pixel=int(ds.get("SamplesPerPixel") or 1),
-            bits_allocated=int(ds.get("BitsAllocated") or 16),
-            bits_stored=int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16),
-            pixel_representation=int(ds.get("PixelRepresentation") or 0),
-            photometric=str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip(),
-            window_centers=_floats(ds.get("WindowCenter")),
-            window_widths=_floats(ds.get("WindowWidth")),
-            voi_function=str(ds.get("VOILUTFunction") or "LINEAR").strip().upper(),
-            voi_luts=_parse_voi_luts(ds),
-            rescale_slope=float(slope) if slope not in (None, "") else 1.0,
-            rescale_intercept=float(intercept) if intercept not in (None, "") else 0.0,
-            pixel_padding_value=int(pad) if isinstance(pad, (int, float)) else None,
-            laterality=(ds.get("ImageLaterality") or ds.get("Laterality") or None),
-            view=(ds.get("ViewPosition") or None),
-            modality=(ds.get("Modality") or None),
-            manufacturer=(ds.get("Manufacturer") or None),
-            has_pixel_data="PixelData" in ds,
-        )
-        h.dataset = ds
-        if h.has_pixel_data:
-            raw = ds.get_item("PixelData")
-            length = getattr(raw, "length", None)
-            h.pixel_data_length = None if length in (None, 0xFFFFFFFF) else int(length)
-            tell = getattr(raw, "value_tell", None)
-            if h.pixel_data_length is not None and tell is not None:
-                # a truncated file: fewer bytes left than PixelData declares (dicomsdl 0.109
-                # reads past the end and segfaults on such files: found by the fuzz test)
-                left = os.path.getsize(path) - int(tell)
-                if left < h.pixel_data_length:
-                    raise DecodeError(f"{path}: PixelData declares {h.pixel_data_length} bytes but "
-                                      f"only {left} are in the file; the file is truncated")
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as e:
-        raise RsnaError(f"{path}: unreadable header field ({type(e).__name__}: {e}); "
-                        "the file is damaged") from None
-    return h
-
-
-def check_header(h: DicomHeader, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Refuse what no backend should try to decode; raise DecodeError with the reason."""
-    if not h.has_pixel_data:
-        raise DecodeError(f"{h.path}: no PixelData element (absent, or the file is truncated); "
-                          "nothing to decode")
-    if h.rows <= 0 or h.columns <= 0:
-        raise DecodeError(f"{h.path}: Rows={h.rows} Columns={h.columns} is not an image size")
-    if h.rows * h.columns * h.samples_per_pixel > max_pixels:
-        raise DecodeError(
-            f"{h.path}: header declares {h.rows} x {h.columns} pixels, over the limit of "
-            f"{max_pixels:,}; raise max_pixels (--max-pixels) if the file is genuine")
-    if h.samples_per_pixel != 1 or h.photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DecodeError(f"{h.path}: PhotometricInterpretation {h.photometric} with "
-                          f"{h.samples_per_pixel} samples; only grayscale mammograms are supported")
-    if h.bits_allocated not in (8, 16):
-        raise DecodeError(f"{h.path}: BitsAllocated {h.bits_allocated} is not supported (8 or 16)")
-    if not 1 <= h.bits_stored <= h.bits_allocated:
-        raise DecodeError(f"{h.path}: BitsStored {h.bits_stored} must be 1..BitsAllocated "
-                          f"({h.bits_allocated}); the header is damaged")
-    if not (np.isfinite(h.rescale_slope) and np.isfinite(h.rescale_intercept)) or h.rescale_slope == 0:
-        raise DecodeError(f"{h.path}: RescaleSlope {h.rescale_slope} / RescaleIntercept "
-                          f"{h.rescale_intercept} are not usable; the header is damaged")
-    if h.pixel_data_length is not None and h.transfer_syntax not in CODESTREAM_SYNTAXES | {
-            "1.2.840.10008.1.2.5"}:
-        expected = h.rows * h.columns * h.frames * h.bits_allocated // 8
-        if h.pixel_data_length not in (expected, expected + 1):
-            raise DecodeError(
-                f"{h.path}: PixelData holds {h.pixel_data_length} bytes but Rows x Columns x "
-                f"frames ({h.rows} x {h.columns} x {h.frames}) needs {expected}; the header or "
-                "the data is wrong")
 
 
 def _check_pixels(arr: np.ndarray, h: DicomHeader) -> np.ndarray:
@@ -262,91 +37,26 @@ def _check_pixels(arr: np.ndarray, h: DicomHeader) -> np.ndarray:
     return arr
 
 
-def _decode_dicomsdl(path: str, h: DicomHeader) -> np.ndarray:
-    import dicomsdl
-    try:
-        dset = dicomsdl.open(path)
-        arr = dset.pixelData(index=0, storedvalue=True)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # dicomsdl raises RuntimeError/its own types from C++
-        raise DecodeError(f"dicomsdl: {type(e).__name__}: {str(e).strip()[:200]}") from None
-    if arr is None:
-        raise DecodeError("dicomsdl: returned no pixels")
-    return arr
-
-
-def _decode_pydicom(path: str, h: DicomHeader) -> np.ndarray:
-    import pydicom
-    try:
-        ds = pydicom.dcmread(path)
-        arr = ds.pixel_array
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # plugins raise many types; pylibjpeg-rle (Rust) panics with a
-        # pyo3 PanicException, which derives from BaseException (found by the fuzz test)
-        raise DecodeError(f"pydicom: {type(e).__name__}: {str(e).strip()[:200]}") from None
-    return arr
-
-
-# imagecodecs decodes the cut-out frame: the fastest CPU decoder for JPEG Lossless here
-# (64 vs 84 ms for dicomsdl on a 4096 x 3328 image; BENCHMARKS.md), on par for JPEG 2000.
-IMAGECODECS_SYNTAXES = {"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
-                        "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
-
-
-def _decode_imagecodecs(path: str, h: DicomHeader) -> np.ndarray:
-    if h.transfer_syntax not in IMAGECODECS_SYNTAXES:
-        raise DecodeError(f"imagecodecs: not used for {transfer_syntax_name(h.transfer_syntax)}")
-    import imagecodecs
-    from rsna_utils.frames import J2K_SYNTAXES, first_frame
-    frame = first_frame(path, h.dataset)
-    try:
-        if h.transfer_syntax in J2K_SYNTAXES:
-            return imagecodecs.jpeg2k_decode(frame, numthreads=1)
-        return imagecodecs.jpeg8_decode(frame)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # imagecodecs raises its own *Error types per codec
-        raise DecodeError(f"imagecodecs: {type(e).__name__}: {str(e).strip()[:200]}") from None
-
-
-CPU_BACKENDS = {"imagecodecs": _decode_imagecodecs, "dicomsdl": _decode_dicomsdl,
-                "pydicom": _decode_pydicom}
-AUTO_ORDER = ("imagecodecs", "dicomsdl", "pydicom")
+def check_frame(h: DicomHeader) -> None:
+    """Checks of the compressed frame that must pass before a decoder allocates or parses."""
+    from rsna_utils.frames import check_codestream, check_rle_header
+    if h.transfer_syntax in uids.CODESTREAM:
+        # A decoder trusts Rows/Columns and allocates for them: check the codestream first.
+        check_codestream(h.path, h.rows, h.columns, ds=h.dataset, transfer_syntax=h.transfer_syntax)
+    if h.transfer_syntax == uids.RLE_LOSSLESS:
+        check_rle_header(h.path, h.bits_allocated, h.samples_per_pixel, ds=h.dataset)
 
 
 def decode_pixels(h: DicomHeader, backend: str = "auto",
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
     """Decode the stored values of the first frame; returns (array, backend used)."""
     check_header(h, max_pixels)
-    if backend == "auto":
-        order = AUTO_ORDER if h.transfer_syntax in IMAGECODECS_SYNTAXES else AUTO_ORDER[1:]
-    elif backend in CPU_BACKENDS:
-        order = (backend,)
-    else:
-        raise RsnaError(f"unknown backend {backend!r}; choose one of "
-                        f"{', '.join(['auto', *CPU_BACKENDS])} (GPU: nvimgcodec, dali)")
-    if h.transfer_syntax in CODESTREAM_SYNTAXES:
-        # A decoder trusts Rows/Columns and allocates for them: check the codestream first.
-        from rsna_utils.frames import check_codestream
-        check_codestream(h.path, h.rows, h.columns, ds=h.dataset, transfer_syntax=h.transfer_syntax)
-    if h.transfer_syntax == "1.2.840.10008.1.2.5":
-        from rsna_utils.frames import check_rle_header
-        check_rle_header(h.path, h.bits_allocated, h.samples_per_pixel, ds=h.dataset)
-    errors = []
-    for name in order:
-        try:
-            return _check_pixels(CPU_BACKENDS[name](h.path, h), h), name
-        except DecodeError as e:
-            errors.append(str(e))
-        except MemoryError:
-            errors.append(f"{name}: out of memory")
-    raise DecodeError(
-        f"{h.path}: cannot decode {transfer_syntax_name(h.transfer_syntax)} pixel data "
-        f"with {', '.join(order)}; it decodes with "
-        f"{DECODER_PACKAGES.get(h.transfer_syntax, 'a decoder for this transfer syntax')}"
-        f" (if installed, the data is likely corrupt) [{'; '.join(errors)}]")
+    order = decoders.candidates(h.transfer_syntax, backend)    # a bad name fails before I/O
+    if not order:
+        decoders.decode(h, backend)       # raises the error that lists what is installed
+    check_frame(h)
+    arr, used = decoders.decode(h, backend)
+    return _check_pixels(arr, h), used
 
 
 def read_dicom(path: str | Path, backend: str = "auto",
@@ -354,13 +64,9 @@ def read_dicom(path: str | Path, backend: str = "auto",
     """Read one DICOM file: stored pixel values (first frame) and the header fields.
 
     backend: "auto" (imagecodecs for JPEG / JPEG 2000, then dicomsdl, then pydicom),
-    "imagecodecs", "dicomsdl", "pydicom"; the GPU backends
-    ("nvimgcodec", "dali") decode batches through `rsna_utils.gpu`.
+    "imagecodecs", "dicomsdl", "pydicom", or a GPU decoder ("nvimgcodec", "dali"; for many
+    files, `rsna_utils.gpu` decodes in batches).
     """
     h = read_header(path)
-    if backend in ("nvimgcodec", "dali"):
-        from rsna_utils import gpu
-        arr = gpu.decode_batch([h], backend, "cuda" if gpu.cuda_available() else "cpu")[0]
-        return DicomImage(_check_pixels(arr, h), h, backend)
     arr, used = decode_pixels(h, backend, max_pixels)
     return DicomImage(arr, h, used)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rsna_utils import uids
 from rsna_utils.errors import DecodeError
 
 JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
@@ -132,7 +133,7 @@ def parse_codestream(data: bytes) -> Codestream:
     raise DecodeError(f"unknown codestream (starts with {data[:8].hex(' ')})")
 
 
-J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+J2K_SYNTAXES = uids.J2K
 
 
 def check_codestream(path: str, rows: int, columns: int, ds=None,
@@ -156,7 +157,7 @@ def check_codestream(path: str, rows: int, columns: int, ds=None,
     return cs
 
 
-RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+RLE_LOSSLESS = uids.RLE_LOSSLESS
 
 
 def check_rle_header(path: str, bits_allocated: int, samples: int = 1, ds=None) -> None:

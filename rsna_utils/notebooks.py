@@ -93,7 +93,8 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
     d = load_plan(plan)
     run_dir = Path(runs) / (name or d["name"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = {"run_dir": run_dir.resolve(), "data": Path(data).resolve(), "repo": REPO}
+    # absolute, not resolved: a symlinked mount keeps its siblings ("{data}/../rsna-models")
+    ctx = {"run_dir": run_dir.resolve(), "data": Path(data).absolute(), "repo": REPO}
     over: dict[str, dict] = {}
     for o in overrides or []:
         if "=" not in o:

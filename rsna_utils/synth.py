@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.errors import RsnaError
+from rsna_utils.uids import EXPLICIT_VR_LE, JPEG2000_LOSSLESS, JPEG_LOSSLESS_SV1, RLE_LOSSLESS
 
 TRAIN_COLUMNS = ["site_id", "patient_id", "image_id", "laterality", "view", "age", "cancer",
                  "biopsy", "invasive", "BIRADS", "implant", "density", "machine_id",
@@ -33,10 +34,6 @@ TEST_COLUMNS = ["site_id", "patient_id", "image_id", "laterality", "view", "age"
                 "machine_id", "prediction_id"]
 SUBMISSION_COLUMNS = ["prediction_id", "cancer"]
 
-JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
-JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 
 

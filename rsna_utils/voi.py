@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rsna_utils.dicom_io import DicomHeader
+from rsna_utils.header import DicomHeader
 
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 

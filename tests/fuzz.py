@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
+from rsna_utils import uids
+
 MUTATIONS = ("header_flip", "codestream_flip", "truncate", "huge_size", "lying_syntax",
              "fragment_overflow", "zero_block")
-SYNTAXES = ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1",
-            "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.80",
-            "1.2.840.10008.1.2.2", "1.2.840.10008.1.2"]
+SYNTAXES = [uids.JPEG2000_LOSSLESS, uids.JPEG_LOSSLESS_SV1, uids.EXPLICIT_VR_LE, uids.RLE_LOSSLESS,
+            uids.JPEG_EXTENDED, uids.JPEG_LS_LOSSLESS, uids.EXPLICIT_VR_BE, uids.IMPLICIT_VR_LE]
 PIXEL_TAG = b"\xe0\x7f\x10\x00"
 ITEM_TAG = b"\xfe\xff\x00\xe0"
 

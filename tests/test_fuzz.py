@@ -12,7 +12,7 @@ import pytest
 
 from conftest import TESTDATA
 from rsna_utils import synth
-from rsna_utils.fuzz import mutate, write_mutants
+from fuzz import mutate, write_mutants
 from rsna_utils.preprocess import PreprocessConfig, Preprocessor
 
 N = int(os.environ.get("RSNA_FUZZ_N", "2000"))

@@ -252,7 +252,7 @@ def test_corrupt_codestream_in_a_batch_costs_that_file_only(tmp_path, synth_smal
     (None), the CPU path then fails it too, it lands in failures.csv, and the batch's other
     files are made."""
     import shutil
-    from rsna_utils.fuzz import corrupt_codestream
+    from fuzz import corrupt_codestream
     images = tmp_path / "images"
     shutil.copytree(synth_small / "train_images", images)
     df = pd.read_csv(synth_small / "train.csv")
@@ -273,7 +273,7 @@ def test_corrupt_codestream_in_a_batch_costs_that_file_only(tmp_path, synth_smal
 
 
 def test_corrupt_codestream_keeps_the_dicom_structure(synth_small):
-    from rsna_utils.fuzz import corrupt_codestream
+    from fuzz import corrupt_codestream
     p = next(q for q in sorted((synth_small / "train_images").glob("*/*.dcm"))
              if pydicom.dcmread(q, stop_before_pixels=True).file_meta.TransferSyntaxUID == synth.JPEG2000_LOSSLESS)
     data = p.read_bytes()
@@ -290,7 +290,7 @@ def test_cuda_corrupt_frames_cost_one_file_and_memory_stays_flat(tmp_path, synth
     import gc
 
     import torch
-    from rsna_utils.fuzz import corrupt_codestream
+    from fuzz import corrupt_codestream
     paths = [str(p) for p in sorted((synth_small / "train_images").glob("*/*.dcm"))
              if pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID in gpu.GPU_SYNTAXES]
     dec = gpu.make_decoder(backend, "cuda", 8)
