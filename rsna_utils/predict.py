@@ -7,6 +7,7 @@ prediction: the mean of the breast's other views, or the training prior when non
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
@@ -16,9 +17,56 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rsna_utils.config import Config, setting
 from rsna_utils.errors import RsnaError
 
 DEFAULT_PRIOR = 0.021   # share of positive breasts in the RSNA training data
+OUTPUTS = ("probability", "calibrated", "binary")
+
+
+@dataclass
+class PredictConfig(Config):
+    """Every setting of an inference run: `rsna predict` flags and notebook 04 parameters are
+    these names (the field order is the old positional order of `predict`). What the models
+    need of their input comes from the checkpoints, not from here. Checked on creation."""
+
+    KIND = "prediction"
+
+    images: str = setting(help="test_images folder: {patient_id}/{image_id}.dcm")
+    csv: str = setting(help="test.csv")
+    checkpoints: list = setting(help="one or more best.pt of `rsna train`")
+    out: str | None = setting("submission.csv", "the submission (beside it: _warnings.csv and "
+                              "_images.csv); None: write nothing")
+    sample_submission: str | None = setting(None, "check the prediction_ids against it")
+    labels: str | None = setting(None, "CSV with image_id,cancer: also score image/breast pF1, "
+                                 "AUC, threshold")
+    tta: bool = setting(False, "average with the horizontal flip")
+    agg: str = setting("mean", "views -> breast (rsna predict --ensemble: the JSON's)",
+                       choices=("mean", "max"))
+    binarize_how: str | None = setting(None, "binary output: threshold (the checkpoints' or "
+                                       "--threshold) or quantile:0.02", flags=("--binarize",))
+    batch_size: int = setting(16, "images per model call", ge=1)
+    workers: int = setting(2, "preprocessing processes", ge=0)
+    device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    backend: str = setting("auto", "decoder: auto, imagecodecs, dicomsdl, pydicom, nvimgcodec, "
+                           "dali")
+    progress: bool = setting(True, "progress bar", negate="--quiet")
+    threshold: float | None = setting(None, "the cut of binary output; None: the mean of the "
+                                      "checkpoints' validation thresholds", ge=0, le=1)
+    output: str | None = setting(None, "submission values: probability, calibrated or binary; "
+                                 "None: binary with binarize_how, else probability",
+                                 choices=OUTPUTS)
+    calibrator: dict | None = setting(None, "ensemble.json's calibrator (output calibrated)",
+                                      cli=False)
+
+    def __post_init__(self):
+        if isinstance(self.checkpoints, (str, os.PathLike)):
+            self.checkpoints = [self.checkpoints]
+        self.check_fields()
+        self.checkpoints = [os.fspath(c) for c in self.checkpoints]
+        if self.binarize_how not in (None, "threshold"):
+            quantile_share(self.binarize_how)
+        resolve_output(self.output, self.binarize_how, self.calibrator, self.agg)
 
 
 @dataclass
@@ -30,11 +78,15 @@ class LoadedModel:
     prior: float
     size: tuple = (0, 0)     # the model's input (height, width)
     norm: tuple = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))   # input mean / std (stored at training)
+    channels: int = 3
 
 
 def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel], dict]:
-    """Models and the one preprocessing config they share (an ensemble must agree on it)."""
+    """Models and the one preprocessing config they share (an ensemble must agree on it). The
+    input contract comes from each checkpoint (`train.model_contract`): size, channels, mean /
+    std, and the PNG -> input resize, which must be the one this version applies."""
     from rsna_utils.models import create_model, load_weights, set_outputs
+    from rsna_utils.train import INPUT_RESIZE
     if not paths:
         raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
     models, pre, shape = [], None, None
@@ -48,6 +100,11 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
             raise RsnaError(f"{p}: preprocessing or channels differ from {paths[0]}; an "
                             "ensemble must share them (train on the same PNG folder)")
         pre, shape = this_pre, this_shape
+        resize = ck.get("resize") or INPUT_RESIZE      # not stored before: pad, as now
+        if resize != INPUT_RESIZE:
+            raise RsnaError(f"{p}: trained with the input resize {resize}, but this version "
+                            f"resizes as {INPUT_RESIZE}; predict with the rsna_utils version "
+                            "that trained it, or retrain")
         model = create_model(ck["model_name"], ck.get("channels", 3),
                              global_pool=ck.get("global_pool", "avg"))
         if ck.get("aux"):
@@ -62,7 +119,8 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
         models.append(LoadedModel(model, ck["model_name"], str(p), float(ck.get("threshold", 0.5)),
                                   float(ck.get("prior", DEFAULT_PRIOR)),
                                   tuple(ck.get("size") or this_pre.get("size") or (0, 0)),
-                                  tuple(tuple(v) for v in ck.get("norm") or LoadedModel.norm)))
+                                  tuple(tuple(v) for v in ck.get("norm") or LoadedModel.norm),
+                                  int(this_shape)))
     if not pre:
         raise RsnaError(f"{paths[0]}: the checkpoint carries no preprocessing settings (trained on "
                         "PNGs without preprocess.json); retrain from `rsna preprocess` output")
@@ -214,16 +272,23 @@ def binarize(values: np.ndarray, how: str | None, threshold: float) -> np.ndarra
         return values
     if how == "threshold":
         return (values >= threshold).astype(np.float64)
-    if how.startswith("quantile:"):
-        q = float(how.split(":", 1)[1])
-        if not 0 < q < 1:
-            raise RsnaError(f"--binarize {how}: the share must be in (0, 1), e.g. quantile:0.02")
-        cut = np.quantile(values, 1 - q)
-        return (values >= cut).astype(np.float64)
-    raise RsnaError(f"--binarize {how!r}: choose threshold or quantile:Q")
+    cut = np.quantile(values, 1 - quantile_share(how))
+    return (values >= cut).astype(np.float64)
 
 
-OUTPUTS = ("probability", "calibrated", "binary")
+def quantile_share(how: str) -> float:
+    """"quantile:0.02" -> 0.02; RsnaError for anything else."""
+    kind, _, q = str(how).partition(":")
+    try:
+        share = float(q) if kind == "quantile" else None
+    except ValueError:
+        share = None
+    if share is None:
+        raise RsnaError(f"binarize_how={how!r}: choose threshold or quantile:Q (e.g. quantile:0.02)")
+    if not 0 < share < 1:
+        raise RsnaError(f"binarize_how={how!r}: the share must be in (0, 1), e.g. quantile:0.02")
+    return share
+
 
 
 def resolve_output(output: str | None, binarize_how: str | None,
@@ -275,14 +340,11 @@ def validate_submission(sub: pd.DataFrame, expected_ids: list[str]) -> None:
         raise RsnaError(f"cancer outside [0, 1] for {int(((v < 0) | (v > 1)).sum())} row(s)")
 
 
-def predict(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
-            out: str | Path | None = "submission.csv", sample_submission: str | Path | None = None,
-            labels: str | Path | None = None, tta: bool = False, agg: str = "mean",
-            binarize_how: str | None = None, batch_size: int = 16, workers: int = 2,
-            device: str = "auto", backend: str = "auto", progress: bool = True,
-            threshold: float | None = None, output: str | None = None,
-            calibrator: dict | None = None) -> PredictResult:
-    """The whole inference step (what `rsna predict` and the inference notebook call).
+def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictResult:
+    """The whole inference step (what `rsna predict` and the inference notebook call):
+    `predict(PredictConfig(...))`, or the config's fields as arguments, positional in the
+    field order (`predict(images, csv, checkpoints, out, labels=...)`).
+
     `threshold`: the cut for binarize_how="threshold" (e.g. the out-of-fold ensemble threshold
     of `oof.write_ensemble`); default: the mean of the checkpoints' validation thresholds.
     `output`: probability, calibrated or binary (`resolve_output`); calibrated needs
@@ -290,37 +352,44 @@ def predict(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
     threshold was tuned on it). Breasts with no readable view get the training prior, not
     calibrated (it already is the cancer rate). Beside `out`: <stem>_warnings.csv and
     <stem>_images.csv (per image: the raw probability, the label when `labels` is given)."""
-    from rsna_utils.train import resolve_device
-    output, binarize_how = resolve_output(output, binarize_how, calibrator, agg)
-    t0 = time.perf_counter()
-    dev = resolve_device(device)
+    if isinstance(images, PredictConfig):
+        if args or settings:
+            raise TypeError("predict(config) takes no further arguments; set them in the config")
+        cfg = images
+    else:
+        cfg = PredictConfig(images, *args, **settings)
     from rsna_utils.data import load_table
-    df = load_table(csv)    # checks the columns, adds prediction_id when absent
-    models, pre = load_checkpoints(checkpoints, dev)
-    channels = _in_chans(models[0].model) or 3
-    preds, reasons = predict_images(df, images, models, pre, dev, batch_size, workers, tta,
-                                    backend, channels, progress)
+    from rsna_utils.train import resolve_device
+    output, binarize_how = resolve_output(cfg.output, cfg.binarize_how, cfg.calibrator, cfg.agg)
+    t0 = time.perf_counter()
+    dev = resolve_device(cfg.device)
+    df = load_table(cfg.csv)    # checks the columns, adds prediction_id when absent
+    models, pre = load_checkpoints(cfg.checkpoints, dev)
+    channels = models[0].channels
+    preds, reasons = predict_images(df, cfg.images, models, pre, dev, cfg.batch_size, cfg.workers,
+                                    cfg.tta, cfg.backend, channels, cfg.progress)
     imgs = df[["patient_id", "image_id", "laterality", "prediction_id"]].copy()
     imgs["prediction"] = preds
     imgs["problem"] = reasons
     prior = float(np.mean([m.prior for m in models]))
-    breast = aggregate(imgs, agg, prior)
+    breast = aggregate(imgs, cfg.agg, prior)
+    threshold = cfg.threshold
     if threshold is None:
         threshold = float(np.mean([m.threshold for m in models]))
     order = list(dict.fromkeys(df["prediction_id"]))          # test.csv order, each once
     breast = breast.set_index("prediction_id").loc[order].reset_index()
     sub = pd.DataFrame({"prediction_id": breast["prediction_id"],
                         "cancer": breast_output(breast["prediction"].to_numpy(), output,
-                                                binarize_how, threshold, calibrator,
+                                                binarize_how, threshold, cfg.calibrator,
                                                 unread=_unread(imgs, breast["prediction_id"]))})
     expected = order
-    if sample_submission is not None:
-        expected = list(pd.read_csv(sample_submission)["prediction_id"])
+    if cfg.sample_submission is not None:
+        expected = list(pd.read_csv(cfg.sample_submission)["prediction_id"])
     validate_submission(sub, expected)
     warnings = [dict(image_id=r.image_id, prediction_id=r.prediction_id, reason=r.problem)
                 for r in imgs.itertuples() if r.problem]
+    out = Path(cfg.out) if cfg.out is not None else None
     if out is not None:
-        out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
         sub.to_csv(tmp, index=False)
@@ -328,12 +397,16 @@ def predict(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
         wpath = out.with_name(out.stem + "_warnings.csv")
         pd.DataFrame(warnings, columns=["image_id", "prediction_id", "reason"]).to_csv(wpath, index=False)
     res = PredictResult(sub, imgs, warnings, seconds=time.perf_counter() - t0)
-    if labels is not None:
-        res.metrics = score(imgs, labels)
-        res.images = imgs.merge(_labels(labels)[["image_id", "cancer"]], on="image_id", how="left")
+    if cfg.labels is not None:
+        res.metrics = score(imgs, cfg.labels)
+        res.images = imgs.merge(_labels(cfg.labels)[["image_id", "cancer"]], on="image_id", how="left")
     if out is not None:       # for `rsna evaluate --predictions` (labels from --meta or here)
         res.images.to_csv(out.with_name(out.stem + "_images.csv"), index=False)
     return res
+
+
+# help() and inspect show the settings predict takes: the fields of PredictConfig
+predict.__signature__ = inspect.signature(PredictConfig).replace(return_annotation=PredictResult)
 
 
 def _unread(imgs: pd.DataFrame, ids: pd.Series) -> np.ndarray:

