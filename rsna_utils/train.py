@@ -112,6 +112,8 @@ class TrainConfig(Config):
         if isinstance(self.aux, (list, tuple)):
             self.aux = [a.strip() for x in self.aux for a in str(x).split(",") if a.strip()]
         self._apply_extra()
+        if self.amp is False:                              # YAML 1.1 reads `amp: off` as false
+            self.amp = "off"
         self.check_fields()
         parse_size(self.size)
         if self.fold >= self.folds:

@@ -180,3 +180,37 @@ def test_cli_output_calibrated_needs_the_ensemble_calibrator(tmp_path, capsys):
     assert "no calibrator" in capsys.readouterr().err
     assert main(base + ["--output", "calibrated"]) == 2
     assert "needs a calibrator" in capsys.readouterr().err
+
+
+def test_inference_reads_the_input_contract_from_the_checkpoint(tmp_path, synth_small, tiny_ckpt,
+                                                                monkeypatch):
+    """Size, channels, mean / std and the PNG -> input resize come from the checkpoint, not
+    from defaults: a checkpoint with other values is fed exactly those."""
+    import rsna_utils.data
+    from rsna_utils.predict import LoadedModel, load_checkpoints
+    from rsna_utils.train import INPUT_RESIZE
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    assert ck["resize"] == INPUT_RESIZE and ck["channels"] == 3 and ck["size"] == [48, 48]
+    norm = [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]
+    assert tuple(map(tuple, norm)) != LoadedModel.norm
+    ck.update(size=[40, 56], norm=norm)               # resnet pools globally: any size runs
+    torch.save(ck, tmp_path / "other.pt")
+    (m,), _ = load_checkpoints([tmp_path / "other.pt"], torch.device("cpu"))
+    assert (m.size, m.norm, m.channels) == ((40, 56), tuple(map(tuple, norm)), 3)
+    seen = []
+    real = rsna_utils.data.model_input
+
+    def spy(img, size, norm, channels):
+        seen.append((tuple(size), tuple(map(tuple, norm)), channels))
+        return real(img, size, norm, channels)
+    monkeypatch.setattr(rsna_utils.data, "model_input", spy)
+    predict(synth_small / "test_images", synth_small / "test.csv", [tmp_path / "other.pt"], None,
+            workers=0, device="cpu", progress=False)
+    assert seen and set(seen) == {((40, 56), tuple(map(tuple, norm)), 3)}
+    x = real(np.full((48, 48), 255, np.uint8), (40, 56), norm, 3)
+    np.testing.assert_allclose(x[:, 0, 0].numpy(), (1 - np.array(norm[0])) / np.array(norm[1]),
+                               rtol=1e-6)
+    ck["resize"] = {"mode": "stretch", "filter": "nearest"}
+    torch.save(ck, tmp_path / "stretch.pt")
+    with pytest.raises(RsnaError, match="trained with the input resize .*stretch"):
+        load_checkpoints([tmp_path / "stretch.pt"], torch.device("cpu"))
