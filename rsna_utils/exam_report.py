@@ -262,7 +262,7 @@ def _write_figure(path: Path, exam, by: str, views: list[ViewResult], threshold:
              else f"{lat}: unreadable" for lat, (s, p) in sorted(breasts.items(), reverse=True)]
     fig.suptitle(f"{'patient' if by == 'patient' else 'breast'} {exam}   " + "   ".join(parts)
                  + f"   (threshold {threshold:.3f})", fontsize=10)
-    fig.supxlabel("heat: Grad-CAM weighted by the view's score, scaled to the exam's maximum; "
+    fig.supxlabel("heat: HiResCAM (stride 16) weighted by the view's score, scaled to the exam's maximum; "
                   "+ marks the peak", fontsize=7)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fig.savefig(tmp, format="png")
@@ -297,7 +297,7 @@ text-align:left;vertical-align:top}} tr.positive td:nth-child(4){{color:#b00;fon
 <h1>Exam reports</h1>
 <p>{len(exams)} exams by decreasing score (the highest breast score: the mean of its views'
 probabilities). Decision at threshold {threshold:.4f}. Checkpoints: {e(", ".join(checkpoints))}.
-Heat: Grad-CAM of the last feature map, mapped back to the original pixels.</p>
+Heat: HiResCAM (gradient x activation) of the stride-16 feature map, mapped back to the original pixels.</p>
 <table><tr>{head}</tr>
 {chr(10).join(rows)}
 </table></body></html>

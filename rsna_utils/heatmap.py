@@ -1,4 +1,5 @@
-"""Where the model looks: Grad-CAM on the model input, mapped back to the original DICOM pixels.
+"""Where the model looks: class-activation maps on the model input, mapped back to the original
+DICOM pixels.
 
 A view goes original pixels -> crop box -> resize (aspect kept or stretched) -> mirror when the
 chest wall was on the right -> black padding at the right / bottom (the preprocessed image, the
@@ -10,10 +11,15 @@ Coordinates are continuous: pixel column i covers [i, i + 1) and its centre is i
 image of the chain (OpenCV's resize uses the same half-pixel convention). A point reported as an
 original pixel is (column x, row y) of the DICOM as stored, before any flip.
 
-Grad-CAM (Selvaraju et al. 2017): the cancer logit's gradient with respect to the last feature
-map, averaged over space, weights that map's channels; the ReLU of the weighted sum is the
-class-activation map. It needs only timm's `forward_features` / `forward_head` split, so it works
-whatever the pooling (GeM, avg, max) and with auxiliary heads (logit 0 is the cancer).
+Class-activation maps from gradients, three ways (`CAM_METHODS`), on a feature map chosen from
+timm's `feature_info` (so whatever the pooling: GeM, avg, max; logit 0 is the cancer when
+auxiliary heads exist): Grad-CAM (Selvaraju et al. 2017: channel weights = the cancer logit's
+gradient averaged over space), HiResCAM (Draelos & Carin 2020: gradient x activation per cell,
+summed over channels; the exact share of each cell in the logit when the head is linear after
+average pooling) and LayerCAM (Jiang et al. 2021: the positive gradient x activation). The
+default is HiResCAM on the stride-16 stage: Grad-CAM on the last, stride-32 map localised
+synthetic lesions far worse (its channel-averaged weights smear a lesion over a 3x3-cell blob
+of an 8x4 grid; BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -116,11 +122,14 @@ def cam_to_canvas(cam: np.ndarray, input_size: tuple[int, int], canvas: tuple[in
                   interpolation: int = cv2.INTER_CUBIC) -> np.ndarray:
     """A CAM over the whole model input (its feature grid, fh x fw) -> the canvas grid.
 
-    Feature cell (i, j) covers model-input rows [i, i + 1) * H / fh (a stride-s network's
-    receptive-field centres sit there). Bicubic interpolation: the maximum of a bilinear
-    upsampling always sits on a cell centre, a bicubic one can fall between cells. The border
-    is mirrored about the edge cells (a replicated border would shift a peak near the edge
-    outwards)."""
+    Feature cell (i, j) stands for the input tile rows [i, i + 1) * H / fh, columns likewise.
+    (The arithmetic receptive-field centres differ by up to half a tile, 32j for a ResNet's
+    stride-32 map and 32j + 31 with TensorFlow SAME padding, but mapping cells there halved
+    the pointing-game hit rate of a trained tf_efficientnet_lite0: the effective receptive
+    field is wide and pulled towards the image's centre.) Bicubic interpolation: the maximum
+    of a bilinear upsampling always sits on a cell centre, a bicubic one can fall between
+    cells. The border is mirrored about the edge cells (a replicated border would shift a peak
+    near the edge outwards)."""
     fh, fw = cam.shape
     ih, iw = input_size
     sh, sw = input_content(canvas, input_size)
@@ -146,37 +155,87 @@ def canvas_peak(canvas_map: np.ndarray, geom: ViewGeometry) -> tuple[int, int]:
 # Grad-CAM
 # ----------------------------------------------------------------------------------------
 
-def grad_cam(model, x) -> tuple:
-    """(cams, logits) for a batch: cams (N, fh, fw) float32 >= 0 on the last feature map's grid,
+CAM_METHODS = ("gradcam", "hirescam", "layercam")
+# HiResCAM on the stride-16 stage: on held-out synthetic lesions (tf_efficientnet_lite0 at
+# 256x128) its peak fell on the lesion box for 41 of 42 views, Grad-CAM on the last map for 11
+# (BENCHMARKS.md, "Do the heatmaps point at the lesions?")
+DEFAULT_METHOD, DEFAULT_LAYER = "hirescam", -2
+
+
+def grad_cam(model, x, method: str = DEFAULT_METHOD, layer: int = DEFAULT_LAYER) -> tuple:
+    """(cams, logits) for a batch: cams (N, fh, fw) float32 >= 0 on a feature map's grid,
     logits (N,) the cancer logit. Device-agnostic: runs where `model` and `x` are.
 
-    The backbone runs without a graph (no_grad, autocast on CUDA); only the head (pooling +
-    classifier) is differentiated, with respect to the feature map: a 1536x768 batch costs
-    little more memory than plain inference."""
+    layer -1: the last feature map (stride 32); the backbone runs without a graph (no_grad,
+    autocast on CUDA) and only the head (pooling + classifier) is differentiated with respect
+    to it: a 1536x768 batch costs little more memory than plain inference. layer -2: the
+    stage before it (stride 16, timm's `feature_info`), a grid twice as fine, through a hook
+    and a full backward. method: gradcam (channel weights = mean gradient), hirescam
+    (gradient x activation per cell), layercam (positive gradient x activation per cell)."""
     import torch
 
     from rsna_utils.train import cancer_logit
+    if method not in CAM_METHODS:
+        raise RsnaError(f"CAM method {method!r}: choose {', '.join(CAM_METHODS)}")
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
         raise RsnaError(f"{type(model).__name__}: Grad-CAM needs a timm model with "
                         "forward_features / forward_head (the models `rsna train` writes)")
     cuda = x.device.type == "cuda"
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=cuda):
-        feats = model.forward_features(x)
-    if feats.ndim != 4:
-        raise RsnaError(f"{type(model).__name__}: forward_features gave shape {tuple(feats.shape)},"
-                        " not a (N, C, H, W) feature map; Grad-CAM needs a convolutional backbone")
-    feats = feats.float().detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = cancer_logit(model.forward_head(feats))
-        (grads,) = torch.autograd.grad(logits.sum(), feats)
-    weights = grads.mean(dim=(2, 3), keepdim=True)
-    cams = torch.relu((weights * feats.detach()).sum(dim=1))
+    if layer == -1:
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=cuda):
+            feats = model.forward_features(x)
+        _check_map(model, feats)
+        feats = feats.float().detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = cancer_logit(model.forward_head(feats))
+            (grads,) = torch.autograd.grad(logits.sum(), feats)
+    else:
+        info = getattr(model, "feature_info", None)
+        try:
+            name = info[layer]["module"]
+        except (TypeError, IndexError, KeyError):
+            raise RsnaError(f"{type(model).__name__}: no feature stage {layer} (timm "
+                            "feature_info); use layer=-1, the last feature map") from None
+        seen = {}
+
+        def start_graph(mod, inp, out):   # the graph starts here: no backward through the stem
+            seen["feats"] = out.detach().requires_grad_(True)
+            return seen["feats"]
+
+        handle = model.get_submodule(name).register_forward_hook(start_graph)
+        wanted = [p.requires_grad for p in model.parameters()]
+        model.requires_grad_(False)
+        try:
+            with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=cuda):
+                logits = cancer_logit(model(x))
+                feats = seen["feats"]
+                _check_map(model, feats)
+                (grads,) = torch.autograd.grad(logits.sum(), feats)
+        finally:
+            handle.remove()
+            for p, w in zip(model.parameters(), wanted):
+                p.requires_grad_(w)
+        feats, grads = feats.float(), grads.float()
+    feats = feats.detach()
+    if method == "gradcam":
+        cams = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * feats).sum(dim=1))
+    elif method == "hirescam":
+        cams = torch.relu((grads * feats).sum(dim=1))
+    else:
+        cams = torch.relu((torch.relu(grads) * feats).sum(dim=1))
     return cams.float(), logits.detach().float()
 
 
+def _check_map(model, feats) -> None:
+    if feats.ndim != 4:
+        raise RsnaError(f"{type(model).__name__}: the feature map has shape {tuple(feats.shape)}, "
+                        "not (N, C, H, W); Grad-CAM needs a convolutional backbone")
+
+
 def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
-                  channels: int, device) -> tuple[np.ndarray, list[np.ndarray]]:
+                  channels: int, device, method: str = DEFAULT_METHOD,
+                  layer: int = DEFAULT_LAYER) -> tuple[np.ndarray, list[np.ndarray]]:
     """Preprocessed images (canvas-sized uint8 / uint16, as `preprocess_image` returns) ->
     (scores (N,), heat maps on the canvas grid).
 
@@ -193,14 +252,79 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
     for m in models:
         x = batch_input(imgs, m, channels, canvas).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
-        cams, logits = grad_cam(m.model, x)
+        size = tuple(x.shape[-2:])
+        cams, logits = grad_cam(m.model, x, method, layer)
         p = torch.sigmoid(logits).cpu().numpy()
         scores += p
         cams = cams.cpu().numpy()
-        size = tuple(x.shape[-2:])
         for i in range(n):
             c = cam_to_canvas(cams[i], size, canvas)
             top = float(c.max())
             if top > 0:
                 heat[i] += (p[i] / top / len(models)) * c
     return scores / len(models), heat
+
+
+# ----------------------------------------------------------------------------------------
+# Do the heatmaps point at the lesions? (synthetic data: lesions.csv holds the truth)
+# ----------------------------------------------------------------------------------------
+
+MALIGNANT_KINDS = ("mass", "calc")      # lesions.csv also lists "benign" look-alikes
+
+
+def pointing_game(views, lesions, images, threshold: float | None = None,
+                  margin: float = 0.02) -> dict:
+    """Share of detected lesion views whose heat peak falls on the lesion, and the chance level.
+
+    views: heatmaps.csv rows (image_id, patient_id, score, peak_x, peak_y). lesions: the
+    synthetic generator's lesions.csv (image_id, kind, y0, x0, y1, x1 in original pixels).
+    A view is a lesion view when it carries a mass or calcification cluster; it is detected
+    when its score is >= `threshold`, or, without one, when it is among the k best-scored
+    views, k = the number of lesion views. A hit: the peak inside a lesion box grown by
+    `margin` x the image's longer side on every side. Chance: the share of the breast (its
+    mask on the windowed image) inside the grown boxes, the hit rate of a uniformly random
+    point in the breast, averaged over the same views.
+    """
+    import pandas as pd
+
+    from rsna_utils.dicom_io import decode_pixels, read_header
+    from rsna_utils.voi import apply_voi_lut
+    les = lesions[lesions["kind"].isin(MALIGNANT_KINDS)]
+    boxes = {iid: d[["y0", "x0", "y1", "x1"]].to_numpy() for iid, d in les.groupby("image_id")}
+    v = views.dropna(subset=["score"]).copy()
+    v["lesion"] = v["image_id"].isin(boxes)
+    n_lesion = int(v["lesion"].sum())
+    if n_lesion == 0:
+        raise RsnaError("no view with a planted mass or calcification among the explained "
+                        "views; explain positive synthetic patients (rsna synth --positive-rate)")
+    if threshold is None:
+        cut = np.sort(v["score"].to_numpy())[::-1][n_lesion - 1]
+        detected = v["score"] >= cut
+    else:
+        detected = v["score"] >= threshold
+    rows = []
+    for r in v[v["lesion"] & detected].itertuples():
+        h = read_header(f"{images}/{r.patient_id}/{r.image_id}.dcm")
+        px, _ = decode_pixels(h)
+        k = int(np.ceil(max(px.shape) / 512))
+        shown, _ = apply_voi_lut(roi.subsample(px, 512), h)
+        breast = roi.breast_mask(shown)
+        m = margin * max(px.shape)
+        grown = [(y0 - m, x0 - m, y1 + m, x1 + m) for y0, x0, y1, x1 in boxes[r.image_id]]
+        hit = pd.notna(r.peak_x) and any(y0 <= r.peak_y + 0.5 <= y1 and x0 <= r.peak_x + 0.5 <= x1
+                                         for y0, x0, y1, x1 in grown)
+        yy, xx = np.mgrid[0:breast.shape[0], 0:breast.shape[1]]
+        yy, xx = (yy + 0.5) * k, (xx + 0.5) * k            # subsample pixel centres, original
+        inside = np.zeros(breast.shape, bool)
+        for y0, x0, y1, x1 in grown:
+            inside |= (yy >= y0) & (yy <= y1) & (xx >= x0) & (xx <= x1)
+        chance = float((inside & breast).sum() / max(1, breast.sum()))
+        rows.append(dict(image_id=r.image_id, score=r.score, peak_x=r.peak_x, peak_y=r.peak_y,
+                         hit=bool(hit), chance=chance, margin_px=m))
+    per_view = pd.DataFrame(rows, columns=["image_id", "score", "peak_x", "peak_y", "hit",
+                                           "chance", "margin_px"])
+    n = len(per_view)
+    return dict(hit_rate=float(per_view["hit"].mean()) if n else float("nan"),
+                chance=float(per_view["chance"].mean()) if n else float("nan"),
+                views=n, lesion_views=n_lesion, hits=int(per_view["hit"].sum()),
+                per_view=per_view)

@@ -134,9 +134,10 @@ def test_heat_outside_the_crop_is_zero_at_a_figure_scale():
 
 @pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "tf_efficientnet_lite0",
                                   "efficientnet_b2"])
-def test_grad_cam_on_every_plan_backbone(name):
-    """GeM pooling and an auxiliary head (logit 0 is the cancer): the CAM has the last feature
-    map's grid, and the logits are the model's own."""
+def test_cams_on_every_plan_backbone(name):
+    """GeM pooling and an auxiliary head (logit 0 is the cancer): the CAM has the chosen feature
+    map's grid (stride 32 or 16), the logits are the model's own, the weights keep their
+    requires_grad and get no gradient."""
     from rsna_utils.models import create_model, set_outputs
     from rsna_utils.train import cancer_logit
     torch.manual_seed(0)
@@ -144,11 +145,25 @@ def test_grad_cam_on_every_plan_backbone(name):
     set_outputs(m, 3)
     m.eval()
     x = torch.rand(2, 3, 64, 32)
-    cams, logits = grad_cam(m, x)
-    assert tuple(cams.shape) == (2, 2, 1) and tuple(logits.shape) == (2,)
-    assert torch.isfinite(cams).all() and (cams >= 0).all()
     with torch.no_grad():
-        torch.testing.assert_close(logits, cancer_logit(m(x)), rtol=1e-4, atol=1e-5)
+        expected = cancer_logit(m(x))
+    for method, layer, grid in (("gradcam", -1, (2, 1)), ("hirescam", -2, (4, 2)),
+                                ("layercam", -2, (4, 2))):
+        cams, logits = grad_cam(m, x, method, layer)
+        assert tuple(cams.shape) == (2, *grid) and tuple(logits.shape) == (2,)
+        assert torch.isfinite(cams).all() and (cams >= 0).all()
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert all(p.requires_grad and p.grad is None for p in m.parameters())
+
+
+def test_unknown_cam_choices_are_refused():
+    from rsna_utils.errors import RsnaError
+    from rsna_utils.models import create_model
+    m = create_model("resnet18").eval()
+    with pytest.raises(RsnaError, match="choose gradcam, hirescam, layercam"):
+        grad_cam(m, torch.rand(1, 3, 32, 32), "saliency")
+    with pytest.raises(RsnaError, match="no feature stage -9"):
+        grad_cam(m, torch.rand(1, 3, 32, 32), layer=-9)
 
 
 def test_grad_cam_follows_the_evidence():
@@ -166,6 +181,7 @@ def test_grad_cam_follows_the_evidence():
             return (5 * f[:, 0].mean(dim=(1, 2)) - f[:, 1].mean(dim=(1, 2)))[:, None]
 
     x = torch.rand(1, 3, 32, 32)
-    cams, _ = grad_cam(Toy(), x)
-    assert cams.shape == (1, 4, 4)
-    assert cams[0, :, 2:].min() > 0 and cams[0, :, :2].max() == 0
+    for method in ("gradcam", "hirescam", "layercam"):
+        cams, _ = grad_cam(Toy(), x, method, layer=-1)
+        assert cams.shape == (1, 4, 4)
+        assert cams[0, :, 2:].min() > 0 and cams[0, :, :2].max() == 0
