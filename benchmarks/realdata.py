@@ -106,13 +106,16 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="wrap only about this many images")
     ap.add_argument("--skip-probe", action="store_true")
     ap.add_argument("--tta", action="store_true", help="predict with the horizontal flip too")
+    ap.add_argument("--ema", default="0", help="EMA decay of the weights (0: off)")
+    ap.add_argument("--tag", default="", help="suffix of the run folder and result files")
     a = ap.parse_args()
     src = a.src or find_realdata()
     if src is None:
         print("no real data: set RSNA_REALDATA or place ../shared/realdata/rsna_dev")
         return 0
     work = Path(a.work)
-    data, png, run = work / "dcm", work / f"png{a.png_size}", work / f"run_{a.model}_{a.size}"
+    data, png, run = (work / "dcm", work / f"png{a.png_size}",
+                      work / f"run_{a.model}_{a.size}{a.tag}")
     t0 = time.perf_counter()
     if not (data / "train.csv").exists():
         print(wrap(src, data, test_frac=0.25, seed=0, limit=a.limit), flush=True)
@@ -123,7 +126,8 @@ def main() -> int:
     rsna("train", "--data", str(png), "--csv", str(data / "train.csv"), "--out", str(run),
          "--model", a.model, "--pretrained-path", a.pretrained, "--size", a.size,
          "--epochs", str(a.epochs), "--batch-size", a.batch_size, "--lr", a.lr,
-         "--pos-weight", "1", "--upsample", "1", "--augment", "true", "--workers", "2", "--quiet")
+         "--pos-weight", "1", "--upsample", "1", "--augment", "true", "--workers", "2", "--quiet",
+         "--ema", a.ema)
     # what `rsna predict --labels` runs, in-process to keep the per-image scores
     from rsna_utils.predict import predict
     imgs = pd.read_csv(data / "test.csv")
@@ -134,6 +138,7 @@ def main() -> int:
     probe = {} if a.skip_probe else frozen_probe(png, data, a.model, a.pretrained, size)
     hist = pd.read_csv(run / "metrics.csv")
     out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size, tta=a.tta,
+               ema=a.ema, lr=a.lr,
                epochs=a.epochs, train_images=int(len(pd.read_csv(data / "train.csv"))),
                test_images=int(len(imgs)), test_breast_auc=m["breast_mean_auc"],
                test_breast_pr_auc=m["breast_mean_pr_auc"], test_image_auc=m["image_auc"],
@@ -143,8 +148,8 @@ def main() -> int:
                seconds=round(time.perf_counter() - t0))
     res = REPO / "benchmarks" / "results"
     res.mkdir(exist_ok=True)
-    (res / f"realdata_{out['date']}_{a.model}_{a.size}.json").write_text(json.dumps(out, indent=1))
-    curves(run / "metrics.csv", res / f"realdata_{out['date']}_{a.model}_{a.size}.png",
+    (res / f"realdata_{out['date']}_{a.model}_{a.size}{a.tag}.json").write_text(json.dumps(out, indent=1))
+    curves(run / "metrics.csv", res / f"realdata_{out['date']}_{a.model}_{a.size}{a.tag}.png",
            f"{a.model} ({a.pretrained}) at {a.size} on real RSNA images")
     print(f"\n| recipe | held-out breast AUC | breast PR-AUC | image AUC |\n|---|---|---|---|")
     if probe:

@@ -9,36 +9,42 @@ import numpy as np
 
 from rsna_utils import roi
 from rsna_utils.dicom_io import read_dicom
-from rsna_utils.preprocess import PreprocessConfig, preprocess_image
-from rsna_utils.voi import Window, apply_lut, apply_voi_lut, build_lut
+from rsna_utils.image_plan import apply_numpy, make_plan
+from rsna_utils.preprocess import PreprocessConfig
+from rsna_utils.voi import Window, apply_lut, build_lut
 
 
 def explain_image(path: str | Path, cfg: PreprocessConfig | None = None) -> dict:
     """{step name: (image, note)}: stored values, LINEAR and SIGMOID windows, MONOCHROME1
-    handling, the ROI mask with its box, the crop, the final resized image."""
+    handling, the ROI mask with its box, the crop, the final image. Every step is read from the
+    image's plan (`rsna_utils.image_plan`), the one the CPU and GPU paths apply."""
     cfg = cfg or PreprocessConfig()
     im = read_dicom(path)
     h, px = im.header, im.pixels
-    small = roi.subsample(px, 512)
+    small = roi.subsample(px, cfg.roi_max_side)
+    plan = make_plan(h, small, cfg, px.shape, lambda: px.min() == px.max())
     steps = {"stored values": (_stretch(small), f"{h.bits_stored}-bit, {h.photometric}")}
-    chosen, window = apply_voi_lut(small, h)
-    c = window.center if window.center is not None else float(np.median(small))
-    w = window.width if window.width is not None else float(small.max() - small.min())
+    c = plan.window.center if plan.window.center is not None else float(np.median(small))
+    w = plan.window.width if plan.window.width is not None else float(small.max() - small.min())
     for kind in ("LINEAR", "SIGMOID"):
         lut, off = build_lut(replace(h, photometric="MONOCHROME2"), Window(kind, c, w, None))
         steps[f"{kind} window"] = (apply_lut(small, lut, off), f"c={c:g} w={w:g}")
+    chosen = plan.small8
     if h.monochrome1:
         steps["MONOCHROME1 inverted"] = (chosen, "minimum is white: inverted")
-    steps["file's window"] = (chosen, window.describe())
-    mask, box = roi.find_breast(chosen)
-    overlay = cv2.cvtColor(chosen, cv2.COLOR_GRAY2RGB)
-    overlay[mask] = (0.6 * overlay[mask] + [0, 90, 0]).astype(np.uint8)
-    if box is not None:
-        cv2.rectangle(overlay, (box.x0, box.y0), (box.x1 - 1, box.y1 - 1), (255, 0, 0), 2)
-        steps["ROI mask + box"] = (overlay, str(box))
-        steps["cropped"] = (chosen[box.y0:box.y1, box.x0:box.x1], f"{box.height}x{box.width} (subsampled)")
-    out, meta = preprocess_image(path, cfg)
-    steps["resized (final)"] = (out, f"{out.shape[0]}x{out.shape[1]}, flipped={meta['flipped']}")
+    steps["file's window"] = (chosen, plan.window.describe())
+    if plan.mask is not None:
+        fy, fx = small.shape[0] / plan.rows, small.shape[1] / plan.columns
+        b = plan.box
+        y0, x0 = int(b.y0 * fy), int(b.x0 * fx)
+        y1, x1 = int(np.ceil(b.y1 * fy)), int(np.ceil(b.x1 * fx))
+        overlay = cv2.cvtColor(chosen, cv2.COLOR_GRAY2RGB)
+        overlay[plan.mask] = (0.6 * overlay[plan.mask] + [0, 90, 0]).astype(np.uint8)
+        cv2.rectangle(overlay, (x0, y0), (x1 - 1, y1 - 1), (255, 0, 0), 2)
+        steps["ROI mask + box"] = (overlay, str(b))
+        steps["cropped"] = (chosen[y0:y1, x0:x1], f"{b.height}x{b.width} (full resolution)")
+    out = apply_numpy(px, plan)
+    steps["resized (final)"] = (out, f"{out.shape[0]}x{out.shape[1]}, flipped={plan.flipped}")
     return steps
 
 

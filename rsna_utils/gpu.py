@@ -42,56 +42,16 @@ class _Pending:
 
 
 def gpu_preprocess_tensor(x, h, cfg, device):
-    """Stored-value tensor (H, W) on the GPU -> output image (numpy) and meta; same rules and
-    order as `preprocess.preprocess_image`: LUT windowing, ROI on a subsample, crop, area
-    resize, LUT, flip."""
-    import torch
-    import torch.nn.functional as F
-
-    from rsna_utils import roi
-    from rsna_utils.preprocess import PreprocessError
-    from rsna_utils.voi import build_lut, select_window
-    rows, cols = x.shape
-    k = int(np.ceil(max(rows, cols) / cfg.roi_max_side))
+    """Stored-value tensor (H, W) on the GPU -> output image (numpy) and meta: the plan of
+    `rsna_utils.image_plan` (made on the CPU from the header and a subsample copied back, as
+    the CPU path makes it) applied by its torch kernel."""
+    from rsna_utils.image_plan import apply_torch, make_plan, subsample_step
+    k = subsample_step(tuple(x.shape), cfg.roi_max_side)
     small = x[::k, ::k].contiguous().cpu().numpy()
     if small.dtype != np.uint16 and not h.signed:
         small = small.astype(np.uint16)
-    if small.min() == small.max() and int(x.min()) == int(x.max()):
-        raise PreprocessError(f"{h.path}: every pixel is {int(x.flatten()[0])}; an empty image has no breast")
-    window = select_window(h, cfg.window_index, cfg.prefer_lut, small)
-    lut, off = build_lut(h, window, cfg.bits)
-    lut8 = lut if cfg.bits == 8 else (lut >> 8).astype(np.uint8)
-    small8 = np.take(lut8, small.astype(np.int32) + off)
-    mask = None
-    if cfg.crop:
-        mask, box_small = roi.find_breast(small8)
-        if box_small is None:
-            raise PreprocessError(f"{h.path}: no breast region found after windowing ({window.describe()})")
-        box = roi.add_margin(box_small.scaled(rows / small.shape[0], cols / small.shape[1], rows, cols),
-                             cfg.margin, rows, cols)
-    else:
-        box = roi.Box(0, 0, rows, cols)
-    lut_t = torch.as_tensor(lut.astype(np.int32), device=device)
-    crop = x[box.y0:box.y1, box.x0:box.x1]
-    if cfg.window_first:   # as the CPU path: window at full resolution, then resize
-        crop = lut_t[(crop.to(torch.int64) + off).clamp_(0, len(lut) - 1)]
-    crop = crop.to(torch.float32)[None, None]
-    nh, nw = roi.fit_shape(crop.shape[2], crop.shape[3], cfg.size, cfg.resize_mode)
-    r = F.interpolate(crop, size=(nh, nw), mode="area")[0, 0]
-    if cfg.window_first:
-        out = torch.round(r).to(torch.int32)
-    else:
-        out = lut_t[(torch.round(r).to(torch.int64) + off).clamp_(0, len(lut) - 1)]
-    flipped = roi.needs_flip(cfg.flip, mask if mask is not None else small8 > 0, h.laterality)
-    if flipped:
-        out = torch.flip(out, dims=[1])
-    if (nh, nw) != tuple(cfg.size):   # background after windowing and flipping (as the CPU)
-        out = torch.nn.functional.pad(out, (0, cfg.size[1] - nw, 0, cfg.size[0] - nh))
-    img = out.cpu().numpy().astype(np.uint8 if cfg.bits == 8 else np.uint16)
-    meta = dict(rows=rows, columns=cols, transfer_syntax=h.transfer_syntax, photometric=h.photometric,
-                crop_y0=box.y0, crop_x0=box.x0, crop_y1=box.y1, crop_x1=box.x1,
-                flipped=bool(flipped), window=window.describe(), window_note=window.note)
-    return img, meta
+    plan = make_plan(h, small, cfg, tuple(x.shape), lambda: int(x.min()) == int(x.max()))
+    return apply_torch(x, plan), plan.meta(h)
 
 
 def load_frame(path: str, max_pixels: int | None = None):

@@ -2,8 +2,9 @@
 (`Preprocessor.run`: parallel, resumable, shardable, crash-contained).
 
 Order of work per image, chosen for speed (see BENCHMARKS.md): decode; subsample the stored
-values (every k-th pixel); window the small copy with the VOI lookup table and find the breast on it; cut
-the box out of the full-resolution stored values; area-resize the crop; window the small result.
+values (every k-th pixel); plan the image from the header and the subsample (window and lookup
+table, breast box, flip, geometry: `rsna_utils.image_plan`, shared with the GPU path); cut the
+box out of the full-resolution stored values; area-resize the crop; window the small result.
 Windowing after the area resize costs a few hundredths of a gray level on average against
 windowing first (`window_first=True` does that, at about 20 ms more per large image).
 """
@@ -26,16 +27,13 @@ import pandas as pd
 from rsna_utils import roi
 from rsna_utils.dicom_io import DEFAULT_MAX_PIXELS, decode_pixels, read_header
 from rsna_utils.errors import RsnaError
-from rsna_utils.voi import apply_lut, build_lut, select_window
+from rsna_utils.image_plan import (  # noqa: F401  (PreprocessError re-exported)
+    PreprocessError, apply_numpy, make_plan)
 
 META_COLUMNS = ["image_id", "patient_id", "png", "rows", "columns", "transfer_syntax",
                 "photometric", "crop_y0", "crop_x0", "crop_y1", "crop_x1", "flipped", "window",
                 "window_note", "backend", "gpu_route", "decode_ms", "total_ms"]
 FAILURE_COLUMNS = ["image_id", "patient_id", "path", "reason"]
-
-
-class PreprocessError(RsnaError):
-    """This image cannot be turned into a training image (recorded in failures.csv)."""
 
 
 @dataclass
@@ -86,44 +84,11 @@ def preprocess_image(path: str | Path, cfg: PreprocessConfig, backend: str = "au
         pixels, used = decode_pixels(h, backend, cfg.max_pixels)
     t_dec = time.perf_counter()
     small = roi.subsample(pixels, cfg.roi_max_side)
-    if small.min() == small.max() and pixels.min() == pixels.max():
-        raise PreprocessError(f"{path}: every pixel is {int(pixels.flat[0])}; an empty image "
-                              "has no breast")
-    window = select_window(h, cfg.window_index, cfg.prefer_lut, small)
-    lut, off = build_lut(h, window, cfg.bits)
-    lut8 = lut if cfg.bits == 8 else (lut >> 8).astype(np.uint8)
-    small8 = apply_lut(small, lut8, off)
-    rows, cols = pixels.shape
-    mask = None
-    if cfg.crop:
-        mask, box_small = roi.find_breast(small8)
-        if box_small is None:
-            raise PreprocessError(f"{path}: no breast region found after windowing "
-                                  f"({window.describe()}); check the window or use crop=False")
-        box = roi.add_margin(box_small.scaled(rows / small.shape[0], cols / small.shape[1],
-                                              rows, cols), cfg.margin, rows, cols)
-    else:
-        box = roi.Box(0, 0, rows, cols)
-    crop = pixels[box.y0:box.y1, box.x0:box.x1]
-    shape = roi.fit_shape(*crop.shape, cfg.size, cfg.resize_mode)
-    if cfg.window_first:
-        out = roi.resize_to(apply_lut(crop, lut, off), shape)
-    else:
-        if crop.dtype == np.int16:   # cv2 area-resizes int16 poorly: go through float
-            r = np.rint(roi.resize_to(crop.astype(np.float32), shape)).astype(np.int16)
-        else:
-            r = roi.resize_to(crop, shape)
-        out = apply_lut(r, lut, off)
-    flipped = roi.needs_flip(cfg.flip, mask if mask is not None else small8 > 0, h.laterality)
-    if flipped:
-        out = np.ascontiguousarray(out[:, ::-1])
-    out = roi.pad_to(out, cfg.size)     # background after windowing: black on MONOCHROME1 too
+    plan = make_plan(h, small, cfg, pixels.shape, lambda: pixels.min() == pixels.max())
+    out = apply_numpy(pixels, plan)
     t1 = time.perf_counter()
-    meta = dict(rows=rows, columns=cols, transfer_syntax=h.transfer_syntax,
-                photometric=h.photometric, crop_y0=box.y0, crop_x0=box.x0, crop_y1=box.y1,
-                crop_x1=box.x1, flipped=bool(flipped), window=window.describe(),
-                window_note=window.note, backend=used,
-                decode_ms=round((t_dec - t0) * 1e3, 2), total_ms=round((t1 - t0) * 1e3, 2))
+    meta = dict(plan.meta(h), backend=used, decode_ms=round((t_dec - t0) * 1e3, 2),
+                total_ms=round((t1 - t0) * 1e3, 2))
     return out, meta
 
 

@@ -15,9 +15,10 @@ LAYERS = [
     # 2: decoders, windowing, ROI (dicom_io: header + decoders behind read_dicom)
     {"decoders", "dicom_io", "voi", "roi"},
     # 3: the image pipeline
-    {"preprocess", "gpu", "explain"},
+    {"image_plan", "preprocess", "gpu", "explain"},
     # 4: the folder runner, data, models, training, inference and what they build on
-    {"data", "models", "weights", "train", "predict", "oof", "calibrate", "metrics", "heatmap",
+    {"config", "data", "models", "weights", "train", "predict", "oof", "calibrate", "metrics",
+     "heatmap",
      "kaggle",
      "synth", "realdata"},
     # 5: CLI, notebooks, plots, reports
