@@ -4,6 +4,8 @@ Images are preprocessed in memory, in DataLoader worker processes, with the sett
 the checkpoint (no PNGs written, nothing retyped); batches stream through the model(s), so
 memory stays flat as the test set grows. An image that cannot be read still gets its breast a
 prediction: the mean of the breast's other views, or the training prior when none could be read.
+`PredictConfig` is the one place an inference setting is spelled (`rsna predict` flags and
+notebook 04 derive from it); what the model needs of its input comes from the checkpoint.
 """
 from __future__ import annotations
 
