@@ -187,6 +187,30 @@ def test_grad_cam_follows_the_evidence():
         assert cams[0, :, 2:].min() > 0 and cams[0, :, :2].max() == 0
 
 
+def test_pointing_game_counts_hits_and_chance(synth_small):
+    """Peaks placed on the planted lesions hit; peaks in the image's corner miss; chance is the
+    share of the breast the grown boxes cover."""
+    import pandas as pd
+
+    from rsna_utils.heatmap import pointing_game
+    les = pd.read_csv(synth_small / "lesions.csv")
+    train = pd.read_csv(synth_small / "train.csv")
+    mal = les[les.kind.isin(["mass", "calc"]) & les.image_id.isin(train.image_id)]
+    first = mal.drop_duplicates("image_id").head(6)
+    views = first.merge(train[["image_id", "patient_id"]], on="image_id")
+    views["peak_x"] = ((views.x0 + views.x1) // 2).astype("Int64")
+    views["peak_y"] = ((views.y0 + views.y1) // 2).astype("Int64")
+    views.loc[views.index[:2], ["peak_x", "peak_y"]] = 0          # two misses
+    views["score"] = np.linspace(0.9, 0.5, len(views))
+    pg = pointing_game(views, les, synth_small / "train_images", threshold=0.4, margin=0.0)
+    assert (pg["views"], pg["hits"]) == (6, 4) and pg["hit_rate"] == pytest.approx(4 / 6)
+    assert 0 < pg["chance"] < 0.2
+    assert list(pg["per_view"].hit) == [False, False, True, True, True, True]
+    # without a threshold the k = 6 best views are all lesion views; at 0.8 only 2 are detected
+    assert pointing_game(views, les, synth_small / "train_images")["views"] == 6
+    assert pointing_game(views, les, synth_small / "train_images", threshold=0.8)["views"] == 2
+
+
 @pytest.mark.slow
 def test_heatmaps_point_at_the_planted_lesions(tmp_path):
     """The pointing game on patients the model never saw: a pretrained EfficientNet-Lite0
