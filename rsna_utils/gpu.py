@@ -11,8 +11,6 @@ Nothing here imports CUDA packages at module import: `import rsna_utils.gpu` wor
 from __future__ import annotations
 
 import os
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,9 +24,6 @@ from rsna_utils.decoders.gpu_batch import (  # noqa: F401  (the decoder layer, r
     package_available, probe_image, rescale_to_precision, resolve_backend)
 from rsna_utils.decoders.nvimgcodec import NvImageCodecDecoder  # noqa: F401  (re-exported)
 from rsna_utils.errors import DecodeError, RsnaError
-
-_LOG_LOCK = threading.Lock()
-
 
 # ----------------------------------------------------------------------------------------
 # The whole preprocessing step on the GPU
@@ -204,65 +199,49 @@ class GpuPreprocessor:
 
     def run(self, images, csv_path, out, shard=None):
         import torch
-        from tqdm.auto import tqdm
 
-        from rsna_utils.preprocess import open_run, write_png
-        t0 = time.perf_counter()
-        todo, s, meta_log, fail_log = open_run(out, self.cfg, images, csv_path, shard)
-        dev = torch.device("cuda" if self.device == "cuda" else "cpu")
-        decoder = self.decoder or make_decoder(self.backend, self.device, self.batch_size)
-        if not hasattr(decoder, "rules"):
-            decoder.rules = DecodeRules(decoder, self.backend)
-        writer, pool = ThreadPoolExecutor(self.png_threads), ThreadPoolExecutor(self.png_threads)
-        loader = frame_loader(self.load_workers) if todo else None
-        bar = tqdm(total=len(todo), desc=f"preprocess ({self.backend})", unit="img",
-                   disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
-        writes, s.fallbacks = [], 0
-        try:
-            batches = [todo[b:b + self.batch_size] for b in range(0, len(todo), self.batch_size)]
-            ready = [[it for it in batch if not it.problem] for batch in batches]
-            loading = load_frames([it.path for it in ready[0]], self.cfg, loader) if batches else []
-            for k, batch in enumerate(batches):
-                for it in batch:
-                    if it.problem:
-                        self._fail(s, fail_log, it, it.problem)
-                this = loading
-                if k + 1 < len(batches):   # read the next batch while this one is on the GPU
-                    loading = load_frames([it.path for it in ready[k + 1]], self.cfg, loader)
-                results, n_fb = preprocess_paths([it.path for it in ready[k]], self.cfg, decoder,
-                                                 self.backend, dev, pool, this)
-                s.fallbacks += n_fb
-                for it, (img, meta, err) in zip(ready[k], results):
-                    if err:
-                        self._fail(s, fail_log, it, err)
-                    else:   # PNG encoding in threads: the GPU goes on with the next batch
-                        writes.append(writer.submit(_write_then_log, it, img, meta, meta_log, write_png))
-                        s.processed += 1
-                bar.update(len(batch))
-            for w in writes:
-                w.result()
-        finally:
-            writer.shutdown(wait=True)
-            pool.shutdown(wait=True)
-            if loader is not None:
-                loader.shutdown(wait=True, cancel_futures=True)
-            bar.close()
-            meta_log.close()
-            fail_log.close()
-        s.seconds = time.perf_counter() - t0
-        return s
-
-    @staticmethod
-    def _fail(s, fail_log, item, reason) -> None:
-        row = dict(image_id=item.image_id, patient_id=item.patient_id, path=item.path,
-                   reason=str(reason).replace("\n", " "))
-        fail_log.write(row)
-        s.failures.append(row)
-        s.failed += 1
+        from rsna_utils.preprocess import FolderRun, write_png
+        with FolderRun(out, self.cfg, images, csv_path, shard, f"preprocess ({self.backend})",
+                       self.progress) as run:
+            todo, s = run.todo, run.summary
+            dev = torch.device("cuda" if self.device == "cuda" else "cpu")
+            decoder = self.decoder or make_decoder(self.backend, self.device, self.batch_size)
+            if not hasattr(decoder, "rules"):
+                decoder.rules = DecodeRules(decoder, self.backend)
+            writer, pool = ThreadPoolExecutor(self.png_threads), ThreadPoolExecutor(self.png_threads)
+            loader = frame_loader(self.load_workers) if todo else None
+            writes, s.fallbacks = [], 0
+            try:
+                batches = [todo[b:b + self.batch_size] for b in range(0, len(todo), self.batch_size)]
+                ready = [[it for it in batch if not it.problem] for batch in batches]
+                loading = load_frames([it.path for it in ready[0]], self.cfg, loader) if batches else []
+                for k, batch in enumerate(batches):
+                    for it in batch:
+                        if it.problem:
+                            run.fail(it, it.problem)
+                    this = loading
+                    if k + 1 < len(batches):   # read the next batch while this one is on the GPU
+                        loading = load_frames([it.path for it in ready[k + 1]], self.cfg, loader)
+                    results, n_fb = preprocess_paths([it.path for it in ready[k]], self.cfg,
+                                                     decoder, self.backend, dev, pool, this)
+                    s.fallbacks += n_fb
+                    for it, (img, meta, err) in zip(ready[k], results):
+                        if err:
+                            run.fail(it, err)
+                        else:   # PNG encoding in threads: the GPU goes on with the next batch
+                            writes.append(writer.submit(_write_then_log, it, img, meta, run,
+                                                        write_png))
+                    run.advance(len(batch))
+                for w in writes:
+                    w.result()
+            finally:
+                writer.shutdown(wait=True)
+                pool.shutdown(wait=True)
+                if loader is not None:
+                    loader.shutdown(wait=True, cancel_futures=True)
+        return run.summary
 
 
-def _write_then_log(item, img, meta, meta_log, write_png):
+def _write_then_log(item, img, meta, run, write_png):
     write_png(item.png, img)
-    with _LOG_LOCK:
-        meta_log.write(dict(meta, image_id=item.image_id, patient_id=item.patient_id,
-                            png=os.path.basename(item.png)))
+    run.ok(item, meta)

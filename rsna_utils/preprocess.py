@@ -314,39 +314,19 @@ class Preprocessor:
 
     def run(self, images: str | Path, csv_path: str | Path | None, out: str | Path,
             shard: str | tuple[int, int] | None = None) -> RunSummary:
-        t0 = time.perf_counter()
-        todo, s, meta_log, fail_log = open_run(out, self.cfg, images, csv_path, shard)
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), desc="preprocess", unit="img", disable=not self.progress,
-                   file=sys.stderr, dynamic_ncols=True)
+        with FolderRun(out, self.cfg, images, csv_path, shard, "preprocess",
+                       self.progress) as run:
+            def record(status: str, item: Item, info) -> None:
+                (run.ok if status == "ok" else run.fail)(item, info)
+                run.advance()
 
-        def record(status: str, item: Item, info) -> None:
-            if status == "ok":
-                meta_log.write(dict(info, image_id=item.image_id, patient_id=item.patient_id,
-                                    png=os.path.basename(item.png)))
-                s.processed += 1
-            else:
-                row = dict(image_id=item.image_id, patient_id=item.patient_id, path=item.path,
-                           reason=str(info).replace("\n", " "))
-                fail_log.write(row)
-                s.failures.append(row)
-                s.failed += 1
-                bar.set_postfix(failed=s.failed)
-            bar.update()
-
-        try:
             if self.workers == 0:   # in this process: for debugging; a decoder crash ends the run
                 _init_worker(self.cfg, self.backend, self.png_compression, None)
-                for it in todo:
+                for it in run.todo:
                     record(*_work(it))
             else:
-                self._run_pool(todo, record)
-        finally:
-            bar.close()
-            meta_log.close()
-            fail_log.close()
-        s.seconds = time.perf_counter() - t0
-        return s
+                self._run_pool(run.todo, record)
+        return run.summary
 
     def _run_pool(self, todo: list[Item], record) -> None:
         """Keep a bounded window of tasks in flight; when a worker dies (a decoder crash) or a
@@ -444,6 +424,51 @@ def open_run(out: str | Path, cfg: PreprocessConfig, images, csv_path, shard):
     for row in keep:
         fail_log.write(row)
     return todo, summary, meta_log, fail_log
+
+
+class FolderRun:
+    """The bookkeeping every preprocessing run over a folder shares, CPU or GPU: `open_run`
+    (settings file, shard, resume, the two logs), the progress bar, a thread-safe `ok` / `fail`
+    per image, and the summary. Use as a context manager; `summary` is complete on exit."""
+
+    def __init__(self, out, cfg: PreprocessConfig, images, csv_path, shard, desc: str = "preprocess",
+                 progress: bool = True):
+        import threading
+
+        from tqdm.auto import tqdm
+        self.t0 = time.perf_counter()
+        self.todo, self.summary, self.meta_log, self.fail_log = open_run(out, cfg, images,
+                                                                         csv_path, shard)
+        self._lock = threading.Lock()
+        self.bar = tqdm(total=len(self.todo), desc=desc, unit="img", disable=not progress,
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def ok(self, item: Item, meta: dict) -> None:
+        with self._lock:
+            self.meta_log.write(dict(meta, image_id=item.image_id, patient_id=item.patient_id,
+                                     png=os.path.basename(item.png)))
+            self.summary.processed += 1
+
+    def fail(self, item: Item, reason) -> None:
+        row = dict(image_id=item.image_id, patient_id=item.patient_id, path=item.path,
+                   reason=str(reason).replace("\n", " "))
+        with self._lock:
+            self.fail_log.write(row)
+            self.summary.failures.append(row)
+            self.summary.failed += 1
+            self.bar.set_postfix(failed=self.summary.failed)
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def __enter__(self) -> "FolderRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        self.meta_log.close()
+        self.fail_log.close()
+        self.summary.seconds = time.perf_counter() - self.t0
 
 
 def _other_failures(path: Path, ids: set) -> list[dict]:

@@ -93,7 +93,7 @@ def write_index(run_dir: str | Path, plan: str, steps: list[dict], failed: str |
     status = (f'<p style="color:#b00">Stopped: step <b>{html.escape(failed)}</b> failed; its '
               "executed copy holds the traceback.</p>" if failed else "")
     sub = run_dir / "submission.csv"
-    sub_link = f'<p><a href="submission.csv">submission.csv</a></p>' if sub.exists() else ""
+    sub_link = '<p><a href="submission.csv">submission.csv</a></p>' if sub.exists() else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(plan)}: run report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;vertical-align:top;
