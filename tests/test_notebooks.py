@@ -159,9 +159,10 @@ def test_demo_plan_runs_headless(tmp_path, synth_small):
                               "workers=1", "03_train_resnet18.size=48"])
     names = [n["step"] for n in res["notebooks"]]
     assert names == ["01_eda", "02_preprocessing_demo", "03_train_resnet18", "03_train_resnext50",
-                     "03_train_efficientnet", "04_inference_submission"]
+                     "03_train_efficientnet", "04_inference_submission", "05_explain_evaluate"]
     min_figures = {"01_eda": 5, "02_preprocessing_demo": 3, "03_train_resnet18": 2,
-                   "03_train_resnext50": 2, "03_train_efficientnet": 2, "04_inference_submission": 1}
+                   "03_train_resnext50": 2, "03_train_efficientnet": 2, "04_inference_submission": 1,
+                   "05_explain_evaluate": 4}
     for n in res["notebooks"]:
         nb = nbformat.read(n["notebook"], as_version=4)
         outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
@@ -175,9 +176,16 @@ def test_demo_plan_runs_headless(tmp_path, synth_small):
     sample = pd.read_csv(synth_small / "sample_submission.csv")
     assert list(sub.prediction_id) == list(sample.prediction_id)
     assert set(sub.cancer) <= {0, 1}                   # binarised at the out-of-fold threshold
-    printed = "".join(o.get("text", "") for c in nbformat.read(res["notebooks"][-1]["notebook"], 4).cells
+    infer = next(n["notebook"] for n in res["notebooks"] if n["step"] == "04_inference_submission")
+    printed = "".join(o.get("text", "") for c in nbformat.read(infer, 4).cells
                       if c.cell_type == "code" for o in c.get("outputs", []))
     assert "out-of-fold:" in printed and "hidden test" in printed and "exported 3" in printed
+    explain = Path(res["run_dir"]) / "explain"
+    views = pd.read_csv(explain / "exams" / "heatmaps.csv")
+    assert len(views) and {"peak_x", "peak_y", "score"} <= set(views.columns)
+    assert (explain / "exams" / "index.html").is_file()
+    metrics = pd.read_csv(explain / "evaluation" / "metrics.csv")
+    assert len(metrics) and any(c.endswith("_low") for c in metrics.columns)
 
     # the export is all the submit plan needs: the same submission, without the training runs
     export = Path(res["run_dir"]) / "rsna-models"
