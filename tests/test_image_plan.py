@@ -74,10 +74,12 @@ def test_kernels_agree_on_full_size_synthetic_images(full_synth, size):
         _compare(p, size)
 
 
-def test_kernels_agree_where_the_crop_is_enlarged(synth_small):
-    files = sorted((synth_small / "train_images").rglob("*.dcm"))[:6]     # ~512 px images
+@pytest.mark.parametrize("size", [(1024, 512), (256, 128)], ids=["enlarged", "shrunk"])
+def test_kernels_agree_on_every_file_of_the_small_synthetic_set(synth_small, size):
+    files = sorted(synth_small.rglob("*.dcm"))          # ~512 px images, train and test
+    assert len(files) > 40
     for p in files:
-        _compare(p, (1024, 512))
+        _compare(p, size)
 
 
 def test_kernels_agree_with_window_first_and_16_bits(full_synth):
