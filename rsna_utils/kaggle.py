@@ -26,7 +26,9 @@ KAGGLE_LIMIT_HOURS = 9.0         # a code competition's run-time limit
 def load_ensemble(path: str | Path) -> dict:
     """An ensemble.json written by `export_models` (or `rsna oof` with checkpoints added):
     the dict with 'checkpoints' resolved against the file's folder."""
-    path = Path(path)
+    # "{data}/../rsna-models": resolve ".." by the text, as a reader does (through a symlinked
+    # mount the OS would go to the parent of the link's target)
+    path = Path(os.path.normpath(os.path.abspath(path)))
     if path.is_dir():
         path = path / ENSEMBLE_FILE
     if not path.exists():

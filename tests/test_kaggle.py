@@ -217,6 +217,10 @@ def _kaggle_like_venv(root: Path, pins: set) -> Path:
             if top != ".." and not (provided / top).exists() and (here / top).exists():
                 (provided / top).symlink_to(here / top)
     site = next(venv.glob("lib/python3*/site-packages"))
+    # venv's own old setuptools would shadow the image's (torch needs >= 77): an image has one
+    for pattern in ("setuptools*", "pkg_resources", "_distutils_hack", "distutils-precedence.pth"):
+        for old in site.glob(pattern):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     (site / "kaggle_image.pth").write_text(str(provided) + "\n")
     return venv
 
