@@ -55,8 +55,7 @@ def decode_pixels(h: DicomHeader, backend: str = "auto",
     if not order:
         decoders.decode(h, backend)       # raises the error that lists what is installed
     check_frame(h)
-    arr, used = decoders.decode(h, backend)
-    return _check_pixels(arr, h), used
+    return decoders.decode(h, backend, check=lambda arr: _check_pixels(arr, h))
 
 
 def read_dicom(path: str | Path, backend: str = "auto",

@@ -42,7 +42,7 @@ def explain_image(path: str | Path, cfg: PreprocessConfig | None = None) -> dict
         overlay[plan.mask] = (0.6 * overlay[plan.mask] + [0, 90, 0]).astype(np.uint8)
         cv2.rectangle(overlay, (x0, y0), (x1 - 1, y1 - 1), (255, 0, 0), 2)
         steps["ROI mask + box"] = (overlay, str(b))
-        steps["cropped"] = (chosen[y0:y1, x0:x1], f"{b.height}x{b.width} (full resolution)")
+        steps["cropped"] = (chosen[y0:y1, x0:x1], f"{b.height}x{b.width} at full resolution (shown subsampled)")
     out = apply_numpy(px, plan)
     steps["resized (final)"] = (out, f"{out.shape[0]}x{out.shape[1]}, flipped={plan.flipped}")
     return steps

@@ -45,8 +45,15 @@ def gpu_preprocess_tensor(x, h, cfg, device):
     small = x[::k, ::k].contiguous().cpu().numpy()
     if small.dtype != np.uint16 and not h.signed:
         small = small.astype(np.uint16)
-    plan = make_plan(h, small, cfg, tuple(x.shape), lambda: int(x.min()) == int(x.max()))
+    plan = make_plan(h, small, cfg, tuple(x.shape), lambda: _is_flat(x))
     return apply_torch(x, plan), plan.meta(h)
+
+
+def _is_flat(x) -> bool:
+    """Every value equal (torch has no min/max for uint16, the GPU decoders' dtype)."""
+    import torch
+    lo, hi = torch.aminmax(x.to(torch.int32))
+    return int(lo) == int(hi)
 
 
 def load_frame(path: str, max_pixels: int | None = None):

@@ -97,6 +97,10 @@ def export_models(ens: dict, out_dir: str | Path) -> dict:
     missing = [str(c) for c in ckpts if not c.exists()]
     if missing:
         raise RsnaError(f"export_models: checkpoint(s) {missing} not found; train them first")
+    if out_dir.exists() and not _is_export(out_dir):
+        raise RsnaError(f"export_models: {out_dir} exists and is not an earlier export (only "
+                        f"{ENSEMBLE_FILE} and .pt files); give a new or empty folder, e.g. "
+                        f"{out_dir / 'rsna-models'}")
     names = _unique_names(ckpts)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -136,6 +140,13 @@ def hidden_test_estimate(result, patients: int = HIDDEN_TEST_PATIENTS,
                     f"{hours:.2f} h of the {limit_hours:g} h limit"
                     + ("" if fits else " -- TOO SLOW: fewer models, smaller inputs or no TTA")
                     + " (this run's rate includes start-up; larger runs are faster per image)"}
+
+
+def _is_export(d: Path) -> bool:
+    """An empty folder, or one holding only what export_models writes: safe to replace."""
+    files = list(d.iterdir()) if d.is_dir() and not d.is_symlink() else None
+    return files is not None and all(
+        f.is_file() and (f.name == ENSEMBLE_FILE or f.suffix == ".pt") for f in files)
 
 
 def _unique_names(ckpts: list[Path]) -> list[str]:

@@ -126,7 +126,7 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
         print(f"[{i + 1}/{len(d['steps'])}] {nb.name} -> {out}", file=sys.stderr, flush=True)
         try:
             pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name="python3",
-                                progress_bar=progress, cwd=str(NOTEBOOKS.parent), log_output=False)
+                                progress_bar=progress, cwd=str(_kernel_cwd()), log_output=False)
         except PapermillExecutionError as e:
             failed = dict(step=step_name, notebook=str(out),
                           seconds=round(time.perf_counter() - t0, 1))
@@ -146,6 +146,12 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
     return {"run_dir": str(run_dir), "notebooks": done,
             "submission": str(sub) if sub.exists() else None,
             "report": str(index) if index.exists() else None}
+
+
+def _kernel_cwd() -> Path:
+    """Where relative paths in parameters resolve: the checkout when the suite is the
+    checkout's, else the caller's folder (a bundle under /kaggle/input is read-only)."""
+    return REPO if NOTEBOOKS == REPO / "notebooks" else Path.cwd()
 
 
 def _report(report, run_dir: Path, plan: str, steps: list[dict], pending: list[str],

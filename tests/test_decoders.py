@@ -58,3 +58,20 @@ def test_a_decoder_that_fails_is_listed_with_its_reason(monkeypatch):
     with pytest.raises(DecodeError, match=r"tried dicomsdl; installed: imagecodecs, dicomsdl; .*"
                        r"\[dicomsdl: boom\]"):
         read_dicom(RLE)
+
+
+def test_a_decoder_with_a_wrong_shape_hands_the_file_to_the_next(monkeypatch):
+    def wrong_shape(path, h):
+        return np.zeros((3, 3), np.uint16)
+    monkeypatch.setattr(decoders.get("dicomsdl"), "decode", wrong_shape)
+    img = read_dicom(RLE)
+    assert img.backend == "pydicom" and img.pixels.shape == (64, 64)
+
+
+def test_the_gpu_scaled_check_takes_uint16_tensors():
+    import torch
+
+    from rsna_utils.decoders.gpu_batch import looks_scaled
+    stored = np.arange(0, 4096, dtype=np.uint16).reshape(64, 64)
+    scaled = np.rint(stored * (65535 / 4095)).astype(np.uint16)
+    assert looks_scaled(torch.as_tensor(scaled), 12) and not looks_scaled(torch.as_tensor(stored), 12)

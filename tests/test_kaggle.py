@@ -56,6 +56,13 @@ def test_export_replaces_an_old_export_and_names_clashing_files_apart(tmp_path):
     assert res["bytes"] > 0
 
 
+def test_export_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path):
+    c = _fake_run(tmp_path / "runs", "r")
+    with pytest.raises(RsnaError, match=r"runs exists and is not an earlier export"):
+        kaggle.export_models({"checkpoints": [str(c)]}, tmp_path / "runs")
+    assert c.exists()                        # the training run is untouched
+
+
 @pytest.mark.parametrize("setup,match", [
     (lambda d: None, "no ensemble file"),
     (lambda d: (d / "ensemble.json").write_text("{not json"), "not readable as JSON"),

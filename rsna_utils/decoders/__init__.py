@@ -60,9 +60,11 @@ def candidates(syntax: str, backend: str = "auto") -> list[str]:
     return [backend]
 
 
-def decode(h, backend: str = "auto") -> tuple[np.ndarray, str]:
+def decode(h, backend: str = "auto", check=None) -> tuple[np.ndarray, str]:
     """The first frame's stored values from the first decoder that succeeds; returns
-    (array, decoder name). DecodeError naming everything tried when none does."""
+    (array, decoder name). `check(array) -> array` validates each decoder's output (a wrong
+    shape raises DecodeError, and the next decoder is tried). DecodeError naming everything
+    tried when none succeeds."""
     order = candidates(h.transfer_syntax, backend)
     errors = []
     for name in order:
@@ -71,15 +73,18 @@ def decode(h, backend: str = "auto") -> tuple[np.ndarray, str]:
             errors.append(f"{name}: does not take {uids.name(h.transfer_syntax)}")
             continue
         try:
-            return mod.decode(h.path, h), name
+            arr = mod.decode(h.path, h)
+            return (check(arr) if check else arr), name
         except DecodeError as e:
             errors.append(str(e))
         except MemoryError:
             errors.append(f"{name}: out of memory")
     have = [n for n in CPU_ORDER if get(n).is_available()]
+    hint = (" (if installed, the data is likely corrupt)" if backend == "auto"
+            or get(backend).DEVICE == "cpu" else "")
     raise DecodeError(
         f"{h.path}: cannot decode {uids.name(h.transfer_syntax)} pixel data; tried "
         f"{', '.join(order) or 'nothing (no installed decoder takes it)'}; installed: "
         f"{', '.join(have) or 'none'}; it decodes with "
         f"{WOULD_DECODE.get(h.transfer_syntax, 'a decoder for this transfer syntax')}"
-        f" (if installed, the data is likely corrupt) [{'; '.join(errors)}]")
+        f"{hint} [{'; '.join(errors)}]")

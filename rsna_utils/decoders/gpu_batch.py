@@ -132,8 +132,10 @@ def looks_scaled(x, precision: int, n: int = 4096) -> bool:
     stored -> 16-bit -> stored (the mark of a P-bit image scaled to 16 bits)."""
     top = 2 ** precision - 1
     if hasattr(x, "cpu"):
+        import torch
         flat = x.reshape(-1)
-        mx = int(flat.max())
+        # torch has no max() for uint16, the GPU decoders' dtype: widen first
+        mx = int(flat.to(torch.int32).max())
         idx = np.linspace(0, flat.numel() - 1, min(n, flat.numel())).astype(np.int64)
         v = flat[idx].cpu().numpy().astype(np.float64)
     else:
