@@ -113,6 +113,13 @@ def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirement
     renamed, so a half-built bundle never carries the marker). Needs the package index or the
     pip cache to fetch the wheels (`pip download`); installing from it needs neither."""
     out = Path(out)
+    here = (platform.python_implementation(), sys.version_info[:2], sys.platform,
+            platform.machine())
+    if here != ("CPython", (3, 11), "linux", "x86_64"):
+        raise RsnaError(f"this Python is {here[0]} {here[1][0]}.{here[1][1]} on {here[2]} "
+                        f"{here[3]}: the bundle's wheels would be for it, but Kaggle runs "
+                        "CPython 3.11 on Linux x86-64; build the bundle on such a machine "
+                        "(make kaggle-bundle)")
     plan = plan_bundle(requirements)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

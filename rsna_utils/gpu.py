@@ -250,5 +250,9 @@ class GpuPreprocessor:
 
 
 def _write_then_log(item, img, meta, run, write_png):
-    write_png(item.png, img)
+    try:
+        write_png(item.png, img)
+    except (OSError, RsnaError) as e:      # as the CPU path: this file fails, the run goes on
+        run.fail(item, f"{item.path}: PNG not written ({type(e).__name__}: {e})")
+        return
     run.ok(item, meta)
