@@ -74,18 +74,26 @@ def frozen_probe(png: Path, data: Path, model_name: str, pretrained: str, size) 
                 image_auc=roc_auc(te.cancer, te.prediction))
 
 
-def curves(metrics_csv: Path, out_png: Path, title: str) -> None:
+def _finished(run: Path, epochs: int) -> bool:
+    m = run / "metrics.csv"
+    return m.exists() and len(pd.read_csv(m)) >= epochs
+
+
+def curves(hist: pd.DataFrame, out_png: Path, title: str) -> None:
+    """Training loss and validation breast AUC / PR-AUC by epoch, side by side (one line per fold)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    h = pd.read_csv(metrics_csv)
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].plot(h.epoch, h.train_loss, "o-")
+    for k, h in hist.groupby("fold"):
+        tag = f"fold {k} " if hist.fold.nunique() > 1 else ""
+        ax[0].plot(h.epoch, h.train_loss, "o-", label=f"{tag}training loss")
+        ax[1].plot(h.epoch, h.breast_mean_auc, "o-", label=f"{tag}breast AUC")
+        if hist.fold.nunique() == 1:
+            ax[1].plot(h.epoch, h.breast_mean_pr_auc, "s-", label="breast PR-AUC")
     ax[0].set(title="training loss", xlabel="epoch")
-    ax[1].plot(h.epoch, h.breast_mean_auc, "o-", label="breast AUC")
-    ax[1].plot(h.epoch, h.breast_mean_pr_auc, "s-", label="breast PR-AUC")
     ax[1].set(title="validation (held-out patients of the training part)", xlabel="epoch")
-    ax[1].legend()
+    ax[1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
@@ -108,6 +116,10 @@ def main() -> int:
     ap.add_argument("--tta", action="store_true", help="predict with the horizontal flip too")
     ap.add_argument("--ema", default="0", help="EMA decay of the weights (0: off)")
     ap.add_argument("--tag", default="", help="suffix of the run folder and result files")
+    ap.add_argument("--folds", type=int, default=0,
+                    help="train this many folds (--split kfold) and predict with their ensemble; "
+                         "0: one holdout run")
+    ap.add_argument("--global-pool", default="gem")
     a = ap.parse_args()
     src = a.src or find_realdata()
     if src is None:
@@ -123,39 +135,62 @@ def main() -> int:
          "--out", str(png), "--size", a.png_size, "--workers", "2", "--quiet")
     rsna("preprocess", "--images", str(data / "test_images"), "--csv", str(data / "test.csv"),
          "--out", str(png), "--size", a.png_size, "--workers", "2", "--quiet")
-    rsna("train", "--data", str(png), "--csv", str(data / "train.csv"), "--out", str(run),
-         "--model", a.model, "--pretrained-path", a.pretrained, "--size", a.size,
-         "--epochs", str(a.epochs), "--batch-size", a.batch_size, "--lr", a.lr,
-         "--pos-weight", "1", "--upsample", "1", "--augment", "true", "--workers", "2", "--quiet",
-         "--ema", a.ema)
+    common = ["--data", str(png), "--csv", str(data / "train.csv"), "--model", a.model,
+              "--pretrained-path", a.pretrained, "--size", a.size, "--epochs", str(a.epochs),
+              "--batch-size", a.batch_size, "--lr", a.lr, "--pos-weight", "1", "--upsample", "1",
+              "--augment", "true", "--workers", "2", "--quiet", "--ema", a.ema,
+              "--global-pool", a.global_pool]
+    if a.folds:
+        runs = [run / f"fold{k}" for k in range(a.folds)]
+        for k, r in enumerate(runs):
+            if not (r / "best.pt").exists() or (r / "last.pt").exists() and not _finished(r, a.epochs):
+                rsna("train", *common, "--out", str(r), "--split", "kfold", "--folds", str(a.folds),
+                     "--fold", str(k))
+        # the threshold for the exact ensemble that is scored, tuned on its out-of-fold predictions
+        from rsna_utils.oof import write_ensemble
+        ens = write_ensemble(runs, run / "ensemble.json")
+    else:
+        runs = [run]
+        rsna("train", *common, "--out", str(run))
+        ens = None
     # what `rsna predict --labels` runs, in-process to keep the per-image scores
     from rsna_utils.predict import predict
     imgs = pd.read_csv(data / "test.csv")
-    r = predict(data / "test_images", data / "test.csv", [run / "best.pt"], run / "submission.csv",
+    r = predict(data / "test_images", data / "test.csv", [r / "best.pt" for r in runs], run / "submission.csv",
                 labels=data / "test_labels.csv", workers=2, progress=False, tta=a.tta)
     m = r.metrics
+    if ens is not None:         # the binarised submission at the OOF threshold, on new patients
+        from rsna_utils.metrics import breast_level, pfbeta
+        lab = pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]]
+        b = breast_level(r.images.drop(columns="cancer", errors="ignore").merge(lab, on="image_id"))
+        m["breast_pf1_at_oof_threshold"] = float(pfbeta(b.cancer.to_numpy(),
+                                                        (b.prediction >= ens["threshold"]).to_numpy(float)))
     size = tuple(int(v) for v in a.size.split("x"))
     probe = {} if a.skip_probe else frozen_probe(png, data, a.model, a.pretrained, size)
-    hist = pd.read_csv(run / "metrics.csv")
+    hist = pd.concat([pd.read_csv(r / "metrics.csv").assign(fold=k) for k, r in enumerate(runs)])
     out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size, tta=a.tta,
                ema=a.ema, lr=a.lr,
                epochs=a.epochs, train_images=int(len(pd.read_csv(data / "train.csv"))),
                test_images=int(len(imgs)), test_breast_auc=m["breast_mean_auc"],
                test_breast_pr_auc=m["breast_mean_pr_auc"], test_image_auc=m["image_auc"],
                test_breast_best_f1=m["breast_mean_best_f1"], probe=probe,
-               val_auc_by_epoch=[round(float(v), 4) for v in hist.breast_mean_auc],
-               train_loss_by_epoch=[round(float(v), 4) for v in hist.train_loss],
+               test_breast_pf1_at_oof_threshold=m.get("breast_pf1_at_oof_threshold"),
+               folds=a.folds, global_pool=a.global_pool,
+               val_auc_by_epoch=[[round(float(v), 4) for v in h.breast_mean_auc] for _, h in hist.groupby("fold")],
+               train_loss_by_epoch=[[round(float(v), 4) for v in h.train_loss] for _, h in hist.groupby("fold")],
+               oof=None if ens is None else {k: ens.get(k) for k in ("auc", "pr_auc", "threshold", "pf1", "n_images", "n_breasts")},
                seconds=round(time.perf_counter() - t0))
     res = REPO / "benchmarks" / "results"
     res.mkdir(exist_ok=True)
     (res / f"realdata_{out['date']}_{a.model}_{a.size}{a.tag}.json").write_text(json.dumps(out, indent=1))
-    curves(run / "metrics.csv", res / f"realdata_{out['date']}_{a.model}_{a.size}{a.tag}.png",
+    curves(hist, res / f"realdata_{out['date']}_{a.model}_{a.size}{a.tag}.png",
            f"{a.model} ({a.pretrained}) at {a.size} on real RSNA images")
     print(f"\n| recipe | held-out breast AUC | breast PR-AUC | image AUC |\n|---|---|---|---|")
     if probe:
         print(f"| frozen {a.model} features + logistic regression | {probe['breast_auc']:.3f} | "
               f"{probe['breast_pr_auc']:.3f} | {probe['image_auc']:.3f} |")
-    print(f"| fine-tuned {a.model} ({a.pretrained}) {a.size}, {a.epochs} epochs | {m['breast_mean_auc']:.3f} | "
+    what = f"{a.folds}-fold ensemble, " if a.folds else ""
+    print(f"| fine-tuned {a.model} ({a.pretrained}) {what}{a.size}, {a.epochs} epochs | {m['breast_mean_auc']:.3f} | "
           f"{m['breast_mean_pr_auc']:.3f} | {m['image_auc']:.3f} |")
     print(json.dumps(out))
     return 0

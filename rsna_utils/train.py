@@ -456,10 +456,32 @@ def create_optimisation(cfg: TrainConfig, model, batches_per_epoch: int, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     ema = None
     if cfg.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
         # use_buffers: BatchNorm running statistics are averaged too, not left at their start
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.ema), use_buffers=True)
     return Optimisation(loss_fn, optimizer, scheduler, dtype, scaler, ema)
+
+
+def ema_decay(decay: float, n_averaged: int) -> float:
+    """The EMA decay at update `n_averaged`: min(decay, (1 + n) / (10 + n)), the warmup of
+    timm's ModelEmaV3 / TF's ExponentialMovingAverage(num_updates). Without it a short run's EMA
+    (a few hundred steps at 0.99 or 0.999) still carries much of the starting weights."""
+    return min(decay, (1 + n_averaged) / (10 + n_averaged))
+
+
+def ema_update(decay: float):
+    """multi_avg_fn for torch.optim.swa_utils.AveragedModel: EMA with the warmup of ema_decay."""
+    import torch
+
+    @torch.no_grad()
+    def update(ema_params, model_params, n_averaged) -> None:
+        d = ema_decay(decay, int(n_averaged))
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, model_params, 1 - d)
+        else:                               # integer buffers (BatchNorm's num_batches_tracked)
+            for e, m in zip(ema_params, model_params):
+                e.copy_(m)
+    return update
 
 
 def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation) -> tuple[int, dict | None, list]:

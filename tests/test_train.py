@@ -220,3 +220,63 @@ def test_auxiliary_targets_train_and_predict(tmp_path, synth_small):
     r = predict(synth_small / "test_images", synth_small / "test.csv", [tmp_path / "run" / "best.pt"],
                 tmp_path / "sub.csv", workers=0, progress=False)
     assert r.submission.cancer.between(0, 1).all()
+
+
+def test_ema_warmup_decay():
+    from rsna_utils.train import ema_decay
+    assert ema_decay(0.999, 0) == pytest.approx(0.1)          # the first updates follow the model
+    assert ema_decay(0.999, 90) == pytest.approx(91 / 100)
+    assert ema_decay(0.99, 10_000) == 0.99                    # then the asked decay
+    assert ema_decay(0.5, 20) == 0.5                          # 21/30 > 0.5
+
+
+def test_ema_averages_batchnorm_buffers_with_the_warmup():
+    from torch.optim.swa_utils import AveragedModel
+    from rsna_utils.train import ema_decay, ema_update
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    ema = AveragedModel(net, multi_avg_fn=ema_update(0.9), use_buffers=True)
+    ema.update_parameters(net)                                 # n=0: a copy of the start
+    bn, ebn = net[1], ema.module[1]
+    start = ebn.running_mean.clone()
+    net.train()
+    net(torch.randn(4, 1, 8, 8) + 3.0)                         # moves the live running mean
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    ema.update_parameters(net)                                 # n=1: decay min(0.9, 2/11)
+    d = ema_decay(0.9, 1)
+    assert torch.allclose(ebn.running_mean, d * start + (1 - d) * bn.running_mean)
+    assert not torch.allclose(ebn.running_mean, start)         # buffers are averaged, not frozen
+    assert int(ebn.num_batches_tracked) == int(bn.num_batches_tracked) == 1
+
+
+def test_resume_restores_the_live_model_and_the_ema_apart(tmp_path, png48, synth_small,
+                                                        monkeypatch):
+    """An EMA run stopped after epoch 0 and resumed ends with the same live weights and the same
+    EMA as the run done in one go; last.pt keeps the two apart."""
+    import rsna_utils.train as tr
+    train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "once"), epochs=2, ema=0.9))
+
+    class Stop(Exception):
+        pass
+    real_save = tr.save_epoch
+
+    def save_then_stop(*a, **k):
+        real_save(*a, **k)
+        raise Stop                                      # as if killed after epoch 0's checkpoint
+    monkeypatch.setattr(tr, "save_epoch", save_then_stop)
+    with pytest.raises(Stop):
+        train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "twice"), epochs=2, ema=0.9))
+    monkeypatch.setattr(tr, "save_epoch", real_save)
+    train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "twice"), epochs=2, ema=0.9,
+               resume=True))
+    a = torch.load(tmp_path / "once" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "twice" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1
+    live = a["model"]
+    avg = {k.removeprefix("module."): v for k, v in a["ema"].items() if k.startswith("module.")}
+    assert any(not torch.allclose(live[k].float(), avg[k].float()) for k in live)
+    for k in live:
+        assert torch.allclose(live[k].float(), b["model"][k].float(), atol=1e-5), k
+    for k in a["ema"]:
+        assert torch.allclose(a["ema"][k].float(), b["ema"][k].float(), atol=1e-5), k
