@@ -71,7 +71,7 @@ def frozen_probe(png: Path, data: Path, model_name: str, pretrained: str, size) 
     te = te.assign(prediction=clf.predict_proba(feats(te))[:, 1])
     b = breast_level(te)
     return dict(breast_auc=roc_auc(b.cancer, b.prediction), breast_pr_auc=pr_auc(b.cancer, b.prediction),
-                image_auc=roc_auc(te.cancer, te.prediction))
+                image_auc=roc_auc(te.cancer, te.prediction)), te
 
 
 def _finished(run: Path, epochs: int) -> bool:
@@ -166,7 +166,19 @@ def main() -> int:
         m["breast_pf1_at_oof_threshold"] = float(pfbeta(b.cancer.to_numpy(),
                                                         (b.prediction >= ens["threshold"]).to_numpy(float)))
     size = tuple(int(v) for v in a.size.split("x"))
-    probe = {} if a.skip_probe else frozen_probe(png, data, a.model, a.pretrained, size)
+    probe, versus = {}, None
+    if not a.skip_probe:
+        probe, probe_images = frozen_probe(png, data, a.model, a.pretrained, size)
+        # paired patient bootstrap of the breast AUC difference, on the breasts both scored
+        from rsna_utils.evaluate import compare_auc
+        from rsna_utils.metrics import breast_level
+        lab = pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]]
+        ours = breast_level(r.images.drop(columns="cancer", errors="ignore").merge(lab, on="image_id")
+                            .dropna(subset=["prediction"]))
+        both = ours.merge(breast_level(probe_images), on="prediction_id", suffixes=("", "_probe"))
+        both["patient_id"] = both.prediction_id.str.rsplit("_", n=1).str[0]
+        versus = compare_auc(both.cancer, both.prediction_probe, both.prediction, both.patient_id)
+        versus["breasts"] = int(len(both))
     hist = pd.concat([pd.read_csv(r / "metrics.csv").assign(fold=k) for k, r in enumerate(runs)])
     out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size, tta=a.tta,
                ema=a.ema, lr=a.lr,
@@ -175,6 +187,7 @@ def main() -> int:
                test_breast_pr_auc=m["breast_mean_pr_auc"], test_image_auc=m["image_auc"],
                test_breast_best_f1=m["breast_mean_best_f1"], probe=probe,
                test_breast_pf1_at_oof_threshold=m.get("breast_pf1_at_oof_threshold"),
+               recipe_minus_probe_breast_auc=versus,
                folds=a.folds, global_pool=a.global_pool,
                val_auc_by_epoch=[[round(float(v), 4) for v in h.breast_mean_auc] for _, h in hist.groupby("fold")],
                train_loss_by_epoch=[[round(float(v), 4) for v in h.train_loss] for _, h in hist.groupby("fold")],
@@ -192,6 +205,10 @@ def main() -> int:
     what = f"{a.folds}-fold ensemble, " if a.folds else ""
     print(f"| fine-tuned {a.model} ({a.pretrained}) {what}{a.size}, {a.epochs} epochs | {m['breast_mean_auc']:.3f} | "
           f"{m['breast_mean_pr_auc']:.3f} | {m['image_auc']:.3f} |")
+    if versus:
+        print(f"\nbreast AUC, recipe minus probe: {versus['difference']:+.3f} (95% paired patient-bootstrap "
+              f"interval {versus['difference_low']:+.3f} to {versus['difference_high']:+.3f}; the recipe "
+              f"does not beat the probe in {100 * versus['p_not_better']:.1f}% of resamples)")
     print(json.dumps(out))
     return 0
 

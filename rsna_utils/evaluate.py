@@ -269,6 +269,37 @@ def _summarise(y, p, patients, counts, threshold, beta, ci) -> dict:
     return row
 
 
+def compare_auc(y, p_a, p_b, patients, n_boot: int = 2000, seed: int = 0,
+                ci: float = 0.95) -> dict:
+    """Is model B's ROC AUC higher than model A's on the same rows? The difference AUC(B) -
+    AUC(A) with a PAIRED patient-bootstrap interval: each resample draws patients with
+    replacement and scores both models on the same drawn rows, so what the two share (the
+    hard cases of this set) cancels. `patients`: one id per row (rows of one patient move
+    together). Returns auc_a, auc_b, difference, difference_low/high (the `ci` percentile
+    interval), p_not_better (share of resamples where B does not beat A), n_boot_valid."""
+    y = np.asarray(y)
+    p_a, p_b = np.asarray(p_a, np.float64), np.asarray(p_b, np.float64)
+    if not (len(y) == len(p_a) == len(p_b) == len(patients)):
+        raise RsnaError(f"compare_auc: labels ({len(y)}), predictions ({len(p_a)}, {len(p_b)}) "
+                        f"and patients ({len(patients)}) must be the same rows")
+    if len(np.unique(y)) < 2:
+        raise RsnaError("compare_auc: the labels hold one class only; AUC needs positives and "
+                        "negatives")
+    codes, uniq = pd.factorize(pd.Series(patients))
+    counts = patient_bootstrap_counts(len(uniq), n_boot, seed)
+    diff = []
+    for s in range(0, n_boot, CHUNK):
+        w = counts[s:s + CHUNK][:, codes]
+        diff.append(resampled_metrics(y, p_b, w, 0.5)["auc"] - resampled_metrics(y, p_a, w, 0.5)["auc"])
+    d = np.concatenate(diff)
+    d = d[np.isfinite(d)]
+    a, b = metrics.roc_auc(y, p_a), metrics.roc_auc(y, p_b)
+    lo, hi = np.percentile(d, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
+    return {"auc_a": float(a), "auc_b": float(b), "difference": float(b - a),
+            "difference_low": float(lo), "difference_high": float(hi),
+            "p_not_better": float((d <= 0).mean()), "n_boot_valid": int(d.size)}
+
+
 # ----------------------------------------------------------------------------------------
 # Curves with bands
 # ----------------------------------------------------------------------------------------

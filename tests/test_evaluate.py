@@ -210,3 +210,36 @@ def test_cli_evaluates_oof_predictions_with_train_csv(tmp_path, capsys):
                "--out", str(tmp_path / "e2"), "--n-boot", "5"])
     out = capsys.readouterr().out
     assert rc == 0 and "no site_id breakdown" in out
+
+
+def test_compare_auc_is_paired_and_can_say_no():
+    rng = np.random.default_rng(3)
+    n = 400
+    patients = np.repeat(np.arange(n // 2), 2)
+    y = (rng.random(n) < 0.3).astype(int)
+    weak = y * 0.3 + rng.random(n)
+    strong = y * 1.5 + rng.random(n)
+    r = ev.compare_auc(y, weak, strong, patients, n_boot=400)
+    assert r["auc_a"] == pytest.approx(roc_auc_score(y, weak))
+    assert r["auc_b"] == pytest.approx(roc_auc_score(y, strong))
+    assert r["difference"] > 0 and r["difference_low"] > 0 and r["p_not_better"] < 0.01
+    back = ev.compare_auc(y, strong, weak, patients, n_boot=400)     # the other way round
+    assert back["difference_high"] < 0 and back["p_not_better"] > 0.99
+    same = ev.compare_auc(y, weak, weak, patients, n_boot=100)
+    assert same["difference"] == same["difference_low"] == same["difference_high"] == 0
+    # two equally noisy models: the interval straddles 0
+    other = y * 0.3 + rng.random(n)
+    tie = ev.compare_auc(y, weak, other, patients, n_boot=400)
+    assert tie["difference_low"] < 0 < tie["difference_high"]
+    # paired: resample b is the same patients for both models, so the difference equals the
+    # loop over the resamples with sklearn
+    counts = ev.patient_bootstrap_counts(n // 2, 5, 0)
+    loop = [roc_auc_score(y, strong, sample_weight=c[patients])
+            - roc_auc_score(y, weak, sample_weight=c[patients]) for c in counts]
+    r5 = ev.compare_auc(y, weak, strong, patients, n_boot=5)
+    lo, hi = np.percentile(loop, [2.5, 97.5])
+    assert (r5["difference_low"], r5["difference_high"]) == pytest.approx((lo, hi))
+    with pytest.raises(RsnaError, match="one class"):
+        ev.compare_auc(np.zeros(4), weak[:4], strong[:4], patients[:4])
+    with pytest.raises(RsnaError, match="same rows"):
+        ev.compare_auc(y, weak[:-1], strong, patients)
