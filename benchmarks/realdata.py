@@ -120,6 +120,9 @@ def main() -> int:
                     help="train this many folds (--split kfold) and predict with their ensemble; "
                          "0: one holdout run")
     ap.add_argument("--global-pool", default="gem")
+    ap.add_argument("--with-runs", default=None,
+                    help="with --folds: a folder of fold*/ runs of another model (e.g. another "
+                         "size) to ensemble with; outputs go to RUN/with_<its name>")
     a = ap.parse_args()
     src = a.src or find_realdata()
     if src is None:
@@ -148,15 +151,20 @@ def main() -> int:
                      "--fold", str(k))
         # the threshold for the exact ensemble that is scored, tuned on its out-of-fold predictions
         from rsna_utils.oof import write_ensemble
-        ens = write_ensemble(runs, run / "ensemble.json")
+        out_dir = run
+        if a.with_runs:
+            runs += sorted(Path(a.with_runs).glob("fold*"))
+            out_dir = run / f"with_{Path(a.with_runs).name}"
+            a.tag += f"+{Path(a.with_runs).name.removeprefix('run_')}"
+        ens = write_ensemble(runs, out_dir / "ensemble.json")
     else:
-        runs = [run]
+        runs, out_dir = [run], run
         rsna("train", *common, "--out", str(run))
         ens = None
     # what `rsna predict --labels` runs, in-process to keep the per-image scores
     from rsna_utils.predict import predict
     imgs = pd.read_csv(data / "test.csv")
-    r = predict(data / "test_images", data / "test.csv", [r / "best.pt" for r in runs], run / "submission.csv",
+    r = predict(data / "test_images", data / "test.csv", [r / "best.pt" for r in runs], out_dir / "submission.csv",
                 labels=data / "test_labels.csv", workers=2, progress=False, tta=a.tta)
     m = r.metrics
     if ens is not None:         # the binarised submission at the OOF threshold, on new patients
