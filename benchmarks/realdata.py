@@ -87,11 +87,15 @@ def curves(hist: pd.DataFrame, out_png: Path, title: str) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for k, h in hist.groupby("fold"):
         tag = f"fold {k} " if hist.fold.nunique() > 1 else ""
-        ax[0].plot(h.epoch, h.train_loss, "o-", label=f"{tag}training loss")
+        line, = ax[0].plot(h.epoch, h.train_loss, "o-", label=f"{tag}training")
+        if "image_log_loss" in h and h.image_log_loss.notna().any():
+            ax[0].plot(h.epoch, h.image_log_loss, "s--", color=line.get_color(),
+                       label=f"{tag}validation")
         ax[1].plot(h.epoch, h.breast_mean_auc, "o-", label=f"{tag}breast AUC")
         if hist.fold.nunique() == 1:
             ax[1].plot(h.epoch, h.breast_mean_pr_auc, "s-", label="breast PR-AUC")
-    ax[0].set(title="training loss", xlabel="epoch")
+    ax[0].set(title="loss (BCE): training -, validation --", xlabel="epoch")
+    ax[0].legend(fontsize=7)
     ax[1].set(title="validation (held-out patients of the training part)", xlabel="epoch")
     ax[1].legend(fontsize=7)
     fig.suptitle(title)

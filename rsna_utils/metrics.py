@@ -162,7 +162,19 @@ def evaluate(df: pd.DataFrame, pred_col: str = "prediction", label_col: str = "c
                     f"{name}_pr_auc": pr_auc(y, p), f"{name}_best_threshold": t,
                     f"{name}_best_f1": f, f"{name}_n": int(len(d)),
                     f"{name}_positives": int(np.sum(y))})
+    out["image_log_loss"] = log_loss(*levels["image"].to_numpy().T)
     return out
+
+
+def log_loss(labels, predictions, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of probabilities (clipped to [eps, 1 - eps]), unweighted: the
+    validation counterpart of the training loss (which weighs positives by pos_weight and sees
+    them upsampled, so the two match only with pos_weight 1 and no upsampling)."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.clip(np.asarray(predictions, dtype=np.float64).ravel(), eps, 1 - eps)
+    if not y.size:
+        return float("nan")
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
 
 # ----------------------------------------------------------------------------------------

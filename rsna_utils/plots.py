@@ -106,8 +106,11 @@ def pipeline_steps(steps: dict):
 def learning_curves(metrics: pd.DataFrame):
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.2))
-    axes[0].plot(metrics.epoch, metrics.train_loss, "o-")
-    axes[0].set_title("train loss")
+    axes[0].plot(metrics.epoch, metrics.train_loss, "o-", label="training (weighted BCE)")
+    if "image_log_loss" in metrics:        # runs before this column: training loss only
+        axes[0].plot(metrics.epoch, metrics.image_log_loss, "s-", label="validation (BCE)")
+    axes[0].set_title("loss")
+    axes[0].legend()
     for c in ("image_auc", "breast_mean_auc"):
         axes[1].plot(metrics.epoch, metrics[c], "o-", label=c)
     axes[1].set_title("ROC AUC")

@@ -50,6 +50,19 @@ def test_breast_level_mean_and_max():
     e = evaluate(df)
     assert e["breast_mean_n"] == 3 and e["image_n"] == 5 and e["breast_max_positives"] == 1
     assert e["breast_max_auc"] == pytest.approx(1.0)
+    from sklearn.metrics import log_loss as sk_log_loss
+    assert e["image_log_loss"] == pytest.approx(sk_log_loss(df.cancer, df.prediction))
+
+
+def test_log_loss_is_sklearns_and_clips():
+    from sklearn.metrics import log_loss as sk_log_loss
+    from rsna_utils.metrics import log_loss
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, 50), rng.random(50)
+    assert log_loss(y, p) == pytest.approx(sk_log_loss(y, p))
+    assert np.isfinite(log_loss([1, 0], [0.0, 1.0]))          # clipped, not inf
+    assert log_loss([1, 0], [0.0, 1.0]) == pytest.approx(-np.log(1e-7))
+    assert np.isnan(log_loss([], []))
 
 
 # ---- exact threshold / quantile search -------------------------------------------------------
