@@ -74,9 +74,20 @@ def frozen_probe(png: Path, data: Path, model_name: str, pretrained: str, size) 
                 image_auc=roc_auc(te.cancer, te.prediction)), te
 
 
-def _finished(run: Path, epochs: int) -> bool:
+def _fold_state(run: Path, want: dict) -> str:
+    """'new', 'partial' (resume it) or 'done' (reuse it): a fold folder is reused only when its
+    config.json is the recipe asked for; otherwise stop rather than score other checkpoints."""
+    cfg_file = run / "config.json"
+    if not cfg_file.exists():
+        return "new"
+    cfg = json.loads(cfg_file.read_text())
+    differ = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) != v}
+    if differ:
+        raise SystemExit(f"{run} was trained with other settings ({differ}, as (there, asked)); "
+                         "give another --tag or delete the folder")
     m = run / "metrics.csv"
-    return m.exists() and len(pd.read_csv(m)) >= epochs
+    done = (run / "best.pt").exists() and m.exists() and len(pd.read_csv(m)) >= want["epochs"]
+    return "done" if done else "partial"
 
 
 def curves(hist: pd.DataFrame, out_png: Path, title: str) -> None:
@@ -150,9 +161,14 @@ def main() -> int:
     if a.folds:
         runs = [run / f"fold{k}" for k in range(a.folds)]
         for k, r in enumerate(runs):
-            if not (r / "best.pt").exists() or (r / "last.pt").exists() and not _finished(r, a.epochs):
+            want = dict(model=a.model, size=[int(v) for v in a.size.split("x")], epochs=a.epochs,
+                        lr=float(a.lr), ema=float(a.ema), global_pool=a.global_pool,
+                        batch_size=int(a.batch_size), split="kfold", folds=a.folds, fold=k,
+                        pretrained_path=a.pretrained)
+            state = _fold_state(r, want)
+            if state != "done":       # an interrupted fold continues from its last.pt
                 rsna("train", *common, "--out", str(r), "--split", "kfold", "--folds", str(a.folds),
-                     "--fold", str(k))
+                     "--fold", str(k), *(["--resume"] if state == "partial" else []))
         # the threshold for the exact ensemble that is scored, tuned on its out-of-fold predictions
         from rsna_utils.oof import write_ensemble
         out_dir = run
@@ -160,6 +176,8 @@ def main() -> int:
             runs += sorted(Path(a.with_runs).glob("fold*"))
             out_dir = run / f"with_{Path(a.with_runs).name}"
             a.tag += f"+{Path(a.with_runs).name.removeprefix('run_')}"
+        # (the folds' validation predictions have no flip TTA: with --tta the threshold is tuned
+        # on un-flipped OOF scores and applied to flip-averaged ones)
         ens = write_ensemble(runs, out_dir / "ensemble.json")
     else:
         runs, out_dir = [run], run
@@ -203,6 +221,7 @@ def main() -> int:
                folds=a.folds, global_pool=a.global_pool,
                val_auc_by_epoch=[[round(float(v), 4) for v in h.breast_mean_auc] for _, h in hist.groupby("fold")],
                train_loss_by_epoch=[[round(float(v), 4) for v in h.train_loss] for _, h in hist.groupby("fold")],
+               oof_threshold_without_tta=bool(a.tta and ens is not None),
                oof=None if ens is None else {k: ens.get(k) for k in ("auc", "pr_auc", "threshold", "pf1", "n_images", "n_breasts")},
                seconds=round(time.perf_counter() - t0))
     res = REPO / "benchmarks" / "results"

@@ -282,22 +282,36 @@ def compare_auc(y, p_a, p_b, patients, n_boot: int = 2000, seed: int = 0,
     if not (len(y) == len(p_a) == len(p_b) == len(patients)):
         raise RsnaError(f"compare_auc: labels ({len(y)}), predictions ({len(p_a)}, {len(p_b)}) "
                         f"and patients ({len(patients)}) must be the same rows")
+    bad = sorted(set(np.unique(y).tolist()) - {0, 1})
+    if bad:
+        raise RsnaError(f"compare_auc: labels must be 0 or 1, found {bad[:3]}; map them first")
     if len(np.unique(y)) < 2:
         raise RsnaError("compare_auc: the labels hold one class only; AUC needs positives and "
                         "negatives")
-    codes, uniq = pd.factorize(pd.Series(patients))
+    for name, p in (("first", p_a), ("second", p_b)):
+        if not np.isfinite(p).all():
+            raise RsnaError(f"compare_auc: the {name} model's predictions hold "
+                            f"{int((~np.isfinite(p)).sum())} NaN/inf; drop those rows (or fill "
+                            "them as the submission does) for both models")
+    patients = pd.Series(patients)
+    if patients.isna().any():
+        raise RsnaError(f"compare_auc: {int(patients.isna().sum())} row(s) have no patient id; "
+                        "every row needs one (rows of one patient are resampled together)")
+    codes, uniq = pd.factorize(patients)
     counts = patient_bootstrap_counts(len(uniq), n_boot, seed)
     diff = []
     for s in range(0, n_boot, CHUNK):
         w = counts[s:s + CHUNK][:, codes]
         diff.append(resampled_metrics(y, p_b, w, 0.5)["auc"] - resampled_metrics(y, p_a, w, 0.5)["auc"])
     d = np.concatenate(diff)
-    d = d[np.isfinite(d)]
+    d = d[np.isfinite(d)]                       # a resample with one class has no AUC
     a, b = metrics.roc_auc(y, p_a), metrics.roc_auc(y, p_b)
-    lo, hi = np.percentile(d, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
+    lo, hi = (np.percentile(d, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2]) if d.size
+              else (np.nan, np.nan))
     return {"auc_a": float(a), "auc_b": float(b), "difference": float(b - a),
             "difference_low": float(lo), "difference_high": float(hi),
-            "p_not_better": float((d <= 0).mean()), "n_boot_valid": int(d.size)}
+            "p_not_better": float((d <= 0).mean()) if d.size else float("nan"),
+            "n_boot_valid": int(d.size)}
 
 
 # ----------------------------------------------------------------------------------------

@@ -464,8 +464,9 @@ def create_optimisation(cfg: TrainConfig, model, batches_per_epoch: int, device)
 
 def ema_decay(decay: float, n_averaged: int) -> float:
     """The EMA decay at update `n_averaged`: min(decay, (1 + n) / (10 + n)), the warmup of
-    timm's ModelEmaV3 / TF's ExponentialMovingAverage(num_updates). Without it a short run's EMA
-    (a few hundred steps at 0.99 or 0.999) still carries much of the starting weights."""
+    TensorFlow's ExponentialMovingAverage(num_updates=...). Without it a short run's EMA (a few
+    hundred steps at 0.99 or 0.999) still carries much of the starting weights. (AveragedModel
+    copies the model at n = 0; the first blend is at n = 1, decay 2/11.)"""
     return min(decay, (1 + n_averaged) / (10 + n_averaged))
 
 

@@ -227,6 +227,7 @@ def test_compare_auc_is_paired_and_can_say_no():
     assert back["difference_high"] < 0 and back["p_not_better"] > 0.99
     same = ev.compare_auc(y, weak, weak, patients, n_boot=100)
     assert same["difference"] == same["difference_low"] == same["difference_high"] == 0
+    assert same["p_not_better"] == 1.0                                # a tie is not better
     # two equally noisy models: the interval straddles 0
     other = y * 0.3 + rng.random(n)
     tie = ev.compare_auc(y, weak, other, patients, n_boot=400)
@@ -243,3 +244,9 @@ def test_compare_auc_is_paired_and_can_say_no():
         ev.compare_auc(np.zeros(4), weak[:4], strong[:4], patients[:4])
     with pytest.raises(RsnaError, match="same rows"):
         ev.compare_auc(y, weak[:-1], strong, patients)
+    with pytest.raises(RsnaError, match="0 or 1, found \\[2\\]"):
+        ev.compare_auc(y * 2, weak, strong, patients)
+    with pytest.raises(RsnaError, match="second model's predictions hold 1 NaN"):
+        ev.compare_auc(y, weak, np.where(np.arange(n) == 3, np.nan, strong), patients)
+    with pytest.raises(RsnaError, match="1 row\\(s\\) have no patient id"):
+        ev.compare_auc(y, weak, strong, np.where(np.arange(n) == 3, np.nan, patients))

@@ -224,30 +224,31 @@ def test_auxiliary_targets_train_and_predict(tmp_path, synth_small):
 
 def test_ema_warmup_decay():
     from rsna_utils.train import ema_decay
-    assert ema_decay(0.999, 0) == pytest.approx(0.1)          # the first updates follow the model
+    assert ema_decay(0.999, 1) == pytest.approx(2 / 11)       # the first blends follow the model
     assert ema_decay(0.999, 90) == pytest.approx(91 / 100)
     assert ema_decay(0.99, 10_000) == 0.99                    # then the asked decay
-    assert ema_decay(0.5, 20) == 0.5                          # 21/30 > 0.5
+    assert ema_decay(0.5, 20) == 0.5 and ema_decay(0.5, 5) == pytest.approx(6 / 15)
 
 
-def test_ema_averages_batchnorm_buffers_with_the_warmup():
-    from torch.optim.swa_utils import AveragedModel
-    from rsna_utils.train import ema_decay, ema_update
+def test_ema_of_a_run_averages_batchnorm_buffers_with_the_warmup():
+    """The EMA that train() builds (create_optimisation): BatchNorm running statistics are
+    averaged, not frozen at the start, and each update uses the decay of its own count."""
+    from rsna_utils.train import create_optimisation, ema_decay
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
-    ema = AveragedModel(net, multi_avg_fn=ema_update(0.9), use_buffers=True)
+    ema = create_optimisation(TrainConfig(ema=0.9, device="cpu"), net, 10, torch.device("cpu")).ema
     ema.update_parameters(net)                                 # n=0: a copy of the start
     bn, ebn = net[1], ema.module[1]
-    start = ebn.running_mean.clone()
+    expect = ebn.running_mean.clone()
     net.train()
-    net(torch.randn(4, 1, 8, 8) + 3.0)                         # moves the live running mean
-    with torch.no_grad():
-        net[0].weight.add_(1.0)
-    ema.update_parameters(net)                                 # n=1: decay min(0.9, 2/11)
-    d = ema_decay(0.9, 1)
-    assert torch.allclose(ebn.running_mean, d * start + (1 - d) * bn.running_mean)
-    assert not torch.allclose(ebn.running_mean, start)         # buffers are averaged, not frozen
-    assert int(ebn.num_batches_tracked) == int(bn.num_batches_tracked) == 1
+    for n in (1, 2):
+        net(torch.randn(4, 1, 8, 8) + 3.0 * n)                 # moves the live running mean
+        ema.update_parameters(net)
+        d = ema_decay(0.9, n)
+        expect = d * expect + (1 - d) * bn.running_mean
+        assert torch.allclose(ebn.running_mean, expect), n
+    assert not torch.allclose(ebn.running_mean, bn.running_mean)
+    assert int(ebn.num_batches_tracked) == int(bn.num_batches_tracked) == 2
 
 
 def test_resume_restores_the_live_model_and_the_ema_apart(tmp_path, png48, synth_small,
