@@ -81,6 +81,7 @@ def _fold_state(run: Path, want: dict) -> str:
     if not cfg_file.exists():
         return "new"
     cfg = json.loads(cfg_file.read_text())
+    cfg.setdefault("backbone_lr", 1.0)          # runs from before the option had one group
     differ = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) != v}
     if differ:
         raise SystemExit(f"{run} was trained with other settings ({differ}, as (there, asked)); "
@@ -125,6 +126,7 @@ def main() -> int:
     ap.add_argument("--model", default="tf_efficientnet_lite0")
     ap.add_argument("--pretrained", default="pypi")
     ap.add_argument("--lr", default="3e-4")
+    ap.add_argument("--backbone-lr", default="1", help="backbone lr as a share of --lr")
     ap.add_argument("--batch-size", default="16")
     ap.add_argument("--limit", type=int, default=None, help="wrap only about this many images")
     ap.add_argument("--skip-probe", action="store_true")
@@ -155,14 +157,14 @@ def main() -> int:
          "--out", str(png), "--size", a.png_size, "--workers", "2", "--quiet")
     common = ["--data", str(png), "--csv", str(data / "train.csv"), "--model", a.model,
               "--pretrained-path", a.pretrained, "--size", a.size, "--epochs", str(a.epochs),
-              "--batch-size", a.batch_size, "--lr", a.lr, "--pos-weight", "1", "--upsample", "1",
+              "--batch-size", a.batch_size, "--lr", a.lr, "--backbone-lr", a.backbone_lr, "--pos-weight", "1", "--upsample", "1",
               "--augment", "true", "--workers", "2", "--quiet", "--ema", a.ema,
               "--global-pool", a.global_pool]
     if a.folds:
         runs = [run / f"fold{k}" for k in range(a.folds)]
         for k, r in enumerate(runs):
             want = dict(model=a.model, size=[int(v) for v in a.size.split("x")], epochs=a.epochs,
-                        lr=float(a.lr), ema=float(a.ema), global_pool=a.global_pool,
+                        lr=float(a.lr), backbone_lr=float(a.backbone_lr), ema=float(a.ema), global_pool=a.global_pool,
                         batch_size=int(a.batch_size), split="kfold", folds=a.folds, fold=k,
                         pretrained_path=a.pretrained)
             state = _fold_state(r, want)
@@ -211,7 +213,7 @@ def main() -> int:
         versus["breasts"] = int(len(both))
     hist = pd.concat([pd.read_csv(r / "metrics.csv").assign(fold=k) for k, r in enumerate(runs)])
     out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size, tta=a.tta,
-               ema=a.ema, lr=a.lr,
+               ema=a.ema, lr=a.lr, backbone_lr=a.backbone_lr,
                epochs=a.epochs, train_images=int(len(pd.read_csv(data / "train.csv"))),
                test_images=int(len(imgs)), test_breast_auc=m["breast_mean_auc"],
                test_breast_pr_auc=m["breast_mean_pr_auc"], test_image_auc=m["image_auc"],

@@ -2,6 +2,7 @@
 weighted BCE loss, and safe checkpoint reading/writing."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def _check_forward(model, in_chans: int) -> None:
     model.train(was)
 
 
+@functools.cache                 # one class, so that isinstance() finds it
 def _gem_class():
     import torch
 
@@ -118,6 +120,16 @@ def set_outputs(model, n: int) -> None:
     setattr(parent, path[-1], torch.nn.Linear(old.in_features, n, device=old.weight.device,
                                               dtype=old.weight.dtype))
     init_head(model)
+
+
+def head_modules(model) -> list:
+    """The modules that a fine-tune adds on top of the pretrained backbone: the classifier
+    (timm's get_classifier(), which set_outputs widens for the auxiliary targets) and any GeM
+    pooling (its learnable p)."""
+    import torch
+    head = model.get_classifier()
+    mods = [head] if isinstance(head, torch.nn.Module) else []
+    return mods + [m for m in model.modules() if isinstance(m, _gem_class())]
 
 
 def init_head(model, std: float = 0.01) -> None:

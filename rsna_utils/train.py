@@ -86,6 +86,9 @@ class TrainConfig(Config):
     batch_size: int = setting(16, "images per step", ge=1)
     accumulate: int = setting(1, "gradient accumulation steps", ge=1)
     lr: float = setting(3e-4, "AdamW peak learning rate (warmup, then cosine)", gt=0)
+    backbone_lr: float = setting(1.0, "the backbone's learning rate as a share of lr (the new "
+                                 "head and pooling always get lr), e.g. 0.1 to fine-tune "
+                                 "pretrained weights gently", gt=0, le=1)
     weight_decay: float = setting(1e-4, "AdamW weight decay", ge=0)
     warmup_epochs: float = setting(0.5, "linear warmup length in epochs", ge=0)
     pos_weight: float = setting(1.0, "w_pos of the weighted BCE (e.g. 5)", gt=0)
@@ -447,7 +450,8 @@ def create_optimisation(cfg: TrainConfig, model, batches_per_epoch: int, device)
 
     from rsna_utils.models import WeightedBCE
     loss_fn = CancerAuxLoss(WeightedBCE(cfg.pos_weight, cfg.neg_weight), cfg.aux_weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr),
+                                  weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(min(batches_per_epoch, cfg.max_steps or 10**9)
                                        / cfg.accumulate))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
@@ -460,6 +464,23 @@ def create_optimisation(cfg: TrainConfig, model, batches_per_epoch: int, device)
         # use_buffers: BatchNorm running statistics are averaged too, not left at their start
         ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.ema), use_buffers=True)
     return Optimisation(loss_fn, optimizer, scheduler, dtype, scaler, ema)
+
+
+def param_groups(model, lr: float, backbone_share: float = 1.0) -> list[dict]:
+    """AdamW parameter groups: the head (classifier, auxiliary outputs and GeM's p: new, randomly
+    initialised) at `lr`, every other parameter (the backbone) at `lr * backbone_share`. One group
+    when the share is 1."""
+    if backbone_share == 1.0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    from rsna_utils.models import head_modules
+    head_ids = {id(p) for m in head_modules(model) for p in m.parameters()}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    if not head:
+        raise RsnaError(f"backbone_lr={backbone_share}: no head found in {type(model).__name__} "
+                        "(timm's get_classifier() returned nothing); use backbone_lr 1")
+    return [{"params": head, "lr": lr, "name": "head"},
+            {"params": backbone, "lr": lr * backbone_share, "name": "backbone"}]
 
 
 def ema_decay(decay: float, n_averaged: int) -> float:

@@ -41,6 +41,7 @@ TRAIN_VALUES = {
     "batch_size": (4, "4", 4),
     "accumulate": (2, "2", 2),
     "lr": (0.001, "0.001", 0.001),
+    "backbone_lr": (0.1, "0.1", 0.1),
     "weight_decay": (0.05, "0.05", 0.05),
     "warmup_epochs": (1.0, "1", 1.0),
     "pos_weight": (5.0, "5", 5.0),

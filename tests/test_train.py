@@ -251,6 +251,39 @@ def test_ema_of_a_run_averages_batchnorm_buffers_with_the_warmup():
     assert int(ebn.num_batches_tracked) == int(bn.num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("pool,aux", [("gem", 0), ("avg", 2)])
+def test_backbone_lr_splits_head_and_backbone(pool, aux):
+    """backbone_lr 0.1: the classifier (widened for aux targets) and GeM's p at lr, every other
+    parameter at lr/10, each exactly once; the warmup/cosine schedule scales both alike."""
+    from rsna_utils.models import create_model, set_outputs
+    from rsna_utils.train import create_optimisation
+    net = create_model("resnet18", 3, None, global_pool=pool)
+    if aux:
+        set_outputs(net, 1 + aux)
+    cfg = TrainConfig(lr=1e-3, backbone_lr=0.1, epochs=2, warmup_epochs=0, device="cpu",
+                      global_pool=pool)
+    opt = create_optimisation(cfg, net, 10, torch.device("cpu")).optimizer
+    head, back = opt.param_groups
+    assert (head["name"], back["name"]) == ("head", "backbone")
+    assert head["lr"] == pytest.approx(1e-3) and back["lr"] == pytest.approx(1e-4)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in net.parameters())       # all, none twice
+    want = {id(net.fc.weight), id(net.fc.bias)} | ({id(net.global_pool.p)}
+                                                   if pool == "gem" else set())
+    assert {id(p) for p in head["params"]} == want
+    assert net.fc.out_features == 1 + aux
+    one = create_optimisation(TrainConfig(lr=1e-3, device="cpu"), net, 10,
+                              torch.device("cpu")).optimizer
+    assert len(one.param_groups) == 1 and one.param_groups[0]["initial_lr"] == pytest.approx(1e-3)
+
+
+def test_backbone_lr_out_of_range_is_refused():
+    from rsna_utils.errors import RsnaError
+    for bad in (0, 1.5):
+        with pytest.raises(RsnaError, match="backbone_lr"):
+            TrainConfig(backbone_lr=bad)
+
+
 def test_resume_restores_the_live_model_and_the_ema_apart(tmp_path, png48, synth_small,
                                                         monkeypatch):
     """An EMA run stopped after epoch 0 and resumed ends with the same live weights and the same
