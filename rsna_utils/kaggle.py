@@ -58,12 +58,26 @@ def load_ensemble(path: str | Path) -> dict:
 
 
 def ensemble_for_submission(ensemble: str | Path | None = None, oof_runs=(), checkpoints=(),
-                            out_json: str | Path | None = None) -> dict:
+                            out_json: str | Path | None = None, tta: bool | None = None,
+                            output: str | None = None) -> dict:
     """What the inference notebook submits, from one of three sources, in this order:
     an exported `ensemble` (Kaggle: checkpoints and threshold from the models dataset), the
     training runs `oof_runs` (their out-of-fold predictions tune the ensemble's threshold,
     written to `out_json`), or bare `checkpoints` (each carries its validation threshold).
-    Returns checkpoints, threshold, binarize, agg, line (plus the OOF metrics when tuned)."""
+    Returns checkpoints, threshold, binarize, agg, tta, line (plus the OOF metrics when tuned).
+    `tta` (flip averaging) None follows the threshold's out-of-fold scores; another value than
+    theirs is refused (`oof.submission_tta`) unless `output` is "probability" (no cut)."""
+    ens = _ensemble_for_submission(ensemble, oof_runs, checkpoints, out_json)
+    from rsna_utils.oof import submission_tta
+    if output == "probability":
+        ens["tta"] = bool(tta)
+    else:
+        ens["tta"] = submission_tta(ens, tta, str(ensemble or out_json or "the checkpoints"))
+    ens["line"] += f"; flip TTA {'on' if ens['tta'] else 'off'}"
+    return ens
+
+
+def _ensemble_for_submission(ensemble, oof_runs, checkpoints, out_json) -> dict:
     if ensemble:
         return load_ensemble(ensemble)
     checkpoints = [str(c) for c in checkpoints]

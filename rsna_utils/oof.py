@@ -200,9 +200,10 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.Dat
             raise RsnaError(f"{r}: run folder given twice (also as {seen[rr]}); list each run once")
         seen[rr] = r
 
-    parts, cfg_of = [], {}
+    parts, cfg_of, cfgs = [], {}, []
     for r in runs:
         df, cfg = _read_run(r)
+        cfgs.append(cfg)
         dup = df["image_id"].duplicated()
         if dup.any():
             raise RsnaError(f"{r / PRED_FILE}: image_id {int(df.image_id[dup].iloc[0])} appears "
@@ -212,6 +213,7 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.Dat
             cfg_of.setdefault(k, (name, cfg))
         parts.append(df)
     allr = pd.concat(parts, ignore_index=True)
+    tta = _validation_tta(runs, cfgs)
     labels = _labels(cfg_of)
     allr["model"] = allr["model_key"].map(labels)
 
@@ -280,7 +282,39 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.Dat
     out.attrs["runs"] = run_info
     out.attrs["models"] = model_labels
     out.attrs["dropped_images"] = dropped
+    out.attrs["tta"] = tta
     return out
+
+
+def submission_tta(ens: dict, asked: bool | None, source: str = "the ensemble") -> bool:
+    """The flip TTA a submission binarised (or calibrated) with `ens` must use: the one its
+    out-of-fold scores had (ensemble.json's "tta"; files written before it had none, i.e. no
+    flip). `asked` None follows it; an `asked` that differs is refused, since the threshold
+    would cut scores of another distribution. Without a tuned threshold, `asked` (default no)."""
+    if ens.get("threshold") is None:
+        return bool(asked)
+    tuned = bool(ens.get("tta", False))
+    if asked is not None and bool(asked) != tuned:
+        how = "with" if tuned else "without"
+        raise RsnaError(f"{source}: its threshold was tuned on out-of-fold scores {how} the "
+                        f"horizontal flip, but tta is {bool(asked)}; leave tta unset (None: it "
+                        f"follows the ensemble), or retrain the runs {'without' if tuned else 'with'} "
+                        "--tta and rerun `rsna oof`")
+    return tuned
+
+
+def _validation_tta(runs: list[Path], cfgs: list[dict | None]) -> bool:
+    """Whether the runs' validation predictions average the horizontal flip (TrainConfig.tta;
+    runs without the setting did not). Mixed runs would tune one threshold on two kinds of
+    score: refused."""
+    tta = {str(r): bool((c or {}).get("tta", False)) for r, c in zip(runs, cfgs)}
+    if len(set(tta.values())) > 1:
+        on = [r for r, v in tta.items() if v]
+        off = [r for r, v in tta.items() if not v]
+        raise RsnaError(f"runs {on} validated with the flip averaged in (tta) and {off} without; "
+                        "one threshold needs one kind of score: retrain the latter with --tta "
+                        "(or the former without)")
+    return bool(next(iter(tta.values()), False))
 
 
 # ----------------------------------------------------------------------------------------
@@ -335,6 +369,7 @@ def ensemble_threshold(oof_df: pd.DataFrame, agg: str = "mean", beta: float = 1.
         "n_images": int(len(oof_df)), "n_breasts": int(len(breast)), "n_positives": n_pos,
         "models": list(oof_df.attrs.get("models", [])), "runs": runs,
         "dropped_images": int(oof_df.attrs.get("dropped_images", 0)),
+        "tta": bool(oof_df.attrs.get("tta", False)),
     }
 
 

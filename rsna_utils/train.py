@@ -98,6 +98,9 @@ class TrainConfig(Config):
     amp: str = setting("auto", "mixed precision on a GPU: auto (bf16, else fp16) | bf16 | fp16 "
                        "| off", choices=("auto", "bf16", "fp16", "off"))
     # loop and checkpoints
+    tta: bool = setting(False, "validate with the horizontal flip averaged in (as `rsna predict "
+                        "--tta`): best.pt's choice and the out-of-fold threshold then match a "
+                        "flip-averaged submission")
     select_by: str = setting("auc", "breast-level measure that picks best.pt (auc: "
                              "threshold-free)", choices=tuple(SELECT_BY))
     device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
@@ -297,9 +300,9 @@ def predict_loader(model, loader, device, dtype=None, channels_last: bool = True
 
 
 def evaluate(model, loader, val_df: pd.DataFrame, device, dtype=None,
-             channels_last: bool = True) -> tuple[dict, pd.DataFrame]:
+             channels_last: bool = True, tta: bool = False) -> tuple[dict, pd.DataFrame]:
     from rsna_utils.metrics import evaluate as metrics
-    preds = predict_loader(model, loader, device, dtype, channels_last)
+    preds = predict_loader(model, loader, device, dtype, channels_last, tta_flip=tta)
     df = val_df.assign(prediction=preds)
     return metrics(df), df
 
@@ -333,7 +336,7 @@ def train(cfg: TrainConfig) -> dict:
         if rank == 0:
             eval_model = opt.ema.module if opt.ema is not None else model
             m, preds = evaluate(eval_model, data.val_dl, data.val_df, device, opt.dtype,
-                                cfg.channels_last)
+                                cfg.channels_last, cfg.tta)
             row.update(m)
             history.append(row)
             best, improved = update_best(best, m, epoch, cfg.select_by)

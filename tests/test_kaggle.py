@@ -88,6 +88,20 @@ def test_ensemble_for_submission_prefers_the_export_then_oof_then_bare(tmp_path)
         kaggle.ensemble_for_submission(None, [], [])
 
 
+def test_the_submission_flips_as_the_ensemble_threshold_was_tuned(tmp_path):
+    c = _fake_run(tmp_path, "r")
+    kaggle.export_models({"checkpoints": [str(c)], "threshold": 0.5, "binarize": "threshold",
+                          "tta": True}, tmp_path / "exp")
+    ens = tmp_path / "exp" / "ensemble.json"
+    got = kaggle.ensemble_for_submission(ens, [], [])
+    assert got["tta"] is True and "flip TTA on" in got["line"]
+    with pytest.raises(RsnaError, match="tuned on out-of-fold scores with the horizontal flip"):
+        kaggle.ensemble_for_submission(ens, [], [], tta=False)
+    assert kaggle.ensemble_for_submission(ens, [], [], tta=False, output="probability")["tta"] is False
+    bare = kaggle.ensemble_for_submission(None, [], [c], tta=True)       # no cut to match
+    assert bare["tta"] is True and "flip TTA on" in bare["line"]
+
+
 def test_hidden_test_estimate_scales_the_measured_rate():
     imgs = pd.DataFrame({"patient_id": [1, 1, 1, 1, 2, 2, 2, 2], "image_id": range(8)})
     est = kaggle.hidden_test_estimate(SimpleNamespace(images=imgs, seconds=20.0), patients=8000)

@@ -245,3 +245,32 @@ def test_labels_must_agree(runs, tmp_path):
     other = _write_run(tmp_path / "other" / "fold0", flipped, _config("x", 0, "o"))
     with pytest.raises(RsnaError, match="cancer label differs"):
         merge_oof(dirs + [other])
+
+
+def test_the_ensemble_records_whether_its_oof_scores_had_the_flip(runs, tmp_path):
+    """TrainConfig.tta in every run's config.json: ensemble.json says tta true; runs written
+    before the setting (none in config.json) did not flip; mixed runs are refused."""
+    dirs, _ = runs
+    assert write_ensemble(dirs, tmp_path / "plain.json")["tta"] is False
+    for d in dirs:
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "tta": True}))
+    assert json.loads(json.dumps(write_ensemble(dirs, tmp_path / "t.json")))["tta"] is True
+    cfg = json.loads((dirs[0] / "config.json").read_text())
+    (dirs[0] / "config.json").write_text(json.dumps({**cfg, "tta": False}))
+    with pytest.raises(RsnaError, match=r"validated with the flip.*and \[.*fold0'\] without"):
+        merge_oof(dirs)
+
+
+def test_submission_tta_follows_the_tuned_threshold():
+    from rsna_utils.oof import submission_tta
+    assert submission_tta({"threshold": 0.3, "tta": True}, None) is True
+    assert submission_tta({"threshold": 0.3, "tta": True}, True) is True
+    assert submission_tta({"threshold": 0.3}, None) is False        # written before the key
+    with pytest.raises(RsnaError, match=r"ens\.json: its threshold was tuned on out-of-fold "
+                                         r"scores without the horizontal flip, but tta is True"):
+        submission_tta({"threshold": 0.3, "tta": False}, True, "ens.json")
+    with pytest.raises(RsnaError, match="with the horizontal flip, but tta is False"):
+        submission_tta({"threshold": 0.3, "tta": True}, False)
+    assert submission_tta({"threshold": None}, True) is True          # no cut: as asked
+    assert submission_tta({"threshold": None}, None) is False

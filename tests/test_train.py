@@ -284,6 +284,35 @@ def test_backbone_lr_out_of_range_is_refused():
             TrainConfig(backbone_lr=bad)
 
 
+def test_tta_validation_averages_the_flip(tmp_path, png48, synth_small):
+    """tta=True: the same training (same seed, same weights), and val_predictions.csv holds the
+    mean of the plain and the horizontally flipped prediction of best.pt."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from rsna_utils.models import create_model
+    from rsna_utils.train import predict_loader
+    train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "plain")))
+    train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "tta"), tta=True))
+    plain = pd.read_csv(tmp_path / "plain" / "val_predictions.csv")
+    flip = pd.read_csv(tmp_path / "tta" / "val_predictions.csv")
+    assert list(plain.image_id) == list(flip.image_id)
+    assert not np.allclose(plain.prediction, flip.prediction, atol=1e-6)
+
+    net = create_model("resnet18", 3, None, global_pool="gem").eval()
+    ck = torch.load(tmp_path / "tta" / "best.pt", weights_only=True)
+    net.load_state_dict(ck["model"])
+    x = torch.randn(6, 3, 48, 48)
+    dl = DataLoader(TensorDataset(x, torch.zeros(6)), batch_size=4)
+    one = predict_loader(net, dl, torch.device("cpu"), channels_last=False)
+    both = predict_loader(net, dl, torch.device("cpu"), channels_last=False, tta_flip=True)
+    with torch.no_grad():
+        mirrored = torch.sigmoid(net(torch.flip(x, dims=[3]))[:, 0]).numpy()
+    assert np.allclose(both, (one + mirrored) / 2, atol=1e-6)
+    # the flip changes no weight: both runs end with the same parameters
+    ck0 = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)
+    ck1 = torch.load(tmp_path / "tta" / "last.pt", weights_only=True)
+    assert all(torch.equal(ck0["model"][k], ck1["model"][k]) for k in ck0["model"])
+
+
 def test_resume_restores_the_live_model_and_the_ema_apart(tmp_path, png48, synth_small,
                                                         monkeypatch):
     """An EMA run stopped after epoch 0 and resumed ends with the same live weights and the same
