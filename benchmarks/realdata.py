@@ -82,6 +82,7 @@ def _fold_state(run: Path, want: dict) -> str:
         return "new"
     cfg = json.loads(cfg_file.read_text())
     cfg.setdefault("backbone_lr", 1.0)          # runs from before the option had one group
+    cfg.setdefault("tta", False)                # ... and validated without the flip
     differ = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) != v}
     if differ:
         raise SystemExit(f"{run} was trained with other settings ({differ}, as (there, asked)); "
@@ -159,14 +160,14 @@ def main() -> int:
               "--pretrained-path", a.pretrained, "--size", a.size, "--epochs", str(a.epochs),
               "--batch-size", a.batch_size, "--lr", a.lr, "--backbone-lr", a.backbone_lr, "--pos-weight", "1", "--upsample", "1",
               "--augment", "true", "--workers", "2", "--quiet", "--ema", a.ema,
-              "--global-pool", a.global_pool]
+              "--global-pool", a.global_pool, "--tta", str(a.tta).lower()]
     if a.folds:
         runs = [run / f"fold{k}" for k in range(a.folds)]
         for k, r in enumerate(runs):
             want = dict(model=a.model, size=[int(v) for v in a.size.split("x")], epochs=a.epochs,
                         lr=float(a.lr), backbone_lr=float(a.backbone_lr), ema=float(a.ema), global_pool=a.global_pool,
                         batch_size=int(a.batch_size), split="kfold", folds=a.folds, fold=k,
-                        pretrained_path=a.pretrained)
+                        pretrained_path=a.pretrained, tta=a.tta)
             state = _fold_state(r, want)
             if state != "done":       # an interrupted fold continues from its last.pt
                 rsna("train", *common, "--out", str(r), "--split", "kfold", "--folds", str(a.folds),
@@ -178,8 +179,8 @@ def main() -> int:
             runs += sorted(Path(a.with_runs).glob("fold*"))
             out_dir = run / f"with_{Path(a.with_runs).name}"
             a.tag += f"+{Path(a.with_runs).name.removeprefix('run_')}"
-        # (the folds' validation predictions have no flip TTA: with --tta the threshold is tuned
-        # on un-flipped OOF scores and applied to flip-averaged ones)
+        # with --tta the folds validate with the flip too, so the OOF threshold fits the
+        # flip-averaged held-out scores (runs made before TrainConfig.tta did not)
         ens = write_ensemble(runs, out_dir / "ensemble.json")
     else:
         runs, out_dir = [run], run
@@ -223,7 +224,7 @@ def main() -> int:
                folds=a.folds, global_pool=a.global_pool,
                val_auc_by_epoch=[[round(float(v), 4) for v in h.breast_mean_auc] for _, h in hist.groupby("fold")],
                train_loss_by_epoch=[[round(float(v), 4) for v in h.train_loss] for _, h in hist.groupby("fold")],
-               oof_threshold_without_tta=bool(a.tta and ens is not None),
+               oof_threshold_without_tta=bool(a.tta and ens is not None and not ens.get("tta")),
                oof=None if ens is None else {k: ens.get(k) for k in ("auc", "pr_auc", "threshold", "pf1", "n_images", "n_breasts")},
                seconds=round(time.perf_counter() - t0))
     res = REPO / "benchmarks" / "results"
