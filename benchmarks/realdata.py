@@ -163,6 +163,11 @@ def main() -> int:
               "--global-pool", a.global_pool, "--tta", str(a.tta).lower()]
     if a.folds:
         runs = [run / f"fold{k}" for k in range(a.folds)]
+        for r in sorted(Path(a.with_runs).glob("fold*")) if a.with_runs else []:
+            other = json.loads((r / "config.json").read_text()).get("tta", False)
+            if other != a.tta:    # one OOF threshold needs one kind of score (before training)
+                raise SystemExit(f"{r} validated with tta={other}, this run asks tta={a.tta}; "
+                                 "pair runs that validated alike")
         for k, r in enumerate(runs):
             want = dict(model=a.model, size=[int(v) for v in a.size.split("x")], epochs=a.epochs,
                         lr=float(a.lr), backbone_lr=float(a.backbone_lr), ema=float(a.ema), global_pool=a.global_pool,

@@ -109,9 +109,10 @@ def _ensemble_settings(path: str, given: dict) -> dict:
                         f"breasts but --agg is {agg}; drop --agg or rerun `rsna oof --agg {agg}`")
     out = {"threshold": given.get("threshold", threshold), "agg": ens.get("agg", "mean")}
     output = given.get("output")
-    if output in (None, "binary", "calibrated") and given.get("threshold") is None:
-        from rsna_utils.oof import submission_tta   # the cut fits scores with its own flip TTA
-        out["tta"] = submission_tta(ens, given.get("tta"), path)
+    # the cut (and the calibrator) fit scores with the flip TTA they were tuned on
+    if (output in (None, "binary") and given.get("threshold") is None) or output == "calibrated":
+        from rsna_utils.oof import ensemble_tta, submission_tta
+        out["tta"] = submission_tta(ensemble_tta(ens), given.get("tta"), source=path)
     if output in (None, "binary"):      # --ensemble alone: binary, as before
         out["binarize_how"] = given.get("binarize_how") or ens.get("binarize", "threshold")
     if output == "calibrated":

@@ -65,15 +65,16 @@ def ensemble_for_submission(ensemble: str | Path | None = None, oof_runs=(), che
     training runs `oof_runs` (their out-of-fold predictions tune the ensemble's threshold,
     written to `out_json`), or bare `checkpoints` (each carries its validation threshold).
     Returns checkpoints, threshold, binarize, agg, tta, line (plus the OOF metrics when tuned).
-    `tta` (flip averaging) None follows the threshold's out-of-fold scores; another value than
-    theirs is refused (`oof.submission_tta`) unless `output` is "probability" (no cut)."""
+    `tta` (flip averaging) None follows the scores the threshold was tuned on; another value
+    than theirs is refused (`oof.submission_tta`) when the output cuts or calibrates.
+    The choice is "submission_tta"; "tta" stays what the out-of-fold scores had (exported)."""
+    from rsna_utils.oof import ensemble_tta, submission_tta
     ens = _ensemble_for_submission(ensemble, oof_runs, checkpoints, out_json)
-    from rsna_utils.oof import submission_tta
-    if output == "probability":
-        ens["tta"] = bool(tta)
-    else:
-        ens["tta"] = submission_tta(ens, tta, str(ensemble or out_json or "the checkpoints"))
-    ens["line"] += f"; flip TTA {'on' if ens['tta'] else 'off'}"
+    tuned = ensemble_tta(ens) if ens.get("threshold") is not None else ens.get("tta")
+    cut = output in ("binary", "calibrated") or (output is None and ens.get("threshold") is not None)
+    ens["submission_tta"] = submission_tta(tuned, tta, cut=cut,
+                                           source=str(ensemble or out_json or "the checkpoints"))
+    ens["line"] += f"; flip TTA {'on' if ens['submission_tta'] else 'off'}"
     return ens
 
 
@@ -96,8 +97,22 @@ def _ensemble_for_submission(ensemble, oof_runs, checkpoints, out_json) -> dict:
                        f"pF1 {_fmt(ens.get('pf1'))}; " + _cut(ens))
         return ens
     return {"checkpoints": checkpoints, "threshold": None, "binarize": None, "agg": "mean",
+            "tta": _checkpoints_tta(checkpoints),
             "line": f"{len(checkpoints)} checkpoint(s); no out-of-fold runs given, so a "
                     "threshold is the mean of the checkpoints' validation thresholds"}
+
+
+def _checkpoints_tta(checkpoints: list[str]) -> bool | None:
+    """Whether the checkpoints' validation (and so their thresholds) averaged the flip (their
+    TrainConfig.tta); None when they disagree or a file is unreadable here."""
+    from rsna_utils.models import load_weights
+    seen = set()
+    for c in checkpoints:
+        try:
+            seen.add(bool((load_weights(c).get("config") or {}).get("tta", False)))
+        except (RsnaError, OSError):
+            return None        # predict names the unreadable file
+    return seen.pop() if len(seen) == 1 else None
 
 
 def export_models(ens: dict, out_dir: str | Path) -> dict:
@@ -121,7 +136,7 @@ def export_models(ens: dict, out_dir: str | Path) -> dict:
     tmp.mkdir(parents=True)
     for src, name in zip(ckpts, names):
         shutil.copyfile(src, tmp / name)
-    keep = {k: v for k, v in ens.items() if k not in ("line", "oof_csv")}
+    keep = {k: v for k, v in ens.items() if k not in ("line", "oof_csv", "submission_tta")}
     keep["checkpoints"] = names
     keep["source_checkpoints"] = [str(c) for c in ckpts]
     _write_json(tmp / ENSEMBLE_FILE, keep)
@@ -152,7 +167,8 @@ def hidden_test_estimate(result, patients: int = HIDDEN_TEST_PATIENTS,
             "line": f"measured {rate:.1f} images/s on {n} images: the hidden test (~{patients} "
                     f"patients x {per_patient:.1f} images = {total:,.0f}) would take about "
                     f"{hours:.2f} h of the {limit_hours:g} h limit"
-                    + ("" if fits else " -- TOO SLOW: fewer models, smaller inputs or no TTA")
+                    + ("" if fits else " -- TOO SLOW: fewer models or smaller inputs (or models validated "
+                                       "without --tta, predicted without the flip)")
                     + " (this run's rate includes start-up; larger runs are faster per image)"}
 
 

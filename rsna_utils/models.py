@@ -191,7 +191,8 @@ def load_weights(path: str | Path) -> dict:
         raise RsnaError(f"{path}: unreadable checkpoint (not a tensor file: "
                         f"{str(e).strip().splitlines()[-3][:120] if str(e) else ''}); delete it or "
                         "point to another file") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        # (a file of random bytes can stop the weights-only unpickler with an IndexError)
         raise RsnaError(f"{path}: unreadable checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); delete it or point "
                         "to another file") from None

@@ -286,21 +286,30 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.Dat
     return out
 
 
-def submission_tta(ens: dict, asked: bool | None, source: str = "the ensemble") -> bool:
-    """The flip TTA a submission binarised (or calibrated) with `ens` must use: the one its
-    out-of-fold scores had (ensemble.json's "tta"; files written before it had none, i.e. no
-    flip). `asked` None follows it; an `asked` that differs is refused, since the threshold
-    would cut scores of another distribution. Without a tuned threshold, `asked` (default no)."""
-    if ens.get("threshold") is None:
-        return bool(asked)
-    tuned = bool(ens.get("tta", False))
-    if asked is not None and bool(asked) != tuned:
+def ensemble_tta(ens: dict) -> bool | None:
+    """Whether the out-of-fold scores behind ensemble.json's threshold and calibrator averaged
+    the horizontal flip: its "tta"; a file with a threshold but no "tta" was written before
+    runs could validate with the flip (so: no). None when nothing was tuned."""
+    if "tta" in ens and ens["tta"] is not None:
+        return bool(ens["tta"])
+    return False if ens.get("threshold") is not None else None
+
+
+def submission_tta(tuned: bool | None, asked: bool | None, cut: bool = True,
+                   source: str = "the ensemble") -> bool:
+    """The flip TTA of a submission: `asked`, or when None the flip of the scores its cut was
+    tuned on (`tuned`, None: unknown, then no flip). With a `cut` (binary or calibrated output)
+    an `asked` that differs from `tuned` is refused: the threshold would fall on scores of
+    another distribution."""
+    if asked is None:
+        return bool(tuned)
+    if cut and tuned is not None and bool(asked) != bool(tuned):
         how = "with" if tuned else "without"
-        raise RsnaError(f"{source}: its threshold was tuned on out-of-fold scores {how} the "
-                        f"horizontal flip, but tta is {bool(asked)}; leave tta unset (None: it "
-                        f"follows the ensemble), or retrain the runs {'without' if tuned else 'with'} "
-                        "--tta and rerun `rsna oof`")
-    return tuned
+        raise RsnaError(f"{source}: its threshold (and calibrator) were tuned on validation scores "
+                        f"{how} the horizontal flip, but tta is {bool(asked)}; drop tta (--tta) so "
+                        f"that it follows them, retrain the runs {'without' if tuned else 'with'} "
+                        "--tta and rerun `rsna oof`, or output probabilities")
+    return bool(asked)
 
 
 def _validation_tta(runs: list[Path], cfgs: list[dict | None]) -> bool:

@@ -277,7 +277,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, cfg: T
     bar.close()
     dt = time.perf_counter() - t0
     return {"train_loss": loss_sum / max(1, n_seen), "train_images": n_seen,
-            "train_img_s": n_seen / dt if dt else 0.0, "lr": optimizer.param_groups[0]["lr"]}
+            "train_img_s": n_seen / dt if dt else 0.0, "lr": optimizer.param_groups[0]["lr"],
+            **({"lr_backbone": optimizer.param_groups[1]["lr"]}
+               if len(optimizer.param_groups) > 1 else {})}
 
 
 def predict_loader(model, loader, device, dtype=None, channels_last: bool = True,
@@ -519,6 +521,14 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation) -> tuple[int, 
     if not (cfg.resume and last.exists()):
         return 0, None, []
     ck = load_weights(last)
+    # settings that the saved optimiser groups or validation scores were made with
+    was = {"backbone_lr": 1.0, "tta": False, **(ck.get("config") or {})}
+    for name in ("backbone_lr", "tta"):
+        if was[name] != getattr(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            raise RsnaError(f"{last}: trained with {name}={was[name]!r}, resumed with "
+                            f"{getattr(cfg, name)!r}; resume with {flag} {str(was[name]).lower()}, "
+                            "or delete it to start over")
     try:
         model.load_state_dict(ck["model"])
         opt.optimizer.load_state_dict(ck["optimizer"])

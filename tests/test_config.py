@@ -49,6 +49,7 @@ TRAIN_VALUES = {
     "aux_weight": (0.3, "0.3", 0.3),
     "ema": (0.999, "0.999", 0.999),
     "amp": ("bf16", "bf16", "bf16"),
+    "tta": (True, "true", True),
     "select_by": ("pr_auc", "pr_auc", "pr_auc"),
     "device": ("cpu", "cpu", "cpu"),
     "resume": (True, "true", True),

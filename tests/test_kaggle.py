@@ -94,12 +94,31 @@ def test_the_submission_flips_as_the_ensemble_threshold_was_tuned(tmp_path):
                           "tta": True}, tmp_path / "exp")
     ens = tmp_path / "exp" / "ensemble.json"
     got = kaggle.ensemble_for_submission(ens, [], [])
-    assert got["tta"] is True and "flip TTA on" in got["line"]
-    with pytest.raises(RsnaError, match="tuned on out-of-fold scores with the horizontal flip"):
+    assert got["submission_tta"] is True and "flip TTA on" in got["line"]
+    with pytest.raises(RsnaError, match="tuned on validation scores with the horizontal flip"):
         kaggle.ensemble_for_submission(ens, [], [], tta=False)
-    assert kaggle.ensemble_for_submission(ens, [], [], tta=False, output="probability")["tta"] is False
-    bare = kaggle.ensemble_for_submission(None, [], [c], tta=True)       # no cut to match
-    assert bare["tta"] is True and "flip TTA on" in bare["line"]
+    with pytest.raises(RsnaError, match="with the horizontal flip"):
+        kaggle.ensemble_for_submission(ens, [], [], tta=False, output="calibrated")
+    # probabilities need no cut: as asked, and a re-export still says how the OOF scores were made
+    prob = kaggle.ensemble_for_submission(ens, [], [], tta=False, output="probability")
+    assert prob["submission_tta"] is False and prob["tta"] is True
+    kaggle.export_models(prob, tmp_path / "exp2")
+    again = json.loads((tmp_path / "exp2" / "ensemble.json").read_text())
+    assert again["tta"] is True and "submission_tta" not in again
+    assert kaggle.ensemble_for_submission(tmp_path / "exp2", [], [])["submission_tta"] is True
+
+
+def test_bare_checkpoints_flip_as_they_were_validated(tmp_path):
+    """No ensemble: binarising cuts at the checkpoints' own validation thresholds, tuned with
+    their TrainConfig.tta; None follows it, a binary output with another flip is refused."""
+    import torch
+    c = _fake_run(tmp_path, "r")
+    torch.save({"model": {}, "config": {"model": "resnet18", "tta": True}}, c)
+    bare = kaggle.ensemble_for_submission(None, [], [c])
+    assert bare["tta"] is True and bare["submission_tta"] is True
+    assert kaggle.ensemble_for_submission(None, [], [c], tta=False)["submission_tta"] is False
+    with pytest.raises(RsnaError, match="with the horizontal flip, but tta is False"):
+        kaggle.ensemble_for_submission(None, [], [c], tta=False, output="binary")
 
 
 def test_hidden_test_estimate_scales_the_measured_rate():

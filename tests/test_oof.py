@@ -263,14 +263,17 @@ def test_the_ensemble_records_whether_its_oof_scores_had_the_flip(runs, tmp_path
 
 
 def test_submission_tta_follows_the_tuned_threshold():
-    from rsna_utils.oof import submission_tta
-    assert submission_tta({"threshold": 0.3, "tta": True}, None) is True
-    assert submission_tta({"threshold": 0.3, "tta": True}, True) is True
-    assert submission_tta({"threshold": 0.3}, None) is False        # written before the key
-    with pytest.raises(RsnaError, match=r"ens\.json: its threshold was tuned on out-of-fold "
-                                         r"scores without the horizontal flip, but tta is True"):
-        submission_tta({"threshold": 0.3, "tta": False}, True, "ens.json")
+    from rsna_utils.oof import ensemble_tta, submission_tta
+    assert ensemble_tta({"threshold": 0.3, "tta": True}) is True
+    assert ensemble_tta({"threshold": 0.3}) is False              # written before the key
+    assert ensemble_tta({"threshold": None}) is None              # nothing tuned
+    assert submission_tta(True, None) is True and submission_tta(True, True) is True
+    assert submission_tta(False, None) is False and submission_tta(None, None) is False
+    with pytest.raises(RsnaError, match=r"ens\.json: its threshold \(and calibrator\) were tuned "
+                                         r"on validation scores without the horizontal flip, but "
+                                         r"tta is True; drop tta"):
+        submission_tta(False, True, source="ens.json")
     with pytest.raises(RsnaError, match="with the horizontal flip, but tta is False"):
-        submission_tta({"threshold": 0.3, "tta": True}, False)
-    assert submission_tta({"threshold": None}, True) is True          # no cut: as asked
-    assert submission_tta({"threshold": None}, None) is False
+        submission_tta(True, False)
+    assert submission_tta(True, False, cut=False) is False           # probabilities: as asked
+    assert submission_tta(None, True) is True                         # unknown: as asked

@@ -219,16 +219,21 @@ def test_inference_reads_the_input_contract_from_the_checkpoint(tmp_path, synth_
 def test_cli_ensemble_sets_the_flip_its_threshold_was_tuned_with(tmp_path):
     """`rsna predict --ensemble`: tta follows ensemble.json; a --tta that differs is refused
     (the cut would fall on scores of another distribution), unless --threshold replaces the cut
-    or the output is a probability."""
+    or the output is a probability; calibrated output is checked whatever --threshold says."""
     import json
     from rsna_utils.cli_steps import _ensemble_settings
     ens = tmp_path / "ensemble.json"
     ens.write_text(json.dumps({"threshold": 0.3, "agg": "mean", "tta": True}))
     assert _ensemble_settings(str(ens), {})["tta"] is True
-    with pytest.raises(RsnaError, match="ensemble.json: its threshold was tuned on out-of-fold "
-                                        "scores with the horizontal flip, but tta is False"):
+    with pytest.raises(RsnaError, match=r"ensemble\.json: its threshold \(and calibrator\) were "
+                                        r"tuned on validation scores with the horizontal flip, but "
+                                        r"tta is False; drop tta"):
         _ensemble_settings(str(ens), {"tta": False})
     assert "tta" not in _ensemble_settings(str(ens), {"tta": False, "threshold": 0.5})
     assert "tta" not in _ensemble_settings(str(ens), {"tta": False, "output": "probability"})
+    ens.write_text(json.dumps({"threshold": 0.3, "agg": "mean", "tta": True,
+                               "calibrator": {"method": "platt", "a": 1.0, "b": 0.0}}))
+    with pytest.raises(RsnaError, match="but tta is False"):    # the calibrator fits flipped scores
+        _ensemble_settings(str(ens), {"tta": False, "threshold": 0.5, "output": "calibrated"})
     ens.write_text(json.dumps({"threshold": 0.3}))          # written before the key: no flip
     assert _ensemble_settings(str(ens), {})["tta"] is False

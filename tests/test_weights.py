@@ -244,3 +244,13 @@ def test_gem_pooling_and_a_pooling_the_backbone_cannot_take():
     assert m(torch.rand(2, 1, 64, 32)).shape == (2, 1) and "global_pool.p" in m.state_dict()
     with pytest.raises(RsnaError, match="convnext_tiny.*catavgmax.*avg"):
         create_model("convnext_tiny", global_pool="catavgmax")
+
+
+@pytest.mark.parametrize("content", [b"r" * 100, b"\x80\x02" + b"garbage" * 20, b""])
+def test_a_file_of_junk_is_an_unreadable_checkpoint_named_with_the_fix(tmp_path, content):
+    from rsna_utils.errors import RsnaError
+    from rsna_utils.models import load_weights
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(content)
+    with pytest.raises(RsnaError, match=r"best\.pt: unreadable checkpoint.*delete it or point"):
+        load_weights(bad)
