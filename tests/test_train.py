@@ -313,12 +313,9 @@ def test_tta_validation_averages_the_flip(tmp_path, png48, synth_small):
     assert all(torch.equal(ck0["model"][k], ck1["model"][k]) for k in ck0["model"])
 
 
-def test_resume_restores_the_live_model_and_the_ema_apart(tmp_path, png48, synth_small,
-                                                        monkeypatch):
-    """An EMA run stopped after epoch 0 and resumed ends with the same live weights and the same
-    EMA as the run done in one go; last.pt keeps the two apart."""
+def _killed_after_epoch_0(monkeypatch, cfg) -> None:
+    """train(cfg) stopped right after epoch 0's checkpoint, as if killed there."""
     import rsna_utils.train as tr
-    train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "once"), epochs=2, ema=0.9))
 
     class Stop(Exception):
         pass
@@ -326,11 +323,20 @@ def test_resume_restores_the_live_model_and_the_ema_apart(tmp_path, png48, synth
 
     def save_then_stop(*a, **k):
         real_save(*a, **k)
-        raise Stop                                      # as if killed after epoch 0's checkpoint
+        raise Stop
     monkeypatch.setattr(tr, "save_epoch", save_then_stop)
     with pytest.raises(Stop):
-        train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "twice"), epochs=2, ema=0.9))
+        train(cfg)
     monkeypatch.setattr(tr, "save_epoch", real_save)
+
+
+def test_resume_restores_the_live_model_and_the_ema_apart(tmp_path, png48, synth_small,
+                                                        monkeypatch):
+    """An EMA run stopped after epoch 0 and resumed ends with the same live weights and the same
+    EMA as the run done in one go; last.pt keeps the two apart."""
+    train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "once"), epochs=2, ema=0.9))
+    _killed_after_epoch_0(monkeypatch, _cfg(tmp_path, png48, synth_small,
+                                            out=str(tmp_path / "twice"), epochs=2, ema=0.9))
     train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "twice"), epochs=2, ema=0.9,
                resume=True))
     a = torch.load(tmp_path / "once" / "last.pt", weights_only=True)
@@ -349,22 +355,11 @@ def test_a_two_group_run_resumes_and_refuses_other_group_settings(tmp_path, png4
                                                                  monkeypatch):
     """backbone_lr 0.1 stopped after epoch 0 and resumed: the same weights as in one go, and the
     backbone's lr logged; resuming with another backbone_lr or tta is refused with the flag."""
-    import rsna_utils.train as tr
     from rsna_utils.errors import RsnaError
     kw = dict(epochs=2, backbone_lr=0.1)
     train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "once"), **kw))
-
-    class Stop(Exception):
-        pass
-    real_save = tr.save_epoch
-
-    def save_then_stop(*a, **k):
-        real_save(*a, **k)
-        raise Stop                                      # as if killed after epoch 0's checkpoint
-    monkeypatch.setattr(tr, "save_epoch", save_then_stop)
-    with pytest.raises(Stop):
-        train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "twice"), **kw))
-    monkeypatch.setattr(tr, "save_epoch", real_save)
+    _killed_after_epoch_0(monkeypatch, _cfg(tmp_path, png48, synth_small,
+                                            out=str(tmp_path / "twice"), **kw))
     for bad, flag in (({"backbone_lr": 0.5}, "--backbone-lr 0.1"), ({"tta": True}, "--tta false")):
         with pytest.raises(RsnaError, match=f"last.pt: trained with .*resume with {flag}"):
             train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "twice"),
