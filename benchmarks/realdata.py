@@ -132,6 +132,8 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="wrap only about this many images")
     ap.add_argument("--skip-probe", action="store_true")
     ap.add_argument("--tta", action="store_true", help="predict with the horizontal flip too")
+    ap.add_argument("--val-tta", default=None, choices=("true", "false"),
+                    help="validate the folds with the flip (default: as --tta)")
     ap.add_argument("--ema", default="0", help="EMA decay of the weights (0: off)")
     ap.add_argument("--tag", default="", help="suffix of the run folder and result files")
     ap.add_argument("--folds", type=int, default=0,
@@ -142,6 +144,7 @@ def main() -> int:
                     help="with --folds: a folder of fold*/ runs of another model (e.g. another "
                          "size) to ensemble with; outputs go to RUN/with_<its name>")
     a = ap.parse_args()
+    a.val_tta = a.tta if a.val_tta is None else a.val_tta == "true"
     src = a.src or find_realdata()
     if src is None:
         print("no real data: set RSNA_REALDATA or place ../shared/realdata/rsna_dev")
@@ -160,19 +163,19 @@ def main() -> int:
               "--pretrained-path", a.pretrained, "--size", a.size, "--epochs", str(a.epochs),
               "--batch-size", a.batch_size, "--lr", a.lr, "--backbone-lr", a.backbone_lr, "--pos-weight", "1", "--upsample", "1",
               "--augment", "true", "--workers", "2", "--quiet", "--ema", a.ema,
-              "--global-pool", a.global_pool, "--tta", str(a.tta).lower()]
+              "--global-pool", a.global_pool, "--tta", str(a.val_tta).lower()]
     if a.folds:
         runs = [run / f"fold{k}" for k in range(a.folds)]
         for r in sorted(Path(a.with_runs).glob("fold*")) if a.with_runs else []:
             other = json.loads((r / "config.json").read_text()).get("tta", False)
-            if other != a.tta:    # one OOF threshold needs one kind of score (before training)
-                raise SystemExit(f"{r} validated with tta={other}, this run asks tta={a.tta}; "
+            if other != a.val_tta:    # one OOF threshold needs one kind of score (before training)
+                raise SystemExit(f"{r} validated with tta={other}, this run asks tta={a.val_tta}; "
                                  "pair runs that validated alike")
         for k, r in enumerate(runs):
             want = dict(model=a.model, size=[int(v) for v in a.size.split("x")], epochs=a.epochs,
                         lr=float(a.lr), backbone_lr=float(a.backbone_lr), ema=float(a.ema), global_pool=a.global_pool,
                         batch_size=int(a.batch_size), split="kfold", folds=a.folds, fold=k,
-                        pretrained_path=a.pretrained, tta=a.tta)
+                        pretrained_path=a.pretrained, tta=a.val_tta)
             state = _fold_state(r, want)
             if state != "done":       # an interrupted fold continues from its last.pt
                 rsna("train", *common, "--out", str(r), "--split", "kfold", "--folds", str(a.folds),

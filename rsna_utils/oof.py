@@ -55,6 +55,15 @@ _FOLD_RE = re.compile(r"^(?P<stem>.*?)[_\-.]?fold[_\-]?(?P<fold>\d+)$", re.IGNOR
 # Reading one run
 # ----------------------------------------------------------------------------------------
 
+def _train_defaults() -> dict:
+    """TrainConfig's fields at their defaults, as config.json spells them."""
+    import dataclasses
+
+    from rsna_utils.train import TrainConfig
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(TrainConfig)}
+
+
 def _read_config(run: Path) -> dict | None:
     path = run / CONFIG_FILE
     if not path.exists():
@@ -129,7 +138,8 @@ def _read_run(run: Path) -> tuple[pd.DataFrame, dict | None]:
         df["model_key"] = "column:" + df["model_name"]
     elif cfg is not None:
         name = str(cfg.get("model", folder_model))
-        recipe = {k: v for k, v in cfg.items() if k not in PER_RUN_FIELDS}
+        # a field added since the run was trained counts at its default (its behaviour then)
+        recipe = {k: v for k, v in {**_train_defaults(), **cfg}.items() if k not in PER_RUN_FIELDS}
         df["model_name"] = name
         df["model_key"] = "config:" + json.dumps(recipe, sort_keys=True, default=str)
     else:

@@ -277,3 +277,16 @@ def test_submission_tta_follows_the_tuned_threshold():
         submission_tta(True, False)
     assert submission_tta(True, False, cut=False) is False           # probabilities: as asked
     assert submission_tta(None, True) is True                         # unknown: as asked
+
+
+def test_folds_trained_before_a_new_setting_are_one_model_with_the_newer_folds(runs):
+    """Fold 0 of a model trained before TrainConfig had `tta`/`backbone_lr` (absent from its
+    config.json) and fold 1 trained after (written at their defaults): one model, not two."""
+    dirs, _ = runs
+    cfg = json.loads((dirs[1] / "config.json").read_text())
+    (dirs[1] / "config.json").write_text(json.dumps({**cfg, "tta": False, "backbone_lr": 1.0}))
+    oof = merge_oof(dirs)
+    assert oof.attrs["models"] == ["effnet_b2", "resnet18"]
+    (dirs[1] / "config.json").write_text(json.dumps({**cfg, "backbone_lr": 0.1}))
+    with pytest.raises(RsnaError, match="not scored by every model"):   # another recipe
+        merge_oof(dirs)
