@@ -36,42 +36,106 @@ def rsna(*args: str) -> None:
     print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def frozen_probe(png: Path, data: Path, model_name: str, pretrained: str, size) -> dict:
-    """Logistic regression on frozen ImageNet features (same PNGs, same patients out)."""
+def frozen_features(png: Path, df: pd.DataFrame, model_name: str, pretrained: str, size) -> np.ndarray:
+    """Global-average-pooled ImageNet features of the frozen backbone, one row per image of df."""
+    import cv2
     import torch
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     from rsna_utils.data import model_input
-    from rsna_utils.metrics import breast_level, pr_auc, roc_auc
     from rsna_utils.models import create_model, input_norm
-    import cv2
     m = create_model(model_name, 3, pretrained).eval()
     m.reset_classifier(0)
     norm = input_norm(model_name)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(df), 32):
+            xb = torch.stack([model_input(cv2.imread(str(png / f"{r.patient_id}_{r.image_id}.png"),
+                                                     cv2.IMREAD_UNCHANGED), size, norm)
+                              for r in df.iloc[i:i + 32].itertuples()])
+            out.append(m(xb).numpy())
+    return np.concatenate(out)
 
-    def feats(df):
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(df), 32):
-                xb = torch.stack([model_input(cv2.imread(str(png / f"{r.patient_id}_{r.image_id}.png"),
-                                                         cv2.IMREAD_UNCHANGED), size, norm)
-                                  for r in df.iloc[i:i + 32].itertuples()])
-                out.append(m(xb).numpy())
-        return np.concatenate(out)
-    tr = pd.read_csv(data / "train.csv")
-    te = pd.read_csv(data / "test.csv").merge(pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]],
-                                              on="image_id")
+
+def _probe():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
+
+
+def _with_png(df: pd.DataFrame, png: Path) -> pd.DataFrame:
     done = {p.stem for p in png.glob("*.png")}
-    tr = tr[[f"{r.patient_id}_{r.image_id}" in done for r in tr.itertuples()]]
-    te = te[[f"{r.patient_id}_{r.image_id}" in done for r in te.itertuples()]]
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
-    clf.fit(feats(tr), tr.cancer)
-    te = te.assign(prediction=clf.predict_proba(feats(te))[:, 1])
+    return df[[f"{r.patient_id}_{r.image_id}" in done for r in df.itertuples()]]
+
+
+def frozen_probe(png: Path, data: Path, model_name: str, pretrained: str, size) -> dict:
+    """Logistic regression on frozen ImageNet features (same PNGs, same patients out)."""
+    from rsna_utils.metrics import breast_level, pr_auc, roc_auc
+    tr = _with_png(pd.read_csv(data / "train.csv"), png)
+    te = _with_png(pd.read_csv(data / "test.csv").merge(
+        pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]], on="image_id"), png)
+    clf = _probe().fit(frozen_features(png, tr, model_name, pretrained, size), tr.cancer)
+    te = te.assign(prediction=clf.predict_proba(frozen_features(png, te, model_name, pretrained,
+                                                                size))[:, 1])
     b = breast_level(te)
     return dict(breast_auc=roc_auc(b.cancer, b.prediction), breast_pr_auc=pr_auc(b.cancer, b.prediction),
                 image_auc=roc_auc(te.cancer, te.prediction)), te
+
+
+def _fold_predictions(ckpt: Path, val: pd.DataFrame, png: Path, tta: bool) -> np.ndarray:
+    """One checkpoint's probabilities on its fold's validation PNGs (the input of training)."""
+    import cv2
+    import torch
+
+    from rsna_utils.predict import batch_input, load_checkpoints
+    from rsna_utils.train import cancer_logit
+    (m,), _ = load_checkpoints([ckpt], torch.device("cpu"))
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(val), 32):
+            x = batch_input([cv2.imread(str(png / f"{r.patient_id}_{r.image_id}.png"), cv2.IMREAD_UNCHANGED)
+                             for r in val.iloc[i:i + 32].itertuples()], m, m.channels, m.size)
+            p = torch.sigmoid(cancer_logit(m.model(x)))
+            if tta:
+                p = (p + torch.sigmoid(cancer_logit(m.model(torch.flip(x, dims=[3]))))) / 2
+            out.append(p.numpy())
+    return np.concatenate(out)
+
+
+def oof_versus_probe(runs: list[Path], png: Path, data: Path, model_name: str, pretrained: str,
+                     size) -> dict:
+    """The held-out quarter has only 188 breasts; the training part has three times as many, and
+    with k folds every one of them is scored by a model that never saw its patient. So the
+    recipe and the probe are also compared out-of-fold, fold by fold on the same splits (the
+    probe refitted on the other folds' features): once with the epoch that validation picked
+    (best.pt; optimistic, the fold that scores also chose the epoch) and once with the last epoch
+    (last.pt; no choice made on the scored patients)."""
+    from rsna_utils.evaluate import compare_auc
+    from rsna_utils.metrics import breast_level
+    tr = _with_png(pd.read_csv(data / "train.csv"), png).reset_index(drop=True)
+    feats = frozen_features(png, tr, model_name, pretrained, size)
+    parts = []
+    for k, run in enumerate(runs):
+        sp = pd.read_csv(run / "splits.csv")
+        val_ids = set(sp.image_id[sp.fold == json.loads((run / "config.json").read_text())["fold"]])
+        is_val = tr.image_id.isin(val_ids).to_numpy()
+        val = tr[is_val]
+        probe = _probe().fit(feats[~is_val], tr.cancer[~is_val]).predict_proba(feats[is_val])[:, 1]
+        best = pd.read_csv(run / "val_predictions.csv")[["image_id", "prediction"]]
+        cfg = json.loads((run / "config.json").read_text())
+        if cfg.get("ema"):
+            raise SystemExit(f"{run}: trained with EMA; last.pt's model is the live network, not "
+                             "the averaged one that validation scored; use --skip-probe")
+        tta = bool(cfg.get("tta", False))
+        parts.append(val.assign(probe=probe, last=_fold_predictions(run / "last.pt", val, png, tta))
+                     .merge(best.rename(columns={"prediction": "best"}), on="image_id"))
+        print(f"  fold {k}: {len(val)} validation images scored by the probe and last.pt", flush=True)
+    oof = pd.concat(parts)
+    b = pd.concat([breast_level(oof, c).set_index("prediction_id")[[c] + (["cancer"] if c == "probe" else [])]
+                   for c in ("probe", "best", "last")], axis=1).reset_index()
+    b["patient_id"] = b.prediction_id.str.rsplit("_", n=1).str[0]
+    res = {c: compare_auc(b.cancer, b.probe, b[c], b.patient_id) for c in ("best", "last")}
+    return dict(breasts=int(len(b)), positive_breasts=int(b.cancer.sum()), **res)
 
 
 def _fold_state(run: Path, want: dict) -> str:
@@ -207,7 +271,7 @@ def main() -> int:
         m["breast_pf1_at_oof_threshold"] = float(pfbeta(b.cancer.to_numpy(),
                                                         (b.prediction >= ens["threshold"]).to_numpy(float)))
     size = tuple(int(v) for v in a.size.split("x"))
-    probe, versus = {}, None
+    probe, versus, oof_vs = {}, None, None
     if not a.skip_probe:
         probe, probe_images = frozen_probe(png, data, a.model, a.pretrained, size)
         # paired patient bootstrap of the breast AUC difference, on the breasts both scored
@@ -220,6 +284,9 @@ def main() -> int:
         both["patient_id"] = both.prediction_id.str.rsplit("_", n=1).str[0]
         versus = compare_auc(both.cancer, both.prediction_probe, both.prediction, both.patient_id)
         versus["breasts"] = int(len(both))
+        if a.folds:     # the training part out-of-fold: three times the breasts of the test set
+            own = runs[:a.folds]
+            oof_vs = oof_versus_probe(own, png, data, a.model, a.pretrained, size)
     hist = pd.concat([pd.read_csv(r / "metrics.csv").assign(fold=k) for k, r in enumerate(runs)])
     out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size, tta=a.tta,
                ema=a.ema, lr=a.lr, backbone_lr=a.backbone_lr,
@@ -229,6 +296,7 @@ def main() -> int:
                test_breast_best_f1=m["breast_mean_best_f1"], probe=probe,
                test_breast_pf1_at_oof_threshold=m.get("breast_pf1_at_oof_threshold"),
                recipe_minus_probe_breast_auc=versus,
+               out_of_fold_recipe_minus_probe=oof_vs,
                folds=a.folds, global_pool=a.global_pool,
                val_auc_by_epoch=[[round(float(v), 4) for v in h.breast_mean_auc] for _, h in hist.groupby("fold")],
                train_loss_by_epoch=[[round(float(v), 4) for v in h.train_loss] for _, h in hist.groupby("fold")],
@@ -251,6 +319,12 @@ def main() -> int:
         print(f"\nbreast AUC, recipe minus probe: {versus['difference']:+.3f} (95% paired patient-bootstrap "
               f"interval {versus['difference_low']:+.3f} to {versus['difference_high']:+.3f}; the recipe "
               f"does not beat the probe in {100 * versus['p_not_better']:.1f}% of resamples)")
+    for which, v in (oof_vs or {}).items():
+        if isinstance(v, dict):
+            print(f"out-of-fold ({oof_vs['breasts']} breasts of the training part, {which}.pt): probe "
+                  f"{v['auc_a']:.3f}, recipe {v['auc_b']:.3f}, difference {v['difference']:+.3f} "
+                  f"({v['difference_low']:+.3f} to {v['difference_high']:+.3f}; not better in "
+                  f"{100 * v['p_not_better']:.1f}% of resamples)")
     print(json.dumps(out))
     return 0
 
