@@ -126,10 +126,16 @@ def head_modules(model) -> list:
     """The modules that a fine-tune adds on top of the pretrained backbone: the classifier
     (timm's get_classifier(), which set_outputs widens for the auxiliary targets) and any GeM
     pooling (its learnable p)."""
+    return _classifiers(model) + [m for m in model.modules() if isinstance(m, _gem_class())]
+
+
+def _classifiers(model) -> list:
+    """timm's get_classifier() as a list of modules: one layer, none (Identity / None), or a tuple
+    of heads (DeiT distilled: the class head and the distillation head)."""
     import torch
     head = model.get_classifier()
-    mods = [head] if isinstance(head, torch.nn.Module) else []
-    return mods + [m for m in model.modules() if isinstance(m, _gem_class())]
+    heads = head if isinstance(head, (tuple, list)) else [head]
+    return [h for h in heads if isinstance(h, torch.nn.Module)]
 
 
 def init_head(model, std: float = 0.01) -> None:
@@ -139,9 +145,7 @@ def init_head(model, std: float = 0.01) -> None:
     was 1.83 instead of about 0.69, and the large early gradients disturb the pretrained
     backbone. Call it again after `reset_classifier`."""
     import torch
-    head = model.get_classifier()
-    for m in ([head] if isinstance(head, torch.nn.Linear) else
-              [x for x in head.modules() if isinstance(x, torch.nn.Linear)] if head is not None else []):
+    for m in (x for h in _classifiers(model) for x in h.modules() if isinstance(x, torch.nn.Linear)):
         torch.nn.init.normal_(m.weight, std=std)
         if m.bias is not None:
             torch.nn.init.zeros_(m.bias)

@@ -236,6 +236,18 @@ def test_classifier_head_starts_small_on_every_backbone():
         assert float(head.weight.std()) < 0.02 and float(head.bias.abs().max()) == 0.0, name
 
 
+def test_a_backbone_with_two_heads_has_both_in_the_head_group_and_both_start_small():
+    """DeiT distilled: get_classifier() is a tuple (class head, distillation head)."""
+    import timm
+
+    from rsna_utils.models import head_modules, init_head
+    m = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=1)
+    init_head(m)
+    assert head_modules(m) == [m.head, m.head_dist]
+    for h in (m.head, m.head_dist):
+        assert float(h.weight.std()) < 0.02 and float(h.bias.abs().max()) == 0.0
+
+
 def test_gem_pooling_and_a_pooling_the_backbone_cannot_take():
     import torch
     from rsna_utils.errors import RsnaError
