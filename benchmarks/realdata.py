@@ -74,12 +74,13 @@ def frozen_probe(png: Path, data: Path, model_name: str, pretrained: str, size) 
     tr = _with_png(pd.read_csv(data / "train.csv"), png)
     te = _with_png(pd.read_csv(data / "test.csv").merge(
         pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]], on="image_id"), png)
-    clf = _probe().fit(frozen_features(png, tr, model_name, pretrained, size), tr.cancer)
+    tr_feats = frozen_features(png, tr, model_name, pretrained, size)
+    clf = _probe().fit(tr_feats, tr.cancer)
     te = te.assign(prediction=clf.predict_proba(frozen_features(png, te, model_name, pretrained,
                                                                 size))[:, 1])
     b = breast_level(te)
     return dict(breast_auc=roc_auc(b.cancer, b.prediction), breast_pr_auc=pr_auc(b.cancer, b.prediction),
-                image_auc=roc_auc(te.cancer, te.prediction)), te
+                image_auc=roc_auc(te.cancer, te.prediction)), te, (tr, tr_feats)
 
 
 def _fold_predictions(ckpt: Path, val: pd.DataFrame, png: Path, tta: bool) -> np.ndarray:
@@ -102,9 +103,8 @@ def _fold_predictions(ckpt: Path, val: pd.DataFrame, png: Path, tta: bool) -> np
     return np.concatenate(out)
 
 
-def oof_versus_probe(runs: list[Path], png: Path, data: Path, model_name: str, pretrained: str,
-                     size) -> dict:
-    """The held-out quarter has only 188 breasts; the training part has three times as many, and
+def oof_versus_probe(runs: list[Path], png: Path, train_part: tuple[pd.DataFrame, np.ndarray]) -> dict:
+    """The held-out quarter has few breasts (188 here); the training part has three times as many, and
     with k folds every one of them is scored by a model that never saw its patient. So the
     recipe and the probe are also compared out-of-fold, fold by fold on the same splits (the
     probe refitted on the other folds' features): once with the epoch that validation picked
@@ -112,25 +112,28 @@ def oof_versus_probe(runs: list[Path], png: Path, data: Path, model_name: str, p
     (last.pt; no choice made on the scored patients)."""
     from rsna_utils.evaluate import compare_auc
     from rsna_utils.metrics import breast_level
-    tr = _with_png(pd.read_csv(data / "train.csv"), png).reset_index(drop=True)
-    feats = frozen_features(png, tr, model_name, pretrained, size)
-    parts = []
+    tr, feats = train_part          # the training part's images and their frozen features
+    tr = tr.reset_index(drop=True)
+    parts, seen = [], set()
     for k, run in enumerate(runs):
-        sp = pd.read_csv(run / "splits.csv")
-        val_ids = set(sp.image_id[sp.fold == json.loads((run / "config.json").read_text())["fold"]])
+        sp, cfg = pd.read_csv(run / "splits.csv"), json.loads((run / "config.json").read_text())
+        val_ids = set(sp.image_id[sp.fold == cfg["fold"]])
         is_val = tr.image_id.isin(val_ids).to_numpy()
         val = tr[is_val]
         probe = _probe().fit(feats[~is_val], tr.cancer[~is_val]).predict_proba(feats[is_val])[:, 1]
         best = pd.read_csv(run / "val_predictions.csv")[["image_id", "prediction"]]
-        cfg = json.loads((run / "config.json").read_text())
-        if cfg.get("ema"):
-            raise SystemExit(f"{run}: trained with EMA; last.pt's model is the live network, not "
-                             "the averaged one that validation scored; use --skip-probe")
         tta = bool(cfg.get("tta", False))
-        parts.append(val.assign(probe=probe, last=_fold_predictions(run / "last.pt", val, png, tta))
-                     .merge(best.rename(columns={"prediction": "best"}), on="image_id"))
+        part = val.assign(probe=probe, last=_fold_predictions(run / "last.pt", val, png, tta)).merge(
+            best.rename(columns={"prediction": "best"}), on="image_id", validate="one_to_one")
+        if len(part) != len(val) or seen & set(val.image_id):
+            raise SystemExit(f"{run}: its validation images and val_predictions.csv do not match "
+                             "the other folds' split (rerun the folds with one --folds and seed)")
+        seen |= set(val.image_id)
+        parts.append(part)
         print(f"  fold {k}: {len(val)} validation images scored by the probe and last.pt", flush=True)
     oof = pd.concat(parts)
+    if seen != set(tr.image_id):
+        raise SystemExit(f"the folds' validation sets cover {len(seen)} of {len(tr)} training images")
     b = pd.concat([breast_level(oof, c).set_index("prediction_id")[[c] + (["cancer"] if c == "probe" else [])]
                    for c in ("probe", "best", "last")], axis=1).reset_index()
     b["patient_id"] = b.prediction_id.str.rsplit("_", n=1).str[0]
@@ -273,7 +276,7 @@ def main() -> int:
     size = tuple(int(v) for v in a.size.split("x"))
     probe, versus, oof_vs = {}, None, None
     if not a.skip_probe:
-        probe, probe_images = frozen_probe(png, data, a.model, a.pretrained, size)
+        probe, probe_images, train_part = frozen_probe(png, data, a.model, a.pretrained, size)
         # paired patient bootstrap of the breast AUC difference, on the breasts both scored
         from rsna_utils.evaluate import compare_auc
         from rsna_utils.metrics import breast_level
@@ -284,9 +287,11 @@ def main() -> int:
         both["patient_id"] = both.prediction_id.str.rsplit("_", n=1).str[0]
         versus = compare_auc(both.cancer, both.prediction_probe, both.prediction, both.patient_id)
         versus["breasts"] = int(len(both))
-        if a.folds:     # the training part out-of-fold: three times the breasts of the test set
-            own = runs[:a.folds]
-            oof_vs = oof_versus_probe(own, png, data, a.model, a.pretrained, size)
+        if a.folds and float(a.ema):   # last.pt's "model" is the live network, not the EMA
+            print("out-of-fold comparison skipped: with --ema the last epoch's scored weights are "
+                  "the average, which last.pt keeps apart from the model")
+        elif a.folds:   # the training part out-of-fold: three times the breasts of the test set
+            oof_vs = oof_versus_probe(runs[:a.folds], png, train_part)
     hist = pd.concat([pd.read_csv(r / "metrics.csv").assign(fold=k) for k, r in enumerate(runs)])
     out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size, tta=a.tta,
                ema=a.ema, lr=a.lr, backbone_lr=a.backbone_lr,
