@@ -207,9 +207,13 @@ def read_state_dict(source, model_name: str) -> tuple[dict, str, str | None]:
 # ------------------------------------------------------------------------------ loading
 
 def head_keys(model, own: dict) -> set[str]:
-    """State-dict keys of the classifier, which keeps its fresh initialisation."""
+    """State-dict keys of what the fine-tune adds (the classifier, GeM's p): they keep their fresh
+    initialisation and are not counted as backbone tensors that an ImageNet file lacks."""
+    from rsna_utils.models import head_modules
     cls = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "fc"
-    names = (cls,) if isinstance(cls, str) else tuple(cls)
+    heads = {id(m) for m in head_modules(model)}
+    names = ((cls,) if isinstance(cls, str) else tuple(cls)) + tuple(
+        n for n, m in model.named_modules() if n and id(m) in heads)
     return {k for k in own if any(k == n or k.startswith(n + ".") for n in names)}
 
 

