@@ -109,28 +109,42 @@ def oof_versus_probe(runs: list[Path], png: Path, train_part: tuple[pd.DataFrame
     recipe and the probe are also compared out-of-fold, fold by fold on the same splits (the
     probe refitted on the other folds' features): once with the epoch that validation picked
     (best.pt; optimistic, the fold that scores also chose the epoch) and once with the last epoch
-    (last.pt; no choice made on the scored patients)."""
+    (last.pt; no choice made on the scored patients). Runs of one fold (two models) are averaged,
+    as the ensemble is."""
     from rsna_utils.evaluate import compare_auc
     from rsna_utils.metrics import breast_level
     tr, feats = train_part          # the training part's images and their frozen features
     tr = tr.reset_index(drop=True)
+    by_fold: dict[int, list[tuple[Path, dict]]] = {}
+    for run in runs:                # with --with-runs: two models per fold, their scores averaged
+        cfg = json.loads((run / "config.json").read_text())
+        by_fold.setdefault(int(cfg["fold"]), []).append((run, cfg))
     parts, seen = [], set()
-    for k, run in enumerate(runs):
-        sp, cfg = pd.read_csv(run / "splits.csv"), json.loads((run / "config.json").read_text())
-        val_ids = set(sp.image_id[sp.fold == cfg["fold"]])
-        is_val = tr.image_id.isin(val_ids).to_numpy()
-        val = tr[is_val]
+    for k, members in sorted(by_fold.items()):
+        val_ids = None
+        best, last = [], []
+        for run, cfg in members:
+            sp = pd.read_csv(run / "splits.csv")
+            ids = set(sp.image_id[sp.fold == k])
+            if val_ids is not None and ids != val_ids:
+                raise SystemExit(f"{run}: its fold {k} is not the fold {k} of {members[0][0]} "
+                                 "(rerun the folds with one --folds and seed)")
+            val_ids = ids
+            is_val = tr.image_id.isin(val_ids).to_numpy()
+            val = tr[is_val]
+            pred = pd.read_csv(run / "val_predictions.csv").set_index("image_id").prediction
+            if len(pred) != len(val) or not pred.index.isin(val.image_id).all():
+                raise SystemExit(f"{run}: val_predictions.csv does not hold its fold's "
+                                 f"{len(val)} validation images")
+            best.append(pred.loc[val.image_id].to_numpy())
+            last.append(_fold_predictions(run / "last.pt", val, png, bool(cfg.get("tta", False))))
+        if seen & val_ids:
+            raise SystemExit(f"fold {k} shares validation images with another fold")
+        seen |= val_ids
         probe = _probe().fit(feats[~is_val], tr.cancer[~is_val]).predict_proba(feats[is_val])[:, 1]
-        best = pd.read_csv(run / "val_predictions.csv")[["image_id", "prediction"]]
-        tta = bool(cfg.get("tta", False))
-        part = val.assign(probe=probe, last=_fold_predictions(run / "last.pt", val, png, tta)).merge(
-            best.rename(columns={"prediction": "best"}), on="image_id", validate="one_to_one")
-        if len(part) != len(val) or seen & set(val.image_id):
-            raise SystemExit(f"{run}: its validation images and val_predictions.csv do not match "
-                             "the other folds' split (rerun the folds with one --folds and seed)")
-        seen |= set(val.image_id)
-        parts.append(part)
-        print(f"  fold {k}: {len(val)} validation images scored by the probe and last.pt", flush=True)
+        parts.append(val.assign(probe=probe, best=np.mean(best, 0), last=np.mean(last, 0)))
+        print(f"  fold {k}: {len(val)} validation images scored by the probe and "
+              f"{len(members)} last.pt", flush=True)
     oof = pd.concat(parts)
     if seen != set(tr.image_id):
         raise SystemExit(f"the folds' validation sets cover {len(seen)} of {len(tr)} training images")
@@ -291,7 +305,7 @@ def main() -> int:
             print("out-of-fold comparison skipped: with --ema the last epoch's scored weights are "
                   "the average, which last.pt keeps apart from the model")
         elif a.folds:   # the training part out-of-fold: three times the breasts of the test set
-            oof_vs = oof_versus_probe(runs[:a.folds], png, train_part)
+            oof_vs = oof_versus_probe(runs, png, train_part)
     hist = pd.concat([pd.read_csv(r / "metrics.csv").assign(fold=k) for k, r in enumerate(runs)])
     out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size, tta=a.tta,
                ema=a.ema, lr=a.lr, backbone_lr=a.backbone_lr,
