@@ -239,30 +239,33 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
     """Preprocessed images (canvas-sized uint8 / uint16, as `preprocess_image` returns) ->
     (scores (N,), heat maps on the canvas grid).
 
-    Scores are the mean sigmoid over the models (as `rsna predict` without TTA). Each model's
-    CAM is scaled to its own maximum for that view and weighted by that model's score, then
-    the models are averaged: heat lies in [0, 1], is independent of the batch, no model
+    Scores are the models' sigmoids averaged as `rsna predict` averages them without TTA (per
+    recipe, then the recipes: `oof.model_weights`). Each model's CAM is scaled to its own
+    maximum for that view and weighted by that model's score, then the models are averaged
+    with the same weights: heat lies in [0, 1], is independent of the batch, no model
     dominates by the size of its gradients, and a view the models call negative glows faintly."""
     import torch
 
+    from rsna_utils.oof import model_weights
     from rsna_utils.predict import batch_input
+    weights = model_weights([getattr(m, "recipe", "") for m in models])
     n = len(imgs)
     scores = np.zeros(n, np.float64)
     heat = [np.zeros(canvas, np.float32) for _ in range(n)]
-    for m in models:
+    for m, w in zip(models, weights):
         x = batch_input(imgs, m, channels, canvas).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
         size = tuple(x.shape[-2:])
         cams, logits = grad_cam(m.model, x, method, layer)
         p = torch.sigmoid(logits).cpu().numpy()
-        scores += p
+        scores += w * p
         cams = cams.cpu().numpy()
         for i in range(n):
             c = cam_to_canvas(cams[i], size, canvas)
             top = float(c.max())
             if top > 0:
-                heat[i] += (p[i] / top / len(models)) * c
-    return scores / len(models), heat
+                heat[i] += (w * p[i] / top) * c
+    return scores, heat
 
 
 # ----------------------------------------------------------------------------------------

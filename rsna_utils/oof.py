@@ -95,6 +95,27 @@ def _config_fold(cfg: dict) -> int | None:
     return int(f) if isinstance(f, (int, float)) and not isinstance(f, bool) else None
 
 
+def recipe_key(cfg: dict | None, run: Path) -> tuple[str, str]:
+    """(key, name) of the model a run trains: its config.json without the per-run fields (the
+    folds of one recipe share it), else the folder name. `predict` groups its checkpoints by
+    the same key, so inference weighs models as the OOF merge does."""
+    if cfg is not None:
+        # a field added since the run was trained counts at its default (its behaviour then)
+        recipe = {k: v for k, v in {**_train_defaults(), **cfg}.items() if k not in PER_RUN_FIELDS}
+        name = str(cfg.get("model", _folder_model_fold(run)[0]))
+        return "config:" + json.dumps(recipe, sort_keys=True, default=str), name
+    folder_model = _folder_model_fold(run)[0]
+    return "folder:" + folder_model, folder_model
+
+
+def model_weights(keys: list[str]) -> np.ndarray:
+    """Weights that average checkpoints per model (recipe key), then the models equally: the
+    ensemble `merge_oof` tunes its threshold on. Equal to a flat mean when every model has the
+    same number of checkpoints (e.g. 4 folds each)."""
+    counts = pd.Series(keys).value_counts()
+    return np.array([1.0 / (len(counts) * counts[k]) for k in keys])
+
+
 def _read_run(run: Path) -> tuple[pd.DataFrame, dict | None]:
     """One run's rows with columns NEEDED + prediction_id, fold, run, model_key, model_name."""
     if not run.is_dir():
@@ -132,19 +153,12 @@ def _read_run(run: Path) -> tuple[pd.DataFrame, dict | None]:
     df["prediction_id"] = df["prediction_id"].astype(str)
 
     cfg = _read_config(run)
-    folder_model, folder_fold = _folder_model_fold(run)
+    _, folder_fold = _folder_model_fold(run)
     if "model" in df.columns and df["model"].notna().all():
         df["model_name"] = df["model"].astype(str)
         df["model_key"] = "column:" + df["model_name"]
-    elif cfg is not None:
-        name = str(cfg.get("model", folder_model))
-        # a field added since the run was trained counts at its default (its behaviour then)
-        recipe = {k: v for k, v in {**_train_defaults(), **cfg}.items() if k not in PER_RUN_FIELDS}
-        df["model_name"] = name
-        df["model_key"] = "config:" + json.dumps(recipe, sort_keys=True, default=str)
     else:
-        df["model_name"] = folder_model
-        df["model_key"] = "folder:" + folder_model
+        df["model_key"], df["model_name"] = recipe_key(cfg, run)
     if "fold" in df.columns and pd.to_numeric(df["fold"], errors="coerce").notna().all():
         df["fold"] = pd.to_numeric(df["fold"]).astype("int64")
     else:

@@ -81,6 +81,7 @@ class LoadedModel:
     size: tuple = (0, 0)     # the model's input (height, width)
     norm: tuple = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))   # input mean / std (stored at training)
     channels: int = 3
+    recipe: str = ""         # the training recipe (oof.recipe_key): folds of one recipe share it
 
 
 def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel], dict]:
@@ -88,6 +89,7 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
     input contract comes from each checkpoint (`train.model_contract`): size, channels, mean /
     std, and the PNG -> input resize, which must be the one this version applies."""
     from rsna_utils.models import create_model, load_weights, set_outputs
+    from rsna_utils.oof import recipe_key
     from rsna_utils.train import INPUT_RESIZE
     if not paths:
         raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
@@ -122,7 +124,8 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
                                   float(ck.get("prior", DEFAULT_PRIOR)),
                                   tuple(ck.get("size") or this_pre.get("size") or (0, 0)),
                                   tuple(tuple(v) for v in ck.get("norm") or LoadedModel.norm),
-                                  int(this_shape)))
+                                  int(this_shape),
+                                  recipe_key(ck.get("config"), Path(p).parent)[0]))
     if not pre:
         raise RsnaError(f"{paths[0]}: the checkpoint carries no preprocessing settings (trained on "
                         "PNGs without preprocess.json); retrain from `rsna preprocess` output")
@@ -211,12 +214,16 @@ class PredictResult:
 def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedModel], pre: dict,
                    device, batch_size: int = 16, workers: int = 2, tta: bool = False,
                    backend: str = "auto", channels: int = 3, progress: bool = True):
-    """Per-image probabilities (mean over models and TTA); NaN and a reason where unreadable."""
+    """Per-image probabilities; NaN and a reason where unreadable. The checkpoints of one
+    recipe (its folds) are averaged, then the recipes equally (`oof.model_weights`: the
+    ensemble whose out-of-fold threshold `rsna oof` tunes), each with its flip when `tta`."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from rsna_utils import gpu
+    from rsna_utils.oof import model_weights
     from rsna_utils.train import cancer_logit
+    weights = model_weights([m.recipe for m in models]) / (2 if tta else 1)
     ds = DicomStream(df, Path(images), pre, backend, channels)
     if backend in gpu.GPU_BACKENDS and device.type != "cuda":
         raise RsnaError(f"backend {backend!r} decodes on a GPU but the device is {device.type}; "
@@ -238,14 +245,14 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     with torch.inference_mode():
         for imgs, idx, why in dl:
             p = torch.zeros(len(imgs), device=device)
-            for m in models:
+            for m, w in zip(models, weights):
                 xm = batch_input(imgs, m, channels, ds.cfg.size).to(device, non_blocking=True)
                 xm = xm.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    p += torch.sigmoid(cancer_logit(m.model(xm)))
+                    p += w * torch.sigmoid(cancer_logit(m.model(xm))).float()
                     if tta:
-                        p += torch.sigmoid(cancer_logit(m.model(torch.flip(xm, dims=[3]))))
-            p /= len(models) * (2 if tta else 1)
+                        flipped = m.model(torch.flip(xm, dims=[3]))
+                        p += w * torch.sigmoid(cancer_logit(flipped)).float()
             p = p.cpu().numpy()
             for j, i in enumerate(idx):
                 if why[j]:

@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -237,3 +238,37 @@ def test_cli_ensemble_sets_the_flip_its_threshold_was_tuned_with(tmp_path):
         _ensemble_settings(str(ens), {"tta": False, "threshold": 0.5, "output": "calibrated"})
     ens.write_text(json.dumps({"threshold": 0.3}))          # written before the key: no flip
     assert _ensemble_settings(str(ens), {})["tta"] is False
+
+
+def test_an_ensemble_averages_folds_per_recipe_then_the_recipes(tmp_path, synth_small, tiny_ckpt):
+    """Two folds of recipe A and one run of recipe B: the ensemble is mean(mean(A0, A1), B), the
+    prediction `rsna oof` tunes its threshold on, not the flat mean of three checkpoints."""
+    from rsna_utils.oof import model_weights, recipe_key
+    from rsna_utils.predict import load_checkpoints
+    base = torch.load(tiny_ckpt, weights_only=False)
+    head = [k for k in base["model"] if k.endswith("fc.bias")][0]
+    paths = {}
+    for name, shift, fold, seed in (("a0", 0.0, 0, 42), ("a1", 2.0, 1, 42), ("b", -2.0, 0, 7)):
+        ck = {**base, "config": {**base["config"], "fold": fold, "seed": seed,
+                                 "out": str(tmp_path / name)}}
+        ck["model"] = {**base["model"], head: base["model"][head] + shift}
+        paths[name] = tmp_path / name / "best.pt"
+        paths[name].parent.mkdir()
+        torch.save(ck, paths[name])
+    models, _ = load_checkpoints(list(paths.values()), torch.device("cpu"))
+    assert models[0].recipe == models[1].recipe != models[2].recipe
+    # the key `rsna oof` gives the run folder (its config.json) is the checkpoint's
+    run_cfg = json.loads((tiny_ckpt.parent / "config.json").read_text())
+    assert models[0].recipe == recipe_key(run_cfg, tiny_ckpt.parent)[0]
+    np.testing.assert_allclose(model_weights([m.recipe for m in models]), [0.25, 0.25, 0.5])
+
+    def images(ckpts):
+        r = predict(synth_small / "test_images", synth_small / "test.csv", ckpts, None,
+                    workers=0, device="cpu", progress=False)
+        return r.images["prediction"].to_numpy(np.float64)
+    one = {k: images([p]) for k, p in paths.items()}
+    both = images(list(paths.values()))
+    want = ((one["a0"] + one["a1"]) / 2 + one["b"]) / 2
+    np.testing.assert_allclose(both, want, rtol=1e-5)
+    flat = (one["a0"] + one["a1"] + one["b"]) / 3
+    assert np.abs(both - flat).max() > 1e-3           # the weighting changes the answer
