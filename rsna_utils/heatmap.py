@@ -174,14 +174,14 @@ def grad_cam(model, x, method: str = DEFAULT_METHOD, layer: int = DEFAULT_LAYER)
     (gradient x activation per cell), layercam (positive gradient x activation per cell)."""
     import torch
 
-    from rsna_utils.train import cancer_logit
+    from rsna_utils.train import cancer_logit, half_dtype
     if method not in CAM_METHODS:
         raise RsnaError(f"CAM method {method!r}: choose {', '.join(CAM_METHODS)}")
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
         raise RsnaError(f"{type(model).__name__}: Grad-CAM needs a timm model with "
                         "forward_features / forward_head (the models `rsna train` writes)")
     cuda = x.device.type == "cuda"
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    dtype = half_dtype(x.device)
     if layer == -1:
         with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=cuda):
             feats = model.forward_features(x)

@@ -222,7 +222,7 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     from tqdm.auto import tqdm
     from rsna_utils import gpu
     from rsna_utils.oof import model_weights
-    from rsna_utils.train import cancer_logit
+    from rsna_utils.train import cancer_logit, half_dtype
     weights = model_weights([m.recipe for m in models]) / (2 if tta else 1)
     ds = DicomStream(df, Path(images), pre, backend, channels)
     if backend in gpu.GPU_BACKENDS and device.type != "cuda":
@@ -236,9 +236,7 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
         dl = DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
                         multiprocessing_context="forkserver" if workers > 0 else None,
                         pin_memory=False)
-    # bf16 where the GPU has it (Ampere on); fp16 on a T4 / P100 (Kaggle), which has no bf16
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
-        if device.type == "cuda" else None
+    dtype = half_dtype(device)    # bf16 from Ampere on; fp16 on a T4 / P100 (Kaggle)
     preds = np.full(len(ds), np.nan, np.float32)
     reasons = [""] * len(ds)
     bar = tqdm(total=len(ds), desc="predict", unit="img", disable=not progress, file=sys.stderr)

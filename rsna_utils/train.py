@@ -168,6 +168,16 @@ def resolve_device(name: str, local_rank: int = 0):
     return torch.device(name)
 
 
+def half_dtype(device):
+    """bf16 on a GPU that computes it natively (compute capability 8+: A100, H100, L4, ...),
+    fp16 on older ones (Kaggle's T4 and P100). Not `torch.cuda.is_bf16_supported()`: it says
+    yes on a T4 too (bf16 emulated, slow); None off the GPU."""
+    import torch
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
 def amp_dtype(cfg: TrainConfig, device):
     import torch
     if device.type != "cuda" or cfg.amp == "off":
@@ -175,7 +185,7 @@ def amp_dtype(cfg: TrainConfig, device):
     if cfg.amp == "fp16":
         return torch.float16
     if cfg.amp in ("bf16", "auto"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return half_dtype(device)
     raise RsnaError(f"amp={cfg.amp!r}: choose auto, bf16, fp16 or off")
 
 

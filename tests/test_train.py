@@ -372,3 +372,21 @@ def test_a_two_group_run_resumes_and_refuses_other_group_settings(tmp_path, png4
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
     h = pd.read_csv(tmp_path / "twice" / "metrics.csv")
     assert np.allclose(h.lr_backbone, h.lr * 0.1)
+
+
+def test_half_precision_is_fp16_on_a_t4_and_bf16_from_ampere(monkeypatch):
+    """A T4 / P100 (Kaggle) has no native bf16; torch.cuda.is_bf16_supported() still says yes
+    there (emulation), so the choice reads the compute capability."""
+    import torch
+
+    from rsna_utils.train import amp_dtype, half_dtype
+    cuda = torch.device("cuda", 0)
+    for major, want in ((6, torch.float16), (7, torch.float16), (8, torch.bfloat16),
+                        (9, torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, m=major: (m, 0))
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        assert half_dtype(cuda) is want
+        assert amp_dtype(TrainConfig(amp="auto"), cuda) is want
+        assert amp_dtype(TrainConfig(amp="fp16"), cuda) is torch.float16
+    assert half_dtype(torch.device("cpu")) is None
+    assert amp_dtype(TrainConfig(amp="auto"), torch.device("cpu")) is None
