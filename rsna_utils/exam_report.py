@@ -44,15 +44,15 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     """Per exam (by="patient"; by="breast": per patient and laterality) one PNG figure in
     `out`, plus `out/index.html` (exams by decreasing score) and `out/heatmaps.csv`.
 
-    threshold: the breast decision's cut (default: the mean of the checkpoints' stored
-    validation thresholds, as `rsna predict`); limit: the first N exams of the CSV.
+    threshold: the breast decision's cut (default: the checkpoints' stored validation
+    thresholds averaged per recipe, as `rsna predict`); limit: the first N exams of the CSV.
     Returns {"index", "heatmaps_csv", "figures" (by decreasing score), "views" (DataFrame, one
     row per view), "exams" (DataFrame), "threshold", "seconds"}.
     """
     from tqdm.auto import tqdm
 
     from rsna_utils.heatmap import explain_batch
-    from rsna_utils.predict import _in_chans, load_checkpoints
+    from rsna_utils.predict import _in_chans, load_checkpoints, weighted_mean
     from rsna_utils.preprocess import PreprocessConfig
     from rsna_utils.train import resolve_device
     t0 = time.perf_counter()
@@ -62,7 +62,7 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     cfg = PreprocessConfig(**{k: (tuple(v) if k == "size" else v) for k, v in pre.items()})
     channels = _in_chans(models[0].model) or 3
     if threshold is None:
-        threshold = float(np.mean([m.threshold for m in models]))
+        threshold = weighted_mean(models, "threshold")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     key = "patient_id" if by == "patient" else "prediction_id"

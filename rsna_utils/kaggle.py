@@ -99,7 +99,7 @@ def _ensemble_for_submission(ensemble, oof_runs, checkpoints, out_json) -> dict:
     return {"checkpoints": checkpoints, "threshold": None, "binarize": None, "agg": "mean",
             "tta": _checkpoints_tta(checkpoints),
             "line": f"{len(checkpoints)} checkpoint(s); no out-of-fold runs given, so a "
-                    "threshold is the mean of the checkpoints' validation thresholds"}
+                    "threshold averages the checkpoints' validation thresholds"}
 
 
 def _checkpoints_tta(checkpoints: list[str]) -> bool | None:

@@ -15,7 +15,8 @@ RUN/config.json (the TrainConfig). Here:
 
 What identifies a model: a `model` column in val_predictions.csv when present; otherwise the
 run's config.json without the fields that vary per run and do not change the model (`fold`,
-`out`, `resume`, `progress`, `workers`, `device`, `cache`), so two resnet18 recipes at different
+`out`, `resume`, `progress`, `workers`, `device`, `cache`, and the input paths `data`, `csv`,
+`pretrained_path`, which differ between machines), so two resnet18 recipes at different
 sizes or seeds are two models, and the folds of one recipe are one; its label is the config's
 `model` (with the differing fields added when two recipes share that name). Without a
 config.json the folder names it: `runs/effb3/fold2` or `runs/effb3_fold2` -> model `effb3`,
@@ -47,7 +48,10 @@ CONFIG_FILE = "config.json"
 OOF_FILE = "oof_predictions.csv"
 NEEDED = ("image_id", "patient_id", "laterality", "cancer", "prediction")
 # config.json fields that differ between the folds of one model without changing the model
-PER_RUN_FIELDS = frozenset({"fold", "out", "resume", "progress", "workers", "device", "cache"})
+# fields that vary between the runs of one recipe: the fold, where and how it ran, and the
+# paths of its inputs (the folds of one recipe trained in two Kaggle sessions see other mounts)
+PER_RUN_FIELDS = frozenset({"fold", "out", "resume", "progress", "workers", "device", "cache",
+                            "data", "csv", "pretrained_path"})
 _FOLD_RE = re.compile(r"^(?P<stem>.*?)[_\-.]?fold[_\-]?(?P<fold>\d+)$", re.IGNORECASE)
 
 
@@ -106,6 +110,14 @@ def recipe_key(cfg: dict | None, run: Path) -> tuple[str, str]:
         return "config:" + json.dumps(recipe, sort_keys=True, default=str), name
     folder_model = _folder_model_fold(run)[0]
     return "folder:" + folder_model, folder_model
+
+
+def checkpoint_recipe(path: str | Path, stored: dict | None) -> str:
+    """The recipe key of a checkpoint as `rsna oof` keys its run: the run folder's config.json
+    when it sits beside the checkpoint (a resume rewrites it, e.g. with more epochs), else the
+    TrainConfig stored in the checkpoint."""
+    run = Path(path).parent
+    return recipe_key(_read_config(run) or stored, run)[0]
 
 
 def model_weights(keys: list[str]) -> np.ndarray:

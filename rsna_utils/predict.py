@@ -53,8 +53,8 @@ class PredictConfig(Config):
     backend: str = setting("auto", "decoder: auto, imagecodecs, dicomsdl, pydicom, nvimgcodec, "
                            "dali")
     progress: bool = setting(True, "progress bar", negate="--quiet")
-    threshold: float | None = setting(None, "the cut of binary output; None: the mean of the "
-                                      "checkpoints' validation thresholds", ge=0, le=1)
+    threshold: float | None = setting(None, "the cut of binary output; None: the "
+                                      "checkpoints' validation thresholds, averaged per recipe", ge=0, le=1)
     output: str | None = setting(None, "submission values: probability, calibrated or binary; "
                                  "None: binary with binarize_how, else probability",
                                  choices=OUTPUTS)
@@ -84,12 +84,20 @@ class LoadedModel:
     recipe: str = ""         # the training recipe (oof.recipe_key): folds of one recipe share it
 
 
+def weighted_mean(models: list[LoadedModel], attr: str) -> float:
+    """A per-checkpoint value (validation threshold, prior) averaged as the predictions are:
+    per recipe, then the recipes equally (`oof.model_weights`)."""
+    from rsna_utils.oof import model_weights
+    w = model_weights([m.recipe for m in models])
+    return float(np.dot(w, [getattr(m, attr) for m in models]))
+
+
 def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel], dict]:
     """Models and the one preprocessing config they share (an ensemble must agree on it). The
     input contract comes from each checkpoint (`train.model_contract`): size, channels, mean /
     std, and the PNG -> input resize, which must be the one this version applies."""
     from rsna_utils.models import create_model, load_weights, set_outputs
-    from rsna_utils.oof import recipe_key
+    from rsna_utils.oof import checkpoint_recipe
     from rsna_utils.train import INPUT_RESIZE
     if not paths:
         raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
@@ -125,7 +133,7 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
                                   tuple(ck.get("size") or this_pre.get("size") or (0, 0)),
                                   tuple(tuple(v) for v in ck.get("norm") or LoadedModel.norm),
                                   int(this_shape),
-                                  recipe_key(ck.get("config"), Path(p).parent)[0]))
+                                  checkpoint_recipe(p, ck.get("config"))))
     if not pre:
         raise RsnaError(f"{paths[0]}: the checkpoint carries no preprocessing settings (trained on "
                         "PNGs without preprocess.json); retrain from `rsna preprocess` output")
@@ -353,7 +361,7 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     field order (`predict(images, csv, checkpoints, out, labels=...)`).
 
     `threshold`: the cut for binarize_how="threshold" (e.g. the out-of-fold ensemble threshold
-    of `oof.write_ensemble`); default: the mean of the checkpoints' validation thresholds.
+    of `oof.write_ensemble`); default: the checkpoints' validation thresholds averaged as the scores are.
     `output`: probability, calibrated or binary (`resolve_output`); calibrated needs
     `calibrator` (ensemble.json's "calibrator"). Binary output cuts the raw probability (the
     threshold was tuned on it). Breasts with no readable view get the training prior, not
@@ -378,11 +386,11 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     imgs = df[["patient_id", "image_id", "laterality", "prediction_id"]].copy()
     imgs["prediction"] = preds
     imgs["problem"] = reasons
-    prior = float(np.mean([m.prior for m in models]))
+    prior = weighted_mean(models, "prior")
     breast = aggregate(imgs, cfg.agg, prior)
     threshold = cfg.threshold
     if threshold is None:
-        threshold = float(np.mean([m.threshold for m in models]))
+        threshold = weighted_mean(models, "threshold")
     order = list(dict.fromkeys(df["prediction_id"]))          # test.csv order, each once
     breast = breast.set_index("prediction_id").loc[order].reset_index()
     sub = pd.DataFrame({"prediction_id": breast["prediction_id"],

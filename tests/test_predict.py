@@ -243,24 +243,33 @@ def test_cli_ensemble_sets_the_flip_its_threshold_was_tuned_with(tmp_path):
 def test_an_ensemble_averages_folds_per_recipe_then_the_recipes(tmp_path, synth_small, tiny_ckpt):
     """Two folds of recipe A and one run of recipe B: the ensemble is mean(mean(A0, A1), B), the
     prediction `rsna oof` tunes its threshold on, not the flat mean of three checkpoints."""
-    from rsna_utils.oof import model_weights, recipe_key
-    from rsna_utils.predict import load_checkpoints
+    from rsna_utils.oof import checkpoint_recipe, model_weights, recipe_key
+    from rsna_utils.predict import load_checkpoints, weighted_mean
     base = torch.load(tiny_ckpt, weights_only=False)
     head = [k for k in base["model"] if k.endswith("fc.bias")][0]
     paths = {}
-    for name, shift, fold, seed in (("a0", 0.0, 0, 42), ("a1", 2.0, 1, 42), ("b", -2.0, 0, 7)):
-        ck = {**base, "config": {**base["config"], "fold": fold, "seed": seed,
-                                 "out": str(tmp_path / name)}}
+    for name, shift, fold, seed, cut in (("a0", 0.0, 0, 42, 0.2), ("a1", 2.0, 1, 42, 0.4),
+                                         ("b", -2.0, 0, 7, 0.6)):
+        # a1 trained in another session: its inputs sit elsewhere, the recipe is the same
+        where = "/kaggle/input/png" if name == "a1" else base["config"]["data"]
+        ck = {**base, "config": {**base["config"], "fold": fold, "seed": seed, "data": where,
+                                 "out": str(tmp_path / name)}, "threshold": cut}
         ck["model"] = {**base["model"], head: base["model"][head] + shift}
         paths[name] = tmp_path / name / "best.pt"
         paths[name].parent.mkdir()
         torch.save(ck, paths[name])
     models, _ = load_checkpoints(list(paths.values()), torch.device("cpu"))
     assert models[0].recipe == models[1].recipe != models[2].recipe
+    # a config.json beside the checkpoint (what `rsna oof` reads; a resume rewrites it) wins
+    (tmp_path / "b" / "config.json").write_text(json.dumps({**base["config"], "epochs": 99}))
+    assert checkpoint_recipe(paths["b"], base["config"]) != models[0].recipe
+    assert checkpoint_recipe(paths["a1"], base["config"]) == models[0].recipe
     # the key `rsna oof` gives the run folder (its config.json) is the checkpoint's
     run_cfg = json.loads((tiny_ckpt.parent / "config.json").read_text())
     assert models[0].recipe == recipe_key(run_cfg, tiny_ckpt.parent)[0]
     np.testing.assert_allclose(model_weights([m.recipe for m in models]), [0.25, 0.25, 0.5])
+    # the default cut (no ensemble.json) averages the thresholds the same way: 0.45, not 0.4
+    assert weighted_mean(models, "threshold") == pytest.approx(0.45)
 
     def images(ckpts):
         r = predict(synth_small / "test_images", synth_small / "test.csv", ckpts, None,
