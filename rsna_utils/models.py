@@ -69,9 +69,34 @@ def _check_forward(model, in_chans: int) -> None:
     import torch
     was = model.training
     model.eval()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    # a fixed-size backbone (ViT) is tried at its size: the size is check_input_size's business
+    hw = tuple(cfg["input_size"][1:]) if cfg.get("fixed_input_size") else (64, 64)
     with torch.no_grad():
-        model(torch.zeros(1, in_chans, 64, 64))
+        model(torch.zeros(1, in_chans, *hw))
     model.train(was)
+
+
+def check_input_size(model, name: str, size: tuple[int, int], in_chans: int, device) -> None:
+    """A backbone built for one input size (timm's fixed_input_size: ViT, DeiT, Swin) is tried
+    once at `size` before any data is read; convolutional backbones take any size."""
+    import torch
+    if not (getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"):
+        return
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, *size, device=device))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        native = "x".join(str(v) for v in model.pretrained_cfg.get("input_size", ())[1:])
+        raise RsnaError(f"model {name!r} cannot take the input size {size[0]}x{size[1]} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); it is built for "
+                        f"{native or 'one size'}: use --size {native or 'that size'}, or a "
+                        "convolutional backbone (resnet, efficientnet, convnext) for "
+                        "full-aspect inputs") from None
+    finally:
+        model.train(was)
 
 
 @functools.cache                 # one class, so that isinstance() finds it

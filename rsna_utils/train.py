@@ -332,8 +332,9 @@ def train(cfg: TrainConfig) -> dict:
     device = setup(cfg, local_rank, world)
     out = Path(cfg.out)
     contract = model_contract(cfg)
-    data = load_data(cfg, device, contract, rank, world)
+    # the model first: weights or a size it cannot take fail before the split is written
     model, ddp = create_train_model(cfg, device, local_rank, rank, world)
+    data = load_data(cfg, device, contract, rank, world)
     opt = create_optimisation(cfg, model, len(data.train_dl), device)
     start, best, history = resume(cfg, out, model, opt)
     if rank == 0:
@@ -434,9 +435,10 @@ def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, wor
     """(model, the module the loop calls): DistributedDataParallel around it under torchrun."""
     import torch
 
-    from rsna_utils.models import create_model, set_outputs
+    from rsna_utils.models import check_input_size, create_model, set_outputs
     model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
                          global_pool=cfg.global_pool, drop_path=cfg.drop_path).to(device)
+    check_input_size(model, cfg.model, parse_size(cfg.size), cfg.channels, device)
     if cfg.aux:
         set_outputs(model, 1 + len(cfg.aux))      # logit 0: cancer; then one per aux target
     if rank == 0 and getattr(model, "pretrained_report", None):

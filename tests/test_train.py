@@ -390,3 +390,17 @@ def test_half_precision_is_fp16_on_a_t4_and_bf16_from_ampere(monkeypatch):
         assert amp_dtype(TrainConfig(amp="fp16"), cuda) is torch.float16
     assert half_dtype(torch.device("cpu")) is None
     assert amp_dtype(TrainConfig(amp="auto"), torch.device("cpu")) is None
+
+
+def test_a_size_a_fixed_size_backbone_cannot_take_fails_before_anything_is_written(
+        tmp_path, png48, synth_small):
+    """DeiT is built for 224x224: a 2:1 input is one clear line, before the split is written."""
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(png48), csv=str(synth_small / "train.csv"), out=str(out),
+                      model="deit_tiny_patch16_224", global_pool="avg", size="64x32",
+                      epochs=1, workers=0,
+                      device="cpu", progress=False)
+    with pytest.raises(RsnaError, match=r"'deit_tiny_patch16_224' cannot take the input size "
+                                        r"64x32 .*use --size 224x224"):
+        train(cfg)
+    assert not (out / "splits.csv").exists() and not (out / "config.json").exists()
