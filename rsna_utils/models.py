@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
 from rsna_utils.errors import RsnaError
@@ -49,7 +50,10 @@ def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | Non
             if hasattr(model, "global_pool"):              # resnet, efficientnet, ...
                 model.global_pool = GeM()
             elif hasattr(getattr(model, "head", None), "global_pool"):
-                pass   # convnext pools signed features before its LayerNorm: GeM needs x >= 0, avg stays
+                # convnext pools signed features before its LayerNorm: GeM needs x >= 0
+                print(f"note: {name} pools with avg, not GeM (it pools before its LayerNorm, "
+                      "where features are signed; GeM needs them >= 0); pass global_pool=avg "
+                      "to silence this", file=sys.stderr)
             else:
                 raise TypeError("no global_pool layer to replace")
         if global_pool != "avg":
