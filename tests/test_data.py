@@ -42,3 +42,30 @@ def test_augmentation_is_reproducible_from_the_seed(tmp_path):
     a = PngDataset(df, (64, 32), 1, Augment(), seed=5)
     b = PngDataset(df, (64, 32), 1, Augment(), seed=5)
     assert all(torch.equal(a[i][0], b[i][0]) for i in (0, 1, 2, 0))
+
+
+def test_training_and_cpu_inference_feed_the_model_the_same_pixels(tmp_path, synth_small):
+    """One DICOM, two roads at a 2:1 input: PNG -> PngDataset (training) and DICOM in memory ->
+    predict.batch_input (inference). Both go through roi.resize once, so the tensors are equal."""
+    import json
+
+    from rsna_utils.data import load_table
+    from rsna_utils.predict import DicomStream, LoadedModel, batch_input
+    from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+    Preprocessor(PreprocessConfig(size=(96, 64)), workers=0, progress=False).run(
+        synth_small / "train_images", synth_small / "train.csv", tmp_path / "png")
+    df = load_table(synth_small / "train.csv", tmp_path / "png").head(6).reset_index(drop=True)
+    size, norm = (80, 40), ((0.2, 0.3, 0.4), (0.5, 0.6, 0.7))
+    train_ds = PngDataset(df, size, 3, None, 0, False, norm=norm)
+    pre = json.loads((tmp_path / "png" / "preprocess.json").read_text())
+    pre = {k: v for k, v in pre.items() if k in PreprocessConfig.__dataclass_fields__}
+    stream = DicomStream(df, synth_small / "train_images", pre)
+    m = LoadedModel(None, "resnet18", "-", 0.5, 0.0, size, norm, 3)
+    for i in range(len(df)):
+        img, _, why = stream[i]
+        assert not why, why
+        x_infer = batch_input([img], m, 3, size)[0]
+        x_train = train_ds[i][0]
+        assert x_train.shape == x_infer.shape == (3, 80, 40)
+        assert torch.equal(x_train, x_infer), (i, float((x_train - x_infer).abs().max()))
+    assert float(x_train.std()) > 0.1                   # a breast, not an empty canvas
