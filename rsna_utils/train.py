@@ -381,7 +381,7 @@ def model_contract(cfg: TrainConfig) -> dict:
     architecture and its heads, the input (size, channels, the backbone's mean / std, the
     resize from PNG to input) and the preprocessing (cfg.data's preprocess.json) that test
     DICOMs go through. Checks the model name (timm) before any data is read."""
-    size, norm = parse_size(cfg.size), _input_norm(cfg.model)
+    size, norm = parse_size(cfg.size), _input_norm(cfg.model, cfg.pretrained_path)
     return {"preprocess": _preprocess_config(Path(cfg.data)), "model_name": cfg.model,
             "channels": cfg.channels, "size": size, "global_pool": cfg.global_pool,
             "norm": [list(norm[0]), list(norm[1])], "resize": dict(INPUT_RESIZE),
@@ -621,14 +621,16 @@ def parse_size(size) -> list[int]:
     return size
 
 
-def _input_norm(model_name: str):
-    """The backbone's pretrained mean / std (timm's config), stored in the checkpoint."""
+def _input_norm(model_name: str, pretrained_path=None):
+    """The backbone's pretrained mean / std, stored in the checkpoint: a weights folder's own
+    config.json when it says (the tag it was exported from), else timm's config of the name."""
     try:
         from rsna_utils.models import input_norm
+        from rsna_utils.weights import folder_norm
     except ImportError:
         from rsna_utils.data import DEFAULT_NORM
         return DEFAULT_NORM
-    return input_norm(model_name)
+    return folder_norm(pretrained_path) or input_norm(model_name)
 
 
 def _state(model) -> dict:

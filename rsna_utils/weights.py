@@ -188,6 +188,26 @@ def folder_architecture(folder: Path) -> str | None:
     return cfg.get("architecture") if isinstance(cfg, dict) else None
 
 
+def folder_norm(folder) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) of the weights in a Hugging Face layout folder (config.json's
+    pretrained_cfg, as timm writes it for the tag it saved), RGB; None when it says none."""
+    if not isinstance(folder, (str, Path)) or is_pypi(folder) or not Path(folder).is_dir():
+        return None
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    pre = cfg.get("pretrained_cfg") if isinstance(cfg, dict) else None
+    mean, std = (pre.get("mean"), pre.get("std")) if isinstance(pre, dict) else (None, None)
+    ok = all(isinstance(v, list) and len(v) in (1, 3) and all(isinstance(x, (int, float)) and
+             not isinstance(x, bool) for x in v) for v in (mean, std))
+    if not ok or min(std) <= 0:
+        return None
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    return tuple(float(x) for x in mean[:3]), tuple(float(x) for x in std[:3])
+
+
 def read_state_dict(source, model_name: str) -> tuple[dict, str, str | None]:
     """(timm-named tensors, where they came from, architecture its config.json names)."""
     from rsna_utils.models import load_weights

