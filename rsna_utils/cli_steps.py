@@ -264,7 +264,7 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     from rsna_utils.exam_report import write_exam_reports
     r = write_exam_reports(a.images, a.csv, a.checkpoints, a.out, threshold=a.threshold,
                            limit=a.limit, device=a.device, progress=not a.quiet, by=a.by,
-                           backend=a.backend, agg=a.agg)
+                           backend=a.backend, agg=a.agg, tta=a.tta)
     n_pos = int(r["exams"]["positive"].sum())
     print(f"explained {len(r['views'])} views of {len(r['exams'])} exams ({n_pos} positive at "
           f"threshold {r['threshold']:.4f}) in {r['seconds']:.1f} s; open {r['index']} "
@@ -287,6 +287,8 @@ def _register_explain(sub) -> None:
     x.add_argument("--by", choices=["patient", "breast"], default="patient",
                    help="one figure per patient (default) or per patient and laterality")
     x.add_argument("--agg", choices=["mean", "max"], default="mean", help="views -> breast score")
+    x.add_argument("--tta", action="store_true", help="scores average the flip, as `rsna predict "
+                   "--tta` (give it when the threshold was tuned on flip-averaged scores)")
     x.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     x.add_argument("--backend", default="auto", help="CPU decoder: auto, imagecodecs, dicomsdl, pydicom")
     x.add_argument("--quiet", action="store_true")

@@ -40,12 +40,14 @@ class ViewResult:
 def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
                        out: str | Path, threshold: float | None = None, limit: int | None = None,
                        device: str = "auto", progress: bool = True, by: str = "patient",
-                       backend: str = "auto", agg: str = "mean") -> dict:
+                       backend: str = "auto", agg: str = "mean", tta: bool = False) -> dict:
     """Per exam (by="patient"; by="breast": per patient and laterality) one PNG figure in
     `out`, plus `out/index.html` (exams by decreasing score) and `out/heatmaps.csv`.
 
     threshold: the breast decision's cut (default: the checkpoints' stored validation
     thresholds averaged per recipe, as `rsna predict`); limit: the first N exams of the CSV.
+    agg and tta: the submission's (ensemble.json's `agg` and `tta`), so that the scores and the
+    positive flags are the ones the threshold was tuned on.
     Returns {"index", "heatmaps_csv", "figures" (by decreasing score), "views" (DataFrame, one
     row per view), "exams" (DataFrame), "threshold", "seconds"}.
     """
@@ -77,7 +79,7 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
         ok = [v for v in views if not v.values.get("problem")]
         if ok:
             scores, heat = explain_batch([v.values.pop("canvas") for v in ok], models,
-                                         cfg.size, channels, dev)
+                                         cfg.size, channels, dev, tta=tta)
             for v, s, h in zip(ok, scores, heat):
                 _finish_view(v, float(s), h)
         _breast_scores(views, agg, threshold)

@@ -80,6 +80,15 @@ def test_scores_match_rsna_predict(tmp_path, synth_small, ckpt):
     assert len(got) == len(r["views"]) >= 1
     np.testing.assert_allclose(got.score, got.prediction, atol=1e-5)
     assert not r["views"].positive.any()          # threshold 0.9 given
+    # with the flip, as a submission tuned on flip-averaged scores: `rsna predict --tta`'s
+    r = write_exam_reports(synth_small / "test_images", synth_small / "test.csv", [ckpt],
+                           tmp_path / "tta", limit=1, device="cpu", progress=False, by="breast",
+                           threshold=0.9, tta=True)
+    p = predict(synth_small / "test_images", synth_small / "test.csv", [ckpt], None, workers=0,
+                device="cpu", progress=False, tta=True)
+    flipped = r["views"].merge(p.images, on="image_id")
+    np.testing.assert_allclose(flipped.score, flipped.prediction, atol=1e-5)
+    assert np.abs(flipped.score.to_numpy() - got.score.to_numpy()).max() > 1e-6
 
 
 def test_overlay_keeps_gray_where_there_is_no_heat():
