@@ -555,7 +555,7 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation) -> tuple[int, 
 
 def update_best(best: dict | None, m: dict, epoch: int, select_by: str) -> tuple[dict, bool]:
     """(best, improved): this epoch becomes the best when its selection score is higher."""
-    score = selection_score(m, select_by)   # threshold-free first: pF1 of raw probabilities
+    score = selection_score(m, select_by)   # the chosen measure (AUC by default), ties by PR-AUC, AUC
     # the best's score is rebuilt from its stored metrics: a resumed run may select by another
     # measure, and older checkpoints stored (pF1, AUC)
     if best is not None and score <= selection_score(best.get("metrics", {}), select_by):
