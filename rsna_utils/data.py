@@ -257,14 +257,17 @@ class PngDataset:
         """A random stream per process that goes on across epochs: every draw of an image,
         upsampled copies too, gets its own augmentation (a seed per (epoch, index) froze them:
         persistent workers never saw the epoch, and copies shared the index). Reproducible:
-        seeded by the dataset seed and the DataLoader worker's seed."""
+        seeded by the dataset seed, the DataLoader worker's seed and the epoch the stream
+        starts in (workers start in the first epoch of the process: a resumed run continues
+        with new draws instead of replaying epoch 0's)."""
         import torch
         info = torch.utils.data.get_worker_info()
         rank = int(os.environ.get("RANK", 0))       # DDP ranks share torch seeds: keep them apart
         key = (info.id, info.seed % 2**32, rank) if info is not None else (-1, 0, rank)
         if getattr(self, "_rng_key", None) != key:
             self._rng_key = key
-            self._rng_state = np.random.default_rng([self.seed, key[0] + 1, key[1], key[2]])
+            self._rng_state = np.random.default_rng([self.seed, key[0] + 1, key[1], key[2],
+                                                     self.epoch])
         return self._rng_state
 
     def read(self, i: int) -> np.ndarray:

@@ -44,6 +44,20 @@ def test_augmentation_is_reproducible_from_the_seed(tmp_path):
     assert all(torch.equal(a[i][0], b[i][0]) for i in (0, 1, 2, 0))
 
 
+def test_a_resumed_run_does_not_replay_the_first_epochs_draws(tmp_path):
+    """A run resumed at epoch 3 starts its random stream there (workers are created in the
+    first epoch of the process): not epoch 0's augmentations again, and reproducible."""
+    df = _pngs(tmp_path)
+
+    def first_draws(start):
+        ds = PngDataset(df, (64, 32), 1, Augment(), seed=5)
+        ds.set_epoch(start)
+        return [ds[i][0] for i in (0, 1, 2)]
+    fresh, resumed, again = first_draws(0), first_draws(3), first_draws(3)
+    assert not any(torch.equal(a, b) for a, b in zip(fresh, resumed))
+    assert all(torch.equal(a, b) for a, b in zip(resumed, again))
+
+
 def test_training_and_cpu_inference_feed_the_model_the_same_pixels(tmp_path, synth_small):
     """One DICOM, two roads at a 2:1 input: PNG -> PngDataset (training) and DICOM in memory ->
     predict.batch_input (inference). Both go through roi.resize once, so the tensors are equal."""
