@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 
 from rsna_utils.errors import RsnaError
@@ -50,10 +49,7 @@ def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | Non
             if hasattr(model, "global_pool"):              # resnet, efficientnet, ...
                 model.global_pool = GeM()
             elif hasattr(getattr(model, "head", None), "global_pool"):
-                # convnext pools signed features before its LayerNorm: GeM needs x >= 0
-                print(f"note: {name} pools with avg, not GeM (it pools before its LayerNorm, "
-                      "where features are signed; GeM needs them >= 0); pass global_pool=avg "
-                      "to silence this", file=sys.stderr)
+                pass   # convnext pools signed features before its LayerNorm: avg (pooling_note)
             else:
                 raise TypeError("no global_pool layer to replace")
         if global_pool != "avg":
@@ -79,6 +75,15 @@ def _check_forward(model, in_chans: int) -> None:
     with torch.no_grad():
         model(torch.zeros(1, in_chans, *hw))
     model.train(was)
+
+
+def pooling_note(model, name: str, global_pool: str) -> str | None:
+    """What training says when the pooling asked for is not the one the model got: convnext
+    pools signed features before its LayerNorm, where GeM (x >= 0) cannot work, so avg stays."""
+    if global_pool != "gem" or any(isinstance(m, _gem_class()) for m in model.modules()):
+        return None
+    return (f"note: {name} pools with avg, not GeM (it pools before its LayerNorm, where "
+            "features are signed; GeM needs them >= 0); train with global_pool=avg to silence this")
 
 
 def check_input_size(model, name: str, size: tuple[int, int], in_chans: int, device) -> None:

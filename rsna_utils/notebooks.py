@@ -156,10 +156,11 @@ def _check_weights(plan: str, steps: list[tuple[str, dict]]) -> None:
     """Every step's pretrained_path, checked before the first step runs: a weights dataset
     that is not attached stops the plan now, not hours later at the step that needs it."""
     from rsna_utils.weights import is_pypi
+    here = _kernel_cwd()                # relative paths resolve where the notebooks run
     missing = [(name, str(p["pretrained_path"])) for name, p in steps
                if isinstance(p.get("pretrained_path"), str)
                and not is_pypi(p["pretrained_path"])
-               and not Path(p["pretrained_path"]).exists()]
+               and not (here / p["pretrained_path"]).exists()]
     if not missing:
         return
     where = "; ".join(f"{name}: {path}" for name, path in missing)

@@ -15,8 +15,7 @@ RUN/config.json (the TrainConfig). Here:
 
 What identifies a model: a `model` column in val_predictions.csv when present; otherwise the
 run's config.json without the fields that vary per run and do not change the model (`fold`,
-`out`, `resume`, `progress`, `workers`, `device`, `cache`, and the input paths `data`, `csv`,
-`pretrained_path`, which differ between machines), so two resnet18 recipes at different
+`out`, `resume`, `progress`, `workers`, `device`, `cache`), so two resnet18 recipes at different
 sizes or seeds are two models, and the folds of one recipe are one; its label is the config's
 `model` (with the differing fields added when two recipes share that name). Without a
 config.json the folder names it: `runs/effb3/fold2` or `runs/effb3_fold2` -> model `effb3`,
@@ -34,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +48,9 @@ CONFIG_FILE = "config.json"
 OOF_FILE = "oof_predictions.csv"
 NEEDED = ("image_id", "patient_id", "laterality", "cancer", "prediction")
 # config.json fields that differ between the folds of one model without changing the model
-# fields that vary between the runs of one recipe: the fold, where and how it ran, and the
-# paths of its inputs (the folds of one recipe trained in two Kaggle sessions see other mounts)
-PER_RUN_FIELDS = frozenset({"fold", "out", "resume", "progress", "workers", "device", "cache",
-                            "data", "csv", "pretrained_path"})
+# fields that vary between the runs of one recipe and do not change the model. The input paths
+# stay in: the PNG folder is what says how the images were preprocessed (pad or stretch, bits)
+PER_RUN_FIELDS = frozenset({"fold", "out", "resume", "progress", "workers", "device", "cache"})
 _FOLD_RE = re.compile(r"^(?P<stem>.*?)[_\-.]?fold[_\-]?(?P<fold>\d+)$", re.IGNORECASE)
 
 
@@ -117,7 +116,12 @@ def checkpoint_recipe(path: str | Path, stored: dict | None) -> str:
     when it sits beside the checkpoint (a resume rewrites it, e.g. with more epochs), else the
     TrainConfig stored in the checkpoint."""
     run = Path(path).parent
-    return recipe_key(_read_config(run) or stored, run)[0]
+    try:
+        cfg = _read_config(run)
+    except RsnaError as e:          # a run killed while writing it: the checkpoint still says
+        print(f"warning: {e}; using the training settings stored in {path}", file=sys.stderr)
+        cfg = None
+    return recipe_key(cfg or stored, run)[0]
 
 
 def model_weights(keys: list[str]) -> np.ndarray:

@@ -95,8 +95,9 @@ class TrainConfig(Config):
     neg_weight: float = setting(1.0, "w_neg of the weighted BCE", gt=0)
     aux_weight: float = setting(0.1, "loss weight of the aux targets against the cancer", ge=0)
     ema: float = setting(0.0, "EMA decay of the weights, e.g. 0.999 (0 = off)", ge=0, lt=1)
-    amp: str = setting("auto", "mixed precision on a GPU: auto (bf16, else fp16) | bf16 | fp16 "
-                       "| off", choices=("auto", "bf16", "fp16", "off"))
+    amp: str = setting("auto", "mixed precision on a GPU: auto (bf16 from Ampere on, else fp16) "
+                       "| bf16 (fp16 on older GPUs too) | fp16 | off",
+                       choices=("auto", "bf16", "fp16", "off"))
     # loop and checkpoints
     tta: bool = setting(False, "validate with the horizontal flip averaged in (as `rsna predict "
                         "--tta`): best.pt's choice and the out-of-fold threshold then match a "
@@ -435,9 +436,12 @@ def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, wor
     """(model, the module the loop calls): DistributedDataParallel around it under torchrun."""
     import torch
 
-    from rsna_utils.models import check_input_size, create_model, set_outputs
+    from rsna_utils.models import check_input_size, create_model, pooling_note, set_outputs
     model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
                          global_pool=cfg.global_pool, drop_path=cfg.drop_path).to(device)
+    note = pooling_note(model, cfg.model, cfg.global_pool)
+    if note and rank == 0:
+        print(note, file=sys.stderr)
     check_input_size(model, cfg.model, parse_size(cfg.size), cfg.channels, device)
     if cfg.aux:
         set_outputs(model, 1 + len(cfg.aux))      # logit 0: cancer; then one per aux target

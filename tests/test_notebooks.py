@@ -224,6 +224,18 @@ def test_the_kaggle_plan_stops_before_step_one_when_weights_are_not_attached(tmp
     assert not (tmp_path / "runs").exists()
 
 
+def test_relative_weights_paths_resolve_where_the_notebooks_run(tmp_path, monkeypatch):
+    from rsna_utils.errors import RsnaError
+    from rsna_utils.notebooks import _check_weights, _kernel_cwd
+    (_kernel_cwd() / "README.md").stat()               # a relative path that exists there
+    monkeypatch.chdir(tmp_path)                         # ... and not in the caller's folder
+    _check_weights("p", [("s1", {"pretrained_path": "README.md"}),
+                         ("s2", {"pretrained_path": "pypi"}), ("s3", {})])
+    with pytest.raises(RsnaError, match=r"plan p: .*\(s1: no/such/weights\); nothing was run: "
+                                        r"put the weights there"):
+        _check_weights("p", [("s1", {"pretrained_path": "no/such/weights"})])
+
+
 def test_kaggle_plan_trains_every_fold_it_ensembles_and_binarises():
     d = load_plan("kaggle")
     train = {s["parameters"]["out"]: s["parameters"] for s in d["steps"] if s["notebook"] == "03_train.ipynb"}

@@ -250,9 +250,7 @@ def test_an_ensemble_averages_folds_per_recipe_then_the_recipes(tmp_path, synth_
     paths = {}
     for name, shift, fold, seed, cut in (("a0", 0.0, 0, 42, 0.2), ("a1", 2.0, 1, 42, 0.4),
                                          ("b", -2.0, 0, 7, 0.6)):
-        # a1 trained in another session: its inputs sit elsewhere, the recipe is the same
-        where = "/kaggle/input/png" if name == "a1" else base["config"]["data"]
-        ck = {**base, "config": {**base["config"], "fold": fold, "seed": seed, "data": where,
+        ck = {**base, "config": {**base["config"], "fold": fold, "seed": seed,
                                  "out": str(tmp_path / name)}, "threshold": cut}
         ck["model"] = {**base["model"], head: base["model"][head] + shift}
         paths[name] = tmp_path / name / "best.pt"
@@ -264,6 +262,9 @@ def test_an_ensemble_averages_folds_per_recipe_then_the_recipes(tmp_path, synth_
     (tmp_path / "b" / "config.json").write_text(json.dumps({**base["config"], "epochs": 99}))
     assert checkpoint_recipe(paths["b"], base["config"]) != models[0].recipe
     assert checkpoint_recipe(paths["a1"], base["config"]) == models[0].recipe
+    # a config.json cut short (a run killed while writing it): the checkpoint's own settings
+    (tmp_path / "b" / "config.json").write_text('{"model": "resn')
+    assert checkpoint_recipe(paths["b"], base["config"]) == models[0].recipe
     # the key `rsna oof` gives the run folder (its config.json) is the checkpoint's
     run_cfg = json.loads((tiny_ckpt.parent / "config.json").read_text())
     assert models[0].recipe == recipe_key(run_cfg, tiny_ckpt.parent)[0]
