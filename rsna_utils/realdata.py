@@ -5,7 +5,11 @@ Lossless SV1, the generator's encoders), `train.csv` / `test.csv` / `test_labels
 patient-grouped held-out test part. Then every step runs through the same commands a user runs.
 
 The export has no laterality or view: the side is read from the image (where the breast's
-mass lies), and the view is left unknown ("UNK")."""
+mass lies), and the view is left unknown ("UNK"). About 16% of the RSNA export's images are
+inverted (bright background, dense tissue dark): their originals were MONOCHROME1 and the export
+wrote the stored values without applying it. Those are wrapped as MONOCHROME1 again, so the
+pipeline's photometric handling shows every image black-background, as it does for the
+competition's DICOMs."""
 from __future__ import annotations
 
 import os
@@ -67,6 +71,16 @@ def side_of_breast(gray: np.ndarray) -> str:
     return "L" if cols[:half].sum() >= cols[half:].sum() else "R"
 
 
+def is_inverted(gray: np.ndarray) -> bool:
+    """True when the image frame's border is mostly bright: a MONOCHROME1 mammogram exported
+    with its stored values shown as is (background white, dense tissue dark). Mammograms fill
+    at most one side of the frame, so the median of the four edges is the background."""
+    g = np.asarray(gray)
+    edges = np.concatenate([g[:, :4].ravel(), g[:, -4:].ravel(), g[:4].ravel(), g[-4:].ravel()])
+    top = float(np.iinfo(g.dtype).max) if np.issubdtype(g.dtype, np.integer) else 1.0
+    return float(np.median(edges)) > top / 2
+
+
 def _wrap_one(args) -> dict:
     path, out_path, row = args
     import cv2
@@ -77,12 +91,14 @@ def _wrap_one(args) -> dict:
         raise RsnaError(f"{path}: unreadable image")
     stored = gray.astype(np.uint16) * 16 + 8           # 8-bit export -> 12-bit stored values
     lat = side_of_breast(gray)
-    r = dict(row, laterality=lat, view="UNK", machine_id=216, modality_absent=0,
+    inverted = is_inverted(gray)
+    # machine 48 writes MONOCHROME1 (its PixelPaddingValue 4095 lies above every wrapped value)
+    r = dict(row, laterality=lat, view="UNK", machine_id=48 if inverted else 216, modality_absent=0,
              encoding="j2k" if row["image_id"] % 2 else "jpll", jp2=bool(row["image_id"] % 4 == 1))
     ds = encode_dicom(stored, r, ([2048.0], [4096.0]), seed=0)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(out_path, enforce_file_format=True)
-    return dict(image_id=row["image_id"], laterality=lat)
+    return dict(image_id=row["image_id"], laterality=lat, machine_id=r["machine_id"])
 
 
 def wrap(src: str | Path, out: str | Path, test_frac: float = 0.25, seed: int = 0,
@@ -118,7 +134,7 @@ def wrap(src: str | Path, out: str | Path, test_frac: float = 0.25, seed: int = 
                       disable=not progress):
             res.append(r)
     df = df.drop(columns="laterality").merge(pd.DataFrame(res), on="image_id")
-    df["site_id"], df["view"], df["age"], df["machine_id"], df["implant"] = 1, "UNK", np.nan, 216, 0
+    df["site_id"], df["view"], df["age"], df["implant"] = 1, "UNK", np.nan, 0
     for c in ("biopsy", "invasive", "BIRADS", "density", "difficult_negative_case"):
         df[c] = np.nan
     df["prediction_id"] = df.patient_id.astype(str) + "_" + df.laterality
@@ -132,4 +148,5 @@ def wrap(src: str | Path, out: str | Path, test_frac: float = 0.25, seed: int = 
         SUBMISSION_COLUMNS].to_csv(out / "sample_submission.csv", index=False)
     return dict(out=str(out), train_images=len(train), test_images=len(test),
                 train_patients=train.patient_id.nunique(), test_patients=test.patient_id.nunique(),
-                train_positive=int(train.cancer.sum()), test_positive=int(test.cancer.sum()))
+                train_positive=int(train.cancer.sum()), test_positive=int(test.cancer.sum()),
+                monochrome1=int((df.machine_id == 48).sum()))

@@ -6,7 +6,8 @@ import pytest
 
 from rsna_utils.dicom_io import read_dicom
 from rsna_utils.errors import RsnaError
-from rsna_utils.realdata import list_images, side_of_breast, wrap
+from rsna_utils.realdata import is_inverted, list_images, side_of_breast, wrap
+from rsna_utils.voi import apply_voi_lut
 
 
 def _breast(side: str, seed: int, h: int = 96, w: int = 64) -> np.ndarray:
@@ -22,7 +23,8 @@ def _breast(side: str, seed: int, h: int = 96, w: int = 64) -> np.ndarray:
 @pytest.fixture
 def export(tmp_path):
     """8 patients, 2 images each (one side per patient), 3 of them malignant; PNG so the
-    pixels are exact."""
+    pixels are exact. Patients 3 and 6 are exported inverted (a MONOCHROME1 original shown raw:
+    white background), as about 16% of the RSNA export is."""
     src = tmp_path / "export"
     truth = {}
     for p in range(8):
@@ -32,6 +34,8 @@ def export(tmp_path):
         for v in range(2):
             image_id = 1000 + 10 * p + v
             img = _breast(side, image_id)
+            if p in (2, 5):
+                img = 255 - img
             cv2.imwrite(str(folder / f"{p + 1}_{image_id}_x.png"), img)
             truth[image_id] = (side, img)
     (src / "benign" / "notes.txt").write_text("not an image")
@@ -42,6 +46,13 @@ def test_side_of_breast_reads_the_chest_wall_side():
     assert side_of_breast(_breast("L", 0)) == "L"
     assert side_of_breast(_breast("R", 0)) == "R"
     assert side_of_breast(_breast("L", 0)[:, ::-1]) == "R"
+    assert side_of_breast(255 - _breast("L", 0)) == "L"          # inverted export
+
+
+def test_inverted_exports_are_recognised_by_their_bright_border():
+    img = _breast("L", 0)
+    assert not is_inverted(img) and is_inverted(255 - img)
+    assert not is_inverted(_breast("R", 3)) and is_inverted(255 - _breast("R", 3))
 
 
 def test_wrap_writes_rsna_shaped_dicoms_with_a_patient_grouped_test_part(export, tmp_path):
@@ -53,6 +64,7 @@ def test_wrap_writes_rsna_shaped_dicoms_with_a_patient_grouped_test_part(export,
     assert len(train) + len(test) == len(truth) == counts["train_images"] + counts["test_images"]
     assert not set(train.patient_id) & set(test.patient_id)           # grouped by patient
     assert counts["test_patients"] >= 1 and counts["train_positive"] >= 1
+    assert counts["monochrome1"] == 4
     assert "cancer" in train and "cancer" not in test
     assert set(labels.image_id) == set(test.image_id)
     sub = pd.read_csv(out / "sample_submission.csv")
@@ -65,6 +77,12 @@ def test_wrap_writes_rsna_shaped_dicoms_with_a_patient_grouped_test_part(export,
         # 8-bit export -> 12-bit stored values, losslessly (JPEG 2000 and JPEG Lossless)
         assert np.array_equal(d.pixels, img.astype(np.uint16) * 16 + 8), r.image_id
         assert d.header.bits_stored == 12
+        inverted = r.patient_id in (3, 6)
+        assert d.header.photometric == ("MONOCHROME1" if inverted else "MONOCHROME2"), r.image_id
+        # what the pipeline shows: every image black-background, the breast bright
+        shown = apply_voi_lut(d.pixels, d.header)[0].astype(int)
+        upright = 255 - img if inverted else img
+        assert np.abs(shown - upright.astype(int)).max() <= 1, r.image_id
     cancer = pd.concat([train[["image_id", "cancer"]], labels[["image_id", "cancer"]]])
     assert dict(zip(cancer.image_id, cancer.cancer)) == {i: int((i - 1000) // 10 < 3) for i in truth}
 
