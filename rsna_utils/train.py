@@ -337,7 +337,7 @@ def train(cfg: TrainConfig) -> dict:
     model, ddp = create_train_model(cfg, device, local_rank, rank, world)
     data = load_data(cfg, device, contract, rank, world)
     opt = create_optimisation(cfg, model, len(data.train_dl), device)
-    start, best, history = resume(cfg, out, model, opt)
+    start, best, history = resume(cfg, out, model, opt, contract)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
@@ -527,9 +527,19 @@ def ema_update(decay: float):
     return update
 
 
-def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation) -> tuple[int, dict | None, list]:
+# what the weights in last.pt learned to read: resuming with other inputs would continue them on
+# pixels they never saw (the input size may change: progressive resizing is a choice)
+RESUME_INPUT = {"norm": "input mean / std (from the backbone's pretrained config: resume with "
+                        "the same --pretrained-path)",
+                "preprocess": "preprocessing of the PNGs (resume with the same --data folder)",
+                "channels": "input channels (resume with the same --channels)"}
+
+
+def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
+           contract: dict | None = None) -> tuple[int, dict | None, list]:
     """(first epoch, best so far, history): from out/last.pt with cfg.resume, else a fresh
-    start. Leftovers of a checkpoint write cut by a kill are removed either way."""
+    start. Leftovers of a checkpoint write cut by a kill are removed either way. With the
+    run's `contract`, an input that differs from the one last.pt trained on is refused."""
     from rsna_utils.models import load_weights
     last = out / "last.pt"
     for stale in out.glob(".*.pt.tmp*"):
@@ -545,6 +555,12 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation) -> tuple[int, 
             raise RsnaError(f"{last}: trained with {name}={was[name]!r}, resumed with "
                             f"{getattr(cfg, name)!r}; resume with {flag} {str(was[name]).lower()}, "
                             "or delete it to start over")
+    for name, what in RESUME_INPUT.items():
+        was_in, now_in = (json.loads(json.dumps(v, sort_keys=True, default=str))
+                          for v in (ck.get(name), (contract or {}).get(name)))
+        if contract is not None and name in ck and was_in != now_in:
+            raise RsnaError(f"{last}: trained with {name} {was_in}, this run has {now_in}: "
+                            f"the {what} must match, or delete it to start over")
     try:
         model.load_state_dict(ck["model"])
         opt.optimizer.load_state_dict(ck["optimizer"])

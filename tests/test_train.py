@@ -129,7 +129,7 @@ def _cfg(tmp_path, png48, synth_small, **kw):
     return TrainConfig(**d)
 
 
-def test_train_writes_checkpoints_metrics_and_resumes(tmp_path, png48, synth_small):
+def test_train_writes_checkpoints_metrics_and_resumes(tmp_path, png48, synth_small, monkeypatch):
     best = train(_cfg(tmp_path, png48, synth_small))
     run = tmp_path / "run"
     for f in ("best.pt", "last.pt", "metrics.csv", "metrics.json", "splits.csv", "config.json",
@@ -140,6 +140,16 @@ def test_train_writes_checkpoints_metrics_and_resumes(tmp_path, png48, synth_sma
     assert 0 <= ck["threshold"] <= 1 and "breast_mean_pf1" in best["metrics"]
     splits = pd.read_csv(run / "splits.csv")
     assert (splits.groupby("patient_id").fold.nunique() == 1).all()
+    # resumed with another input normalisation (e.g. --pretrained-path forgotten): refused,
+    # nothing trained on
+    import rsna_utils.train as train_mod
+    real_norm = train_mod._input_norm
+    monkeypatch.setattr(train_mod, "_input_norm", lambda *a: ((0.1, 0.1, 0.1), (0.2, 0.2, 0.2)))
+    with pytest.raises(RsnaError, match=r"last.pt: trained with norm .* the input mean / std "
+                                        r".*same --pretrained-path"):
+        train(_cfg(tmp_path, png48, synth_small, epochs=2, resume=True))
+    assert list(pd.read_csv(run / "metrics.csv").epoch) == [0]
+    monkeypatch.setattr(train_mod, "_input_norm", real_norm)
     train(_cfg(tmp_path, png48, synth_small, epochs=2, resume=True))
     assert list(pd.read_csv(run / "metrics.csv").epoch) == [0, 1]
     assert not list(run.glob(".*tmp*"))
