@@ -139,6 +139,11 @@ def export_models(ens: dict, out_dir: str | Path) -> dict:
     keep = {k: v for k, v in ens.items() if k not in ("line", "oof_csv", "submission_tta")}
     keep["checkpoints"] = names
     keep["source_checkpoints"] = [str(c) for c in ckpts]
+    # the recipe (model) of each checkpoint, as its run folder said: predict averages the folds
+    # of one recipe, then the recipes, as the out-of-fold merge did, without the run folders
+    recipes = [_recipe(c) for c in ckpts]
+    if any(recipes):
+        keep["recipes"] = recipes
     _write_json(tmp / ENSEMBLE_FILE, keep)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -170,6 +175,17 @@ def hidden_test_estimate(result, patients: int = HIDDEN_TEST_PATIENTS,
                     + ("" if fits else " -- TOO SLOW: fewer models or smaller inputs (or models validated "
                                        "without --tta, predicted without the flip)")
                     + " (this run's rate includes start-up; larger runs are faster per image)"}
+
+
+def _recipe(ckpt: Path) -> str | None:
+    """oof.checkpoint_recipe of a training checkpoint; None for a file that is not one."""
+    from rsna_utils.models import load_weights
+    from rsna_utils.oof import checkpoint_recipe
+    try:
+        stored = load_weights(ckpt).get("config")
+    except (RsnaError, OSError, AttributeError):
+        return None
+    return checkpoint_recipe(ckpt, stored) if isinstance(stored, dict) else None
 
 
 def _is_export(d: Path) -> bool:

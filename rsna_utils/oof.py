@@ -114,14 +114,35 @@ def recipe_key(cfg: dict | None, run: Path) -> tuple[str, str]:
 def checkpoint_recipe(path: str | Path, stored: dict | None) -> str:
     """The recipe key of a checkpoint as `rsna oof` keys its run: the run folder's config.json
     when it sits beside the checkpoint (a resume rewrites it, e.g. with more epochs), else the
-    TrainConfig stored in the checkpoint."""
+    key an exported ensemble.json beside it recorded for the file (`kaggle.export_models`),
+    else the TrainConfig stored in the checkpoint."""
     run = Path(path).parent
     try:
         cfg = _read_config(run)
     except RsnaError as e:          # a run killed while writing it: the checkpoint still says
         print(f"warning: {e}; using the training settings stored in {path}", file=sys.stderr)
         cfg = None
+    if cfg is None:
+        exported = _exported_recipe(Path(path))
+        if exported:
+            return exported
     return recipe_key(cfg or stored, run)[0]
+
+
+def _exported_recipe(path: Path) -> str | None:
+    """The recipe an export's ensemble.json recorded for this checkpoint file, if any."""
+    ens = path.parent / "ensemble.json"
+    try:
+        d = json.loads(ens.read_text()) if ens.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None                 # load_ensemble names a broken file; here the checkpoint decides
+    names, recipes = (d.get("checkpoints"), d.get("recipes")) if isinstance(d, dict) else (0, 0)
+    if not (isinstance(names, list) and isinstance(recipes, list) and len(names) == len(recipes)):
+        return None
+    for name, recipe in zip(names, recipes):
+        if isinstance(recipe, str) and recipe and Path(str(name)).name == path.name:
+            return recipe
+    return None
 
 
 def model_weights(keys: list[str]) -> np.ndarray:

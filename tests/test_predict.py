@@ -282,3 +282,35 @@ def test_an_ensemble_averages_folds_per_recipe_then_the_recipes(tmp_path, synth_
     np.testing.assert_allclose(both, want, rtol=1e-5)
     flat = (one["a0"] + one["a1"] + one["b"]) / 3
     assert np.abs(both - flat).max() > 1e-3           # the weighting changes the answer
+
+
+def test_an_exported_ensemble_keeps_the_recipes_of_its_run_folders(tmp_path, tiny_ckpt):
+    """Fold 1 of recipe A was resumed with more epochs, so its best.pt (from before the resume)
+    stores epochs 4 while its run folder says 6: the run folders group A's folds together.
+    Exported flat for Kaggle (no run folders), ensemble.json keeps that grouping."""
+    from rsna_utils.kaggle import export_models, load_ensemble
+    from rsna_utils.predict import load_checkpoints
+    base = torch.load(tiny_ckpt, weights_only=False)
+    paths = []
+    for name, fold, seed, stored_epochs in (("a_fold0", 0, 42, 6), ("a_fold1", 1, 42, 4),
+                                            ("b", 0, 7, 6)):
+        run_cfg = {**base["config"], "fold": fold, "seed": seed, "epochs": 6,
+                   "out": str(tmp_path / "runs" / name)}
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps(run_cfg))
+        torch.save({**base, "config": {**run_cfg, "epochs": stored_epochs}}, run / "best.pt")
+        paths.append(run / "best.pt")
+
+    def groups(ckpts):
+        r = [m.recipe for m in load_checkpoints(ckpts, torch.device("cpu"))[0]]
+        return [r.index(k) for k in r]
+    assert groups(paths) == [0, 0, 2]
+    ens = load_ensemble(export_models({"checkpoints": [str(p) for p in paths]},
+                                      tmp_path / "rsna-models")["dir"])
+    assert groups(ens["checkpoints"]) == [0, 0, 2]
+    # without the recorded recipes the checkpoints' own settings would split recipe A
+    exported = tmp_path / "rsna-models" / "ensemble.json"
+    exported.write_text(json.dumps({k: v for k, v in json.loads(exported.read_text()).items()
+                                    if k != "recipes"}))
+    assert groups(ens["checkpoints"]) == [0, 1, 2]
