@@ -227,18 +227,6 @@ def grad_cam(model, x, method: str = DEFAULT_METHOD, layer: int = DEFAULT_LAYER)
     return cams.float(), logits.detach().float()
 
 
-def _flipped_score(model, x) -> np.ndarray:
-    """The cancer probability of the mirrored batch (as predict's flip TTA), full precision
-    off the GPU, the same autocast on it."""
-    import torch
-
-    from rsna_utils.train import cancer_logit, half_dtype
-    dtype = half_dtype(x.device)
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        logits = cancer_logit(model(torch.flip(x, dims=[3])))
-    return torch.sigmoid(logits.float()).cpu().numpy()
-
-
 def _check_map(model, feats) -> None:
     if feats.ndim != 4:
         raise RsnaError(f"{type(model).__name__}: the feature map has shape {tuple(feats.shape)}, "
@@ -253,7 +241,8 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
 
     Scores are the models' sigmoids averaged as `rsna predict` averages them (per recipe, then
     the recipes: `oof.model_weights`; with `tta`, each model's score is the mean of the image
-    and its mirror, as `rsna predict --tta`; the map stays the unflipped image's). Each model's CAM is scaled to its own
+    and its mirror, as `rsna predict --tta`, and so is its map: the mirror's CAM is mirrored
+    back and averaged in, weighted by the mirror's score). Each model's CAM is scaled to its own
     maximum for that view and weighted by that model's score, then the models are averaged
     with the same weights: heat lies in [0, 1], is independent of the batch, no model
     dominates by the size of its gradients, and a view the models call negative glows faintly."""
@@ -269,17 +258,19 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
         x = batch_input(imgs, m, channels, canvas).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
         size = tuple(x.shape[-2:])
-        cams, logits = grad_cam(m.model, x, method, layer)
-        p = torch.sigmoid(logits).cpu().numpy()
-        if tta:
-            p = (p + _flipped_score(m.model, x)) / 2
-        scores += w * p
-        cams = cams.cpu().numpy()
-        for i in range(n):
-            c = cam_to_canvas(cams[i], size, canvas)
-            top = float(c.max())
-            if top > 0:
-                heat[i] += (w * p[i] / top) * c
+        views = [grad_cam(m.model, x, method, layer)]
+        if tta:      # the mirror's CAM, mirrored back onto the image's grid
+            cams_f, logits_f = grad_cam(m.model, torch.flip(x, dims=[3]), method, layer)
+            views.append((torch.flip(cams_f, dims=[2]), logits_f))
+        for cams, logits in views:
+            p = torch.sigmoid(logits.float()).cpu().numpy()
+            scores += w * p / len(views)
+            cams = cams.cpu().numpy()
+            for i in range(n):
+                c = cam_to_canvas(cams[i], size, canvas)
+                top = float(c.max())
+                if top > 0:
+                    heat[i] += (w * p[i] / top / len(views)) * c
     return scores, heat
 
 

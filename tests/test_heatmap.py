@@ -248,3 +248,29 @@ def test_heatmaps_point_at_the_planted_lesions(tmp_path):
     assert pg["views"] >= 15, pg
     assert pg["hit_rate"] >= 0.8, pg
     assert pg["hit_rate"] >= pg["chance"] + 0.5, pg
+
+
+def test_the_flip_tta_map_is_the_image_and_its_mirror_averaged():
+    """With tta, the map (like the score) averages the image and its mirror: explaining the
+    mirrored image gives the mirrored map and the same score. The unflipped image's map alone
+    (before) is not mirror-symmetric in this way."""
+    from rsna_utils.heatmap import explain_batch
+    from rsna_utils.models import create_model
+    from rsna_utils.predict import LoadedModel
+    torch.manual_seed(0)
+    net = create_model("resnet18").eval()
+    torch.nn.init.normal_(net.get_classifier().weight, std=0.5)     # a head that looks
+    m = LoadedModel(net, "resnet18", "x.pt", 0.5, 0.02, size=(128, 128))
+    rng = np.random.default_rng(0)
+    img = np.zeros((128, 128), np.uint8)
+    img[16:112, :80] = rng.integers(60, 220, (96, 80))        # a breast on the left, textured
+    img[40:56, 48:64] = 255                                    # a bright spot
+    mirror = np.ascontiguousarray(img[:, ::-1])
+    s, h = explain_batch([img, mirror], [m], (128, 128), 3, torch.device("cpu"),
+                        method="layercam", tta=True)
+    assert h[0].max() > 0
+    assert s[0] == pytest.approx(s[1], rel=1e-4)
+    np.testing.assert_allclose(h[1], h[0][:, ::-1], atol=1e-4 * max(h[0].max(), 1e-6))
+    s1, h1 = explain_batch([img, mirror], [m], (128, 128), 3, torch.device("cpu"),
+                          method="layercam", tta=False)
+    assert np.abs(h1[1] - h1[0][:, ::-1]).max() > 1e-3 * h1[0].max()
