@@ -198,7 +198,7 @@ def curves(hist: pd.DataFrame, out_png: Path, title: str) -> None:
 
 
 def main() -> int:
-    from rsna_utils.realdata import find_realdata, wrap
+    from rsna_utils.realdata import check_wrapped, find_realdata, wrap
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", default=None)
     ap.add_argument("--work", default=str(REPO / "data" / "realdata"))
@@ -234,7 +234,7 @@ def main() -> int:
     data, png, run = (work / "dcm", work / f"png{a.png_size}",
                       work / f"run_{a.model}_{a.size}{a.tag}")
     t0 = time.perf_counter()
-    if not (data / "train.csv").exists():
+    if not check_wrapped(data):     # an older wrap is refused: its PNGs would be reused
         print(wrap(src, data, test_frac=0.25, seed=0, limit=a.limit), flush=True)
     rsna("preprocess", "--images", str(data / "train_images"), "--csv", str(data / "train.csv"),
          "--out", str(png), "--size", a.png_size, "--workers", "2", "--quiet")

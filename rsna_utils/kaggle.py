@@ -136,7 +136,8 @@ def export_models(ens: dict, out_dir: str | Path) -> dict:
     tmp.mkdir(parents=True)
     for src, name in zip(ckpts, names):
         shutil.copyfile(src, tmp / name)
-    keep = {k: v for k, v in ens.items() if k not in ("line", "oof_csv", "submission_tta")}
+    keep = {k: v for k, v in ens.items()
+            if k not in ("line", "oof_csv", "submission_tta", "recipes")}
     keep["checkpoints"] = names
     keep["source_checkpoints"] = [str(c) for c in ckpts]
     # the recipe (model) of each checkpoint, as its run folder said: predict averages the folds

@@ -139,8 +139,10 @@ def _exported_recipe(path: Path) -> str | None:
     names, recipes = (d.get("checkpoints"), d.get("recipes")) if isinstance(d, dict) else (0, 0)
     if not (isinstance(names, list) and isinstance(recipes, list) and len(names) == len(recipes)):
         return None
-    for name, recipe in zip(names, recipes):
-        if isinstance(recipe, str) and recipe and Path(str(name)).name == path.name:
+    here = os.path.normpath(os.path.abspath(path))
+    for name, recipe in zip(names, recipes):     # names resolve as load_ensemble resolves them
+        there = os.path.normpath(os.path.abspath(ens.parent / str(name)))
+        if isinstance(recipe, str) and recipe and there == here:
             return recipe
     return None
 

@@ -12,6 +12,7 @@ pipeline's photometric handling shows every image black-background, as it does f
 competition's DICOMs."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,9 @@ import pandas as pd
 from rsna_utils.errors import RsnaError
 
 NAME = re.compile(r"^(\d+)_(\d+)")
+# 2: inverted exports wrapped as MONOCHROME1 (1 wrapped them as they were, bright background)
+WRAP_VERSION = 2
+WRAP_FILE = "wrap.json"
 REALDATA_ENV = "RSNA_REALDATA"
 
 
@@ -72,13 +76,15 @@ def side_of_breast(gray: np.ndarray) -> str:
 
 
 def is_inverted(gray: np.ndarray) -> bool:
-    """True when the image frame's border is mostly bright: a MONOCHROME1 mammogram exported
-    with its stored values shown as is (background white, dense tissue dark). Mammograms fill
-    at most one side of the frame, so the median of the four edges is the background."""
-    g = np.asarray(gray)
+    """True when the frame's edges hold more near-white than near-black pixels: a MONOCHROME1
+    mammogram exported with its stored values shown as is (background white, dense tissue
+    dark). Tissue touching an edge is mid-grey either way; the background decides (on the RSNA
+    export this splits the images with a wide margin, also where the breast reaches both
+    sides of the stretched frame)."""
+    g = np.asarray(gray, np.float64)
+    top = float(np.iinfo(gray.dtype).max) if np.issubdtype(gray.dtype, np.integer) else 1.0
     edges = np.concatenate([g[:, :4].ravel(), g[:, -4:].ravel(), g[:4].ravel(), g[-4:].ravel()])
-    top = float(np.iinfo(g.dtype).max) if np.issubdtype(g.dtype, np.integer) else 1.0
-    return float(np.median(edges)) > top / 2
+    return int((edges >= 0.9 * top).sum()) > int((edges <= 0.1 * top).sum())
 
 
 def _wrap_one(args) -> dict:
@@ -146,7 +152,27 @@ def wrap(src: str | Path, out: str | Path, test_frac: float = 0.25, seed: int = 
     test[["prediction_id", "patient_id", "image_id", "cancer"]].to_csv(out / "test_labels.csv", index=False)
     pd.DataFrame({"prediction_id": test.prediction_id.drop_duplicates(), "cancer": 0.0})[
         SUBMISSION_COLUMNS].to_csv(out / "sample_submission.csv", index=False)
-    return dict(out=str(out), train_images=len(train), test_images=len(test),
-                train_patients=train.patient_id.nunique(), test_patients=test.patient_id.nunique(),
-                train_positive=int(train.cancer.sum()), test_positive=int(test.cancer.sum()),
-                monochrome1=int((df.machine_id == 48).sum()))
+    counts = dict(out=str(out), train_images=len(train), test_images=len(test),
+                  train_patients=int(train.patient_id.nunique()),
+                  test_patients=int(test.patient_id.nunique()),
+                  train_positive=int(train.cancer.sum()), test_positive=int(test.cancer.sum()),
+                  monochrome1=int((df.machine_id == 48).sum()))
+    (out / WRAP_FILE).write_text(json.dumps({"version": WRAP_VERSION, **counts}, indent=2))
+    return counts
+
+
+def check_wrapped(out: str | Path) -> bool:
+    """True when `out` holds a wrap made by this version; False when nothing is wrapped there
+    yet; an older wrap is an error naming it (its PNGs would keep the old pixels)."""
+    out = Path(out)
+    if not (out / "train.csv").exists():
+        return False
+    try:
+        version = json.loads((out / WRAP_FILE).read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        version = 1
+    if version != WRAP_VERSION:
+        raise RsnaError(f"{out}: wrapped by an older version ({version}; now {WRAP_VERSION}: "
+                        "inverted exports become MONOCHROME1); delete it and the PNG folders "
+                        "made from it, or wrap into another folder")
+    return True

@@ -533,6 +533,8 @@ RESUME_INPUT = {"norm": "input mean / std (from the backbone's pretrained config
                         "the same --pretrained-path)",
                 "preprocess": "preprocessing of the PNGs (resume with the same --data folder)",
                 "channels": "input channels (resume with the same --channels)"}
+# PNG settings that leave what a pixel means unchanged: a larger PNG folder may continue a run
+RESUME_FREE = frozenset({"size", "bits", "max_pixels"})
 
 
 def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
@@ -556,11 +558,18 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
                             f"{getattr(cfg, name)!r}; resume with {flag} {str(was[name]).lower()}, "
                             "or delete it to start over")
     for name, what in RESUME_INPUT.items():
+        if contract is None or name not in ck:          # older checkpoints did not store it
+            continue
         was_in, now_in = (json.loads(json.dumps(v, sort_keys=True, default=str))
-                          for v in (ck.get(name), (contract or {}).get(name)))
-        if contract is not None and name in ck and was_in != now_in:
-            raise RsnaError(f"{last}: trained with {name} {was_in}, this run has {now_in}: "
-                            f"the {what} must match, or delete it to start over")
+                          for v in (ck[name], contract[name]))
+        if isinstance(was_in, dict) and isinstance(now_in, dict):
+            diff = {k: (was_in.get(k), now_in.get(k)) for k in sorted({*was_in, *now_in})
+                    if k not in RESUME_FREE and was_in.get(k) != now_in.get(k)}
+        else:
+            diff = {} if was_in == now_in else {name: (was_in, now_in)}
+        if diff:
+            raise RsnaError(f"{last}: trained on other inputs {diff} (last.pt, this run): the "
+                            f"{what} must match, or delete it to start over")
     try:
         model.load_state_dict(ck["model"])
         opt.optimizer.load_state_dict(ck["optimizer"])

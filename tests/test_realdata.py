@@ -6,7 +6,7 @@ import pytest
 
 from rsna_utils.dicom_io import read_dicom
 from rsna_utils.errors import RsnaError
-from rsna_utils.realdata import is_inverted, list_images, side_of_breast, wrap
+from rsna_utils.realdata import check_wrapped, is_inverted, list_images, side_of_breast, wrap
 from rsna_utils.voi import apply_voi_lut
 
 
@@ -65,6 +65,11 @@ def test_wrap_writes_rsna_shaped_dicoms_with_a_patient_grouped_test_part(export,
     assert not set(train.patient_id) & set(test.patient_id)           # grouped by patient
     assert counts["test_patients"] >= 1 and counts["train_positive"] >= 1
     assert counts["monochrome1"] == 4
+    assert check_wrapped(out) and not check_wrapped(tmp_path / "nothing")
+    (out / "wrap.json").unlink()                  # a wrap made before the MONOCHROME1 fix
+    with pytest.raises(RsnaError, match=r"dcm: wrapped by an older version .*delete it and the "
+                                        r"PNG folders"):
+        check_wrapped(out)
     assert "cancer" in train and "cancer" not in test
     assert set(labels.image_id) == set(test.image_id)
     sub = pd.read_csv(out / "sample_submission.csv")

@@ -145,11 +145,18 @@ def test_train_writes_checkpoints_metrics_and_resumes(tmp_path, png48, synth_sma
     import rsna_utils.train as train_mod
     real_norm = train_mod._input_norm
     monkeypatch.setattr(train_mod, "_input_norm", lambda *a: ((0.1, 0.1, 0.1), (0.2, 0.2, 0.2)))
-    with pytest.raises(RsnaError, match=r"last.pt: trained with norm .* the input mean / std "
-                                        r".*same --pretrained-path"):
+    with pytest.raises(RsnaError, match=r"last.pt: trained on other inputs \{'norm': .*\(last.pt, "
+                                        r"this run\): the input mean / std .*same --pretrained-path"):
         train(_cfg(tmp_path, png48, synth_small, epochs=2, resume=True))
     assert list(pd.read_csv(run / "metrics.csv").epoch) == [0]
     monkeypatch.setattr(train_mod, "_input_norm", real_norm)
+    real_pre = train_mod._preprocess_config
+    monkeypatch.setattr(train_mod, "_preprocess_config", lambda d: {**real_pre(d), "margin": 0.25})
+    with pytest.raises(RsnaError, match=r"trained on other inputs \{'margin': \(0.0, 0.25\)\}.*"
+                                        r"same --data folder"):
+        train(_cfg(tmp_path, png48, synth_small, epochs=2, resume=True))
+    # PNGs of another size (progressive resizing) continue the run
+    monkeypatch.setattr(train_mod, "_preprocess_config", lambda d: {**real_pre(d), "size": [96, 96]})
     train(_cfg(tmp_path, png48, synth_small, epochs=2, resume=True))
     assert list(pd.read_csv(run / "metrics.csv").epoch) == [0, 1]
     assert not list(run.glob(".*tmp*"))
