@@ -324,8 +324,11 @@ def main() -> int:
                seconds=round(time.perf_counter() - t0))
     res = REPO / "benchmarks" / "results"
     res.mkdir(exist_ok=True)
-    (res / f"realdata_{out['date']}_{a.model}_{a.size}{a.tag}.json").write_text(json.dumps(out, indent=1))
-    curves(hist, res / f"realdata_{out['date']}_{a.model}_{a.size}{a.tag}.png",
+    # another --work folder (another wrap) names its results apart, so no earlier run's are replaced
+    where = "" if work.resolve() == (REPO / "data" / "realdata").resolve() else f"_{work.name}"
+    stem = f"realdata_{out['date']}_{a.model}_{a.size}{a.tag}{where}"
+    (res / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    curves(hist, res / f"{stem}.png",
            f"{a.model} ({a.pretrained}) at {a.size} on real RSNA images")
     print(f"\n| recipe | held-out breast AUC | breast PR-AUC | image AUC |\n|---|---|---|---|")
     if probe:
