@@ -155,6 +155,19 @@ def oof_versus_probe(runs: list[Path], png: Path, train_part: tuple[pd.DataFrame
     return dict(breasts=int(len(b)), positive_breasts=int(b.cancer.sum()), **res)
 
 
+def _held_out_alone(runs: list[Path], data: Path, run: Path, tta: bool) -> dict:
+    """With --with-runs: this run's folds alone on the held-out patients (what the ensemble adds
+    is then visible). Breast AUC / PR-AUC and image AUC."""
+    from rsna_utils.predict import predict
+    r = predict(data / "test_images", data / "test.csv", [k / "best.pt" for k in runs],
+                run / "submission_alone.csv", labels=data / "test_labels.csv", workers=2,
+                progress=False, tta=tta)
+    m = {k: float(r.metrics[k]) for k in ("breast_mean_auc", "breast_mean_pr_auc", "image_auc")}
+    print(f"  this run alone on the held-out patients: breast AUC {m['breast_mean_auc']:.3f}",
+          flush=True)
+    return m
+
+
 def _fold_state(run: Path, want: dict) -> str:
     """'new', 'partial' (resume it) or 'done' (reuse it): a fold folder is reused only when its
     config.json is the recipe asked for; otherwise stop rather than score other checkpoints."""
@@ -221,9 +234,10 @@ def main() -> int:
                     help="train this many folds (--split kfold) and predict with their ensemble; "
                          "0: one holdout run")
     ap.add_argument("--global-pool", default="gem")
-    ap.add_argument("--with-runs", default=None,
-                    help="with --folds: a folder of fold*/ runs of another model (e.g. another "
-                         "size) to ensemble with; outputs go to RUN/with_<its name>")
+    ap.add_argument("--with-runs", nargs="+", default=None,
+                    help="with --folds: folders of fold*/ runs of other models (e.g. another "
+                         "size) to ensemble with; outputs go to RUN/with_<their names>; this "
+                         "run alone is also scored on the held-out patients")
     a = ap.parse_args()
     a.val_tta = a.tta if a.val_tta is None else a.val_tta == "true"
     src = a.src or find_realdata()
@@ -247,7 +261,8 @@ def main() -> int:
               "--global-pool", a.global_pool, "--tta", str(a.val_tta).lower()]
     if a.folds:
         runs = [run / f"fold{k}" for k in range(a.folds)]
-        for r in sorted(Path(a.with_runs).glob("fold*")) if a.with_runs else []:
+        others = [r for w in a.with_runs or [] for r in sorted(Path(w).glob("fold*"))]
+        for r in others:
             other = json.loads((r / "config.json").read_text()).get("tta", False)
             if other != a.val_tta:    # one OOF threshold needs one kind of score (before training)
                 raise SystemExit(f"{r} validated with tta={other}, this run asks tta={a.val_tta}; "
@@ -264,17 +279,20 @@ def main() -> int:
         # the threshold for the exact ensemble that is scored, tuned on its out-of-fold predictions
         from rsna_utils.oof import write_ensemble
         out_dir = run
+        alone = None
         if a.with_runs:
-            runs += sorted(Path(a.with_runs).glob("fold*"))
-            out_dir = run / f"with_{Path(a.with_runs).name}"
-            a.tag += f"+{Path(a.with_runs).name.removeprefix('run_')}"
+            alone = _held_out_alone(runs, data, run, a.tta)
+            runs += others
+            names = [Path(w).name.removeprefix("run_") for w in a.with_runs]
+            out_dir = run / ("with_" + "+".join(names))
+            a.tag += "".join(f"+{n}" for n in names)
         # with --tta the folds validate with the flip too, so the OOF threshold fits the
         # flip-averaged held-out scores (runs made before TrainConfig.tta did not)
         ens = write_ensemble(runs, out_dir / "ensemble.json")
     else:
         runs, out_dir = [run], run
         rsna("train", *common, "--out", str(run))
-        ens = None
+        ens = alone = None
     # what `rsna predict --labels` runs, in-process to keep the per-image scores
     from rsna_utils.predict import predict
     imgs = pd.read_csv(data / "test.csv")
@@ -320,6 +338,7 @@ def main() -> int:
                val_auc_by_epoch=[[round(float(v), 4) for v in h.breast_mean_auc] for _, h in hist.groupby("fold")],
                train_loss_by_epoch=[[round(float(v), 4) for v in h.train_loss] for _, h in hist.groupby("fold")],
                oof_threshold_without_tta=bool(a.tta and ens is not None and not ens.get("tta")),
+               this_run_alone=alone,
                oof=None if ens is None else {k: ens.get(k) for k in ("auc", "pr_auc", "threshold", "pf1", "n_images", "n_breasts")},
                seconds=round(time.perf_counter() - t0))
     res = REPO / "benchmarks" / "results"
