@@ -314,3 +314,24 @@ def test_an_exported_ensemble_keeps_the_recipes_of_its_run_folders(tmp_path, tin
     exported.write_text(json.dumps({k: v for k, v in json.loads(exported.read_text()).items()
                                     if k != "recipes"}))
     assert groups(ens["checkpoints"]) == [0, 1, 2]
+
+
+def test_an_image_that_looks_inverted_is_scored_and_named_in_the_warnings(tmp_path, synth_small,
+                                                                         tiny_ckpt):
+    from test_inverted import _negative
+    images = tmp_path / "test_images"
+    shutil.copytree(synth_small / "test_images", images)
+    import pydicom
+    test = pd.read_csv(synth_small / "test.csv")
+    row = next(r for r in test.itertuples() if pydicom.dcmread(
+        images / str(r.patient_id) / f"{r.image_id}.dcm", stop_before_pixels=True)
+        .PhotometricInterpretation == "MONOCHROME2")
+    path = images / str(row.patient_id) / f"{row.image_id}.dcm"
+    bad = _negative(path, tmp_path / "neg.dcm", "MONOCHROME2")      # a negative labelled M2
+    path.write_bytes(bad.read_bytes())
+    res = predict(images, synth_small / "test.csv", [tiny_ckpt], tmp_path / "s.csv",
+                  workers=0, device="cpu", progress=False)
+    assert [w["image_id"] for w in res.warnings] == [row.image_id]
+    assert "looks inverted" in res.warnings[0]["reason"] and "--inverted fix" in res.warnings[0]["reason"]
+    assert res.images.set_index("image_id").prediction.notna().all()     # scored all the same
+    assert pd.read_csv(tmp_path / "s_warnings.csv").image_id.tolist() == [row.image_id]
