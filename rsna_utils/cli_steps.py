@@ -81,7 +81,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     cfg = PredictConfig(**settings)
     r = predict(cfg)
     n = len(r.images)
-    print(f"predicted {n} images ({len(r.warnings)} unreadable, see the warnings file) for "
+    print(f"predicted {n} images ({r.counts()}: see the warnings file) for "
           f"{len(r.submission)} breasts in {r.seconds:.1f} s ({n / r.seconds:.2f} img/s)"
           + (f"; wrote {cfg.out}" if cfg.out else ""))
     if r.metrics:

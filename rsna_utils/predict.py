@@ -156,9 +156,9 @@ class DicomStream:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        """(output image uint8/uint16 at the preprocessing size, index, reason, note): a
-        reason when the image could not be made (zeros instead), a note on one that is scored
-        but should be looked at (`inverted_note`)."""
+        """(output image uint8/uint16 at the preprocessing size, index, reason, looks
+        inverted): a reason when the image could not be made (zeros instead); the flag of
+        `roi.looks_inverted` (inverted already when the config says fix)."""
         from rsna_utils.preprocess import preprocess_image
         reason, img, meta = "", None, {}
         try:
@@ -171,16 +171,14 @@ class DicomStream:
             reason = f"{self.paths[i]}: unhandled exception {type(e).__name__}: {e}"
         if img is None:
             img = np.zeros(self.cfg.size, np.uint8)
-        return img, i, reason, inverted_note(self.paths[i], meta, self.cfg.inverted)
+        return img, i, reason, bool(meta.get("looks_inverted"))
 
 
-def inverted_note(path: str, meta: dict, policy: str) -> str:
+def inverted_note(path: str) -> str:
     """The warning for an image that looks like a negative after windowing and was kept so."""
-    if not meta.get("looks_inverted") or policy != "warn":
-        return ""
-    return (f"{path}: scored, but it looks inverted (white background after windowing, "
-            f"{meta.get('photometric', '?')}): its PhotometricInterpretation may not match its "
-            "pixels; check it, and preprocess with --inverted fix to invert such images")
+    return (f"{path}: scored, but it looks inverted (white at the edges after windowing, where "
+            "a mammogram's background is black): its PhotometricInterpretation may not match "
+            "its pixels; look at it, and preprocess with --inverted fix to invert such images")
 
 
 def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device, workers: int | None = None):
@@ -204,8 +202,7 @@ def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device, workers
                                                   backend, device, pool, this)
                 imgs = [img if not err else np.zeros((h, w), np.uint8) for img, _, err in results]
                 yield (imgs, idx, [err or "" for _, _, err in results],
-                       [inverted_note(ds.paths[i], meta or {}, ds.cfg.inverted)
-                        for i, (_, meta, _) in zip(idx, results)])
+                       [bool((meta or {}).get("looks_inverted")) for _, meta, _ in results])
     finally:
         loader.shutdown(wait=True, cancel_futures=True)
 
@@ -228,17 +225,22 @@ def batch_input(imgs: list, m: "LoadedModel", channels: int, fallback_size):
 class PredictResult:
     submission: pd.DataFrame
     images: pd.DataFrame                 # one row per image: prediction (NaN when unreadable)
-    warnings: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)    # unreadable images, and inverted-looking ones
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
+
+    def counts(self) -> str:
+        """"N unreadable" and, when any, "M look inverted" (both listed in the warnings)."""
+        bad = int(self.images["problem"].astype(bool).sum()) if "problem" in self.images else 0
+        inv = int(self.images["looks_inverted"].sum()) if "looks_inverted" in self.images else 0
+        return f"{bad} unreadable" + (f", {inv} look inverted" if inv else "")
 
 
 def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedModel], pre: dict,
                    device, batch_size: int = 16, workers: int = 2, tta: bool = False,
                    backend: str = "auto", channels: int = 3, progress: bool = True):
-    """Per-image probabilities; NaN and a reason where unreadable, a note where scored but
-    doubtful (an image that looks inverted). The checkpoints of one
-    recipe (its folds) are averaged, then the recipes equally (`oof.model_weights`: the
+    """Per-image probabilities, reasons and `roi.looks_inverted` flags: NaN and a reason where
+    unreadable. The checkpoints of one recipe (its folds) are averaged, then the recipes equally (`oof.model_weights`: the
     ensemble whose out-of-fold threshold `rsna oof` tunes), each with its flip when `tta`."""
     import torch
     from torch.utils.data import DataLoader
@@ -261,10 +263,10 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
                         pin_memory=False)
     dtype = half_dtype(device)    # bf16 from Ampere on; fp16 on a T4 / P100 (Kaggle)
     preds = np.full(len(ds), np.nan, np.float32)
-    reasons, notes = [""] * len(ds), [""] * len(ds)
+    reasons, inverted = [""] * len(ds), [False] * len(ds)
     bar = tqdm(total=len(ds), desc="predict", unit="img", disable=not progress, file=sys.stderr)
     with torch.inference_mode():
-        for imgs, idx, why, note in dl:
+        for imgs, idx, why, flag in dl:
             p = torch.zeros(len(imgs), device=device)
             for m, w in zip(models, weights):
                 xm = batch_input(imgs, m, channels, ds.cfg.size).to(device, non_blocking=True)
@@ -276,14 +278,14 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
                         p += w * torch.sigmoid(cancer_logit(flipped)).float()
             p = p.cpu().numpy()
             for j, i in enumerate(idx):
-                notes[i] = note[j]
+                inverted[i] = flag[j]
                 if why[j]:
                     reasons[i] = why[j]
                 else:
                     preds[i] = p[j]
             bar.update(len(idx))
     bar.close()
-    return preds, reasons, notes
+    return preds, reasons, inverted
 
 
 def aggregate(images: pd.DataFrame, agg: str = "mean", prior: float = DEFAULT_PRIOR) -> pd.DataFrame:
@@ -397,11 +399,12 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     df = load_table(cfg.csv)    # checks the columns, adds prediction_id when absent
     models, pre = load_checkpoints(cfg.checkpoints, dev)
     channels = models[0].channels
-    preds, reasons, notes = predict_images(df, cfg.images, models, pre, dev, cfg.batch_size, cfg.workers,
+    preds, reasons, inverted = predict_images(df, cfg.images, models, pre, dev, cfg.batch_size, cfg.workers,
                                     cfg.tta, cfg.backend, channels, cfg.progress)
     imgs = df[["patient_id", "image_id", "laterality", "prediction_id"]].copy()
     imgs["prediction"] = preds
     imgs["problem"] = reasons
+    imgs["looks_inverted"] = inverted       # with --inverted fix: inverted before scoring
     prior = weighted_mean(models, "prior")
     breast = aggregate(imgs, cfg.agg, prior)
     threshold = cfg.threshold
@@ -417,8 +420,10 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     if cfg.sample_submission is not None:
         expected = list(pd.read_csv(cfg.sample_submission)["prediction_id"])
     validate_submission(sub, expected)
-    warnings = [dict(image_id=r.image_id, prediction_id=r.prediction_id, reason=r.problem or n)
-                for r, n in zip(imgs.itertuples(), notes) if r.problem or n]
+    note = (lambda r: inverted_note(str(Path(cfg.images) / str(r.patient_id) / f"{r.image_id}.dcm"))
+            if r.looks_inverted and pre.get("inverted", "warn") == "warn" else "")
+    warnings = [dict(image_id=r.image_id, prediction_id=r.prediction_id, reason=r.problem or note(r))
+                for r in imgs.itertuples() if r.problem or note(r)]
     out = Path(cfg.out) if cfg.out is not None else None
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -219,15 +219,30 @@ class _CsvLog:
                 if not data.endswith(b"\n"):
                     fh.truncate(data.rfind(b"\n") + 1)
         new = not path.exists() or path.stat().st_size == 0
-        if not new:     # a file from an older version keeps its own columns (rows stay aligned)
+        if not new:
             with open(path, newline="") as fh:
                 header = next(csv.reader(fh), None)
-            if header and set(header) >= {"image_id"}:
-                columns = header
+            if header and header != columns:
+                if set(header) < set(columns):  # from an older version: gain the new columns
+                    self._rewrite(path, columns)
+                else:                           # otherwise keep its columns (rows stay aligned)
+                    self.columns = columns = header
         self.fh = open(path, "a", newline="")
         self.w = csv.DictWriter(self.fh, fieldnames=columns, extrasaction="ignore")
         if new:
             self.w.writeheader()
+
+    @staticmethod
+    def _rewrite(path: Path, columns: list[str]) -> None:
+        """The file's rows under `columns` (blank where it had none), replaced atomically."""
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
 
     def write(self, row: dict) -> None:
         self.w.writerow(row)

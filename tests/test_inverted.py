@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from rsna_utils import roi
 from rsna_utils.errors import RsnaError
@@ -21,14 +21,26 @@ def _first_monochrome2(root):
     raise AssertionError("the synthetic set has no MONOCHROME2 image")
 
 
-def _negative(src, dst, photometric):
+def _negative(src, dst, photometric, j2k=False):
     """The image's stored values mirrored (background now at the top of the range), written
-    uncompressed, labelled `photometric`, without its window (min-max fallback)."""
+    uncompressed (or JPEG 2000 lossless, which the GPU path decodes), labelled `photometric`,
+    without its window (min-max fallback)."""
     ds = pydicom.dcmread(src)
     a = ds.pixel_array.astype(np.uint16)
     top = 2 ** int(ds.BitsStored) - 1
-    ds.PixelData = (top - a).astype(np.uint16).tobytes()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    neg = (top - a).astype(np.uint16)
+    if j2k:
+        import imagecodecs
+        from pydicom.encaps import encapsulate
+        frame = imagecodecs.jpeg2k_encode(neg, level=0, reversible=True, codecformat="j2k",
+                                          bitspersample=int(ds.BitsStored), numthreads=1)
+        ds.PixelData = encapsulate([bytes(frame)])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    else:
+        ds.PixelData = neg.tobytes()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.PhotometricInterpretation = photometric
     for tag in ("WindowCenter", "WindowWidth", "VOILUTSequence", "VOILUTFunction",
                 "PixelPaddingValue"):
@@ -75,17 +87,49 @@ def test_a_negative_is_warned_about_and_fixed_to_the_right_labels_pixels(pair):
     assert np.abs(fixed.astype(int) - good.astype(int)).max() <= 1   # rounding of 1 - y only
 
 
-def test_the_torch_kernel_applies_the_fixed_plan_as_numpy_does(pair):
+@pytest.mark.parametrize("bits", [8, 16])
+def test_both_kernels_fix_a_negative_to_the_right_labels_pixels(pair, bits):
+    """The numpy and torch kernels (CPU and GPU preprocessing) on the fixed plan give the
+    correctly labelled file's pixels, at 8 and 16 bits."""
     torch = pytest.importorskip("torch")
     from rsna_utils.dicom_io import decode_pixels, read_header
     from rsna_utils.image_plan import apply_numpy, apply_torch, make_plan
-    _, _, wrong = pair
+    _, right, wrong = pair
+    good, _ = preprocess_image(right, PreprocessConfig(size=(128, 64), bits=bits))
     h = read_header(wrong)
     px, _ = decode_pixels(h, "auto")
-    cfg = PreprocessConfig(size=(128, 64), inverted="fix")
+    cfg = PreprocessConfig(size=(128, 64), inverted="fix", bits=bits)
     plan = make_plan(h, roi.subsample(px, cfg.roi_max_side), cfg, px.shape)
     a, b = apply_numpy(px, plan), apply_torch(torch.from_numpy(px.astype(np.int32)), plan)
-    assert plan.looks_inverted and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert plan.looks_inverted and a.dtype == good.dtype == (np.uint8 if bits == 8 else np.uint16)
+    assert np.abs(a.astype(int) - good.astype(int)).max() <= 1          # ties of rint(1 - y)
+    # the kernels agree to one 8-bit grey level (torch's area resize rounds a stored value apart)
+    assert np.abs(b.astype(int) - good.astype(int)).max() <= (1 if bits == 8 else 257)
+
+
+def test_the_gpu_pipeline_counts_and_fixes_them_as_the_cpu_one(tmp_path, pair):
+    """GpuPreprocessor (torch kernel on the CPU, a decoder that behaves as a GPU one) on a
+    JPEG 2000 negative: the same flag, summary and pixels as the CPU pipeline."""
+    import cv2
+
+    from rsna_utils import gpu
+    from test_gpu import FakeGpuDecoder
+    src, right, _ = pair
+    images = tmp_path / "images" / "1"
+    images.mkdir(parents=True)
+    (images / "10.dcm").write_bytes(right.read_bytes())
+    _negative(src, images / "11.dcm", "MONOCHROME2", j2k=True)
+    cfg = PreprocessConfig(size=(64, 32), inverted="fix")
+    g = gpu.GpuPreprocessor(cfg, backend="fake", device="cpu", batch_size=4, progress=False,
+                            decoder=FakeGpuDecoder("exact")).run(tmp_path / "images", None, tmp_path / "g")
+    c = Preprocessor(cfg, workers=0, progress=False).run(tmp_path / "images", None, tmp_path / "c")
+    assert g.inverted == c.inverted == 1 and g.failed == c.failed == 0
+    meta = pd.read_csv(tmp_path / "g" / "meta.csv").set_index("image_id")
+    assert meta.loc[11, "gpu_route"] == "gpu" and bool(meta.loc[11, "looks_inverted"])
+    for name in ("1_10.png", "1_11.png"):
+        a = cv2.imread(str(tmp_path / "g" / name), cv2.IMREAD_UNCHANGED).astype(int)
+        b = cv2.imread(str(tmp_path / "c" / name), cv2.IMREAD_UNCHANGED).astype(int)
+        assert np.abs(a - b).max() <= 1, name
 
 
 def test_folder_run_lists_them_in_meta_and_the_summary(tmp_path, pair):
@@ -104,9 +148,10 @@ def test_folder_run_lists_them_in_meta_and_the_summary(tmp_path, pair):
     assert s.inverted == 1 and "were inverted" in s.line()
 
 
-def test_older_folders_resume_with_their_own_columns(tmp_path, synth_small):
+def test_older_folders_resume_and_their_meta_gains_the_column(tmp_path, synth_small):
     """A PNG folder written before the setting existed: its preprocess.json lacks it (the same
-    pixels as "warn") and its meta.csv lacks the column; a rerun continues both unchanged."""
+    pixels as "warn") and its meta.csv lacks the column; a rerun continues both, the old rows
+    kept as they were (blank in the new column)."""
     out = tmp_path / "png"
     csv = synth_small / "train.csv"
     df = pd.read_csv(csv)
@@ -121,9 +166,11 @@ def test_older_folders_resume_with_their_own_columns(tmp_path, synth_small):
     meta.to_csv(out / "meta.csv", index=False)
     s = run.run(synth_small / "train_images", tmp_path / "four.csv", out)
     assert (s.processed, s.skipped) == (2, 2)
-    again = pd.read_csv(out / "meta.csv")
-    assert list(again.columns) == list(meta.columns) and len(again) == 4
+    again = pd.read_csv(out / "meta.csv")                   # the old rows gain the new column
+    assert set(again.columns) == set(meta.columns) | {"looks_inverted"} and len(again) == 4
     assert again.image_id.tolist() == df.image_id.head(4).tolist()
+    assert again.looks_inverted.isna().tolist() == [True, True, False, False]
+    pd.testing.assert_frame_equal(again.head(2)[meta.columns], meta, check_dtype=False)
     with pytest.raises(RsnaError, match="other settings"):
         Preprocessor(PreprocessConfig(size=(64, 32), inverted="fix"), workers=0,
                      progress=False).run(synth_small / "train_images", tmp_path / "four.csv", out)
