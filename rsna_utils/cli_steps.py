@@ -23,7 +23,8 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
     from rsna_utils.preprocess import PreprocessConfig, Preprocessor
     cfg = PreprocessConfig(size=a.size, resize_mode=a.resize_mode, bits=a.bits, margin=a.margin,
                            flip=a.flip, window_index=a.window_index,
-                           window_first=a.window_first, max_pixels=a.max_pixels)
+                           window_first=a.window_first, max_pixels=a.max_pixels,
+                           inverted=a.inverted)
     from rsna_utils import gpu
     chosen = gpu.resolve_backend(a.backend)
     if chosen in gpu.GPU_BACKENDS:
@@ -32,7 +33,7 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
             raise RsnaError(f"--backend {a.backend}: no CUDA GPU here; use --backend auto or a CPU backend")
         s = gpu.GpuPreprocessor(cfg, backend=chosen, batch_size=a.batch_size,
                                 progress=not a.quiet).run(a.images, a.csv, a.out, a.shard)
-        print(s.line() + f" [{chosen} on the GPU, {s.fallbacks} via the CPU fallback]")
+        print(s.line(f" [{chosen} on the GPU, {s.fallbacks} via the CPU fallback]"))
     else:
         backend = "auto" if a.backend == "auto" else a.backend
         s = Preprocessor(cfg, backend=backend, workers=a.workers,
@@ -80,7 +81,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     cfg = PredictConfig(**settings)
     r = predict(cfg)
     n = len(r.images)
-    print(f"predicted {n} images ({len(r.warnings)} unreadable, see the warnings file) for "
+    print(f"predicted {n} images ({r.counts()}: see the warnings file) for "
           f"{len(r.submission)} breasts in {r.seconds:.1f} s ({n / r.seconds:.2f} img/s)"
           + (f"; wrote {cfg.out}" if cfg.out else ""))
     if r.metrics:
@@ -248,6 +249,10 @@ def register(sub) -> None:
     p.add_argument("--window-index", type=int, default=0, help="which window when several")
     p.add_argument("--window-first", action="store_true",
                    help="window at full resolution before resizing (slower)")
+    p.add_argument("--inverted", choices=["warn", "fix"], default="warn",
+                   help="images white at their edges after windowing (a negative: pixels that "
+                        "contradict their PhotometricInterpretation): warn (default; listed in "
+                        "meta.csv and the summary) or fix (invert them)")
     p.add_argument("--backend", default="auto",
                    help="auto (a GPU backend when CUDA and the package are present), "
                         "imagecodecs, dicomsdl, pydicom, nvimgcodec, dali")

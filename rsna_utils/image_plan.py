@@ -12,7 +12,7 @@ figure cannot drift apart: they share the plan, and the kernels agree to 1 gray 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -39,6 +39,7 @@ class ImagePlan:
     size: tuple[int, int]        # the output (height, width)
     bits: int
     window_first: bool
+    looks_inverted: bool = False  # white edges after windowing (`roi.looks_inverted`)
     small8: np.ndarray | None = None    # the windowed subsample (for figures)
     mask: np.ndarray | None = None      # the breast mask on it
 
@@ -48,7 +49,7 @@ class ImagePlan:
         return dict(rows=self.rows, columns=self.columns, transfer_syntax=h.transfer_syntax,
                     photometric=h.photometric, crop_y0=b.y0, crop_x0=b.x0, crop_y1=b.y1,
                     crop_x1=b.x1, flipped=bool(self.flipped), window=self.window.describe(),
-                    window_note=self.window.note)
+                    window_note=self.window.note, looks_inverted=bool(self.looks_inverted))
 
 
 def subsample_step(shape: tuple[int, ...], max_side: int) -> int:
@@ -69,6 +70,12 @@ def make_plan(h, small: np.ndarray, cfg, full_shape: tuple[int, int],
     lut, off = build_lut(h, window, cfg.bits)
     lut8 = lut if cfg.bits == 8 else (lut >> 8).astype(np.uint8)
     small8 = apply_lut(small, lut8, off)
+    inverted = roi.looks_inverted(small8)
+    if inverted and cfg.inverted == "fix":     # a negative: invert the output scale
+        lut = (np.iinfo(lut.dtype).max - lut).astype(lut.dtype)
+        small8 = 255 - small8
+        window = replace(window, note=(f"{window.note}; " if window.note else "")
+                         + "inverted: white at the edges after windowing")
     rows, cols = full_shape
     mask = None
     if cfg.crop:
@@ -83,7 +90,7 @@ def make_plan(h, small: np.ndarray, cfg, full_shape: tuple[int, int],
     flipped = roi.needs_flip(cfg.flip, mask if mask is not None else small8 > 0, h.laterality)
     shape = roi.fit_shape(box.height, box.width, cfg.size, cfg.resize_mode)
     return ImagePlan(rows, cols, window, lut, off, box, bool(flipped), shape, tuple(cfg.size),
-                     cfg.bits, cfg.window_first, small8, mask)
+                     cfg.bits, cfg.window_first, bool(inverted), small8, mask)
 
 
 # ----------------------------------------------------------------------------------------

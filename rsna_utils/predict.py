@@ -98,6 +98,7 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
     std, and the PNG -> input resize, which must be the one this version applies."""
     from rsna_utils.models import create_model, load_weights, set_outputs
     from rsna_utils.oof import checkpoint_recipe
+    from rsna_utils.preprocess import with_later_settings
     from rsna_utils.train import INPUT_RESIZE
     if not paths:
         raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
@@ -106,7 +107,7 @@ def load_checkpoints(paths: list[str | Path], device) -> tuple[list[LoadedModel]
         ck = load_weights(p)
         if not isinstance(ck, dict) or "model" not in ck or "model_name" not in ck:
             raise RsnaError(f"{p}: not a checkpoint written by `rsna train` (no model / model_name)")
-        this_pre = {k: v for k, v in (ck.get("preprocess") or {}).items()}
+        this_pre = with_later_settings(dict(ck.get("preprocess") or {}))
         this_shape = ck.get("channels", 3)
         if pre is not None and (this_pre != pre or this_shape != shape):
             raise RsnaError(f"{p}: preprocessing or channels differ from {paths[0]}; an "
@@ -155,20 +156,29 @@ class DicomStream:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        """(output image uint8/uint16 at the preprocessing size, index, reason)."""
+        """(output image uint8/uint16 at the preprocessing size, index, reason, looks
+        inverted): a reason when the image could not be made (zeros instead); the flag of
+        `roi.looks_inverted` (inverted already when the config says fix)."""
         from rsna_utils.preprocess import preprocess_image
-        reason, img = "", None
+        reason, img, meta = "", None, {}
         try:
             if not os.path.exists(self.paths[i]):
                 raise RsnaError(f"{self.paths[i]}: file not found (listed in the CSV)")
-            img, _ = preprocess_image(self.paths[i], self.cfg, self.backend)
+            img, meta = preprocess_image(self.paths[i], self.cfg, self.backend)
         except RsnaError as e:
             reason = str(e)
         except Exception as e:  # a decoder bug on a strange file costs this image only
             reason = f"{self.paths[i]}: unhandled exception {type(e).__name__}: {e}"
         if img is None:
             img = np.zeros(self.cfg.size, np.uint8)
-        return img, i, reason
+        return img, i, reason, bool(meta.get("looks_inverted"))
+
+
+def inverted_note(path: str) -> str:
+    """The warning for an image that looks like a negative after windowing and was kept so."""
+    return (f"{path}: scored, but it looks inverted (white at the edges after windowing, where "
+            "a mammogram's background is black): its PhotometricInterpretation may not match "
+            "its pixels; look at it, and preprocess with --inverted fix to invert such images")
 
 
 def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device, workers: int | None = None):
@@ -191,13 +201,14 @@ def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device, workers
                 results, _ = gpu.preprocess_paths([ds.paths[i] for i in idx], ds.cfg, decoder,
                                                   backend, device, pool, this)
                 imgs = [img if not err else np.zeros((h, w), np.uint8) for img, _, err in results]
-                yield imgs, idx, [err or "" for _, _, err in results]
+                yield (imgs, idx, [err or "" for _, _, err in results],
+                       [bool((meta or {}).get("looks_inverted")) for _, meta, _ in results])
     finally:
         loader.shutdown(wait=True, cancel_futures=True)
 
 
 def _collate(batch):
-    return [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
+    return tuple([b[k] for b in batch] for k in range(4))
 
 
 def batch_input(imgs: list, m: "LoadedModel", channels: int, fallback_size):
@@ -214,16 +225,22 @@ def batch_input(imgs: list, m: "LoadedModel", channels: int, fallback_size):
 class PredictResult:
     submission: pd.DataFrame
     images: pd.DataFrame                 # one row per image: prediction (NaN when unreadable)
-    warnings: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)    # unreadable images, and inverted-looking ones
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
+
+    def counts(self) -> str:
+        """"N unreadable" and, when any, "M look inverted" (both listed in the warnings)."""
+        bad = int(self.images["problem"].astype(bool).sum()) if "problem" in self.images else 0
+        inv = int(self.images["looks_inverted"].sum()) if "looks_inverted" in self.images else 0
+        return f"{bad} unreadable" + (f", {inv} look inverted" if inv else "")
 
 
 def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedModel], pre: dict,
                    device, batch_size: int = 16, workers: int = 2, tta: bool = False,
                    backend: str = "auto", channels: int = 3, progress: bool = True):
-    """Per-image probabilities; NaN and a reason where unreadable. The checkpoints of one
-    recipe (its folds) are averaged, then the recipes equally (`oof.model_weights`: the
+    """Per-image probabilities, reasons and `roi.looks_inverted` flags: NaN and a reason where
+    unreadable. The checkpoints of one recipe (its folds) are averaged, then the recipes equally (`oof.model_weights`: the
     ensemble whose out-of-fold threshold `rsna oof` tunes), each with its flip when `tta`."""
     import torch
     from torch.utils.data import DataLoader
@@ -246,10 +263,10 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
                         pin_memory=False)
     dtype = half_dtype(device)    # bf16 from Ampere on; fp16 on a T4 / P100 (Kaggle)
     preds = np.full(len(ds), np.nan, np.float32)
-    reasons = [""] * len(ds)
+    reasons, inverted = [""] * len(ds), [False] * len(ds)
     bar = tqdm(total=len(ds), desc="predict", unit="img", disable=not progress, file=sys.stderr)
     with torch.inference_mode():
-        for imgs, idx, why in dl:
+        for imgs, idx, why, flag in dl:
             p = torch.zeros(len(imgs), device=device)
             for m, w in zip(models, weights):
                 xm = batch_input(imgs, m, channels, ds.cfg.size).to(device, non_blocking=True)
@@ -261,13 +278,14 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
                         p += w * torch.sigmoid(cancer_logit(flipped)).float()
             p = p.cpu().numpy()
             for j, i in enumerate(idx):
+                inverted[i] = flag[j]
                 if why[j]:
                     reasons[i] = why[j]
                 else:
                     preds[i] = p[j]
             bar.update(len(idx))
     bar.close()
-    return preds, reasons
+    return preds, reasons, inverted
 
 
 def aggregate(images: pd.DataFrame, agg: str = "mean", prior: float = DEFAULT_PRIOR) -> pd.DataFrame:
@@ -381,11 +399,12 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     df = load_table(cfg.csv)    # checks the columns, adds prediction_id when absent
     models, pre = load_checkpoints(cfg.checkpoints, dev)
     channels = models[0].channels
-    preds, reasons = predict_images(df, cfg.images, models, pre, dev, cfg.batch_size, cfg.workers,
+    preds, reasons, inverted = predict_images(df, cfg.images, models, pre, dev, cfg.batch_size, cfg.workers,
                                     cfg.tta, cfg.backend, channels, cfg.progress)
     imgs = df[["patient_id", "image_id", "laterality", "prediction_id"]].copy()
     imgs["prediction"] = preds
     imgs["problem"] = reasons
+    imgs["looks_inverted"] = inverted       # with --inverted fix: inverted before scoring
     prior = weighted_mean(models, "prior")
     breast = aggregate(imgs, cfg.agg, prior)
     threshold = cfg.threshold
@@ -401,8 +420,10 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     if cfg.sample_submission is not None:
         expected = list(pd.read_csv(cfg.sample_submission)["prediction_id"])
     validate_submission(sub, expected)
-    warnings = [dict(image_id=r.image_id, prediction_id=r.prediction_id, reason=r.problem)
-                for r in imgs.itertuples() if r.problem]
+    note = (lambda r: inverted_note(str(Path(cfg.images) / str(r.patient_id) / f"{r.image_id}.dcm"))
+            if r.looks_inverted and pre.get("inverted", "warn") == "warn" else "")
+    warnings = [dict(image_id=r.image_id, prediction_id=r.prediction_id, reason=r.problem or note(r))
+                for r in imgs.itertuples() if r.problem or note(r)]
     out = Path(cfg.out) if cfg.out is not None else None
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from rsna_utils.image_plan import (  # noqa: F401  (PreprocessError re-exported)
 
 META_COLUMNS = ["image_id", "patient_id", "png", "rows", "columns", "transfer_syntax",
                 "photometric", "crop_y0", "crop_x0", "crop_y1", "crop_x1", "flipped", "window",
-                "window_note", "backend", "gpu_route", "decode_ms", "total_ms"]
+                "window_note", "looks_inverted", "backend", "gpu_route", "decode_ms", "total_ms"]
 FAILURE_COLUMNS = ["image_id", "patient_id", "path", "reason"]
 
 
@@ -50,6 +50,8 @@ class PreprocessConfig:
     roi_max_side: int = 512                 # the ROI is found on a subsample this size
     crop: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    inverted: str = "warn"                  # an image white at its edges after windowing (a
+    #                                         negative): warn (meta.csv, the summary) | fix (invert it)
 
     def __post_init__(self):
         if isinstance(self.size, int):
@@ -61,6 +63,9 @@ class PreprocessConfig:
             raise RsnaError(f"bits {self.bits}: PNG output is 8 or 16 bits")
         if self.resize_mode not in ("stretch", "pad"):
             raise RsnaError(f"resize_mode {self.resize_mode!r}: choose stretch or pad")
+        if self.inverted not in ("warn", "fix"):
+            raise RsnaError(f"inverted {self.inverted!r}: choose warn (keep the pixels, list the "
+                            "image) or fix (invert images that are white at their edges)")
         if self.flip not in ("none", "mass", "laterality"):
             raise RsnaError(f"flip {self.flip!r}: choose none, mass or laterality")
 
@@ -214,10 +219,30 @@ class _CsvLog:
                 if not data.endswith(b"\n"):
                     fh.truncate(data.rfind(b"\n") + 1)
         new = not path.exists() or path.stat().st_size == 0
+        if not new:
+            with open(path, newline="") as fh:
+                header = next(csv.reader(fh), None)
+            if header and header != columns:
+                if set(header) < set(columns):  # from an older version: gain the new columns
+                    self._rewrite(path, columns)
+                else:                           # otherwise keep its columns (rows stay aligned)
+                    self.columns = columns = header
         self.fh = open(path, "a", newline="")
         self.w = csv.DictWriter(self.fh, fieldnames=columns, extrasaction="ignore")
         if new:
             self.w.writeheader()
+
+    @staticmethod
+    def _rewrite(path: Path, columns: list[str]) -> None:
+        """The file's rows under `columns` (blank where it had none), replaced atomically."""
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
 
     def write(self, row: dict) -> None:
         self.w.writerow(row)
@@ -262,12 +287,26 @@ class RunSummary:
     out: str = ""
     failures: list = field(default_factory=list)
     fallbacks: int = 0          # GPU runs: files that went through the CPU path
+    inverted: int = 0           # images white at their edges after windowing (negatives)
+    inverted_policy: str = "warn"
 
-    def line(self) -> str:
+    def line(self, extra: str = "") -> str:
+        """One line (and a second one when images look inverted); `extra` ends the first."""
         rate = self.processed / self.seconds if self.seconds else 0.0
         return (f"preprocessed {self.processed} images, skipped {self.skipped} already done, "
                 f"{self.failed} failed (see failures.csv) in {self.seconds:.1f} s "
-                f"({rate:.2f} img/s); output in {self.out}")
+                f"({rate:.2f} img/s); output in {self.out}{extra}" + self.inverted_line())
+
+    def inverted_line(self) -> str:
+        if not self.inverted:
+            return ""
+        if self.inverted_policy == "fix":
+            return (f"\n{self.inverted} image(s) were white at their edges after windowing and "
+                    "were inverted (meta.csv: looks_inverted)")
+        return (f"\nwarning: {self.inverted} image(s) look inverted: white at the edges after "
+                "windowing, where a mammogram's background is black (meta.csv: looks_inverted). "
+                "Their PhotometricInterpretation may not match their pixels; look at a few, and "
+                "if they are negatives rerun into a new --out with --inverted fix")
 
 
 class Preprocessor:
@@ -415,7 +454,7 @@ def open_run(out: str | Path, cfg: PreprocessConfig, images, csv_path, shard):
     meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)   # repairs a cut last line
     done = load_done(out)
     todo = [it for it in items if it.image_id not in done]
-    summary = RunSummary(skipped=len(items) - len(todo), out=str(out))
+    summary = RunSummary(skipped=len(items) - len(todo), out=str(out), inverted_policy=cfg.inverted)
     # failures of earlier runs are retried, so their rows are replaced; rows of images that
     # this run does not list (another CSV into the same folder, e.g. test after train) stay
     fpath = out / f"failures{suffix}.csv"
@@ -448,6 +487,7 @@ class FolderRun:
             self.meta_log.write(dict(meta, image_id=item.image_id, patient_id=item.patient_id,
                                      png=os.path.basename(item.png)))
             self.summary.processed += 1
+            self.summary.inverted += bool(meta.get("looks_inverted"))
 
     def fail(self, item: Item, reason) -> None:
         row = dict(image_id=item.image_id, patient_id=item.patient_id, path=item.path,
@@ -484,13 +524,24 @@ def _other_failures(path: Path, ids: set) -> list[dict]:
     return [r for r in old.to_dict("records") if r["image_id"] not in ids]
 
 
+# settings added after PNG folders and checkpoints were already written, with the value that
+# gives the pixels those older runs made: a setting absent from a stored config means this
+LATER_SETTINGS = {"inverted": "warn"}
+
+
+def with_later_settings(pre: dict) -> dict:
+    """A stored preprocessing config (preprocess.json, a checkpoint's) completed with the
+    settings it predates, so that comparing it with today's config compares pixels."""
+    return {**LATER_SETTINGS, **pre} if pre else pre
+
+
 def _write_config(path: Path, cfg: PreprocessConfig) -> None:
     """The settings travel with the PNGs (training stores them in its checkpoints, inference
     reuses them); a rerun with other settings into the same folder is refused."""
     import json
     d = cfg.to_dict()
     if path.exists():
-        old = json.loads(path.read_text())
+        old = with_later_settings(json.loads(path.read_text()))
         if old != d:
             diff = {k: (old.get(k), v) for k, v in d.items() if old.get(k) != v}
             raise RsnaError(f"{path.parent}: already holds images preprocessed with other settings "

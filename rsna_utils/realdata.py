@@ -76,15 +76,12 @@ def side_of_breast(gray: np.ndarray) -> str:
 
 
 def is_inverted(gray: np.ndarray) -> bool:
-    """True when the frame's edges hold more near-white than near-black pixels: a MONOCHROME1
-    mammogram exported with its stored values shown as is (background white, dense tissue
-    dark). Tissue touching an edge is mid-grey either way; the background decides (on the RSNA
-    export this splits the images with a wide margin, also where the breast reaches both
-    sides of the stretched frame)."""
-    g = np.asarray(gray, np.float64)
-    top = float(np.iinfo(gray.dtype).max) if np.issubdtype(gray.dtype, np.integer) else 1.0
-    edges = np.concatenate([g[:, :4].ravel(), g[:, -4:].ravel(), g[:4].ravel(), g[-4:].ravel()])
-    return int((edges >= 0.9 * top).sum()) > int((edges <= 0.1 * top).sum())
+    """True for a MONOCHROME1 mammogram exported with its stored values shown as is (background
+    white, dense tissue dark): `roi.looks_inverted`, the check preprocessing also makes after
+    windowing. On the RSNA export it splits the images with a wide margin, also where the
+    breast reaches both sides of the stretched frame."""
+    from rsna_utils.roi import looks_inverted
+    return looks_inverted(gray)
 
 
 def _wrap_one(args) -> dict:

@@ -43,6 +43,21 @@ def subsample(pixels: np.ndarray, max_side: int = 512) -> np.ndarray:
     return np.ascontiguousarray(pixels[::k, ::k]) if k > 1 else pixels
 
 
+def looks_inverted(img: np.ndarray, edge: int = 4) -> bool:
+    """True when the image's edges hold more near-white than near-black pixels: a mammogram
+    shown as a negative (background white, dense tissue dark), e.g. a MONOCHROME1 image whose
+    stored values were exported as they are, or a file whose PhotometricInterpretation says the
+    opposite of its pixels. Tissue touching an edge is mid-grey either way; the background
+    decides. Made for mammograms, whose background is directly exposed (black when shown
+    right): other X-rays are often collimated, and their unexposed edges are rightly white.
+    `img`: any 2-D grey image (integers use their dtype's range, floats 0..1)."""
+    g = np.asarray(img)
+    top = float(np.iinfo(g.dtype).max) if np.issubdtype(g.dtype, np.integer) else 1.0
+    e = max(1, min(edge, min(g.shape[:2]) // 2))
+    edges = np.concatenate([g[:, :e].ravel(), g[:, -e:].ravel(), g[:e].ravel(), g[-e:].ravel()])
+    return int((edges >= 0.9 * top).sum()) > int((edges <= 0.1 * top).sum())
+
+
 def breast_mask(img8: np.ndarray, open_frac: float = 0.01, band_frac: float = 0.015) -> np.ndarray:
     """Largest bright connected region of an 8-bit image (the breast), as a bool mask.
 

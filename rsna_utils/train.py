@@ -557,11 +557,14 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
             raise RsnaError(f"{last}: trained with {name}={was[name]!r}, resumed with "
                             f"{getattr(cfg, name)!r}; resume with {flag} {str(was[name]).lower()}, "
                             "or delete it to start over")
+    from rsna_utils.preprocess import with_later_settings
     for name, what in RESUME_INPUT.items():
         if contract is None or name not in ck:          # older checkpoints did not store it
             continue
         was_in, now_in = (json.loads(json.dumps(v, sort_keys=True, default=str))
                           for v in (ck[name], contract[name]))
+        if name == "preprocess":
+            was_in, now_in = with_later_settings(was_in), with_later_settings(now_in)
         if isinstance(was_in, dict) and isinstance(now_in, dict):
             diff = {k: (was_in.get(k), now_in.get(k)) for k in sorted({*was_in, *now_in})
                     if k not in RESUME_FREE and was_in.get(k) != now_in.get(k)}
@@ -693,7 +696,8 @@ def _plain(d: dict) -> dict:
 
 
 def _preprocess_config(data: Path) -> dict:
+    from rsna_utils.preprocess import with_later_settings
     p = data / "preprocess.json"
     if p.exists():
-        return json.loads(p.read_text())
+        return with_later_settings(json.loads(p.read_text()))
     return {}

@@ -173,6 +173,9 @@ def test_the_cli_builds_the_configs_from_flags_and_yaml(tmp_path, monkeypatch, c
 
     class Result:    # what predict returns, enough for the printed line
         images, warnings, submission, seconds, metrics = [1], [], [1], 1.0, {}
+
+        def counts(self):
+            return "0 unreadable"
     monkeypatch.setattr(rsna_utils.predict, "predict",
                         lambda *a, **k: seen.setdefault("predict", (a, k)) and Result())
     ens = tmp_path / "ensemble.json"

@@ -76,7 +76,7 @@ def test_training_and_cpu_inference_feed_the_model_the_same_pixels(tmp_path, syn
     stream = DicomStream(df, synth_small / "train_images", pre)
     m = LoadedModel(None, "resnet18", "-", 0.5, 0.0, size, norm, 3)
     for i in range(len(df)):
-        img, _, why = stream[i]
+        img, _, why, _ = stream[i]
         assert not why, why
         x_infer = batch_input([img], m, 3, size)[0]
         x_train = train_ds[i][0]

@@ -314,3 +314,52 @@ def test_an_exported_ensemble_keeps_the_recipes_of_its_run_folders(tmp_path, tin
     exported.write_text(json.dumps({k: v for k, v in json.loads(exported.read_text()).items()
                                     if k != "recipes"}))
     assert groups(ens["checkpoints"]) == [0, 1, 2]
+
+
+def test_an_image_that_looks_inverted_is_scored_and_named_in_the_warnings(tmp_path, synth_small,
+                                                                         tiny_ckpt):
+    from test_inverted import _negative
+    images = tmp_path / "test_images"
+    shutil.copytree(synth_small / "test_images", images)
+    import pydicom
+    test = pd.read_csv(synth_small / "test.csv")
+    row = next(r for r in test.itertuples() if pydicom.dcmread(
+        images / str(r.patient_id) / f"{r.image_id}.dcm", stop_before_pixels=True)
+        .PhotometricInterpretation == "MONOCHROME2")
+    path = images / str(row.patient_id) / f"{row.image_id}.dcm"
+    bad = _negative(path, tmp_path / "neg.dcm", "MONOCHROME2")      # a negative labelled M2
+    path.write_bytes(bad.read_bytes())
+    res = predict(images, synth_small / "test.csv", [tiny_ckpt], tmp_path / "s.csv",
+                  workers=0, device="cpu", progress=False)
+    assert [w["image_id"] for w in res.warnings] == [row.image_id]
+    assert "looks inverted" in res.warnings[0]["reason"] and "--inverted fix" in res.warnings[0]["reason"]
+    assert res.images.set_index("image_id").prediction.notna().all()     # scored all the same
+    assert pd.read_csv(tmp_path / "s_warnings.csv").image_id.tolist() == [row.image_id]
+    assert res.images.set_index("image_id").looks_inverted.to_dict() == {
+        i: i == row.image_id for i in test.image_id}
+    assert res.counts() == "0 unreadable, 1 look inverted"
+    # a model trained on PNGs made with --inverted fix: inverted before scoring, no warning
+    ck = torch.load(tiny_ckpt, weights_only=False)
+    torch.save(dict(ck, preprocess=dict(ck["preprocess"], inverted="fix")), tmp_path / "fix.pt")
+    fixed = predict(images, synth_small / "test.csv", [tmp_path / "fix.pt"], tmp_path / "f.csv",
+                    workers=0, device="cpu", progress=False)
+    assert fixed.warnings == [] and int(fixed.images.looks_inverted.sum()) == 1
+    p = lambda r: r.images.set_index("image_id").prediction
+    assert p(fixed).loc[row.image_id] != p(res).loc[row.image_id]          # other pixels scored
+    assert (p(fixed).drop(row.image_id) == p(res).drop(row.image_id)).all()
+
+
+def test_checkpoints_from_before_a_preprocessing_setting_load_with_new_ones(tmp_path, synth_small,
+                                                                          tiny_ckpt):
+    """A checkpoint without the `inverted` setting means "warn" (the pixels it was trained on):
+    it ensembles with a new one; one that says "fix" does not, and the error says why."""
+    from rsna_utils.predict import load_checkpoints
+    ck = torch.load(tiny_ckpt, weights_only=False)
+    assert ck["preprocess"]["inverted"] == "warn"
+    old = dict(ck, preprocess={k: v for k, v in ck["preprocess"].items() if k != "inverted"})
+    torch.save(old, tmp_path / "old.pt")
+    models, pre = load_checkpoints([tiny_ckpt, tmp_path / "old.pt"], torch.device("cpu"))
+    assert len(models) == 2 and pre["inverted"] == "warn"
+    torch.save(dict(ck, preprocess=dict(ck["preprocess"], inverted="fix")), tmp_path / "fix.pt")
+    with pytest.raises(RsnaError, match="fix.pt: preprocessing or channels differ"):
+        load_checkpoints([tiny_ckpt, tmp_path / "fix.pt"], torch.device("cpu"))

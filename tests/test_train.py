@@ -155,7 +155,11 @@ def test_train_writes_checkpoints_metrics_and_resumes(tmp_path, png48, synth_sma
     with pytest.raises(RsnaError, match=r"trained on other inputs \{'margin': \(0.0, 0.25\)\}.*"
                                         r"same --data folder"):
         train(_cfg(tmp_path, png48, synth_small, epochs=2, resume=True))
-    # PNGs of another size (progressive resizing) continue the run
+    # PNGs of another size (progressive resizing) continue the run, also from a last.pt written
+    # before a preprocessing setting existed (`preprocess.LATER_SETTINGS`)
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert last["preprocess"].pop("inverted") == "warn"
+    torch.save(last, run / "last.pt")
     monkeypatch.setattr(train_mod, "_preprocess_config", lambda d: {**real_pre(d), "size": [96, 96]})
     train(_cfg(tmp_path, png48, synth_small, epochs=2, resume=True))
     assert list(pd.read_csv(run / "metrics.csv").epoch) == [0, 1]
