@@ -186,11 +186,40 @@ def _fold_state(run: Path, want: dict) -> str:
     return "done" if done else "partial"
 
 
+def run_history(runs: list[Path]) -> pd.DataFrame:
+    """metrics.csv of every run folder, with `fold` (0, 1, ... in the order given) and `run` (the
+    training the folder belongs to, e.g. 512x256_4fold; one name when a single training)."""
+    parts = []
+    for k, r in enumerate(runs):
+        name = r.parent.name.removeprefix("run_").split("_", 2)[-1] if r.name.startswith("fold") else r.name
+        parts.append(pd.read_csv(r / "metrics.csv").assign(fold=k, run=name))
+    return pd.concat(parts)
+
+
 def curves(hist: pd.DataFrame, out_png: Path, title: str) -> None:
-    """Training loss and validation breast AUC / PR-AUC by epoch, side by side (one line per fold)."""
+    """Training loss and validation breast AUC / PR-AUC by epoch, side by side (one line per fold;
+    with several trainings, one colour per training and the folds in its colour)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if "run" in hist and hist.run.nunique() > 1:
+        fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+        colours = dict(zip(hist.run.unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+        for (name, _), h in hist.groupby(["run", "fold"], sort=False):
+            c, first = colours[name], h.fold.iloc[0] == hist[hist.run == name].fold.min()
+            ax[0].plot(h.epoch, h.train_loss, "o-", color=c, label=f"{name} training" if first else None)
+            if "image_log_loss" in h and h.image_log_loss.notna().any():
+                ax[0].plot(h.epoch, h.image_log_loss, "s--", color=c,
+                           label=f"{name} validation" if first else None)
+            ax[1].plot(h.epoch, h.breast_mean_auc, "o-", color=c, label=name if first else None)
+        ax[0].set(title="loss (BCE), one line per fold: training -, validation --", xlabel="epoch")
+        ax[1].set(title="validation breast AUC (held-out patients of each fold)", xlabel="epoch")
+        for a in ax:
+            a.legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out_png, dpi=110)
+        return
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for k, h in hist.groupby("fold"):
         tag = f"fold {k} " if hist.fold.nunique() > 1 else ""
@@ -324,7 +353,7 @@ def main() -> int:
                   "the average, which last.pt keeps apart from the model")
         elif a.folds:   # the training part out-of-fold: three times the breasts of the test set
             oof_vs = oof_versus_probe(runs, png, train_part)
-    hist = pd.concat([pd.read_csv(r / "metrics.csv").assign(fold=k) for k, r in enumerate(runs)])
+    hist = run_history(runs)
     out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size, tta=a.tta,
                ema=a.ema, lr=a.lr, backbone_lr=a.backbone_lr,
                epochs=a.epochs, train_images=int(len(pd.read_csv(data / "train.csv"))),
