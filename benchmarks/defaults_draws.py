@@ -19,7 +19,8 @@ import json
 import time
 from pathlib import Path
 
-RECIPES = {"defaults": ("pad", {}), "handpicked": ("stretch", {"global_pool": "max"})}
+RECIPES = {"defaults": ("pad", {}), "handpicked": ("stretch", {"global_pool": "max"}),
+           "droppath": ("pad", {"drop_path": 0.1})}     # the defaults with stochastic depth
 
 
 def run_one(work: Path, seed: int, recipe: str) -> dict:
@@ -56,7 +57,7 @@ def run_one(work: Path, seed: int, recipe: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 5, 7, 11])
-    ap.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
+    ap.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["defaults", "handpicked"])
     ap.add_argument("--work", default="/tmp/defaults_draws")
     a = ap.parse_args()
     rows = [run_one(Path(a.work), s, r) for s in a.seeds for r in a.recipes]
@@ -67,7 +68,8 @@ def main() -> None:
         print(f"| seed {s} | " + " | ".join(f"{got[r]:.3f}" for r in a.recipes) + " |")
     means = [sum(r["new_auc"] for r in rows if r["recipe"] == k) / len(a.seeds) for k in a.recipes]
     print("| mean | " + " | ".join(f"{m:.3f}" for m in means) + " |")
-    out = Path(__file__).parent / "results" / f"defaults_draws_{datetime.date.today()}.json"
+    tag = "" if a.recipes == ["defaults", "handpicked"] else "_" + "+".join(a.recipes)
+    out = Path(__file__).parent / "results" / f"defaults_draws_{datetime.date.today()}{tag}.json"
     out.write_text(json.dumps(rows, indent=2))
     print(f"wrote {out}")
 
