@@ -177,6 +177,7 @@ def _fold_state(run: Path, want: dict) -> str:
     cfg = json.loads(cfg_file.read_text())
     cfg.setdefault("backbone_lr", 1.0)          # runs from before the option had one group
     cfg.setdefault("tta", False)                # ... and validated without the flip
+    cfg.setdefault("drop_path", 0.0)            # ... and without stochastic depth
     differ = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) != v}
     if differ:
         raise SystemExit(f"{run} was trained with other settings ({differ}, as (there, asked)); "
@@ -258,6 +259,8 @@ def main() -> int:
     ap.add_argument("--val-tta", default=None, choices=("true", "false"),
                     help="validate the folds with the flip (default: as --tta)")
     ap.add_argument("--ema", default="0", help="EMA decay of the weights (0: off)")
+    ap.add_argument("--drop-path", default="0", help="stochastic depth rate (0: off)")
+    ap.add_argument("--random-crop", default="0", help="augmentation: crop up to this share")
     ap.add_argument("--tag", default="", help="suffix of the run folder and result files")
     ap.add_argument("--folds", type=int, default=0,
                     help="train this many folds (--split kfold) and predict with their ensemble; "
@@ -287,6 +290,7 @@ def main() -> int:
               "--pretrained-path", a.pretrained, "--size", a.size, "--epochs", str(a.epochs),
               "--batch-size", a.batch_size, "--lr", a.lr, "--backbone-lr", a.backbone_lr, "--pos-weight", "1", "--upsample", "1",
               "--augment", "true", "--workers", "2", "--quiet", "--ema", a.ema,
+              "--drop-path", a.drop_path, "--random-crop", a.random_crop,
               "--global-pool", a.global_pool, "--tta", str(a.val_tta).lower()]
     if a.folds:
         runs = [run / f"fold{k}" for k in range(a.folds)]
@@ -299,6 +303,7 @@ def main() -> int:
         for k, r in enumerate(runs):
             want = dict(model=a.model, size=[int(v) for v in a.size.split("x")], epochs=a.epochs,
                         lr=float(a.lr), backbone_lr=float(a.backbone_lr), ema=float(a.ema), global_pool=a.global_pool,
+                        drop_path=float(a.drop_path), random_crop=float(a.random_crop),
                         batch_size=int(a.batch_size), split="kfold", folds=a.folds, fold=k,
                         pretrained_path=a.pretrained, tta=a.val_tta)
             state = _fold_state(r, want)
