@@ -1,0 +1,133 @@
+"""A full disk stops a run with one clear line, blames no file, leaves no half-written file, and
+the same command run again continues; a preprocessing run that will not fit is warned about
+early. (Kaggle keeps at most 20 GB under /kaggle/working; the RSNA set at 1536x768 is more.)"""
+import errno
+import os
+from collections import namedtuple
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import DiskFullOn
+from rsna_utils import errors, preprocess
+from rsna_utils.errors import DiskFullError
+from rsna_utils.models import save_checkpoint
+from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+
+Usage = namedtuple("Usage", "total used free")
+
+
+class FullAfter:
+    """Stands in for os.replace: the disk fills after `n` PNGs (other files are not counted)."""
+
+    def __init__(self, n: int):
+        self.n, self.real = n, os.replace
+
+    def __call__(self, src, dst):
+        if str(dst).endswith(".png"):
+            if self.n <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+            self.n -= 1
+        return self.real(src, dst)
+
+
+def failures(out: Path) -> pd.DataFrame:
+    f = out / "failures.csv"
+    return pd.read_csv(f) if f.exists() and f.stat().st_size else pd.DataFrame()
+
+
+def test_a_full_disk_stops_preprocessing_and_the_same_command_continues(tmp_path, synth_small,
+                                                                         monkeypatch, capsys):
+    from rsna_utils.cli import main
+    images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "o"
+    n = len(pd.read_csv(csv))
+    argv = ["preprocess", "--images", str(images), "--csv", str(csv), "--out", str(out),
+            "--size", "48", "--workers", "0", "--quiet"]
+    monkeypatch.setattr(os, "replace", FullAfter(3))
+    assert main(argv) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "rsna preprocess: error:" in err and ".png: writing the PNG failed, its disk is full" in err
+    assert "No space left on device" in err and "run the same command again" in err
+    assert len(list(out.glob("*.png"))) == 3
+    assert not list(out.glob("*.tmp*")), "a half-written PNG was left"
+    assert failures(out).empty, "the full disk was blamed on a file"
+    s = Preprocessor(PreprocessConfig(size=48), workers=0, progress=False).run(images, csv, out)
+    assert (s.skipped, s.processed, s.failed) == (3, n - 3, 0)
+    assert len(list(out.glob("*.png"))) == n
+
+
+def test_a_full_disk_in_a_worker_stops_the_pool(tmp_path, synth_small):
+    images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "o"
+    n = len(pd.read_csv(csv))
+    victim = sorted(images.glob("*/*.dcm"))[6]
+    with pytest.raises(DiskFullError, match=victim.name):
+        Preprocessor(PreprocessConfig(size=48), workers=2, progress=False,
+                     test_hook=DiskFullOn(victim.name)).run(images, csv, out)
+    assert not (out / f"{victim.parent.name}_{victim.stem}.png").exists()
+    assert failures(out).empty
+    written = len(pd.read_csv(out / "meta.csv"))
+    assert written < n                         # it stopped rather than going through the rest
+    s = Preprocessor(PreprocessConfig(size=48), workers=2, progress=False).run(images, csv, out)
+    assert s.processed + s.skipped == n and s.failed == 0
+
+
+def test_a_full_disk_stops_the_gpu_pipeline(tmp_path, synth_small, monkeypatch):
+    from rsna_utils import gpu
+    from test_gpu import FakeGpuDecoder
+    images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "g"
+    n = len(pd.read_csv(csv))
+
+    def run():
+        return gpu.GpuPreprocessor(PreprocessConfig(size=48), backend="fake", device="cpu",
+                                   batch_size=4, progress=False,
+                                   decoder=FakeGpuDecoder("exact")).run(images, csv, out)
+    monkeypatch.setattr(os, "replace", FullAfter(5))
+    with pytest.raises(DiskFullError, match="disk is full"):
+        run()
+    monkeypatch.undo()
+    assert len(list(out.glob("*.png"))) == 5 and not list(out.glob("*.tmp*"))
+    assert failures(out).empty
+    s = run()
+    assert (s.skipped, s.processed, s.failed) == (5, n - 5, 0)
+
+
+def test_a_full_disk_while_saving_a_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    def torch_save_on_a_full_disk(obj, f):   # what torch 2.x raises when the disk fills
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 105899520 "
+                           "vs 105899408")
+    monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"the previous epoch")
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda p: Usage(10**12, 10**12, 300_000))
+    with pytest.raises(DiskFullError, match=r"last\.pt: saving the checkpoint failed, its disk is "
+                                            r"full \(0 MB free.*larger disk; --resume"):
+        save_checkpoint({"x": 1}, last)
+    assert last.read_bytes() == b"the previous epoch"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]   # no temporary file left
+    # the same failure with plenty of space is not called a full disk
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda p: Usage(10**12, 0, 10**12))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        save_checkpoint({"x": 1}, last)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("free, warned", [(10_000, True), (10**12, False)])
+def test_a_run_that_will_not_fit_is_warned_about_early(tmp_path, synth_small, monkeypatch, capsys,
+                                                       free, warned):
+    images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "o"
+    monkeypatch.setattr(preprocess, "SPACE_CHECK_AFTER", 4)
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda p: Usage(10**12, 0, free))
+    s = Preprocessor(PreprocessConfig(size=48), workers=0, progress=False).run(images, csv, out)
+    err = capsys.readouterr().err
+    assert s.failed == 0
+    if warned:
+        assert f"PNGs are still to be written to {out} and its disk has 0 MB free" in err
+        assert "first 4 images" in err and "--out a folder on a larger disk" in err
+    else:
+        assert "warning" not in err
