@@ -246,7 +246,7 @@ class GpuPreprocessor:
                 if run.stopped:
                     raise run.stopped
             finally:
-                writer.shutdown(wait=True)
+                writer.shutdown(wait=True, cancel_futures=True)   # all waited for unless raising
                 pool.shutdown(wait=True)
                 if loader is not None:
                     loader.shutdown(wait=True, cancel_futures=True)
@@ -254,12 +254,16 @@ class GpuPreprocessor:
 
 
 def _write_then_log(item, img, meta, run, write_png):
+    if run.stopped:                        # the disk is full: the queued writes are skipped
+        return
     try:
-        write_png(item.png, img)
+        try:
+            write_png(item.png, img)
+        except DiskFullError:
+            raise
+        except (OSError, RsnaError) as e:  # as the CPU path: this file fails, the run goes on
+            run.fail(item, f"{item.path}: PNG not written ({type(e).__name__}: {e})")
+            return
+        run.ok(item, meta)
     except DiskFullError as e:             # not this file's fault: the run stops (as on the CPU)
         run.stopped = run.stopped or e
-        return
-    except (OSError, RsnaError) as e:      # as the CPU path: this file fails, the run goes on
-        run.fail(item, f"{item.path}: PNG not written ({type(e).__name__}: {e})")
-        return
-    run.ok(item, meta)

@@ -26,7 +26,7 @@ import pandas as pd
 
 from rsna_utils import roi
 from rsna_utils.dicom_io import DEFAULT_MAX_PIXELS, decode_pixels, read_header
-from rsna_utils.errors import DiskFullError, RsnaError, disk_full, free_bytes, human_bytes
+from rsna_utils.errors import DiskFullError, RsnaError, free_bytes, human_bytes, writing
 from rsna_utils.image_plan import (  # noqa: F401  (PreprocessError re-exported)
     PreprocessError, apply_numpy, make_plan)
 
@@ -109,16 +109,10 @@ def write_png(path: str | Path, img: np.ndarray, compression: int = 1) -> None:
     if not ok:
         raise PreprocessError(f"{path}: PNG encoding failed")
     tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with writing(path, "writing the PNG", PNG_SPACE_FIX, tmp):
         with open(tmp, "wb") as fh:
             fh.write(buf.tobytes())
         os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        full = disk_full(path, "writing the PNG", e, PNG_SPACE_FIX)
-        if full is None:
-            raise
-        raise full from e
 
 
 PNG_SPACE_FIX = ("Free some space, or give --out a folder on a larger disk, and run the same "
@@ -258,8 +252,9 @@ class _CsvLog:
         os.replace(tmp, path)
 
     def write(self, row: dict) -> None:
-        self.w.writerow(row)
-        self.fh.flush()
+        with writing(self.path, "adding a row", PNG_SPACE_FIX):    # a cut row is repaired on reopening
+            self.w.writerow(row)
+            self.fh.flush()
 
     def close(self) -> None:
         self.fh.close()
@@ -415,7 +410,11 @@ class Preprocessor:
                             continue
                         except Exception as e:  # e.g. a result that cannot be unpickled
                             result = ("fail", it, f"{it.path}: unhandled exception {type(e).__name__}: {e}")
-                        record(*result)         # a full disk raises here and ends the run
+                        try:
+                            record(*result)
+                        except DiskFullError:   # stop now; what is in flight gets no meta row,
+                            _kill_workers(ex)   # so the rerun does it again
+                            raise
                     # a queued task may wait for one other: twice the limit means a hang
                     if not broken and any(time.monotonic() - started[f] > 2 * self.file_timeout
                                           for f in running):
@@ -526,7 +525,10 @@ class FolderRun:
             self.summary.processed += 1
             self.summary.inverted += bool(meta.get("looks_inverted"))
             if self.summary.processed <= SPACE_CHECK_AFTER:
-                self._png_bytes += os.path.getsize(item.png)
+                try:
+                    self._png_bytes += os.path.getsize(item.png)
+                except OSError:
+                    pass
                 if self.summary.processed == SPACE_CHECK_AFTER:
                     self.space_warning = space_warning(self.summary.out, self._png_bytes
                                                        / SPACE_CHECK_AFTER, len(self.todo))
@@ -592,8 +594,9 @@ def _write_config(path: Path, cfg: PreprocessConfig) -> None:
                             f"{diff} (old, new); use another --out or the same settings")
         return
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(d, indent=2))
-    os.replace(tmp, path)
+    with writing(path, "writing the settings", PNG_SPACE_FIX, tmp):
+        tmp.write_text(json.dumps(d, indent=2))
+        os.replace(tmp, path)
 
 
 def _start_method() -> str:

@@ -3,6 +3,7 @@ the same command run again continues; a preprocessing run that will not fit is w
 early. (Kaggle keeps at most 20 GB under /kaggle/working; the RSNA set at 1536x768 is more.)"""
 import errno
 import os
+import threading
 from collections import namedtuple
 from pathlib import Path
 
@@ -19,16 +20,19 @@ Usage = namedtuple("Usage", "total used free")
 
 
 class FullAfter:
-    """Stands in for os.replace: the disk fills after `n` PNGs (other files are not counted)."""
+    """Stands in for os.replace: the disk fills after `n` PNGs (other files are not counted);
+    `tried` counts the PNGs the run tried to write."""
 
     def __init__(self, n: int):
-        self.n, self.real = n, os.replace
+        self.n, self.tried, self.real, self.lock = n, 0, os.replace, threading.Lock()
 
     def __call__(self, src, dst):
         if str(dst).endswith(".png"):
-            if self.n <= 0:
-                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
-            self.n -= 1
+            with self.lock:                    # the GPU pipeline writes from several threads
+                self.tried += 1
+                if self.n <= 0:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+                self.n -= 1
         return self.real(src, dst)
 
 
@@ -61,15 +65,16 @@ def test_a_full_disk_stops_preprocessing_and_the_same_command_continues(tmp_path
 
 def test_a_full_disk_in_a_worker_stops_the_pool(tmp_path, synth_small):
     images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "o"
-    n = len(pd.read_csv(csv))
-    victim = sorted(images.glob("*/*.dcm"))[6]
+    rows = pd.read_csv(csv)
+    n, at = len(rows), 6
+    victim = images / str(rows.patient_id[at]) / f"{rows.image_id[at]}.dcm"
     with pytest.raises(DiskFullError, match=victim.name):
         Preprocessor(PreprocessConfig(size=48), workers=2, progress=False,
                      test_hook=DiskFullOn(victim.name)).run(images, csv, out)
     assert not (out / f"{victim.parent.name}_{victim.stem}.png").exists()
     assert failures(out).empty
-    written = len(pd.read_csv(out / "meta.csv"))
-    assert written < n                         # it stopped rather than going through the rest
+    # it stopped there: at most the window of tasks in flight (2 x workers) went on
+    assert len(pd.read_csv(out / "meta.csv")) <= at + 4 < n
     s = Preprocessor(PreprocessConfig(size=48), workers=2, progress=False).run(images, csv, out)
     assert s.processed + s.skipped == n and s.failed == 0
 
@@ -82,12 +87,15 @@ def test_a_full_disk_stops_the_gpu_pipeline(tmp_path, synth_small, monkeypatch):
 
     def run():
         return gpu.GpuPreprocessor(PreprocessConfig(size=48), backend="fake", device="cpu",
-                                   batch_size=4, progress=False,
+                                   batch_size=4, png_threads=2, progress=False,
                                    decoder=FakeGpuDecoder("exact")).run(images, csv, out)
-    monkeypatch.setattr(os, "replace", FullAfter(5))
+    full = FullAfter(5)
+    monkeypatch.setattr(os, "replace", full)
     with pytest.raises(DiskFullError, match="disk is full"):
         run()
     monkeypatch.undo()
+    # the queued writes were skipped: the failing one and at most one per other PNG thread
+    assert full.tried <= 5 + 2 < n
     assert len(list(out.glob("*.png"))) == 5 and not list(out.glob("*.tmp*"))
     assert failures(out).empty
     s = run()
@@ -104,9 +112,12 @@ def test_a_full_disk_while_saving_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
     last = tmp_path / "last.pt"
     last.write_bytes(b"the previous epoch")
-    monkeypatch.setattr(errors.shutil, "disk_usage", lambda p: Usage(10**12, 10**12, 300_000))
+
+    def usage(p):       # the partial file holds the last 400 MB; deleting it frees them again
+        return Usage(10**12, 10**12, 3_000 if list(tmp_path.glob(".last.pt.tmp*")) else 4 * 10**8)
+    monkeypatch.setattr(errors.shutil, "disk_usage", usage)
     with pytest.raises(DiskFullError, match=r"last\.pt: saving the checkpoint failed, its disk is "
-                                            r"full \(0 MB free.*larger disk; --resume"):
+                                            r"full \(3 kB free.*larger disk; --resume"):
         save_checkpoint({"x": 1}, last)
     assert last.read_bytes() == b"the previous epoch"
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]   # no temporary file left
@@ -127,7 +138,25 @@ def test_a_run_that_will_not_fit_is_warned_about_early(tmp_path, synth_small, mo
     err = capsys.readouterr().err
     assert s.failed == 0
     if warned:
-        assert f"PNGs are still to be written to {out} and its disk has 0 MB free" in err
+        assert f"PNGs are still to be written to {out} and its disk has 10 kB free" in err
         assert "first 4 images" in err and "--out a folder on a larger disk" in err
     else:
         assert "warning" not in err
+
+
+def test_only_a_full_disk_is_called_full(tmp_path, monkeypatch):
+    f = tmp_path / "x.png"
+    tiny = Usage(10**12, 10**12, 1_000)
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda p: tiny)
+    # an errno that is not about space is never a full disk, however little is free
+    assert errors.disk_full(f, "writing", PermissionError(errno.EACCES, "denied"), "fix") is None
+    full = errors.disk_full(f, "writing", OSError(errno.ENOSPC, "No space left"), "fix it")
+    assert isinstance(full, DiskFullError) and str(full).startswith(f"{f}: writing failed, its disk is full (1 kB free")
+    assert str(full).endswith("fix it")
+    quota = errors.disk_full(f, "writing", OSError(errno.EDQUOT, "Disk quota exceeded"), "fix")
+    assert "disk quota is used up" in str(quota)
+    # no errno (torch.save): decided by the free space
+    assert errors.disk_full(f, "saving", RuntimeError("unexpected pos"), "fix") is not None
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda p: Usage(10**12, 0, 10**12))
+    assert errors.disk_full(f, "saving", RuntimeError("unexpected pos"), "fix") is None
+    assert errors.disk_full(f, "writing", OSError(errno.ENOSPC, "No space left"), "fix") is not None
