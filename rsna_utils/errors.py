@@ -1,4 +1,8 @@
 """Errors a user can act on. The CLI prints them as one line and exits non-zero."""
+import errno
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
 
 
 class RsnaError(Exception):
@@ -7,3 +11,67 @@ class RsnaError(Exception):
 
 class DecodeError(RsnaError):
     """No backend could decode a DICOM file's pixel data."""
+
+
+class DiskFullError(RsnaError):
+    """The disk of the output is full. The run stops at once (every later file would fail the
+    same way and be wrongly blamed); what was written is kept and a rerun continues."""
+
+
+# a write that failed with one of these errnos, or failed with this little space left, is a
+# full disk (torch.save reports ENOSPC as a RuntimeError "unexpected pos ...")
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+NEARLY_FULL = 256 * 2**20
+
+
+def free_bytes(path) -> int | None:
+    """Free space on the disk that holds `path` (its nearest existing parent); None if unknown."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def human_bytes(n: float) -> str:
+    return (f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6
+            else f"{n / 1e3:.0f} kB")
+
+
+def disk_full(path, doing: str, err: BaseException, fix: str) -> DiskFullError | None:
+    """The error to raise instead of `err` when writing `path` failed because its disk is full,
+    or None when the failure was something else. An OSError's errno decides; an error without
+    one (torch.save's RuntimeError) counts as a full disk when less than NEARLY_FULL is free.
+    Call it before deleting what the failed write left, which holds the space it took."""
+    free = free_bytes(path)
+    no = getattr(err, "errno", None) if isinstance(err, OSError) else None
+    if no is not None and no not in _FULL_ERRNOS:
+        return None
+    if no is None and (free is None or free >= NEARLY_FULL):
+        return None
+    what = ("its disk quota is used up" if no == getattr(errno, "EDQUOT", None)
+            else "its disk is full")
+    left = f"{human_bytes(free)} free" if free is not None else "free space unknown"
+    return DiskFullError(f"{path}: {doing} failed, {what} ({left}; {type(err).__name__}: {err}). "
+                         f"{fix}")
+
+
+@contextmanager
+def writing(path, doing: str, fix: str, tmp=None):
+    """Around a write of `path` (through the temporary file `tmp` when given): a failure leaves
+    no `tmp` behind, and one caused by a full disk is raised as DiskFullError naming `path`,
+    the free space and `fix`; any other error passes through unchanged."""
+    try:
+        yield
+    except BaseException as e:
+        full = disk_full(path, doing, e, fix) if isinstance(e, (OSError, RuntimeError)) else None
+        if tmp is not None:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:
+                pass
+        if full is None:
+            raise
+        raise full from e

@@ -23,7 +23,7 @@ from rsna_utils.decoders.gpu_batch import (  # noqa: F401  (the decoder layer, r
     cpu_decode_frame, cuda_available, decode_batch, encode_probe, looks_scaled, make_decoder,
     package_available, probe_image, rescale_to_precision, resolve_backend)
 from rsna_utils.decoders.nvimgcodec import NvImageCodecDecoder  # noqa: F401  (re-exported)
-from rsna_utils.errors import DecodeError, RsnaError
+from rsna_utils.errors import DecodeError, DiskFullError, RsnaError
 
 # ----------------------------------------------------------------------------------------
 # The whole preprocessing step on the GPU
@@ -223,6 +223,8 @@ class GpuPreprocessor:
                 ready = [[it for it in batch if not it.problem] for batch in batches]
                 loading = load_frames([it.path for it in ready[0]], self.cfg, loader) if batches else []
                 for k, batch in enumerate(batches):
+                    if run.stopped:         # the disk is full: every later PNG would fail too
+                        raise run.stopped
                     for it in batch:
                         if it.problem:
                             run.fail(it, it.problem)
@@ -241,8 +243,10 @@ class GpuPreprocessor:
                     run.advance(len(batch))
                 for w in writes:
                     w.result()
+                if run.stopped:
+                    raise run.stopped
             finally:
-                writer.shutdown(wait=True)
+                writer.shutdown(wait=True, cancel_futures=True)   # all waited for unless raising
                 pool.shutdown(wait=True)
                 if loader is not None:
                     loader.shutdown(wait=True, cancel_futures=True)
@@ -250,9 +254,16 @@ class GpuPreprocessor:
 
 
 def _write_then_log(item, img, meta, run, write_png):
-    try:
-        write_png(item.png, img)
-    except (OSError, RsnaError) as e:      # as the CPU path: this file fails, the run goes on
-        run.fail(item, f"{item.path}: PNG not written ({type(e).__name__}: {e})")
+    if run.stopped:                        # the disk is full: the queued writes are skipped
         return
-    run.ok(item, meta)
+    try:
+        try:
+            write_png(item.png, img)
+        except DiskFullError:
+            raise
+        except (OSError, RsnaError) as e:  # as the CPU path: this file fails, the run goes on
+            run.fail(item, f"{item.path}: PNG not written ({type(e).__name__}: {e})")
+            return
+        run.ok(item, meta)
+    except DiskFullError as e:             # not this file's fault: the run stops (as on the CPU)
+        run.stopped = run.stopped or e

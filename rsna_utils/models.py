@@ -6,7 +6,7 @@ import functools
 import os
 from pathlib import Path
 
-from rsna_utils.errors import RsnaError
+from rsna_utils.errors import RsnaError, writing
 
 # The design's progression, plus what the winners used. Any timm name works if timm knows it.
 SUPPORTED = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "efficientnet_b0",
@@ -278,8 +278,10 @@ def save_checkpoint(obj: dict, path: str | Path) -> None:
     import torch
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with writing(path, "saving the checkpoint", "Free some space or give --out a folder on a "
+                 "larger disk; --resume continues from the last last.pt saved", tmp):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
 
 
 class WeightedBCE:

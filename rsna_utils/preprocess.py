@@ -26,7 +26,7 @@ import pandas as pd
 
 from rsna_utils import roi
 from rsna_utils.dicom_io import DEFAULT_MAX_PIXELS, decode_pixels, read_header
-from rsna_utils.errors import RsnaError
+from rsna_utils.errors import DiskFullError, RsnaError, free_bytes, human_bytes, writing
 from rsna_utils.image_plan import (  # noqa: F401  (PreprocessError re-exported)
     PreprocessError, apply_numpy, make_plan)
 
@@ -109,9 +109,14 @@ def write_png(path: str | Path, img: np.ndarray, compression: int = 1) -> None:
     if not ok:
         raise PreprocessError(f"{path}: PNG encoding failed")
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(buf.tobytes())
-    os.replace(tmp, path)
+    with writing(path, "writing the PNG", PNG_SPACE_FIX, tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(buf.tobytes())
+        os.replace(tmp, path)
+
+
+PNG_SPACE_FIX = ("Free some space, or give --out a folder on a larger disk, and run the same "
+                 "command again: the images already written are kept and skipped")
 
 
 # ----------------------------------------------------------------------------------------
@@ -196,6 +201,8 @@ def _work(item: Item) -> tuple[str, Item, dict | str]:
         img, meta = preprocess_image(item.path, _CFG, _BACKEND)
         write_png(item.png, img, _COMPRESSION)
         return "ok", item, meta
+    except DiskFullError as e:      # not this file's fault: the run stops
+        return "stop", item, str(e)
     except RsnaError as e:
         return "fail", item, str(e)
     except MemoryError:
@@ -245,8 +252,9 @@ class _CsvLog:
         os.replace(tmp, path)
 
     def write(self, row: dict) -> None:
-        self.w.writerow(row)
-        self.fh.flush()
+        with writing(self.path, "adding a row", PNG_SPACE_FIX):    # a cut row is repaired on reopening
+            self.w.writerow(row)
+            self.fh.flush()
 
     def close(self) -> None:
         self.fh.close()
@@ -356,6 +364,8 @@ class Preprocessor:
         with FolderRun(out, self.cfg, images, csv_path, shard, "preprocess",
                        self.progress) as run:
             def record(status: str, item: Item, info) -> None:
+                if status == "stop":
+                    raise DiskFullError(info)
                 (run.ok if status == "ok" else run.fail)(item, info)
                 run.advance()
 
@@ -393,12 +403,18 @@ class Preprocessor:
                     for fut in finished:
                         it = running.pop(fut)
                         try:
-                            record(*fut.result())
+                            result = fut.result()
                         except BrokenProcessPool:
                             suspects.append(it)
                             broken = True
+                            continue
                         except Exception as e:  # e.g. a result that cannot be unpickled
-                            record("fail", item=it, info=f"{it.path}: unhandled exception {type(e).__name__}: {e}")
+                            result = ("fail", it, f"{it.path}: unhandled exception {type(e).__name__}: {e}")
+                        try:
+                            record(*result)
+                        except DiskFullError:   # stop now; what is in flight gets no meta row,
+                            _kill_workers(ex)   # so the rerun does it again
+                            raise
                     # a queued task may wait for one other: twice the limit means a hang
                     if not broken and any(time.monotonic() - started[f] > 2 * self.file_timeout
                                           for f in running):
@@ -465,6 +481,23 @@ def open_run(out: str | Path, cfg: PreprocessConfig, images, csv_path, shard):
     return todo, summary, meta_log, fail_log
 
 
+SPACE_CHECK_AFTER = 32      # PNGs written before the output's size is estimated
+
+
+def space_warning(out: str | Path, bytes_per_png: float, todo: int) -> str:
+    """A warning when the PNGs still to write will likely not fit on the disk of `out` (the
+    estimate from the first images written), else ''."""
+    need = bytes_per_png * max(todo - SPACE_CHECK_AFTER, 0)
+    free = free_bytes(out)
+    if free is None or need <= free:
+        return ""
+    return (f"warning: about {human_bytes(need)} of PNGs are still to be written to {out} and its "
+            f"disk has {human_bytes(free)} free (estimated from the first {SPACE_CHECK_AFTER} "
+            "images): the run will stop when the disk is full. Free some space or give --out a "
+            "folder on a larger disk (Kaggle keeps at most 20 GB under /kaggle/working), or "
+            "preprocess at a smaller --size")
+
+
 class FolderRun:
     """The bookkeeping every preprocessing run over a folder shares, CPU or GPU: `open_run`
     (settings file, shard, resume, the two logs), the progress bar, a thread-safe `ok` / `fail`
@@ -481,6 +514,9 @@ class FolderRun:
         self._lock = threading.Lock()
         self.bar = tqdm(total=len(self.todo), desc=desc, unit="img", disable=not progress,
                         file=sys.stderr, dynamic_ncols=True)
+        self.stopped: DiskFullError | None = None    # set by a writer thread; the run raises it
+        self._png_bytes = 0
+        self.space_warning = ""
 
     def ok(self, item: Item, meta: dict) -> None:
         with self._lock:
@@ -488,6 +524,16 @@ class FolderRun:
                                      png=os.path.basename(item.png)))
             self.summary.processed += 1
             self.summary.inverted += bool(meta.get("looks_inverted"))
+            if self.summary.processed <= SPACE_CHECK_AFTER:
+                try:
+                    self._png_bytes += os.path.getsize(item.png)
+                except OSError:
+                    pass
+                if self.summary.processed == SPACE_CHECK_AFTER:
+                    self.space_warning = space_warning(self.summary.out, self._png_bytes
+                                                       / SPACE_CHECK_AFTER, len(self.todo))
+                    if self.space_warning:
+                        self.bar.write(self.space_warning, file=sys.stderr)
 
     def fail(self, item: Item, reason) -> None:
         row = dict(image_id=item.image_id, patient_id=item.patient_id, path=item.path,
@@ -548,8 +594,9 @@ def _write_config(path: Path, cfg: PreprocessConfig) -> None:
                             f"{diff} (old, new); use another --out or the same settings")
         return
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(d, indent=2))
-    os.replace(tmp, path)
+    with writing(path, "writing the settings", PNG_SPACE_FIX, tmp):
+        tmp.write_text(json.dumps(d, indent=2))
+        os.replace(tmp, path)
 
 
 def _start_method() -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.config import Config, setting
-from rsna_utils.errors import RsnaError
+from rsna_utils.errors import RsnaError, writing
 from rsna_utils.models import POOLS
 
 
@@ -611,14 +611,16 @@ def save_epoch(out: Path, state: dict, best_model, preds: pd.DataFrame, history:
     """last.pt, metrics.csv/json; with `best_model` (an improved epoch) also best.pt (the
     weights that were evaluated: the EMA when on) and val_predictions.csv."""
     from rsna_utils.models import save_checkpoint
-    if best_model is not None:
-        resume_only = ("optimizer", "scheduler", "ema")
-        save_checkpoint({**{k: v for k, v in state.items() if k not in resume_only},
-                         "model": _state(best_model)}, out / "best.pt")
-        preds.to_csv(out / "val_predictions.csv", index=False)
-    save_checkpoint(state, out / "last.pt")
-    pd.DataFrame(history).to_csv(out / "metrics.csv", index=False)
-    (out / "metrics.json").write_text(json.dumps([_plain(h) for h in history], indent=2))
+    with writing(out, "writing the epoch's files", "Free some space or give --out a folder on "
+                 "a larger disk; --resume continues from the last last.pt saved"):
+        if best_model is not None:
+            resume_only = ("optimizer", "scheduler", "ema")
+            save_checkpoint({**{k: v for k, v in state.items() if k not in resume_only},
+                             "model": _state(best_model)}, out / "best.pt")
+            preds.to_csv(out / "val_predictions.csv", index=False)
+        save_checkpoint(state, out / "last.pt")
+        pd.DataFrame(history).to_csv(out / "metrics.csv", index=False)
+        (out / "metrics.json").write_text(json.dumps([_plain(h) for h in history], indent=2))
 
 
 def teardown(out: Path, model, rank: int, world: int) -> None:

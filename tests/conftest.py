@@ -63,3 +63,15 @@ class HangOn:
         import time
         if os.path.basename(path) == self.name:
             time.sleep(3600)
+
+
+class DiskFullOn:
+    """Test hook: the disk is full when this file is written (raised in the worker)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, path: str) -> None:
+        from rsna_utils.errors import DiskFullError
+        if os.path.basename(path) == self.name:
+            raise DiskFullError(f"{path}: writing the PNG failed, its disk is full (test)")
