@@ -552,8 +552,12 @@ class FolderRun:
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
-        self.meta_log.close()
-        self.fail_log.close()
+        for log in (self.meta_log, self.fail_log):
+            try:
+                log.close()
+            except OSError:
+                if exc[0] is None:    # leaving on an error (a full disk) already: that one
+                    raise             # is the message; a row cut short is repaired on reopening
         self.summary.seconds = time.perf_counter() - self.t0
 
 

@@ -36,6 +36,28 @@ class FullAfter:
         return self.real(src, dst)
 
 
+class FlushFails:
+    """A log file whose disk fills after `rows` flushes (its close flushes too, as a real one)."""
+
+    def __init__(self, fh, rows: int):
+        self.fh, self.rows = fh, rows
+
+    def write(self, text):
+        return self.fh.write(text)
+
+    def flush(self):
+        self.rows -= 1
+        if self.rows < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.fh.flush()
+
+    def close(self):
+        try:
+            self.flush()
+        finally:
+            self.fh.close()
+
+
 def failures(out: Path) -> pd.DataFrame:
     f = out / "failures.csv"
     return pd.read_csv(f) if f.exists() and f.stat().st_size else pd.DataFrame()
@@ -160,3 +182,23 @@ def test_only_a_full_disk_is_called_full(tmp_path, monkeypatch):
     monkeypatch.setattr(errors.shutil, "disk_usage", lambda p: Usage(10**12, 0, 10**12))
     assert errors.disk_full(f, "saving", RuntimeError("unexpected pos"), "fix") is None
     assert errors.disk_full(f, "writing", OSError(errno.ENOSPC, "No space left"), "fix") is not None
+
+
+def test_a_full_disk_while_logging_a_row(tmp_path, synth_small, monkeypatch):
+    images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "o"
+    n = len(pd.read_csv(csv))
+    real_init = preprocess._CsvLog.__init__
+
+    def init(self, path, columns, fresh=False):
+        real_init(self, path, columns, fresh)
+        if path.name == "meta.csv":
+            self.fh = FlushFails(self.fh, rows=4)      # the header and three rows fit
+            self.w = preprocess.csv.DictWriter(self.fh, fieldnames=self.columns, extrasaction="ignore")
+    monkeypatch.setattr(preprocess._CsvLog, "__init__", init)
+    with pytest.raises(DiskFullError, match=r"meta\.csv: adding a row failed, its disk is full"):
+        Preprocessor(PreprocessConfig(size=48), workers=0, progress=False).run(images, csv, out)
+    monkeypatch.undo()
+    assert failures(out).empty
+    s = Preprocessor(PreprocessConfig(size=48), workers=0, progress=False).run(images, csv, out)
+    assert s.failed == 0 and s.skipped + s.processed == n and s.skipped >= 3
+    assert len(pd.read_csv(out / "meta.csv")) == n
