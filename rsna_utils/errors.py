@@ -1,5 +1,6 @@
 """Errors a user can act on. The CLI prints them as one line and exits non-zero."""
 import errno
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,19 @@ def disk_full(path, doing: str, err: BaseException, fix: str) -> DiskFullError |
     left = f"{human_bytes(free)} free" if free is not None else "free space unknown"
     return DiskFullError(f"{path}: {doing} failed, {what} ({left}; {type(err).__name__}: {err}). "
                          f"{fix}")
+
+
+def write_atomic(path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it, so that a reader (or a crash
+    half-way) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager

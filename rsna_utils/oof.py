@@ -41,7 +41,7 @@ import pandas as pd
 
 from rsna_utils import metrics
 from rsna_utils.calibrate import METHODS as CALIBRATIONS, calibrate_oof
-from rsna_utils.errors import RsnaError
+from rsna_utils.errors import RsnaError, write_atomic
 
 PRED_FILE = "val_predictions.csv"
 CONFIG_FILE = "config.json"
@@ -471,8 +471,8 @@ def write_ensemble(run_dirs: list[str | Path], out_json: str | Path, agg: str = 
     out_json.parent.mkdir(parents=True, exist_ok=True)
     oof_csv = out_json.parent / OOF_FILE
     res["oof_csv"] = str(oof_csv)
-    _atomic_write(oof_csv, df.to_csv(index=False))
-    _atomic_write(out_json, json.dumps(_finite(res), indent=2) + "\n")
+    write_atomic(oof_csv, df.to_csv(index=False))
+    write_atomic(out_json, json.dumps(_finite(res), indent=2) + "\n")
     return res
 
 
@@ -486,8 +486,3 @@ def _finite(d):
         return None
     return d
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

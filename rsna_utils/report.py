@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from rsna_utils.errors import write_atomic
 
 INDEX = "index.html"
 
@@ -25,7 +26,7 @@ def notebook_html(ipynb: str | Path) -> Path:
     nb = nbformat.read(ipynb, as_version=4)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
     out = ipynb.with_suffix(".html")
-    _atomic_write(out, body)
+    write_atomic(out, body)
     return out
 
 
@@ -110,12 +111,7 @@ border-bottom:1px solid #ddd}}table{{border-collapse:collapse}}</style></head><b
 </table></body></html>
 """
     out = run_dir / INDEX
-    _atomic_write(out, page)
+    write_atomic(out, page)
     return out
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.config import Config, setting
-from rsna_utils.errors import RsnaError, writing
+from rsna_utils.errors import RsnaError, write_atomic, writing
 from rsna_utils.models import POOLS
 
 
@@ -201,7 +201,7 @@ def make_split(df: pd.DataFrame, cfg: TrainConfig, out: Path) -> tuple[pd.DataFr
         df = df.copy()
         df["fold"] = (holdout_split(df, cfg.val_frac, cfg.seed) if cfg.split == "holdout"
                       else patient_folds(df, cfg.folds, cfg.seed))
-        df[["patient_id", "image_id", "fold"]].to_csv(path, index=False)
+        write_atomic(path, df[["patient_id", "image_id", "fold"]].to_csv(index=False))
     val_fold = 1 if cfg.split == "holdout" else cfg.fold    # split and fold: TrainConfig checks
     train, val = df[df.fold != val_fold].reset_index(drop=True), df[df.fold == val_fold].reset_index(drop=True)
     check_split(train, val, f"{cfg.split} split (fold {val_fold}) of {cfg.csv}")
@@ -339,7 +339,7 @@ def train(cfg: TrainConfig) -> dict:
     opt = create_optimisation(cfg, model, len(data.train_dl), device)
     start, best, history = resume(cfg, out, model, opt, contract)
     if rank == 0:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
 
     for epoch in range(start, cfg.epochs):
         data.sampler.set_epoch(epoch)
@@ -617,10 +617,10 @@ def save_epoch(out: Path, state: dict, best_model, preds: pd.DataFrame, history:
             resume_only = ("optimizer", "scheduler", "ema")
             save_checkpoint({**{k: v for k, v in state.items() if k not in resume_only},
                              "model": _state(best_model)}, out / "best.pt")
-            preds.to_csv(out / "val_predictions.csv", index=False)
+            write_atomic(out / "val_predictions.csv", preds.to_csv(index=False))
         save_checkpoint(state, out / "last.pt")
-        pd.DataFrame(history).to_csv(out / "metrics.csv", index=False)
-        (out / "metrics.json").write_text(json.dumps([_plain(h) for h in history], indent=2))
+        write_atomic(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False))
+        write_atomic(out / "metrics.json", json.dumps([_plain(h) for h in history], indent=2))
 
 
 def teardown(out: Path, model, rank: int, world: int) -> None:

@@ -202,3 +202,19 @@ def test_a_full_disk_while_logging_a_row(tmp_path, synth_small, monkeypatch):
     s = Preprocessor(PreprocessConfig(size=48), workers=0, progress=False).run(images, csv, out)
     assert s.failed == 0 and s.skipped + s.processed == n and s.skipped >= 3
     assert len(pd.read_csv(out / "meta.csv")) == n
+
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    """val_predictions.csv, metrics, splits.csv and the OOF tables go through write_atomic: a
+    write that fails half-way leaves the previous file whole and no temporary behind."""
+    path = tmp_path / "val_predictions.csv"
+    errors.write_atomic(path, "image_id,prediction\n1,0.5\n")
+    assert path.read_text() == "image_id,prediction\n1,0.5\n"
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(errors.os, "replace", no_space)
+    with pytest.raises(OSError):
+        errors.write_atomic(path, "image_id,prediction\n1,0.9\n2,0.1\n")
+    assert path.read_text() == "image_id,prediction\n1,0.5\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val_predictions.csv"]
