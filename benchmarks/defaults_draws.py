@@ -22,7 +22,8 @@ from pathlib import Path
 RECIPES = {"defaults": ("pad", {}), "handpicked": ("stretch", {"global_pool": "max"}),
            "droppath": ("pad", {"drop_path": 0.1}),     # the defaults with stochastic depth
            "lr1e-3": ("pad", {"lr": 1e-3}),
-           "ratio0.3": ("pad", {"target_ratio": 0.3})}  # positives repeated to 30% of each epoch
+           "ratio0.3": ("pad", {"target_ratio": 0.3}),  # positives repeated to 30% of each epoch
+           "augment": ("pad", {"augment": True})}       # flips, affine, dropout, gamma/contrast
 
 
 def run_one(work: Path, seed: int, recipe: str) -> dict:

@@ -153,3 +153,27 @@ def test_cli_bad_arguments_give_one_line(tmp_path, args, expect):
     assert expect in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_window_follows_the_tissue_not_the_lesion():
+    """The DICOM window must not give the label away. It was computed over the whole breast,
+    lesions included: a bright mass widened it and darkened the whole displayed image, so the
+    median brightness alone told cancer from normal (image AUC 0.80 on a 150-patient set) and
+    a model could score without finding a lesion. Computed from the tissue, the displayed
+    median carries no label."""
+    from sklearn.metrics import roc_auc_score
+    rows, _ = synth.plan_dataset(60, 3, 0.5, 0)
+    medians, labels = [], []
+    for i, r in enumerate(rows):
+        stored, _, ds = synth.make_image(r, "small", 3, i)
+        c, w = (float(x[0]) if isinstance(x, pydicom.multival.MultiValue) else float(x)
+                for x in (ds.WindowCenter, ds.WindowWidth))
+        v = stored * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+        shown = np.clip((v - (c - w / 2)) / w, 0, 1)
+        if ds.PhotometricInterpretation == "MONOCHROME1":
+            shown = 1 - shown
+        medians.append(np.median(shown[shown > 0.1]))
+        labels.append(r["cancer"])
+    assert 20 <= sum(labels) <= len(labels) - 20
+    auc = roc_auc_score(labels, medians)
+    assert 0.35 < auc < 0.65, auc
