@@ -453,7 +453,7 @@ def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, wor
         set_outputs(model, 1 + len(cfg.aux))      # logit 0: cancer; then one per aux target
     if rank == 0 and getattr(model, "pretrained_report", None):
         print(model.pretrained_report, file=sys.stderr)
-    elif rank == 0 and not cfg.pretrained_path:
+    elif rank == 0 and not cfg.pretrained_path and not cfg.resume:
         print(SCRATCH_NOTE.format(model=cfg.model), file=sys.stderr)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -548,11 +548,11 @@ RESUME_FREE = frozenset({"size", "bits", "max_pixels"})
 def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
            contract: dict | None = None) -> tuple[int, dict | None, list]:
     """(first epoch, best so far, history): from out/last.pt with cfg.resume, else a fresh
-    start. Leftovers of a checkpoint write cut by a kill are removed either way. With the
+    start. Leftovers of a checkpoint or table write cut by a kill are removed either way. With the
     run's `contract`, an input that differs from the one last.pt trained on is refused."""
     from rsna_utils.models import load_weights
     last = out / "last.pt"
-    for stale in out.glob(".*.pt.tmp*"):
+    for stale in out.glob(".*.tmp*"):            # checkpoints' and write_atomic's tables
         stale.unlink(missing_ok=True)
     if not (cfg.resume and last.exists()):
         return 0, None, []

@@ -4,8 +4,8 @@ epochs on this CPU, the same model from random weights does not, and a from-scra
 learns a little at full aspect.
 
 Until 2026-12-01 the generator's DICOM window was computed with the lesions in it, which
-darkened every cancer image as a whole: from-scratch models scored 0.85-0.95 by reading the
-median brightness (tests/test_synth.py::test_the_window_follows_the_tissue_not_the_lesion),
+darkened every cancer image as a whole: from-scratch resnet18 runs scored 0.85-0.95 by reading
+the median brightness (tests/test_synth.py::test_the_window_follows_the_tissue_not_the_lesion),
 and the tests here asked for that. On the corrected set a resnet18 from scratch at 128x128 for 6
 epochs scores 0.52 (chance); see BENCHMARKS.md."""
 import pytest
@@ -46,7 +46,7 @@ def test_pretrained_lite0_beats_the_same_model_from_scratch(tmp_path):
         res[name] = dict(_score_new_patients(tmp_path, name), seconds=time.perf_counter() - t0)
     print({k: (round(v["breast_mean_auc"], 3), round(v["breast_mean_pr_auc"], 3), round(v["seconds"]))
            for k, v in res.items()})
-    assert res["pretrained"]["breast_mean_auc"] >= 0.9, res       # measured 0.953 (scratch 0.583)
+    assert res["pretrained"]["breast_mean_auc"] >= 0.9, res       # measured 0.966 (scratch 0.519)
     assert res["pretrained"]["breast_mean_auc"] > res["scratch"]["breast_mean_auc"] + 0.2, res
     assert res["pretrained"]["breast_mean_pr_auc"] > res["scratch"]["breast_mean_pr_auc"], res
 
@@ -55,12 +55,13 @@ def test_pretrained_lite0_beats_the_same_model_from_scratch(tmp_path):
 def test_resnet18_from_scratch_learns_at_full_aspect(tmp_path):
     """`rsna train --model resnet18 --size 256x128 --epochs 6` with no other flag on PNGs
     preprocessed at 256x128: from random weights, above chance on new patients but far from the
-    pretrained model (measured 0.675, validation AUC still rising, 0.43 -> 0.82; at 128x128 the
-    same gives 0.52). Guards that the default loop learns from scratch at all."""
+    pretrained model (measured 0.632, validation AUC 0.47 -> 0.77; at 128x128 the same gives
+    0.52). Guards that the default loop learns from scratch at all: on these 300 breasts (61
+    with cancer) a chance-level model stays under 0.58 but for about one draw in forty."""
     _synthetic(tmp_path, (256, 128))
     train(TrainConfig(data=str(tmp_path / "png"), csv=str(tmp_path / "data" / "train.csv"),
                       out=str(tmp_path / "run"), model="resnet18", size=[256, 128], epochs=6,
                       device="cpu", progress=False))
     m = _score_new_patients(tmp_path, "run")
     print(m)
-    assert m["breast_mean_auc"] >= 0.62, m
+    assert m["breast_mean_auc"] >= 0.58, m
