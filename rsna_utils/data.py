@@ -330,20 +330,69 @@ def epoch_indices(labels: np.ndarray, epoch: int, seed: int, upsample: float = 1
     return idx
 
 
+def batches_with_positives(idx: np.ndarray, labels: np.ndarray, batch_size: int,
+                           min_positives: int, seed: int, epoch: int,
+                           world_size: int = 1) -> np.ndarray:
+    """The epoch `idx` laid out so that every batch of `batch_size` holds at least
+    `min_positives` positive images (the 1st place solution kept one per batch).
+
+    The positives of `idx` are spread over the batches first; where there are too few, more
+    copies of randomly drawn positives are added. The epoch is filled up to whole batches (a
+    multiple of world_size of them) with random entries of `idx`, so its length depends only on
+    the counts, not on the draw. For DDP the batches are interleaved so that rank r, taking every
+    world_size-th entry from r on, reads whole batches in order."""
+    labels = np.asarray(labels)
+    if min_positives <= 0:
+        return idx
+    if min_positives >= batch_size:
+        raise RsnaError(f"min_positives={min_positives}: must be below batch_size={batch_size}, "
+                        f"or no negative fits in a batch; lower it (1 is usual)")
+    is_pos = labels[idx] > 0.5
+    pos, rest = idx[is_pos], idx[~is_pos]
+    if not len(pos):
+        raise RsnaError(f"min_positives={min_positives}: the training set has no positive "
+                        f"image to put in a batch; set it to 0 or check the labels")
+    rng = np.random.default_rng([seed, epoch, 1])
+    unique_pos = np.unique(pos)
+    while True:
+        n_batches = -(-(len(pos) + len(rest)) // batch_size)
+        n_batches = -(-n_batches // world_size) * world_size
+        short = n_batches * min_positives - len(pos)
+        if short <= 0:
+            break
+        pos = np.concatenate([pos, rng.choice(unique_pos, size=short)])
+    rng.shuffle(pos)
+    pool = np.concatenate([pos[n_batches * min_positives:], rest])
+    fill = n_batches * batch_size - len(pos) - len(rest)
+    pool = np.concatenate([pool, rng.choice(idx, size=fill)])
+    rng.shuffle(pool)
+    out = np.concatenate([pos[:n_batches * min_positives].reshape(n_batches, min_positives),
+                          pool.reshape(n_batches, batch_size - min_positives)], axis=1)
+    out = rng.permuted(out, axis=1)                      # the positives anywhere in their batch
+    # chunk of world_size batches -> position i * world_size + r holds batch r's i-th image
+    out = out.reshape(-1, world_size, batch_size).transpose(0, 2, 1)
+    return out.reshape(-1)
+
+
 class UpsampleSampler:
     """Sampler over `epoch_indices`, sharded for DDP: every rank sees the same shuffled,
     upsampled list, takes every world_size-th entry, padded to equal length (so the ranks
-    run the same number of steps)."""
+    run the same number of steps). min_positives > 0: laid out by `batches_with_positives`
+    for loaders of `batch_size`."""
 
     def __init__(self, labels: np.ndarray, seed: int = 0, upsample: float = 1.0,
-                 target_ratio: float | None = None, rank: int = 0, world_size: int = 1):
+                 target_ratio: float | None = None, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1, min_positives: int = 0):
         self.labels, self.seed, self.upsample, self.target_ratio = labels, seed, upsample, target_ratio
         self.rank, self.world_size = rank, world_size
+        self.batch_size, self.min_positives = batch_size, min_positives
         self.epoch = 0
         self._len = math.ceil(len(self._indices()) / world_size)
 
     def _indices(self) -> np.ndarray:
-        return epoch_indices(self.labels, self.epoch, self.seed, self.upsample, self.target_ratio)
+        idx = epoch_indices(self.labels, self.epoch, self.seed, self.upsample, self.target_ratio)
+        return batches_with_positives(idx, self.labels, self.batch_size, self.min_positives,
+                                      self.seed, self.epoch, self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

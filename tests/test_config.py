@@ -26,6 +26,7 @@ TRAIN_VALUES = {
     "workers": (0, "0", 0),
     "cache": (True, "true", True),
     "upsample": (5.0, "5", 5.0),
+    "min_positives": (1, "1", 1),
     "target_ratio": (None, "none", None),
     "augment": (True, "true", True),
     "random_crop": (0.2, "0.2", 0.2),

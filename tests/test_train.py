@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna_utils.data import (UpsampleSampler, check_split, epoch_indices, holdout_split,
-                             load_table, patient_folds)
+from rsna_utils.data import (UpsampleSampler, batches_with_positives, check_split, epoch_indices,
+                             holdout_split, load_table, patient_folds)
 from rsna_utils.errors import RsnaError
 from rsna_utils.models import WeightedBCE, create_model, load_weights
 from rsna_utils.preprocess import PreprocessConfig, Preprocessor
@@ -53,6 +53,46 @@ def test_distributed_sampler_keeps_upsampling():
     # together the two ranks see exactly the upsampled epoch (plus padding), each index once
     assert sorted(a + b) == sorted(list(full) + list(full[:pad]))
     assert (labels[a + b] == 1).sum() >= 28
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_batch_holds_a_positive(world):
+    """min_positives: each rank's every batch has that many positives, however few there are
+    (2% here, like the real data: without it most batches of 8 have none)."""
+    labels = np.array([1] * 4 + [0] * 196)
+    batch = 8
+    plain = epoch_indices(labels, 0, seed=5, upsample=2)
+    assert sum((labels[plain[i:i + batch]] == 0).all() for i in range(0, len(plain), batch)) > 10
+    lengths = set()
+    for epoch in range(3):
+        for r in range(world):
+            s = UpsampleSampler(labels, 5, 2, None, r, world, batch, 1)
+            s.set_epoch(epoch)
+            got = list(s)
+            assert len(got) == len(s) and len(got) % batch == 0
+            lengths.add(len(got))
+            for i in range(0, len(got), batch):
+                assert (labels[got[i:i + batch]] == 1).sum() >= 1, (epoch, r, i)
+        # every negative of the epoch is still seen once or more
+        s = UpsampleSampler(labels, 5, 2, None, 0, world, batch, 1)
+        s.set_epoch(epoch)
+        seen = set(s._indices().tolist())
+        assert set(np.flatnonzero(labels == 0).tolist()) <= seen
+    assert len(lengths) == 1          # the same number of steps every epoch (the schedule's)
+    a = batches_with_positives(plain, labels, batch, 1, seed=5, epoch=0)
+    assert np.array_equal(a, batches_with_positives(plain, labels, batch, 1, seed=5, epoch=0))
+    assert not np.array_equal(a, batches_with_positives(plain, labels, batch, 1, seed=5, epoch=1))
+    assert batches_with_positives(plain, labels, batch, 0, 5, 0) is plain
+
+
+def test_min_positives_bad_values():
+    labels = np.array([0] * 20)
+    with pytest.raises(RsnaError, match="no positive"):
+        batches_with_positives(np.arange(20), labels, 8, 1, 0, 0)
+    with pytest.raises(RsnaError, match="below batch_size=4"):
+        batches_with_positives(np.arange(20), labels, 4, 4, 0, 0)
+    with pytest.raises(RsnaError, match="min_positives=16: must be below batch_size=16"):
+        TrainConfig(min_positives=16, batch_size=16)
 
 
 def test_patient_grouped_splits():
@@ -189,7 +229,8 @@ def test_ddp_two_processes_gloo_identical_weights(tmp_path, png48, synth_small):
            "--master_port", "29517", "-m", "rsna_utils", "train", "--data", str(png48),
            "--csv", str(synth_small / "train.csv"), "--out", str(tmp_path / "ddp"),
            "--model", "resnet18", "--size", "48", "--epochs", "1", "--batch-size", "4",
-           "--workers", "0", "--device", "cpu", "--max-steps", "3", "--quiet"]
+           "--workers", "0", "--device", "cpu", "--max-steps", "3", "--min-positives", "1",
+           "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     d0 = (tmp_path / "ddp" / "weights_rank0.txt").read_text()
