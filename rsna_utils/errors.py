@@ -59,17 +59,18 @@ def disk_full(path, doing: str, err: BaseException, fix: str) -> DiskFullError |
                          f"{fix}")
 
 
-def write_atomic(path, text: str) -> None:
+SPACE_FIX = "Free some space, or write to a folder on a disk with room, and run it again."
+
+
+def write_atomic(path, text: str, fix: str = SPACE_FIX) -> None:
     """Write `text` to `path` through a temporary file beside it, so that a reader (or a crash
-    half-way) sees the old file or the new one, never half of one."""
+    half-way) sees the old file or the new one, never half of one. A full disk is raised as one
+    DiskFullError line naming `path` and `fix`; no temporary is left behind."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")    # per process: DDP ranks, workers
+    with writing(path, f"writing {path.name}", fix, tmp):
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextmanager

@@ -196,8 +196,10 @@ def amp_dtype(cfg: TrainConfig, device):
     raise RsnaError(f"amp={cfg.amp!r}: choose auto, bf16, fp16 or off")
 
 
-def make_split(df: pd.DataFrame, cfg: TrainConfig, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Patient-grouped split, saved to out/splits.csv (reused on resume)."""
+def make_split(df: pd.DataFrame, cfg: TrainConfig, out: Path,
+               write: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Patient-grouped split, saved to out/splits.csv (reused on resume) when `write` (rank 0
+    only under DDP: every rank draws the same split)."""
     from rsna_utils.data import check_split, holdout_split, patient_folds
     path = out / "splits.csv"
     if path.exists() and cfg.resume:
@@ -207,7 +209,8 @@ def make_split(df: pd.DataFrame, cfg: TrainConfig, out: Path) -> tuple[pd.DataFr
         df = df.copy()
         df["fold"] = (holdout_split(df, cfg.val_frac, cfg.seed) if cfg.split == "holdout"
                       else patient_folds(df, cfg.folds, cfg.seed))
-        write_atomic(path, df[["patient_id", "image_id", "fold"]].to_csv(index=False))
+        if write:
+            write_atomic(path, df[["patient_id", "image_id", "fold"]].to_csv(index=False))
     val_fold = 1 if cfg.split == "holdout" else cfg.fold    # split and fold: TrainConfig checks
     train, val = df[df.fold != val_fold].reset_index(drop=True), df[df.fold == val_fold].reset_index(drop=True)
     check_split(train, val, f"{cfg.split} split (fold {val_fold}) of {cfg.csv}")
@@ -421,7 +424,7 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
         raise RsnaError(f"{cfg.csv}: no 'cancer' column; training needs labels (train.csv)")
     if cfg.aux:
         aux_targets(table, cfg.aux, str(cfg.csv))   # a missing column: one clear line, nothing written
-    train_df, val_df = make_split(table, cfg, Path(cfg.out))
+    train_df, val_df = make_split(table, cfg, Path(cfg.out), write=rank == 0)
     size, norm = contract["size"], contract["norm"]
     aug = Augment(random_crop=cfg.random_crop) if cfg.augment else None
     train_ds = PngDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache, norm=norm,
@@ -626,16 +629,17 @@ def save_epoch(out: Path, state: dict, best_model, preds: pd.DataFrame, history:
     """last.pt, metrics.csv/json; with `best_model` (an improved epoch) also best.pt (the
     weights that were evaluated: the EMA when on) and val_predictions.csv."""
     from rsna_utils.models import save_checkpoint
-    with writing(out, "writing the epoch's files", "Free some space or give --out a folder on "
-                 "a larger disk; --resume continues from the last last.pt saved"):
+    fix = ("Free some space or give --out a folder on a larger disk; --resume continues from "
+           "the last last.pt saved")
+    with writing(out, "writing the epoch's files", fix):
         if best_model is not None:
             resume_only = ("optimizer", "scheduler", "ema")
             save_checkpoint({**{k: v for k, v in state.items() if k not in resume_only},
                              "model": _state(best_model)}, out / "best.pt")
-            write_atomic(out / "val_predictions.csv", preds.to_csv(index=False))
+            write_atomic(out / "val_predictions.csv", preds.to_csv(index=False), fix)
         save_checkpoint(state, out / "last.pt")
-        write_atomic(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False))
-        write_atomic(out / "metrics.json", json.dumps([_plain(h) for h in history], indent=2))
+        write_atomic(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False), fix)
+        write_atomic(out / "metrics.json", json.dumps([_plain(h) for h in history], indent=2), fix)
 
 
 def teardown(out: Path, model, rank: int, world: int) -> None:

@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from rsna_utils.errors import RsnaError
+from rsna_utils.errors import RsnaError, writing
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -330,11 +330,10 @@ def _pretrained_config(model, model_name: str, origin: str) -> dict:
 def _write_atomic(path: Path, write) -> None:
     """write(tmp_path), then rename: a kill never leaves half a file under the real name."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with writing(path, f"writing {path.name}", "Free some space or give --out a folder on a "
+                 "disk with room (timm weights take 50-350 MB a model).", tmp):
         write(tmp)
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_hf_folder(model, model_name: str, out, origin: str) -> dict:

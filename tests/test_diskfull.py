@@ -214,7 +214,15 @@ def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
     def no_space(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(errors.os, "replace", no_space)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFullError, match=r"val_predictions\.csv: writing val_predictions\.csv "
+                       r"failed, its disk is full .*Free some space"):
         errors.write_atomic(path, "image_id,prediction\n1,0.9\n2,0.1\n")
     assert path.read_text() == "image_id,prediction\n1,0.5\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val_predictions.csv"]
+
+    def denied(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(errors.os, "replace", denied)
+    with pytest.raises(PermissionError):                 # not a full disk: passed on unchanged
+        errors.write_atomic(path, "x\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val_predictions.csv"]

@@ -182,7 +182,7 @@ def test_report_links_every_step_shows_its_figure_and_the_scores(tmp_path):
     assert "0.8000" in page and "0.7700" in page      # best epoch, out-of-fold ensemble
     assert "03_train" in page and "not run" in page
     assert 'href="submission.csv"' in page
-    assert not list(run.glob(".*.tmp"))
+    assert not list(run.glob(".*.tmp*"))
 
 
 def test_a_failing_step_leaves_a_report_that_names_it(tmp_path, synth_small):

@@ -223,20 +223,31 @@ def test_train_bad_inputs(tmp_path, png48, synth_small):
         train(_cfg(tmp_path, png48, synth_small, csv=str(tmp_path / "neg.csv"), out=str(tmp_path / "r2")))
 
 
+def _free_port() -> int:
+    """A port nothing listens on now (a fixed one can still be held by a run moments before)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_two_processes_gloo_identical_weights(tmp_path, png48, synth_small):
     env = dict(os.environ, RSNA_WRITE_RANK_DIGEST="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29517", "-m", "rsna_utils", "train", "--data", str(png48),
+           "--master_port", str(_free_port()), "-m", "rsna_utils", "train", "--data", str(png48),
            "--csv", str(synth_small / "train.csv"), "--out", str(tmp_path / "ddp"),
            "--model", "resnet18", "--size", "48", "--epochs", "1", "--batch-size", "4",
            "--workers", "0", "--device", "cpu", "--max-steps", "3", "--min-positives", "1",
            "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-3000:]
     d0 = (tmp_path / "ddp" / "weights_rank0.txt").read_text()
     d1 = (tmp_path / "ddp" / "weights_rank1.txt").read_text()
     assert d0 == d1
     assert len(pd.read_csv(tmp_path / "ddp" / "metrics.csv")) == 1
+    # splits.csv is written once (rank 0; two ranks renaming one temporary raced) and whole
+    assert len(pd.read_csv(tmp_path / "ddp" / "splits.csv")) == len(pd.read_csv(synth_small / "train.csv"))
+    assert not list((tmp_path / "ddp").glob(".*.tmp*"))
 
 
 def test_yaml_config_and_cli_errors(tmp_path, png48, synth_small):

