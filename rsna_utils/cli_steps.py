@@ -155,7 +155,8 @@ def _print_run(res: dict) -> None:
 
 def _cmd_notebooks(a: argparse.Namespace) -> int:
     from rsna_utils.notebooks import run_plan
-    _print_run(run_plan(a.plan, a.data, a.runs, a.name, a.param, progress=not a.quiet))
+    _print_run(run_plan(a.plan, a.data, a.runs, a.name, a.param, progress=not a.quiet,
+                        weights=a.weights))
     return 0
 
 
@@ -165,23 +166,35 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     from rsna_utils.notebooks import run_plan
     from rsna_utils.synth import synthesize
     if not (Path(a.data) / "train.csv").exists():
+        if a.plan != "demo":
+            # only the demo plan is meant for generated data: a mistyped DATA for a real plan
+            # must not train it on synthetic patients without a word
+            raise RsnaError(f"{Path(a.data) / 'train.csv'}: not found; the {a.plan!r} plan "
+                            "trains on a real dataset: point DATA at the folder holding the "
+                            "competition's train.csv and train_images/ (or use PLAN=demo, "
+                            "which generates synthetic data)")
         print(f"generating the synthetic dataset in {a.data} ...", flush=True)
         synthesize(a.data, patients=a.patients, seed=0, positive_rate=a.positive_rate,
                    size="small", progress=not a.quiet)
-    _print_run(run_plan(a.plan, a.data, a.runs, None, a.param, progress=not a.quiet))
+    _print_run(run_plan(a.plan, a.data, a.runs, None, a.param, progress=not a.quiet,
+                        weights=a.weights))
     return 0
 
 
 def register(sub) -> None:
     from rsna_utils.config import add_flags
+    from rsna_utils.notebooks import KAGGLE_WEIGHTS
     from rsna_utils.predict import PredictConfig
     from rsna_utils.train import TrainConfig
     _register_explain(sub)
     n = sub.add_parser("notebooks", help="run a notebook plan headless with papermill")
-    n.add_argument("--plan", default="demo", help="demo, kaggle, or a plan YAML path")
+    n.add_argument("--plan", default="demo", help="demo, kaggle, submit, or a plan YAML path")
     n.add_argument("--data", default="data/synthetic", help="dataset folder ({data} in the plan)")
     n.add_argument("--runs", default="runs", help="executed notebooks go to RUNS/<plan name>/")
     n.add_argument("--name", default=None, help="run name (default: the plan's)")
+    n.add_argument("--weights", default=KAGGLE_WEIGHTS, help="folder of pretrained weights, one "
+                   "sub-folder per model (`rsna weights export --out DIR/MODEL`): {weights} in "
+                   "the plan (default: %(default)s, the Kaggle dataset)")
     n.add_argument("-p", "--param", action="append", default=[],
                    help="override a parameter: key=value (all steps) or step.key=value")
     n.add_argument("--quiet", action="store_true")
@@ -194,6 +207,7 @@ def register(sub) -> None:
     d.add_argument("--patients", type=int, default=60)
     d.add_argument("--positive-rate", type=float, default=0.3,
                    help="raised from the real 2%% so the small validation split has positives")
+    d.add_argument("--weights", default=KAGGLE_WEIGHTS, help="as for `rsna notebooks`")
     d.add_argument("-p", "--param", action="append", default=[])
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_cmd_demo)
@@ -278,8 +292,8 @@ def _cmd_explain(a: argparse.Namespace) -> int:
 
 
 def _register_explain(sub) -> None:
-    """`rsna explain`: per-exam figures with Grad-CAM heat, index.html, heatmaps.csv."""
-    x = sub.add_parser("explain", help="per-exam figures: the views, Grad-CAM heat mapped to the "
+    """`rsna explain`: per-exam figures with class-activation heat, index.html, heatmaps.csv."""
+    x = sub.add_parser("explain", help="per-exam figures: the views, HiResCAM heat mapped to the "
                        "original pixels, scores and decision; index.html; heatmaps.csv")
     x.add_argument("--images", required=True, help="folder of {patient_id}/{image_id}.dcm")
     x.add_argument("--csv", required=True, help="train.csv / test.csv (patient_id, image_id, "

@@ -42,6 +42,7 @@ def find_notebooks() -> Path:
 
 
 NOTEBOOKS = find_notebooks()
+KAGGLE_WEIGHTS = "/kaggle/input/rsna-timm-weights"    # {weights} in a plan, unless --weights
 
 
 def load_plan(plan: str | Path) -> dict:
@@ -81,11 +82,14 @@ def _substitute(value, ctx: dict):
 
 def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | Path = "runs",
              name: str | None = None, overrides: list[str] | None = None,
-             only: list[str] | None = None, progress: bool = True) -> dict:
+             only: list[str] | None = None, progress: bool = True,
+             weights: str | Path = KAGGLE_WEIGHTS) -> dict:
     """Execute every step; returns {"run_dir", "notebooks": [...], "submission", "report"}.
 
     overrides: "key=value" strings applied to every step whose notebook has that parameter
-    (e.g. ["epochs=1"]), or "step_name.key=value" for one step."""
+    (e.g. ["epochs=1"]), or "step_name.key=value" for one step. weights: the folder that
+    "{weights}" in a plan stands for, one sub-folder per model as `rsna weights export` writes
+    them (default: where Kaggle mounts the dataset rsna-timm-weights)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -93,7 +97,8 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
     d = load_plan(plan)
     run_dir = Path(runs) / (name or d["name"])
     # absolute, not resolved: a symlinked mount keeps its siblings ("{data}/../rsna-models")
-    ctx = {"run_dir": run_dir.resolve(), "data": Path(data).absolute(), "repo": REPO}
+    ctx = {"run_dir": run_dir.resolve(), "data": Path(data).absolute(), "repo": REPO,
+           "weights": Path(weights).absolute()}
     over: dict[str, dict] = {}
     for o in overrides or []:
         if "=" not in o:
@@ -168,7 +173,8 @@ def _check_weights(plan: str, steps: list[tuple[str, dict]]) -> None:
                      if path.startswith("/kaggle/input/") and len(Path(path).parts) > 3})
     fix = (f"attach the Kaggle dataset(s) {', '.join(kaggle)} (written by `rsna weights export "
            "--model NAME --out DIR` on a machine with internet)" if kaggle else
-           "put the weights there or override the step's pretrained_path")
+           "put them there (`rsna weights export --model NAME --out DIR/NAME`), run the plan "
+           "with --weights DIR, or override the step's pretrained_path")
     raise RsnaError(f"plan {plan}: pretrained weights not found for {len(missing)} step(s) "
                     f"({where}); nothing was run: {fix}")
 

