@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 DATA   ?= data/synthetic
 PLAN   ?= demo
-WEIGHTS ?= /kaggle/input/rsna-timm-weights
+WEIGHTS ?=
 
 .PHONY: demo test test-slow install synth preprocess notebooks bench clean lab kaggle-bundle
 
@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 
 ## the main job: synthetic data -> the whole pipeline
 demo: $(VENV)/.installed
-	$(PY) -m rsna_utils demo --data $(DATA) --plan $(PLAN) --weights $(WEIGHTS)
+	$(PY) -m rsna_utils demo --data $(DATA) --plan $(PLAN) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
 ## the test suite (CI runs this)
 test: $(VENV)/.installed

@@ -163,16 +163,17 @@ def _cmd_notebooks(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rsna_utils.notebooks import run_plan
+    from rsna_utils.notebooks import load_plan, run_plan
     from rsna_utils.synth import synthesize
+    name = load_plan(a.plan)["name"]          # a mistyped plan is named here, before any data
     if not (Path(a.data) / "train.csv").exists():
-        if a.plan != "demo":
+        if name != "demo":
             # only the demo plan is meant for generated data: a mistyped DATA for a real plan
-            # must not train it on synthetic patients without a word
-            raise RsnaError(f"{Path(a.data) / 'train.csv'}: not found; the {a.plan!r} plan "
-                            "trains on a real dataset: point DATA at the folder holding the "
-                            "competition's train.csv and train_images/ (or use PLAN=demo, "
-                            "which generates synthetic data)")
+            # must not run it on synthetic patients without a word
+            raise RsnaError(f"{Path(a.data) / 'train.csv'}: not found, and the {name!r} plan "
+                            "runs on a real dataset: point DATA (--data) at the competition's "
+                            "folder (train.csv, train_images/, test.csv, test_images/), or use "
+                            "PLAN=demo, which generates synthetic data")
         print(f"generating the synthetic dataset in {a.data} ...", flush=True)
         synthesize(a.data, patients=a.patients, seed=0, positive_rate=a.positive_rate,
                    size="small", progress=not a.quiet)

@@ -64,8 +64,13 @@ def load_plan(plan: str | Path) -> dict:
 
 
 def _parse_value(text: str):
+    """YAML for a -p value (numbers, lists, booleans); text that is not YAML, such as
+    "{weights}/resnet18" (a flow mapping to YAML), stays the string it was written as."""
     import yaml
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _substitute(value, ctx: dict):
@@ -172,7 +177,8 @@ def _check_weights(plan: str, steps: list[tuple[str, dict]]) -> None:
     kaggle = sorted({Path(path).parts[3] for _, path in missing
                      if path.startswith("/kaggle/input/") and len(Path(path).parts) > 3})
     fix = (f"attach the Kaggle dataset(s) {', '.join(kaggle)} (written by `rsna weights export "
-           "--model NAME --out DIR` on a machine with internet)" if kaggle else
+           "--model NAME --out DIR/NAME` on a machine with internet); off Kaggle, run the plan "
+           "with --weights DIR" if kaggle else
            "put them there (`rsna weights export --model NAME --out DIR/NAME`), run the plan "
            "with --weights DIR, or override the step's pretrained_path")
     raise RsnaError(f"plan {plan}: pretrained weights not found for {len(missing)} step(s) "

@@ -240,6 +240,20 @@ def test_the_kaggle_plan_takes_its_weights_from_the_weights_folder(tmp_path):
         run_plan("kaggle", data=tmp_path / "data", runs=tmp_path / "runs", progress=False, weights=w)
 
 
+def test_a_relative_weights_folder_is_the_callers_and_a_placeholder_can_be_overridden(
+        tmp_path, monkeypatch):
+    """--weights w means ./w where the user typed it (the notebooks run elsewhere), and
+    -p pretrained_path={weights}/x (not YAML) stays a string, not a parser traceback."""
+    from rsna_utils.errors import RsnaError
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RsnaError, match=re.escape(str(tmp_path / "w" / "resnet18")) + ";"):
+        run_plan("kaggle", data="data", runs="runs", progress=False, weights="w")
+    with pytest.raises(RsnaError, match=r"\(03_train_resnet18_512x256: "
+                                        + re.escape(str(tmp_path / "w" / "other")) + ";"):
+        run_plan("kaggle", data="data", runs="runs", progress=False, weights="w",
+                 overrides=["03_train_resnet18_512x256.pretrained_path={weights}/other"])
+
+
 def test_relative_weights_paths_resolve_where_the_notebooks_run(tmp_path, monkeypatch):
     from rsna_utils.errors import RsnaError
     from rsna_utils.notebooks import _check_weights, _kernel_cwd
@@ -298,7 +312,7 @@ def test_on_kaggle_the_submission_lands_where_kaggle_scores_it(tmp_path, monkeyp
     assert other["submission"] is None
 
 
-def test_demo_with_a_real_plan_refuses_a_folder_without_train_csv(tmp_path, capsys):
+def test_demo_with_a_real_plan_refuses_a_folder_without_train_csv(tmp_path, capsys, monkeypatch):
     """`make demo PLAN=kaggle DATA=<typo>` must not quietly train the kaggle plan on synthetic
     patients generated into the mistyped folder: it names the missing train.csv and stops."""
     from rsna_utils.cli import main
@@ -309,3 +323,12 @@ def test_demo_with_a_real_plan_refuses_a_folder_without_train_csv(tmp_path, caps
     assert rc == 2
     assert str(data / "train.csv") in err and "kaggle" in err and "PLAN=demo" in err
     assert not data.exists() and not (tmp_path / "runs").exists()
+    # the demo plan named by its file still generates; a mistyped plan is named as such
+    assert main(["demo", "--plan", "kagle", "--data", str(data), "--quiet"]) == 2
+    assert "plan 'kagle' not found" in capsys.readouterr().err and not data.exists()
+    made = []
+    monkeypatch.setattr("rsna_utils.synth.synthesize", lambda d, **k: made.append(d))
+    monkeypatch.setattr("rsna_utils.notebooks.run_plan", lambda *x, **k: dict(
+        run_dir="r", notebooks=[], submission=None))
+    assert main(["demo", "--plan", str(NOTEBOOKS / "plans" / "demo.yaml"), "--data", str(data),
+                 "--quiet"]) == 0 and made == [str(data)]
