@@ -207,6 +207,7 @@ def curves(hist: pd.DataFrame, out_png: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     if "run" in hist and hist.run.nunique() > 1:
         fig, ax = plt.subplots(1, 2, figsize=(12, 4))
         colours = dict(zip(hist.run.unique(), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -221,6 +222,7 @@ def curves(hist: pd.DataFrame, out_png: Path, title: str) -> None:
         ax[1].set(title="validation breast AUC (held-out patients of each fold)", xlabel="epoch")
         for a in ax:
             a.legend(fontsize=7)
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(out_png, dpi=110)
@@ -239,6 +241,8 @@ def curves(hist: pd.DataFrame, out_png: Path, title: str) -> None:
     ax[0].legend(fontsize=7)
     ax[1].set(title="validation (held-out patients of the training part)", xlabel="epoch")
     ax[1].legend(fontsize=7)
+    for a in ax:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))     # epochs are whole numbers
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
