@@ -24,9 +24,10 @@ sys.path.insert(0, str(REPO))
 
 
 def decode_ceiling(files, batch: int = 64) -> float:
-    from rsna_utils.dicom_io import read_header
-    from rsna_utils.frames import first_frame
-    from rsna_utils.gpu import GPU_SYNTAXES, NvImageCodecDecoder
+    from rsna_utils.dicom.reader import read_header
+    from rsna_utils.dicom.frames import first_frame
+    from rsna_utils.dicom.decoders.gpu_batch import GPU_SYNTAXES
+    from rsna_utils.dicom.decoders.nvimgcodec import NvImageCodecDecoder
     import torch
     frames = [first_frame(str(f)) for f in files if read_header(f).transfer_syntax in GPU_SYNTAXES]
     dec = NvImageCodecDecoder("cuda")
@@ -41,8 +42,8 @@ def decode_ceiling(files, batch: int = 64) -> float:
 
 
 def end_to_end(data: Path, backend: str, size=(1024, 512), out: Path | None = None) -> tuple[float, int]:
-    from rsna_utils.gpu import GpuPreprocessor
-    from rsna_utils.preprocess import PreprocessConfig
+    from rsna_utils.image.gpu import GpuPreprocessor
+    from rsna_utils.image.preprocess import PreprocessConfig
     with tempfile.TemporaryDirectory() as d:
         s = GpuPreprocessor(PreprocessConfig(size=size), backend=backend, batch_size=64,
                             png_threads=14, progress=False).run(data / "train_images", data / "train.csv",
@@ -52,8 +53,8 @@ def end_to_end(data: Path, backend: str, size=(1024, 512), out: Path | None = No
 
 def cpu_pipeline(data: Path, syntax: str, workers: int, size=(1024, 512)) -> float:
     import pandas as pd
-    from rsna_utils.dicom_io import read_header
-    from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+    from rsna_utils.dicom.reader import read_header
+    from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
     df = pd.read_csv(data / "train.csv")
     keep = [read_header(data / "train_images" / str(r.patient_id) / f"{r.image_id}.dcm").transfer_syntax == syntax
             for r in df.itertuples()]
@@ -69,8 +70,8 @@ def train_feed(png_dir: Path, csv: Path, model_name: str, batch: int, size: int 
     """(img/s from random tensors, img/s from the PNG DataLoader) for one model and batch."""
     import torch
     from torch.utils.data import DataLoader
-    from rsna_utils.data import Augment, PngDataset, UpsampleSampler, load_table, worker_init
-    from rsna_utils.models import WeightedBCE, create_model
+    from rsna_utils.learn.data import Augment, PngDataset, UpsampleSampler, load_table, worker_init
+    from rsna_utils.learn.models import WeightedBCE, create_model
     dev = torch.device("cuda")
     model = create_model(model_name).to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
@@ -119,8 +120,9 @@ def train_feed(png_dir: Path, csv: Path, model_name: str, batch: int, size: int 
 
 
 def checkpoint(ckpt_dir: Path, model_name: str, size: int, pre_size) -> Path:
-    from rsna_utils.models import create_model, save_checkpoint
-    from rsna_utils.preprocess import PreprocessConfig
+    from rsna_utils.learn.models import create_model
+    from rsna_utils.learn.checkpoint import save_checkpoint
+    from rsna_utils.image.preprocess import PreprocessConfig
     ck = ckpt_dir / f"{model_name}_{size}.pt"
     m = create_model(model_name)
     save_checkpoint({"model": dict(m.state_dict()), "model_name": model_name, "channels": 3,
@@ -131,7 +133,7 @@ def checkpoint(ckpt_dir: Path, model_name: str, size: int, pre_size) -> Path:
 
 def inference(data: Path, cks: list[Path], out: Path) -> float:
     """DICOM -> submission.csv img/s (GPU decode, preprocessing, models, aggregation)."""
-    from rsna_utils.predict import predict
+    from rsna_utils.infer.predict import predict
     predict(data / "train_images", data / "train.csv", cks, out, batch_size=32, workers=14,
             device="cuda", progress=False)   # warm-up: cuDNN autotune, decoder start
     r = predict(data / "train_images", data / "train.csv", cks, out, batch_size=32, workers=14,
@@ -145,8 +147,8 @@ def main() -> int:
     ap.add_argument("--patients", type=int, default=16)
     args = ap.parse_args()
     import torch
-    from rsna_utils.preprocess import PreprocessConfig, Preprocessor
-    from rsna_utils.synth import synthesize
+    from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+    from rsna_utils.sources.synth import synthesize
     data = Path(args.data)
     if not (data / "train.csv").exists():
         synthesize(data, patients=args.patients, seed=2, size="full", test_patients=0, progress=False)

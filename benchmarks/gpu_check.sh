@@ -42,13 +42,13 @@ step_setup() {
     export LD_LIBRARY_PATH="$(ls -d $SITE/nvidia/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
-    python3 -c "from rsna_utils import gpu; print({b: gpu.package_available(b) for b in gpu.GPU_BACKENDS})"
+    python3 -c "from rsna_utils.dicom.decoders import gpu_batch; print({b: gpu_batch.package_available(b) for b in gpu_batch.GPU_BACKENDS})"
     python3 -c "import nvidia.dali" 2>&1 | tail -1
 }
 
 step_synth() {   # in its own session: it goes on between calls to the same machine
     if [ ! -f "$DATA/train.csv" ]; then
-        setsid nohup python3 -c "from rsna_utils.synth import synthesize; synthesize('$DATA', patients=$PATIENTS, seed=2, size='full', test_patients=0, workers=14, progress=False); print('synth done')" > /tmp/synth.log 2>&1 < /dev/null &
+        setsid nohup python3 -c "from rsna_utils.sources.synth import synthesize; synthesize('$DATA', patients=$PATIENTS, seed=2, size='full', test_patients=0, workers=14, progress=False); print('synth done')" > /tmp/synth.log 2>&1 < /dev/null &
         echo "synth started ($PATIENTS patients, full size)"
     fi
 }
@@ -60,11 +60,12 @@ wait_synth() {
 
 step_probe() {
     python3 - <<'EOF'
-from rsna_utils import gpu
-for b in gpu.GPU_BACKENDS:
-    if not gpu.package_available(b):
+
+from rsna_utils.dicom.decoders import gpu_batch
+for b in gpu_batch.GPU_BACKENDS:
+    if not gpu_batch.package_available(b):
         print(b, "not installed"); continue
-    r = gpu.make_decoder(b, "cuda").rules
+    r = gpu_batch.make_decoder(b, "cuda").rules
     for syn in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57"):
         for kind in (("jp2", "j2k") if syn.endswith(("90", "91")) else ("jpeg",)):
             print(b, syn[-4:], kind, {p: r.mode(syn, kind, p) for p in (8, 10, 12, 14, 15, 16)})

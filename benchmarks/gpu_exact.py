@@ -2,7 +2,7 @@
 
 1. every file under the given folders is decoded on the CPU (imagecodecs / dicomsdl / pydicom,
    all cores) and on the GPU by nvImageCodec and DALI, first raw (what the decoder returns),
-   then through the routing rule of `rsna_utils.gpu.DecodeRules` (self-test probes); the rule
+   then through the routing rule of `rsna_utils.image.gpu_batch.DecodeRules` (self-test probes); the rule
    must leave no mismatch: a file either decodes bit-exactly on the GPU or goes to the CPU;
 2. a corrupt codestream in each of 10 batches: the batch's other files still decode, and the
    GPU memory in use stays flat across the batches.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "tests"))     # the fuzzer (test helpers) lives wi
 
 
 def cpu_reference(path: str):
-    from rsna_utils.dicom_io import read_dicom
+    from rsna_utils.dicom.reader import read_dicom
     try:
         return path, read_dicom(path).pixels, None
     except Exception as e:
@@ -38,9 +38,9 @@ def cpu_reference(path: str):
 
 
 def describe(path: str):
-    from rsna_utils.dicom_io import read_header, transfer_syntax_name
-    from rsna_utils.frames import check_codestream
-    from rsna_utils.gpu import GPU_SYNTAXES
+    from rsna_utils.dicom.reader import read_header, transfer_syntax_name
+    from rsna_utils.dicom.frames import check_codestream
+    from rsna_utils.image.gpu import GPU_SYNTAXES
     h = read_header(path)
     cs = None
     if h.transfer_syntax in GPU_SYNTAXES:
@@ -58,17 +58,18 @@ def describe(path: str):
 def exactness(files: list[str], backends: list[str], batch: int = 16) -> tuple[list, dict]:
     import torch
 
-    from rsna_utils import gpu
-    from rsna_utils.frames import first_frame
+
+    from rsna_utils.dicom.decoders import gpu_batch
+    from rsna_utils.dicom.frames import first_frame
     with ProcessPoolExecutor(os.cpu_count()) as ex:
         refs = {p: (a, e) for p, a, e in ex.map(cpu_reference, files, chunksize=2)}
     info = {p: describe(p) for p in files}
     rows, totals = [], {}
     for backend in backends:
-        if not gpu.package_available(backend):
+        if not gpu_batch.package_available(backend):
             print(f"{backend}: not installed, skipped", flush=True)
             continue
-        dec = gpu.make_decoder(backend, "cuda", batch)
+        dec = gpu_batch.make_decoder(backend, "cuda", batch)
         stats = defaultdict(lambda: defaultdict(int))
         t0 = time.perf_counter()
         todo = [p for p in files if info[p][1] is not None and refs[p][0] is not None]
@@ -84,17 +85,17 @@ def exactness(files: list[str], backends: list[str], batch: int = 16) -> tuple[l
                 ref = refs[p][0]
                 st = stats[g]
                 st["files"] += 1
-                rawmode = gpu.compare_decodes(x, ref, cs.precision)
+                rawmode = gpu_batch.compare_decodes(x, ref, cs.precision)
                 st[f"raw {rawmode.split(':')[0]}"] += 1
                 route = dec.rules.route(h, cs)
                 if route:
                     st["routed to CPU"] += 1
                     continue
                 y = dec.rules.fix(x, h, cs)
-                ok = gpu.compare_decodes(y, ref, cs.precision) == "exact"
+                ok = gpu_batch.compare_decodes(y, ref, cs.precision) == "exact"
                 st["GPU exact" if ok else "GPU MISMATCH"] += 1
                 if not ok:
-                    print(f"  MISMATCH {backend} {p}: {gpu.compare_decodes(y, ref, cs.precision)}", flush=True)
+                    print(f"  MISMATCH {backend} {p}: {gpu_batch.compare_decodes(y, ref, cs.precision)}", flush=True)
             del raw
         torch.cuda.synchronize()
         print(f"{backend}: {len(todo)} files in {time.perf_counter() - t0:.1f} s; "
@@ -116,13 +117,14 @@ def corrupt_batches(files: list[str], backend: str, batches: int = 10, batch: in
 
     import torch
 
-    from rsna_utils import gpu
-    from rsna_utils.frames import first_frame
+
+    from rsna_utils.dicom.decoders import gpu_batch
+    from rsna_utils.dicom.frames import first_frame
     from fuzz import corrupt_codestream
-    from rsna_utils.gpu import GPU_SYNTAXES
-    from rsna_utils.dicom_io import read_header
+    from rsna_utils.image.gpu import GPU_SYNTAXES
+    from rsna_utils.dicom.reader import read_header
     good = [p for p in files if read_header(p).transfer_syntax in GPU_SYNTAXES]
-    dec = gpu.make_decoder(backend, "cuda", batch)
+    dec = gpu_batch.make_decoder(backend, "cuda", batch)
     used, decoded, bad_ok = [], 0, 0
     with tempfile.TemporaryDirectory() as d:
         for b in range(batches):
@@ -157,9 +159,9 @@ def main() -> int:
     backends = args.backends.split(",")
     rows, totals = exactness(files, backends)
     out = dict(totals=totals, groups=[list(r[:-1]) + [r[-1]] for r in rows], corrupt=[])
-    from rsna_utils import gpu
+    from rsna_utils.dicom.decoders import gpu_batch
     for b in backends:
-        if gpu.package_available(b):
+        if gpu_batch.package_available(b):
             try:
                 out["corrupt"].append(corrupt_batches(files, b))
             except Exception as e:

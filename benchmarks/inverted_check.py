@@ -22,10 +22,10 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from rsna_utils import roi
-    from rsna_utils.dicom_io import decode_pixels, read_header
-    from rsna_utils.image_plan import make_plan
-    from rsna_utils.preprocess import PreprocessConfig
+    from rsna_utils.image import roi
+    from rsna_utils.dicom.reader import decode_pixels, read_header
+    from rsna_utils.image.plan import make_plan
+    from rsna_utils.image.preprocess import PreprocessConfig
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wraps", nargs="+", default=["data/realdata/dcm", "data/realdata_m1/dcm"])
     a = ap.parse_args()

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 CHILD = r"""
 import json, resource, sys
 sys.path.insert(0, sys.argv[1])
-from rsna_utils.predict import predict
+from rsna_utils.infer.predict import predict
 r = predict(sys.argv[2] + "/test_images", sys.argv[2] + "/test.csv", [sys.argv[3]], sys.argv[4],
             workers=int(sys.argv[5]), batch_size=8, device="cpu", progress=False)
 self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -30,8 +30,9 @@ print(json.dumps({"images": len(r.images), "seconds": r.seconds, "self_mb": self
 
 
 def make_checkpoint(model: str, size: int, out: Path) -> Path:
-    from rsna_utils.models import create_model, save_checkpoint
-    from rsna_utils.preprocess import PreprocessConfig
+    from rsna_utils.learn.models import create_model
+    from rsna_utils.learn.checkpoint import save_checkpoint
+    from rsna_utils.image.preprocess import PreprocessConfig
     m = create_model(model)
     p = out / f"{model}_{size}.pt"
     save_checkpoint({"model": m.state_dict(), "model_name": model, "channels": 3, "size": [size, size],
@@ -48,7 +49,7 @@ def run(data: Path, ckpt: Path, workers: int) -> dict:
 
 
 def main() -> int:
-    from rsna_utils.synth import synthesize
+    from rsna_utils.sources.synth import synthesize
     ap = argparse.ArgumentParser()
     ap.add_argument("--patients", type=int, default=4, help="full-size test patients")
     ap.add_argument("--models", default="resnet18:256,resnext50_32x4d:512")

@@ -24,11 +24,11 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rsna_utils import decoders  # noqa: E402
-from rsna_utils.dicom_io import read_header  # noqa: E402
-from rsna_utils.preprocess import (PreprocessConfig, Preprocessor, preprocess_image,  # noqa: E402
+from rsna_utils.dicom.decoders import registry as decoders  # noqa: E402
+from rsna_utils.dicom.reader import read_header  # noqa: E402
+from rsna_utils.image.preprocess import (PreprocessConfig, Preprocessor, preprocess_image,  # noqa: E402
                                    write_png)
-from rsna_utils.synth import synthesize  # noqa: E402
+from rsna_utils.sources.synth import synthesize  # noqa: E402
 
 TS_NAMES = {"1.2.840.10008.1.2.4.90": "JPEG 2000", "1.2.840.10008.1.2.4.70": "JPEG Lossless"}
 
@@ -98,7 +98,7 @@ ds.save_as(sys.argv[1], enforce_file_format=True)
 PEAK_SCRIPT = r"""
 import resource, sys
 sys.path.insert(0, sys.argv[2])
-from rsna_utils.preprocess import PreprocessConfig, preprocess_image
+from rsna_utils.image.preprocess import PreprocessConfig, preprocess_image
 preprocess_image(sys.argv[3], PreprocessConfig(size=512))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 preprocess_image(sys.argv[1], PreprocessConfig(size=512))

@@ -1,7 +1,7 @@
 """Real-data learning benchmark (issue 11): do real RSNA mammograms learn?
 
 `../shared/realdata/rsna_dev` (or $RSNA_REALDATA: 1,727 real RSNA images exported as 8-bit
-JPEGs, 574 with cancer) is wrapped as an RSNA-shaped DICOM dataset (`rsna_utils.realdata`), a
+JPEGs, 574 with cancer) is wrapped as an RSNA-shaped DICOM dataset (`rsna_utils.sources.realdata`), a
 quarter of the patients held out as the test set, then the same commands a user runs:
 
     rsna preprocess -> rsna train -> rsna predict --labels test_labels.csv
@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 import time
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,15 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+def find_realdata() -> Path | None:
+    """$RSNA_REALDATA, else ../shared/realdata/rsna_dev beside the repository (the project's
+    layout; the package itself never looks for data)."""
+    for c in (os.environ.get("RSNA_REALDATA"), REPO.parent / "shared" / "realdata" / "rsna_dev"):
+        if c and (Path(c) / "malignant").is_dir() and (Path(c) / "benign").is_dir():
+            return Path(c)
+    return None
 
 
 def rsna(*args: str) -> None:
@@ -45,8 +55,8 @@ def frozen_features(png: Path, df: pd.DataFrame, model_name: str, pretrained: st
     import cv2
     import torch
 
-    from rsna_utils.data import model_input
-    from rsna_utils.models import create_model, input_norm
+    from rsna_utils.learn.data import model_input
+    from rsna_utils.learn.models import create_model, input_norm
     m = create_model(model_name, 3, pretrained).eval()
     m.reset_classifier(0)
     norm = input_norm(model_name)
@@ -74,7 +84,7 @@ def _with_png(df: pd.DataFrame, png: Path) -> pd.DataFrame:
 
 def frozen_probe(png: Path, data: Path, model_name: str, pretrained: str, size) -> dict:
     """Logistic regression on frozen ImageNet features (same PNGs, same patients out)."""
-    from rsna_utils.metrics import breast_level, pr_auc, roc_auc
+    from rsna_utils.learn.metrics import breast_level, pr_auc, roc_auc
     tr = _with_png(pd.read_csv(data / "train.csv"), png)
     te = _with_png(pd.read_csv(data / "test.csv").merge(
         pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]], on="image_id"), png)
@@ -92,9 +102,9 @@ def _fold_predictions(ckpt: Path, val: pd.DataFrame, png: Path, tta: bool) -> np
     import cv2
     import torch
 
-    from rsna_utils.predict import batch_input, load_checkpoints
-    from rsna_utils.train import cancer_logit
-    (m,), _ = load_checkpoints([ckpt], torch.device("cpu"))
+    from rsna_utils.infer.predict import batch_input, load_models
+    from rsna_utils.learn.checkpoint import cancer_logit
+    (m,), _ = load_models([ckpt], torch.device("cpu"))
     out = []
     with torch.inference_mode():
         for i in range(0, len(val), 32):
@@ -115,8 +125,8 @@ def oof_versus_probe(runs: list[Path], png: Path, train_part: tuple[pd.DataFrame
     (best.pt; optimistic, the fold that scores also chose the epoch) and once with the last epoch
     (last.pt; no choice made on the scored patients). Runs of one fold (two models) are averaged,
     as the ensemble is."""
-    from rsna_utils.evaluate import compare_auc
-    from rsna_utils.metrics import breast_level
+    from rsna_utils.reports.evaluate import compare_auc
+    from rsna_utils.learn.metrics import breast_level
     tr, feats = train_part          # the training part's images and their frozen features
     tr = tr.reset_index(drop=True)
     by_fold: dict[int, list[tuple[Path, dict]]] = {}
@@ -162,7 +172,7 @@ def oof_versus_probe(runs: list[Path], png: Path, train_part: tuple[pd.DataFrame
 def _held_out_alone(runs: list[Path], data: Path, run: Path, tta: bool) -> dict:
     """With --with-runs: this run's folds alone on the held-out patients (what the ensemble adds
     is then visible). Breast AUC / PR-AUC and image AUC."""
-    from rsna_utils.predict import predict
+    from rsna_utils.infer.predict import predict
     r = predict(data / "test_images", data / "test.csv", [k / "best.pt" for k in runs],
                 run / "submission_alone.csv", labels=data / "test_labels.csv", workers=2,
                 progress=False, tta=tta)
@@ -249,7 +259,7 @@ def curves(hist: pd.DataFrame, out_png: Path, title: str) -> None:
 
 
 def main() -> int:
-    from rsna_utils.realdata import check_wrapped, find_realdata, wrap
+    from rsna_utils.sources.realdata import check_wrapped, wrap
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", default=None)
     ap.add_argument("--work", default=str(REPO / "data" / "realdata"))
@@ -320,7 +330,7 @@ def main() -> int:
                 rsna("train", *common, "--out", str(r), "--split", "kfold", "--folds", str(a.folds),
                      "--fold", str(k), *(["--resume"] if state == "partial" else []))
         # the threshold for the exact ensemble that is scored, tuned on its out-of-fold predictions
-        from rsna_utils.oof import write_ensemble
+        from rsna_utils.infer.oof import write_ensemble
         out_dir = run
         alone = None
         if a.with_runs:
@@ -337,13 +347,13 @@ def main() -> int:
         rsna("train", *common, "--out", str(run))
         ens = alone = None
     # what `rsna predict --labels` runs, in-process to keep the per-image scores
-    from rsna_utils.predict import predict
+    from rsna_utils.infer.predict import predict
     imgs = pd.read_csv(data / "test.csv")
     r = predict(data / "test_images", data / "test.csv", [r / "best.pt" for r in runs], out_dir / "submission.csv",
                 labels=data / "test_labels.csv", workers=2, progress=False, tta=a.tta)
     m = r.metrics
     if ens is not None:         # the binarised submission at the OOF threshold, on new patients
-        from rsna_utils.metrics import breast_level, pfbeta
+        from rsna_utils.learn.metrics import breast_level, pfbeta
         lab = pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]]
         b = breast_level(r.images.drop(columns="cancer", errors="ignore").merge(lab, on="image_id"))
         m["breast_pf1_at_oof_threshold"] = float(pfbeta(b.cancer.to_numpy(),
@@ -353,8 +363,8 @@ def main() -> int:
     if not a.skip_probe:
         probe, probe_images, train_part = frozen_probe(png, data, a.model, a.pretrained, size)
         # paired patient bootstrap of the breast AUC difference, on the breasts both scored
-        from rsna_utils.evaluate import compare_auc
-        from rsna_utils.metrics import breast_level
+        from rsna_utils.reports.evaluate import compare_auc
+        from rsna_utils.learn.metrics import breast_level
         lab = pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]]
         ours = breast_level(r.images.drop(columns="cancer", errors="ignore").merge(lab, on="image_id")
                             .dropna(subset=["prediction"]))

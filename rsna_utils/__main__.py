@@ -1,3 +1,3 @@
-from rsna_utils.cli import main
+from rsna_utils.app.cli import main
 
 raise SystemExit(main())

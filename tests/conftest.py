@@ -11,8 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def find_testdata() -> Path | None:
     """../shared/testdata next to the repository (or $RSNA_TESTDATA)."""
-    for c in (os.environ.get("RSNA_TESTDATA"), REPO.parent / "shared" / "testdata",
-              Path("/work/shared/testdata")):
+    for c in (os.environ.get("RSNA_TESTDATA"), REPO.parent / "shared" / "testdata"):
         if c and (Path(c) / "nema_wg04_cr").is_dir():
             return Path(c)
     return None
@@ -26,7 +25,7 @@ needs_testdata = pytest.mark.skipif(TESTDATA is None, reason="../shared/testdata
 @pytest.fixture(scope="session")
 def synth200(tmp_path_factory):
     """The 200-patient small synthetic set the foundation issue specifies."""
-    from rsna_utils.synth import synthesize
+    from rsna_utils.sources.synth import synthesize
     out = tmp_path_factory.mktemp("synth200")
     synthesize(out, patients=200, seed=7, size="small", workers=2, progress=False)
     return out
@@ -35,7 +34,7 @@ def synth200(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory):
     """A 12-patient set with many positives, for quick pipeline tests."""
-    from rsna_utils.synth import synthesize
+    from rsna_utils.sources.synth import synthesize
     out = tmp_path_factory.mktemp("synth12")
     synthesize(out, patients=12, seed=3, positive_rate=0.5, size="small", test_patients=4,
                workers=2, progress=False)
@@ -72,6 +71,6 @@ class DiskFullOn:
         self.name = name
 
     def __call__(self, path: str) -> None:
-        from rsna_utils.errors import DiskFullError
+        from rsna_utils.core.errors import DiskFullError
         if os.path.basename(path) == self.name:
             raise DiskFullError(f"{path}: writing the PNG failed, its disk is full (test)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rsna_utils import uids
+from rsna_utils.dicom import uids
 
 MUTATIONS = ("header_flip", "codestream_flip", "truncate", "huge_size", "lying_syntax",
              "fragment_overflow", "zero_block")

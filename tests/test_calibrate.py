@@ -6,9 +6,9 @@ import pytest
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
-from rsna_utils import calibrate as cal
-from rsna_utils.errors import RsnaError
-from rsna_utils.metrics import brier_score, expected_calibration_error, roc_auc
+from rsna_utils.infer import calibrate as cal
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.learn.metrics import brier_score, expected_calibration_error, roc_auc
 
 
 def _inflated(n: int = 6000, seed: int = 0, inflate: float = 25.0):

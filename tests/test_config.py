@@ -1,16 +1,16 @@
 """TrainConfig / PredictConfig: checked on creation, and the one spelling of every setting that
-the CLI flags, YAML files and notebooks derive from (rsna_utils.config)."""
+the CLI flags, YAML files and notebooks derive from (rsna_utils.core.config)."""
 import dataclasses
 import inspect
 
 import pytest
 import yaml
 
-from rsna_utils.cli import build_parser, main
-from rsna_utils.config import given_flags
-from rsna_utils.errors import RsnaError
-from rsna_utils.predict import PredictConfig, predict
-from rsna_utils.train import TrainConfig
+from rsna_utils.app.cli import build_parser, main
+from rsna_utils.core.config import given_flags
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.infer.predict import PredictConfig, predict
+from rsna_utils.learn.train_config import TrainConfig
 
 # field -> (a YAML value, the flag text, the value the config then holds); every field but
 # `extra` (a dict: YAML and Python only) must be listed, so a new field needs a row here
@@ -103,8 +103,11 @@ def test_the_old_flag_spellings_still_parse():
     (dict(folds=1), r"^folds=1: give an integer >= 2$"),
     (dict(select_by="f1"), r"^select_by='f1': choose auc, pr_auc or pf1$"),
     (dict(amp="fp8"), r"^amp='fp8': choose auto, bf16, fp16 or off$"),
-    (dict(size="1024by512"), r"^size='1024by512': give 512 or HEIGHTxWIDTH"),
-    (dict(size=[16, 16]), r"^size=\[16, 16\]: give 512 or HEIGHTxWIDTH with both sides >= 32$"),
+    (dict(size="1024by512"), r"^size='1024by512': not a whole number of pixels; give 512 or "
+                             r"HEIGHTxWIDTH"),
+    (dict(size=[16, 16]), r"^size=\[16, 16\]: a side below 32 pixels; give 512 or HEIGHTxWIDTH "
+                          r"such as 1024x512, each side >= 32$"),
+    (dict(size="12x34x5"), r"^size='12x34x5': 3 sides; give 512 or HEIGHTxWIDTH"),
     (dict(channels=2), r"^channels=2: choose 1 or 3$"),
     (dict(augment="yes"), r"^augment='yes': give true or false$"),
     (dict(ema=1.0), r"^ema=1.0: give a number in \[0, 1\)$"),
@@ -160,10 +163,10 @@ def test_predict_takes_a_config_or_its_fields_in_the_old_order():
 
 
 def test_the_cli_builds_the_configs_from_flags_and_yaml(tmp_path, monkeypatch, capsys):
-    import rsna_utils.predict
-    import rsna_utils.train
+    import rsna_utils.infer.predict
+    import rsna_utils.learn.train
     seen = {}
-    monkeypatch.setattr(rsna_utils.train, "train", lambda cfg: seen.setdefault("train", cfg) and {})
+    monkeypatch.setattr(rsna_utils.learn.train, "train", lambda cfg: seen.setdefault("train", cfg) and {})
     (tmp_path / "t.yaml").write_text("epochs: 5\nema: 0.999\namp: off\nextra: {drop_path: 0.2}\n")
     assert main(["train", "--config", str(tmp_path / "t.yaml"), "--epochs", "2", "--quiet"]) == 0
     cfg = seen["train"]
@@ -177,7 +180,7 @@ def test_the_cli_builds_the_configs_from_flags_and_yaml(tmp_path, monkeypatch, c
 
         def counts(self):
             return "0 unreadable"
-    monkeypatch.setattr(rsna_utils.predict, "predict",
+    monkeypatch.setattr(rsna_utils.infer.predict, "predict",
                         lambda *a, **k: seen.setdefault("predict", (a, k)) and Result())
     ens = tmp_path / "ensemble.json"
     ens.write_text('{"threshold": 0.25, "agg": "max", "binarize": "threshold"}')

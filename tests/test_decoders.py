@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from rsna_utils import decoders, uids
-from rsna_utils.dicom_io import read_dicom
-from rsna_utils.errors import DecodeError, RsnaError
+from rsna_utils.dicom import uids
+from rsna_utils.dicom.decoders import registry as decoders
+from rsna_utils.dicom.reader import read_dicom
+from rsna_utils.core.errors import DecodeError, RsnaError
 
 RLE = get_testdata_file("MR_small_RLE.dcm")          # RLE Lossless: dicomsdl, then pydicom
 PLAIN = get_testdata_file("MR_small.dcm")
@@ -71,7 +72,7 @@ def test_a_decoder_with_a_wrong_shape_hands_the_file_to_the_next(monkeypatch):
 def test_the_gpu_scaled_check_takes_uint16_tensors():
     import torch
 
-    from rsna_utils.decoders.gpu_batch import looks_scaled
+    from rsna_utils.dicom.decoders.gpu_batch import looks_scaled
     stored = np.arange(0, 4096, dtype=np.uint16).reshape(64, 64)
     scaled = np.rint(stored * (65535 / 4095)).astype(np.uint16)
     assert looks_scaled(torch.as_tensor(scaled), 12) and not looks_scaled(torch.as_tensor(stored), 12)

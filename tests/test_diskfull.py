@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 
 from conftest import DiskFullOn
-from rsna_utils import errors, preprocess
-from rsna_utils.errors import DiskFullError
-from rsna_utils.models import save_checkpoint
-from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.core import errors
+from rsna_utils.image import preprocess
+from rsna_utils.core.errors import DiskFullError
+from rsna_utils.learn.checkpoint import save_checkpoint
+from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
 
 Usage = namedtuple("Usage", "total used free")
 
@@ -65,7 +66,7 @@ def failures(out: Path) -> pd.DataFrame:
 
 def test_a_full_disk_stops_preprocessing_and_the_same_command_continues(tmp_path, synth_small,
                                                                          monkeypatch, capsys):
-    from rsna_utils.cli import main
+    from rsna_utils.app.cli import main
     images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "o"
     n = len(pd.read_csv(csv))
     argv = ["preprocess", "--images", str(images), "--csv", str(csv), "--out", str(out),
@@ -102,7 +103,7 @@ def test_a_full_disk_in_a_worker_stops_the_pool(tmp_path, synth_small):
 
 
 def test_a_full_disk_stops_the_gpu_pipeline(tmp_path, synth_small, monkeypatch):
-    from rsna_utils import gpu
+    from rsna_utils.image import gpu
     from test_gpu import FakeGpuDecoder
     images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "g"
     n = len(pd.read_csv(csv))

@@ -4,9 +4,9 @@ import pytest
 from sklearn.metrics import (average_precision_score, brier_score_loss, f1_score, recall_score,
                              roc_auc_score)
 
-from rsna_utils import evaluate as ev
-from rsna_utils.errors import RsnaError
-from rsna_utils.metrics import (brier_score, breast_level, expected_calibration_error, pfbeta,
+from rsna_utils.reports import evaluate as ev
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.learn.metrics import (brier_score, breast_level, expected_calibration_error, pfbeta,
                                 reliability_table)
 
 
@@ -194,7 +194,7 @@ def test_unreadable_images_are_dropped_and_counted():
 
 
 def test_cli_evaluates_oof_predictions_with_train_csv(tmp_path, capsys):
-    from rsna_utils.cli import main
+    from rsna_utils.app.cli import main
     df = _images(40, seed=8)
     df.drop(columns="prediction").to_csv(tmp_path / "train.csv", index=False)
     df[["patient_id", "image_id", "laterality", "prediction_id", "cancer", "prediction"]].to_csv(

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna_utils.cli import main
-from rsna_utils.errors import RsnaError
-from rsna_utils.exam_report import VIEW_COLUMNS, overlay, write_exam_reports
-from rsna_utils.models import create_model
-from rsna_utils.preprocess import PreprocessConfig
+from rsna_utils.app.cli import main
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.reports.exam import VIEW_COLUMNS, overlay, write_exam_reports
+from rsna_utils.learn.models import create_model
+from rsna_utils.image.preprocess import PreprocessConfig
 
 PRE = PreprocessConfig(size=(96, 64)).to_dict()
 
@@ -51,7 +51,7 @@ def test_reports_for_two_exams(tmp_path, synth_small, ckpt):
     assert ok.score.between(0, 1).all() and ok.peak_x.notna().all()
     # peaks are original DICOM pixels: inside the image and inside the breast's crop
     for v in ok.itertuples():
-        from rsna_utils.dicom_io import read_header
+        from rsna_utils.dicom.reader import read_header
         h = read_header(images / str(v.patient_id) / f"{v.image_id}.dcm")
         assert 0 <= v.peak_x < h.columns and 0 <= v.peak_y < h.rows
     # the breast score is the mean of its readable views; the decision is at the threshold
@@ -70,7 +70,7 @@ def test_reports_for_two_exams(tmp_path, synth_small, ckpt):
 
 def test_scores_match_rsna_predict(tmp_path, synth_small, ckpt):
     """The report runs the same preprocessing and model input as inference."""
-    from rsna_utils.predict import predict
+    from rsna_utils.infer.predict import predict
     r = write_exam_reports(synth_small / "test_images", synth_small / "test.csv", [ckpt],
                            tmp_path / "out", limit=1, device="cpu", progress=False, by="breast",
                            threshold=0.9)

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from conftest import TESTDATA
-from rsna_utils import synth
+from rsna_utils.sources import synth
 from fuzz import mutate, write_mutants
-from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
 
 N = int(os.environ.get("RSNA_FUZZ_N", "2000"))
 # A fixed default keeps CI reproducible; RSNA_FUZZ_SEED=random explores new inputs (the seed is
@@ -104,7 +104,7 @@ def test_regression_inputs_stay_handled(tmp_path):
 def test_the_fuzz_check_catches_a_planted_bug(tmp_path, synth_small, monkeypatch):
     """A reader bug that raises IndexError on some inputs must make the check fail."""
     images, listed = _build(tmp_path, synth_small, 0, 1)     # the good controls only
-    from rsna_utils import roi
+    from rsna_utils.image import roi
     real = roi.find_breast
 
     calls = []

@@ -8,12 +8,14 @@ import pydicom
 import pytest
 
 from conftest import TESTDATA, needs_testdata
-from rsna_utils import gpu, synth
-from rsna_utils.errors import DecodeError
-from rsna_utils.frames import first_frame, parse_codestream
-from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.image import gpu
+from rsna_utils.dicom.decoders import gpu_batch
+from rsna_utils.sources import synth
+from rsna_utils.core.errors import DecodeError
+from rsna_utils.dicom.frames import first_frame, parse_codestream
+from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
 
-cuda = pytest.mark.skipif(not gpu.cuda_available(), reason="needs a CUDA GPU")
+cuda = pytest.mark.skipif(not gpu_batch.cuda_available(), reason="needs a CUDA GPU")
 
 
 def test_frame_extraction_and_codestream_headers(synth_small):
@@ -50,28 +52,28 @@ def test_bad_codestreams_are_refused():
 
 
 def synth_jp2_without_codestream() -> bytes:
-    from rsna_utils.frames import JP2_SIGNATURE
+    from rsna_utils.dicom.frames import JP2_SIGNATURE
     return JP2_SIGNATURE + (8).to_bytes(4, "big") + b"ftyp"
 
 
 def test_dali_precision_rescale_recovers_stored_values():
     stored = np.array([0, 1, 2047, 4095], np.uint16)
     scaled = np.rint(stored.astype(np.float64) * 65535 / 4095).astype(np.uint16)   # DALI GPU output
-    assert np.array_equal(gpu.rescale_to_precision(scaled, 12), stored)
+    assert np.array_equal(gpu_batch.rescale_to_precision(scaled, 12), stored)
     big = np.array([40000, 65535], np.uint16)
-    assert np.array_equal(gpu.rescale_to_precision(big, 16), big)   # above 32767 survives
+    assert np.array_equal(gpu_batch.rescale_to_precision(big, 16), big)   # above 32767 survives
 
 
 def test_auto_backend_is_cpu_without_cuda():
-    if gpu.cuda_available():
+    if gpu_batch.cuda_available():
         pytest.skip("CUDA present")
-    assert gpu.resolve_backend("auto") == "cpu"
+    assert gpu_batch.resolve_backend("auto") == "cpu"
 
 
 @pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])
 def test_gpu_backend_on_cpu_matches_cpu_path_and_falls_back(tmp_path, synth_small, backend):
-    if not gpu.package_available(backend):
-        pytest.skip(f"{backend} not installed ({gpu.INSTALL_HINT})")
+    if not gpu_batch.package_available(backend):
+        pytest.skip(f"{backend} not installed ({gpu_batch.INSTALL_HINT})")
     cfg = PreprocessConfig(size=64)
     images, csv = synth_small / "train_images", synth_small / "train.csv"
     s = gpu.GpuPreprocessor(cfg, backend=backend, device="cpu", batch_size=8, progress=False).run(
@@ -97,13 +99,13 @@ def test_gpu_backend_on_cpu_matches_cpu_path_and_falls_back(tmp_path, synth_smal
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])
 def test_cuda_decode_is_bit_exact(synth_small, backend):
-    if not gpu.package_available(backend):
+    if not gpu_batch.package_available(backend):
         pytest.skip(f"{backend} not installed")
-    from rsna_utils.dicom_io import read_dicom, read_header
+    from rsna_utils.dicom.reader import read_dicom, read_header
     paths = [p for p in sorted((synth_small / "train_images").glob("*/*.dcm"))
              if read_header(p).transfer_syntax in gpu.GPU_SYNTAXES]
     hs = [read_header(p) for p in paths]
-    got = gpu.decode_batch(hs, backend, "cuda")
+    got = gpu_batch.decode_batch(hs, backend, "cuda")
     for p, a in zip(paths, got):
         assert np.array_equal(a, read_dicom(p, backend="pydicom").pixels), p
 
@@ -112,7 +114,7 @@ def test_cuda_decode_is_bit_exact(synth_small, backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])
 def test_cuda_pipeline_agrees_with_cpu(tmp_path, synth_small, backend):
-    if not gpu.package_available(backend):
+    if not gpu_batch.package_available(backend):
         pytest.skip(f"{backend} not installed")
     import cv2
     cfg = PreprocessConfig(size=128)
@@ -131,10 +133,10 @@ def test_cuda_pipeline_agrees_with_cpu(tmp_path, synth_small, backend):
 @cuda
 @pytest.mark.cuda
 def test_cuda_predict_uses_the_gpu_path(tmp_path, synth_small):
-    if not gpu.package_available("nvimgcodec"):
+    if not gpu_batch.package_available("nvimgcodec"):
         pytest.skip("nvimgcodec not installed")
-    from rsna_utils.predict import predict
-    from rsna_utils.train import TrainConfig, train
+    from rsna_utils.infer.predict import predict
+    from rsna_utils.learn.train import TrainConfig, train
     Preprocessor(PreprocessConfig(size=64), workers=2, progress=False).run(
         synth_small / "train_images", synth_small / "train.csv", tmp_path / "png")
     train(TrainConfig(data=str(tmp_path / "png"), csv=str(synth_small / "train.csv"),
@@ -168,7 +170,7 @@ class FakeGpuDecoder:
             self.calls += 1
             cs = parse_codestream(f)
             try:
-                x = gpu.cpu_decode_frame(f, cs.kind).astype(np.int64)
+                x = gpu_batch.cpu_decode_frame(f, cs.kind).astype(np.int64)
             except Exception:
                 out.append(None)
                 continue
@@ -187,7 +189,7 @@ class FakeGpuDecoder:
 @pytest.mark.parametrize("how, mode", [("exact", "exact"), ("scaled", "scaled"), ("wrong", "wrong"),
                                        ("none", "wrong")])
 def test_self_test_probe_classifies_a_decoder(how, mode):
-    rules = gpu.DecodeRules(FakeGpuDecoder(how), "fake")
+    rules = gpu_batch.DecodeRules(FakeGpuDecoder(how), "fake")
     for syntax, kind in ((synth.JPEG2000_LOSSLESS, "jp2"), (synth.JPEG2000_LOSSLESS, "j2k"),
                          (synth.JPEG_LOSSLESS_SV1, "jpeg")):
         for p in (12, 14):
@@ -201,14 +203,14 @@ def test_self_test_probe_classifies_a_decoder(how, mode):
 
 def test_probe_image_spans_the_precision():
     for p in (8, 12, 16):
-        img = gpu.probe_image(p)
+        img = gpu_batch.probe_image(p)
         assert img.min() == 0 and img.max() == 2 ** p - 1 and len(np.unique(img)) >= min(500, 2 ** p)
 
 
 def test_route_sends_signed_and_unknown_kinds_to_the_cpu():
-    from rsna_utils.dicom_io import DicomHeader
-    from rsna_utils.frames import Codestream
-    rules = gpu.DecodeRules(FakeGpuDecoder("exact"), "fake")
+    from rsna_utils.dicom.reader import DicomHeader
+    from rsna_utils.dicom.frames import Codestream
+    rules = gpu_batch.DecodeRules(FakeGpuDecoder("exact"), "fake")
     h = DicomHeader(path="x.dcm", transfer_syntax=synth.JPEG2000_LOSSLESS, rows=8, columns=8)
     assert rules.route(h, Codestream("j2k", 8, 8, 12, 1)) is None
     assert "signed" in rules.route(h, Codestream("j2k", 8, 8, 12, 1, signed=True))
@@ -285,7 +287,7 @@ def test_corrupt_codestream_keeps_the_dicom_structure(synth_small):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])
 def test_cuda_corrupt_frames_cost_one_file_and_memory_stays_flat(tmp_path, synth_small, backend):
-    if not gpu.package_available(backend):
+    if not gpu_batch.package_available(backend):
         pytest.skip(f"{backend} not installed")
     import gc
 
@@ -293,7 +295,7 @@ def test_cuda_corrupt_frames_cost_one_file_and_memory_stays_flat(tmp_path, synth
     from fuzz import corrupt_codestream
     paths = [str(p) for p in sorted((synth_small / "train_images").glob("*/*.dcm"))
              if pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID in gpu.GPU_SYNTAXES]
-    dec = gpu.make_decoder(backend, "cuda", 8)
+    dec = gpu_batch.make_decoder(backend, "cuda", 8)
     used = []
     for b in range(10):
         bad = tmp_path / f"bad{b}.dcm"
@@ -334,14 +336,14 @@ def test_the_scaled_rule_is_checked_per_file():
     """A probe said "scaled", but a file that comes back unscaled (as a real RSNA JP2 did from
     DALI) must not be divided by 16; a scaled one is brought back exactly."""
     import torch
-    from rsna_utils.dicom_io import DicomHeader
-    from rsna_utils.frames import Codestream
+    from rsna_utils.dicom.reader import DicomHeader
+    from rsna_utils.dicom.frames import Codestream
     stored = np.random.default_rng(0).integers(0, 4096, (64, 48)).astype(np.int64)
     stored[0, 0] = 4095
     scaled = np.rint(stored * 65535 / 4095)
-    assert gpu.looks_scaled(scaled, 12) and not gpu.looks_scaled(stored, 12)
-    assert gpu.looks_scaled(torch.from_numpy(scaled.astype(np.int32)), 12)
-    rules = gpu.DecodeRules(FakeGpuDecoder("scaled"), "fake")
+    assert gpu_batch.looks_scaled(scaled, 12) and not gpu_batch.looks_scaled(stored, 12)
+    assert gpu_batch.looks_scaled(torch.from_numpy(scaled.astype(np.int32)), 12)
+    rules = gpu_batch.DecodeRules(FakeGpuDecoder("scaled"), "fake")
     h = DicomHeader(path="x.dcm", transfer_syntax=synth.JPEG2000_LOSSLESS, rows=64, columns=48)
     cs = Codestream("jp2", 64, 48, 12, 1)
     rules.modes[(h.transfer_syntax, "jp2", 12)] = "scaled"

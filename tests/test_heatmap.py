@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from rsna_utils import synth
-from rsna_utils.heatmap import (ViewGeometry, cam_to_canvas, canvas_peak, grad_cam,
+from rsna_utils.sources import synth
+from rsna_utils.reports.heatmap import (ViewGeometry, cam_to_canvas, canvas_peak, grad_cam,
                                 input_content)
-from rsna_utils.preprocess import PreprocessConfig, preprocess_image
+from rsna_utils.image.preprocess import PreprocessConfig, preprocess_image
 
 
 def _geometry(flipped=False, size=(128, 128), mode="pad"):
@@ -65,7 +65,7 @@ def _synth_view(tmp_path, chest_left: bool):
 @pytest.mark.parametrize("size,mode", [((128, 128), "pad"), ((96, 48), "stretch")])
 def test_a_point_planted_in_the_dicom_maps_back_to_where_it_was(tmp_path, chest_left, size, mode):
     """Plant a bright dot in the stored pixels, preprocess, find it on the output, map back."""
-    from rsna_utils.dicom_io import decode_pixels, read_header
+    from rsna_utils.dicom.reader import decode_pixels, read_header
     path = _synth_view(tmp_path, chest_left)
     h = read_header(path)
     px, _ = decode_pixels(h)
@@ -138,8 +138,8 @@ def test_cams_on_every_plan_backbone(name):
     """GeM pooling and an auxiliary head (logit 0 is the cancer): the CAM has the chosen feature
     map's grid (stride 32 or 16), the logits are the model's own, the weights keep their
     requires_grad and get no gradient."""
-    from rsna_utils.models import create_model, set_outputs
-    from rsna_utils.train import cancer_logit
+    from rsna_utils.learn.models import create_model, set_outputs
+    from rsna_utils.learn.checkpoint import cancer_logit
     torch.manual_seed(0)
     m = create_model(name, global_pool="gem")
     set_outputs(m, 3)
@@ -157,8 +157,8 @@ def test_cams_on_every_plan_backbone(name):
 
 
 def test_unknown_cam_choices_are_refused():
-    from rsna_utils.errors import RsnaError
-    from rsna_utils.models import create_model
+    from rsna_utils.core.errors import RsnaError
+    from rsna_utils.learn.models import create_model
     m = create_model("resnet18").eval()
     with pytest.raises(RsnaError, match="choose gradcam, hirescam, layercam"):
         grad_cam(m, torch.rand(1, 3, 32, 32), "saliency")
@@ -192,7 +192,7 @@ def test_pointing_game_counts_hits_and_chance(synth_small):
     share of the breast the grown boxes cover."""
     import pandas as pd
 
-    from rsna_utils.heatmap import pointing_game
+    from rsna_utils.reports.heatmap import pointing_game
     les = pd.read_csv(synth_small / "lesions.csv")
     train = pd.read_csv(synth_small / "train.csv")
     mal = les[les.kind.isin(["mass", "calc"]) & les.image_id.isin(train.image_id)]
@@ -222,10 +222,10 @@ def test_heatmaps_point_at_the_planted_lesions(tmp_path):
 
     import pandas as pd
 
-    from rsna_utils.exam_report import write_exam_reports
-    from rsna_utils.heatmap import pointing_game
-    from rsna_utils.preprocess import Preprocessor
-    from rsna_utils.train import TrainConfig, train
+    from rsna_utils.reports.exam import write_exam_reports
+    from rsna_utils.reports.heatmap import pointing_game
+    from rsna_utils.image.preprocess import Preprocessor
+    from rsna_utils.learn.train import TrainConfig, train
     t0 = time.perf_counter()
     data = tmp_path / "data"
     synth.synthesize(data, patients=80, seed=11, positive_rate=0.5, size="small",
@@ -254,9 +254,9 @@ def test_the_flip_tta_map_is_the_image_and_its_mirror_averaged():
     """With tta, the map (like the score) averages the image and its mirror: explaining the
     mirrored image gives the mirrored map and the same score. The unflipped image's map alone
     (before) is not mirror-symmetric in this way."""
-    from rsna_utils.heatmap import explain_batch
-    from rsna_utils.models import create_model
-    from rsna_utils.predict import LoadedModel
+    from rsna_utils.reports.heatmap import explain_batch
+    from rsna_utils.learn.models import create_model
+    from rsna_utils.infer.predict import LoadedModel
     torch.manual_seed(0)
     net = create_model("resnet18").eval()
     torch.nn.init.normal_(net.get_classifier().weight, std=0.5)     # a head that looks

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import TESTDATA
-from rsna_utils import gpu, image_plan
-from rsna_utils.dicom_io import read_dicom
-from rsna_utils.errors import RsnaError
-from rsna_utils.preprocess import PreprocessConfig, preprocess_image
+from rsna_utils.image import gpu, plan as image_plan
+from rsna_utils.dicom.reader import read_dicom
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.image.preprocess import PreprocessConfig, preprocess_image
 
 SIZES = [(1024, 512), (2048, 1024)]
 PLAN_FIELDS = ("rows", "columns", "crop_y0", "crop_x0", "crop_y1", "crop_x1", "flipped",
@@ -36,7 +36,7 @@ def _real_films() -> list[Path]:
 
 @pytest.fixture(scope="module")
 def full_synth(tmp_path_factory):
-    from rsna_utils.synth import synthesize
+    from rsna_utils.sources.synth import synthesize
     out = tmp_path_factory.mktemp("synth_full")
     synthesize(out, patients=1, seed=11, positive_rate=1.0, size="full", test_patients=0,
                workers=2, progress=False)

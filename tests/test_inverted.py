@@ -9,9 +9,9 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-from rsna_utils import roi
-from rsna_utils.errors import RsnaError
-from rsna_utils.preprocess import PreprocessConfig, Preprocessor, preprocess_image
+from rsna_utils.image import roi
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor, preprocess_image
 
 
 def _first_monochrome2(root):
@@ -92,8 +92,8 @@ def test_both_kernels_fix_a_negative_to_the_right_labels_pixels(pair, bits):
     """The numpy and torch kernels (CPU and GPU preprocessing) on the fixed plan give the
     correctly labelled file's pixels, at 8 and 16 bits."""
     torch = pytest.importorskip("torch")
-    from rsna_utils.dicom_io import decode_pixels, read_header
-    from rsna_utils.image_plan import apply_numpy, apply_torch, make_plan
+    from rsna_utils.dicom.reader import decode_pixels, read_header
+    from rsna_utils.image.plan import apply_numpy, apply_torch, make_plan
     _, right, wrong = pair
     good, _ = preprocess_image(right, PreprocessConfig(size=(128, 64), bits=bits))
     h = read_header(wrong)
@@ -112,7 +112,8 @@ def test_the_gpu_pipeline_counts_and_fixes_them_as_the_cpu_one(tmp_path, pair):
     JPEG 2000 negative: the same flag, summary and pixels as the CPU pipeline."""
     import cv2
 
-    from rsna_utils import gpu
+    from rsna_utils.image import gpu
+
     from test_gpu import FakeGpuDecoder
     src, right, _ = pair
     images = tmp_path / "images" / "1"
@@ -207,15 +208,17 @@ def test_a_gpu_backend_fixes_a_jpeg2000_negative_as_the_cpu_does(tmp_path, pair,
     negative with `fix`: decoded on the GPU route, flagged and inverted as on the CPU path."""
     import cv2
 
-    from rsna_utils import gpu
-    if not gpu.package_available(backend):
-        pytest.skip(f"{backend} not installed ({gpu.INSTALL_HINT})")
+    from rsna_utils.image import gpu
+
+    from rsna_utils.dicom.decoders import gpu_batch
+    if not gpu_batch.package_available(backend):
+        pytest.skip(f"{backend} not installed ({gpu_batch.INSTALL_HINT})")
     src, _, _ = pair
     images = tmp_path / "images" / "1"
     images.mkdir(parents=True)
     _negative(src, images / "11.dcm", "MONOCHROME2", j2k=True)
     cfg = PreprocessConfig(size=(64, 32), inverted="fix")
-    device = "cuda" if gpu.cuda_available() else "cpu"
+    device = "cuda" if gpu_batch.cuda_available() else "cpu"
     g = gpu.GpuPreprocessor(cfg, backend=backend, device=device, batch_size=4,
                             progress=False).run(tmp_path / "images", None, tmp_path / "g")
     c = Preprocessor(cfg, workers=0, progress=False).run(tmp_path / "images", None, tmp_path / "c")

@@ -15,8 +15,11 @@ import nbformat
 import pandas as pd
 import pytest
 
-from rsna_utils import bundle, kaggle, report
-from rsna_utils.errors import RsnaError
+from rsna_utils.app import bundle
+from rsna_utils.infer import kaggle
+from rsna_utils.infer.ensemble import Ensemble
+from rsna_utils.reports import html as report
+from rsna_utils.core.errors import RsnaError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,12 +39,12 @@ def test_export_then_load_gives_the_same_checkpoints_and_cut(tmp_path):
     assert "rsna-models" in out["line"]
     moved = tmp_path / "attached"
     shutil.move(out["dir"], moved)                    # a Kaggle dataset mounts elsewhere
-    got = kaggle.load_ensemble(moved / "ensemble.json")
+    got = Ensemble.read(moved / "ensemble.json")
     assert [Path(c).read_bytes() for c in got["checkpoints"]] == [c.read_bytes() for c in ckpts]
     assert all(Path(c).parent == moved for c in got["checkpoints"])
     assert got["threshold"] == 0.37 and got["binarize"] == "threshold" and got["auc"] == 0.81
     assert "oof_csv" not in json.loads((moved / "ensemble.json").read_text())
-    assert kaggle.load_ensemble(moved)["checkpoints"] == got["checkpoints"]   # folder accepted
+    assert Ensemble.read(moved)["checkpoints"] == got["checkpoints"]   # folder accepted
 
 
 def test_export_replaces_an_old_export_and_names_clashing_files_apart(tmp_path):
@@ -73,7 +76,7 @@ def test_export_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path):
 def test_a_bad_models_dataset_is_named_with_the_fix(tmp_path, setup, match):
     setup(tmp_path)
     with pytest.raises(RsnaError, match=match):
-        kaggle.load_ensemble(tmp_path / "ensemble.json")
+        Ensemble.read(tmp_path / "ensemble.json")
 
 
 def test_ensemble_for_submission_prefers_the_export_then_oof_then_bare(tmp_path):
@@ -186,7 +189,7 @@ def test_report_links_every_step_shows_its_figure_and_the_scores(tmp_path):
 
 
 def test_a_failing_step_leaves_a_report_that_names_it(tmp_path, synth_small):
-    from rsna_utils.notebooks import run_plan
+    from rsna_utils.app.notebooks import run_plan
     plan = tmp_path / "p.yaml"
     plan.write_text(json.dumps({"name": "bad", "steps": [
         {"notebook": "03_train.ipynb", "parameters": {"model": "no_such_net"}},

@@ -55,7 +55,7 @@ def test_preprocess_killed_and_rerun_equals_uninterrupted(tmp_path, synth_small)
 
 @pytest.fixture(scope="module")
 def png64(tmp_path_factory, synth_small):
-    from rsna_utils.preprocess import PreprocessConfig, Preprocessor
+    from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
     out = tmp_path_factory.mktemp("png64")
     Preprocessor(PreprocessConfig(size=64), workers=2, progress=False).run(
         synth_small / "train_images", synth_small / "train.csv", out)

@@ -1,5 +1,6 @@
-"""The package is layered and its imports point one way: a module may import its own layer
-and the layers below, never a higher one (function-level imports count too)."""
+"""The package's folders are its layers and imports point one way: a module may import its own
+subpackage and the subpackages ranked below it, never a higher or a sibling one, and no two
+modules import each other, directly or round a circle (function-level imports count too)."""
 import ast
 from pathlib import Path
 
@@ -7,61 +8,132 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "rsna_utils"
 
-LAYERS = [
-    # 0: errors and constants, the config machinery (settings as dataclass fields)
-    {"errors", "uids", "config", "__init__"},
-    # 1: header and frames
-    {"header", "frames"},
-    # 2: decoders, windowing, ROI (dicom_io: header + decoders behind read_dicom)
-    {"decoders", "dicom_io", "voi", "roi"},
-    # 3: the image pipeline
-    {"image_plan", "preprocess", "gpu", "explain"},
-    # 4: the folder runner, data, models, training, inference and what they build on
-    {"data", "models", "weights", "train", "predict", "oof", "calibrate", "metrics", "heatmap",
-     "kaggle", "synth", "realdata"},
-    # 5: CLI, notebooks, plots, reports
-    {"cli", "cli_steps", "__main__", "notebooks", "plots", "report", "eda", "evaluate",
-     "exam_report", "bundle"},
-]
-LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+# The pipeline, bottom up. Subpackages of one rank are siblings and may not import each other.
+RANK = {
+    "core": 0,       # errors, settings, sizes
+    "dicom": 1,      # header, frames, transfer syntaxes, decoder plug-ins
+    "image": 2,      # VOI LUT, ROI, the per-image plan and kernels, the folder runner, GPU
+    "learn": 3,      # datasets and samplers, models and weights, checkpoints, training, metrics
+    "infer": 4,      # prediction, ensembles, thresholds, calibration, Kaggle export
+    "reports": 5,    # evaluation, heatmaps, exam reports, plots, the HTML report, EDA
+    "sources": 5,    # the synthetic generator, the real-image wrapper
+    "app": 6,        # CLI, notebook plans, the Kaggle bundle
+}
+TOP = {"__init__": 0, "_moved": 0, "__main__": 7}    # modules directly in rsna_utils/
+FILES = sorted(PKG.rglob("*.py"))
 
 
-def _module(path: Path) -> str:
-    rel = path.relative_to(PKG)
-    return rel.parts[0] if len(rel.parts) > 1 else rel.stem     # decoders/x.py -> decoders
+def dotted(path: Path) -> str:
+    parts = list(path.relative_to(PKG).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
 
 
-def _imports(path: Path) -> set[str]:
-    """rsna_utils modules (first component below the package) that `path` imports."""
+def layer(mod: str) -> str:
+    """The subpackage of a module; "(root)" for the modules directly in rsna_utils/."""
+    top = mod.split(".")[0]
+    return top if top in RANK else "(root)" if top in TOP else top
+
+
+def rank(mod: str) -> int:
+    top = mod.split(".")[0]
+    return RANK[top] if top in RANK else TOP[top]
+
+
+def _target(name: str) -> str:
+    """The module (dotted, below rsna_utils) that an imported name lives in."""
+    parts = name.split(".")
+    while parts:
+        p = PKG.joinpath(*parts)
+        if p.with_suffix(".py").exists() or (p / "__init__.py").exists():
+            return ".".join(parts)
+        parts.pop()
+    return name
+
+
+def imports(path: Path) -> set[str]:
+    """The rsna_utils modules (dotted, below the package) that `path` imports, anywhere in it."""
     out = set()
     for n in ast.walk(ast.parse(path.read_text())):
         if isinstance(n, ast.ImportFrom) and n.module and n.module.split(".")[0] == "rsna_utils":
-            parts = n.module.split(".")
-            out |= {a.name for a in n.names} if len(parts) == 1 else {parts[1]}
+            base = n.module.partition(".")[2]
+            for a in n.names:       # `from pkg import module` names a module, else a name in pkg
+                out.add(_target(f"{base}.{a.name}" if base else a.name))
         elif isinstance(n, ast.Import):
-            out |= {a.name.split(".")[1] for a in n.names
+            out |= {_target(a.name.partition(".")[2]) for a in n.names
                     if a.name.startswith("rsna_utils.")}
     return out
 
 
-FILES = sorted(PKG.rglob("*.py"))
+GRAPH = {dotted(p): imports(p) - {dotted(p)} for p in FILES}
 
 
-def test_every_module_has_one_layer():
-    assert sum(len(layer) for layer in LAYERS) == len(LAYER), "a module is in two layers"
-    missing = sorted({_module(p) for p in FILES} - set(LAYER))
-    assert not missing, f"place these modules in a layer of tests/test_layers.py: {missing}"
+def test_every_module_is_in_a_ranked_folder():
+    unknown = sorted(m for m in GRAPH if m.split(".")[0] not in RANK and m not in TOP)
+    assert not unknown, f"rank these in tests/test_layers.py (RANK or TOP): {unknown}"
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PKG)))
-def test_no_module_imports_a_higher_layer(path):
-    me = _module(path)
-    up = sorted(m for m in _imports(path) - {me} if LAYER.get(m, -1) > LAYER[me])
-    assert not up, (f"{path.relative_to(PKG)} (layer {LAYER[me]}) imports higher layers: "
-                    + ", ".join(f"{m} ({LAYER[m]})" for m in up))
+def test_no_module_imports_a_higher_or_sibling_layer(path):
+    me = dotted(path)
+    bad = sorted(m for m in GRAPH[me]
+                 if (layer(m) != layer(me) or layer(me) == "(root)") and rank(m) > rank(me)
+                 or layer(m) != layer(me) and rank(m) == rank(me))
+    assert not bad, (f"{path.relative_to(PKG)} ({layer(me)}, rank {rank(me)}) imports "
+                     + ", ".join(f"{m} ({layer(m)}, rank {rank(m)})" for m in bad))
 
 
-def test_the_check_catches_an_upward_import(tmp_path):
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import circle, each once (Tarjan's strongly connected components)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle():
+    assert cycles(GRAPH) == [], "modules that import each other (break the circle)"
+
+
+def test_subpackage_inits_import_nothing_of_the_package():
+    """A folder's __init__ is its docstring: importing one module never drags in its siblings."""
+    busy = sorted(dotted(p) for p in FILES if p.name == "__init__.py" and p.parent != PKG
+                  and GRAPH[dotted(p)])
+    assert not busy, busy
+
+
+def test_the_checks_catch_an_upward_import_and_a_circle(tmp_path):
     f = tmp_path / "x.py"
-    f.write_text("def f():\n    from rsna_utils.train import train\n")
-    assert _imports(f) == {"train"} and LAYER["train"] > LAYER["voi"]
+    f.write_text("def f():\n    from rsna_utils.learn.train import train\n"
+                 "    from rsna_utils import infer\n")
+    assert imports(f) == {"learn.train", "infer"}
+    assert rank("learn.train") > rank("image.voi") and rank("reports.x") == rank("sources.y")
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_inference_never_imports_the_training_loop():
+    """Inference, reports and the Kaggle export read a model through `learn.checkpoint`."""
+    bad = sorted(m for m, deps in GRAPH.items()
+                 if layer(m) in ("infer", "reports") and "learn.train" in deps)
+    assert not bad, f"import from learn.checkpoint / learn.device instead: {bad}"

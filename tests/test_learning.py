@@ -10,9 +10,9 @@ and the tests here asked for that. On the corrected set a resnet18 from scratch 
 epochs scores 0.52 (chance); see BENCHMARKS.md."""
 import pytest
 
-from rsna_utils.preprocess import PreprocessConfig, Preprocessor
-from rsna_utils.synth import synthesize
-from rsna_utils.train import TrainConfig, train
+from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.sources.synth import synthesize
+from rsna_utils.learn.train import TrainConfig, train
 
 
 def _synthetic(tmp_path, size):
@@ -23,7 +23,7 @@ def _synthetic(tmp_path, size):
 
 
 def _score_new_patients(tmp_path, run) -> dict:
-    from rsna_utils.predict import predict
+    from rsna_utils.infer.predict import predict
     r = predict(tmp_path / "data" / "test_images", tmp_path / "data" / "test.csv",
                 [tmp_path / run / "best.pt"], None, labels=tmp_path / "data" / "test_labels.csv",
                 workers=2, device="cpu", progress=False)

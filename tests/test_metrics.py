@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, fbeta_score, roc_auc_score
 
-from rsna_utils.metrics import (best_quantile, best_threshold, breast_level, evaluate, fbeta_at,
+from rsna_utils.learn.metrics import (best_quantile, best_threshold, breast_level, evaluate, fbeta_at,
                                 pfbeta, pr_auc, roc_auc)
 
 
@@ -56,7 +56,7 @@ def test_breast_level_mean_and_max():
 
 def test_log_loss_is_sklearns_and_clips():
     from sklearn.metrics import log_loss as sk_log_loss
-    from rsna_utils.metrics import log_loss
+    from rsna_utils.learn.metrics import log_loss
     rng = np.random.default_rng(0)
     y, p = rng.integers(0, 2, 50), rng.random(50)
     assert log_loss(y, p) == pytest.approx(sk_log_loss(y, p))
@@ -131,7 +131,7 @@ def test_best_threshold_large_input_is_fast():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_best_quantile_top_share(seed):
-    from rsna_utils.predict import binarize
+    from rsna_utils.infer.predict import binarize
     rng = np.random.default_rng(100 + seed)
     n = 150
     y = (rng.random(n) < 0.15).astype(int)

@@ -12,7 +12,9 @@ import nbformat
 import pandas as pd
 import pytest
 
-from rsna_utils.notebooks import NOTEBOOKS, load_plan, run_plan
+from rsna_utils.app.notebooks import find_notebooks, load_plan, run_plan
+
+NOTEBOOKS = find_notebooks()
 
 NBS = sorted(NOTEBOOKS.glob("*.ipynb"))
 FIRST = ["01_eda.ipynb", "02_preprocessing_demo.ipynb", "03_train.ipynb",
@@ -138,9 +140,9 @@ def test_notebook_parameters_are_named_after_what_they_set():
 
     import papermill as pm
 
-    from rsna_utils.predict import predict
-    from rsna_utils.preprocess import PreprocessConfig, Preprocessor
-    from rsna_utils.train import TrainConfig
+    from rsna_utils.infer.predict import predict
+    from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+    from rsna_utils.learn.train_config import TrainConfig
 
     def params(nb):
         return set(pm.inspect_notebook(str(NOTEBOOKS / nb)))
@@ -202,7 +204,7 @@ def test_demo_plan_runs_headless(tmp_path, synth_small):
 
 
 def test_a_failing_notebook_stops_the_plan_and_names_itself(tmp_path, synth_small):
-    from rsna_utils.errors import RsnaError
+    from rsna_utils.core.errors import RsnaError
     plan = tmp_path / "p.yaml"
     plan.write_text(json.dumps({"name": "bad", "steps": [
         {"notebook": "03_train.ipynb",
@@ -216,7 +218,7 @@ def test_a_failing_notebook_stops_the_plan_and_names_itself(tmp_path, synth_smal
 def test_the_kaggle_plan_stops_before_step_one_when_weights_are_not_attached(tmp_path):
     """No /kaggle/input/rsna-timm-weights here: the plan names every step that lacks its
     weights and the dataset to attach, and runs nothing (no EDA, no hours of preprocessing)."""
-    from rsna_utils.errors import RsnaError
+    from rsna_utils.core.errors import RsnaError
     with pytest.raises(RsnaError, match=r"plan kaggle: pretrained weights not found for 9 "
                                         r"step\(s\) \(03_train_resnet18_512x256: /kaggle/input/"
                                         r"rsna-timm-weights/resnet18;.*nothing was run: attach "
@@ -228,7 +230,7 @@ def test_the_kaggle_plan_stops_before_step_one_when_weights_are_not_attached(tmp
 def test_the_kaggle_plan_takes_its_weights_from_the_weights_folder(tmp_path):
     """Off Kaggle, --weights DIR stands for the dataset: the check names DIR's sub-folders,
     and once they exist it passes (the plan then fails at its first step, on the missing data)."""
-    from rsna_utils.errors import RsnaError
+    from rsna_utils.core.errors import RsnaError
     w = tmp_path / "w"
     with pytest.raises(RsnaError, match=r"pretrained weights not found for 9 step\(s\) "
                                         r"\(03_train_resnet18_512x256: " + re.escape(str(w / "resnet18"))
@@ -244,7 +246,7 @@ def test_a_relative_weights_folder_is_the_callers_and_a_placeholder_can_be_overr
         tmp_path, monkeypatch):
     """--weights w means ./w where the user typed it (the notebooks run elsewhere), and
     -p pretrained_path={weights}/x (not YAML) stays a string, not a parser traceback."""
-    from rsna_utils.errors import RsnaError
+    from rsna_utils.core.errors import RsnaError
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RsnaError, match=re.escape(str(tmp_path / "w" / "resnet18")) + ";"):
         run_plan("kaggle", data="data", runs="runs", progress=False, weights="w")
@@ -255,8 +257,8 @@ def test_a_relative_weights_folder_is_the_callers_and_a_placeholder_can_be_overr
 
 
 def test_relative_weights_paths_resolve_where_the_notebooks_run(tmp_path, monkeypatch):
-    from rsna_utils.errors import RsnaError
-    from rsna_utils.notebooks import _check_weights, _kernel_cwd
+    from rsna_utils.core.errors import RsnaError
+    from rsna_utils.app.notebooks import _check_weights, _kernel_cwd
     (_kernel_cwd() / "README.md").stat()               # a relative path that exists there
     monkeypatch.chdir(tmp_path)                         # ... and not in the caller's folder
     _check_weights("p", [("s1", {"pretrained_path": "README.md"}),
@@ -315,7 +317,7 @@ def test_on_kaggle_the_submission_lands_where_kaggle_scores_it(tmp_path, monkeyp
 def test_demo_with_a_real_plan_refuses_a_folder_without_train_csv(tmp_path, capsys, monkeypatch):
     """`make demo PLAN=kaggle DATA=<typo>` must not quietly train the kaggle plan on synthetic
     patients generated into the mistyped folder: it names the missing train.csv and stops."""
-    from rsna_utils.cli import main
+    from rsna_utils.app.cli import main
     data = tmp_path / "rsna"
     rc = main(["demo", "--plan", "kaggle", "--data", str(data), "--runs", str(tmp_path / "runs"),
                "--quiet"])
@@ -327,8 +329,8 @@ def test_demo_with_a_real_plan_refuses_a_folder_without_train_csv(tmp_path, caps
     assert main(["demo", "--plan", "kagle", "--data", str(data), "--quiet"]) == 2
     assert "plan 'kagle' not found" in capsys.readouterr().err and not data.exists()
     made = []
-    monkeypatch.setattr("rsna_utils.synth.synthesize", lambda d, **k: made.append(d))
-    monkeypatch.setattr("rsna_utils.notebooks.run_plan", lambda *x, **k: dict(
+    monkeypatch.setattr("rsna_utils.sources.synth.synthesize", lambda d, **k: made.append(d))
+    monkeypatch.setattr("rsna_utils.app.notebooks.run_plan", lambda *x, **k: dict(
         run_dir="r", notebooks=[], submission=None))
     assert main(["demo", "--plan", str(NOTEBOOKS / "plans" / "demo.yaml"), "--data", str(data),
                  "--quiet"]) == 0 and made == [str(data)]

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rsna_utils.errors import RsnaError
-from rsna_utils.metrics import best_threshold, breast_level, fbeta_at
-from rsna_utils.oof import ensemble_threshold, merge_oof, write_ensemble
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.learn.metrics import best_threshold, breast_level, fbeta_at
+from rsna_utils.infer.oof import ensemble_threshold, merge_oof, write_ensemble
 
 PATIENTS = 40
 
@@ -104,7 +104,7 @@ def test_ensemble_threshold_is_brute_force_best_of_averaged_prediction(runs, agg
 
 
 def test_ensemble_quantile_mode(runs):
-    from rsna_utils.predict import binarize
+    from rsna_utils.infer.predict import binarize
     dirs, _ = runs
     oof = merge_oof(dirs)
     rt = ensemble_threshold(oof, mode="threshold")
@@ -131,7 +131,7 @@ def test_write_ensemble(runs, tmp_path):
 
 
 def test_write_ensemble_stores_a_breast_level_calibrator(runs, tmp_path):
-    from rsna_utils.calibrate import apply_calibrator, fit_calibrator
+    from rsna_utils.infer.calibrate import apply_calibrator, fit_calibrator
     dirs, _ = runs
     res = write_ensemble(dirs, tmp_path / "ensemble.json", agg="max", calibration="isotonic")
     saved = json.loads((tmp_path / "ensemble.json").read_text())
@@ -263,10 +263,10 @@ def test_the_ensemble_records_whether_its_oof_scores_had_the_flip(runs, tmp_path
 
 
 def test_submission_tta_follows_the_tuned_threshold():
-    from rsna_utils.oof import ensemble_tta, submission_tta
-    assert ensemble_tta({"threshold": 0.3, "tta": True}) is True
-    assert ensemble_tta({"threshold": 0.3}) is False              # written before the key
-    assert ensemble_tta({"threshold": None}) is None              # nothing tuned
+    from rsna_utils.infer.ensemble import Ensemble, submission_tta
+    assert Ensemble({"threshold": 0.3, "tta": True}).tuned_tta is True
+    assert Ensemble({"threshold": 0.3}).tuned_tta is False              # written before the key
+    assert Ensemble({"threshold": None}).tuned_tta is None              # nothing tuned
     assert submission_tta(True, None) is True and submission_tta(True, True) is True
     assert submission_tta(False, None) is False and submission_tta(None, None) is False
     with pytest.raises(RsnaError, match=r"ens\.json: its threshold \(and calibrator\) were tuned "

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna_utils.errors import RsnaError
-from rsna_utils.predict import aggregate, binarize, predict, validate_submission
-from rsna_utils.preprocess import PreprocessConfig, Preprocessor
-from rsna_utils.train import TrainConfig, train
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.infer.predict import aggregate, binarize, predict, validate_submission
+from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.learn.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_aggregate_and_binarize():
 
 def test_ensemble_threshold_refuses_another_aggregation(tmp_path, capsys):
     import json
-    from rsna_utils.cli import main
+    from rsna_utils.app.cli import main
     ens = tmp_path / "ensemble.json"
     ens.write_text(json.dumps({"threshold": 0.3, "agg": "max", "binarize": "threshold"}))
     rc = main(["predict", "--images", str(tmp_path), "--csv", str(tmp_path / "t.csv"),
@@ -124,8 +124,8 @@ def test_ensemble_threshold_refuses_another_aggregation(tmp_path, capsys):
 
 
 def test_output_modes_do_what_they_say():
-    from rsna_utils.calibrate import apply_calibrator
-    from rsna_utils.predict import breast_output, resolve_output
+    from rsna_utils.infer.calibrate import apply_calibrator
+    from rsna_utils.infer.predict import breast_output, resolve_output
     cal = {"method": "platt", "a": 1.0, "b": -np.log(25), "agg": "mean"}
     v = np.array([0.05, 0.3, 0.6, 0.9])
     assert breast_output(v, "probability") is v
@@ -151,8 +151,8 @@ def test_output_modes_do_what_they_say():
 
 
 def test_predict_writes_probability_calibrated_and_binary(tmp_path, synth_small, tiny_ckpt):
-    from rsna_utils.calibrate import apply_calibrator
-    from rsna_utils.evaluate import load_predictions
+    from rsna_utils.infer.calibrate import apply_calibrator
+    from rsna_utils.reports.evaluate import load_predictions
     cal = {"method": "platt", "a": 2.0, "b": -3.0, "agg": "mean"}
     kw = dict(workers=0, device="cpu", progress=False)
     args = (synth_small / "test_images", synth_small / "test.csv", [tiny_ckpt])
@@ -172,7 +172,7 @@ def test_predict_writes_probability_calibrated_and_binary(tmp_path, synth_small,
 
 def test_cli_output_calibrated_needs_the_ensemble_calibrator(tmp_path, capsys):
     import json
-    from rsna_utils.cli import main
+    from rsna_utils.app.cli import main
     ens = tmp_path / "ensemble.json"
     ens.write_text(json.dumps({"threshold": 0.3, "agg": "mean", "binarize": "threshold"}))
     base = ["predict", "--images", str(tmp_path), "--csv", str(tmp_path / "t.csv"),
@@ -187,24 +187,24 @@ def test_inference_reads_the_input_contract_from_the_checkpoint(tmp_path, synth_
                                                                 monkeypatch):
     """Size, channels, mean / std and the PNG -> input resize come from the checkpoint, not
     from defaults: a checkpoint with other values is fed exactly those."""
-    import rsna_utils.data
-    from rsna_utils.predict import LoadedModel, load_checkpoints
-    from rsna_utils.train import INPUT_RESIZE
+    import rsna_utils.learn.data
+    from rsna_utils.infer.predict import LoadedModel, load_models
+    from rsna_utils.learn.checkpoint import INPUT_RESIZE
     ck = torch.load(tiny_ckpt, weights_only=True)
     assert ck["resize"] == INPUT_RESIZE and ck["channels"] == 3 and ck["size"] == [48, 48]
     norm = [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]
     assert tuple(map(tuple, norm)) != LoadedModel.norm
     ck.update(size=[40, 56], norm=norm)               # resnet pools globally: any size runs
     torch.save(ck, tmp_path / "other.pt")
-    (m,), _ = load_checkpoints([tmp_path / "other.pt"], torch.device("cpu"))
+    (m,), _ = load_models([tmp_path / "other.pt"], torch.device("cpu"))
     assert (m.size, m.norm, m.channels) == ((40, 56), tuple(map(tuple, norm)), 3)
     seen = []
-    real = rsna_utils.data.model_input
+    real = rsna_utils.learn.data.model_input
 
     def spy(img, size, norm, channels):
         seen.append((tuple(size), tuple(map(tuple, norm)), channels))
         return real(img, size, norm, channels)
-    monkeypatch.setattr(rsna_utils.data, "model_input", spy)
+    monkeypatch.setattr(rsna_utils.learn.data, "model_input", spy)
     predict(synth_small / "test_images", synth_small / "test.csv", [tmp_path / "other.pt"], None,
             workers=0, device="cpu", progress=False)
     assert seen and set(seen) == {((40, 56), tuple(map(tuple, norm)), 3)}
@@ -214,7 +214,7 @@ def test_inference_reads_the_input_contract_from_the_checkpoint(tmp_path, synth_
     ck["resize"] = {"mode": "stretch", "filter": "nearest"}
     torch.save(ck, tmp_path / "stretch.pt")
     with pytest.raises(RsnaError, match="trained with the input resize .*stretch"):
-        load_checkpoints([tmp_path / "stretch.pt"], torch.device("cpu"))
+        load_models([tmp_path / "stretch.pt"], torch.device("cpu"))
 
 
 def test_cli_ensemble_sets_the_flip_its_threshold_was_tuned_with(tmp_path):
@@ -222,7 +222,7 @@ def test_cli_ensemble_sets_the_flip_its_threshold_was_tuned_with(tmp_path):
     (the cut would fall on scores of another distribution), unless --threshold replaces the cut
     or the output is a probability; calibrated output is checked whatever --threshold says."""
     import json
-    from rsna_utils.cli_steps import _ensemble_settings
+    from rsna_utils.app.steps import _ensemble_settings
     ens = tmp_path / "ensemble.json"
     ens.write_text(json.dumps({"threshold": 0.3, "agg": "mean", "tta": True}))
     assert _ensemble_settings(str(ens), {})["tta"] is True
@@ -243,8 +243,9 @@ def test_cli_ensemble_sets_the_flip_its_threshold_was_tuned_with(tmp_path):
 def test_an_ensemble_averages_folds_per_recipe_then_the_recipes(tmp_path, synth_small, tiny_ckpt):
     """Two folds of recipe A and one run of recipe B: the ensemble is mean(mean(A0, A1), B), the
     prediction `rsna oof` tunes its threshold on, not the flat mean of three checkpoints."""
-    from rsna_utils.oof import checkpoint_recipe, model_weights, recipe_key
-    from rsna_utils.predict import load_checkpoints, weighted_mean
+    from rsna_utils.learn.checkpoint import checkpoint_recipe
+    from rsna_utils.infer.oof import model_weights, recipe_key
+    from rsna_utils.infer.predict import load_models, weighted_mean
     base = torch.load(tiny_ckpt, weights_only=False)
     head = [k for k in base["model"] if k.endswith("fc.bias")][0]
     paths = {}
@@ -256,7 +257,7 @@ def test_an_ensemble_averages_folds_per_recipe_then_the_recipes(tmp_path, synth_
         paths[name] = tmp_path / name / "best.pt"
         paths[name].parent.mkdir()
         torch.save(ck, paths[name])
-    models, _ = load_checkpoints(list(paths.values()), torch.device("cpu"))
+    models, _ = load_models(list(paths.values()), torch.device("cpu"))
     assert models[0].recipe == models[1].recipe != models[2].recipe
     # a config.json beside the checkpoint (what `rsna oof` reads; a resume rewrites it) wins
     (tmp_path / "b" / "config.json").write_text(json.dumps({**base["config"], "epochs": 99}))
@@ -288,8 +289,9 @@ def test_an_exported_ensemble_keeps_the_recipes_of_its_run_folders(tmp_path, tin
     """Fold 1 of recipe A was resumed with more epochs, so its best.pt (from before the resume)
     stores epochs 4 while its run folder says 6: the run folders group A's folds together.
     Exported flat for Kaggle (no run folders), ensemble.json keeps that grouping."""
-    from rsna_utils.kaggle import export_models, load_ensemble
-    from rsna_utils.predict import load_checkpoints
+    from rsna_utils.infer.ensemble import Ensemble
+    from rsna_utils.infer.kaggle import export_models
+    from rsna_utils.infer.predict import load_models
     base = torch.load(tiny_ckpt, weights_only=False)
     paths = []
     for name, fold, seed, stored_epochs in (("a_fold0", 0, 42, 6), ("a_fold1", 1, 42, 4),
@@ -303,10 +305,10 @@ def test_an_exported_ensemble_keeps_the_recipes_of_its_run_folders(tmp_path, tin
         paths.append(run / "best.pt")
 
     def groups(ckpts):
-        r = [m.recipe for m in load_checkpoints(ckpts, torch.device("cpu"))[0]]
+        r = [m.recipe for m in load_models(ckpts, torch.device("cpu"))[0]]
         return [r.index(k) for k in r]
     assert groups(paths) == [0, 0, 2]
-    ens = load_ensemble(export_models({"checkpoints": [str(p) for p in paths]},
+    ens = Ensemble.read(export_models({"checkpoints": [str(p) for p in paths]},
                                       tmp_path / "rsna-models")["dir"])
     assert groups(ens["checkpoints"]) == [0, 0, 2]
     # without the recorded recipes the checkpoints' own settings would split recipe A
@@ -353,13 +355,13 @@ def test_checkpoints_from_before_a_preprocessing_setting_load_with_new_ones(tmp_
                                                                           tiny_ckpt):
     """A checkpoint without the `inverted` setting means "warn" (the pixels it was trained on):
     it ensembles with a new one; one that says "fix" does not, and the error says why."""
-    from rsna_utils.predict import load_checkpoints
+    from rsna_utils.infer.predict import load_models
     ck = torch.load(tiny_ckpt, weights_only=False)
     assert ck["preprocess"]["inverted"] == "warn"
     old = dict(ck, preprocess={k: v for k, v in ck["preprocess"].items() if k != "inverted"})
     torch.save(old, tmp_path / "old.pt")
-    models, pre = load_checkpoints([tiny_ckpt, tmp_path / "old.pt"], torch.device("cpu"))
+    models, pre = load_models([tiny_ckpt, tmp_path / "old.pt"], torch.device("cpu"))
     assert len(models) == 2 and pre["inverted"] == "warn"
     torch.save(dict(ck, preprocess=dict(ck["preprocess"], inverted="fix")), tmp_path / "fix.pt")
     with pytest.raises(RsnaError, match="fix.pt: preprocessing or channels differ"):
-        load_checkpoints([tiny_ckpt, tmp_path / "fix.pt"], torch.device("cpu"))
+        load_models([tiny_ckpt, tmp_path / "fix.pt"], torch.device("cpu"))

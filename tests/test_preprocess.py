@@ -10,9 +10,9 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 
 from conftest import AbortOn, HangOn
-from rsna_utils.preprocess import PreprocessConfig, Preprocessor, parse_shard, preprocess_image
-from rsna_utils.errors import RsnaError
-from rsna_utils import synth
+from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor, parse_shard, preprocess_image
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.sources import synth
 
 
 def _files_by_syntax(root):
@@ -213,7 +213,7 @@ def test_hanging_decoder_costs_one_file(tmp_path, synth_small):
 def test_script_without_main_guard_gets_a_clear_error(tmp_path, synth_small):
     script = tmp_path / "s.py"
     script.write_text(
-        "from rsna_utils.preprocess import PreprocessConfig, Preprocessor\n"
+        "from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor\n"
         f"Preprocessor(PreprocessConfig(size=32), workers=2, progress=False).run("
         f"'{synth_small / 'train_images'}', '{synth_small / 'train.csv'}', '{tmp_path / 'o'}')\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)

@@ -1,13 +1,13 @@
-"""`rsna_utils.realdata`: an 8-bit export (benign/, malignant/) wrapped as an RSNA-shaped DICOM set."""
+"""`rsna_utils.sources.realdata`: an 8-bit export (benign/, malignant/) wrapped as an RSNA-shaped DICOM set."""
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
 
-from rsna_utils.dicom_io import read_dicom
-from rsna_utils.errors import RsnaError
-from rsna_utils.realdata import check_wrapped, is_inverted, list_images, side_of_breast, wrap
-from rsna_utils.voi import apply_voi_lut
+from rsna_utils.dicom.reader import read_dicom
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.sources.realdata import check_wrapped, is_inverted, list_images, side_of_breast, wrap
+from rsna_utils.image.voi import apply_voi_lut
 
 
 def _breast(side: str, seed: int, h: int = 96, w: int = 64) -> np.ndarray:

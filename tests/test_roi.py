@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from rsna_utils import roi, synth
-from rsna_utils.preprocess import PreprocessConfig, preprocess_image
+from rsna_utils.image import roi
+from rsna_utils.sources import synth
+from rsna_utils.image.preprocess import PreprocessConfig, preprocess_image
 
 
 def _intersects(a, b) -> bool:

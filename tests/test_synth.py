@@ -8,7 +8,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from rsna_utils import synth
+from rsna_utils.sources import synth
 
 KAGGLE_TRAIN_DTYPES = {
     "site_id": "int64", "patient_id": "int64", "image_id": "int64", "laterality": "str",

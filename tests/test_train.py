@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna_utils.data import (UpsampleSampler, batches_with_positives, check_split, epoch_indices,
+from rsna_utils.learn.data import (UpsampleSampler, batches_with_positives, check_split, epoch_indices,
                              holdout_split, load_table, patient_folds)
-from rsna_utils.errors import RsnaError
-from rsna_utils.models import WeightedBCE, create_model, load_weights
-from rsna_utils.preprocess import PreprocessConfig, Preprocessor
-from rsna_utils.train import TrainConfig, train
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.learn.models import create_model, WeightedBCE
+from rsna_utils.learn.weights import load_weights
+from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.learn.train import TrainConfig, train
 
 
 def test_weighted_bce_is_the_formula_and_stable():
@@ -182,7 +183,7 @@ def test_train_writes_checkpoints_metrics_and_resumes(tmp_path, png48, synth_sma
     assert (splits.groupby("patient_id").fold.nunique() == 1).all()
     # resumed with another input normalisation (e.g. --pretrained-path forgotten): refused,
     # nothing trained on
-    import rsna_utils.train as train_mod
+    import rsna_utils.learn.train as train_mod
     real_norm = train_mod._input_norm
     monkeypatch.setattr(train_mod, "_input_norm", lambda *a: ((0.1, 0.1, 0.1), (0.2, 0.2, 0.2)))
     with pytest.raises(RsnaError, match=r"last.pt: trained on other inputs \{'norm': .*\(last.pt, "
@@ -268,11 +269,11 @@ def test_auxiliary_targets_train_and_predict(tmp_path, synth_small):
     """Aux heads on the metadata: the model has 1 + K logits, inference reads logit 0, and a
     missing column is refused with one line before anything is written."""
     import pytest
-    from rsna_utils.data import aux_targets
-    from rsna_utils.errors import RsnaError
-    from rsna_utils.predict import predict
-    from rsna_utils.preprocess import PreprocessConfig, Preprocessor
-    from rsna_utils.train import TrainConfig, train
+    from rsna_utils.learn.data import aux_targets
+    from rsna_utils.core.errors import RsnaError
+    from rsna_utils.infer.predict import predict
+    from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+    from rsna_utils.learn.train import TrainConfig, train
     import pandas as pd
     df = pd.read_csv(synth_small / "train.csv")
     t = aux_targets(df, ["view", "density", "age", "biopsy"])
@@ -296,7 +297,7 @@ def test_auxiliary_targets_train_and_predict(tmp_path, synth_small):
 
 
 def test_ema_warmup_decay():
-    from rsna_utils.train import ema_decay
+    from rsna_utils.learn.train import ema_decay
     assert ema_decay(0.999, 1) == pytest.approx(2 / 11)       # the first blends follow the model
     assert ema_decay(0.999, 90) == pytest.approx(91 / 100)
     assert ema_decay(0.99, 10_000) == 0.99                    # then the asked decay
@@ -306,7 +307,7 @@ def test_ema_warmup_decay():
 def test_ema_of_a_run_averages_batchnorm_buffers_with_the_warmup():
     """The EMA that train() builds (create_optimisation): BatchNorm running statistics are
     averaged, not frozen at the start, and each update uses the decay of its own count."""
-    from rsna_utils.train import create_optimisation, ema_decay
+    from rsna_utils.learn.train import create_optimisation, ema_decay
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
     ema = create_optimisation(TrainConfig(ema=0.9, device="cpu"), net, 10, torch.device("cpu")).ema
@@ -328,8 +329,8 @@ def test_ema_of_a_run_averages_batchnorm_buffers_with_the_warmup():
 def test_backbone_lr_splits_head_and_backbone(pool, aux):
     """backbone_lr 0.1: the classifier (widened for aux targets) and GeM's p at lr, every other
     parameter at lr/10, each exactly once; the warmup/cosine schedule scales both alike."""
-    from rsna_utils.models import create_model, set_outputs
-    from rsna_utils.train import create_optimisation
+    from rsna_utils.learn.models import create_model, set_outputs
+    from rsna_utils.learn.train import create_optimisation
     net = create_model("resnet18", 3, None, global_pool=pool)
     if aux:
         set_outputs(net, 1 + aux)
@@ -351,7 +352,7 @@ def test_backbone_lr_splits_head_and_backbone(pool, aux):
 
 
 def test_backbone_lr_out_of_range_is_refused():
-    from rsna_utils.errors import RsnaError
+    from rsna_utils.core.errors import RsnaError
     for bad in (0, 1.5):
         with pytest.raises(RsnaError, match="backbone_lr"):
             TrainConfig(backbone_lr=bad)
@@ -361,8 +362,8 @@ def test_tta_validation_averages_the_flip(tmp_path, png48, synth_small):
     """tta=True: the same training (same seed, same weights), and val_predictions.csv holds the
     mean of best.pt's plain and horizontally flipped prediction of each validation PNG."""
     import cv2
-    from rsna_utils.data import model_input
-    from rsna_utils.models import create_model
+    from rsna_utils.learn.data import model_input
+    from rsna_utils.learn.models import create_model
     train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "plain")))
     train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "tta"), tta=True))
     plain = pd.read_csv(tmp_path / "plain" / "val_predictions.csv")
@@ -388,7 +389,7 @@ def test_tta_validation_averages_the_flip(tmp_path, png48, synth_small):
 
 def _killed_after_epoch_0(monkeypatch, cfg) -> None:
     """train(cfg) stopped right after epoch 0's checkpoint, as if killed there."""
-    import rsna_utils.train as tr
+    import rsna_utils.learn.train as tr
 
     class Stop(Exception):
         pass
@@ -428,7 +429,7 @@ def test_a_two_group_run_resumes_and_refuses_other_group_settings(tmp_path, png4
                                                                  monkeypatch):
     """backbone_lr 0.1 stopped after epoch 0 and resumed: the same weights as in one go, and the
     backbone's lr logged; resuming with another backbone_lr or tta is refused with the flag."""
-    from rsna_utils.errors import RsnaError
+    from rsna_utils.core.errors import RsnaError
     kw = dict(epochs=2, backbone_lr=0.1)
     train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "once"), **kw))
     _killed_after_epoch_0(monkeypatch, _cfg(tmp_path, png48, synth_small,
@@ -452,7 +453,8 @@ def test_half_precision_is_fp16_on_a_t4_and_bf16_from_ampere(monkeypatch):
     there (emulation), so the choice reads the compute capability."""
     import torch
 
-    from rsna_utils.train import amp_dtype, half_dtype
+    from rsna_utils.learn.device import half_dtype
+    from rsna_utils.learn.train import amp_dtype
     cuda = torch.device("cuda", 0)
     for major, want in ((6, torch.float16), (7, torch.float16), (8, torch.bfloat16),
                         (9, torch.bfloat16)):

@@ -5,8 +5,8 @@ import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut as pd_apply_voi_lut
 
 from conftest import TESTDATA, needs_testdata
-from rsna_utils.dicom_io import read_dicom, read_header
-from rsna_utils.voi import apply_voi_lut, build_lut, select_window
+from rsna_utils.dicom.reader import read_dicom, read_header
+from rsna_utils.image.voi import apply_voi_lut, build_lut, select_window
 
 
 def pydicom_reference(arr, ds, index=0):
@@ -113,7 +113,7 @@ def test_synthetic_files_within_one_gray_level(synth200):
 
 
 def _header(**kw):
-    from rsna_utils.dicom_io import DicomHeader
+    from rsna_utils.dicom.reader import DicomHeader
     d = dict(path="mem", rows=1, columns=4096, bits_stored=12)
     d.update(kw)
     return DicomHeader(**d)

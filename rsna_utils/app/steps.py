@@ -1,0 +1,262 @@
+"""Subcommands for preprocessing, training and prediction (registered by rsna_utils.app.cli)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rsna_utils.core.errors import RsnaError
+
+
+def _cmd_preprocess(a: argparse.Namespace) -> int:
+    from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+    cfg = PreprocessConfig.from_dict(given_flags(a, PreprocessConfig))
+    from rsna_utils.image import gpu
+    from rsna_utils.dicom.decoders import gpu_batch
+    chosen = gpu_batch.resolve_backend(a.backend)
+    if chosen in gpu_batch.GPU_BACKENDS:
+        if not gpu_batch.cuda_available():
+            from rsna_utils.core.errors import RsnaError
+            raise RsnaError(f"--backend {a.backend}: no CUDA GPU here; use --backend auto or a CPU backend")
+        s = gpu.GpuPreprocessor(cfg, backend=chosen, batch_size=a.batch_size,
+                                progress=not a.quiet).run(a.images, a.csv, a.out, a.shard)
+        print(s.line(f" [{chosen} on the GPU, {s.fallbacks} via the CPU fallback]"))
+    else:
+        backend = "auto" if a.backend == "auto" else a.backend
+        s = Preprocessor(cfg, backend=backend, workers=a.workers,
+                         progress=not a.quiet).run(a.images, a.csv, a.out, a.shard)
+        print(s.line())
+    return 1 if s.processed + s.skipped == 0 and s.failed > 0 else 0
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from rsna_utils.core.config import given_flags
+    from rsna_utils.learn.train import TrainConfig, train
+    flags = given_flags(a, TrainConfig)           # flags given override the YAML's fields
+    cfg = TrainConfig.from_yaml(a.config, **flags) if a.config else TrainConfig.from_dict(flags)
+    best = train(cfg)
+    if best:
+        m = best["metrics"]
+        print(f"best epoch {best['epoch']}: breast pF1 {m['breast_mean_pf1']:.3f}, breast AUC "
+              f"{m['breast_mean_auc']:.3f}; checkpoints in {cfg.out}")
+    return 0
+
+
+def _cmd_oof(a: argparse.Namespace) -> int:
+    from rsna_utils.infer.oof import write_ensemble
+    r = write_ensemble(a.runs, a.out, agg=a.agg, mode=a.mode,
+                       calibration=None if a.calibration == "none" else a.calibration)
+    print(f"{r['n_breasts']} out-of-fold breasts ({r['n_positives']} positive) from {len(a.runs)} runs: "
+          f"AUC {r['auc']:.3f}, PR-AUC {r['pr_auc']:.3f}; binarised pF1 {r['pf1']:.3f} at "
+          f"{r['binarize']} (threshold {r['threshold']:.4f}); wrote {a.out}")
+    c = r.get("calibrator")
+    if c and "ece_after" in c.get("cross_fitted", {}):
+        x = c["cross_fitted"]
+        print(f"  {c['method']} calibrator: held-out ECE {x['ece_before']:.4f} -> {x['ece_after']:.4f}, "
+              f"Brier {x['brier_before']:.4f} -> {x['brier_after']:.4f} ({x['folds']} folds)")
+    elif r.get("calibration_error"):
+        print(f"  no calibrator: {r['calibration_error']}")
+    return 0
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from rsna_utils.core.config import given_flags
+    from rsna_utils.infer.predict import PredictConfig, predict
+    settings = given_flags(a, PredictConfig)
+    if a.ensemble:
+        settings.update(_ensemble_settings(a.ensemble, settings))
+    cfg = PredictConfig(**settings)
+    r = predict(cfg)
+    n = len(r.images)
+    print(f"predicted {n} images ({r.counts()}: see the warnings file) for "
+          f"{len(r.submission)} breasts in {r.seconds:.1f} s ({n / r.seconds:.2f} img/s)"
+          + (f"; wrote {cfg.out}" if cfg.out else ""))
+    if r.metrics:
+        m = r.metrics
+        for lvl in ("image", "breast_mean", "breast_max"):
+            print(f"  {lvl:12s} pF1 {m[f'{lvl}_pf1']:.4f}  AUC {m[f'{lvl}_auc']:.4f}  "
+                  f"PR-AUC {m[f'{lvl}_pr_auc']:.4f}  best threshold {m[f'{lvl}_best_threshold']:.4f}"
+                  f" -> F1 {m[f'{lvl}_best_f1']:.4f}")
+    return 0
+
+
+def _ensemble_settings(path: str, given: dict) -> dict:
+    """What `--ensemble ensemble.json` (of `rsna oof`) sets (`Ensemble.predict_settings`)."""
+    from rsna_utils.infer.ensemble import Ensemble
+    return Ensemble.read(path, checkpoints=False).predict_settings(given, source=path,
+                                                                   follow_tta=False)
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from rsna_utils.reports.evaluate import evaluate_predictions
+    r = evaluate_predictions(a.predictions, a.out, meta_csv=a.meta, threshold=a.threshold,
+                             n_boot=a.n_boot, seed=a.seed, agg=a.agg)
+    h = r["headline"]
+    ci = lambda k: f"{h[k]:.3f} [{h[k + '_low']:.3f}, {h[k + '_high']:.3f}]"   # noqa: E731
+    print(f"{h['n']} breasts ({h['n_positives']} positive) of {h['n_patients']} patients, 95% CI "
+          f"by patient ({h['n_boot']} resamples):\n  AUC {ci('auc')}  PR-AUC {ci('pr_auc')}  "
+          f"pF1 {ci('pf1')}\n  at threshold {h['threshold']:.4f} ({h['threshold_source']}): "
+          f"F1 {ci('f1')}  sensitivity {ci('sensitivity')}  specificity {ci('specificity')}\n"
+          f"  Brier {ci('brier')}  ECE {ci('ece')}")
+    for k, why in r["skipped"].items():
+        print(f"  no {k} breakdown: {why}")
+    print(f"wrote {', '.join(Path(p).name for p in [*r['files'].values(), *r['figures'].values()])} "
+          f"to {a.out}")
+    return 0
+
+
+def _print_run(res: dict) -> None:
+    print(f"executed notebooks in {res['run_dir']}:")
+    for n in res["notebooks"]:
+        print(f"  {n['notebook']}  ({n['seconds']} s)")
+    if res["submission"]:
+        print(f"submission: {res['submission']}")
+    if res.get("report"):
+        print(f"report (open in a browser): {res['report']}")
+
+
+def _cmd_notebooks(a: argparse.Namespace) -> int:
+    from rsna_utils.app.notebooks import run_plan
+    _print_run(run_plan(a.plan, a.data, a.runs, a.name, a.param, progress=not a.quiet,
+                        weights=a.weights))
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rsna_utils.app.notebooks import load_plan, run_plan
+    from rsna_utils.sources.synth import synthesize
+    name = load_plan(a.plan)["name"]          # a mistyped plan is named here, before any data
+    if not (Path(a.data) / "train.csv").exists():
+        if name != "demo":
+            # only the demo plan is meant for generated data: a mistyped DATA for a real plan
+            # must not run it on synthetic patients without a word
+            raise RsnaError(f"{Path(a.data) / 'train.csv'}: not found, and the {name!r} plan "
+                            "runs on a real dataset: point DATA (--data) at the competition's "
+                            "folder (train.csv, train_images/, test.csv, test_images/), or use "
+                            "PLAN=demo, which generates synthetic data")
+        print(f"generating the synthetic dataset in {a.data} ...", flush=True)
+        synthesize(a.data, patients=a.patients, seed=0, positive_rate=a.positive_rate,
+                   size="small", progress=not a.quiet)
+    _print_run(run_plan(a.plan, a.data, a.runs, None, a.param, progress=not a.quiet,
+                        weights=a.weights))
+    return 0
+
+
+def register(sub) -> None:
+    from rsna_utils.core.config import add_flags
+    from rsna_utils.infer.kaggle import KAGGLE_WEIGHTS
+    from rsna_utils.infer.predict import PredictConfig
+    from rsna_utils.image.preprocess import PreprocessConfig
+    from rsna_utils.learn.train_config import TrainConfig
+    _register_explain(sub)
+    n = sub.add_parser("notebooks", help="run a notebook plan headless with papermill")
+    n.add_argument("--plan", default="demo", help="demo, kaggle, submit, or a plan YAML path")
+    n.add_argument("--data", default="data/synthetic", help="dataset folder ({data} in the plan)")
+    n.add_argument("--runs", default="runs", help="executed notebooks go to RUNS/<plan name>/")
+    n.add_argument("--name", default=None, help="run name (default: the plan's)")
+    n.add_argument("--weights", default=KAGGLE_WEIGHTS, help="folder of pretrained weights, one "
+                   "sub-folder per model (`rsna weights export --out DIR/MODEL`): {weights} in "
+                   "the plan (default: %(default)s, the Kaggle dataset)")
+    n.add_argument("-p", "--param", action="append", default=[],
+                   help="override a parameter: key=value (all steps) or step.key=value")
+    n.add_argument("--quiet", action="store_true")
+    n.set_defaults(func=_cmd_notebooks)
+
+    d = sub.add_parser("demo", help="synthetic data + the demo notebook plan (make demo)")
+    d.add_argument("--data", default="data/synthetic")
+    d.add_argument("--plan", default="demo")
+    d.add_argument("--runs", default="runs")
+    d.add_argument("--patients", type=int, default=60)
+    d.add_argument("--positive-rate", type=float, default=0.3,
+                   help="raised from the real 2%% so the small validation split has positives")
+    d.add_argument("--weights", default=KAGGLE_WEIGHTS, help="as for `rsna notebooks`")
+    d.add_argument("-p", "--param", action="append", default=[])
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_cmd_demo)
+
+    o = sub.add_parser("oof", help="merge out-of-fold predictions, tune the ensemble's threshold")
+    o.add_argument("--runs", nargs="+", required=True,
+                   help="training run folders: every fold of every model of the ensemble")
+    o.add_argument("--out", default="ensemble.json")
+    o.add_argument("--agg", choices=["mean", "max"], default="mean", help="as the submission")
+    o.add_argument("--mode", choices=["threshold", "quantile"], default="threshold")
+    o.add_argument("--calibration", choices=["platt", "temperature", "isotonic", "none"],
+                   default="platt", help="calibrator stored in the JSON for --output calibrated "
+                   "(default platt: logistic on the logit; see rsna_utils.infer.calibrate)")
+    o.set_defaults(func=_cmd_oof)
+
+    e = sub.add_parser("evaluate", help="labelled predictions -> metrics with 95%% CIs by patient, "
+                       "subgroups, curves, calibration (CSV + PNG)")
+    e.add_argument("--predictions", required=True, help="val_predictions.csv, oof_predictions.csv "
+                   "or the _images.csv of rsna predict")
+    e.add_argument("--meta", default=None, help="train.csv: labels, site, machine, view, density, "
+                   "age the predictions lack (joined on image_id)")
+    e.add_argument("--threshold", type=float, default=None,
+                   help="for F1/sensitivity/specificity (default: tuned on these breasts)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--agg", choices=["mean", "max"], default="mean", help="views -> breast")
+    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_cmd_evaluate)
+
+    q = sub.add_parser("predict", help="test DICOMs + checkpoints -> submission.csv")
+    add_flags(q, PredictConfig)           # one flag per PredictConfig field
+    q.add_argument("--ensemble", default=None,
+                   help="ensemble.json of `rsna oof`: its aggregation, and binary output at its "
+                   "out-of-fold threshold (or its calibrator with --output calibrated)")
+    q.set_defaults(func=_cmd_predict)
+
+    t = sub.add_parser("train", help="train a timm model on preprocessed PNGs")
+    t.add_argument("--config", help="YAML with any TrainConfig field; flags override it")
+    add_flags(t, TrainConfig)             # one flag per TrainConfig field
+    t.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("preprocess", help="DICOM folder -> cropped, windowed, resized PNGs")
+    p.add_argument("--images", required=True, help="folder of {patient_id}/{image_id}.dcm")
+    p.add_argument("--csv", default=None, help="train.csv / test.csv (default: scan --images)")
+    p.add_argument("--out", required=True, help="output folder (PNGs, meta.csv, failures.csv)")
+    add_flags(p, PreprocessConfig)        # one flag per PreprocessConfig field
+    p.add_argument("--backend", default="auto",
+                   help="auto (a GPU backend when CUDA and the package are present), "
+                        "imagecodecs, dicomsdl, pydicom, nvimgcodec, dali")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--batch-size", type=int, default=32, help="GPU decode batch")
+    p.add_argument("--shard", default=None, help="K/N: process shard K (from 0) of N")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_preprocess)
+
+
+def _cmd_explain(a: argparse.Namespace) -> int:
+    from rsna_utils.reports.exam import write_exam_reports
+    r = write_exam_reports(a.images, a.csv, a.checkpoints, a.out, threshold=a.threshold,
+                           limit=a.limit, device=a.device, progress=not a.quiet, by=a.by,
+                           backend=a.backend, agg=a.agg, tta=a.tta)
+    n_pos = int(r["exams"]["positive"].sum())
+    print(f"explained {len(r['views'])} views of {len(r['exams'])} exams ({n_pos} positive at "
+          f"threshold {r['threshold']:.4f}) in {r['seconds']:.1f} s; open {r['index']} "
+          f"(peaks per view in {r['heatmaps_csv']})")
+    return 0
+
+
+def _register_explain(sub) -> None:
+    """`rsna explain`: per-exam figures with class-activation heat, index.html, heatmaps.csv."""
+    x = sub.add_parser("explain", help="per-exam figures: the views, HiResCAM heat mapped to the "
+                       "original pixels, scores and decision; index.html; heatmaps.csv")
+    x.add_argument("--images", required=True, help="folder of {patient_id}/{image_id}.dcm")
+    x.add_argument("--csv", required=True, help="train.csv / test.csv (patient_id, image_id, "
+                   "laterality; view optional)")
+    x.add_argument("--checkpoints", nargs="+", required=True, help="one or more best.pt")
+    x.add_argument("--out", required=True, help="output folder (figures, index.html, heatmaps.csv)")
+    x.add_argument("--threshold", type=float, default=None,
+                   help="breast decision cut (default: the checkpoints' validation threshold)")
+    x.add_argument("--limit", type=int, default=None, help="only the first N exams of the CSV")
+    x.add_argument("--by", choices=["patient", "breast"], default="patient",
+                   help="one figure per patient (default) or per patient and laterality")
+    x.add_argument("--agg", choices=["mean", "max"], default="mean", help="views -> breast score")
+    x.add_argument("--tta", action="store_true", help="scores average the flip, as `rsna predict "
+                   "--tta` (give it when the threshold was tuned on flip-averaged scores)")
+    x.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    x.add_argument("--backend", default="auto", help="CPU decoder: auto, imagecodecs, dicomsdl, pydicom")
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(func=_cmd_explain)

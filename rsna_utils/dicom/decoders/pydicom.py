@@ -1,0 +1,32 @@
+"""pydicom's `pixel_array`, through its own plugins (pylibjpeg-libjpeg, -openjpeg, -rle): every
+syntax those plugins take, the last resort of `auto`."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from rsna_utils.dicom import uids
+from rsna_utils.core.errors import DecodeError
+
+NAME = "pydicom"
+SYNTAXES = frozenset(uids.NAMES)
+PACKAGES = "pydicom with pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle"
+DEVICE = "cpu"
+
+
+def is_available() -> bool:
+    return importlib.util.find_spec("pydicom") is not None
+
+
+def decode(path: str, h) -> np.ndarray:
+    import pydicom
+    try:
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # plugins raise many types; pylibjpeg-rle (Rust) panics with a
+        # pyo3 PanicException, which derives from BaseException (found by the fuzz test)
+        raise DecodeError(f"pydicom: {type(e).__name__}: {str(e).strip()[:200]}") from None
+    return arr

@@ -1,0 +1,72 @@
+"""Read a DICOM file: header fields the pipeline needs, and the stored pixel values.
+
+The header is always parsed with pydicom, without the pixel data (`rsna_utils.dicom.header`), so every
+decoder sees the same fields; the pixels come from the decoder plug-ins of
+`rsna_utils.dicom.decoders` (imagecodecs, dicomsdl, pydicom on the CPU; nvImageCodec, DALI on a GPU),
+chosen by name. Header checks run before any decoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rsna_utils.dicom import uids
+from rsna_utils.dicom.decoders import registry
+from rsna_utils.core.errors import DecodeError
+# the header layer, re-exported: `from rsna_utils.dicom.reader import read_header` keeps working
+from rsna_utils.dicom.header import (  # noqa: F401
+    DEFAULT_MAX_PIXELS, DicomHeader, VoiLut, check_header, read_header, transfer_syntax_name)
+
+
+@dataclass
+class DicomImage:
+    pixels: np.ndarray          # stored values, (rows, columns), uint16 or int16
+    header: DicomHeader
+    backend: str
+
+
+def _check_pixels(arr: np.ndarray, h: DicomHeader) -> np.ndarray:
+    if arr.ndim == 3 and h.frames > 1:
+        arr = arr[0]
+    if arr.shape != (h.rows, h.columns):
+        raise DecodeError(f"{h.path}: decoded shape {arr.shape} differs from Rows x Columns "
+                          f"{h.rows} x {h.columns}; the header or the data is wrong")
+    if arr.dtype not in (np.uint16, np.int16):
+        arr = arr.astype(np.int16 if h.signed else np.uint16)
+    return arr
+
+
+def check_frame(h: DicomHeader) -> None:
+    """Checks of the compressed frame that must pass before a decoder allocates or parses."""
+    from rsna_utils.dicom.frames import check_codestream, check_rle_header
+    if h.transfer_syntax in uids.CODESTREAM:
+        # A decoder trusts Rows/Columns and allocates for them: check the codestream first.
+        check_codestream(h.path, h.rows, h.columns, ds=h.dataset, transfer_syntax=h.transfer_syntax)
+    if h.transfer_syntax == uids.RLE_LOSSLESS:
+        check_rle_header(h.path, h.bits_allocated, h.samples_per_pixel, ds=h.dataset)
+
+
+def decode_pixels(h: DicomHeader, backend: str = "auto",
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """Decode the stored values of the first frame; returns (array, backend used)."""
+    check_header(h, max_pixels)
+    order = registry.candidates(h.transfer_syntax, backend)    # a bad name fails before I/O
+    if not order:
+        registry.decode(h, backend)       # raises the error that lists what is installed
+    check_frame(h)
+    return registry.decode(h, backend, check=lambda arr: _check_pixels(arr, h))
+
+
+def read_dicom(path: str | Path, backend: str = "auto",
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> DicomImage:
+    """Read one DICOM file: stored pixel values (first frame) and the header fields.
+
+    backend: "auto" (imagecodecs for JPEG / JPEG 2000, then dicomsdl, then pydicom),
+    "imagecodecs", "dicomsdl", "pydicom", or a GPU decoder ("nvimgcodec", "dali"; for many
+    files, `rsna_utils.image.gpu` decodes in batches).
+    """
+    h = read_header(path)
+    arr, used = decode_pixels(h, backend, max_pixels)
+    return DicomImage(arr, h, used)

@@ -1,0 +1,264 @@
+"""GPU decoding (nvImageCodec, DALI) and the whole preprocessing step on the GPU.
+
+The compressed frame is cut out of PixelData on the CPU (`rsna_utils.dicom.frames`), decoded in
+batches by nvImageCodec or DALI into uint16 tensors, then windowed (the same lookup table as the
+CPU path), cropped and area-resized in torch. The breast box is found on a small subsample copied
+to the CPU (the same `roi.find_breast` as the CPU path). PNGs are written by a thread pool so the
+GPU does not wait. Any file a GPU decoder rejects goes through the CPU path and is counted.
+
+Nothing here imports CUDA packages at module import: `import rsna_utils.image.gpu` works anywhere.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from rsna_utils.dicom.decoders.gpu_batch import GPU_SYNTAXES, DecodeRules, make_decoder
+from rsna_utils.core.errors import DecodeError, DiskFullError, RsnaError
+
+# ----------------------------------------------------------------------------------------
+# The whole preprocessing step on the GPU
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    item: object
+    header: object
+    precision: int = 16
+
+
+def gpu_preprocess_tensor(x, h, cfg, device):
+    """Stored-value tensor (H, W) on the GPU -> output image (numpy) and meta: the plan of
+    `rsna_utils.image.plan` (made on the CPU from the header and a subsample copied back, as
+    the CPU path makes it) applied by its torch kernel."""
+    from rsna_utils.image.plan import apply_torch, make_plan, subsample_step
+    k = subsample_step(tuple(x.shape), cfg.roi_max_side)
+    small = x[::k, ::k].contiguous().cpu().numpy()
+    if small.dtype != np.uint16 and not h.signed:
+        small = small.astype(np.uint16)
+    plan = make_plan(h, small, cfg, tuple(x.shape), lambda: _is_flat(x))
+    return apply_torch(x, plan), plan.meta(h)
+
+
+def _is_flat(x) -> bool:
+    """Every value equal (torch has no min/max for uint16, the GPU decoders' dtype)."""
+    import torch
+    lo, hi = torch.aminmax(x.to(torch.int32))
+    return int(lo) == int(hi)
+
+
+def load_frame(path: str, max_pixels: int | None = None):
+    """CPU side of a GPU decode (run in threads): (header, frame or None, codestream, error).
+    The same header checks as the CPU path run first. frame None without an error: a transfer
+    syntax the GPU decoders do not take (CPU path)."""
+    from rsna_utils.dicom.header import DEFAULT_MAX_PIXELS, check_header, read_header
+    from rsna_utils.dicom.frames import check_codestream, first_frame
+    if not os.path.exists(path):
+        return None, None, None, f"{path}: file not found (listed in the CSV)"
+    try:
+        h = read_header(path)
+        check_header(h, max_pixels or DEFAULT_MAX_PIXELS)
+        if h.transfer_syntax not in GPU_SYNTAXES:
+            return h, None, None, None
+        cs = check_codestream(path, h.rows, h.columns, ds=h.dataset, transfer_syntax=h.transfer_syntax)
+        return h, first_frame(path, h.dataset), cs, None
+    except RsnaError as e:
+        return None, None, None, str(e)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # damaged files raise many types in pydicom
+        return None, None, None, f"{path}: unhandled exception {type(e).__name__}: {e}"
+
+
+def _load_frame_light(path: str, max_pixels: int | None = None):
+    """`load_frame` in a worker process: the header travels back without its pydicom dataset."""
+    h, frame, cs, err = load_frame(path, max_pixels)
+    if h is not None:
+        h.dataset = None
+    return h, frame, cs, err
+
+
+def load_frames(paths: list[str], cfg, pool):
+    """Start reading a batch's frames in `pool`; the results are waited for by
+    `preprocess_paths`, so the next batch is read while the GPU decodes this one. With a
+    process pool the header parse and frame cut run outside the GIL: on an H200 with 16 cores,
+    reading in 14 threads was the bottleneck of the whole GPU pipeline (BENCHMARKS.md)."""
+    from concurrent.futures import ProcessPoolExecutor
+    fn = _load_frame_light if isinstance(pool, ProcessPoolExecutor) else load_frame
+    return [pool.submit(fn, p, cfg.max_pixels) for p in paths]
+
+
+def frame_loader(workers: int):
+    """The pool that reads frames: `workers` processes (forkserver: the parent holds CUDA
+    and threads), or threads when workers is 0."""
+    if workers <= 0:
+        return ThreadPoolExecutor(8)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from rsna_utils.image.preprocess import _start_method
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context(_start_method()))
+
+
+def default_load_workers(device: str) -> int:
+    """Processes for reading frames: all cores but two on a GPU run, none (threads) on the CPU."""
+    return max(2, min(14, (os.cpu_count() or 2) - 2)) if device == "cuda" else 0
+
+
+def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool: ThreadPoolExecutor,
+                     loading=None):
+    """One batch through the GPU pipeline, in order: (image, meta, error) per path. Files the
+    GPU decoder does not take, fails its self-test for, or rejects go through the CPU pipeline
+    (meta["backend"] says "cpu-fallback:...", meta["gpu_route"] why); errors are clean
+    RsnaError messages. `loading`: futures from `load_frames` started earlier."""
+    import torch
+
+    from rsna_utils.image.preprocess import preprocess_image
+    from concurrent.futures.process import BrokenProcessPool
+    try:
+        loaded = [f.result() for f in (loading or load_frames(paths, cfg, pool))]
+    except BrokenProcessPool:
+        raise RsnaError("the frame-reading worker processes could not start or died. From a Python "
+                        "script, put the call under `if __name__ == \"__main__\":` (workers start "
+                        "with forkserver), or pass load_workers=0 (threads)") from None
+    results: list = [None] * len(paths)
+    why = {}
+    for i, (h, f, cs, e) in enumerate(loaded):
+        if e:
+            results[i] = (None, None, e)
+        elif f is None:
+            why[i] = decoder.rules.route(h, None)
+        else:
+            r = decoder.rules.route(h, cs)
+            if r:
+                why[i] = r
+    on_gpu = [i for i, (h, f, cs, e) in enumerate(loaded) if f is not None and i not in why]
+    t0 = time.perf_counter()
+    decoded = decoder.decode([loaded[i][1] for i in on_gpu]) if on_gpu else []
+    per = (time.perf_counter() - t0) * 1e3 / max(1, len(on_gpu))
+    for i, x in zip(on_gpu, decoded):
+        h, _, cs, _ = loaded[i]
+        if x is None:
+            why[i] = f"{backend} could not decode the frame"
+            continue
+        t1 = time.perf_counter()
+        try:
+            if not isinstance(x, torch.Tensor):
+                x = torch.from_numpy(np.ascontiguousarray(x).astype(np.int32))
+            x = decoder.rules.fix(x, h, cs)
+            if tuple(x.shape) != (h.rows, h.columns):
+                raise DecodeError(f"{h.path}: decoded shape {tuple(x.shape)} differs from "
+                                  f"Rows x Columns {h.rows} x {h.columns}")
+            img, meta = gpu_preprocess_tensor(x.to(device), h, cfg, device)
+            meta.update(backend=backend, gpu_route="gpu", decode_ms=round(per, 2),
+                        total_ms=round(per + (time.perf_counter() - t1) * 1e3, 2))
+            results[i] = (img, meta, None)
+        except DecodeError as e:
+            why[i] = str(e)
+        except RsnaError as e:
+            results[i] = (None, None, str(e))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:   # a torch / CUDA error (e.g. out of memory) costs this file's GPU pass only
+            why[i] = f"GPU step failed ({type(e).__name__}: {str(e)[:120]})"
+
+    def cpu_one(i):
+        try:
+            img, meta = preprocess_image(paths[i], cfg, "auto")
+            meta["backend"] = f"cpu-fallback:{meta['backend']}"
+            meta["gpu_route"] = why[i]
+            return i, (img, meta, None)
+        except RsnaError as e:
+            return i, (None, None, str(e))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            return i, (None, None, f"{paths[i]}: unhandled exception {type(e).__name__}: {e}")
+    for i, r in pool.map(cpu_one, sorted(why)):
+        results[i] = r
+    return results, len(why)
+
+
+class GpuPreprocessor:
+    """The GPU version of `Preprocessor.run`: same inputs, outputs (PNGs, meta.csv,
+    failures.csv), resume and shards. `device="cpu"` runs the same code with the decoder's CPU
+    backend and torch on the CPU (for tests on machines without a GPU)."""
+
+    def __init__(self, cfg=None, backend: str = "nvimgcodec", batch_size: int = 32,
+                 png_threads: int = 8, device: str = "cuda", progress: bool = True, decoder=None,
+                 load_workers: int | None = None):
+        from rsna_utils.image.preprocess import PreprocessConfig
+        self.cfg = cfg or PreprocessConfig()
+        self.backend, self.batch_size, self.device = backend, batch_size, device
+        self.png_threads, self.progress = png_threads, progress
+        self.load_workers = default_load_workers(device) if load_workers is None else load_workers
+        # any object with decode(frames) -> list of arrays / tensors / None (tests inject one)
+        self.decoder = decoder
+
+    def run(self, images, csv_path, out, shard=None):
+        import torch
+
+        from rsna_utils.image.preprocess import FolderRun, write_png
+        with FolderRun(out, self.cfg, images, csv_path, shard, f"preprocess ({self.backend})",
+                       self.progress) as run:
+            todo, s = run.todo, run.summary
+            dev = torch.device("cuda" if self.device == "cuda" else "cpu")
+            decoder = self.decoder or make_decoder(self.backend, self.device, self.batch_size)
+            if not hasattr(decoder, "rules"):
+                decoder.rules = DecodeRules(decoder, self.backend)
+            writer, pool = ThreadPoolExecutor(self.png_threads), ThreadPoolExecutor(self.png_threads)
+            loader = frame_loader(self.load_workers) if todo else None
+            writes, s.fallbacks = [], 0
+            try:
+                batches = [todo[b:b + self.batch_size] for b in range(0, len(todo), self.batch_size)]
+                ready = [[it for it in batch if not it.problem] for batch in batches]
+                loading = load_frames([it.path for it in ready[0]], self.cfg, loader) if batches else []
+                for k, batch in enumerate(batches):
+                    if run.stopped:         # the disk is full: every later PNG would fail too
+                        raise run.stopped
+                    for it in batch:
+                        if it.problem:
+                            run.fail(it, it.problem)
+                    this = loading
+                    if k + 1 < len(batches):   # read the next batch while this one is on the GPU
+                        loading = load_frames([it.path for it in ready[k + 1]], self.cfg, loader)
+                    results, n_fb = preprocess_paths([it.path for it in ready[k]], self.cfg,
+                                                     decoder, self.backend, dev, pool, this)
+                    s.fallbacks += n_fb
+                    for it, (img, meta, err) in zip(ready[k], results):
+                        if err:
+                            run.fail(it, err)
+                        else:   # PNG encoding in threads: the GPU goes on with the next batch
+                            writes.append(writer.submit(_write_then_log, it, img, meta, run,
+                                                        write_png))
+                    run.advance(len(batch))
+                for w in writes:
+                    w.result()
+                if run.stopped:
+                    raise run.stopped
+            finally:
+                writer.shutdown(wait=True, cancel_futures=True)   # all waited for unless raising
+                pool.shutdown(wait=True)
+                if loader is not None:
+                    loader.shutdown(wait=True, cancel_futures=True)
+        return run.summary
+
+
+def _write_then_log(item, img, meta, run, write_png):
+    if run.stopped:                        # the disk is full: the queued writes are skipped
+        return
+    try:
+        try:
+            write_png(item.png, img)
+        except DiskFullError:
+            raise
+        except (OSError, RsnaError) as e:  # as the CPU path: this file fails, the run goes on
+            run.fail(item, f"{item.path}: PNG not written ({type(e).__name__}: {e})")
+            return
+        run.ok(item, meta)
+    except DiskFullError as e:             # not this file's fault: the run stops (as on the CPU)
+        run.stopped = run.stopped or e

@@ -1,0 +1,438 @@
+"""Inference: test DICOMs -> predictions -> a validated Kaggle submission.csv.
+
+Images are preprocessed in memory, in DataLoader worker processes, with the settings stored in
+the checkpoint (no PNGs written, nothing retyped); batches stream through the model(s), so
+memory stays flat as the test set grows. An image that cannot be read still gets its breast a
+prediction: the mean of the breast's other views, or the training prior when none could be read.
+`PredictConfig` is the one place an inference setting is spelled (`rsna predict` flags and
+notebook 04 derive from it); what the model needs of its input comes from the checkpoint.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rsna_utils.core.config import Config, setting
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.infer.ensemble import exported_recipe
+from rsna_utils.learn.checkpoint import DEFAULT_PRIOR, LoadedModel, load_checkpoints
+
+OUTPUTS = ("probability", "calibrated", "binary")
+
+
+@dataclass
+class PredictConfig(Config):
+    """Every setting of an inference run: `rsna predict` flags and notebook 04 parameters are
+    these names (the field order is the old positional order of `predict`). What the models
+    need of their input comes from the checkpoints, not from here. Checked on creation."""
+
+    KIND = "prediction"
+
+    images: str = setting(help="test_images folder: {patient_id}/{image_id}.dcm")
+    csv: str = setting(help="test.csv")
+    checkpoints: list = setting(help="one or more best.pt of `rsna train`")
+    out: str | None = setting("submission.csv", "the submission (beside it: _warnings.csv and "
+                              "_images.csv); None: write nothing")
+    sample_submission: str | None = setting(None, "check the prediction_ids against it")
+    labels: str | None = setting(None, "CSV with image_id,cancer: also score image/breast pF1, "
+                                 "AUC, threshold")
+    tta: bool = setting(False, "average with the horizontal flip")
+    agg: str = setting("mean", "views -> breast (rsna predict --ensemble: the JSON's)",
+                       choices=("mean", "max"))
+    binarize_how: str | None = setting(None, "binary output: threshold (the checkpoints' or "
+                                       "--threshold) or quantile:0.02", flags=("--binarize",))
+    batch_size: int = setting(16, "images per model call", ge=1)
+    workers: int = setting(2, "preprocessing processes", ge=0)
+    device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    backend: str = setting("auto", "decoder: auto, imagecodecs, dicomsdl, pydicom, nvimgcodec, "
+                           "dali")
+    progress: bool = setting(True, "progress bar", negate="--quiet")
+    threshold: float | None = setting(None, "the cut of binary output; None: the "
+                                      "checkpoints' validation thresholds, averaged per recipe", ge=0, le=1)
+    output: str | None = setting(None, "submission values: probability, calibrated or binary; "
+                                 "None: binary with binarize_how, else probability",
+                                 choices=OUTPUTS)
+    calibrator: dict | None = setting(None, "ensemble.json's calibrator (output calibrated)",
+                                      cli=False)
+
+    def __post_init__(self):
+        if isinstance(self.checkpoints, (str, os.PathLike)):
+            self.checkpoints = [self.checkpoints]
+        self.check_fields()
+        self.checkpoints = [os.fspath(c) for c in self.checkpoints]
+        if self.binarize_how not in (None, "threshold"):
+            quantile_share(self.binarize_how)
+        resolve_output(self.output, self.binarize_how, self.calibrator, self.agg)
+
+
+def load_models(paths: list[str | Path], device) -> tuple[list[LoadedModel], dict]:
+    """The members' models and their shared preprocessing (`checkpoint.load_checkpoints`),
+    each keyed by its training recipe: its run's config.json, else what an exported
+    ensemble.json beside it recorded, else the settings stored in it."""
+    return load_checkpoints(paths, device, exported=exported_recipe)
+
+
+def weighted_mean(models: list[LoadedModel], attr: str) -> float:
+    """A per-checkpoint value (validation threshold, prior) averaged as the predictions are:
+    per recipe, then the recipes equally (`oof.model_weights`)."""
+    from rsna_utils.infer.oof import model_weights
+    w = model_weights([m.recipe for m in models])
+    return float(np.dot(w, [getattr(m, attr) for m in models]))
+
+
+class DicomStream:
+    """Dataset: one preprocessed test image per row, made in memory. Never raises: a failed
+    image yields zeros and its reason, so one bad file cannot stop the run."""
+
+    def __init__(self, df: pd.DataFrame, images: Path, pre: dict, backend: str = "auto",
+                 channels: int = 3):
+        from rsna_utils.image.preprocess import PreprocessConfig
+        self.paths = [str(images / str(p) / f"{i}.dcm") for p, i in zip(df.patient_id, df.image_id)]
+        self.cfg = PreprocessConfig(**{k: (tuple(v) if k == "size" else v) for k, v in pre.items()})
+        self.backend, self.channels = backend, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        """(output image uint8/uint16 at the preprocessing size, index, reason, looks
+        inverted): a reason when the image could not be made (zeros instead); the flag of
+        `roi.looks_inverted` (inverted already when the config says fix)."""
+        from rsna_utils.image.preprocess import preprocess_image
+        reason, img, meta = "", None, {}
+        try:
+            if not os.path.exists(self.paths[i]):
+                raise RsnaError(f"{self.paths[i]}: file not found (listed in the CSV)")
+            img, meta = preprocess_image(self.paths[i], self.cfg, self.backend)
+        except RsnaError as e:
+            reason = str(e)
+        except Exception as e:  # a decoder bug on a strange file costs this image only
+            reason = f"{self.paths[i]}: unhandled exception {type(e).__name__}: {e}"
+        if img is None:
+            img = np.zeros(self.cfg.size, np.uint8)
+        return img, i, reason, bool(meta.get("looks_inverted"))
+
+
+def inverted_note(path: str) -> str:
+    """The warning for an image that looks like a negative after windowing and was kept so."""
+    return (f"{path}: scored, but it looks inverted (white at the edges after windowing, where "
+            "a mammogram's background is black): its PhotometricInterpretation may not match "
+            "its pixels; look at it, and preprocess with --inverted fix to invert such images")
+
+
+def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device, workers: int | None = None):
+    """Like the DataLoader over `ds`, but through the GPU pipeline of `rsna_utils.image.gpu`: frames
+    are read by worker processes one batch ahead while the GPU decodes the current one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rsna_utils.image import gpu
+
+    from rsna_utils.dicom.decoders import gpu_batch
+    decoder = gpu_batch.make_decoder(backend, "cuda", batch_size)
+    h, w = ds.cfg.size
+    batches = [list(range(b, min(len(ds), b + batch_size))) for b in range(0, len(ds), batch_size)]
+    loader = gpu.frame_loader(gpu.default_load_workers("cuda") if workers is None else workers)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            loading = gpu.load_frames([ds.paths[i] for i in batches[0]], ds.cfg, loader) if batches else []
+            for k, idx in enumerate(batches):
+                this = loading
+                if k + 1 < len(batches):
+                    loading = gpu.load_frames([ds.paths[i] for i in batches[k + 1]], ds.cfg, loader)
+                results, _ = gpu.preprocess_paths([ds.paths[i] for i in idx], ds.cfg, decoder,
+                                                  backend, device, pool, this)
+                imgs = [img if not err else np.zeros((h, w), np.uint8) for img, _, err in results]
+                yield (imgs, idx, [err or "" for _, _, err in results],
+                       [bool((meta or {}).get("looks_inverted")) for _, meta, _ in results])
+    finally:
+        loader.shutdown(wait=True, cancel_futures=True)
+
+
+def _collate(batch):
+    return tuple([b[k] for b in batch] for k in range(4))
+
+
+def batch_input(imgs: list, m: "LoadedModel", channels: int, fallback_size):
+    """The model's input batch (N, C, H, W) from output images: `data.model_input`, the
+    same resize and normalisation as training."""
+    import torch
+
+    from rsna_utils.learn.data import model_input
+    size = tuple(m.size) if min(m.size) > 0 else tuple(fallback_size)
+    return torch.stack([model_input(im, size, m.norm, channels) for im in imgs])
+
+
+@dataclass
+class PredictResult:
+    submission: pd.DataFrame
+    images: pd.DataFrame                 # one row per image: prediction (NaN when unreadable)
+    warnings: list = field(default_factory=list)    # unreadable images, and inverted-looking ones
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def counts(self) -> str:
+        """"N unreadable" and, when any, "M look inverted" (both listed in the warnings)."""
+        bad = int(self.images["problem"].astype(bool).sum()) if "problem" in self.images else 0
+        inv = int(self.images["looks_inverted"].sum()) if "looks_inverted" in self.images else 0
+        return f"{bad} unreadable" + (f", {inv} look inverted" if inv else "")
+
+
+def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedModel], pre: dict,
+                   device, batch_size: int = 16, workers: int = 2, tta: bool = False,
+                   backend: str = "auto", channels: int = 3, progress: bool = True):
+    """Per-image probabilities, reasons and `roi.looks_inverted` flags: NaN and a reason where
+    unreadable. The checkpoints of one recipe (its folds) are averaged, then the recipes equally (`oof.model_weights`: the
+    ensemble whose out-of-fold threshold `rsna oof` tunes), each with its flip when `tta`."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from rsna_utils.dicom.decoders import gpu_batch
+    from rsna_utils.infer.oof import model_weights
+    from rsna_utils.learn.checkpoint import cancer_logit
+    from rsna_utils.learn.device import half_dtype
+    weights = model_weights([m.recipe for m in models]) / (2 if tta else 1)
+    ds = DicomStream(df, Path(images), pre, backend, channels)
+    if backend in gpu_batch.GPU_BACKENDS and device.type != "cuda":
+        raise RsnaError(f"backend {backend!r} decodes on a GPU but the device is {device.type}; "
+                        "use --device cuda or --backend auto")
+    chosen = gpu_batch.resolve_backend(backend) if device.type == "cuda" else "cpu"
+    if chosen in gpu_batch.GPU_BACKENDS:
+        # decode on the GPU in batches (CPU fallback per file inside), no worker processes
+        dl = _gpu_batches(ds, chosen, batch_size, device)
+    else:
+        dl = DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+                        multiprocessing_context="forkserver" if workers > 0 else None,
+                        pin_memory=False)
+    dtype = half_dtype(device)    # bf16 from Ampere on; fp16 on a T4 / P100 (Kaggle)
+    preds = np.full(len(ds), np.nan, np.float32)
+    reasons, inverted = [""] * len(ds), [False] * len(ds)
+    bar = tqdm(total=len(ds), desc="predict", unit="img", disable=not progress, file=sys.stderr)
+    with torch.inference_mode():
+        for imgs, idx, why, flag in dl:
+            p = torch.zeros(len(imgs), device=device)
+            for m, w in zip(models, weights):
+                xm = batch_input(imgs, m, channels, ds.cfg.size).to(device, non_blocking=True)
+                xm = xm.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    p += w * torch.sigmoid(cancer_logit(m.model(xm))).float()
+                    if tta:
+                        flipped = m.model(torch.flip(xm, dims=[3]))
+                        p += w * torch.sigmoid(cancer_logit(flipped)).float()
+            p = p.cpu().numpy()
+            for j, i in enumerate(idx):
+                inverted[i] = flag[j]
+                if why[j]:
+                    reasons[i] = why[j]
+                else:
+                    preds[i] = p[j]
+            bar.update(len(idx))
+    bar.close()
+    return preds, reasons, inverted
+
+
+def aggregate(images: pd.DataFrame, agg: str = "mean", prior: float = DEFAULT_PRIOR) -> pd.DataFrame:
+    """Per prediction_id: mean (or max) over the views that could be read; the prior where none."""
+    if agg not in ("mean", "max"):
+        raise RsnaError(f"aggregation {agg!r}: choose mean or max")
+    g = images.groupby("prediction_id", sort=False)["prediction"]
+    out = (g.mean() if agg == "mean" else g.max()).reset_index()   # NaN views are skipped
+    out["prediction"] = out["prediction"].fillna(prior)
+    return out
+
+
+def binarize(values: np.ndarray, how: str | None, threshold: float) -> np.ndarray:
+    """None: probabilities; "threshold": >= the checkpoint's tuned threshold; "quantile:q":
+    the top q share (e.g. quantile:0.02) set to 1."""
+    if not how:
+        return values
+    if how == "threshold":
+        return (values >= threshold).astype(np.float64)
+    cut = np.quantile(values, 1 - quantile_share(how))
+    return (values >= cut).astype(np.float64)
+
+
+def quantile_share(how: str) -> float:
+    """"quantile:0.02" -> 0.02; RsnaError for anything else."""
+    kind, _, q = str(how).partition(":")
+    try:
+        share = float(q) if kind == "quantile" else None
+    except ValueError:
+        share = None
+    if share is None:
+        raise RsnaError(f"binarize_how={how!r}: choose threshold or quantile:Q (e.g. quantile:0.02)")
+    if not 0 < share < 1:
+        raise RsnaError(f"binarize_how={how!r}: the share must be in (0, 1), e.g. quantile:0.02")
+    return share
+
+
+
+def resolve_output(output: str | None, binarize_how: str | None,
+                   calibrator: dict | None = None, agg: str = "mean") -> tuple[str, str | None]:
+    """What the submission holds: "probability" (the ensemble's breast probability),
+    "calibrated" (that probability through `calibrator`, `calibrate.apply_calibrator`) or
+    "binary" (0/1 at `binarize_how`: "threshold" (default) or "quantile:q").
+    Default: binary when `binarize_how` is given (the old --binarize), else probability.
+    Returns (output, binarize_how); RsnaError for a combination that cannot be meant."""
+    if output is None:
+        output = "binary" if binarize_how else "probability"
+    if output not in OUTPUTS:
+        raise RsnaError(f"output {output!r}: choose one of {', '.join(OUTPUTS)}")
+    if output != "binary" and binarize_how:
+        raise RsnaError(f"--binarize {binarize_how} with --output {output}: binarising gives "
+                        "--output binary; drop one of them")
+    if output == "binary":
+        return output, binarize_how or "threshold"
+    if output == "calibrated":
+        from rsna_utils.infer.calibrate import check_calibrator
+        if calibrator is None:
+            raise RsnaError("--output calibrated needs a calibrator: pass --ensemble "
+                            "ensemble.json written by `rsna oof` (it fits one on the out-of-fold "
+                            "predictions), or calibrator= to predict()")
+        check_calibrator(calibrator)
+        if calibrator.get("agg", agg) != agg:
+            raise RsnaError(f"the calibrator was fitted on {calibrator['agg']}-aggregated breasts "
+                            f"but the views are aggregated with {agg}; use --agg "
+                            f"{calibrator['agg']} or refit with `rsna oof --agg {agg}`")
+    return output, None
+
+
+def validate_submission(sub: pd.DataFrame, expected_ids: list[str]) -> None:
+    """The checks Kaggle would fail a file for; raises RsnaError saying which one."""
+    if list(sub.columns) != ["prediction_id", "cancer"]:
+        raise RsnaError(f"submission columns {list(sub.columns)}: must be prediction_id,cancer")
+    if sub["prediction_id"].duplicated().any():
+        raise RsnaError(f"duplicated prediction_id {sub.prediction_id[sub.prediction_id.duplicated()].iloc[0]!r}")
+    missing = set(expected_ids) - set(sub["prediction_id"])
+    extra = set(sub["prediction_id"]) - set(expected_ids)
+    if missing or extra:
+        raise RsnaError(f"submission ids differ from the expected ones: {len(missing)} missing "
+                        f"(e.g. {sorted(missing)[:2]}), {len(extra)} extra (e.g. {sorted(extra)[:2]})")
+    v = pd.to_numeric(sub["cancer"], errors="coerce")
+    if v.isna().any():
+        raise RsnaError(f"cancer is NaN or not a number for {int(v.isna().sum())} row(s), e.g. "
+                        f"{sub.prediction_id[v.isna()].iloc[0]!r}")
+    if ((v < 0) | (v > 1)).any():
+        raise RsnaError(f"cancer outside [0, 1] for {int(((v < 0) | (v > 1)).sum())} row(s)")
+
+
+def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictResult:
+    """The whole inference step (what `rsna predict` and the inference notebook call):
+    `predict(PredictConfig(...))`, or the config's fields as arguments, positional in the
+    field order (`predict(images, csv, checkpoints, out, labels=...)`).
+
+    `threshold`: the cut for binarize_how="threshold" (e.g. the out-of-fold ensemble threshold
+    of `oof.write_ensemble`); default: the checkpoints' validation thresholds averaged as the scores are.
+    `output`: probability, calibrated or binary (`resolve_output`); calibrated needs
+    `calibrator` (ensemble.json's "calibrator"). Binary output cuts the raw probability (the
+    threshold was tuned on it). Breasts with no readable view get the training prior, not
+    calibrated (it already is the cancer rate). Beside `out`: <stem>_warnings.csv and
+    <stem>_images.csv (per image: the raw probability, the label when `labels` is given)."""
+    if isinstance(images, PredictConfig):
+        if args or settings:
+            raise TypeError("predict(config) takes no further arguments; set them in the config")
+        cfg = images
+    else:
+        cfg = PredictConfig(images, *args, **settings)
+    from rsna_utils.learn.data import load_table
+    from rsna_utils.learn.device import resolve_device
+    output, binarize_how = resolve_output(cfg.output, cfg.binarize_how, cfg.calibrator, cfg.agg)
+    t0 = time.perf_counter()
+    dev = resolve_device(cfg.device)
+    df = load_table(cfg.csv)    # checks the columns, adds prediction_id when absent
+    models, pre = load_models(cfg.checkpoints, dev)
+    channels = models[0].channels
+    preds, reasons, inverted = predict_images(df, cfg.images, models, pre, dev, cfg.batch_size, cfg.workers,
+                                    cfg.tta, cfg.backend, channels, cfg.progress)
+    imgs = df[["patient_id", "image_id", "laterality", "prediction_id"]].copy()
+    imgs["prediction"] = preds
+    imgs["problem"] = reasons
+    imgs["looks_inverted"] = inverted       # with --inverted fix: inverted before scoring
+    prior = weighted_mean(models, "prior")
+    breast = aggregate(imgs, cfg.agg, prior)
+    threshold = cfg.threshold
+    if threshold is None:
+        threshold = weighted_mean(models, "threshold")
+    order = list(dict.fromkeys(df["prediction_id"]))          # test.csv order, each once
+    breast = breast.set_index("prediction_id").loc[order].reset_index()
+    sub = pd.DataFrame({"prediction_id": breast["prediction_id"],
+                        "cancer": breast_output(breast["prediction"].to_numpy(), output,
+                                                binarize_how, threshold, cfg.calibrator,
+                                                unread=_unread(imgs, breast["prediction_id"]))})
+    expected = order
+    if cfg.sample_submission is not None:
+        expected = list(pd.read_csv(cfg.sample_submission)["prediction_id"])
+    validate_submission(sub, expected)
+    note = (lambda r: inverted_note(str(Path(cfg.images) / str(r.patient_id) / f"{r.image_id}.dcm"))
+            if r.looks_inverted and pre.get("inverted", "warn") == "warn" else "")
+    warnings = [dict(image_id=r.image_id, prediction_id=r.prediction_id, reason=r.problem or note(r))
+                for r in imgs.itertuples() if r.problem or note(r)]
+    out = Path(cfg.out) if cfg.out is not None else None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        sub.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+        wpath = out.with_name(out.stem + "_warnings.csv")
+        pd.DataFrame(warnings, columns=["image_id", "prediction_id", "reason"]).to_csv(wpath, index=False)
+    res = PredictResult(sub, imgs, warnings, seconds=time.perf_counter() - t0)
+    if cfg.labels is not None:
+        res.metrics = score(imgs, cfg.labels)
+        res.images = imgs.merge(_labels(cfg.labels)[["image_id", "cancer"]], on="image_id", how="left")
+    if out is not None:       # for `rsna evaluate --predictions` (labels from --meta or here)
+        res.images.to_csv(out.with_name(out.stem + "_images.csv"), index=False)
+    return res
+
+
+# help() and inspect show the settings predict takes: the fields of PredictConfig
+predict.__signature__ = inspect.signature(PredictConfig).replace(return_annotation=PredictResult)
+
+
+def _unread(imgs: pd.DataFrame, ids: pd.Series) -> np.ndarray:
+    """Per breast (in `ids` order): True when none of its views could be read."""
+    read = imgs["prediction"].notna().groupby(imgs["prediction_id"]).any()
+    return ~read.loc[ids].to_numpy()
+
+
+def breast_output(values: np.ndarray, output: str, binarize_how: str | None = None,
+                  threshold: float = 0.5, calibrator: dict | None = None,
+                  unread: np.ndarray | None = None) -> np.ndarray:
+    """The submission's column from the breast probabilities: as they are (probability),
+    through the calibrator (calibrated; breasts flagged in `unread` keep their value, the
+    prior) or 0/1 (binary: `binarize` of the raw values)."""
+    if output == "probability":
+        return values
+    if output == "binary":
+        return binarize(values, binarize_how or "threshold", threshold)
+    if output == "calibrated":
+        from rsna_utils.infer.calibrate import apply_calibrator
+        if calibrator is None:
+            raise RsnaError("output calibrated: no calibrator given (ensemble.json's "
+                            "\"calibrator\" from `rsna oof`)")
+        cal = apply_calibrator(calibrator, values)
+        return np.where(unread, values, cal) if unread is not None else cal
+    raise RsnaError(f"output {output!r}: choose one of {', '.join(OUTPUTS)}")
+
+
+def score(imgs: pd.DataFrame, labels: str | Path) -> dict:
+    """Image- and breast-level metrics against a CSV with image_id and cancer."""
+    from rsna_utils.learn.metrics import evaluate
+    lab = _labels(labels)
+    d = imgs.merge(lab[["image_id", "cancer"]], on="image_id", how="inner")
+    if d.empty:
+        raise RsnaError(f"{labels}: none of the predicted image_ids is labelled there")
+    d["prediction"] = d["prediction"].fillna(DEFAULT_PRIOR)
+    return evaluate(d)
+
+
+def _labels(labels: str | Path) -> pd.DataFrame:
+    lab = pd.read_csv(labels)
+    if not {"image_id", "cancer"} <= set(lab.columns):
+        raise RsnaError(f"{labels}: needs image_id and cancer columns (train.csv or test_labels.csv)")
+    return lab

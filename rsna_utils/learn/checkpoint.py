@@ -1,0 +1,223 @@
+"""The contract between training and inference: what a trained model is (architecture and
+heads, input size, channels, normalisation, the PNG -> input resize, preprocessing, TTA, its
+training recipe) and how a checkpoint is saved and loaded. Training writes it
+(`model_contract`, `save_checkpoint`); inference, heatmaps and the Kaggle export read it
+(`load_checkpoints`, `checkpoint_recipe`) without importing the training loop."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rsna_utils.core.errors import RsnaError, writing
+from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
+from rsna_utils.learn.train_config import TrainConfig
+
+
+# The resize from the PNG to the model input, the same in training (data.PngDataset) and
+# inference (data.model_input): `roi.resize` in "pad" mode (aspect kept, black right/bottom),
+# OpenCV area filter when shrinking, linear when enlarging. Stored in every checkpoint.
+INPUT_RESIZE = {"mode": "pad", "filter": "area_shrink_linear_enlarge"}
+
+
+def cancer_logit(out):
+    """The cancer logit of a model's output: (N,) or column 0 of (N, 1 + aux)."""
+    out = out.float()
+    return out[:, 0] if out.ndim == 2 else out.view(-1)
+
+
+def model_contract(cfg: TrainConfig) -> dict:
+    """What inference rebuilds the model and its input from, stored in every checkpoint: the
+    architecture and its heads, the input (size, channels, the backbone's mean / std, the
+    resize from PNG to input) and the preprocessing (cfg.data's preprocess.json) that test
+    DICOMs go through. Checks the model name (timm) before any data is read."""
+    size, norm = list(parse_size(cfg.size, MIN_MODEL_SIDE)), _input_norm(cfg.model, cfg.pretrained_path)
+    return {"preprocess": _preprocess_config(Path(cfg.data)), "model_name": cfg.model,
+            "channels": cfg.channels, "size": size, "global_pool": cfg.global_pool,
+            "norm": [list(norm[0]), list(norm[1])], "resize": dict(INPUT_RESIZE),
+            "aux": list(cfg.aux)}
+
+
+def _input_norm(model_name: str, pretrained_path=None):
+    """The backbone's pretrained mean / std, stored in the checkpoint: a weights folder's own
+    config.json when it says (the tag it was exported from), else timm's config of the name."""
+    try:
+        from rsna_utils.learn.models import input_norm
+        from rsna_utils.learn.weights import folder_norm
+    except ImportError:
+        from rsna_utils.learn.data import DEFAULT_NORM
+        return DEFAULT_NORM
+    return folder_norm(pretrained_path) or input_norm(model_name)
+
+
+def _preprocess_config(data: Path) -> dict:
+    from rsna_utils.image.preprocess import with_later_settings
+    p = data / "preprocess.json"
+    if p.exists():
+        return with_later_settings(json.loads(p.read_text()))
+    return {}
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> None:
+    """Atomic: written to a temporary name, then renamed; a kill leaves the old file intact."""
+    import torch
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with writing(path, "saving the checkpoint", "Free some space or give --out a folder on a "
+                 "larger disk; --resume continues from the last last.pt saved", tmp):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+CONFIG_FILE = "config.json"
+
+
+# config.json fields that differ between the folds of one model without changing the model
+# fields that vary between the runs of one recipe and do not change the model. The input paths
+# stay in: the PNG folder is what says how the images were preprocessed (pad or stretch, bits)
+PER_RUN_FIELDS = frozenset({"fold", "out", "resume", "progress", "workers", "device", "cache"})
+
+
+_FOLD_RE = re.compile(r"^(?P<stem>.*?)[_\-.]?fold[_\-]?(?P<fold>\d+)$", re.IGNORECASE)
+
+
+def _train_defaults() -> dict:
+    """TrainConfig's fields at their defaults, as config.json spells them."""
+
+
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(TrainConfig)}
+
+
+def read_run_config(run: Path) -> dict | None:
+    path = run / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RsnaError(f"{path}: not valid JSON ({e}); restore it from the run or delete it to "
+                        "name the model from the folder") from None
+    if not isinstance(cfg, dict):
+        raise RsnaError(f"{path}: expected a JSON object (the TrainConfig); restore it or delete "
+                        "it to name the model from the folder")
+    return cfg
+
+
+def folder_model_fold(run: Path) -> tuple[str, int | None]:
+    """`effb3/fold2`, `effb3_fold2` -> ("effb3", 2); `myrun` -> ("myrun", None)."""
+    m = _FOLD_RE.match(run.name)
+    if not m:
+        return run.name, None
+    stem = m.group("stem") or run.parent.name or run.name
+    return stem, int(m.group("fold"))
+
+
+def recipe_key(cfg: dict | None, run: Path) -> tuple[str, str]:
+    """(key, name) of the model a run trains: its config.json without the per-run fields (the
+    folds of one recipe share it), else the folder name. `predict` groups its checkpoints by
+    the same key, so inference weighs models as the OOF merge does."""
+    if cfg is not None:
+        # a field added since the run was trained counts at its default (its behaviour then)
+        recipe = {k: v for k, v in {**_train_defaults(), **cfg}.items() if k not in PER_RUN_FIELDS}
+        name = str(cfg.get("model", folder_model_fold(run)[0]))
+        return "config:" + json.dumps(recipe, sort_keys=True, default=str), name
+    folder_model = folder_model_fold(run)[0]
+    return "folder:" + folder_model, folder_model
+
+
+def checkpoint_recipe(path: str | Path, stored: dict | None, exported=None) -> str:
+    """The recipe key of a checkpoint as `rsna oof` keys its run: the run folder's config.json
+    when it sits beside the checkpoint (a resume rewrites it, e.g. with more epochs), else
+    `exported(path)` (inference passes the key an exported ensemble.json beside it recorded,
+    `infer.ensemble.exported_recipe`), else the TrainConfig stored in the checkpoint."""
+    run = Path(path).parent
+    try:
+        cfg = read_run_config(run)
+    except RsnaError as e:          # a run killed while writing it: the checkpoint still says
+        print(f"warning: {e}; using the training settings stored in {path}", file=sys.stderr)
+        cfg = None
+    if cfg is None and exported is not None:
+        key = exported(Path(path))
+        if key:
+            return key
+    return recipe_key(cfg or stored, run)[0]
+
+
+DEFAULT_PRIOR = 0.021   # share of positive breasts in the RSNA training data
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    name: str
+    path: str
+    threshold: float
+    prior: float
+    size: tuple = (0, 0)     # the model's input (height, width)
+    norm: tuple = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))   # input mean / std (stored at training)
+    channels: int = 3
+    recipe: str = ""         # the training recipe (oof.recipe_key): folds of one recipe share it
+
+
+def load_checkpoints(paths: list[str | Path], device,
+                     exported=None) -> tuple[list[LoadedModel], dict]:
+    """Models and the one preprocessing config they share (an ensemble must agree on it). The
+    input contract comes from each checkpoint (`train.model_contract`): size, channels, mean /
+    std, and the PNG -> input resize, which must be the one this version applies."""
+    from rsna_utils.learn.models import create_model, set_outputs
+    from rsna_utils.learn.weights import load_weights
+    from rsna_utils.learn.checkpoint import checkpoint_recipe
+    from rsna_utils.image.preprocess import with_later_settings
+    from rsna_utils.learn.checkpoint import INPUT_RESIZE
+    if not paths:
+        raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
+    models, pre, shape = [], None, None
+    for p in paths:
+        ck = load_weights(p)
+        if not isinstance(ck, dict) or "model" not in ck or "model_name" not in ck:
+            raise RsnaError(f"{p}: not a checkpoint written by `rsna train` (no model / model_name)")
+        this_pre = with_later_settings(dict(ck.get("preprocess") or {}))
+        this_shape = ck.get("channels", 3)
+        if pre is not None and (this_pre != pre or this_shape != shape):
+            raise RsnaError(f"{p}: preprocessing or channels differ from {paths[0]}; an "
+                            "ensemble must share them (train on the same PNG folder)")
+        pre, shape = this_pre, this_shape
+        resize = ck.get("resize") or INPUT_RESIZE      # not stored before: pad, as now
+        if resize != INPUT_RESIZE:
+            raise RsnaError(f"{p}: trained with the input resize {resize}, but this version "
+                            f"resizes as {INPUT_RESIZE}; predict with the rsna_utils version "
+                            "that trained it, or retrain")
+        model = create_model(ck["model_name"], ck.get("channels", 3),
+                             global_pool=ck.get("global_pool", "avg"))
+        if ck.get("aux"):
+            set_outputs(model, 1 + len(ck["aux"]))       # logit 0 is the cancer
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise RsnaError(f"{p}: its weights do not fit a {ck['model_name']!r} model "
+                            f"({str(e).splitlines()[0][:160]}); the checkpoint is damaged or "
+                            "mislabelled") from None
+        model.to(device).eval()
+        models.append(LoadedModel(model, ck["model_name"], str(p), float(ck.get("threshold", 0.5)),
+                                  float(ck.get("prior", DEFAULT_PRIOR)),
+                                  tuple(ck.get("size") or this_pre.get("size") or (0, 0)),
+                                  tuple(tuple(v) for v in ck.get("norm") or LoadedModel.norm),
+                                  int(this_shape),
+                                  checkpoint_recipe(p, ck.get("config"), exported)))
+    if not pre:
+        raise RsnaError(f"{paths[0]}: the checkpoint carries no preprocessing settings (trained on "
+                        "PNGs without preprocess.json); retrain from `rsna preprocess` output")
+    return models, pre
+
+
+def in_chans(model) -> int | None:
+    import torch
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            return m.in_channels
+    return None

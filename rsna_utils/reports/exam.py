@@ -1,0 +1,313 @@
+"""Exam reports for a reader: per exam one figure (the views as a reader sees them, Grad-CAM
+heat over them, view and breast scores, the decision at the threshold), an index.html sorted by
+score and heatmaps.csv (one row per view, the heat's peak in original DICOM pixels).
+
+`write_exam_reports` is what `rsna explain` and the notebooks call. Images are preprocessed in
+this process with the checkpoint's stored settings (the CPU kernel, `preprocess_image`, which
+also gives the crop box and flip the heat is mapped back through); one exam is one batch.
+"""
+from __future__ import annotations
+
+import html
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from rsna_utils.core.errors import RsnaError
+
+VIEW_COLUMNS = ["image_id", "patient_id", "laterality", "view", "score", "peak_x", "peak_y"]
+MORE_COLUMNS = ["prediction_id", "breast_score", "positive", "figure", "problem"]
+VIEW_ORDER = {"CC": 0, "MLO": 1}          # reader's layout: CC row, MLO row, then other views
+DISPLAY_MAX_SIDE = 800                    # the figure shows views at most this many pixels
+
+
+@dataclass
+class ViewResult:
+    """One view: its display image and heat (at display scale) and the numbers."""
+    row: dict
+    display: np.ndarray | None = None     # windowed 8-bit, the full image, scaled to display
+    heat: np.ndarray | None = None        # same grid as display, in [0, 1]
+    scale: float = 1.0                    # display pixels per original pixel
+    values: dict = field(default_factory=dict)
+
+
+def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
+                       out: str | Path, threshold: float | None = None, limit: int | None = None,
+                       device: str = "auto", progress: bool = True, by: str = "patient",
+                       backend: str = "auto", agg: str = "mean", tta: bool = False) -> dict:
+    """Per exam (by="patient"; by="breast": per patient and laterality) one PNG figure in
+    `out`, plus `out/index.html` (exams by decreasing score) and `out/heatmaps.csv`.
+
+    threshold: the breast decision's cut (default: the checkpoints' stored validation
+    thresholds averaged per recipe, as `rsna predict`); limit: the first N exams of the CSV.
+    agg and tta: the submission's (ensemble.json's `agg` and `tta`), so that the scores and the
+    positive flags are the ones the threshold was tuned on.
+    Returns {"index", "heatmaps_csv", "figures" (by decreasing score), "views" (DataFrame, one
+    row per view), "exams" (DataFrame), "threshold", "seconds"}.
+    """
+    from tqdm.auto import tqdm
+
+    from rsna_utils.reports.heatmap import explain_batch
+    from rsna_utils.learn.checkpoint import in_chans
+    from rsna_utils.infer.predict import load_models, weighted_mean
+    from rsna_utils.image.preprocess import PreprocessConfig
+    from rsna_utils.learn.device import resolve_device
+    t0 = time.perf_counter()
+    df, images = _check_inputs(images, csv, checkpoints, by, limit, agg)
+    dev = resolve_device(device)
+    models, pre = load_models(checkpoints, dev)
+    cfg = PreprocessConfig(**{k: (tuple(v) if k == "size" else v) for k, v in pre.items()})
+    channels = in_chans(models[0].model) or 3
+    if threshold is None:
+        threshold = weighted_mean(models, "threshold")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = "patient_id" if by == "patient" else "prediction_id"
+    exams = list(dict.fromkeys(df[key]))
+    if limit is not None:
+        exams = exams[:limit]
+    rows, figures = [], {}
+    bar = tqdm(total=len(exams), desc="explain", unit="exam", disable=not progress, file=sys.stderr)
+    for exam in exams:
+        views = [_load_view(r, images, cfg, backend) for r in
+                 df[df[key] == exam].to_dict("records")]
+        ok = [v for v in views if not v.values.get("problem")]
+        if ok:
+            scores, heat = explain_batch([v.values.pop("canvas") for v in ok], models,
+                                         cfg.size, channels, dev, tta=tta)
+            for v, s, h in zip(ok, scores, heat):
+                _finish_view(v, float(s), h)
+        _breast_scores(views, agg, threshold)
+        name = f"{exam}.png"
+        _write_figure(out / name, exam, by, views, threshold)
+        figures[exam] = name
+        for v in views:
+            rows.append(dict(v.row, **{k: v.values.get(k) for k in ("score", "peak_x", "peak_y",
+                                                                    "breast_score", "positive")},
+                             figure=name, problem=v.values.get("problem", "")))
+        bar.update()
+    bar.close()
+    table = pd.DataFrame(rows, columns=VIEW_COLUMNS + MORE_COLUMNS)
+    table[["peak_x", "peak_y"]] = table[["peak_x", "peak_y"]].astype("Int64")   # empty: no peak
+    summary = _exam_table(table, key, figures)
+    csv_path, index = out / "heatmaps.csv", out / "index.html"
+    _atomic_text(csv_path, table.to_csv(index=False))
+    _atomic_text(index, _index_html(summary, key, threshold, [m.path for m in models]))
+    return dict(index=str(index), heatmaps_csv=str(csv_path),
+                figures=[str(out / f) for f in summary["figure"]], views=table, exams=summary,
+                threshold=threshold, seconds=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs and one view
+# ----------------------------------------------------------------------------------------
+
+def _check_inputs(images, csv, checkpoints, by: str, limit, agg: str) -> tuple[pd.DataFrame, Path]:
+    """One clear line per bad input, before any model is loaded."""
+    from rsna_utils.learn.data import load_table
+    if by not in ("patient", "breast"):
+        raise RsnaError(f"by={by!r}: choose patient (one figure per exam) or breast (per laterality)")
+    if agg not in ("mean", "max"):
+        raise RsnaError(f"agg={agg!r}: choose mean or max (views -> breast, as `rsna predict`)")
+    if limit is not None and int(limit) < 1:
+        raise RsnaError(f"--limit {limit}: give a number of exams >= 1")
+    images = Path(images)
+    if not images.is_dir():
+        raise RsnaError(f"{images}: images folder not found; pass the folder that holds "
+                        "{patient_id}/{image_id}.dcm (e.g. test_images)")
+    if not checkpoints:
+        raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
+    for c in checkpoints:
+        if not Path(c).is_file():
+            raise RsnaError(f"{c}: checkpoint not found; pass a best.pt written by `rsna train`")
+    df = load_table(csv)          # names the CSV and the missing column(s)
+    if df.empty:
+        raise RsnaError(f"{csv}: no images listed (only a header?); pass train.csv or test.csv")
+    if "view" not in df:
+        df["view"] = ""           # filled from the header's ViewPosition
+    return df, images
+
+
+def _load_view(row: dict, images: Path, cfg, backend: str) -> ViewResult:
+    """Decode once: the display image (the file's VOI LUT over the whole image) and the
+    preprocessed canvas with its geometry. Failures become the view's `problem`."""
+    from rsna_utils.image import roi
+    from rsna_utils.dicom.reader import decode_pixels, read_header
+    from rsna_utils.reports.heatmap import ViewGeometry
+    from rsna_utils.image.preprocess import preprocess_image
+    from rsna_utils.image.voi import apply_voi_lut
+    row = {k: row[k] for k in ("image_id", "patient_id", "laterality", "view", "prediction_id")}
+    v = ViewResult(row)
+    path = images / str(row["patient_id"]) / f"{row['image_id']}.dcm"
+    try:
+        if not path.exists():
+            raise RsnaError(f"{path}: file not found (listed in the CSV)")
+        h = read_header(path)
+        pixels, used = decode_pixels(h, backend, cfg.max_pixels)
+        canvas, meta = preprocess_image(path, cfg, used, pixels=pixels, header=h)
+        shown, _ = apply_voi_lut(pixels, h, cfg.window_index, 8, cfg.prefer_lut)
+    except RsnaError as e:
+        v.values["problem"] = str(e)
+        return v
+    except Exception as e:   # a decoder bug on a strange file costs this view only
+        v.values["problem"] = f"{path}: unhandled exception {type(e).__name__}: {e}"
+        return v
+    if not str(row["view"]).strip() or str(row["view"]) == "nan":
+        row["view"] = h.view or ""
+    v.scale = min(1.0, DISPLAY_MAX_SIDE / max(shown.shape))
+    v.display = roi.resize_to(shown, (max(1, round(shown.shape[0] * v.scale)),
+                                      max(1, round(shown.shape[1] * v.scale))))
+    v.values.update(canvas=canvas, geometry=ViewGeometry.from_meta(meta, cfg))
+    return v
+
+
+def _finish_view(v: ViewResult, score: float, canvas_heat: np.ndarray) -> None:
+    from rsna_utils.reports.heatmap import canvas_peak
+    g = v.values.pop("geometry")
+    v.values["score"] = score
+    if canvas_heat[:g.content[0], :g.content[1]].max() > 0:   # all 0: nothing raised the logit
+        v.values["peak_x"], v.values["peak_y"] = g.canvas_to_original_pixel(*canvas_peak(canvas_heat, g))
+    v.heat = g.canvas_to_original_image(canvas_heat, v.scale)[:v.display.shape[0], :v.display.shape[1]]
+
+
+def _breast_scores(views: list[ViewResult], agg: str, threshold: float) -> None:
+    """Each view gets its breast's score (mean or max of its readable views) and decision."""
+    for lat in {v.row["laterality"] for v in views}:
+        same = [v for v in views if v.row["laterality"] == lat]
+        s = [v.values["score"] for v in same if "score" in v.values]
+        b = (float(np.mean(s)) if agg == "mean" else float(np.max(s))) if s else float("nan")
+        for v in same:
+            v.values.update(breast_score=b, positive=bool(s) and b >= threshold)
+
+
+def _exam_table(views: pd.DataFrame, key: str, figures: dict) -> pd.DataFrame:
+    """One row per exam, by decreasing score (the highest breast score; unreadable last)."""
+    rows = []
+    for exam, d in views.groupby(key, sort=False):
+        breasts = d.drop_duplicates("laterality").set_index("laterality")
+        rows.append(dict(exam=exam, score=d["breast_score"].max(),
+                         positive=bool(d["positive"].fillna(False).astype(bool).any()),
+                         breasts={k: r.breast_score for k, r in breasts.iterrows()},
+                         views=len(d), unreadable=int(d["problem"].fillna("").astype(bool).sum()),
+                         figure=figures[exam]))
+    t = pd.DataFrame(rows, columns=["exam", "score", "positive", "breasts", "views", "unreadable",
+                                    "figure"])
+    return t.sort_values("score", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------
+
+def overlay(display: np.ndarray, heat: np.ndarray | None, strength: float = 0.6) -> np.ndarray:
+    """Gray 8-bit image + heat in [0, 1] -> RGB uint8 (jet colours, opacity rising with heat)."""
+    gray = np.repeat(display[..., None], 3, axis=2).astype(np.float32) / 255
+    if heat is None:
+        return (gray * 255).astype(np.uint8)
+    h = np.clip(heat, 0, 1).astype(np.float32)
+    color = cv2.applyColorMap((h * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1] / 255.0
+    a = (strength * h)[..., None]
+    return np.clip((gray * (1 - a) + color * a) * 255, 0, 255).astype(np.uint8)
+
+
+def _panel_order(views: list[ViewResult], by: str) -> list[list[ViewResult | None]]:
+    """Rows of panels: CC, then MLO, then other views; right breast left, left breast right
+    (as on a reading screen)."""
+    lats = ["R", "L"] if by == "patient" else sorted({v.row["laterality"] for v in views})
+    names = sorted({str(v.row["view"]) for v in views}, key=lambda n: (VIEW_ORDER.get(n, 2), n))
+    grid = []
+    for name in names:
+        cells = [[v for v in views if str(v.row["view"]) == name and v.row["laterality"] == lat]
+                 for lat in lats]
+        cells += [[v for v in views if str(v.row["view"]) == name and v.row["laterality"] not in lats]]
+        for k in range(max(len(c) for c in cells)):
+            grid.append([c[k] if k < len(c) else None for c in cells])
+    if grid and all(r[-1] is None for r in grid):
+        grid = [r[:-1] for r in grid]
+    return grid
+
+
+def _write_figure(path: Path, exam, by: str, views: list[ViewResult], threshold: float) -> None:
+    from matplotlib.figure import Figure
+    grid = _panel_order(views, by)
+    ncols = max(1, max((len(r) for r in grid), default=1))
+    nrows = max(1, len(grid))
+    fig = Figure(figsize=(3.6 * ncols, 4.4 * nrows + 0.6), dpi=110, layout="constrained")
+    axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
+    top = max([float(v.heat.max()) for v in views if v.heat is not None] + [0.0]) or 1.0
+    for r in range(nrows):
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.axis("off")
+            v = grid[r][c] if r < len(grid) and c < len(grid[r]) else None
+            if v is None:
+                continue
+            lab = f"{v.row['laterality']} {v.row['view']}".strip()
+            if v.display is None:
+                ax.text(0.5, 0.5, "unreadable:\n" + _wrap(v.values.get("problem", "")), ha="center",
+                        va="center", fontsize=6, wrap=True, transform=ax.transAxes)
+                ax.set_title(f"{lab}  (no score)", fontsize=9)
+                continue
+            ax.imshow(overlay(v.display, None if v.heat is None else v.heat / top))
+            if "peak_x" in v.values:
+                ax.plot([(v.values["peak_x"] + 0.5) * v.scale], [(v.values["peak_y"] + 0.5) * v.scale],
+                        marker="+", color="white", markersize=14, mew=2)
+            ax.set_title(f"{lab}  score {v.values.get('score', float('nan')):.3f}", fontsize=9)
+    breasts = {v.row["laterality"]: (v.values.get("breast_score"), v.values.get("positive"))
+               for v in views}
+    parts = [f"{lat}: {s:.3f} {'POSITIVE' if p else 'negative'}" if s == s and s is not None
+             else f"{lat}: unreadable" for lat, (s, p) in sorted(breasts.items(), reverse=True)]
+    fig.suptitle(f"{'patient' if by == 'patient' else 'breast'} {exam}   " + "   ".join(parts)
+                 + f"   (threshold {threshold:.3f})", fontsize=10)
+    fig.supxlabel("heat: HiResCAM (stride 16) weighted by the view's score, scaled to the exam's maximum; "
+                  "+ marks the peak", fontsize=7)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def _wrap(text: str, width: int = 48) -> str:
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width)[:6])
+
+
+def _index_html(exams: pd.DataFrame, key: str, threshold: float, checkpoints: list[str]) -> str:
+    e = html.escape
+    rows = []
+    for i, r in exams.iterrows():
+        breasts = ", ".join(f"{k} {v:.3f}" if v == v else f"{k} unreadable"
+                            for k, v in sorted(r.breasts.items(), reverse=True))
+        decision = "POSITIVE" if r.positive else "negative"
+        score = "unreadable" if r.score != r.score else f"{r.score:.3f}"
+        rows.append(f'<tr class="{decision.lower()}"><td>{i + 1}</td><td>{e(str(r.exam))}</td>'
+                    f"<td>{score}</td><td>{decision}</td><td>{e(breasts)}</td><td>{r.views}"
+                    f"{f' ({r.unreadable} unreadable)' if r.unreadable else ''}</td>"
+                    f'<td><a href="{e(r.figure)}"><img src="{e(r.figure)}" width="260" '
+                    f'loading="lazy" alt="{e(str(r.exam))}"></a></td></tr>')
+    head = ("<th>#</th><th>" + ("patient" if key == "patient_id" else "breast") +
+            "</th><th>score</th><th>decision</th><th>breasts</th><th>views</th><th>figure</th>")
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Exam reports</title>
+<style>body{{font-family:sans-serif}} td,th{{padding:4px 8px;border-bottom:1px solid #ddd;
+text-align:left;vertical-align:top}} tr.positive td:nth-child(4){{color:#b00;font-weight:bold}}</style>
+</head><body>
+<h1>Exam reports</h1>
+<p>{len(exams)} exams by decreasing score (the highest breast score: the mean of its views'
+probabilities). Decision at threshold {threshold:.4f}. Checkpoints: {e(", ".join(checkpoints))}.
+Heat: HiResCAM (gradient x activation) of the stride-16 feature map, mapped back to the original pixels.</p>
+<table><tr>{head}</tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,248 @@
+"""Figures for the notebooks: each function takes data and returns a matplotlib Figure."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _plt():
+    import matplotlib.pyplot as plt   # inline in Jupyter, Agg when headless
+    return plt
+
+
+def class_balance(train: pd.DataFrame):
+    """Positive share at image, breast and patient level."""
+    plt = _plt()
+    levels = {
+        "image": train["cancer"],
+        "breast": train.groupby(["patient_id", "laterality"]).cancer.max(),
+        "patient": train.groupby("patient_id").cancer.max(),
+    }
+    fig, ax = plt.subplots(figsize=(6, 3))
+    shares = [v.mean() * 100 for v in levels.values()]
+    ax.bar(list(levels), shares, color="tab:red")
+    for i, (k, v) in enumerate(levels.items()):
+        ax.text(i, shares[i], f"{int(v.sum())}/{len(v)}", ha="center", va="bottom")
+    ax.set_ylabel("% positive")
+    ax.set_title("Class balance")
+    fig.tight_layout()
+    return fig
+
+
+def positives_by(train: pd.DataFrame, columns=("site_id", "machine_id", "density", "BIRADS",
+                                               "implant", "view", "laterality")):
+    """Image count and positive rate for each value of each column (NaN shown as 'missing')."""
+    plt = _plt()
+    cols = [c for c in columns if c in train]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3))
+    for ax, c in zip(np.atleast_1d(axes), cols):
+        g = train.assign(**{c: train[c].astype(str).replace("nan", "missing")}).groupby(c).cancer
+        ax.bar(g.size().index, g.size().values, color="lightgray")
+        ax2 = ax.twinx()
+        ax2.plot(g.mean().index, g.mean().values * 100, "o-", color="tab:red")
+        ax.set_title(c)
+        ax.tick_params(axis="x", rotation=45)
+        ax2.set_ylabel("% positive", color="tab:red")
+    fig.tight_layout()
+    return fig
+
+
+def age_histogram(train: pd.DataFrame):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(train.loc[train.cancer == 0, "age"].dropna(), bins=30, alpha=0.6, density=True, label="negative")
+    ax.hist(train.loc[train.cancer == 1, "age"].dropna(), bins=30, alpha=0.6, density=True, label="positive")
+    ax.set_xlabel("age")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def header_summary(headers: pd.DataFrame):
+    """Bar charts of transfer syntax, photometric interpretation, VOI LUT function; a scatter of
+    image sizes (from `rsna_utils.reports.eda.scan_headers`)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    for ax, c in zip(axes[:3], ("transfer_syntax", "photometric", "voi_function")):
+        vc = headers[c].fillna("absent").value_counts()
+        ax.barh([str(i)[-22:] for i in vc.index], vc.values)
+        ax.set_title(c)
+    sizes = headers.groupby(["rows", "columns"]).size().reset_index(name="n")
+    axes[3].scatter(sizes["columns"], sizes["rows"], s=20 + sizes["n"], alpha=0.6)
+    axes[3].set_xlabel("columns")
+    axes[3].set_ylabel("rows")
+    axes[3].set_title("image sizes")
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: list[np.ndarray], titles: list[str], cols: int = 6, size: float = 2.2):
+    plt = _plt()
+    rows = int(np.ceil(len(images) / cols)) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size * 1.25))
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, img, t in zip(np.atleast_1d(axes).ravel(), images, titles):
+        ax.imshow(img, cmap="gray")
+        ax.set_title(t, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def pipeline_steps(steps: dict):
+    """One image through every step, side by side (`rsna_utils.image.preprocess.explain_image`)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(steps), figsize=(3 * len(steps), 3.6))
+    for ax, (name, (img, note)) in zip(np.atleast_1d(axes), steps.items()):
+        ax.imshow(img, cmap="gray")
+        ax.set_title(f"{name}\n{note}", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(metrics: pd.DataFrame):
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.2))
+    axes[0].plot(metrics.epoch, metrics.train_loss, "o-", label="training (weighted BCE)")
+    if "image_log_loss" in metrics:        # runs before this column: training loss only
+        axes[0].plot(metrics.epoch, metrics.image_log_loss, "s-", label="validation (BCE)")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    for c in ("image_auc", "breast_mean_auc"):
+        axes[1].plot(metrics.epoch, metrics[c], "o-", label=c)
+    axes[1].set_title("ROC AUC")
+    axes[1].legend()
+    for c in ("image_pf1", "breast_mean_pf1", "breast_mean_best_f1"):
+        axes[2].plot(metrics.epoch, metrics[c], "o-", label=c)
+    axes[2].set_title("pF1")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    return fig
+
+
+def roc_pr_confusion(preds: pd.DataFrame, threshold: float, level: str = "breast"):
+    """ROC and PR curves and the confusion matrix at `threshold` (breast level: mean of views)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
+
+    from rsna_utils.learn.metrics import breast_level
+    plt = _plt()
+    d = breast_level(preds) if level == "breast" else preds
+    y, p = d["cancer"].to_numpy(), d["prediction"].to_numpy()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    if len(np.unique(y)) > 1:
+        fpr, tpr, _ = roc_curve(y, p)
+        axes[0].plot(fpr, tpr)
+        pr, rc, _ = precision_recall_curve(y, p)
+        axes[1].plot(rc, pr)
+    axes[0].plot([0, 1], [0, 1], "--", color="gray")
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({level})")
+    axes[1].set(xlabel="recall", ylabel="precision", title=f"PR ({level})")
+    cm = confusion_matrix(y, (p >= threshold).astype(int), labels=[0, 1])
+    axes[2].imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        axes[2].text(j, i, str(v), ha="center", va="center")
+    axes[2].set(xticks=[0, 1], yticks=[0, 1], xlabel="predicted", ylabel="true",
+                title=f"confusion at {threshold:.3f}")
+    fig.tight_layout()
+    return fig
+
+
+def score_distribution(sub: pd.DataFrame, images: pd.DataFrame | None = None):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(sub["cancer"], bins=40, alpha=0.7, label="breast (submission)")
+    if images is not None:
+        ax.hist(images["prediction"].dropna(), bins=40, alpha=0.5, label="image")
+    ax.set_xlabel("predicted probability of cancer")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path: str | Path) -> None:
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+
+
+def timing_histogram(png_dir: str | Path):
+    """Per-image decode and total time from meta.csv, by transfer syntax."""
+    plt = _plt()
+    meta = pd.concat([pd.read_csv(p) for p in Path(png_dir).glob("meta*.csv")])
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for ts, d in meta.groupby("transfer_syntax"):
+        ax.hist(d["total_ms"], bins=30, alpha=0.5, label=f"{ts} total")
+    ax.set_xlabel("ms per image (one process)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    """Free a figure that was saved (a report makes many)."""
+    _plt().close(fig)
+
+
+def _ci(h: dict, k: str) -> str:
+    return f"{h[k]:.3f} [{h[k + '_low']:.3f}, {h[k + '_high']:.3f}]"
+
+
+def roc_pr_bands(roc: pd.DataFrame, pr: pd.DataFrame, headline: dict):
+    """ROC and PR curves with their bootstrap bands (`evaluate.evaluate_predictions`)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    axes[0].fill_between(roc.fpr, roc.tpr_low, roc.tpr_high, alpha=0.25, label="95% CI")
+    axes[0].plot(roc.fpr, roc.tpr, label=f"AUC {_ci(headline, 'auc')}")
+    axes[0].plot([0, 1], [0, 1], "--", color="gray")
+    s, t = headline.get("sensitivity"), headline.get("specificity")
+    if s is not None and t is not None:
+        axes[0].plot([1 - t], [s], "o", color="tab:red",
+                     label=f"threshold {headline['threshold']:.3g}")
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (breast)")
+    axes[1].fill_between(pr.recall, pr.precision_low, pr.precision_high, alpha=0.25, label="95% CI")
+    axes[1].plot(pr.recall, pr.precision, label=f"AP {_ci(headline, 'pr_auc')}")
+    axes[1].axhline(headline.get("prevalence", 0), ls="--", color="gray", label="prevalence")
+    axes[1].set(xlabel="recall", ylabel="precision (interpolated)", title="PR (breast)")
+    for ax in axes:
+        ax.legend(fontsize=8, loc="lower right" if ax is axes[0] else "upper right")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(table: pd.DataFrame, headline: dict):
+    """Observed share of cancers against the mean prediction per bin, and how many per bin."""
+    plt = _plt()
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(5, 5.5), height_ratios=[3, 1], sharex=True)
+    used = table[table.n > 0]
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect")
+    ax.plot(used.mean_prediction, used.observed_rate, "o-",
+            label=f"Brier {_ci(headline, 'brier')}\nECE {_ci(headline, 'ece')}")
+    ax.set(ylabel="observed cancer rate", title="Reliability (breast)", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8, loc="lower right")
+    hx.bar((table.lo + table.hi) / 2, table.n, width=table.hi - table.lo, color="lightgray",
+           edgecolor="gray")
+    hx.set(yscale="log", xlabel="predicted probability", ylabel="breasts")
+    fig.tight_layout()
+    return fig
+
+
+def breakdown_forest(table: pd.DataFrame, metric: str = "auc"):
+    """`metric` with its interval for every subgroup (one row each), the whole set on top."""
+    plt = _plt()
+    t = table.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(t) + 1.2))
+    y = np.arange(len(t))[::-1]
+    est = t[metric].to_numpy(dtype=float)
+    lo = np.nan_to_num(est - t[f"{metric}_low"].to_numpy(dtype=float))
+    hi = np.nan_to_num(t[f"{metric}_high"].to_numpy(dtype=float) - est)
+    ax.errorbar(est, y, xerr=[np.maximum(lo, 0), np.maximum(hi, 0)], fmt="o", capsize=2)
+    labels = [f"{r.breakdown}={r.group} ({r.level}, {r.n_positives}/{r.n})" for r in t.itertuples()]
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.axvline(est[0], ls=":", color="gray")
+    ax.set(xlabel=f"{metric} (95% CI)", title=f"{metric} by subgroup")
+    fig.tight_layout()
+    return fig

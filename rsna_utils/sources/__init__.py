@@ -1,0 +1,1 @@
+"""Data sources in the RSNA shape: the synthetic generator and the real-image wrapper."""
