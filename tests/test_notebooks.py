@@ -156,6 +156,56 @@ def test_notebook_parameters_are_named_after_what_they_set():
     assert params("04_inference_submission.ipynb") - set(inspect.signature(predict).parameters) == extra
 
 
+# Parameters whose notebook value is the stand-alone run's own, not a setting's default: the
+# small synthetic set's files and sizes, and 04's `tta = None` (follow the ensemble's flip).
+OWN_VALUES = {"data", "csv", "csv_path", "images", "out", "checkpoints", "sample_submission",
+              "labels", "size", "tta"}
+
+
+def _parameter_values(nb: str) -> dict:
+    """{name: value} of a notebook's parameters cell (literals only)."""
+    import ast
+    cell = next(c for c in json.loads((NOTEBOOKS / nb).read_text())["cells"]
+                if "parameters" in c.get("metadata", {}).get("tags", []))
+    return {n.targets[0].id: ast.literal_eval(n.value)
+            for n in ast.parse("".join(cell["source"])).body if isinstance(n, ast.Assign)}
+
+
+def _defaults_differing(nb: str, cls) -> dict:
+    import dataclasses
+    out = {}
+    for f in dataclasses.fields(cls):
+        values = _parameter_values(nb)
+        if f.name not in values or f.name in OWN_VALUES:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if values[f.name] != default:
+            out[f.name] = (values[f.name], default)
+    return out
+
+
+@pytest.mark.parametrize("nb, config", [
+    ("02_preprocessing_demo.ipynb", "rsna_utils.image.preprocess.PreprocessConfig"),
+    ("03_train.ipynb", "rsna_utils.learn.train_config.TrainConfig"),
+    ("04_inference_submission.ipynb", "rsna_utils.infer.predict.PredictConfig")])
+def test_notebook_parameters_default_to_their_config(nb, config):
+    """A notebook run without a plan trains (preprocesses, predicts) with the settings' own
+    defaults, spelled in the config; the plans say where they differ."""
+    import importlib
+    module, _, name = config.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    assert _defaults_differing(nb, cls) == {}, "notebook value, config default"
+
+
+def test_the_defaults_check_can_fail(monkeypatch):
+    from rsna_utils.learn.train_config import TrainConfig
+    real = _parameter_values
+    monkeypatch.setitem(globals(), "_parameter_values",
+                        lambda nb: {**real(nb), "lr": 0.001, "pos_weight": 5.0})
+    assert _defaults_differing("03_train.ipynb", TrainConfig) == {"lr": (0.001, 0.0003),
+                                                                  "pos_weight": (5.0, 1.0)}
+
+
 def test_demo_plan_runs_headless(tmp_path, synth_small):
     res = run_plan("demo", data=synth_small, runs=tmp_path, progress=False,
                    overrides=["epochs=1", "max_steps=2", "n_header_scan=30", "n_samples=6",

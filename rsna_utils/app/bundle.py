@@ -15,7 +15,6 @@ The wheels are built for this interpreter (CPython 3.11, Linux x86-64), which is
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import shutil
@@ -24,7 +23,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.errors import RsnaError, atomic_folder
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "rsna_bundle.json"
@@ -121,8 +120,16 @@ def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirement
                         "CPython 3.11 on Linux x86-64; build the bundle on such a machine "
                         "(make kaggle-bundle)")
     plan = plan_bundle(requirements)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(out) as tmp:
+        files = _fill_bundle(tmp, plan, notebooks)
+    size = sum(p.stat().st_size for p in (out / "wheels").iterdir())
+    return {"dir": str(out), "wheels": len(files), "bytes": size,
+            "line": f"wrote {out}: {len(files)} wheels ({size / 1e6:.0f} MB), install.py, "
+                    f"notebooks; upload it as the Kaggle dataset 'rsna-bundle'"}
+
+
+def _fill_bundle(tmp: Path, plan: dict, notebooks: Path) -> list[str]:
+    """The bundle's files in the folder `tmp`: wheels, pins, install.py, notebooks, README."""
     (tmp / "wheels").mkdir(parents=True)
     _pip("wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "wheels", REPO,
          what="build the rsna_utils wheel")
@@ -145,13 +152,7 @@ def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirement
             "left_out": list(NOT_NEEDED)}
     (tmp / "README.md").write_text(_readme(info, plan))
     (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    size = sum(p.stat().st_size for p in (out / "wheels").iterdir())
-    return {"dir": str(out), "wheels": len(files), "bytes": size,
-            "line": f"wrote {out}: {len(files)} wheels ({size / 1e6:.0f} MB), install.py, "
-                    f"notebooks; upload it as the Kaggle dataset 'rsna-bundle'"}
+    return files
 
 
 def _pip(*args, what: str) -> None:

@@ -8,6 +8,7 @@ from rsna_utils.core.errors import RsnaError
 
 
 def _cmd_preprocess(a: argparse.Namespace) -> int:
+    from rsna_utils.core.config import given_flags
     from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
     cfg = PreprocessConfig.from_dict(given_flags(a, PreprocessConfig))
     from rsna_utils.image import gpu

@@ -62,15 +62,41 @@ def disk_full(path, doing: str, err: BaseException, fix: str) -> DiskFullError |
 SPACE_FIX = "Free some space, or write to a folder on a disk with room, and run it again."
 
 
-def write_atomic(path, text: str, fix: str = SPACE_FIX) -> None:
-    """Write `text` to `path` through a temporary file beside it, so that a reader (or a crash
-    half-way) sees the old file or the new one, never half of one. A full disk is raised as one
-    DiskFullError line naming `path` and `fix`; no temporary is left behind."""
+def write_atomic(path, content, fix: str = SPACE_FIX, doing: str | None = None) -> None:
+    """Write `content` to `path` through a temporary file beside it (`.NAME.tmpPID`), so that a
+    reader (or a crash half-way) sees the old file or the new one, never half of one. `content`:
+    text, bytes, or a function that writes the temporary path it is given (torch.save, a figure,
+    a DICOM). A full disk is raised as one DiskFullError line naming `path`, what was being
+    done and `fix`; no temporary is left behind. The one atomic write of the package."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")    # per process: DDP ranks, workers
-    with writing(path, f"writing {path.name}", fix, tmp):
-        tmp.write_text(text, encoding="utf-8")
+    with writing(path, doing or f"writing {path.name}", fix, tmp):
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        elif isinstance(content, (bytes, bytearray, memoryview)):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
         os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_folder(path):
+    """Build a folder under a temporary sibling name (yielded); on success it replaces `path`
+    whole, so a half-built folder (an export, a bundle) never sits under the real name."""
+    import shutil
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
 @contextmanager

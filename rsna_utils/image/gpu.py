@@ -104,6 +104,26 @@ def frame_loader(workers: int):
     return ProcessPoolExecutor(workers, mp_context=mp.get_context(_start_method()))
 
 
+def gpu_batches(path_batches: list[list[str]], cfg, decoder, backend: str, device,
+                load_workers: int, threads: int = 8):
+    """Each batch of paths through the GPU pipeline, in order: yields (results, fallbacks) of
+    `preprocess_paths`, while the frames of the next batch are read by `load_workers` processes
+    (`frame_loader`). The one prefetch loop: the GPU preprocessor and GPU inference use it."""
+    loader = frame_loader(load_workers) if path_batches else None
+    pool = ThreadPoolExecutor(threads)
+    try:
+        loading = load_frames(path_batches[0], cfg, loader) if path_batches else []
+        for k, paths in enumerate(path_batches):
+            this = loading
+            if k + 1 < len(path_batches):    # read the next batch while this one is on the GPU
+                loading = load_frames(path_batches[k + 1], cfg, loader)
+            yield preprocess_paths(paths, cfg, decoder, backend, device, pool, this)
+    finally:
+        pool.shutdown(wait=True)
+        if loader is not None:
+            loader.shutdown(wait=True, cancel_futures=True)
+
+
 def default_load_workers(device: str) -> int:
     """Processes for reading frames: all cores but two on a GPU run, none (threads) on the CPU."""
     return max(2, min(14, (os.cpu_count() or 2) - 2)) if device == "cuda" else 0
@@ -114,29 +134,40 @@ def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool:
     """One batch through the GPU pipeline, in order: (image, meta, error) per path. Files the
     GPU decoder does not take, fails its self-test for, or rejects go through the CPU pipeline
     (meta["backend"] says "cpu-fallback:...", meta["gpu_route"] why); errors are clean
-    RsnaError messages. `loading`: futures from `load_frames` started earlier."""
-    import torch
+    RsnaError messages. `loading`: futures from `load_frames` started earlier. Phases: wait
+    for the frames, route each file, decode and preprocess on the GPU, the CPU for the rest."""
+    loaded = _frames(loading or load_frames(paths, cfg, pool))
+    results: list = [None] * len(paths)
+    why: dict[int, str] = {}
+    for i, (h, f, cs, e) in enumerate(loaded):
+        if e:
+            results[i] = (None, None, e)
+        else:
+            r = decoder.rules.route(h, cs if f is not None else None)
+            if r or f is None:
+                why[i] = r
+    on_gpu = [i for i, (h, f, cs, e) in enumerate(loaded) if f is not None and i not in why]
+    _on_the_gpu(on_gpu, loaded, cfg, decoder, backend, device, results, why)
+    for i, r in pool.map(lambda i: (i, _on_the_cpu(paths[i], cfg, why[i])), sorted(why)):
+        results[i] = r
+    return results, len(why)
 
-    from rsna_utils.image.preprocess import preprocess_image
+
+def _frames(futures) -> list:
     from concurrent.futures.process import BrokenProcessPool
     try:
-        loaded = [f.result() for f in (loading or load_frames(paths, cfg, pool))]
+        return [f.result() for f in futures]
     except BrokenProcessPool:
         raise RsnaError("the frame-reading worker processes could not start or died. From a Python "
                         "script, put the call under `if __name__ == \"__main__\":` (workers start "
                         "with forkserver), or pass load_workers=0 (threads)") from None
-    results: list = [None] * len(paths)
-    why = {}
-    for i, (h, f, cs, e) in enumerate(loaded):
-        if e:
-            results[i] = (None, None, e)
-        elif f is None:
-            why[i] = decoder.rules.route(h, None)
-        else:
-            r = decoder.rules.route(h, cs)
-            if r:
-                why[i] = r
-    on_gpu = [i for i, (h, f, cs, e) in enumerate(loaded) if f is not None and i not in why]
+
+
+def _on_the_gpu(on_gpu: list[int], loaded: list, cfg, decoder, backend: str, device,
+                results: list, why: dict) -> None:
+    """Decode the frames `on_gpu` in one batch and preprocess each with the torch kernel; a file
+    that fails here gets its reason in `why` (the CPU path takes it), or its error in `results`."""
+    import torch
     t0 = time.perf_counter()
     decoded = decoder.decode([loaded[i][1] for i in on_gpu]) if on_gpu else []
     per = (time.perf_counter() - t0) * 1e3 / max(1, len(on_gpu))
@@ -166,21 +197,21 @@ def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool:
         except Exception as e:   # a torch / CUDA error (e.g. out of memory) costs this file's GPU pass only
             why[i] = f"GPU step failed ({type(e).__name__}: {str(e)[:120]})"
 
-    def cpu_one(i):
-        try:
-            img, meta = preprocess_image(paths[i], cfg, "auto")
-            meta["backend"] = f"cpu-fallback:{meta['backend']}"
-            meta["gpu_route"] = why[i]
-            return i, (img, meta, None)
-        except RsnaError as e:
-            return i, (None, None, str(e))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:
-            return i, (None, None, f"{paths[i]}: unhandled exception {type(e).__name__}: {e}")
-    for i, r in pool.map(cpu_one, sorted(why)):
-        results[i] = r
-    return results, len(why)
+
+def _on_the_cpu(path: str, cfg, reason: str) -> tuple:
+    """(image, meta, error) of one file through the CPU pipeline, with why it left the GPU."""
+    from rsna_utils.image.preprocess import preprocess_image
+    try:
+        img, meta = preprocess_image(path, cfg, "auto")
+        meta["backend"] = f"cpu-fallback:{meta['backend']}"
+        meta["gpu_route"] = reason
+        return img, meta, None
+    except RsnaError as e:
+        return None, None, str(e)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        return None, None, f"{path}: unhandled exception {type(e).__name__}: {e}"
 
 
 class GpuPreprocessor:
@@ -210,24 +241,20 @@ class GpuPreprocessor:
             decoder = self.decoder or make_decoder(self.backend, self.device, self.batch_size)
             if not hasattr(decoder, "rules"):
                 decoder.rules = DecodeRules(decoder, self.backend)
-            writer, pool = ThreadPoolExecutor(self.png_threads), ThreadPoolExecutor(self.png_threads)
-            loader = frame_loader(self.load_workers) if todo else None
+            writer = ThreadPoolExecutor(self.png_threads)
             writes, s.fallbacks = [], 0
+            batches = [todo[b:b + self.batch_size] for b in range(0, len(todo), self.batch_size)]
+            ready = [[it for it in batch if not it.problem] for batch in batches]
+            stream = gpu_batches([[it.path for it in r] for r in ready], self.cfg, decoder,
+                                 self.backend, dev, self.load_workers, self.png_threads)
             try:
-                batches = [todo[b:b + self.batch_size] for b in range(0, len(todo), self.batch_size)]
-                ready = [[it for it in batch if not it.problem] for batch in batches]
-                loading = load_frames([it.path for it in ready[0]], self.cfg, loader) if batches else []
                 for k, batch in enumerate(batches):
                     if run.stopped:         # the disk is full: every later PNG would fail too
                         raise run.stopped
                     for it in batch:
                         if it.problem:
                             run.fail(it, it.problem)
-                    this = loading
-                    if k + 1 < len(batches):   # read the next batch while this one is on the GPU
-                        loading = load_frames([it.path for it in ready[k + 1]], self.cfg, loader)
-                    results, n_fb = preprocess_paths([it.path for it in ready[k]], self.cfg,
-                                                     decoder, self.backend, dev, pool, this)
+                    results, n_fb = next(stream)
                     s.fallbacks += n_fb
                     for it, (img, meta, err) in zip(ready[k], results):
                         if err:
@@ -242,9 +269,7 @@ class GpuPreprocessor:
                     raise run.stopped
             finally:
                 writer.shutdown(wait=True, cancel_futures=True)   # all waited for unless raising
-                pool.shutdown(wait=True)
-                if loader is not None:
-                    loader.shutdown(wait=True, cancel_futures=True)
+                stream.close()
         return run.summary
 
 

@@ -28,7 +28,8 @@ from rsna_utils.image import roi
 from rsna_utils.dicom.reader import DEFAULT_MAX_PIXELS, decode_pixels, read_header
 from rsna_utils.core.config import Config, setting
 from rsna_utils.core.sizes import MIN_SIDE, parse_size, size_flag
-from rsna_utils.core.errors import DiskFullError, RsnaError, free_bytes, human_bytes, writing
+from rsna_utils.core.errors import (DiskFullError, RsnaError, free_bytes, human_bytes, write_atomic,
+                                     writing)
 from rsna_utils.image.plan import (  # noqa: F401  (PreprocessError re-exported)
     PreprocessError, apply_numpy, make_plan)
 
@@ -119,11 +120,7 @@ def write_png(path: str | Path, img: np.ndarray, compression: int = 1) -> None:
                                          cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB])
     if not ok:
         raise PreprocessError(f"{path}: PNG encoding failed")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with writing(path, "writing the PNG", PNG_SPACE_FIX, tmp):
-        with open(tmp, "wb") as fh:
-            fh.write(buf.tobytes())
-        os.replace(tmp, path)
+    write_atomic(path, buf.tobytes(), PNG_SPACE_FIX, doing="writing the PNG")
 
 
 PNG_SPACE_FIX = ("Free some space, or give --out a folder on a larger disk, and run the same "
@@ -255,12 +252,12 @@ class _CsvLog:
         """The file's rows under `columns` (blank where it had none), replaced atomically."""
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
+        def write(tmp):
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+        write_atomic(path, write, PNG_SPACE_FIX)
 
     def write(self, row: dict) -> None:
         with writing(self.path, "adding a row", PNG_SPACE_FIX):    # a cut row is repaired on reopening
@@ -475,7 +472,7 @@ def open_run(out: str | Path, cfg: PreprocessConfig, images, csv_path, shard):
     k, n = shard if isinstance(shard, tuple) else parse_shard(shard)
     _write_config(out / "preprocess.json", cfg)
     suffix = "" if n == 1 else f".{k}-of-{n}"
-    for stale in out.glob("*.png.tmp*"):   # left by a killed run (never under a final name)
+    for stale in [*out.glob(".*.png.tmp*"), *out.glob("*.png.tmp*")]:   # left by a killed run (never under a final name)
         stale.unlink(missing_ok=True)
     items = list_items(images, csv_path, out, (k, n))
     meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)   # repairs a cut last line
@@ -608,10 +605,7 @@ def _write_config(path: Path, cfg: PreprocessConfig) -> None:
             raise RsnaError(f"{path.parent}: already holds images preprocessed with other settings "
                             f"{diff} (old, new); use another --out or the same settings")
         return
-    tmp = path.with_suffix(".tmp")
-    with writing(path, "writing the settings", PNG_SPACE_FIX, tmp):
-        tmp.write_text(json.dumps(d, indent=2))
-        os.replace(tmp, path)
+    write_atomic(path, json.dumps(d, indent=2), PNG_SPACE_FIX, doing="writing the settings")
 
 
 def _start_method() -> str:

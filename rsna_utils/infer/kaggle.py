@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.errors import RsnaError, atomic_folder
 from rsna_utils.infer.ensemble import ENSEMBLE_FILE, Ensemble
 
 KAGGLE_INPUT = "/kaggle/input"        # attached datasets (read-only), unless $KAGGLE_INPUT
@@ -105,23 +105,18 @@ def export_models(ens: Ensemble | dict, out_dir: str | Path) -> dict:
                         f"{ENSEMBLE_FILE} and .pt files); give a new or empty folder, e.g. "
                         f"{out_dir / 'rsna-models'}")
     names = _unique_names(ckpts)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for src, name in zip(ckpts, names):
-        shutil.copyfile(src, tmp / name)
-    keep = Ensemble({k: v for k, v in ens.items() if k not in ("recipes", "oof_csv")})
-    keep["checkpoints"] = names
-    keep["source_checkpoints"] = [str(c) for c in ckpts]
-    # the recipe (model) of each checkpoint, as its run folder said: predict averages the folds
-    # of one recipe, then the recipes, as the out-of-fold merge did, without the run folders
-    recipes = [_recipe(c) for c in ckpts]
-    if any(recipes):
-        keep["recipes"] = recipes
-    keep.write(tmp / ENSEMBLE_FILE)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir) as tmp:
+        for src, name in zip(ckpts, names):
+            shutil.copyfile(src, tmp / name)
+        keep = Ensemble({k: v for k, v in ens.items() if k not in ("recipes", "oof_csv")})
+        keep["checkpoints"] = names
+        keep["source_checkpoints"] = [str(c) for c in ckpts]
+        # the recipe (model) of each checkpoint, as its run folder said: predict averages the
+        # folds of one recipe, then the recipes, as the out-of-fold merge did, without the runs
+        recipes = [_recipe(c) for c in ckpts]
+        if any(recipes):
+            keep["recipes"] = recipes
+        keep.write(tmp / ENSEMBLE_FILE)
     size = sum(p.stat().st_size for p in out_dir.iterdir())
     return {"dir": str(out_dir), "files": [str(out_dir / n) for n in names + [ENSEMBLE_FILE]],
             "bytes": size,

@@ -164,6 +164,19 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.Dat
     Columns: patient_id, image_id, laterality, prediction_id, cancer, prediction, n_models, and
     per model `pred_<label>` and `fold_<label>`. attrs: "runs" (run, model, fold, images per
     run), "models" (labels), "dropped_images" (int)."""
+    runs = _unique_runs(run_dirs)
+    allr, tta = _read_runs(runs)
+    _check_overlaps(allr)
+    wide, model_labels, dropped = _complete_images(allr, runs, allow_missing)
+    out = _merged_table(allr, wide, model_labels)
+    out.attrs["runs"] = _run_info(allr, runs)
+    out.attrs["models"] = model_labels
+    out.attrs["dropped_images"] = dropped
+    out.attrs["tta"] = tta
+    return out
+
+
+def _unique_runs(run_dirs) -> list[Path]:
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
     runs = [Path(r) for r in run_dirs]
@@ -176,7 +189,11 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.Dat
         if rr in seen:
             raise RsnaError(f"{r}: run folder given twice (also as {seen[rr]}); list each run once")
         seen[rr] = r
+    return runs
 
+
+def _read_runs(runs: list[Path]) -> tuple[pd.DataFrame, bool]:
+    """Every run's rows, each labelled with its model; and whether they validated with the flip."""
     parts, cfg_of, cfgs = [], {}, []
     for r in runs:
         df, cfg = _read_run(r)
@@ -193,7 +210,11 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.Dat
     tta = _validation_tta(runs, cfgs)
     labels = _labels(cfg_of)
     allr["model"] = allr["model_key"].map(labels)
+    return allr, tta
 
+
+def _check_overlaps(allr: pd.DataFrame) -> None:
+    """Each image once per model, and one label per image across the runs."""
     # each image once per model
     dup = allr.duplicated(["model", "image_id"], keep=False)
     if dup.any():
@@ -215,6 +236,10 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.Dat
         raise RsnaError(f"image_id {img}: its cancer label differs between runs {rs}; they were "
                         "trained on different train.csv files; use runs of one label set")
 
+
+def _complete_images(allr: pd.DataFrame, runs: list[Path],
+                     allow_missing: bool) -> tuple[pd.DataFrame, list[str], int]:
+    """The models' predictions side by side (image x model) for the images every model scored."""
     model_labels = sorted(allr["model"].unique())
     wide = allr.pivot(index="image_id", columns="model", values="prediction")[model_labels]
     n_models = wide.notna().sum(axis=1)
@@ -233,7 +258,10 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.Dat
         raise RsnaError(f"no image is scored by every model {model_labels} (runs "
                         f"{[str(r) for r in runs]}); these models were validated on disjoint "
                         "images: add their other folds")
+    return wide, model_labels, dropped
 
+
+def _merged_table(allr: pd.DataFrame, wide: pd.DataFrame, model_labels: list[str]) -> pd.DataFrame:
     meta = (allr.drop_duplicates("image_id").set_index("image_id")
             [["patient_id", "laterality", "prediction_id", "cancer"]])
     out = meta.loc[wide.index].copy()
@@ -248,6 +276,10 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.Dat
              "n_models"] + [c for m in model_labels for c in (f"pred_{m}", f"fold_{m}")]]
            .sort_values(["patient_id", "laterality", "image_id"], kind="mergesort")
            .reset_index(drop=True))
+    return out
+
+
+def _run_info(allr: pd.DataFrame, runs: list[Path]) -> list[dict]:
     run_info = []
     for r in runs:
         rows = allr[allr.run == str(r)]
@@ -256,11 +288,7 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.Dat
                          if rows["model"].nunique() == 1 else sorted(set(rows["model"])),
                          "fold": folds_r[0] if len(folds_r) == 1 else (folds_r or None),
                          "images": int(len(rows))})
-    out.attrs["runs"] = run_info
-    out.attrs["models"] = model_labels
-    out.attrs["dropped_images"] = dropped
-    out.attrs["tta"] = tta
-    return out
+    return run_info
 
 
 def _validation_tta(runs: list[Path], cfgs: list[dict | None]) -> bool:

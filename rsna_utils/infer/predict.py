@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.core.config import Config, setting
-from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.infer.ensemble import exported_recipe
 from rsna_utils.learn.checkpoint import DEFAULT_PRIOR, LoadedModel, load_checkpoints
 
@@ -130,29 +130,21 @@ def inverted_note(path: str) -> str:
 def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device, workers: int | None = None):
     """Like the DataLoader over `ds`, but through the GPU pipeline of `rsna_utils.image.gpu`: frames
     are read by worker processes one batch ahead while the GPU decodes the current one."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from rsna_utils.image import gpu
-
     from rsna_utils.dicom.decoders import gpu_batch
+    from rsna_utils.image import gpu
     decoder = gpu_batch.make_decoder(backend, "cuda", batch_size)
     h, w = ds.cfg.size
     batches = [list(range(b, min(len(ds), b + batch_size))) for b in range(0, len(ds), batch_size)]
-    loader = gpu.frame_loader(gpu.default_load_workers("cuda") if workers is None else workers)
+    stream = gpu.gpu_batches([[ds.paths[i] for i in idx] for idx in batches], ds.cfg, decoder,
+                             backend, device,
+                             gpu.default_load_workers("cuda") if workers is None else workers)
     try:
-        with ThreadPoolExecutor(8) as pool:
-            loading = gpu.load_frames([ds.paths[i] for i in batches[0]], ds.cfg, loader) if batches else []
-            for k, idx in enumerate(batches):
-                this = loading
-                if k + 1 < len(batches):
-                    loading = gpu.load_frames([ds.paths[i] for i in batches[k + 1]], ds.cfg, loader)
-                results, _ = gpu.preprocess_paths([ds.paths[i] for i in idx], ds.cfg, decoder,
-                                                  backend, device, pool, this)
-                imgs = [img if not err else np.zeros((h, w), np.uint8) for img, _, err in results]
-                yield (imgs, idx, [err or "" for _, _, err in results],
-                       [bool((meta or {}).get("looks_inverted")) for _, meta, _ in results])
+        for idx, (results, _) in zip(batches, stream):
+            imgs = [img if not err else np.zeros((h, w), np.uint8) for img, _, err in results]
+            yield (imgs, idx, [err or "" for _, _, err in results],
+                   [bool((meta or {}).get("looks_inverted")) for _, meta, _ in results])
     finally:
-        loader.shutdown(wait=True, cancel_futures=True)
+        stream.close()
 
 
 def _collate(batch):
@@ -195,9 +187,9 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     from tqdm.auto import tqdm
     from rsna_utils.dicom.decoders import gpu_batch
     from rsna_utils.infer.oof import model_weights
-    from rsna_utils.learn.checkpoint import cancer_logit
+    from rsna_utils.learn.checkpoint import cancer_probability
     from rsna_utils.learn.device import half_dtype
-    weights = model_weights([m.recipe for m in models]) / (2 if tta else 1)
+    weights = model_weights([m.recipe for m in models])
     ds = DicomStream(df, Path(images), pre, backend, channels)
     if backend in gpu_batch.GPU_BACKENDS and device.type != "cuda":
         raise RsnaError(f"backend {backend!r} decodes on a GPU but the device is {device.type}; "
@@ -221,10 +213,7 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
                 xm = batch_input(imgs, m, channels, ds.cfg.size).to(device, non_blocking=True)
                 xm = xm.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    p += w * torch.sigmoid(cancer_logit(m.model(xm))).float()
-                    if tta:
-                        flipped = m.model(torch.flip(xm, dims=[3]))
-                        p += w * torch.sigmoid(cancer_logit(flipped)).float()
+                    p += w * cancer_probability(m.model, xm, tta).float()
             p = p.cpu().numpy()
             for j, i in enumerate(idx):
                 inverted[i] = flag[j]
@@ -239,10 +228,11 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
 
 def aggregate(images: pd.DataFrame, agg: str = "mean", prior: float = DEFAULT_PRIOR) -> pd.DataFrame:
     """Per prediction_id: mean (or max) over the views that could be read; the prior where none."""
-    if agg not in ("mean", "max"):
-        raise RsnaError(f"aggregation {agg!r}: choose mean or max")
-    g = images.groupby("prediction_id", sort=False)["prediction"]
-    out = (g.mean() if agg == "mean" else g.max()).reset_index()   # NaN views are skipped
+    from rsna_utils.learn.metrics import breast_level
+    try:
+        out = breast_level(images, "prediction", None, agg)
+    except ValueError as e:
+        raise RsnaError(str(e)) from None
     out["prediction"] = out["prediction"].fillna(prior)
     return out
 
@@ -334,12 +324,7 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     threshold was tuned on it). Breasts with no readable view get the training prior, not
     calibrated (it already is the cancer rate). Beside `out`: <stem>_warnings.csv and
     <stem>_images.csv (per image: the raw probability, the label when `labels` is given)."""
-    if isinstance(images, PredictConfig):
-        if args or settings:
-            raise TypeError("predict(config) takes no further arguments; set them in the config")
-        cfg = images
-    else:
-        cfg = PredictConfig(images, *args, **settings)
+    cfg = _as_config(images, args, settings)
     from rsna_utils.learn.data import load_table
     from rsna_utils.learn.device import resolve_device
     output, binarize_how = resolve_output(cfg.output, cfg.binarize_how, cfg.calibrator, cfg.agg)
@@ -347,18 +332,47 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     dev = resolve_device(cfg.device)
     df = load_table(cfg.csv)    # checks the columns, adds prediction_id when absent
     models, pre = load_models(cfg.checkpoints, dev)
-    channels = models[0].channels
-    preds, reasons, inverted = predict_images(df, cfg.images, models, pre, dev, cfg.batch_size, cfg.workers,
-                                    cfg.tta, cfg.backend, channels, cfg.progress)
+    imgs = score_images(cfg, df, models, pre, dev)
+    sub = submission(cfg, df, imgs, models, output, binarize_how)
+    warnings = image_warnings(cfg, imgs, pre)
+    res = PredictResult(sub, imgs, warnings, seconds=time.perf_counter() - t0)
+    if cfg.labels is not None:
+        res.metrics = score(imgs, cfg.labels)
+        res.images = imgs.merge(_labels(cfg.labels)[["image_id", "cancer"]], on="image_id", how="left")
+    if cfg.out is not None:
+        write_outputs(Path(cfg.out), res)
+    return res
+
+
+def _as_config(images, args: tuple, settings: dict) -> PredictConfig:
+    if isinstance(images, PredictConfig):
+        if args or settings:
+            raise TypeError("predict(config) takes no further arguments; set them in the config")
+        return images
+    return PredictConfig(images, *args, **settings)
+
+
+def score_images(cfg: PredictConfig, df: pd.DataFrame, models: list[LoadedModel], pre: dict,
+                 device) -> pd.DataFrame:
+    """One row per image of `df`: its ensemble probability (NaN where it could not be read),
+    the problem (why not), and whether it looked inverted."""
+    preds, reasons, inverted = predict_images(df, cfg.images, models, pre, device, cfg.batch_size,
+                                              cfg.workers, cfg.tta, cfg.backend,
+                                              models[0].channels, cfg.progress)
     imgs = df[["patient_id", "image_id", "laterality", "prediction_id"]].copy()
     imgs["prediction"] = preds
     imgs["problem"] = reasons
     imgs["looks_inverted"] = inverted       # with --inverted fix: inverted before scoring
-    prior = weighted_mean(models, "prior")
-    breast = aggregate(imgs, cfg.agg, prior)
-    threshold = cfg.threshold
-    if threshold is None:
-        threshold = weighted_mean(models, "threshold")
+    return imgs
+
+
+def submission(cfg: PredictConfig, df: pd.DataFrame, imgs: pd.DataFrame,
+               models: list[LoadedModel], output: str, binarize_how: str | None) -> pd.DataFrame:
+    """prediction_id, cancer: one row per breast in test.csv order, aggregated over its views
+    (a breast none of whose views was read: the training prior), cut or calibrated as asked,
+    checked against sample_submission's ids."""
+    breast = aggregate(imgs, cfg.agg, weighted_mean(models, "prior"))
+    threshold = cfg.threshold if cfg.threshold is not None else weighted_mean(models, "threshold")
     order = list(dict.fromkeys(df["prediction_id"]))          # test.csv order, each once
     breast = breast.set_index("prediction_id").loc[order].reset_index()
     sub = pd.DataFrame({"prediction_id": breast["prediction_id"],
@@ -369,25 +383,29 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     if cfg.sample_submission is not None:
         expected = list(pd.read_csv(cfg.sample_submission)["prediction_id"])
     validate_submission(sub, expected)
-    note = (lambda r: inverted_note(str(Path(cfg.images) / str(r.patient_id) / f"{r.image_id}.dcm"))
-            if r.looks_inverted and pre.get("inverted", "warn") == "warn" else "")
-    warnings = [dict(image_id=r.image_id, prediction_id=r.prediction_id, reason=r.problem or note(r))
-                for r in imgs.itertuples() if r.problem or note(r)]
-    out = Path(cfg.out) if cfg.out is not None else None
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        sub.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-        wpath = out.with_name(out.stem + "_warnings.csv")
-        pd.DataFrame(warnings, columns=["image_id", "prediction_id", "reason"]).to_csv(wpath, index=False)
-    res = PredictResult(sub, imgs, warnings, seconds=time.perf_counter() - t0)
-    if cfg.labels is not None:
-        res.metrics = score(imgs, cfg.labels)
-        res.images = imgs.merge(_labels(cfg.labels)[["image_id", "cancer"]], on="image_id", how="left")
-    if out is not None:       # for `rsna evaluate --predictions` (labels from --meta or here)
-        res.images.to_csv(out.with_name(out.stem + "_images.csv"), index=False)
-    return res
+    return sub
+
+
+def image_warnings(cfg: PredictConfig, imgs: pd.DataFrame, pre: dict) -> list[dict]:
+    """One row per image that was not read, or was scored while looking inverted."""
+    def note(r):
+        if r.looks_inverted and pre.get("inverted", "warn") == "warn":
+            return inverted_note(str(Path(cfg.images) / str(r.patient_id) / f"{r.image_id}.dcm"))
+        return ""
+    return [dict(image_id=r.image_id, prediction_id=r.prediction_id, reason=r.problem or note(r))
+            for r in imgs.itertuples() if r.problem or note(r)]
+
+
+def write_outputs(out: Path, res: PredictResult) -> None:
+    """The submission, and beside it <stem>_warnings.csv and <stem>_images.csv (for `rsna
+    evaluate --predictions`; labels from --meta or from `labels`), each written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, lambda tmp: res.submission.to_csv(tmp, index=False))
+    warnings = pd.DataFrame(res.warnings, columns=["image_id", "prediction_id", "reason"])
+    write_atomic(out.with_name(out.stem + "_warnings.csv"),
+                 lambda tmp: warnings.to_csv(tmp, index=False))
+    write_atomic(out.with_name(out.stem + "_images.csv"),
+                 lambda tmp: res.images.to_csv(tmp, index=False))
 
 
 # help() and inspect show the settings predict takes: the fields of PredictConfig

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from rsna_utils.core.errors import RsnaError, writing
+from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
 from rsna_utils.learn.train_config import TrainConfig
 
@@ -22,6 +21,23 @@ from rsna_utils.learn.train_config import TrainConfig
 # inference (data.model_input): `roi.resize` in "pad" mode (aspect kept, black right/bottom),
 # OpenCV area filter when shrinking, linear when enlarging. Stored in every checkpoint.
 INPUT_RESIZE = {"mode": "pad", "filter": "area_shrink_linear_enlarge"}
+
+
+def cancer_probability(model, x, tta: bool = False):
+    """The model's cancer probability for the batch `x` (N, C, H, W); with `tta` the mean of
+    the image's and its mirror's (`mirrored`). The one flip-TTA scoring: training's validation
+    and inference call it."""
+    import torch
+    p = torch.sigmoid(cancer_logit(model(x)))
+    if tta:
+        p = (p + torch.sigmoid(cancer_logit(model(mirrored(x))))) / 2
+    return p
+
+
+def mirrored(x):
+    """The horizontal mirror of a batch (N, C, H, W) or of maps (N, H, W): the last axis."""
+    import torch
+    return torch.flip(x, dims=[x.ndim - 1])
 
 
 def cancer_logit(out):
@@ -65,12 +81,9 @@ def _preprocess_config(data: Path) -> dict:
 def save_checkpoint(obj: dict, path: str | Path) -> None:
     """Atomic: written to a temporary name, then renamed; a kill leaves the old file intact."""
     import torch
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with writing(path, "saving the checkpoint", "Free some space or give --out a folder on a "
-                 "larger disk; --resume continues from the last last.pt saved", tmp):
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp),
+                 "Free some space or give --out a folder on a larger disk; --resume continues "
+                 "from the last last.pt saved", doing="saving the checkpoint")
 
 
 CONFIG_FILE = "config.json"

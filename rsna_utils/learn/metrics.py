@@ -135,10 +135,13 @@ def pr_auc(labels, predictions) -> float:
 
 def breast_level(df: pd.DataFrame, pred_col: str = "prediction", label_col: str = "cancer",
                  agg: str = "mean") -> pd.DataFrame:
-    """One row per prediction_id: the views' predictions aggregated (mean or max), the label
-    the maximum of the views' labels (both views of a positive breast are positive)."""
+    """One row per prediction_id (patient_id + laterality where the column is absent): the
+    views' predictions aggregated (mean or max; views without a prediction, NaN, are skipped:
+    a breast none of whose views was read stays NaN), the label the maximum of the views'
+    labels (both views of a positive breast are positive). The one views -> breast rule:
+    training's validation, out-of-fold tuning, the submission and the exam reports use it."""
     if agg not in ("mean", "max"):
-        raise ValueError(f"agg {agg!r}: choose mean or max")
+        raise ValueError(f"aggregation {agg!r}: choose mean or max")
     d = df.copy()
     if "prediction_id" not in d:
         d["prediction_id"] = d["patient_id"].astype(str) + "_" + d["laterality"].astype(str)

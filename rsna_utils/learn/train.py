@@ -20,7 +20,8 @@ import pandas as pd
 
 from rsna_utils.core.errors import RsnaError, write_atomic, writing
 from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
-from rsna_utils.learn.checkpoint import cancer_logit, model_contract, save_checkpoint
+from rsna_utils.learn.checkpoint import (cancer_logit, cancer_probability, model_contract,
+                                         save_checkpoint)
 from rsna_utils.learn.device import half_dtype, resolve_device
 from rsna_utils.learn.train_config import SELECT_BY, TrainConfig
 
@@ -166,9 +167,7 @@ def predict_loader(model, loader, device, dtype=None, channels_last: bool = True
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                p = torch.sigmoid(cancer_logit(model(x)))
-                if tta_flip:
-                    p = (p + torch.sigmoid(cancer_logit(model(torch.flip(x, dims=[3]))))) / 2
+                p = cancer_probability(model, x, tta_flip)
             out.append(p.cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 from pathlib import Path
 
-from rsna_utils.core.errors import RsnaError, writing
+from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.learn.backbones import check_model_name, head_modules
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -326,12 +325,8 @@ def _pretrained_config(model, model_name: str, origin: str) -> dict:
 
 
 def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path), then rename: a kill never leaves half a file under the real name."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with writing(path, f"writing {path.name}", "Free some space or give --out a folder on a "
-                 "disk with room (timm weights take 50-350 MB a model).", tmp):
-        write(tmp)
-        os.replace(tmp, path)
+    write_atomic(path, write, "Free some space or give --out a folder on a disk with room (timm "
+                 "weights take 50-350 MB a model).")
 
 
 def write_hf_folder(model, model_name: str, out, origin: str) -> dict:

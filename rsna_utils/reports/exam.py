@@ -9,7 +9,6 @@ also gives the crop box and flip the heat is mapped back through); one exam is o
 from __future__ import annotations
 
 import html
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.errors import RsnaError, write_atomic
 
 VIEW_COLUMNS = ["image_id", "patient_id", "laterality", "view", "score", "peak_x", "peak_y"]
 MORE_COLUMNS = ["prediction_id", "breast_score", "positive", "figure", "problem"]
@@ -97,8 +96,8 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     table[["peak_x", "peak_y"]] = table[["peak_x", "peak_y"]].astype("Int64")   # empty: no peak
     summary = _exam_table(table, key, figures)
     csv_path, index = out / "heatmaps.csv", out / "index.html"
-    _atomic_text(csv_path, table.to_csv(index=False))
-    _atomic_text(index, _index_html(summary, key, threshold, [m.path for m in models]))
+    write_atomic(csv_path, table.to_csv(index=False))
+    write_atomic(index, _index_html(summary, key, threshold, [m.path for m in models]))
     return dict(index=str(index), heatmaps_csv=str(csv_path),
                 figures=[str(out / f) for f in summary["figure"]], views=table, exams=summary,
                 threshold=threshold, seconds=time.perf_counter() - t0)
@@ -178,12 +177,13 @@ def _finish_view(v: ViewResult, score: float, canvas_heat: np.ndarray) -> None:
 
 def _breast_scores(views: list[ViewResult], agg: str, threshold: float) -> None:
     """Each view gets its breast's score (mean or max of its readable views) and decision."""
-    for lat in {v.row["laterality"] for v in views}:
-        same = [v for v in views if v.row["laterality"] == lat]
-        s = [v.values["score"] for v in same if "score" in v.values]
-        b = (float(np.mean(s)) if agg == "mean" else float(np.max(s))) if s else float("nan")
-        for v in same:
-            v.values.update(breast_score=b, positive=bool(s) and b >= threshold)
+    from rsna_utils.learn.metrics import breast_level
+    scores = pd.DataFrame({"prediction_id": [v.row["laterality"] for v in views],
+                           "prediction": [v.values.get("score", np.nan) for v in views]})
+    breast = breast_level(scores, "prediction", None, agg).set_index("prediction_id")["prediction"]
+    for v in views:
+        b = float(breast[v.row["laterality"]])
+        v.values.update(breast_score=b, positive=bool(b == b) and b >= threshold)
 
 
 def _exam_table(views: pd.DataFrame, key: str, figures: dict) -> pd.DataFrame:
@@ -267,9 +267,7 @@ def _write_figure(path: Path, exam, by: str, views: list[ViewResult], threshold:
                  + f"   (threshold {threshold:.3f})", fontsize=10)
     fig.supxlabel("heat: HiResCAM (stride 16) weighted by the view's score, scaled to the exam's maximum; "
                   "+ marks the peak", fontsize=7)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _wrap(text: str, width: int = 48) -> str:
@@ -307,7 +305,4 @@ Heat: HiResCAM (gradient x activation) of the stride-16 feature map, mapped back
 """
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+

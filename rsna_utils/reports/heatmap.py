@@ -251,6 +251,7 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
 
     from rsna_utils.infer.oof import model_weights
     from rsna_utils.infer.predict import batch_input
+    from rsna_utils.learn.checkpoint import mirrored
     weights = model_weights([getattr(m, "recipe", "") for m in models])
     n = len(imgs)
     scores = np.zeros(n, np.float64)
@@ -261,8 +262,8 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
         size = tuple(x.shape[-2:])
         views = [grad_cam(m.model, x, method, layer)]
         if tta:      # the mirror's CAM, mirrored back onto the image's grid
-            cams_f, logits_f = grad_cam(m.model, torch.flip(x, dims=[3]), method, layer)
-            views.append((torch.flip(cams_f, dims=[2]), logits_f))
+            cams_f, logits_f = grad_cam(m.model, mirrored(x), method, layer)
+            views.append((mirrored(cams_f), logits_f))
         for cams, logits in views:
             p = torch.sigmoid(logits.float()).cpu().numpy()
             scores += w * p / len(views)

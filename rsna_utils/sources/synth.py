@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.dicom.uids import EXPLICIT_VR_LE, JPEG2000_LOSSLESS, JPEG_LOSSLESS_SV1, RLE_LOSSLESS
 
 TRAIN_COLUMNS = ["site_id", "patient_id", "image_id", "laterality", "view", "age", "cancer",
@@ -449,9 +449,7 @@ def make_image(row: dict, size: str, seed: int, index: int):
 def _make_one(args) -> tuple[int, list]:
     row, size, seed, index, path = args
     _, objects, ds = make_image(row, size, seed, index)
-    tmp = Path(str(path) + ".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
     return index, [(row["image_id"],) + obj for obj in objects["lesions"]]
 
 
