@@ -6,7 +6,7 @@ DATA   ?= data/synthetic
 PLAN   ?= demo
 WEIGHTS ?=
 
-.PHONY: demo test test-slow install synth preprocess notebooks bench clean lab kaggle-bundle
+.PHONY: demo test test-fast test-slow install synth preprocess notebooks bench clean lab kaggle-bundle
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(VENV)/.installed
 ## the test suite (CI runs this)
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+## the unit tests that need no generated dataset: under a minute, for the inner loop
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q --fast
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow

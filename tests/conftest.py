@@ -8,6 +8,35 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# `make test-fast` (pytest --fast): the unit tests that need no generated dataset and train no
+# model, for a contributor's inner loop (under a minute on 2 cores). Left out: tests that use a
+# synthetic-set fixture, and those marked `heavy` (they build their own data, run notebooks,
+# train, or start processes). `make test` runs everything.
+DATASET_FIXTURES = {"synth200", "synth_small"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fast", action="store_true",
+                     help="only the unit tests that need no generated dataset (make test-fast)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: builds data, trains, runs notebooks or processes "
+                            "(left out by --fast)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--fast"):
+        return
+    keep, drop = [], []
+    for item in items:
+        heavy = DATASET_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+            item.get_closest_marker("heavy")
+        (drop if heavy else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
 
 def find_testdata() -> Path | None:
     """../shared/testdata next to the repository (or $RSNA_TESTDATA)."""

@@ -3,6 +3,7 @@ copy of an image, also in persistent DataLoader workers."""
 import cv2
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -27,6 +28,7 @@ def test_every_draw_of_an_image_is_augmented_anew(tmp_path):
     assert torch.equal(plain[0][0], plain[0][0])     # no augmentation: identical
 
 
+@pytest.mark.heavy
 def test_persistent_workers_augment_differently_each_epoch(tmp_path):
     ds = PngDataset(_pngs(tmp_path), (64, 32), 1, Augment(), seed=1)
     dl = DataLoader(ds, batch_size=2, sampler=[0, 0], num_workers=1, persistent_workers=True,

@@ -68,6 +68,7 @@ def test_kernels_agree_on_real_films(path, size):
     _compare(path, size)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_kernels_agree_on_full_size_synthetic_images(full_synth, size):
     assert len(full_synth) >= 4

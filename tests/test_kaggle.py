@@ -209,6 +209,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.heavy
 def test_make_lab_starts_jupyterlab_with_the_projects_kernel(tmp_path):
     port, token = _free_port(), "rsna-test"
     args = (f"--no-browser --port={port} --ServerApp.port_retries=0 "

@@ -137,3 +137,30 @@ def test_inference_never_imports_the_training_loop():
     bad = sorted(m for m, deps in GRAPH.items()
                  if layer(m) in ("infer", "reports") and "learn.train" in deps)
     assert not bad, f"import from learn.checkpoint / learn.device instead: {bad}"
+
+
+@pytest.mark.parametrize("old, name, new", [
+    ("rsna_utils.preprocess", "Preprocessor", "rsna_utils.image.preprocess"),
+    ("rsna_utils.train", "TrainConfig", "rsna_utils.learn.train"),
+    ("rsna_utils.predict", "predict", "rsna_utils.infer.predict"),
+    ("rsna_utils.exam_report", "write_exam_reports", "rsna_utils.reports.exam"),
+    ("rsna_utils.dicom_io", "read_dicom", "rsna_utils.dicom.reader"),
+    ("rsna_utils.decoders", "candidates", "rsna_utils.dicom.decoders.registry"),
+    ("rsna_utils.decoders.pydicom", "decode", "rsna_utils.dicom.decoders.pydicom"),
+])
+def test_old_import_paths_work_for_one_release_and_say_where_the_name_moved(old, name, new):
+    import importlib
+    import sys
+    import warnings
+    sys.modules.pop(old, None)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = getattr(importlib.import_module(old), name)
+    assert got is getattr(importlib.import_module(new), name)
+    moved = [str(x.message) for x in w if issubclass(x.category, DeprecationWarning)]
+    assert any(m.split(" moved to ")[0] in (old, old.rpartition(".")[0]) for m in moved), moved
+
+
+def test_a_name_that_never_existed_is_still_an_import_error():
+    with pytest.raises(ModuleNotFoundError):
+        __import__("rsna_utils.no_such_module")

@@ -14,6 +14,7 @@ def _contains(outer, inner) -> bool:
     return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]
 
 
+@pytest.mark.heavy
 def test_crop_keeps_lesions_and_excludes_corner_markers(tmp_path):
     """Positive synthetic images: every planted lesion inside the crop; every burned-in marker
     that does not overlap the breast outside it; the crop close to the true breast box."""

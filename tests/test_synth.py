@@ -116,6 +116,7 @@ def test_every_file_decodes_bit_exactly_with_two_decoders(synth200):
             assert np.array_equal(a, expected), path
 
 
+@pytest.mark.heavy
 def test_same_seed_same_files_other_seed_differs(tmp_path):
     def files(out):
         return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
@@ -155,6 +156,7 @@ def test_cli_bad_arguments_give_one_line(tmp_path, args, expect):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.heavy
 def test_the_window_follows_the_tissue_not_the_lesion():
     """The DICOM window must not give the label away. It was computed over the whole breast,
     lesions included: a bright mass widened it and darkened the whole displayed image, so the

@@ -183,7 +183,7 @@ def test_train_writes_checkpoints_metrics_and_resumes(tmp_path, png48, synth_sma
     assert (splits.groupby("patient_id").fold.nunique() == 1).all()
     # resumed with another input normalisation (e.g. --pretrained-path forgotten): refused,
     # nothing trained on
-    import rsna_utils.learn.train as train_mod
+    import rsna_utils.learn.checkpoint as train_mod     # the model contract's normalisation
     real_norm = train_mod._input_norm
     monkeypatch.setattr(train_mod, "_input_norm", lambda *a: ((0.1, 0.1, 0.1), (0.2, 0.2, 0.2)))
     with pytest.raises(RsnaError, match=r"last.pt: trained on other inputs \{'norm': .*\(last.pt, "

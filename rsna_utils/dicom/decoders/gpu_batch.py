@@ -6,6 +6,7 @@ Nothing here imports CUDA packages at module import.
 from __future__ import annotations
 
 import functools
+import importlib
 
 import numpy as np
 
@@ -24,6 +25,22 @@ def cuda_available() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def imports(module: str) -> bool:
+    """Whether a GPU plug-in's package imports (a CUDA wheel may import on a machine where it
+    cannot run: the decoder's self-test then sends every file to the CPU path)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def decode_one(name: str, h) -> np.ndarray:
+    """A GPU plug-in's single-file `decode`: through this process's shared batch decoder
+    (`shared_decoder`, built and self-tested once), on the GPU when CUDA is there."""
+    return decode_batch([h], name, "cuda" if cuda_available() else "cpu")[0]
 
 
 def package_available(name: str) -> bool:
