@@ -31,10 +31,10 @@ RECIPES = {"defaults": ("pad", {}), "handpicked": ("stretch", {"global_pool": "m
 
 
 def run_one(work: Path, seed: int, recipe: str) -> dict:
-    from rsna_utils.infer.predict import predict
     from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
-    from rsna_utils.sources.synth import synthesize
+    from rsna_utils.infer.predict import predict
     from rsna_utils.learn.train import TrainConfig, train
+    from rsna_utils.sources.synth import synthesize
     root = work / f"s{seed}"
     data = root / "data"
     if not (data / "test_labels.csv").exists():

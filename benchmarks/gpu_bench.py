@@ -24,11 +24,12 @@ sys.path.insert(0, str(REPO))
 
 
 def decode_ceiling(files, batch: int = 64) -> float:
-    from rsna_utils.dicom.reader import read_header
-    from rsna_utils.dicom.frames import first_frame
+    import torch
+
     from rsna_utils.dicom.decoders.gpu_batch import GPU_SYNTAXES
     from rsna_utils.dicom.decoders.nvimgcodec import NvImageCodecDecoder
-    import torch
+    from rsna_utils.dicom.frames import first_frame
+    from rsna_utils.dicom.reader import read_header
     frames = [first_frame(str(f)) for f in files if read_header(f).transfer_syntax in GPU_SYNTAXES]
     dec = NvImageCodecDecoder("cuda")
     dec.decode(frames[:4])
@@ -53,6 +54,7 @@ def end_to_end(data: Path, backend: str, size=(1024, 512), out: Path | None = No
 
 def cpu_pipeline(data: Path, syntax: str, workers: int, size=(1024, 512)) -> float:
     import pandas as pd
+
     from rsna_utils.dicom.reader import read_header
     from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
     df = pd.read_csv(data / "train.csv")
@@ -70,6 +72,7 @@ def train_feed(png_dir: Path, csv: Path, model_name: str, batch: int, size: int 
     """(img/s from random tensors, img/s from the PNG DataLoader) for one model and batch."""
     import torch
     from torch.utils.data import DataLoader
+
     from rsna_utils.learn.data import Augment, PngDataset, UpsampleSampler, load_table, worker_init
     from rsna_utils.learn.models import WeightedBCE, create_model
     dev = torch.device("cuda")
@@ -120,9 +123,9 @@ def train_feed(png_dir: Path, csv: Path, model_name: str, batch: int, size: int 
 
 
 def checkpoint(ckpt_dir: Path, model_name: str, size: int, pre_size) -> Path:
-    from rsna_utils.learn.models import create_model
-    from rsna_utils.learn.checkpoint import save_checkpoint
     from rsna_utils.image.preprocess import PreprocessConfig
+    from rsna_utils.learn.checkpoint import save_checkpoint
+    from rsna_utils.learn.models import create_model
     ck = ckpt_dir / f"{model_name}_{size}.pt"
     m = create_model(model_name)
     save_checkpoint({"model": dict(m.state_dict()), "model_name": model_name, "channels": 3,
@@ -147,6 +150,7 @@ def main() -> int:
     ap.add_argument("--patients", type=int, default=16)
     args = ap.parse_args()
     import torch
+
     from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
     from rsna_utils.sources.synth import synthesize
     data = Path(args.data)

@@ -23,7 +23,6 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))     # the fuzzer (test helpers) lives with the tests
@@ -38,8 +37,8 @@ def cpu_reference(path: str):
 
 
 def describe(path: str):
-    from rsna_utils.dicom.reader import read_header, transfer_syntax_name
     from rsna_utils.dicom.frames import check_codestream
+    from rsna_utils.dicom.reader import read_header, transfer_syntax_name
     from rsna_utils.image.gpu import GPU_SYNTAXES
     h = read_header(path)
     cs = None
@@ -57,7 +56,6 @@ def describe(path: str):
 
 def exactness(files: list[str], backends: list[str], batch: int = 16) -> tuple[list, dict]:
     import torch
-
 
     from rsna_utils.dicom.decoders import gpu_batch
     from rsna_utils.dicom.frames import first_frame
@@ -116,13 +114,12 @@ def corrupt_batches(files: list[str], backend: str, batches: int = 10, batch: in
     import gc
 
     import torch
-
+    from fuzz import corrupt_codestream
 
     from rsna_utils.dicom.decoders import gpu_batch
     from rsna_utils.dicom.frames import first_frame
-    from fuzz import corrupt_codestream
-    from rsna_utils.image.gpu import GPU_SYNTAXES
     from rsna_utils.dicom.reader import read_header
+    from rsna_utils.image.gpu import GPU_SYNTAXES
     good = [p for p in files if read_header(p).transfer_syntax in GPU_SYNTAXES]
     dec = gpu_batch.make_decoder(backend, "cuda", batch)
     used, decoded, bad_ok = [], 0, 0

@@ -30,9 +30,9 @@ print(json.dumps({"images": len(r.images), "seconds": r.seconds, "self_mb": self
 
 
 def make_checkpoint(model: str, size: int, out: Path) -> Path:
-    from rsna_utils.learn.models import create_model
-    from rsna_utils.learn.checkpoint import save_checkpoint
     from rsna_utils.image.preprocess import PreprocessConfig
+    from rsna_utils.learn.checkpoint import save_checkpoint
+    from rsna_utils.learn.models import create_model
     m = create_model(model)
     p = out / f"{model}_{size}.pt"
     save_checkpoint({"model": m.state_dict(), "model_name": model, "channels": 3, "size": [size, size],

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,8 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from rsna_utils.dicom.decoders import registry as decoders  # noqa: E402
 from rsna_utils.dicom.reader import read_header  # noqa: E402
-from rsna_utils.image.preprocess import (PreprocessConfig, Preprocessor, preprocess_image,  # noqa: E402
-                                   write_png)
+from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor, preprocess_image, write_png  # noqa: E402
 from rsna_utils.sources.synth import synthesize  # noqa: E402
 
 TS_NAMES = {"1.2.840.10008.1.2.4.90": "JPEG 2000", "1.2.840.10008.1.2.4.70": "JPEG Lossless"}

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
-import os
 from pathlib import Path
 
 import numpy as np
@@ -125,8 +125,8 @@ def oof_versus_probe(runs: list[Path], png: Path, train_part: tuple[pd.DataFrame
     (best.pt; optimistic, the fold that scores also chose the epoch) and once with the last epoch
     (last.pt; no choice made on the scored patients). Runs of one fold (two models) are averaged,
     as the ensemble is."""
-    from rsna_utils.reports.evaluate import compare_auc
     from rsna_utils.learn.metrics import breast_level
+    from rsna_utils.reports.evaluate import compare_auc
     tr, feats = train_part          # the training part's images and their frozen features
     tr = tr.reset_index(drop=True)
     by_fold: dict[int, list[tuple[Path, dict]]] = {}
@@ -363,8 +363,8 @@ def main() -> int:
     if not a.skip_probe:
         probe, probe_images, train_part = frozen_probe(png, data, a.model, a.pretrained, size)
         # paired patient bootstrap of the breast AUC difference, on the breasts both scored
-        from rsna_utils.reports.evaluate import compare_auc
         from rsna_utils.learn.metrics import breast_level
+        from rsna_utils.reports.evaluate import compare_auc
         lab = pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]]
         ours = breast_level(r.images.drop(columns="cancer", errors="ignore").merge(lab, on="image_id")
                             .dropna(subset=["prediction"]))

@@ -6,8 +6,8 @@ import pytest
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
-from rsna_utils.infer import calibrate as cal
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.infer import calibrate as cal
 from rsna_utils.learn.metrics import brier_score, expected_calibration_error, roc_auc
 
 

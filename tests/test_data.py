@@ -65,9 +65,9 @@ def test_training_and_cpu_inference_feed_the_model_the_same_pixels(tmp_path, syn
     predict.batch_input (inference). Both go through roi.resize once, so the tensors are equal."""
     import json
 
-    from rsna_utils.learn.data import load_table
-    from rsna_utils.infer.predict import DicomStream, LoadedModel, batch_input
     from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+    from rsna_utils.infer.predict import DicomStream, LoadedModel, batch_input
+    from rsna_utils.learn.data import load_table
     Preprocessor(PreprocessConfig(size=(96, 64)), workers=0, progress=False).run(
         synth_small / "train_images", synth_small / "train.csv", tmp_path / "png")
     df = load_table(synth_small / "train.csv", tmp_path / "png").head(6).reset_index(drop=True)

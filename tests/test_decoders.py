@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
+from rsna_utils.core.errors import DecodeError, RsnaError
 from rsna_utils.dicom import uids
 from rsna_utils.dicom.decoders import registry as decoders
 from rsna_utils.dicom.reader import read_dicom
-from rsna_utils.core.errors import DecodeError, RsnaError
 
 RLE = get_testdata_file("MR_small_RLE.dcm")          # RLE Lossless: dicomsdl, then pydicom
 PLAIN = get_testdata_file("MR_small.dcm")

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import DiskFullOn
+
 from rsna_utils.core import errors
-from rsna_utils.image import preprocess
 from rsna_utils.core.errors import DiskFullError
-from rsna_utils.learn.checkpoint import save_checkpoint
+from rsna_utils.image import preprocess
 from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.learn.checkpoint import save_checkpoint
 
 Usage = namedtuple("Usage", "total used free")
 
@@ -103,8 +103,9 @@ def test_a_full_disk_in_a_worker_stops_the_pool(tmp_path, synth_small):
 
 
 def test_a_full_disk_stops_the_gpu_pipeline(tmp_path, synth_small, monkeypatch):
-    from rsna_utils.image import gpu
     from test_gpu import FakeGpuDecoder
+
+    from rsna_utils.image import gpu
     images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "g"
     n = len(pd.read_csv(csv))
 

@@ -1,13 +1,17 @@
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import (average_precision_score, brier_score_loss, f1_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, recall_score, roc_auc_score
 
-from rsna_utils.reports import evaluate as ev
 from rsna_utils.core.errors import RsnaError
-from rsna_utils.learn.metrics import (brier_score, breast_level, expected_calibration_error, pfbeta,
-                                reliability_table)
+from rsna_utils.learn.metrics import (
+    breast_level,
+    brier_score,
+    expected_calibration_error,
+    pfbeta,
+    reliability_table,
+)
+from rsna_utils.reports import evaluate as ev
 
 
 def _images(patients: int, seed: int = 0, signal: float = 1.5, decimals: int | None = 2):

@@ -9,9 +9,9 @@ import torch
 
 from rsna_utils.app.cli import main
 from rsna_utils.core.errors import RsnaError
-from rsna_utils.reports.exam import VIEW_COLUMNS, overlay, write_exam_reports
-from rsna_utils.learn.models import create_model
 from rsna_utils.image.preprocess import PreprocessConfig
+from rsna_utils.learn.models import create_model
+from rsna_utils.reports.exam import VIEW_COLUMNS, overlay, write_exam_reports
 
 PRE = PreprocessConfig(size=(96, 64)).to_dict()
 
@@ -122,7 +122,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, synth_small, ckpt):
     code, err = _explain(capsys, "--images", synth_small / "test_images", "--csv",
                          synth_small / "test.csv", "--checkpoints", ckpt, "--out", out,
                          "--limit", 0)
-    assert code == 2 and "--limit 0" in err
+    assert code == 2 and "limit=0: give an integer >= 1" in err
     assert not out.exists()
     with pytest.raises(RsnaError, match="by='exam'"):
         write_exam_reports(synth_small / "test_images", synth_small / "test.csv", [ckpt], out,

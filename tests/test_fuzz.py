@@ -9,10 +9,9 @@ import shutil
 
 import pandas as pd
 import pytest
-
 from conftest import TESTDATA
-from rsna_utils.sources import synth
 from fuzz import mutate, write_mutants
+
 from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
 
 N = int(os.environ.get("RSNA_FUZZ_N", "2000"))

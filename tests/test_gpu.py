@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-
 from conftest import TESTDATA, needs_testdata
-from rsna_utils.image import gpu
-from rsna_utils.dicom.decoders import gpu_batch
-from rsna_utils.sources import synth
+
 from rsna_utils.core.errors import DecodeError
+from rsna_utils.dicom.decoders import gpu_batch
 from rsna_utils.dicom.frames import first_frame, parse_codestream
+from rsna_utils.image import gpu
 from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.sources import synth
 
 cuda = pytest.mark.skipif(not gpu_batch.cuda_available(), reason="needs a CUDA GPU")
 
@@ -208,8 +208,8 @@ def test_probe_image_spans_the_precision():
 
 
 def test_route_sends_signed_and_unknown_kinds_to_the_cpu():
-    from rsna_utils.dicom.reader import DicomHeader
     from rsna_utils.dicom.frames import Codestream
+    from rsna_utils.dicom.reader import DicomHeader
     rules = gpu_batch.DecodeRules(FakeGpuDecoder("exact"), "fake")
     h = DicomHeader(path="x.dcm", transfer_syntax=synth.JPEG2000_LOSSLESS, rows=8, columns=8)
     assert rules.route(h, Codestream("j2k", 8, 8, 12, 1)) is None
@@ -254,6 +254,7 @@ def test_corrupt_codestream_in_a_batch_costs_that_file_only(tmp_path, synth_smal
     (None), the CPU path then fails it too, it lands in failures.csv, and the batch's other
     files are made."""
     import shutil
+
     from fuzz import corrupt_codestream
     images = tmp_path / "images"
     shutil.copytree(synth_small / "train_images", images)
@@ -336,8 +337,9 @@ def test_the_scaled_rule_is_checked_per_file():
     """A probe said "scaled", but a file that comes back unscaled (as a real RSNA JP2 did from
     DALI) must not be divided by 16; a scaled one is brought back exactly."""
     import torch
-    from rsna_utils.dicom.reader import DicomHeader
+
     from rsna_utils.dicom.frames import Codestream
+    from rsna_utils.dicom.reader import DicomHeader
     stored = np.random.default_rng(0).integers(0, 4096, (64, 48)).astype(np.int64)
     stored[0, 0] = 4095
     scaled = np.rint(stored * 65535 / 4095)

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from rsna_utils.sources import synth
-from rsna_utils.reports.heatmap import (ViewGeometry, cam_to_canvas, canvas_peak, grad_cam,
-                                input_content)
 from rsna_utils.image.preprocess import PreprocessConfig, preprocess_image
+from rsna_utils.reports.heatmap import ViewGeometry, cam_to_canvas, canvas_peak, grad_cam, input_content
+from rsna_utils.sources import synth
 
 
 def _geometry(flipped=False, size=(128, 128), mode="pad"):
@@ -138,8 +137,8 @@ def test_cams_on_every_plan_backbone(name):
     """GeM pooling and an auxiliary head (logit 0 is the cancer): the CAM has the chosen feature
     map's grid (stride 32 or 16), the logits are the model's own, the weights keep their
     requires_grad and get no gradient."""
-    from rsna_utils.learn.models import create_model, set_outputs
     from rsna_utils.learn.checkpoint import cancer_logit
+    from rsna_utils.learn.models import create_model, set_outputs
     torch.manual_seed(0)
     m = create_model(name, global_pool="gem")
     set_outputs(m, 3)
@@ -222,10 +221,10 @@ def test_heatmaps_point_at_the_planted_lesions(tmp_path):
 
     import pandas as pd
 
-    from rsna_utils.reports.exam import write_exam_reports
-    from rsna_utils.reports.heatmap import pointing_game
     from rsna_utils.image.preprocess import Preprocessor
     from rsna_utils.learn.train import TrainConfig, train
+    from rsna_utils.reports.exam import write_exam_reports
+    from rsna_utils.reports.heatmap import pointing_game
     t0 = time.perf_counter()
     data = tmp_path / "data"
     synth.synthesize(data, patients=80, seed=11, positive_rate=0.5, size="small",
@@ -254,9 +253,9 @@ def test_the_flip_tta_map_is_the_image_and_its_mirror_averaged():
     """With tta, the map (like the score) averages the image and its mirror: explaining the
     mirrored image gives the mirrored map and the same score. The unflipped image's map alone
     (before) is not mirror-symmetric in this way."""
-    from rsna_utils.reports.heatmap import explain_batch
-    from rsna_utils.learn.models import create_model
     from rsna_utils.infer.predict import LoadedModel
+    from rsna_utils.learn.models import create_model
+    from rsna_utils.reports.heatmap import explain_batch
     torch.manual_seed(0)
     net = create_model("resnet18").eval()
     torch.nn.init.normal_(net.get_classifier().weight, std=0.5)     # a head that looks

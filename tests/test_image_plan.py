@@ -9,11 +9,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import TESTDATA
-from rsna_utils.image import gpu, plan as image_plan
-from rsna_utils.dicom.reader import read_dicom
+
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.dicom.reader import read_dicom
+from rsna_utils.image import gpu
+from rsna_utils.image import plan as image_plan
 from rsna_utils.image.preprocess import PreprocessConfig, preprocess_image
 
 SIZES = [(1024, 512), (2048, 1024)]

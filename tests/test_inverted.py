@@ -9,8 +9,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-from rsna_utils.image import roi
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.image import roi
 from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor, preprocess_image
 
 
@@ -111,10 +111,9 @@ def test_the_gpu_pipeline_counts_and_fixes_them_as_the_cpu_one(tmp_path, pair):
     """GpuPreprocessor (torch kernel on the CPU, a decoder that behaves as a GPU one) on a
     JPEG 2000 negative: the same flag, summary and pixels as the CPU pipeline."""
     import cv2
+    from test_gpu import FakeGpuDecoder
 
     from rsna_utils.image import gpu
-
-    from test_gpu import FakeGpuDecoder
     src, right, _ = pair
     images = tmp_path / "images" / "1"
     images.mkdir(parents=True)
@@ -208,9 +207,8 @@ def test_a_gpu_backend_fixes_a_jpeg2000_negative_as_the_cpu_does(tmp_path, pair,
     negative with `fix`: decoded on the GPU route, flagged and inverted as on the CPU path."""
     import cv2
 
-    from rsna_utils.image import gpu
-
     from rsna_utils.dicom.decoders import gpu_batch
+    from rsna_utils.image import gpu
     if not gpu_batch.package_available(backend):
         pytest.skip(f"{backend} not installed ({gpu_batch.INSTALL_HINT})")
     src, _, _ = pair

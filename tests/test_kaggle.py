@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 
 from rsna_utils.app import bundle
+from rsna_utils.core.errors import RsnaError
 from rsna_utils.infer import kaggle
 from rsna_utils.infer.ensemble import Ensemble
 from rsna_utils.reports import html as report
-from rsna_utils.core.errors import RsnaError
 
 REPO = Path(__file__).resolve().parents[1]
 

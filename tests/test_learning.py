@@ -11,8 +11,8 @@ epochs scores 0.52 (chance); see BENCHMARKS.md."""
 import pytest
 
 from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
-from rsna_utils.sources.synth import synthesize
 from rsna_utils.learn.train import TrainConfig, train
+from rsna_utils.sources.synth import synthesize
 
 
 def _synthetic(tmp_path, size):

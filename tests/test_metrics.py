@@ -3,8 +3,16 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, fbeta_score, roc_auc_score
 
-from rsna_utils.learn.metrics import (best_quantile, best_threshold, breast_level, evaluate, fbeta_at,
-                                pfbeta, pr_auc, roc_auc)
+from rsna_utils.learn.metrics import (
+    best_quantile,
+    best_threshold,
+    breast_level,
+    evaluate,
+    fbeta_at,
+    pfbeta,
+    pr_auc,
+    roc_auc,
+)
 
 
 @pytest.mark.parametrize("labels, preds, beta, expected", [
@@ -56,6 +64,7 @@ def test_breast_level_mean_and_max():
 
 def test_log_loss_is_sklearns_and_clips():
     from sklearn.metrics import log_loss as sk_log_loss
+
     from rsna_utils.learn.metrics import log_loss
     rng = np.random.default_rng(0)
     y, p = rng.integers(0, 2, 50), rng.random(50)

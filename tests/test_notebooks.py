@@ -140,8 +140,8 @@ def test_notebook_parameters_are_named_after_what_they_set():
 
     import papermill as pm
 
-    from rsna_utils.infer.predict import predict
     from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+    from rsna_utils.infer.predict import predict
     from rsna_utils.learn.train_config import TrainConfig
 
     def params(nb):
@@ -307,8 +307,8 @@ def test_a_relative_weights_folder_is_the_callers_and_a_placeholder_can_be_overr
 
 
 def test_relative_weights_paths_resolve_where_the_notebooks_run(tmp_path, monkeypatch):
-    from rsna_utils.core.errors import RsnaError
     from rsna_utils.app.notebooks import _check_weights, _kernel_cwd
+    from rsna_utils.core.errors import RsnaError
     (_kernel_cwd() / "README.md").stat()               # a relative path that exists there
     monkeypatch.chdir(tmp_path)                         # ... and not in the caller's folder
     _check_weights("p", [("s1", {"pretrained_path": "README.md"}),

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from rsna_utils.core.errors import RsnaError
-from rsna_utils.learn.metrics import best_threshold, breast_level, fbeta_at
 from rsna_utils.infer.oof import ensemble_threshold, merge_oof, write_ensemble
+from rsna_utils.learn.metrics import best_threshold, breast_level, fbeta_at
 
 PATIENTS = 40
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rsna_utils.core.errors import RsnaError
-from rsna_utils.infer.predict import aggregate, binarize, predict, validate_submission
 from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.infer.predict import aggregate, binarize, predict, validate_submission
 from rsna_utils.learn.train import TrainConfig, train
 
 
@@ -111,6 +111,7 @@ def test_aggregate_and_binarize():
 
 def test_ensemble_threshold_refuses_another_aggregation(tmp_path, capsys):
     import json
+
     from rsna_utils.app.cli import main
     ens = tmp_path / "ensemble.json"
     ens.write_text(json.dumps({"threshold": 0.3, "agg": "max", "binarize": "threshold"}))
@@ -172,6 +173,7 @@ def test_predict_writes_probability_calibrated_and_binary(tmp_path, synth_small,
 
 def test_cli_output_calibrated_needs_the_ensemble_calibrator(tmp_path, capsys):
     import json
+
     from rsna_utils.app.cli import main
     ens = tmp_path / "ensemble.json"
     ens.write_text(json.dumps({"threshold": 0.3, "agg": "mean", "binarize": "threshold"}))
@@ -222,6 +224,7 @@ def test_cli_ensemble_sets_the_flip_its_threshold_was_tuned_with(tmp_path):
     (the cut would fall on scores of another distribution), unless --threshold replaces the cut
     or the output is a probability; calibrated output is checked whatever --threshold says."""
     import json
+
     from rsna_utils.app.steps import _ensemble_settings
     ens = tmp_path / "ensemble.json"
     ens.write_text(json.dumps({"threshold": 0.3, "agg": "mean", "tta": True}))
@@ -243,9 +246,9 @@ def test_cli_ensemble_sets_the_flip_its_threshold_was_tuned_with(tmp_path):
 def test_an_ensemble_averages_folds_per_recipe_then_the_recipes(tmp_path, synth_small, tiny_ckpt):
     """Two folds of recipe A and one run of recipe B: the ensemble is mean(mean(A0, A1), B), the
     prediction `rsna oof` tunes its threshold on, not the flat mean of three checkpoints."""
-    from rsna_utils.learn.checkpoint import checkpoint_recipe
     from rsna_utils.infer.oof import model_weights, recipe_key
     from rsna_utils.infer.predict import load_models, weighted_mean
+    from rsna_utils.learn.checkpoint import checkpoint_recipe
     base = torch.load(tiny_ckpt, weights_only=False)
     head = [k for k in base["model"] if k.endswith("fc.bias")][0]
     paths = {}

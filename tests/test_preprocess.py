@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import AbortOn, HangOn
 from pydicom.encaps import encapsulate, generate_frames
 
-from conftest import AbortOn, HangOn
-from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor, parse_shard, preprocess_image
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor, parse_shard, preprocess_image
 from rsna_utils.sources import synth
 
 

@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rsna_utils.dicom.reader import read_dicom
 from rsna_utils.core.errors import RsnaError
-from rsna_utils.sources.realdata import check_wrapped, is_inverted, list_images, side_of_breast, wrap
+from rsna_utils.dicom.reader import read_dicom
 from rsna_utils.image.voi import apply_voi_lut
+from rsna_utils.sources.realdata import check_wrapped, is_inverted, list_images, side_of_breast, wrap
 
 
 def _breast(side: str, seed: int, h: int = 96, w: int = 64) -> np.ndarray:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from rsna_utils.image import roi
-from rsna_utils.sources import synth
 from rsna_utils.image.preprocess import PreprocessConfig, preprocess_image
+from rsna_utils.sources import synth
 
 
 def _intersects(a, b) -> bool:

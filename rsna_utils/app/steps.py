@@ -11,8 +11,8 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
     from rsna_utils.core.config import given_flags
     from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
     cfg = PreprocessConfig.from_dict(given_flags(a, PreprocessConfig))
-    from rsna_utils.image import gpu
     from rsna_utils.dicom.decoders import gpu_batch
+    from rsna_utils.image import gpu
     chosen = gpu_batch.resolve_backend(a.backend)
     if chosen in gpu_batch.GPU_BACKENDS:
         if not gpu_batch.cuda_available():
@@ -43,12 +43,13 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_oof(a: argparse.Namespace) -> int:
-    from rsna_utils.infer.oof import write_ensemble
-    r = write_ensemble(a.runs, a.out, agg=a.agg, mode=a.mode,
-                       calibration=None if a.calibration == "none" else a.calibration)
-    print(f"{r['n_breasts']} out-of-fold breasts ({r['n_positives']} positive) from {len(a.runs)} runs: "
+    from rsna_utils.core.config import given_flags
+    from rsna_utils.infer.oof import OofConfig
+    cfg = OofConfig.from_dict(given_flags(a, OofConfig))
+    r = cfg.run()
+    print(f"{r['n_breasts']} out-of-fold breasts ({r['n_positives']} positive) from {len(cfg.runs)} runs: "
           f"AUC {r['auc']:.3f}, PR-AUC {r['pr_auc']:.3f}; binarised pF1 {r['pf1']:.3f} at "
-          f"{r['binarize']} (threshold {r['threshold']:.4f}); wrote {a.out}")
+          f"{r['binarize']} (threshold {r['threshold']:.4f}); wrote {cfg.out}")
     c = r.get("calibrator")
     if c and "ece_after" in c.get("cross_fitted", {}):
         x = c["cross_fitted"]
@@ -88,9 +89,10 @@ def _ensemble_settings(path: str, given: dict) -> dict:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from rsna_utils.reports.evaluate import evaluate_predictions
-    r = evaluate_predictions(a.predictions, a.out, meta_csv=a.meta, threshold=a.threshold,
-                             n_boot=a.n_boot, seed=a.seed, agg=a.agg)
+    from rsna_utils.core.config import given_flags
+    from rsna_utils.reports.evaluate import EvaluateConfig
+    cfg = EvaluateConfig.from_dict(given_flags(a, EvaluateConfig))
+    r = cfg.run()
     h = r["headline"]
     ci = lambda k: f"{h[k]:.3f} [{h[k + '_low']:.3f}, {h[k + '_high']:.3f}]"   # noqa: E731
     print(f"{h['n']} breasts ({h['n_positives']} positive) of {h['n_patients']} patients, 95% CI "
@@ -146,10 +148,12 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     from rsna_utils.core.config import add_flags
-    from rsna_utils.infer.kaggle import KAGGLE_WEIGHTS
-    from rsna_utils.infer.predict import PredictConfig
     from rsna_utils.image.preprocess import PreprocessConfig
+    from rsna_utils.infer.kaggle import KAGGLE_WEIGHTS
+    from rsna_utils.infer.oof import OofConfig
+    from rsna_utils.infer.predict import PredictConfig
     from rsna_utils.learn.train_config import TrainConfig
+    from rsna_utils.reports.evaluate import EvaluateConfig
     _register_explain(sub)
     n = sub.add_parser("notebooks", help="run a notebook plan headless with papermill")
     n.add_argument("--plan", default="demo", help="demo, kaggle, submit, or a plan YAML path")
@@ -177,28 +181,12 @@ def register(sub) -> None:
     d.set_defaults(func=_cmd_demo)
 
     o = sub.add_parser("oof", help="merge out-of-fold predictions, tune the ensemble's threshold")
-    o.add_argument("--runs", nargs="+", required=True,
-                   help="training run folders: every fold of every model of the ensemble")
-    o.add_argument("--out", default="ensemble.json")
-    o.add_argument("--agg", choices=["mean", "max"], default="mean", help="as the submission")
-    o.add_argument("--mode", choices=["threshold", "quantile"], default="threshold")
-    o.add_argument("--calibration", choices=["platt", "temperature", "isotonic", "none"],
-                   default="platt", help="calibrator stored in the JSON for --output calibrated "
-                   "(default platt: logistic on the logit; see rsna_utils.infer.calibrate)")
+    add_flags(o, OofConfig)               # one flag per OofConfig field
     o.set_defaults(func=_cmd_oof)
 
     e = sub.add_parser("evaluate", help="labelled predictions -> metrics with 95%% CIs by patient, "
                        "subgroups, curves, calibration (CSV + PNG)")
-    e.add_argument("--predictions", required=True, help="val_predictions.csv, oof_predictions.csv "
-                   "or the _images.csv of rsna predict")
-    e.add_argument("--meta", default=None, help="train.csv: labels, site, machine, view, density, "
-                   "age the predictions lack (joined on image_id)")
-    e.add_argument("--threshold", type=float, default=None,
-                   help="for F1/sensitivity/specificity (default: tuned on these breasts)")
-    e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--agg", choices=["mean", "max"], default="mean", help="views -> breast")
-    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
-    e.add_argument("--seed", type=int, default=0)
+    add_flags(e, EvaluateConfig)          # one flag per EvaluateConfig field
     e.set_defaults(func=_cmd_evaluate)
 
     q = sub.add_parser("predict", help="test DICOMs + checkpoints -> submission.csv")
@@ -229,10 +217,9 @@ def register(sub) -> None:
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
-    from rsna_utils.reports.exam import write_exam_reports
-    r = write_exam_reports(a.images, a.csv, a.checkpoints, a.out, threshold=a.threshold,
-                           limit=a.limit, device=a.device, progress=not a.quiet, by=a.by,
-                           backend=a.backend, agg=a.agg, tta=a.tta)
+    from rsna_utils.core.config import given_flags
+    from rsna_utils.reports.exam import ExplainConfig
+    r = ExplainConfig.from_dict(given_flags(a, ExplainConfig)).run()
     n_pos = int(r["exams"]["positive"].sum())
     print(f"explained {len(r['views'])} views of {len(r['exams'])} exams ({n_pos} positive at "
           f"threshold {r['threshold']:.4f}) in {r['seconds']:.1f} s; open {r['index']} "
@@ -242,22 +229,9 @@ def _cmd_explain(a: argparse.Namespace) -> int:
 
 def _register_explain(sub) -> None:
     """`rsna explain`: per-exam figures with class-activation heat, index.html, heatmaps.csv."""
+    from rsna_utils.core.config import add_flags
+    from rsna_utils.reports.exam import ExplainConfig
     x = sub.add_parser("explain", help="per-exam figures: the views, HiResCAM heat mapped to the "
                        "original pixels, scores and decision; index.html; heatmaps.csv")
-    x.add_argument("--images", required=True, help="folder of {patient_id}/{image_id}.dcm")
-    x.add_argument("--csv", required=True, help="train.csv / test.csv (patient_id, image_id, "
-                   "laterality; view optional)")
-    x.add_argument("--checkpoints", nargs="+", required=True, help="one or more best.pt")
-    x.add_argument("--out", required=True, help="output folder (figures, index.html, heatmaps.csv)")
-    x.add_argument("--threshold", type=float, default=None,
-                   help="breast decision cut (default: the checkpoints' validation threshold)")
-    x.add_argument("--limit", type=int, default=None, help="only the first N exams of the CSV")
-    x.add_argument("--by", choices=["patient", "breast"], default="patient",
-                   help="one figure per patient (default) or per patient and laterality")
-    x.add_argument("--agg", choices=["mean", "max"], default="mean", help="views -> breast score")
-    x.add_argument("--tta", action="store_true", help="scores average the flip, as `rsna predict "
-                   "--tta` (give it when the threshold was tuned on flip-averaged scores)")
-    x.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    x.add_argument("--backend", default="auto", help="CPU decoder: auto, imagecodecs, dicomsdl, pydicom")
-    x.add_argument("--quiet", action="store_true")
+    add_flags(x, ExplainConfig)           # one flag per ExplainConfig field
     x.set_defaults(func=_cmd_explain)

@@ -173,7 +173,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
                                 default=argparse.SUPPRESS, help=f"turn off: {text}")
             continue
         allowed = _types(hints[f.name])
-        kw = dict(dest=f.name, help=text if required else f"{text} (default: {default})")
+        said = required or "default" in text          # the help already says what happens
+        kw = dict(dest=f.name, help=text if said else f"{text} (default: {default})")
         if required:
             kw["required"] = True
         else:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rsna_utils.dicom import uids
 from rsna_utils.core.errors import DecodeError
+from rsna_utils.dicom import uids
 
 JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 J2K_SOC_SIZ = b"\xff\x4f\xff\x51"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rsna_utils.dicom import uids
 from rsna_utils.core.errors import DecodeError, RsnaError
+from rsna_utils.dicom import uids
 
 # Decoding more pixels than this is refused before any decoder runs (a header can lie).
 # The largest real mammograms are about 5,000 x 4,000 = 20 M pixels.

@@ -12,12 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
+from rsna_utils.core.errors import DecodeError
 from rsna_utils.dicom import uids
 from rsna_utils.dicom.decoders import registry
-from rsna_utils.core.errors import DecodeError
+
 # the header layer, re-exported: `from rsna_utils.dicom.reader import read_header` keeps working
 from rsna_utils.dicom.header import (  # noqa: F401
-    DEFAULT_MAX_PIXELS, DicomHeader, VoiLut, check_header, read_header, transfer_syntax_name)
+    DEFAULT_MAX_PIXELS,
+    DicomHeader,
+    VoiLut,
+    check_header,
+    read_header,
+    transfer_syntax_name,
+)
 
 
 @dataclass

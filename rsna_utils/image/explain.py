@@ -7,8 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from rsna_utils.image import roi
 from rsna_utils.dicom.reader import read_dicom
+from rsna_utils.image import roi
 from rsna_utils.image.plan import apply_numpy, make_plan
 from rsna_utils.image.preprocess import PreprocessConfig
 from rsna_utils.image.voi import Window, apply_lut, build_lut

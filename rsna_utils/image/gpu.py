@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rsna_utils.dicom.decoders.gpu_batch import GPU_SYNTAXES, DecodeRules, make_decoder
 from rsna_utils.core.errors import DecodeError, DiskFullError, RsnaError
+from rsna_utils.dicom.decoders.gpu_batch import GPU_SYNTAXES, DecodeRules, make_decoder
 
 # ----------------------------------------------------------------------------------------
 # The whole preprocessing step on the GPU
@@ -55,8 +55,8 @@ def load_frame(path: str, max_pixels: int | None = None):
     """CPU side of a GPU decode (run in threads): (header, frame or None, codestream, error).
     The same header checks as the CPU path run first. frame None without an error: a transfer
     syntax the GPU decoders do not take (CPU path)."""
-    from rsna_utils.dicom.header import DEFAULT_MAX_PIXELS, check_header, read_header
     from rsna_utils.dicom.frames import check_codestream, first_frame
+    from rsna_utils.dicom.header import DEFAULT_MAX_PIXELS, check_header, read_header
     if not os.path.exists(path):
         return None, None, None, f"{path}: file not found (listed in the CSV)"
     try:

@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from rsna_utils.image import roi
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.image import roi
 from rsna_utils.image.voi import Window, apply_lut, build_lut, select_window
 
 

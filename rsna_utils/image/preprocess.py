@@ -24,14 +24,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from rsna_utils.image import roi
-from rsna_utils.dicom.reader import DEFAULT_MAX_PIXELS, decode_pixels, read_header
 from rsna_utils.core.config import Config, setting
+from rsna_utils.core.errors import DiskFullError, RsnaError, free_bytes, human_bytes, write_atomic, writing
 from rsna_utils.core.sizes import MIN_SIDE, parse_size, size_flag
-from rsna_utils.core.errors import (DiskFullError, RsnaError, free_bytes, human_bytes, write_atomic,
-                                     writing)
-from rsna_utils.image.plan import (  # noqa: F401  (PreprocessError re-exported)
-    PreprocessError, apply_numpy, make_plan)
+from rsna_utils.dicom.reader import DEFAULT_MAX_PIXELS, decode_pixels, read_header
+from rsna_utils.image import roi
+from rsna_utils.image.plan import PreprocessError, apply_numpy, make_plan  # noqa: F401  (PreprocessError re-exported)
 
 META_COLUMNS = ["image_id", "patient_id", "png", "rows", "columns", "transfer_syntax",
                 "photometric", "crop_y0", "crop_x0", "crop_y1", "crop_x1", "flipped", "window",

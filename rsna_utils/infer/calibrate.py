@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from rsna_utils.learn import metrics
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.learn import metrics
 
 METHODS = ("platt", "temperature", "isotonic")
 DEFAULT_METHOD = "platt"

@@ -148,8 +148,8 @@ def hidden_test_estimate(result, patients: int = HIDDEN_TEST_PATIENTS,
 
 def _recipe(ckpt: Path) -> str | None:
     """oof.checkpoint_recipe of a training checkpoint; None for a file that is not one."""
-    from rsna_utils.learn.weights import load_weights
     from rsna_utils.learn.checkpoint import checkpoint_recipe
+    from rsna_utils.learn.weights import load_weights
     try:
         stored = load_weights(ckpt).get("config")
     except (RsnaError, OSError, AttributeError):

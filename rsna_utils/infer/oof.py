@@ -31,17 +31,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from rsna_utils.learn import metrics
-from rsna_utils.infer.calibrate import METHODS as CALIBRATIONS, calibrate_oof
+from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import RsnaError, write_atomic
+from rsna_utils.infer.calibrate import METHODS as CALIBRATIONS
+from rsna_utils.infer.calibrate import calibrate_oof
 from rsna_utils.infer.ensemble import Ensemble
-from rsna_utils.learn.checkpoint import (PER_RUN_FIELDS, folder_model_fold,
-                                         read_run_config, recipe_key)
+from rsna_utils.learn import metrics
+from rsna_utils.learn.checkpoint import PER_RUN_FIELDS, folder_model_fold, read_run_config, recipe_key
 
 PRED_FILE = "val_predictions.csv"
 OOF_FILE = "oof_predictions.csv"
@@ -359,6 +361,36 @@ def ensemble_threshold(oof_df: pd.DataFrame, agg: str = "mean", beta: float = 1.
         "dropped_images": int(oof_df.attrs.get("dropped_images", 0)),
         "tta": bool(oof_df.attrs.get("tta", False)),
     }
+
+
+@dataclass
+class OofConfig(Config):
+    """The settings of `rsna oof` (its flags derive from these fields)."""
+
+    KIND = "out-of-fold"
+
+    runs: list = setting(help="training run folders: every fold of every model of the ensemble")
+    out: str = setting("ensemble.json", "the ensemble file (oof_predictions.csv beside it)")
+    agg: str = setting("mean", "views -> breast, as the submission aggregates",
+                       choices=("mean", "max"))
+    mode: str = setting("threshold", "the cut: a threshold on the score, or the top quantile of "
+                        "breasts", choices=("threshold", "quantile"))
+    beta: float = setting(1.0, "F-beta that the cut maximises (1: the competition's pF1)", gt=0)
+    calibration: str = setting("platt", "calibrator stored in the JSON for --output calibrated "
+                               "(platt: logistic on the logit; see rsna_utils.infer.calibrate)",
+                               choices=("platt", "temperature", "isotonic", "none"))
+    allow_missing: bool = setting(False, "tune on the images every model scored when some "
+                                  "folds are missing")
+
+    def __post_init__(self):
+        if isinstance(self.runs, (str, Path)):
+            self.runs = [self.runs]
+        self.check_fields()
+
+    def run(self) -> dict:
+        return write_ensemble(self.runs, self.out, agg=self.agg, mode=self.mode, beta=self.beta,
+                              allow_missing=self.allow_missing,
+                              calibration=None if self.calibration == "none" else self.calibration)
 
 
 def write_ensemble(run_dirs: list[str | Path], out_json: str | Path, agg: str = "mean",

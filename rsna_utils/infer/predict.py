@@ -185,6 +185,7 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
+
     from rsna_utils.dicom.decoders import gpu_batch
     from rsna_utils.infer.oof import model_weights
     from rsna_utils.learn.checkpoint import cancer_probability

@@ -6,7 +6,6 @@ import functools
 
 from rsna_utils.core.errors import RsnaError
 
-
 # The design's progression, plus what the winners used. Any timm name works if timm knows it.
 SUPPORTED = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "efficientnet_b0",
              "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",

@@ -16,7 +16,6 @@ from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
 from rsna_utils.learn.train_config import TrainConfig
 
-
 # The resize from the PNG to the model input, the same in training (data.PngDataset) and
 # inference (data.model_input): `roi.resize` in "pad" mode (aspect kept, black right/bottom),
 # OpenCV area filter when shrinking, linear when enlarging. Stored in every checkpoint.
@@ -182,11 +181,10 @@ def load_checkpoints(paths: list[str | Path], device,
     """Models and the one preprocessing config they share (an ensemble must agree on it). The
     input contract comes from each checkpoint (`train.model_contract`): size, channels, mean /
     std, and the PNG -> input resize, which must be the one this version applies."""
+    from rsna_utils.image.preprocess import with_later_settings
+    from rsna_utils.learn.checkpoint import INPUT_RESIZE, checkpoint_recipe
     from rsna_utils.learn.models import create_model, set_outputs
     from rsna_utils.learn.weights import load_weights
-    from rsna_utils.learn.checkpoint import checkpoint_recipe
-    from rsna_utils.image.preprocess import with_later_settings
-    from rsna_utils.learn.checkpoint import INPUT_RESIZE
     if not paths:
         raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
     models, pre, shape = [], None, None

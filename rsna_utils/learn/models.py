@@ -8,7 +8,6 @@ from rsna_utils.core.errors import RsnaError
 from rsna_utils.learn.backbones import POOLS, GeM, check_model_name, classifiers, gem_class
 
 
-
 def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | None = None,
                  drop_rate: float = 0.0, global_pool: str = "avg", drop_path: float = 0.0):
     """A timm model with one logit. Never downloads: weights come from `pretrained_path`, a

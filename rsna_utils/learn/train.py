@@ -20,11 +20,9 @@ import pandas as pd
 
 from rsna_utils.core.errors import RsnaError, write_atomic, writing
 from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
-from rsna_utils.learn.checkpoint import (cancer_logit, cancer_probability, model_contract,
-                                         save_checkpoint)
+from rsna_utils.learn.checkpoint import cancer_logit, cancer_probability, model_contract, save_checkpoint
 from rsna_utils.learn.device import half_dtype, resolve_device
 from rsna_utils.learn.train_config import SELECT_BY, TrainConfig
-
 
 # ----------------------------------------------------------------------------------------
 # Setup
@@ -256,8 +254,14 @@ class TrainData:
 def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -> TrainData:
     from torch.utils.data import DataLoader
 
-    from rsna_utils.learn.data import (Augment, PngDataset, UpsampleSampler, aux_targets, load_table,
-                                 worker_init)
+    from rsna_utils.learn.data import (
+        Augment,
+        PngDataset,
+        UpsampleSampler,
+        aux_targets,
+        load_table,
+        worker_init,
+    )
     table = load_table(cfg.csv, cfg.data)
     if "cancer" not in table:
         raise RsnaError(f"{cfg.csv}: no 'cancer' column; training needs labels (train.csv)")

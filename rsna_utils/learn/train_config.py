@@ -10,7 +10,6 @@ from rsna_utils.core.errors import RsnaError
 from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size, size_flag
 from rsna_utils.learn.backbones import POOLS
 
-
 SELECT_BY = {"auc": "breast_mean_auc", "pr_auc": "breast_mean_pr_auc", "pf1": "breast_mean_pf1"}
 
 

@@ -26,13 +26,15 @@ having been tuned on the data they are measured on (`threshold_source` says whic
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from rsna_utils.learn import metrics
+from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.learn import metrics
 
 META_COLUMNS = ("site_id", "machine_id", "view", "density", "age")
 BREAST_BREAKDOWNS = ("site_id", "machine_id", "density", "age_band")   # a breast's attribute
@@ -366,6 +368,32 @@ def curve_bands(y, p, counts_rows, ci: float = 0.95, points: int = 201) -> tuple
 # ----------------------------------------------------------------------------------------
 # The whole evaluation
 # ----------------------------------------------------------------------------------------
+
+@dataclass
+class EvaluateConfig(Config):
+    """The settings of `rsna evaluate` (its flags derive from these fields)."""
+
+    KIND = "evaluation"
+
+    predictions: str = setting(help="val_predictions.csv, oof_predictions.csv or the "
+                               "_images.csv of rsna predict")
+    out: str = setting(help="output folder (CSV, JSON and PNG figures)")
+    meta: str | None = setting(None, "train.csv: labels, site, machine, view, density, age the "
+                               "predictions lack (joined on image_id)")
+    threshold: float | None = setting(None, "for F1 / sensitivity / specificity (default: tuned "
+                                      "on these breasts)", ge=0, le=1)
+    agg: str = setting("mean", "views -> breast", choices=("mean", "max"))
+    n_boot: int = setting(1000, "bootstrap resamples of patients", ge=1)
+    seed: int = setting(0, "seed of the bootstrap")
+
+    def __post_init__(self):
+        self.check_fields()
+
+    def run(self) -> dict:
+        return evaluate_predictions(self.predictions, self.out, meta_csv=self.meta,
+                                    threshold=self.threshold, n_boot=self.n_boot, seed=self.seed,
+                                    agg=self.agg)
+
 
 def evaluate_predictions(predictions, out_dir=None, meta_csv=None, threshold: float | None = None,
                          n_boot: int = 1000, seed: int = 0, agg: str = "mean", beta: float = 1.0,

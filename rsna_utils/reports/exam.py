@@ -8,6 +8,7 @@ also gives the crop box and flip the heat is mapped back through); one exam is o
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import sys
 import time
@@ -18,6 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import RsnaError, write_atomic
 
 VIEW_COLUMNS = ["image_id", "patient_id", "laterality", "view", "score", "peak_x", "peak_y"]
@@ -36,6 +38,38 @@ class ViewResult:
     values: dict = field(default_factory=dict)
 
 
+@dataclass
+class ExplainConfig(Config):
+    """The settings of `rsna explain` (its flags derive from these fields)."""
+
+    KIND = "explain"
+
+    images: str = setting(help="folder of {patient_id}/{image_id}.dcm")
+    csv: str = setting(help="train.csv / test.csv (patient_id, image_id, laterality; view "
+                       "optional)")
+    checkpoints: list = setting(help="one or more best.pt")
+    out: str = setting(help="output folder (figures, index.html, heatmaps.csv)")
+    threshold: float | None = setting(None, "breast decision cut (default: the checkpoints' "
+                                      "validation threshold)", ge=0, le=1)
+    limit: int | None = setting(None, "only the first N exams of the CSV", ge=1)
+    by: str = setting("patient", "one figure per patient, or per patient and laterality",
+                      choices=("patient", "breast"))
+    agg: str = setting("mean", "views -> breast score", choices=("mean", "max"))
+    tta: bool = setting(False, "scores average the flip, as `rsna predict --tta` (give it when "
+                        "the threshold was tuned on flip-averaged scores)")
+    device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    backend: str = setting("auto", "CPU decoder: auto, imagecodecs, dicomsdl, pydicom")
+    progress: bool = setting(True, "progress bar", negate="--quiet")
+
+    def __post_init__(self):
+        if isinstance(self.checkpoints, (str, Path)):
+            self.checkpoints = [self.checkpoints]
+        self.check_fields()
+
+    def run(self) -> dict:
+        return write_exam_reports(**dataclasses.asdict(self))
+
+
 def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
                        out: str | Path, threshold: float | None = None, limit: int | None = None,
                        device: str = "auto", progress: bool = True, by: str = "patient",
@@ -52,11 +86,11 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     """
     from tqdm.auto import tqdm
 
-    from rsna_utils.reports.heatmap import explain_batch
-    from rsna_utils.learn.checkpoint import in_chans
-    from rsna_utils.infer.predict import load_models, weighted_mean
     from rsna_utils.image.preprocess import PreprocessConfig
+    from rsna_utils.infer.predict import load_models, weighted_mean
+    from rsna_utils.learn.checkpoint import in_chans
     from rsna_utils.learn.device import resolve_device
+    from rsna_utils.reports.heatmap import explain_batch
     t0 = time.perf_counter()
     df, images = _check_inputs(images, csv, checkpoints, by, limit, agg)
     dev = resolve_device(device)
@@ -136,11 +170,11 @@ def _check_inputs(images, csv, checkpoints, by: str, limit, agg: str) -> tuple[p
 def _load_view(row: dict, images: Path, cfg, backend: str) -> ViewResult:
     """Decode once: the display image (the file's VOI LUT over the whole image) and the
     preprocessed canvas with its geometry. Failures become the view's `problem`."""
-    from rsna_utils.image import roi
     from rsna_utils.dicom.reader import decode_pixels, read_header
-    from rsna_utils.reports.heatmap import ViewGeometry
+    from rsna_utils.image import roi
     from rsna_utils.image.preprocess import preprocess_image
     from rsna_utils.image.voi import apply_voi_lut
+    from rsna_utils.reports.heatmap import ViewGeometry
     row = {k: row[k] for k in ("image_id", "patient_id", "laterality", "view", "prediction_id")}
     v = ViewResult(row)
     path = images / str(row["patient_id"]) / f"{row['image_id']}.dcm"

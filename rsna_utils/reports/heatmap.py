@@ -28,9 +28,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from rsna_utils.image import roi
 from rsna_utils.core.errors import RsnaError
-
+from rsna_utils.image import roi
 
 # ----------------------------------------------------------------------------------------
 # Geometry: original pixels <-> preprocessed canvas <-> model input

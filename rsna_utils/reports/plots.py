@@ -8,7 +8,7 @@ import pandas as pd
 
 
 def _plt():
-    import matplotlib.pyplot as plt   # inline in Jupyter, Agg when headless
+    import matplotlib.pyplot as plt  # inline in Jupyter, Agg when headless
     return plt
 
 

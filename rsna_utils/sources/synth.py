@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-
 import numpy as np
 import pandas as pd
 

@@ -5,8 +5,8 @@ import importlib.util
 
 import numpy as np
 
-from rsna_utils.dicom import uids
 from rsna_utils.core.errors import DecodeError
+from rsna_utils.dicom import uids
 
 NAME = "dicomsdl"
 SYNTAXES = frozenset(uids.NAMES) - {uids.HTJ2K_LOSSLESS, uids.HTJ2K}

@@ -232,8 +232,8 @@ def shared_decoder(name: str, device: str):
 def decode_batch(headers, backend: str, device: str = "cuda", decoder=None) -> list:
     """Stored values (numpy) for each header's file (first frame); DecodeError for a file the
     GPU decoder does not take or fails on (use the CPU path for it)."""
-    from rsna_utils.dicom.header import check_header
     from rsna_utils.dicom.frames import check_codestream, first_frame
+    from rsna_utils.dicom.header import check_header
     dec = decoder or shared_decoder(backend, device)
     frames, css = [], []
     for h in headers:

@@ -6,8 +6,8 @@ import importlib.util
 
 import numpy as np
 
-from rsna_utils.dicom import uids
 from rsna_utils.core.errors import DecodeError
+from rsna_utils.dicom import uids
 
 NAME = "imagecodecs"
 SYNTAXES = uids.FRAME_DECODABLE

@@ -14,8 +14,8 @@ from types import ModuleType
 
 import numpy as np
 
-from rsna_utils.dicom import uids
 from rsna_utils.core.errors import DecodeError, RsnaError
+from rsna_utils.dicom import uids
 
 CPU_ORDER = ("imagecodecs", "dicomsdl", "pydicom")       # the `auto` order on the CPU
 GPU_NAMES = ("nvimgcodec", "dali")
