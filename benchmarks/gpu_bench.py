@@ -29,7 +29,7 @@ def decode_ceiling(files, batch: int = 64) -> float:
     from rsna_utils.dicom.decoders.gpu_batch import GPU_SYNTAXES
     from rsna_utils.dicom.decoders.nvimgcodec import NvImageCodecDecoder
     from rsna_utils.dicom.frames import first_frame
-    from rsna_utils.dicom.reader import read_header
+    from rsna_utils.dicom.header import read_header
     frames = [first_frame(str(f)) for f in files if read_header(f).transfer_syntax in GPU_SYNTAXES]
     dec = NvImageCodecDecoder("cuda")
     dec.decode(frames[:4])
@@ -55,7 +55,7 @@ def end_to_end(data: Path, backend: str, size=(1024, 512), out: Path | None = No
 def cpu_pipeline(data: Path, syntax: str, workers: int, size=(1024, 512)) -> float:
     import pandas as pd
 
-    from rsna_utils.dicom.reader import read_header
+    from rsna_utils.dicom.header import read_header
     from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
     df = pd.read_csv(data / "train.csv")
     keep = [read_header(data / "train_images" / str(r.patient_id) / f"{r.image_id}.dcm").transfer_syntax == syntax

@@ -38,7 +38,7 @@ def cpu_reference(path: str):
 
 def describe(path: str):
     from rsna_utils.dicom.frames import check_codestream
-    from rsna_utils.dicom.reader import read_header, transfer_syntax_name
+    from rsna_utils.dicom.header import read_header, transfer_syntax_name
     from rsna_utils.image.gpu import GPU_SYNTAXES
     h = read_header(path)
     cs = None
@@ -118,7 +118,7 @@ def corrupt_batches(files: list[str], backend: str, batches: int = 10, batch: in
 
     from rsna_utils.dicom.decoders import gpu_batch
     from rsna_utils.dicom.frames import first_frame
-    from rsna_utils.dicom.reader import read_header
+    from rsna_utils.dicom.header import read_header
     from rsna_utils.image.gpu import GPU_SYNTAXES
     good = [p for p in files if read_header(p).transfer_syntax in GPU_SYNTAXES]
     dec = gpu_batch.make_decoder(backend, "cuda", batch)

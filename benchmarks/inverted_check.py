@@ -22,7 +22,8 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from rsna_utils.dicom.reader import decode_pixels, read_header
+    from rsna_utils.dicom.header import read_header
+    from rsna_utils.dicom.reader import decode_pixels
     from rsna_utils.image import roi
     from rsna_utils.image.plan import make_plan
     from rsna_utils.image.preprocess import PreprocessConfig

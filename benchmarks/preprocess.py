@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rsna_utils.dicom.decoders import registry as decoders  # noqa: E402
-from rsna_utils.dicom.reader import read_header  # noqa: E402
+from rsna_utils.dicom.header import read_header
 from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor, preprocess_image, write_png  # noqa: E402
 from rsna_utils.sources.synth import synthesize  # noqa: E402
 

@@ -5,7 +5,8 @@ import pytest
 from conftest import TESTDATA, needs_testdata
 
 from rsna_utils.core.errors import DecodeError, RsnaError
-from rsna_utils.dicom.reader import read_dicom, read_header
+from rsna_utils.dicom.header import read_header
+from rsna_utils.dicom.reader import read_dicom
 
 LOSSLESS = [("RG1", "J2KR"), ("RG2", "J2KR"), ("RG2", "JPLL"), ("RG2", "RLE"), ("RG2", "JLSL"),
             ("RG3", "J2KR"), ("RG3", "JPLL"), ("RG3", "RLE"), ("RG3", "JLSL")]

@@ -51,7 +51,7 @@ def test_reports_for_two_exams(tmp_path, synth_small, ckpt):
     assert ok.score.between(0, 1).all() and ok.peak_x.notna().all()
     # peaks are original DICOM pixels: inside the image and inside the breast's crop
     for v in ok.itertuples():
-        from rsna_utils.dicom.reader import read_header
+        from rsna_utils.dicom.header import read_header
         h = read_header(images / str(v.patient_id) / f"{v.image_id}.dcm")
         assert 0 <= v.peak_x < h.columns and 0 <= v.peak_y < h.rows
     # the breast score is the mean of its readable views; the decision is at the threshold

@@ -101,7 +101,8 @@ def test_gpu_backend_on_cpu_matches_cpu_path_and_falls_back(tmp_path, synth_smal
 def test_cuda_decode_is_bit_exact(synth_small, backend):
     if not gpu_batch.package_available(backend):
         pytest.skip(f"{backend} not installed")
-    from rsna_utils.dicom.reader import read_dicom, read_header
+    from rsna_utils.dicom.header import read_header
+    from rsna_utils.dicom.reader import read_dicom
     paths = [p for p in sorted((synth_small / "train_images").glob("*/*.dcm"))
              if read_header(p).transfer_syntax in gpu.GPU_SYNTAXES]
     hs = [read_header(p) for p in paths]
@@ -209,7 +210,7 @@ def test_probe_image_spans_the_precision():
 
 def test_route_sends_signed_and_unknown_kinds_to_the_cpu():
     from rsna_utils.dicom.frames import Codestream
-    from rsna_utils.dicom.reader import DicomHeader
+    from rsna_utils.dicom.header import DicomHeader
     rules = gpu_batch.DecodeRules(FakeGpuDecoder("exact"), "fake")
     h = DicomHeader(path="x.dcm", transfer_syntax=synth.JPEG2000_LOSSLESS, rows=8, columns=8)
     assert rules.route(h, Codestream("j2k", 8, 8, 12, 1)) is None
@@ -339,7 +340,7 @@ def test_the_scaled_rule_is_checked_per_file():
     import torch
 
     from rsna_utils.dicom.frames import Codestream
-    from rsna_utils.dicom.reader import DicomHeader
+    from rsna_utils.dicom.header import DicomHeader
     stored = np.random.default_rng(0).integers(0, 4096, (64, 48)).astype(np.int64)
     stored[0, 0] = 4095
     scaled = np.rint(stored * 65535 / 4095)

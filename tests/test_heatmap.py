@@ -64,7 +64,8 @@ def _synth_view(tmp_path, chest_left: bool):
 @pytest.mark.parametrize("size,mode", [((128, 128), "pad"), ((96, 48), "stretch")])
 def test_a_point_planted_in_the_dicom_maps_back_to_where_it_was(tmp_path, chest_left, size, mode):
     """Plant a bright dot in the stored pixels, preprocess, find it on the output, map back."""
-    from rsna_utils.dicom.reader import decode_pixels, read_header
+    from rsna_utils.dicom.header import read_header
+    from rsna_utils.dicom.reader import decode_pixels
     path = _synth_view(tmp_path, chest_left)
     h = read_header(path)
     px, _ = decode_pixels(h)

@@ -92,7 +92,8 @@ def test_both_kernels_fix_a_negative_to_the_right_labels_pixels(pair, bits):
     """The numpy and torch kernels (CPU and GPU preprocessing) on the fixed plan give the
     correctly labelled file's pixels, at 8 and 16 bits."""
     torch = pytest.importorskip("torch")
-    from rsna_utils.dicom.reader import decode_pixels, read_header
+    from rsna_utils.dicom.header import read_header
+    from rsna_utils.dicom.reader import decode_pixels
     from rsna_utils.image.plan import apply_numpy, apply_torch, make_plan
     _, right, wrong = pair
     good, _ = preprocess_image(right, PreprocessConfig(size=(128, 64), bits=bits))

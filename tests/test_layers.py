@@ -47,7 +47,7 @@ def _target(name: str) -> str:
         if p.with_suffix(".py").exists() or (p / "__init__.py").exists():
             return ".".join(parts)
         parts.pop()
-    return name
+    return "__init__"        # a name defined in rsna_utils/__init__.py (e.g. __version__)
 
 
 def imports(path: Path) -> set[str]:

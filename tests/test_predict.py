@@ -56,7 +56,8 @@ def test_unreadable_images_still_get_a_row(tmp_path, synth_small, tiny_ckpt):
     for r in test[test.prediction_id == last_breast].itertuples():
         (images / str(r.patient_id) / f"{r.image_id}.dcm").unlink()
     res = predict(images, synth_small / "test.csv", [tiny_ckpt], tmp_path / "s.csv",
-                  synth_small / "sample_submission.csv", workers=0, device="cpu", progress=False)
+                  synth_small / "sample_submission.csv", workers=0, device="cpu", progress=False,
+                  max_unreadable=1.0)       # more than the default share: asked for here
     assert len(res.submission) == test.prediction_id.nunique()
     warned = {w["image_id"] for w in res.warnings}
     assert {first.image_id, second.image_id} <= warned
@@ -66,6 +67,65 @@ def test_unreadable_images_still_get_a_row(tmp_path, synth_small, tiny_ckpt):
     assert res.submission.set_index("prediction_id").loc[last_breast, "cancer"] == pytest.approx(prior)
     w = pd.read_csv(tmp_path / "s_warnings.csv")
     assert set(w.image_id) == warned
+
+
+def test_a_missing_images_folder_stops_before_anything_is_written(tmp_path, capsys, synth_small,
+                                                                  tiny_ckpt):
+    """A typo in --images used to write a complete submission of training priors, exit 0."""
+    from rsna_utils.app.cli import main
+    out = tmp_path / "sub.csv"
+    code = main(["predict", "--images", str(tmp_path / "test_imgs"), "--csv",
+                 str(synth_small / "test.csv"), "--checkpoints", str(tiny_ckpt), "--out", str(out),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "test_imgs: images folder not found; pass the folder that holds" in err
+    assert err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_too_many_unreadable_images_stop_without_a_submission(tmp_path, synth_small, tiny_ckpt):
+    images = tmp_path / "test_images"
+    shutil.copytree(synth_small / "test_images", images)
+    test = pd.read_csv(synth_small / "test.csv")
+    for r in test.iloc[:3].itertuples():
+        (images / str(r.patient_id) / f"{r.image_id}.dcm").write_bytes(b"not a dicom" * 40)
+    args = (images, synth_small / "test.csv", [tiny_ckpt], tmp_path / "s.csv")
+    kw = dict(workers=0, device="cpu", progress=False)
+    with pytest.raises(RsnaError, match=rf"^3 of {len(test)} images \(\d+%\) could not be read, "
+                                        r"more than max_unreadable=0.05; no submission written "
+                                        r"\(the list with each reason: .*s_warnings.csv; the first: "
+                                        r".*not a readable DICOM.*raise --max-unreadable"):
+        predict(*args, **kw)
+    assert not (tmp_path / "s.csv").exists()
+    assert len(pd.read_csv(tmp_path / "s_warnings.csv")) == 3
+    res = predict(*args, max_unreadable=0.5, **kw)          # said so: the priors go in
+    assert len(res.submission) == test.prediction_id.nunique() and (tmp_path / "s.csv").exists()
+
+
+def test_missing_and_garbage_checkpoints_say_what_they_are(tmp_path, capsys, synth_small):
+    """Before: a missing best.pt got the pretrained-weights advice (which then failed again) and
+    random bytes `unreadable checkpoint (KeyError: 101)`."""
+    from rsna_utils.app.cli import main
+
+    def run(ckpt):
+        code = main(["predict", "--images", str(synth_small / "test_images"), "--csv",
+                     str(synth_small / "test.csv"), "--checkpoints", str(ckpt), "--out",
+                     str(tmp_path / "s.csv"), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        return err
+    fix = "pass a best.pt (or last.pt) written by `rsna train`"
+    assert f"best.pt: checkpoint not found; {fix}" in run(tmp_path / "best.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    assert "garbage.pt: not a checkpoint of `rsna train`: 4,096 bytes that are no PyTorch" in run(garbage)
+    note = tmp_path / "note.pt"
+    note.write_text("<html>404 Not Found</html>")
+    assert "note.pt: not a checkpoint of `rsna train`: a text file" in run(note)
+    weights = tmp_path / "backbone.pt"
+    torch.save({"conv1.weight": torch.zeros(1)}, weights)
+    assert "backbone.pt: not a checkpoint of `rsna train`: tensors without the training settings" in run(weights)
+    assert "a folder, not a checkpoint" in run(tmp_path)
+    assert not (tmp_path / "s.csv").exists()
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, synth_small, tiny_ckpt):

@@ -237,3 +237,17 @@ def test_a_second_csv_into_the_same_folder_keeps_the_first_runs_failures(tmp_pat
     Preprocessor(PreprocessConfig(size=32), workers=1, progress=False).run(images, tmp_path / "b.csv", out)
     f = pd.read_csv(out / "failures.csv")
     assert f.image_id.astype(str).tolist() == [str(a.image_id.iloc[0])]
+
+
+def test_a_missing_images_folder_stops_before_anything_is_written(tmp_path, synth_small):
+    """A valid CSV and a mistyped images folder used to run through every row, then report each
+    image as failed; now one line names the folder and nothing is written."""
+    from rsna_utils.app.cli import main
+    out = tmp_path / "png"
+    with pytest.raises(RsnaError, match=r"train_imgs: images folder not found"):
+        Preprocessor(PreprocessConfig(size=32), workers=0, progress=False).run(
+            tmp_path / "train_imgs", synth_small / "train.csv", out)
+    assert not out.exists()
+    assert main(["preprocess", "--images", str(tmp_path / "train_imgs"), "--csv",
+                 str(synth_small / "train.csv"), "--out", str(out), "--quiet"]) == 2
+    assert not out.exists()

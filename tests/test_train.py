@@ -487,3 +487,18 @@ def test_a_size_a_fixed_size_backbone_cannot_take_fails_before_anything_is_writt
                                         r"64x32 .*use --size 224x224"):
         train(cfg)
     assert not (out / "splits.csv").exists() and not (out / "config.json").exists()
+
+
+def test_train_names_a_wrong_csv_or_folder_before_anything_else(tmp_path, capsys):
+    """Before: the random-weights notice came first and the run folder was made, then the
+    missing CSV was named."""
+    from rsna_utils.app.cli import main
+    png = tmp_path / "png"
+    png.mkdir()
+    for data, csv, what in ((tmp_path / "nope", tmp_path / "t.csv", "nope: PNG folder not found"),
+                            (png, tmp_path / "nope.csv", "nope.csv: CSV not found")):
+        code = main(["train", "--data", str(data), "--csv", str(csv), "--out",
+                     str(tmp_path / "run"), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and what in err and err.count("\n") == 1, err
+        assert "random weights" not in err and not (tmp_path / "run").exists()

@@ -6,7 +6,8 @@ from conftest import TESTDATA, needs_testdata
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import apply_voi_lut as pd_apply_voi_lut
 
-from rsna_utils.dicom.reader import read_dicom, read_header
+from rsna_utils.dicom.header import read_header
+from rsna_utils.dicom.reader import read_dicom
 from rsna_utils.image.voi import apply_voi_lut, build_lut, select_window
 
 
@@ -114,7 +115,7 @@ def test_synthetic_files_within_one_gray_level(synth200):
 
 
 def _header(**kw):
-    from rsna_utils.dicom.reader import DicomHeader
+    from rsna_utils.dicom.header import DicomHeader
     d = dict(path="mem", rows=1, columns=4096, bits_stored=12)
     d.update(kw)
     return DicomHeader(**d)

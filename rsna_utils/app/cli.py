@@ -47,10 +47,33 @@ def _add_weights(sub) -> None:
     e.set_defaults(func=_cmd_weights_export)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rsna", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a wrong flag or value prints one line (what is wrong, where the flags are
+    listed) instead of the whole usage block."""
 
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
+
+
+# `rsna --help` lists the subcommands in the order of the pipeline
+PIPELINE = ("synth", "preprocess", "train", "oof", "predict", "evaluate", "explain", "weights",
+            "notebooks", "demo", "bundle")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rsna_utils import __version__
+    from rsna_utils.app import steps
+    p = OneLineParser(prog="rsna", description=__doc__)
+    p.add_argument("--version", action="version", version=f"rsna-utils {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register = {"synth": _add_synth, "weights": _add_weights, "bundle": _add_bundle,
+                **steps.REGISTER}
+    for name in PIPELINE:
+        register[name](sub)
+    return p
+
+
+def _add_synth(sub) -> None:
     s = sub.add_parser("synth", help="write a synthetic RSNA-shaped dataset")
     s.add_argument("--out", default="data/synthetic", help="output folder")
     s.add_argument("--patients", type=int, default=200, help="train patients (~4 images each)")
@@ -64,19 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_synth)
-    _add_weights(sub)
+
+
+def _add_bundle(sub) -> None:
     b = sub.add_parser("bundle", help="offline Kaggle bundle: wheels of rsna_utils and its pinned "
                        "dependencies, install.py, the notebooks (upload DIR as a dataset)")
     b.add_argument("--out", default="dist/rsna-bundle", help="output folder (replaced)")
     b.set_defaults(func=_cmd_bundle)
-    _add_more(sub)
-    return p
-
-
-def _add_more(sub) -> None:
-    """Subcommands of the later pipeline steps (kept in their own modules)."""
-    from rsna_utils.app import steps as cli_steps
-    cli_steps.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

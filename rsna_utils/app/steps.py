@@ -146,76 +146,6 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    from rsna_utils.core.config import add_flags
-    from rsna_utils.image.preprocess import PreprocessConfig
-    from rsna_utils.infer.kaggle import KAGGLE_WEIGHTS
-    from rsna_utils.infer.oof import OofConfig
-    from rsna_utils.infer.predict import PredictConfig
-    from rsna_utils.learn.train_config import TrainConfig
-    from rsna_utils.reports.evaluate import EvaluateConfig
-    _register_explain(sub)
-    n = sub.add_parser("notebooks", help="run a notebook plan headless with papermill")
-    n.add_argument("--plan", default="demo", help="demo, kaggle, submit, or a plan YAML path")
-    n.add_argument("--data", default="data/synthetic", help="dataset folder ({data} in the plan)")
-    n.add_argument("--runs", default="runs", help="executed notebooks go to RUNS/<plan name>/")
-    n.add_argument("--name", default=None, help="run name (default: the plan's)")
-    n.add_argument("--weights", default=KAGGLE_WEIGHTS, help="folder of pretrained weights, one "
-                   "sub-folder per model (`rsna weights export --out DIR/MODEL`): {weights} in "
-                   "the plan (default: %(default)s, the Kaggle dataset)")
-    n.add_argument("-p", "--param", action="append", default=[],
-                   help="override a parameter: key=value (all steps) or step.key=value")
-    n.add_argument("--quiet", action="store_true")
-    n.set_defaults(func=_cmd_notebooks)
-
-    d = sub.add_parser("demo", help="synthetic data + the demo notebook plan (make demo)")
-    d.add_argument("--data", default="data/synthetic")
-    d.add_argument("--plan", default="demo")
-    d.add_argument("--runs", default="runs")
-    d.add_argument("--patients", type=int, default=60)
-    d.add_argument("--positive-rate", type=float, default=0.3,
-                   help="raised from the real 2%% so the small validation split has positives")
-    d.add_argument("--weights", default=KAGGLE_WEIGHTS, help="as for `rsna notebooks`")
-    d.add_argument("-p", "--param", action="append", default=[])
-    d.add_argument("--quiet", action="store_true")
-    d.set_defaults(func=_cmd_demo)
-
-    o = sub.add_parser("oof", help="merge out-of-fold predictions, tune the ensemble's threshold")
-    add_flags(o, OofConfig)               # one flag per OofConfig field
-    o.set_defaults(func=_cmd_oof)
-
-    e = sub.add_parser("evaluate", help="labelled predictions -> metrics with 95%% CIs by patient, "
-                       "subgroups, curves, calibration (CSV + PNG)")
-    add_flags(e, EvaluateConfig)          # one flag per EvaluateConfig field
-    e.set_defaults(func=_cmd_evaluate)
-
-    q = sub.add_parser("predict", help="test DICOMs + checkpoints -> submission.csv")
-    add_flags(q, PredictConfig)           # one flag per PredictConfig field
-    q.add_argument("--ensemble", default=None,
-                   help="ensemble.json of `rsna oof`: its aggregation, and binary output at its "
-                   "out-of-fold threshold (or its calibrator with --output calibrated)")
-    q.set_defaults(func=_cmd_predict)
-
-    t = sub.add_parser("train", help="train a timm model on preprocessed PNGs")
-    t.add_argument("--config", help="YAML with any TrainConfig field; flags override it")
-    add_flags(t, TrainConfig)             # one flag per TrainConfig field
-    t.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("preprocess", help="DICOM folder -> cropped, windowed, resized PNGs")
-    p.add_argument("--images", required=True, help="folder of {patient_id}/{image_id}.dcm")
-    p.add_argument("--csv", default=None, help="train.csv / test.csv (default: scan --images)")
-    p.add_argument("--out", required=True, help="output folder (PNGs, meta.csv, failures.csv)")
-    add_flags(p, PreprocessConfig)        # one flag per PreprocessConfig field
-    p.add_argument("--backend", default="auto",
-                   help="auto (a GPU backend when CUDA and the package are present), "
-                        "imagecodecs, dicomsdl, pydicom, nvimgcodec, dali")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--batch-size", type=int, default=32, help="GPU decode batch")
-    p.add_argument("--shard", default=None, help="K/N: process shard K (from 0) of N")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_preprocess)
-
-
 def _cmd_explain(a: argparse.Namespace) -> int:
     from rsna_utils.core.config import given_flags
     from rsna_utils.reports.exam import ExplainConfig
@@ -227,11 +157,109 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     return 0
 
 
-def _register_explain(sub) -> None:
-    """`rsna explain`: per-exam figures with class-activation heat, index.html, heatmaps.csv."""
+def _flags(parser, cls) -> None:
     from rsna_utils.core.config import add_flags
+    add_flags(parser, cls)                # one flag per field of the config
+
+
+def _reg_preprocess(sub) -> None:
+    from rsna_utils.image.preprocess import PreprocessConfig
+    p = sub.add_parser("preprocess", help="DICOM folder -> cropped, windowed, resized PNGs")
+    p.add_argument("--images", required=True, help="folder of {patient_id}/{image_id}.dcm")
+    p.add_argument("--csv", default=None, help="train.csv / test.csv (default: scan --images)")
+    p.add_argument("--out", required=True, help="output folder (PNGs, meta.csv, failures.csv)")
+    _flags(p, PreprocessConfig)
+    p.add_argument("--backend", default="auto",
+                   help="auto (a GPU backend when CUDA and the package are present), "
+                        "imagecodecs, dicomsdl, pydicom, nvimgcodec, dali")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--batch-size", type=int, default=32, help="GPU decode batch")
+    p.add_argument("--shard", default=None, help="K/N: process shard K (from 0) of N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_preprocess)
+
+
+def _reg_train(sub) -> None:
+    from rsna_utils.learn.train_config import TrainConfig
+    t = sub.add_parser("train", help="train a timm model on preprocessed PNGs")
+    t.add_argument("--config", help="YAML with any TrainConfig field; flags override it")
+    _flags(t, TrainConfig)
+    t.set_defaults(func=_cmd_train)
+
+
+def _reg_oof(sub) -> None:
+    from rsna_utils.infer.oof import OofConfig
+    o = sub.add_parser("oof", help="merge out-of-fold predictions, tune the ensemble's threshold")
+    _flags(o, OofConfig)
+    o.set_defaults(func=_cmd_oof)
+
+
+def _reg_predict(sub) -> None:
+    from rsna_utils.infer.predict import PredictConfig
+    q = sub.add_parser("predict", help="test DICOMs + checkpoints -> submission.csv")
+    _flags(q, PredictConfig)
+    q.add_argument("--ensemble", default=None,
+                   help="ensemble.json of `rsna oof`: its aggregation, and binary output at its "
+                   "out-of-fold threshold (or its calibrator with --output calibrated)")
+    q.set_defaults(func=_cmd_predict)
+
+
+def _reg_evaluate(sub) -> None:
+    from rsna_utils.reports.evaluate import EvaluateConfig
+    e = sub.add_parser("evaluate", help="labelled predictions -> metrics with 95%% CIs by patient, "
+                       "subgroups, curves, calibration (CSV + PNG)")
+    _flags(e, EvaluateConfig)
+    e.set_defaults(func=_cmd_evaluate)
+
+
+def _reg_explain(sub) -> None:
+    """`rsna explain`: per-exam figures with class-activation heat, index.html, heatmaps.csv."""
     from rsna_utils.reports.exam import ExplainConfig
     x = sub.add_parser("explain", help="per-exam figures: the views, HiResCAM heat mapped to the "
                        "original pixels, scores and decision; index.html; heatmaps.csv")
-    add_flags(x, ExplainConfig)           # one flag per ExplainConfig field
+    _flags(x, ExplainConfig)
     x.set_defaults(func=_cmd_explain)
+
+
+def _reg_notebooks(sub) -> None:
+    from rsna_utils.infer.kaggle import KAGGLE_WEIGHTS
+    n = sub.add_parser("notebooks", help="run a notebook plan headless with papermill")
+    n.add_argument("--plan", default="demo", help="demo, kaggle, submit, or a plan YAML path")
+    n.add_argument("--data", default="data/synthetic", help="dataset folder ({data} in the plan)")
+    n.add_argument("--runs", default="runs", help="executed notebooks go to RUNS/<plan name>/")
+    n.add_argument("--name", default=None, help="run name (default: the plan's)")
+    n.add_argument("--weights", default=KAGGLE_WEIGHTS, help="folder of pretrained weights, one "
+                   "sub-folder per model (`rsna weights export --out DIR/MODEL`): {weights} in "
+                   "the plan (default: %(default)s, the Kaggle dataset)")
+    n.add_argument("-p", "--param", action="append", default=[],
+                   help="override a parameter: key=value (all steps) or step.key=value")
+    n.add_argument("--quiet", action="store_true", help="no progress bars")
+    n.set_defaults(func=_cmd_notebooks)
+
+
+def _reg_demo(sub) -> None:
+    from rsna_utils.infer.kaggle import KAGGLE_WEIGHTS
+    d = sub.add_parser("demo", help="synthetic data + the demo notebook plan (make demo)")
+    d.add_argument("--data", default="data/synthetic", help="the dataset folder: generated there "
+                   "when it has no train.csv (default: %(default)s)")
+    d.add_argument("--plan", default="demo", help="the plan to run on it (default: %(default)s; "
+                   "another plan needs a DATA with a train.csv)")
+    d.add_argument("--runs", default="runs", help="executed notebooks and the report go to "
+                   "RUNS/<plan name>/ (default: %(default)s)")
+    d.add_argument("--patients", type=int, default=60, help="synthetic train patients, about 4 "
+                   "images each (default: %(default)s)")
+    d.add_argument("--positive-rate", type=float, default=0.3,
+                   help="share of synthetic patients with cancer, raised from the real 2%% so "
+                   "the small validation split has positives (default: %(default)s)")
+    d.add_argument("--weights", default=KAGGLE_WEIGHTS, help="folder of pretrained weights for "
+                   "{weights} in the plan, as for `rsna notebooks` (default: %(default)s)")
+    d.add_argument("-p", "--param", action="append", default=[],
+                   help="override a parameter: key=value (all steps) or step.key=value")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_cmd_demo)
+
+
+# the subcommands of this module by name; `rsna --help` lists them in pipeline order (cli.py)
+REGISTER = {"preprocess": _reg_preprocess, "train": _reg_train, "oof": _reg_oof,
+            "predict": _reg_predict, "evaluate": _reg_evaluate, "explain": _reg_explain,
+            "notebooks": _reg_notebooks, "demo": _reg_demo}

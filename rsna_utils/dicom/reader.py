@@ -12,19 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rsna_utils.core.errors import DecodeError
+from rsna_utils.core.errors import DecodeError, RsnaError
 from rsna_utils.dicom import uids
 from rsna_utils.dicom.decoders import registry
-
-# the header layer, re-exported: `from rsna_utils.dicom.reader import read_header` keeps working
-from rsna_utils.dicom.header import (  # noqa: F401
-    DEFAULT_MAX_PIXELS,
-    DicomHeader,
-    VoiLut,
-    check_header,
-    read_header,
-    transfer_syntax_name,
-)
+from rsna_utils.dicom.header import DEFAULT_MAX_PIXELS, DicomHeader, check_header, read_header
 
 
 @dataclass
@@ -64,6 +55,16 @@ def decode_pixels(h: DicomHeader, backend: str = "auto",
         registry.decode(h, backend)       # raises the error that lists what is installed
     check_frame(h)
     return registry.decode(h, backend, check=lambda arr: _check_pixels(arr, h))
+
+
+def check_dicom_folder(images: str | Path) -> Path:
+    """The folder of {patient_id}/{image_id}.dcm, or one line naming it and the fix: a typo in
+    the path must stop a run before it writes anything, not turn every image into a failure."""
+    images = Path(images)
+    if not images.is_dir():
+        raise RsnaError(f"{images}: images folder not found; pass the folder that holds "
+                        "{patient_id}/{image_id}.dcm (e.g. train_images or test_images)")
+    return images
 
 
 def read_dicom(path: str | Path, backend: str = "auto",

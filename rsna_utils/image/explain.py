@@ -58,7 +58,7 @@ def pick_example(data_dir: str | Path) -> str:
     the data has one, else the first positive, else the first image."""
     import pandas as pd
 
-    from rsna_utils.dicom.reader import read_header
+    from rsna_utils.dicom.header import read_header
     df = pd.read_csv(Path(data_dir) / "train.csv")
     df = pd.concat([df[df.cancer == 1], df[df.cancer == 0]]).head(60)
     paths = [Path(data_dir) / "train_images" / str(r.patient_id) / f"{r.image_id}.dcm"

@@ -27,9 +27,10 @@ import pandas as pd
 from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import DiskFullError, RsnaError, free_bytes, human_bytes, write_atomic, writing
 from rsna_utils.core.sizes import MIN_SIDE, parse_size, size_flag
-from rsna_utils.dicom.reader import DEFAULT_MAX_PIXELS, decode_pixels, read_header
+from rsna_utils.dicom.header import DEFAULT_MAX_PIXELS, read_header
+from rsna_utils.dicom.reader import decode_pixels
 from rsna_utils.image import roi
-from rsna_utils.image.plan import PreprocessError, apply_numpy, make_plan  # noqa: F401  (PreprocessError re-exported)
+from rsna_utils.image.plan import PreprocessError, apply_numpy, make_plan
 
 META_COLUMNS = ["image_id", "patient_id", "png", "rows", "columns", "transfer_syntax",
                 "photometric", "crop_y0", "crop_x0", "crop_y1", "crop_x1", "flipped", "window",
@@ -465,9 +466,11 @@ def open_run(out: str | Path, cfg: PreprocessConfig, images, csv_path, shard):
     """What every preprocessing run (CPU or GPU) starts with: the output folder, its settings
     file, the shard's items minus those already done, and the two logs.
     Returns (todo, summary, meta_log, fail_log)."""
+    from rsna_utils.dicom.reader import check_dicom_folder
+    check_dicom_folder(images)        # before anything is written
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     k, n = shard if isinstance(shard, tuple) else parse_shard(shard)
+    out.mkdir(parents=True, exist_ok=True)
     _write_config(out / "preprocess.json", cfg)
     suffix = "" if n == 1 else f".{k}-of-{n}"
     for stale in [*out.glob(".*.png.tmp*"), *out.glob("*.png.tmp*")]:   # left by a killed run (never under a final name)

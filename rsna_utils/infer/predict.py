@@ -54,6 +54,9 @@ class PredictConfig(Config):
     backend: str = setting("auto", "decoder: auto, imagecodecs, dicomsdl, pydicom, nvimgcodec, "
                            "dali")
     progress: bool = setting(True, "progress bar", negate="--quiet")
+    max_unreadable: float = setting(0.05, "stop without a submission when more than this share "
+                                    "of the images cannot be read (their breasts would go in at "
+                                    "the training prior); 1: never stop", ge=0, le=1)
     threshold: float | None = setting(None, "the cut of binary output; None: the "
                                       "checkpoints' validation thresholds, averaged per recipe", ge=0, le=1)
     output: str | None = setting(None, "submission values: probability, calibrated or binary; "
@@ -326,7 +329,9 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     calibrated (it already is the cancer rate). Beside `out`: <stem>_warnings.csv and
     <stem>_images.csv (per image: the raw probability, the label when `labels` is given)."""
     cfg = _as_config(images, args, settings)
+    from rsna_utils.dicom.reader import check_dicom_folder
     from rsna_utils.learn.data import load_table
+    check_dicom_folder(cfg.images)
     from rsna_utils.learn.device import resolve_device
     output, binarize_how = resolve_output(cfg.output, cfg.binarize_how, cfg.calibrator, cfg.agg)
     t0 = time.perf_counter()
@@ -334,8 +339,9 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     df = load_table(cfg.csv)    # checks the columns, adds prediction_id when absent
     models, pre = load_models(cfg.checkpoints, dev)
     imgs = score_images(cfg, df, models, pre, dev)
-    sub = submission(cfg, df, imgs, models, output, binarize_how)
     warnings = image_warnings(cfg, imgs, pre)
+    check_readable(cfg, imgs, warnings)
+    sub = submission(cfg, df, imgs, models, output, binarize_how)
     res = PredictResult(sub, imgs, warnings, seconds=time.perf_counter() - t0)
     if cfg.labels is not None:
         res.metrics = score(imgs, cfg.labels)
@@ -395,6 +401,29 @@ def image_warnings(cfg: PredictConfig, imgs: pd.DataFrame, pre: dict) -> list[di
         return ""
     return [dict(image_id=r.image_id, prediction_id=r.prediction_id, reason=r.problem or note(r))
             for r in imgs.itertuples() if r.problem or note(r)]
+
+
+def check_readable(cfg: PredictConfig, imgs: pd.DataFrame, warnings: list[dict]) -> None:
+    """Stop, without a submission, when more than `cfg.max_unreadable` of the images could not
+    be read: their breasts would go in at the training prior, a worthless submission that
+    looks complete. The list of images and reasons is written first (<stem>_warnings.csv)."""
+    bad = int(imgs["problem"].astype(bool).sum())
+    n = len(imgs)
+    if n == 0 or bad / n <= cfg.max_unreadable:
+        return
+    where = "the reasons are in the warnings above"
+    if cfg.out is not None:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        wpath = out.with_name(out.stem + "_warnings.csv")
+        table = pd.DataFrame(warnings, columns=["image_id", "prediction_id", "reason"])
+        write_atomic(wpath, lambda tmp: table.to_csv(tmp, index=False))
+        where = f"the list with each reason: {wpath}"
+    first = next((w["reason"] for w in warnings if w["reason"]), "")
+    raise RsnaError(f"{bad} of {n} images ({bad / n:.0%}) could not be read, more than "
+                    f"max_unreadable={cfg.max_unreadable:g}; no submission written ({where}; the "
+                    f"first: {first[:200]}). Fix the images folder or the decoders, or raise "
+                    "--max-unreadable to submit the training prior for those breasts")
 
 
 def write_outputs(out: Path, res: PredictResult) -> None:

@@ -176,22 +176,60 @@ class LoadedModel:
     recipe: str = ""         # the training recipe (oof.recipe_key): folds of one recipe share it
 
 
+TRAIN_FIX = "pass a best.pt (or last.pt) written by `rsna train`, e.g. runs/<name>/best.pt"
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint of `rsna train` as saved (tensors and plain settings), or one line that
+    says what the file is instead: missing, a folder, pretrained backbone weights, something
+    that is not a PyTorch file at all."""
+    from rsna_utils.learn.weights import load_weights
+    path = Path(path)
+    if path.is_dir():
+        hint = f"; it holds {path / 'best.pt'}" if (path / "best.pt").is_file() else ""
+        raise RsnaError(f"{path}: a folder, not a checkpoint{hint}; {TRAIN_FIX}")
+    if not path.is_file():
+        raise RsnaError(f"{path}: checkpoint not found; {TRAIN_FIX}")
+    try:
+        ck = load_weights(path)
+    except RsnaError as e:
+        raise RsnaError(f"{path}: not a checkpoint of `rsna train`: {file_kind(path)} "
+                        f"({str(e).partition(': ')[2][:160]}); {TRAIN_FIX}") from None
+    if not isinstance(ck, dict) or "model" not in ck or "model_name" not in ck:
+        what = ("tensors without the training settings (pretrained backbone weights? those go "
+                "to --pretrained-path)" if isinstance(ck, dict) else f"a {type(ck).__name__}")
+        raise RsnaError(f"{path}: not a checkpoint of `rsna train`: {what}; {TRAIN_FIX}")
+    return ck
+
+
+def file_kind(path: Path) -> str:
+    """What a file looks like from its first bytes, in words, for an error message."""
+    head = path.read_bytes()[:16] if path.stat().st_size else b""
+    if not head:
+        return "an empty file (a copy cut short?)"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive that torch cannot read (damaged, or another program's)"
+    if head[:1] == b"\x80":
+        return "a pickle that is not a tensor checkpoint"
+    if head[:1] in (b"{", b"[") or head.startswith((b"<", b"#", b"\xef\xbb\xbf")):
+        return "a text file (JSON, HTML or a note), not a PyTorch file"
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return f"a text file starting {head[:12].decode(errors='replace')!r}, not a PyTorch file"
+    return f"{path.stat().st_size:,} bytes that are no PyTorch or safetensors file"
+
+
 def load_checkpoints(paths: list[str | Path], device,
                      exported=None) -> tuple[list[LoadedModel], dict]:
     """Models and the one preprocessing config they share (an ensemble must agree on it). The
     input contract comes from each checkpoint (`train.model_contract`): size, channels, mean /
     std, and the PNG -> input resize, which must be the one this version applies."""
     from rsna_utils.image.preprocess import with_later_settings
-    from rsna_utils.learn.checkpoint import INPUT_RESIZE, checkpoint_recipe
     from rsna_utils.learn.models import create_model, set_outputs
-    from rsna_utils.learn.weights import load_weights
     if not paths:
         raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
     models, pre, shape = [], None, None
     for p in paths:
-        ck = load_weights(p)
-        if not isinstance(ck, dict) or "model" not in ck or "model_name" not in ck:
-            raise RsnaError(f"{p}: not a checkpoint written by `rsna train` (no model / model_name)")
+        ck = read_checkpoint(p)
         this_pre = with_later_settings(dict(ck.get("preprocess") or {}))
         this_shape = ck.get("channels", 3)
         if pre is not None and (this_pre != pre or this_shape != shape):

@@ -187,6 +187,7 @@ def train(cfg: TrainConfig) -> dict:
     splits.csv, metrics.csv/json, val_predictions.csv, last.pt, best.pt."""
     import torch.distributed as dist
 
+    check_inputs(cfg)         # a wrong CSV or PNG folder is named before anything else is said
     rank, world, local_rank = distributed_env()
     device = setup(cfg, local_rank, world)
     out = Path(cfg.out)
@@ -222,6 +223,17 @@ def train(cfg: TrainConfig) -> dict:
             dist.barrier()
     teardown(out, model, rank, world)
     return best or {}
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """The CSV has its columns and labels, and every image it lists has its PNG (`load_table`);
+    one line naming the file otherwise, before the run folder is made."""
+    from rsna_utils.learn.data import load_table
+    if not Path(cfg.data).is_dir():
+        raise RsnaError(f"{cfg.data}: PNG folder not found; pass the --out folder of `rsna "
+                        "preprocess` as --data")
+    if "cancer" not in load_table(cfg.csv, cfg.data):
+        raise RsnaError(f"{cfg.csv}: no 'cancer' column; training needs labels (train.csv)")
 
 
 def setup(cfg: TrainConfig, local_rank: int, world: int):

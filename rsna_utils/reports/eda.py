@@ -23,7 +23,7 @@ def scan_headers(data_dir: str | Path, split: str = "train", limit: int | None =
     """Header fields of (a random sample of) the DICOM files, one row per image."""
     from tqdm.auto import tqdm
 
-    from rsna_utils.dicom.reader import read_header, transfer_syntax_name
+    from rsna_utils.dicom.header import read_header, transfer_syntax_name
     df = pd.read_csv(Path(data_dir) / f"{split}.csv")
     if limit is not None and limit < len(df):
         df = df.sample(limit, random_state=seed)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import RsnaError, write_atomic
+from rsna_utils.learn.checkpoint import TRAIN_FIX
 
 VIEW_COLUMNS = ["image_id", "patient_id", "laterality", "view", "score", "peak_x", "peak_y"]
 MORE_COLUMNS = ["prediction_id", "breast_score", "positive", "figure", "problem"]
@@ -150,15 +151,13 @@ def _check_inputs(images, csv, checkpoints, by: str, limit, agg: str) -> tuple[p
         raise RsnaError(f"agg={agg!r}: choose mean or max (views -> breast, as `rsna predict`)")
     if limit is not None and int(limit) < 1:
         raise RsnaError(f"--limit {limit}: give a number of exams >= 1")
-    images = Path(images)
-    if not images.is_dir():
-        raise RsnaError(f"{images}: images folder not found; pass the folder that holds "
-                        "{patient_id}/{image_id}.dcm (e.g. test_images)")
+    from rsna_utils.dicom.reader import check_dicom_folder
+    images = check_dicom_folder(images)
     if not checkpoints:
         raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
     for c in checkpoints:
         if not Path(c).is_file():
-            raise RsnaError(f"{c}: checkpoint not found; pass a best.pt written by `rsna train`")
+            raise RsnaError(f"{c}: checkpoint not found; {TRAIN_FIX}")
     df = load_table(csv)          # names the CSV and the missing column(s)
     if df.empty:
         raise RsnaError(f"{csv}: no images listed (only a header?); pass train.csv or test.csv")
@@ -170,7 +169,8 @@ def _check_inputs(images, csv, checkpoints, by: str, limit, agg: str) -> tuple[p
 def _load_view(row: dict, images: Path, cfg, backend: str) -> ViewResult:
     """Decode once: the display image (the file's VOI LUT over the whole image) and the
     preprocessed canvas with its geometry. Failures become the view's `problem`."""
-    from rsna_utils.dicom.reader import decode_pixels, read_header
+    from rsna_utils.dicom.header import read_header
+    from rsna_utils.dicom.reader import decode_pixels
     from rsna_utils.image import roi
     from rsna_utils.image.preprocess import preprocess_image
     from rsna_utils.image.voi import apply_voi_lut

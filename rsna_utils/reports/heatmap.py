@@ -297,7 +297,8 @@ def pointing_game(views, lesions, images, threshold: float | None = None,
     """
     import pandas as pd
 
-    from rsna_utils.dicom.reader import decode_pixels, read_header
+    from rsna_utils.dicom.header import read_header
+    from rsna_utils.dicom.reader import decode_pixels
     from rsna_utils.image.voi import apply_voi_lut
     les = lesions[lesions["kind"].isin(MALIGNANT_KINDS)]
     boxes = {iid: d[["y0", "x0", "y1", "x1"]].to_numpy() for iid, d in les.groupby("image_id")}
