@@ -67,7 +67,7 @@ def runs(tmp_path):
 
 def test_merge_keeps_every_image_once_and_averages_models(runs):
     dirs, table = runs
-    oof = merge_oof(dirs)
+    oof = merge_oof(dirs, weighting="equal")
     assert len(oof) == len(table) and oof.image_id.is_unique
     t = table.set_index("image_id").loc[oof.image_id]
     np.testing.assert_allclose(oof.prediction, (t.pred_a + t.pred_b) / 2)
@@ -84,7 +84,7 @@ def test_merge_keeps_every_image_once_and_averages_models(runs):
 @pytest.mark.parametrize("agg", ["mean", "max"])
 def test_ensemble_threshold_is_brute_force_best_of_averaged_prediction(runs, agg):
     dirs, table = runs
-    res = ensemble_threshold(merge_oof(dirs), agg=agg)
+    res = ensemble_threshold(merge_oof(dirs, weighting="equal"), agg=agg)
     # the submission's pipeline by hand: mean of models per image, then the breast aggregation
     ens = table.assign(prediction=(table.pred_a + table.pred_b) / 2)
     b = breast_level(ens, agg=agg)
@@ -101,6 +101,28 @@ def test_ensemble_threshold_is_brute_force_best_of_averaged_prediction(runs, agg
     per_model = [best_threshold(*(lambda d: (d.cancer, d.prediction))(
         breast_level(table.assign(prediction=table[c]), agg=agg))) for c in ("pred_a", "pred_b")]
     assert fbeta_at(y, p, np.mean([t for t, _ in per_model])) <= res["pf1"] + 1e-12
+
+
+def test_models_vote_by_their_out_of_fold_auc_above_chance(runs):
+    """A model at chance must not halve a good one (issue 29): each model's vote is its
+    out-of-fold breast AUC above 0.5, normalised; equal when none is above chance."""
+    from rsna_utils.infer.oof import score_weights
+    from rsna_utils.learn.metrics import roc_auc
+    dirs, table = runs
+    oof = merge_oof(dirs)                                   # weighting="auc", the default
+    t = table.set_index("image_id").loc[oof.image_id]
+    auc = {m: roc_auc(*(lambda b: (b.cancer, b.prediction))(breast_level(
+        t.reset_index().assign(prediction=t[c].to_numpy())))) for m, c in
+        (("resnet18", "pred_a"), ("effnet_b2", "pred_b"))}
+    w = {m: max(a - 0.5, 0) / sum(max(x - 0.5, 0) for x in auc.values()) for m, a in auc.items()}
+    assert oof.attrs["model_auc"] == pytest.approx(auc) and oof.attrs["weights"] == pytest.approx(w)
+    np.testing.assert_allclose(oof.prediction, w["resnet18"] * t.pred_a + w["effnet_b2"] * t.pred_b)
+    assert sorted(oof.attrs["recipe_weights"].values()) == pytest.approx(sorted(w.values()))
+    assert score_weights({"a": 0.9, "b": 0.5, "c": 0.3}) == {"a": 1.0, "b": 0.0, "c": 0.0}
+    assert score_weights({"a": 0.45, "b": 0.5}) == {"a": 0.5, "b": 0.5}       # none above chance
+    assert score_weights({"a": 0.8, "b": float("nan")}) == {"a": 0.5, "b": 0.5}
+    with pytest.raises(RsnaError, match="weighting 'best': choose auc or equal"):
+        merge_oof(dirs, weighting="best")
 
 
 def test_ensemble_quantile_mode(runs):
@@ -290,3 +312,13 @@ def test_folds_trained_before_a_new_setting_are_one_model_with_the_newer_folds(r
     (dirs[1] / "config.json").write_text(json.dumps({**cfg, "backbone_lr": 0.1}))
     with pytest.raises(RsnaError, match="not scored by every model"):   # another recipe
         merge_oof(dirs)
+
+
+def test_inference_weighs_checkpoints_by_the_ensembles_recipe_weights():
+    from rsna_utils.infer.oof import model_weights
+    keys = ["A", "A", "A", "A", "B", "B"]                  # 4 folds of A, 2 of B
+    np.testing.assert_allclose(model_weights(keys), [1 / 8] * 4 + [1 / 4] * 2)
+    np.testing.assert_allclose(model_weights(keys, {"A": 0.9, "B": 0.1}), [0.225] * 4 + [0.05] * 2)
+    np.testing.assert_allclose(model_weights(keys, {"A": 1.0, "B": 0.0}), [0.25] * 4 + [0, 0])
+    with pytest.raises(RsnaError, match="1 checkpoint recipe.s. have no weight in the ensemble"):
+        model_weights(keys + ["C"], {"A": 0.5, "B": 0.5})

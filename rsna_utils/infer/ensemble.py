@@ -126,6 +126,8 @@ class Ensemble(dict):
         output = given.get("output")
         out = {"threshold": given.get("threshold", self.get("threshold")),
                "agg": self.get("agg", "mean")}
+        if self.get("recipe_weights"):
+            out["member_weights"] = self["recipe_weights"]
         if follow_tta or self.cuts(given):
             out["tta"] = self.submission_tta(given, source)
         if output in (None, "binary"):      # an ensemble alone: binary at its cut

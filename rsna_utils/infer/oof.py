@@ -63,12 +63,23 @@ def _config_fold(cfg: dict) -> int | None:
     return int(f) if isinstance(f, (int, float)) and not isinstance(f, bool) else None
 
 
-def model_weights(keys: list[str]) -> np.ndarray:
-    """Weights that average checkpoints per model (recipe key), then the models equally: the
-    ensemble `merge_oof` tunes its threshold on. Equal to a flat mean when every model has the
-    same number of checkpoints (e.g. 4 folds each)."""
+def model_weights(keys: list[str], recipe_weights: dict[str, float] | None = None) -> np.ndarray:
+    """Weights that average checkpoints per model (recipe key), then the models by
+    `recipe_weights` (ensemble.json's, from their out-of-fold scores) or equally: the ensemble
+    `merge_oof` tunes its threshold on. Equal weights and the same number of checkpoints per
+    model (e.g. 4 folds each) give a flat mean."""
     counts = pd.Series(keys).value_counts()
-    return np.array([1.0 / (len(counts) * counts[k]) for k in keys])
+    if not recipe_weights:
+        return np.array([1.0 / (len(counts) * counts[k]) for k in keys])
+    missing = sorted(set(keys) - set(recipe_weights))
+    if missing:
+        raise RsnaError(f"{len(missing)} checkpoint recipe(s) have no weight in the ensemble "
+                        f"(e.g. {missing[0][:120]}...); predict with the checkpoints of the runs "
+                        "`rsna oof` weighed, or without its weights")
+    total = sum(recipe_weights[k] for k in counts.index)
+    if total <= 0:
+        raise RsnaError("the ensemble's weights of these checkpoints sum to 0; rerun `rsna oof`")
+    return np.array([recipe_weights[k] / (total * counts[k]) for k in keys])
 
 
 def _read_run(run: Path) -> tuple[pd.DataFrame, dict | None]:
@@ -155,22 +166,39 @@ def _labels(keys: dict[str, tuple[str, dict | None]]) -> dict[str, str]:
 # Merging
 # ----------------------------------------------------------------------------------------
 
-def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False) -> pd.DataFrame:
+WEIGHTINGS = ("auc", "equal")
+
+
+def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False,
+              weighting: str = "auc") -> pd.DataFrame:
     """The OOF predictions of the ensemble, one row per image.
 
     Folds of one model are concatenated (an image in two of its runs raises RsnaError naming
-    both folders); models are averaged per image (`prediction` = mean of the models, what
-    inference submits before the breast aggregation). Images scored by only some models raise
+    both folders); models are averaged per image (`prediction`, what inference submits before
+    the breast aggregation), weighted by `weighting`: "auc" (each model by its out-of-fold
+    breast AUC above chance, `score_weights`: a model at chance gets no vote) or "equal". Images scored by only some models raise
     RsnaError, unless `allow_missing`, which keeps the images all models scored.
 
     Columns: patient_id, image_id, laterality, prediction_id, cancer, prediction, n_models, and
     per model `pred_<label>` and `fold_<label>`. attrs: "runs" (run, model, fold, images per
-    run), "models" (labels), "dropped_images" (int)."""
+    run), "models" (labels), "dropped_images" (int), "weights" and "model_auc" (per label),
+    "recipe_weights" (per recipe key: what inference weighs the checkpoints by)."""
+    if weighting not in WEIGHTINGS:
+        raise RsnaError(f"weighting {weighting!r}: choose {' or '.join(WEIGHTINGS)}")
     runs = _unique_runs(run_dirs)
     allr, tta = _read_runs(runs)
     _check_overlaps(allr)
     wide, model_labels, dropped = _complete_images(allr, runs, allow_missing)
-    out = _merged_table(allr, wide, model_labels)
+    meta = (allr.drop_duplicates("image_id").set_index("image_id")
+            [["patient_id", "laterality", "prediction_id", "cancer"]]).loc[wide.index]
+    aucs = {m: _breast_auc(meta, wide[m]) for m in model_labels}
+    weights = score_weights(aucs) if weighting == "auc" else {m: 1 / len(aucs) for m in aucs}
+    out = _merged_table(allr, wide, model_labels, weights)
+    key_of = dict(allr[["model", "model_key"]].drop_duplicates().itertuples(index=False))
+    out.attrs["weighting"] = weighting
+    out.attrs["weights"] = weights
+    out.attrs["model_auc"] = aucs
+    out.attrs["recipe_weights"] = {key_of[m]: w for m, w in weights.items()}
     out.attrs["runs"] = _run_info(allr, runs)
     out.attrs["models"] = model_labels
     out.attrs["dropped_images"] = dropped
@@ -263,11 +291,31 @@ def _complete_images(allr: pd.DataFrame, runs: list[Path],
     return wide, model_labels, dropped
 
 
-def _merged_table(allr: pd.DataFrame, wide: pd.DataFrame, model_labels: list[str]) -> pd.DataFrame:
+def score_weights(aucs: dict[str, float]) -> dict[str, float]:
+    """Each model's share of the ensemble's vote: its out-of-fold breast AUC above chance
+    (AUC - 0.5; none at or below chance), normalised to sum to 1. Equal shares when no model
+    is above chance or an AUC cannot be computed (one class): then nothing tells them apart."""
+    edge = {m: (a - 0.5 if a == a and a is not None else float("nan")) for m, a in aucs.items()}
+    if any(e != e for e in edge.values()) or not any(e > 0 for e in edge.values()):
+        return {m: 1 / len(aucs) for m in aucs}
+    total = sum(max(e, 0.0) for e in edge.values())
+    return {m: max(e, 0.0) / total for m, e in edge.items()}
+
+
+def _breast_auc(meta: pd.DataFrame, pred: pd.Series) -> float:
+    breast = metrics.breast_level(meta.assign(prediction=pred.to_numpy()), "prediction", "cancer")
+    return float(metrics.roc_auc(breast["cancer"], breast["prediction"]))
+
+
+def _merged_table(allr: pd.DataFrame, wide: pd.DataFrame, model_labels: list[str],
+                  weights: dict[str, float]) -> pd.DataFrame:
     meta = (allr.drop_duplicates("image_id").set_index("image_id")
             [["patient_id", "laterality", "prediction_id", "cancer"]])
     out = meta.loc[wide.index].copy()
-    out["prediction"] = wide.mean(axis=1).to_numpy()     # the ensemble: the mean of the models
+    # the ensemble: the models' weighted mean (equal weights: their plain mean, as before)
+    w = np.array([weights[m] for m in model_labels])
+    out["prediction"] = (wide[model_labels].to_numpy() @ w / w.sum() if len(set(w)) > 1
+                         else wide.mean(axis=1).to_numpy())
     out["n_models"] = len(model_labels)
     folds = allr.pivot(index="image_id", columns="model", values="fold")
     for m in model_labels:
@@ -360,6 +408,8 @@ def ensemble_threshold(oof_df: pd.DataFrame, agg: str = "mean", beta: float = 1.
         "models": list(oof_df.attrs.get("models", [])), "runs": runs,
         "dropped_images": int(oof_df.attrs.get("dropped_images", 0)),
         "tta": bool(oof_df.attrs.get("tta", False)),
+        **{k: oof_df.attrs[k] for k in ("weighting", "weights", "model_auc", "recipe_weights")
+           if k in oof_df.attrs},
     }
 
 
@@ -381,6 +431,9 @@ class OofConfig(Config):
                                choices=("platt", "temperature", "isotonic", "none"))
     allow_missing: bool = setting(False, "tune on the images every model scored when some "
                                   "folds are missing")
+    weighting: str = setting("auc", "each model's vote: by its out-of-fold breast AUC above "
+                             "chance (a model at chance gets none), or equal",
+                             choices=WEIGHTINGS)
 
     def __post_init__(self):
         if isinstance(self.runs, (str, Path)):
@@ -389,13 +442,14 @@ class OofConfig(Config):
 
     def run(self) -> dict:
         return write_ensemble(self.runs, self.out, agg=self.agg, mode=self.mode, beta=self.beta,
-                              allow_missing=self.allow_missing,
+                              allow_missing=self.allow_missing, weighting=self.weighting,
                               calibration=None if self.calibration == "none" else self.calibration)
 
 
 def write_ensemble(run_dirs: list[str | Path], out_json: str | Path, agg: str = "mean",
                    mode: str = "threshold", beta: float = 1.0,
-                   allow_missing: bool = False, calibration: str | None = "platt") -> dict:
+                   allow_missing: bool = False, calibration: str | None = "platt",
+                   weighting: str = "auc") -> dict:
     """merge_oof + ensemble_threshold; writes `out_json` (the cut inference applies, with the
     metrics and the runs) and the merged oof_predictions.csv beside it. Returns the dict (with
     "oof_csv" added).
@@ -408,7 +462,7 @@ def write_ensemble(run_dirs: list[str | Path], out_json: str | Path, agg: str = 
     if calibration is not None and calibration not in CALIBRATIONS:
         raise RsnaError(f"calibration {calibration!r}: choose one of {', '.join(CALIBRATIONS)} "
                         "or None")
-    df = merge_oof(run_dirs, allow_missing=allow_missing)
+    df = merge_oof(run_dirs, allow_missing=allow_missing, weighting=weighting)
     res = ensemble_threshold(df, agg=agg, beta=beta, mode=mode)
     if calibration is not None:
         try:

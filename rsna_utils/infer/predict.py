@@ -64,6 +64,9 @@ class PredictConfig(Config):
                                  choices=OUTPUTS)
     calibrator: dict | None = setting(None, "ensemble.json's calibrator (output calibrated)",
                                       cli=False)
+    member_weights: dict | None = setting(None, "ensemble.json's recipe_weights: each model's "
+                                          "vote from its out-of-fold score (None: equal)",
+                                          cli=False)
 
     def __post_init__(self):
         if isinstance(self.checkpoints, (str, os.PathLike)):
@@ -82,12 +85,29 @@ def load_models(paths: list[str | Path], device) -> tuple[list[LoadedModel], dic
     return load_checkpoints(paths, device, exported=exported_recipe)
 
 
-def weighted_mean(models: list[LoadedModel], attr: str) -> float:
-    """A per-checkpoint value (validation threshold, prior) averaged as the predictions are:
-    per recipe, then the recipes equally (`oof.model_weights`)."""
+def ensemble_weights(models: list[LoadedModel]) -> np.ndarray:
+    """Each checkpoint's weight in the ensemble: per recipe (its folds averaged), then the
+    recipes by their out-of-fold weights when the ensemble has them, else equally
+    (`oof.model_weights`)."""
     from rsna_utils.infer.oof import model_weights
-    w = model_weights([m.recipe for m in models])
-    return float(np.dot(w, [getattr(m, attr) for m in models]))
+    keys = [getattr(m, "recipe", "") for m in models]
+    given = {k: m.recipe_weight for k, m in zip(keys, models)
+             if getattr(m, "recipe_weight", None) is not None}
+    return model_weights(keys, given or None)
+
+
+def set_recipe_weights(models: list[LoadedModel], recipe_weights: dict | None) -> None:
+    """Give each checkpoint its recipe's weight from ensemble.json ("recipe_weights")."""
+    for m in models:
+        m.recipe_weight = None if not recipe_weights else recipe_weights.get(m.recipe)
+    if recipe_weights:
+        ensemble_weights(models)        # a checkpoint of a recipe without weight: one clear line
+
+
+def weighted_mean(models: list[LoadedModel], attr: str) -> float:
+    """A per-checkpoint value (validation threshold, prior) averaged as the predictions are
+    (`ensemble_weights`)."""
+    return float(np.dot(ensemble_weights(models), [getattr(m, attr) for m in models]))
 
 
 class DicomStream:
@@ -190,10 +210,9 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     from tqdm.auto import tqdm
 
     from rsna_utils.dicom.decoders import gpu_batch
-    from rsna_utils.infer.oof import model_weights
     from rsna_utils.learn.checkpoint import cancer_probability
     from rsna_utils.learn.device import half_dtype
-    weights = model_weights([m.recipe for m in models])
+    weights = ensemble_weights(models)
     ds = DicomStream(df, Path(images), pre, backend, channels)
     if backend in gpu_batch.GPU_BACKENDS and device.type != "cuda":
         raise RsnaError(f"backend {backend!r} decodes on a GPU but the device is {device.type}; "
@@ -338,6 +357,7 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     dev = resolve_device(cfg.device)
     df = load_table(cfg.csv)    # checks the columns, adds prediction_id when absent
     models, pre = load_models(cfg.checkpoints, dev)
+    set_recipe_weights(models, cfg.member_weights)
     imgs = score_images(cfg, df, models, pre, dev)
     warnings = image_warnings(cfg, imgs, pre)
     check_readable(cfg, imgs, warnings)

@@ -174,6 +174,7 @@ class LoadedModel:
     norm: tuple = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))   # input mean / std (stored at training)
     channels: int = 3
     recipe: str = ""         # the training recipe (oof.recipe_key): folds of one recipe share it
+    recipe_weight: float | None = None   # the recipe's vote in an ensemble (None: equal)
 
 
 TRAIN_FIX = "pass a best.pt (or last.pt) written by `rsna train`, e.g. runs/<name>/best.pt"

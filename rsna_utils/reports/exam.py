@@ -61,6 +61,8 @@ class ExplainConfig(Config):
     device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     backend: str = setting("auto", "CPU decoder: auto, imagecodecs, dicomsdl, pydicom")
     progress: bool = setting(True, "progress bar", negate="--quiet")
+    weights: dict | None = setting(None, "ensemble.json's recipe_weights: each model's vote "
+                                   "(None: equal)", cli=False)
 
     def __post_init__(self):
         if isinstance(self.checkpoints, (str, Path)):
@@ -74,7 +76,8 @@ class ExplainConfig(Config):
 def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
                        out: str | Path, threshold: float | None = None, limit: int | None = None,
                        device: str = "auto", progress: bool = True, by: str = "patient",
-                       backend: str = "auto", agg: str = "mean", tta: bool = False) -> dict:
+                       backend: str = "auto", agg: str = "mean", tta: bool = False,
+                       weights: dict | None = None) -> dict:
     """Per exam (by="patient"; by="breast": per patient and laterality) one PNG figure in
     `out`, plus `out/index.html` (exams by decreasing score) and `out/heatmaps.csv`.
 
@@ -88,7 +91,7 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     from tqdm.auto import tqdm
 
     from rsna_utils.image.preprocess import PreprocessConfig
-    from rsna_utils.infer.predict import load_models, weighted_mean
+    from rsna_utils.infer.predict import load_models, set_recipe_weights, weighted_mean
     from rsna_utils.learn.checkpoint import in_chans
     from rsna_utils.learn.device import resolve_device
     from rsna_utils.reports.heatmap import explain_batch
@@ -96,6 +99,7 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     df, images = _check_inputs(images, csv, checkpoints, by, limit, agg)
     dev = resolve_device(device)
     models, pre = load_models(checkpoints, dev)
+    set_recipe_weights(models, weights)
     cfg = PreprocessConfig(**{k: (tuple(v) if k == "size" else v) for k, v in pre.items()})
     channels = in_chans(models[0].model) or 3
     if threshold is None:

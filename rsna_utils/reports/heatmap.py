@@ -248,10 +248,9 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
     dominates by the size of its gradients, and a view the models call negative glows faintly."""
     import torch
 
-    from rsna_utils.infer.oof import model_weights
-    from rsna_utils.infer.predict import batch_input
+    from rsna_utils.infer.predict import batch_input, ensemble_weights
     from rsna_utils.learn.checkpoint import mirrored
-    weights = model_weights([getattr(m, "recipe", "") for m in models])
+    weights = ensemble_weights(models)
     n = len(imgs)
     scores = np.zeros(n, np.float64)
     heat = [np.zeros(canvas, np.float32) for _ in range(n)]

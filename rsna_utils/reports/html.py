@@ -40,10 +40,23 @@ def key_figure(ipynb: str | Path) -> str | None:
 
 
 def run_scores(run_dir: str | Path) -> list[dict]:
-    """Final scores found under the run: the best epoch of each training run (metrics.csv),
-    the ensemble's out-of-fold result (ensemble.json), the submission's size."""
+    """The scores found under the run, the one that matters first: the held-out test patients
+    (the submission's own images with their labels, `<submission>_images.csv`: never trained
+    or tuned on), the ensemble's out-of-fold result (ensemble.json; named for what it is: a
+    shared holdout that also tuned the threshold is said to be one), each model's best
+    validation epoch (metrics.csv) and its vote in the ensemble, the submission's size."""
     run_dir = Path(run_dir)
     rows = []
+    ens = _ensemble(run_dir)
+    held = _held_out(run_dir / "submission_images.csv", run_dir / "submission.csv")
+    if held:
+        rows.append(held)
+    if ens and (ens.get("auc") is not None or ens.get("pf1") is not None):
+        rows.append({"what": "out-of-fold ensemble", "how": _oof_note(ens),
+                     "breasts": ens.get("n_breasts"), "positive": ens.get("n_positives"),
+                     "breast AUC": ens.get("auc"), "breast PR-AUC": ens.get("pr_auc"),
+                     "breast pF1": ens.get("pf1"), "threshold": ens.get("threshold")})
+    weights = (ens or {}).get("weights") or {}
     for m in sorted(run_dir.glob("*/metrics.csv")):
         try:
             df = pd.read_csv(m)
@@ -53,24 +66,101 @@ def run_scores(run_dir: str | Path) -> list[dict]:
         if key is None or df[key].isna().all():
             continue
         best = df.loc[df[key].idxmax()]
-        rows.append({"what": f"training run {m.parent.name}", "epoch": int(best.get("epoch", -1)),
-                     "breast AUC": best[key], "breast pF1": best.get("breast_mean_pf1"),
-                     "breast PR-AUC": best.get("breast_mean_pr_auc")})
-    for e in sorted(run_dir.glob("**/ensemble.json"))[:3]:
+        vote = _vote(weights, m.parent.name)
+        rows.append({"what": f"model {m.parent.name}", "how": f"best validation epoch "
+                     f"{int(best.get('epoch', -1))}" + (f"; vote in the ensemble {vote:.0%}"
+                                                         if vote is not None else ""),
+                     "breast AUC": best[key], "breast PR-AUC": best.get("breast_mean_pr_auc"),
+                     "breast pF1": best.get("breast_mean_pf1")})
+    sub = run_dir / "submission.csv"
+    if sub.exists() and not held:
+        s = pd.read_csv(sub)
+        rows.append({"what": "submission.csv", "how": "no labels: not scored",
+                     "breasts": len(s), "flagged": int((s["cancer"] >= 0.5).sum())
+                     if "cancer" in s else None})
+    return rows
+
+
+def _ensemble(run_dir: Path) -> dict | None:
+    """The run's ensemble.json (the one at its top; else the first below it)."""
+    found = [run_dir / "ensemble.json"] + sorted(run_dir.glob("*/ensemble.json"))
+    for e in found:
         try:
-            d = json.loads(e.read_text())
+            d = json.loads(e.read_text()) if e.is_file() else None
         except (OSError, ValueError):
             continue
-        if d.get("auc") is not None or d.get("pf1") is not None:
-            rows.append({"what": f"out-of-fold ensemble ({e.relative_to(run_dir)})",
-                         "breast AUC": d.get("auc"), "breast pF1": d.get("pf1"),
-                         "breast PR-AUC": d.get("pr_auc"), "threshold": d.get("threshold")})
-    sub = run_dir / "submission.csv"
-    if sub.exists():
-        s = pd.read_csv(sub)
-        rows.append({"what": "submission.csv", "breasts": len(s),
-                     "flagged": int((s["cancer"] >= 0.5).sum()) if "cancer" in s else None})
-    return rows
+        if isinstance(d, dict):
+            return d
+    return None
+
+
+def _oof_note(ens: dict) -> str:
+    """What the out-of-fold figure is: folds, or one validation holdout that the threshold was
+    tuned on too (then optimistic)."""
+    folds = {json.dumps(r.get("fold")) for r in ens.get("runs", []) if isinstance(r, dict)}
+    n_runs = len(ens.get("runs", []))
+    if n_runs and len(folds) == 1:
+        return (f"{n_runs} models validated on one shared holdout; the threshold was tuned on "
+                "these same breasts, so this pF1 is optimistic")
+    return f"{n_runs} runs, each breast scored by the model that did not train on it"
+
+
+def _vote(weights: dict, run_name: str) -> float | None:
+    """A model's share of the ensemble's vote, matched by its run folder name."""
+    hits = [w for label, w in weights.items() if label == run_name or run_name.startswith(label)
+            or label.startswith(run_name)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _held_out(images_csv: Path, submission: Path) -> dict | None:
+    """The held-out test score: breast AUC and PR-AUC of the probabilities, pF1 of the submitted
+    values, when the prediction run had labels (`predict --labels`)."""
+    from rsna_utils.learn import metrics
+    try:
+        im = pd.read_csv(images_csv)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+    if "cancer" not in im or im["cancer"].isna().all():
+        return None
+    b = metrics.breast_level(im.dropna(subset=["cancer"]), "prediction", "cancer")
+    row = {"what": "held-out test patients",
+           "how": "never trained or tuned on: the score that matters",
+           "breasts": len(b), "positive": int(b["cancer"].sum()),
+           "breast AUC": metrics.roc_auc(b["cancer"], b["prediction"].fillna(0)),
+           "breast PR-AUC": metrics.pr_auc(b["cancer"], b["prediction"].fillna(0))}
+    try:
+        s = pd.read_csv(submission).merge(b[["prediction_id", "cancer"]], on="prediction_id",
+                                          suffixes=("", "_true"))
+        row["breast pF1"] = metrics.pfbeta(s["cancer_true"], s["cancer"])
+        row["flagged"] = int((s["cancer"] >= 0.5).sum())
+    except (OSError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        pass
+    return row
+
+
+SCORE_COLUMNS = ("what", "how", "breasts", "positive", "flagged", "breast AUC", "breast PR-AUC",
+                 "breast pF1", "threshold")
+
+
+def scores_table(rows: list[dict]) -> str:
+    """The scores as an HTML table: counts as integers, scores to 3 decimals, empty cells
+    blank; "flagged" explained under it."""
+    if not rows:
+        return "<p>No scores yet.</p>"
+    cols = [c for c in SCORE_COLUMNS if any(r.get(c) is not None for r in rows)]
+
+    def cell(c, v):
+        if v is None or (isinstance(v, float) and v != v):
+            return ""
+        if c in ("breasts", "positive", "flagged"):
+            return f"{int(v):,}"
+        return f"{v:.3f}" if isinstance(v, (float, int)) and not isinstance(v, bool) else str(v)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(c, r.get(c)))}</td>" for c in cols)
+                   + "</tr>" for r in rows)
+    note = ("<p><small>flagged: breasts the submission calls back (value 1, or a probability of "
+            "0.5 or more). pF1: the competition's probabilistic F1 at breast level.</small></p>")
+    return f"<table><tr>{head}</tr>{body}</table>{note}"
 
 
 def write_index(run_dir: str | Path, plan: str, steps: list[dict], failed: str | None = None,
@@ -87,9 +177,7 @@ def write_index(run_dir: str | Path, plan: str, steps: list[dict], failed: str |
                     f'<td>{s["seconds"]:.1f} s</td><td>{img}</td></tr>')
     for name in pending:
         rows.append(f"<tr><td>{html.escape(name)}</td><td>not run</td><td></td></tr>")
-    scores = pd.DataFrame(run_scores(run_dir))
-    score_html = (scores.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.4f}")
-                  if len(scores) else "<p>No scores yet.</p>")
+    score_html = scores_table(run_scores(run_dir))
     total = sum(s["seconds"] for s in steps)
     status = (f'<p style="color:#b00">Stopped: step <b>{html.escape(failed)}</b> failed; its '
               "executed copy holds the traceback.</p>" if failed else "")
