@@ -140,7 +140,8 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
         print(f"[{i + 1}/{len(d['steps'])}] {nb.name} -> {out}", file=sys.stderr, flush=True)
         try:
             pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name="python3",
-                                progress_bar=progress, cwd=str(_kernel_cwd()), log_output=False)
+                                progress_bar=progress, cwd=str(_kernel_cwd()), log_output=False,
+                                kernel_manager_class=_ipc_kernel_manager())
         except PapermillExecutionError as e:
             failed = dict(step=step_name, notebook=str(out),
                           seconds=round(time.perf_counter() - t0, 1))
@@ -183,6 +184,22 @@ def _check_weights(plan: str, steps: list[tuple[str, dict]]) -> None:
            "with --weights DIR, or override the step's pretrained_path")
     raise RsnaError(f"plan {plan}: pretrained weights not found for {len(missing)} step(s) "
                     f"({where}); nothing was run: {fix}")
+
+
+def _ipc_kernel_manager():
+    """A kernel manager that talks to its kernel over Unix sockets in a private temporary
+    folder, not TCP on localhost: nothing listens on a port, and the kernel does not print
+    "running over TCP without encryption" once per notebook."""
+    import tempfile
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IpcKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.transport = "ipc"
+            self.ip = str(Path(tempfile.mkdtemp(prefix="rsna-kernel-")) / "ipc")
+    return IpcKernelManager
 
 
 def _kernel_cwd() -> Path:

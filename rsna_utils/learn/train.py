@@ -187,11 +187,11 @@ def train(cfg: TrainConfig) -> dict:
     splits.csv, metrics.csv/json, val_predictions.csv, last.pt, best.pt."""
     import torch.distributed as dist
 
-    check_inputs(cfg)         # a wrong CSV or PNG folder is named before anything else is said
+    contract = model_contract(cfg)     # checks the model name (timm) before any data is read
+    check_inputs(cfg)         # a wrong CSV or PNG folder is named before the run says anything
     rank, world, local_rank = distributed_env()
     device = setup(cfg, local_rank, world)
     out = Path(cfg.out)
-    contract = model_contract(cfg)
     # the model first: weights or a size it cannot take fail before the split is written
     model, ddp = create_train_model(cfg, device, local_rank, rank, world)
     data = load_data(cfg, device, contract, rank, world)

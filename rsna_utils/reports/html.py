@@ -56,7 +56,6 @@ def run_scores(run_dir: str | Path) -> list[dict]:
                      "breasts": ens.get("n_breasts"), "positive": ens.get("n_positives"),
                      "breast AUC": ens.get("auc"), "breast PR-AUC": ens.get("pr_auc"),
                      "breast pF1": ens.get("pf1"), "threshold": ens.get("threshold")})
-    weights = (ens or {}).get("weights") or {}
     for m in sorted(run_dir.glob("*/metrics.csv")):
         try:
             df = pd.read_csv(m)
@@ -66,7 +65,7 @@ def run_scores(run_dir: str | Path) -> list[dict]:
         if key is None or df[key].isna().all():
             continue
         best = df.loc[df[key].idxmax()]
-        vote = _vote(weights, m.parent.name)
+        vote = _vote(ens or {}, m.parent)
         rows.append({"what": f"model {m.parent.name}", "how": f"best validation epoch "
                      f"{int(best.get('epoch', -1))}" + (f"; vote in the ensemble {vote:.0%}"
                                                          if vote is not None else ""),
@@ -105,11 +104,14 @@ def _oof_note(ens: dict) -> str:
     return f"{n_runs} runs, each breast scored by the model that did not train on it"
 
 
-def _vote(weights: dict, run_name: str) -> float | None:
-    """A model's share of the ensemble's vote, matched by its run folder name."""
-    hits = [w for label, w in weights.items() if label == run_name or run_name.startswith(label)
-            or label.startswith(run_name)]
-    return hits[0] if len(hits) == 1 else None
+def _vote(ens: dict, run_dir: Path) -> float | None:
+    """A training run's model's share of the ensemble's vote (ensemble.json's runs and weights)."""
+    weights = ens.get("weights") or {}
+    for r in ens.get("runs", []):
+        if isinstance(r, dict) and Path(str(r.get("run", ""))).name == run_dir.name:
+            w = weights.get(str(r.get("model")))
+            return float(w) if w is not None else None
+    return None
 
 
 def _held_out(images_csv: Path, submission: Path) -> dict | None:
