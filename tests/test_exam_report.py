@@ -40,7 +40,7 @@ def test_reports_for_two_exams(tmp_path, synth_small, ckpt):
     gone = test[test.patient_id == first_two[1]].iloc[0]
     (images / str(gone.patient_id) / f"{gone.image_id}.dcm").unlink()      # one unreadable view
     r = write_exam_reports(images, synth_small / "test.csv", [ckpt], tmp_path / "out", limit=2,
-                           device="cpu", progress=False)
+                           device="cpu", progress=False, order="csv")
     views = pd.read_csv(tmp_path / "out" / "heatmaps.csv")
     assert list(views.columns[:len(VIEW_COLUMNS)]) == VIEW_COLUMNS
     assert sorted(views.patient_id.unique()) == sorted(first_two)
@@ -136,3 +136,32 @@ def test_cli_writes_the_report(tmp_path, capsys, synth_small, ckpt):
     assert code == 0, capsys.readouterr().err
     assert "explained" in capsys.readouterr().out
     assert (tmp_path / "out" / "index.html").exists() and (tmp_path / "out" / "heatmaps.csv").exists()
+
+
+def test_limit_keeps_the_highest_scores_and_the_truth_is_drawn(tmp_path, synth_small, ckpt):
+    """`--limit N` explains the N highest-scored exams, not the first N of the CSV; with labels
+    and lesion boxes the figure and the tables carry the truth."""
+    everyone = write_exam_reports(synth_small / "test_images", synth_small / "test.csv", [ckpt],
+                                  tmp_path / "all", device="cpu", progress=False, order="csv")
+    top = everyone["exams"].sort_values("score", ascending=False).iloc[0]
+    first = pd.read_csv(synth_small / "test.csv").patient_id.iloc[0]
+    labels = tmp_path / "labels.csv"
+    pd.read_csv(synth_small / "test_labels.csv").to_csv(labels, index=False)
+    r = write_exam_reports(synth_small / "test_images", synth_small / "test.csv", [ckpt],
+                           tmp_path / "top", device="cpu", progress=False, limit=1,
+                           labels=labels, lesions=synth_small / "lesions.csv")
+    assert list(r["exams"]["exam"]) == [top["exam"]]
+    assert r["exams"]["score"].iloc[0] == pytest.approx(top["score"], abs=1e-6)
+    csv_first = write_exam_reports(synth_small / "test_images", synth_small / "test.csv", [ckpt],
+                                   tmp_path / "csv", device="cpu", progress=False, limit=1,
+                                   order="csv")
+    assert list(csv_first["exams"]["exam"]) == [first]
+    truth = pd.read_csv(synth_small / "test_labels.csv").groupby("patient_id").cancer.max()
+    assert r["exams"]["truth"].iloc[0] == truth[top["exam"]]
+    assert set(r["views"]["truth"].dropna()) <= {0, 1}
+    page = (tmp_path / "top" / "index.html").read_text()
+    assert "truth: cancer" in page or "truth: no cancer" in page
+    with pytest.raises(RsnaError, match="labels.csv: needs the columns image_id and cancer"):
+        pd.DataFrame({"image_id": [1]}).to_csv(labels, index=False)
+        write_exam_reports(synth_small / "test_images", synth_small / "test.csv", [ckpt],
+                           tmp_path / "bad", device="cpu", progress=False, labels=labels)

@@ -24,7 +24,7 @@ from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.learn.checkpoint import TRAIN_FIX
 
 VIEW_COLUMNS = ["image_id", "patient_id", "laterality", "view", "score", "peak_x", "peak_y"]
-MORE_COLUMNS = ["prediction_id", "breast_score", "positive", "figure", "problem"]
+MORE_COLUMNS = ["prediction_id", "breast_score", "positive", "truth", "figure", "problem"]
 VIEW_ORDER = {"CC": 0, "MLO": 1}          # reader's layout: CC row, MLO row, then other views
 DISPLAY_MAX_SIDE = 800                    # the figure shows views at most this many pixels
 
@@ -52,7 +52,16 @@ class ExplainConfig(Config):
     out: str = setting(help="output folder (figures, index.html, heatmaps.csv)")
     threshold: float | None = setting(None, "breast decision cut (default: the checkpoints' "
                                       "validation threshold)", ge=0, le=1)
-    limit: int | None = setting(None, "only the first N exams of the CSV", ge=1)
+    limit: int | None = setting(None, "only N exams: the highest scored (order score) or the "
+                                "first of the CSV (order csv)", ge=1)
+    order: str = setting("score", "which exams --limit keeps: the highest scores first (every "
+                         "exam is scored, the heat computed for those kept), or the CSV's order",
+                         choices=("score", "csv"))
+    labels: str | None = setting(None, "a CSV with image_id and cancer (test_labels.csv, "
+                                 "train.csv): the truth beside each decision")
+    lesions: str | None = setting(None, "a CSV of lesion boxes in original pixels (image_id, "
+                                  "kind, y0, x0, y1, x1; the synthetic lesions.csv): drawn on "
+                                  "the views")
     by: str = setting("patient", "one figure per patient, or per patient and laterality",
                       choices=("patient", "breast"))
     agg: str = setting("mean", "views -> breast score", choices=("mean", "max"))
@@ -77,12 +86,16 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
                        out: str | Path, threshold: float | None = None, limit: int | None = None,
                        device: str = "auto", progress: bool = True, by: str = "patient",
                        backend: str = "auto", agg: str = "mean", tta: bool = False,
-                       weights: dict | None = None) -> dict:
+                       weights: dict | None = None, order: str = "score",
+                       labels: str | Path | None = None, lesions: str | Path | None = None) -> dict:
     """Per exam (by="patient"; by="breast": per patient and laterality) one PNG figure in
     `out`, plus `out/index.html` (exams by decreasing score) and `out/heatmaps.csv`.
 
     threshold: the breast decision's cut (default: the checkpoints' stored validation
-    thresholds averaged per recipe, as `rsna predict`); limit: the first N exams of the CSV.
+    thresholds averaged per recipe, as `rsna predict`); limit: N exams, the highest scored
+    (order="score": every exam is scored first, without heat) or the first of the CSV
+    (order="csv"). labels (image_id, cancer) put the truth beside each decision; lesions
+    (image_id, kind, y0, x0, y1, x1 in original pixels) are drawn on the views.
     agg and tta: the submission's (ensemble.json's `agg` and `tta`), so that the scores and the
     positive flags are the ones the threshold was tuned on.
     Returns {"index", "heatmaps_csv", "figures" (by decreasing score), "views" (DataFrame, one
@@ -96,7 +109,7 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     from rsna_utils.learn.device import resolve_device
     from rsna_utils.reports.heatmap import explain_batch
     t0 = time.perf_counter()
-    df, images = _check_inputs(images, csv, checkpoints, by, limit, agg)
+    df, images = _check_inputs(images, csv, checkpoints, by, limit, agg, order)
     dev = resolve_device(device)
     models, pre = load_models(checkpoints, dev)
     set_recipe_weights(models, weights)
@@ -108,8 +121,11 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     out.mkdir(parents=True, exist_ok=True)
     key = "patient_id" if by == "patient" else "prediction_id"
     exams = list(dict.fromkeys(df[key]))
+    if limit is not None and order == "score" and len(exams) > limit:
+        exams = _by_score(df, key, images, models, pre, dev, backend, tta, agg)
     if limit is not None:
         exams = exams[:limit]
+    truth, boxes = _truth(labels, df), _boxes(lesions)
     rows, figures = [], {}
     bar = tqdm(total=len(exams), desc="explain", unit="exam", disable=not progress, file=sys.stderr)
     for exam in exams:
@@ -122,12 +138,16 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
             for v, s, h in zip(ok, scores, heat):
                 _finish_view(v, float(s), h)
         _breast_scores(views, agg, threshold)
+        for v in views:
+            v.values["truth"] = truth.get(v.row["prediction_id"])
+            v.values["lesions"] = boxes.get(int(v.row["image_id"]), [])
         name = f"{exam}.png"
         _write_figure(out / name, exam, by, views, threshold)
         figures[exam] = name
         for v in views:
             rows.append(dict(v.row, **{k: v.values.get(k) for k in ("score", "peak_x", "peak_y",
-                                                                    "breast_score", "positive")},
+                                                                    "breast_score", "positive",
+                                                                    "truth")},
                              figure=name, problem=v.values.get("problem", "")))
         bar.update()
     bar.close()
@@ -146,13 +166,16 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
 # Inputs and one view
 # ----------------------------------------------------------------------------------------
 
-def _check_inputs(images, csv, checkpoints, by: str, limit, agg: str) -> tuple[pd.DataFrame, Path]:
+def _check_inputs(images, csv, checkpoints, by: str, limit, agg: str,
+                  order: str = "score") -> tuple[pd.DataFrame, Path]:
     """One clear line per bad input, before any model is loaded."""
     from rsna_utils.learn.data import load_table
     if by not in ("patient", "breast"):
         raise RsnaError(f"by={by!r}: choose patient (one figure per exam) or breast (per laterality)")
     if agg not in ("mean", "max"):
         raise RsnaError(f"agg={agg!r}: choose mean or max (views -> breast, as `rsna predict`)")
+    if order not in ("score", "csv"):
+        raise RsnaError(f"order={order!r}: choose score (the highest scores) or csv")
     if limit is not None and int(limit) < 1:
         raise RsnaError(f"--limit {limit}: give a number of exams >= 1")
     from rsna_utils.dicom.reader import check_dicom_folder
@@ -168,6 +191,58 @@ def _check_inputs(images, csv, checkpoints, by: str, limit, agg: str) -> tuple[p
     if "view" not in df:
         df["view"] = ""           # filled from the header's ViewPosition
     return df, images
+
+
+def _by_score(df: pd.DataFrame, key: str, images: Path, models, pre: dict, device, backend: str,
+              tta: bool, agg: str) -> list:
+    """Every exam scored as `rsna predict` scores it (no heat), highest first, unreadable last."""
+    from rsna_utils.infer.predict import predict_images
+    from rsna_utils.learn.metrics import breast_level
+    preds, _, _ = predict_images(df, images, models, pre, device, 16, 0, tta, backend,
+                                 models[0].channels, False)
+    breast = breast_level(df.assign(prediction=preds), "prediction", None, agg)
+    exam_of = dict(zip(df["prediction_id"], df[key]))
+    score = breast.assign(exam=breast["prediction_id"].map(exam_of)).groupby(
+        "exam", sort=False)["prediction"].max()
+    return list(score.sort_values(ascending=False, na_position="last", kind="stable").index)
+
+
+def _truth(labels, df: pd.DataFrame) -> dict:
+    """prediction_id -> 1 / 0 from a CSV with image_id and cancer (a breast is positive when
+    any of its images is)."""
+    if labels is None:
+        return {}
+    try:
+        lab = pd.read_csv(labels)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise RsnaError(f"{labels}: labels not readable ({type(e).__name__}); pass a CSV with "
+                        "image_id and cancer (test_labels.csv, train.csv)") from None
+    if not {"image_id", "cancer"} <= set(lab.columns):
+        raise RsnaError(f"{labels}: needs the columns image_id and cancer (has "
+                        f"{list(lab.columns)[:8]}); pass test_labels.csv or train.csv")
+    m = df[["image_id", "prediction_id"]].merge(lab[["image_id", "cancer"]], on="image_id")
+    return {k: int(v) for k, v in m.groupby("prediction_id")["cancer"].max().items()}
+
+
+def _boxes(lesions) -> dict:
+    """image_id -> [(kind, y0, x0, y1, x1)] in original pixels."""
+    if lesions is None:
+        return {}
+    try:
+        les = pd.read_csv(lesions)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise RsnaError(f"{lesions}: lesion boxes not readable ({type(e).__name__}); pass a CSV "
+                        "with image_id, kind, y0, x0, y1, x1") from None
+    need = {"image_id", "y0", "x0", "y1", "x1"}
+    if not need <= set(les.columns):
+        raise RsnaError(f"{lesions}: needs the columns {sorted(need)} (and kind); has "
+                        f"{list(les.columns)[:8]}")
+    if "kind" not in les:
+        les["kind"] = "lesion"
+    out: dict = {}
+    for r in les.itertuples():
+        out.setdefault(int(r.image_id), []).append((str(r.kind), r.y0, r.x0, r.y1, r.x1))
+    return out
 
 
 def _load_view(row: dict, images: Path, cfg, backend: str) -> ViewResult:
@@ -233,9 +308,10 @@ def _exam_table(views: pd.DataFrame, key: str, figures: dict) -> pd.DataFrame:
                          positive=bool(d["positive"].fillna(False).astype(bool).any()),
                          breasts={k: r.breast_score for k, r in breasts.iterrows()},
                          views=len(d), unreadable=int(d["problem"].fillna("").astype(bool).sum()),
+                         truth=None if d["truth"].isna().all() else int(d["truth"].max()),
                          figure=figures[exam]))
     t = pd.DataFrame(rows, columns=["exam", "score", "positive", "breasts", "views", "unreadable",
-                                    "figure"])
+                                    "truth", "figure"])
     return t.sort_values("score", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
 
 
@@ -272,7 +348,10 @@ def _panel_order(views: list[ViewResult], by: str) -> list[list[ViewResult | Non
 
 
 def _write_figure(path: Path, exam, by: str, views: list[ViewResult], threshold: float) -> None:
+    import textwrap
+
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
     grid = _panel_order(views, by)
     ncols = max(1, max((len(r) for r in grid), default=1))
     nrows = max(1, len(grid))
@@ -293,18 +372,29 @@ def _write_figure(path: Path, exam, by: str, views: list[ViewResult], threshold:
                 ax.set_title(f"{lab}  (no score)", fontsize=9)
                 continue
             ax.imshow(overlay(v.display, None if v.heat is None else v.heat / top))
+            for kind, y0, x0, y1, x1 in v.values.get("lesions", []):
+                bad = kind not in ("benign", "calcification_benign")
+                ax.add_patch(Rectangle((x0 * v.scale, y0 * v.scale), (x1 - x0) * v.scale,
+                                       (y1 - y0) * v.scale, fill=False, lw=1.4,
+                                       ls="-" if bad else "--",
+                                       ec="#ff3030" if bad else "#ffd000"))
             if "peak_x" in v.values:
                 ax.plot([(v.values["peak_x"] + 0.5) * v.scale], [(v.values["peak_y"] + 0.5) * v.scale],
                         marker="+", color="white", markersize=14, mew=2)
             ax.set_title(f"{lab}  score {v.values.get('score', float('nan')):.3f}", fontsize=9)
-    breasts = {v.row["laterality"]: (v.values.get("breast_score"), v.values.get("positive"))
-               for v in views}
-    parts = [f"{lat}: {s:.3f} {'POSITIVE' if p else 'negative'}" if s == s and s is not None
-             else f"{lat}: unreadable" for lat, (s, p) in sorted(breasts.items(), reverse=True)]
-    fig.suptitle(f"{'patient' if by == 'patient' else 'breast'} {exam}   " + "   ".join(parts)
-                 + f"   (threshold {threshold:.3f})", fontsize=10)
-    fig.supxlabel("heat: HiResCAM (stride 16) weighted by the view's score, scaled to the exam's maximum; "
-                  "+ marks the peak", fontsize=7)
+    breasts = {v.row["laterality"]: (v.values.get("breast_score"), v.values.get("positive"),
+                                     v.values.get("truth")) for v in views}
+    said = {None: "", 1: " (truth: cancer)", 0: " (truth: no cancer)"}
+    parts = [(f"{lat}: {s:.3f} {'POSITIVE' if p else 'negative'}" if s == s and s is not None
+              else f"{lat}: unreadable") + said.get(y, "")
+             for lat, (s, p, y) in sorted(breasts.items(), reverse=True)]
+    fig.suptitle(f"{'patient' if by == 'patient' else 'breast'} {exam}   (threshold "
+                 f"{threshold:.3f})\n" + "   ".join(parts), fontsize=10)
+    boxed = any(v.values.get("lesions") for v in views)
+    note = ("heat: HiResCAM (stride 16) weighted by the view's score, scaled to the exam's "
+            "maximum; + marks the peak" + ("; boxes: the lesions (red: malignant, yellow "
+                                           "dashed: benign)" if boxed else ""))
+    fig.supxlabel("\n".join(textwrap.wrap(note, 34 * ncols)), fontsize=7)
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
@@ -320,6 +410,8 @@ def _index_html(exams: pd.DataFrame, key: str, threshold: float, checkpoints: li
         breasts = ", ".join(f"{k} {v:.3f}" if v == v else f"{k} unreadable"
                             for k, v in sorted(r.breasts.items(), reverse=True))
         decision = "POSITIVE" if r.positive else "negative"
+        if r.truth is not None and r.truth == r.truth:
+            decision += " (truth: cancer)" if r.truth else " (truth: no cancer)"
         score = "unreadable" if r.score != r.score else f"{r.score:.3f}"
         rows.append(f'<tr class="{decision.lower()}"><td>{i + 1}</td><td>{e(str(r.exam))}</td>'
                     f"<td>{score}</td><td>{decision}</td><td>{e(breasts)}</td><td>{r.views}"
@@ -335,7 +427,7 @@ text-align:left;vertical-align:top}} tr.positive td:nth-child(4){{color:#b00;fon
 </head><body>
 <h1>Exam reports</h1>
 <p>{len(exams)} exams by decreasing score (the highest breast score: the mean of its views'
-probabilities). Decision at threshold {threshold:.4f}. Checkpoints: {e(", ".join(checkpoints))}.
+probabilities). Click a figure to open it full size. Decision at threshold {threshold:.4f}. Checkpoints: {e(", ".join(checkpoints))}.
 Heat: HiResCAM (gradient x activation) of the stride-16 feature map, mapped back to the original pixels.</p>
 <table><tr>{head}</tr>
 {chr(10).join(rows)}
