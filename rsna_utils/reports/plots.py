@@ -23,6 +23,7 @@ def class_balance(train: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(6, 3))
     shares = [v.mean() * 100 for v in levels.values()]
     ax.bar(list(levels), shares, color="tab:red")
+    ax.set_xlabel("level")
     for i, (k, v) in enumerate(levels.items()):
         ax.text(i, shares[i], f"{int(v.sum())}/{len(v)}", ha="center", va="bottom")
     ax.set_ylabel("% positive")
@@ -39,11 +40,14 @@ def positives_by(train: pd.DataFrame, columns=("site_id", "machine_id", "density
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3))
     for ax, c in zip(np.atleast_1d(axes), cols):
         g = train.assign(**{c: train[c].astype(str).replace("nan", "missing")}).groupby(c).cancer
-        ax.bar(g.size().index, g.size().values, color="lightgray")
-        ax2 = ax.twinx()
-        ax2.plot(g.mean().index, g.mean().values * 100, "o-", color="tab:red")
+        x = np.arange(len(g.size()))
+        ax.bar(x - 0.2, g.size().values, width=0.4, color="lightgray", label="images")
+        ax2 = ax.twinx()            # categories, not a sequence: bars side by side, no line
+        ax2.bar(x + 0.2, g.mean().values * 100, width=0.4, color="tab:red", label="% positive")
+        ax.set_xticks(x, [str(v) for v in g.size().index], rotation=45, ha="right")
         ax.set_title(c)
-        ax.tick_params(axis="x", rotation=45)
+        ax.set_xlabel(c)
+        ax.set_ylabel("images")
         ax2.set_ylabel("% positive", color="tab:red")
     fig.tight_layout()
     return fig
@@ -54,7 +58,8 @@ def age_histogram(train: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.hist(train.loc[train.cancer == 0, "age"].dropna(), bins=30, alpha=0.6, density=True, label="negative")
     ax.hist(train.loc[train.cancer == 1, "age"].dropna(), bins=30, alpha=0.6, density=True, label="positive")
-    ax.set_xlabel("age")
+    ax.set_xlabel("age (years)")
+    ax.set_ylabel("share of images")
     ax.legend()
     fig.tight_layout()
     return fig
@@ -64,11 +69,16 @@ def header_summary(headers: pd.DataFrame):
     """Bar charts of transfer syntax, photometric interpretation, VOI LUT function; a scatter of
     image sizes (from `rsna_utils.reports.eda.scan_headers`)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
-    for ax, c in zip(axes[:3], ("transfer_syntax", "photometric", "voi_function")):
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6), width_ratios=[1.6, 1, 1, 1.1])
+    titles = {"transfer_syntax": "transfer syntax", "photometric": "photometric interpretation",
+              "voi_function": "VOI LUT function"}
+    for ax, c in zip(axes[:3], titles):
         vc = headers[c].fillna("absent").value_counts()
-        ax.barh([str(i)[-22:] for i in vc.index], vc.values)
-        ax.set_title(c)
+        # the syntax's name, not its UID (the UID is cut off otherwise), wrapped to two lines
+        names = [_wrap_label(str(i).split(" (1.2.840")[0]) for i in vc.index]
+        ax.barh(names, vc.values)
+        ax.set_title(titles[c])
+        ax.set_xlabel("images")
     sizes = headers.groupby(["rows", "columns"]).size().reset_index(name="n")
     axes[3].scatter(sizes["columns"], sizes["rows"], s=20 + sizes["n"], alpha=0.6)
     axes[3].set_xlabel("columns")
@@ -76,6 +86,11 @@ def header_summary(headers: pd.DataFrame):
     axes[3].set_title("image sizes")
     fig.tight_layout()
     return fig
+
+
+def _wrap_label(text: str, width: int = 22) -> str:
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width)[:2])
 
 
 def image_grid(images: list[np.ndarray], titles: list[str], cols: int = 6, size: float = 2.2):
@@ -103,7 +118,13 @@ def pipeline_steps(steps: dict):
     return fig
 
 
+CURVE_NAMES = {"image_auc": "per image", "breast_mean_auc": "per breast (mean of views)",
+               "image_pf1": "pF1 per image", "breast_mean_pf1": "pF1 per breast",
+               "breast_mean_best_f1": "F1 per breast at its best threshold"}
+
+
 def learning_curves(metrics: pd.DataFrame):
+    from matplotlib.ticker import MaxNLocator
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.2))
     axes[0].plot(metrics.epoch, metrics.train_loss, "o-", label="training (weighted BCE)")
@@ -112,15 +133,19 @@ def learning_curves(metrics: pd.DataFrame):
     axes[0].set_title("loss")
     axes[0].legend()
     for c in ("image_auc", "breast_mean_auc"):
-        axes[1].plot(metrics.epoch, metrics[c], "o-", label=c)
-    axes[1].set_title("ROC AUC")
+        axes[1].plot(metrics.epoch, metrics[c], "o-", label=CURVE_NAMES[c])
+    axes[1].set_title("validation ROC AUC")
     axes[1].legend()
     for c in ("image_pf1", "breast_mean_pf1", "breast_mean_best_f1"):
-        axes[2].plot(metrics.epoch, metrics[c], "o-", label=c)
-    axes[2].set_title("pF1")
+        axes[2].plot(metrics.epoch, metrics[c], "o-", label=CURVE_NAMES[c])
+    axes[2].set_title("validation F1")
     axes[2].legend()
+    axes[0].set_ylabel("loss")
+    axes[1].set_ylabel("AUC")
+    axes[2].set_ylabel("F1")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))     # whole epochs
     fig.tight_layout()
     return fig
 
@@ -155,11 +180,15 @@ def roc_pr_confusion(preds: pd.DataFrame, threshold: float, level: str = "breast
 def score_distribution(sub: pd.DataFrame, images: pd.DataFrame | None = None):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.hist(sub["cancer"], bins=40, alpha=0.7, label="breast (submission)")
+    ax.hist(sub["cancer"], bins=40, alpha=0.7, label="breasts: the submitted value")
     if images is not None:
-        ax.hist(images["prediction"].dropna(), bins=40, alpha=0.5, label="image")
-    ax.set_xlabel("predicted probability of cancer")
+        ax.hist(images["prediction"].dropna(), bins=40, alpha=0.5,
+                label="images: predicted probability")
+    ax.set_xlabel("predicted probability of cancer (or 0 / 1 when binarised)")
+    ax.set_ylabel("count (log scale)")
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+    ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.legend()
     fig.tight_layout()
     return fig
@@ -226,6 +255,10 @@ def reliability_diagram(table: pd.DataFrame, headline: dict):
     hx.bar((table.lo + table.hi) / 2, table.n, width=table.hi - table.lo, color="lightgray",
            edgecolor="gray")
     hx.set(yscale="log", xlabel="predicted probability", ylabel="breasts")
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+    hx.yaxis.set_major_locator(LogLocator(base=10, numticks=4))
+    hx.yaxis.set_major_formatter(ScalarFormatter())          # 1, 10, 100: not 10^0, 10^1
+    hx.yaxis.set_minor_formatter(plt.NullFormatter())
     fig.tight_layout()
     return fig
 
@@ -240,8 +273,12 @@ def breakdown_forest(table: pd.DataFrame, metric: str = "auc"):
     lo = np.nan_to_num(est - t[f"{metric}_low"].to_numpy(dtype=float))
     hi = np.nan_to_num(t[f"{metric}_high"].to_numpy(dtype=float) - est)
     ax.errorbar(est, y, xerr=[np.maximum(lo, 0), np.maximum(hi, 0)], fmt="o", capsize=2)
-    labels = [f"{r.breakdown}={r.group} ({r.level}, {r.n_positives}/{r.n})" for r in t.itertuples()]
+    labels = [f"{r.breakdown}={r.group} ({r.level}, {r.n_positives}/{r.n})"
+              + ("  [no positives: no AUC]" if not r.n_positives else "") for r in t.itertuples()]
     ax.set_yticks(y, labels, fontsize=7)
+    for tick, r in zip(ax.get_yticklabels(), t.itertuples()):
+        if not r.n_positives:
+            tick.set_color("gray")
     ax.axvline(est[0], ls=":", color="gray")
     ax.set(xlabel=f"{metric} (95% CI)", title=f"{metric} by subgroup")
     fig.tight_layout()
