@@ -182,6 +182,7 @@ def test_report_links_every_step_shows_its_figure_and_the_scores(tmp_path):
                                                 html=str(html_path))], pending=["03_train"])
     page = idx.read_text()
     assert 'href="01_eda.html"' in page and "data:image/png;base64" in page
+    assert 'href="figures/01_eda.png"' in page and (run / "figures" / "01_eda.png").is_file()
     assert "0.800" in page and "0.770" in page      # best epoch, out-of-fold ensemble
     assert "03_train" in page and "not run" in page
     assert 'href="submission.csv"' in page

@@ -66,8 +66,8 @@ def run_scores(run_dir: str | Path) -> list[dict]:
             continue
         best = df.loc[df[key].idxmax()]
         vote = _vote(ens or {}, m.parent)
-        rows.append({"what": f"model {m.parent.name}", "how": f"best validation epoch "
-                     f"{int(best.get('epoch', -1))}" + (f"; vote in the ensemble {vote:.0%}"
+        rows.append({"what": f"model {m.parent.name}", "how": _start(m.parent) + "best validation epoch "
+                     + f"{int(best.get('epoch', -1))}" + (f"; vote in the ensemble {vote:.0%}"
                                                          if vote is not None else ""),
                      "breast AUC": best[key], "breast PR-AUC": best.get("breast_mean_pr_auc"),
                      "breast pF1": best.get("breast_mean_pf1")})
@@ -78,6 +78,20 @@ def run_scores(run_dir: str | Path) -> list[dict]:
                      "breasts": len(s), "flagged": int((s["cancer"] >= 0.5).sum())
                      if "cancer" in s else None})
     return rows
+
+
+def _start(run: Path) -> str:
+    """How a training run started, from its config.json: a model from random weights on a
+    small set is plumbing, and its card says so."""
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(cfg, dict):
+        return ""
+    if cfg.get("pretrained_path"):
+        return f"{cfg.get('model')} from pretrained weights; "
+    return f"{cfg.get('model')} from random weights (learns little on a small set); "
 
 
 def _ensemble(run_dir: Path) -> dict | None:
@@ -174,7 +188,14 @@ def write_index(run_dir: str | Path, plan: str, steps: list[dict], failed: str |
         nb = Path(s["notebook"])
         link = Path(s.get("html") or nb).name
         fig = key_figure(nb) if nb.exists() else None
-        img = (f'<img src="data:image/png;base64,{fig}" style="max-width:420px">' if fig else "")
+        img = ""
+        if fig:        # the figure as a file too, so that a click opens it full size
+            import base64
+            png = run_dir / "figures" / f"{s['step']}.png"
+            png.parent.mkdir(exist_ok=True)
+            write_atomic(png, base64.b64decode(fig))
+            img = (f'<a href="figures/{html.escape(png.name)}" title="open full size">'
+                   f'<img src="data:image/png;base64,{fig}" style="max-width:420px"></a>')
         rows.append(f'<tr><td><a href="{html.escape(link)}">{html.escape(s["step"])}</a></td>'
                     f'<td>{s["seconds"]:.1f} s</td><td>{img}</td></tr>')
     for name in pending:
@@ -184,7 +205,14 @@ def write_index(run_dir: str | Path, plan: str, steps: list[dict], failed: str |
     status = (f'<p style="color:#b00">Stopped: step <b>{html.escape(failed)}</b> failed; its '
               "executed copy holds the traceback.</p>" if failed else "")
     sub = run_dir / "submission.csv"
-    sub_link = '<p><a href="submission.csv">submission.csv</a></p>' if sub.exists() else ""
+    links = [("submission.csv", "the submission")] if sub.exists() else []
+    links += [(str(p.relative_to(run_dir)), "the exam figures, highest scores first (heatmaps, "
+               "decisions, truth where known)") for p in sorted(run_dir.glob("**/exams/index.html"))]
+    links += [(str(p.relative_to(run_dir)), f"evaluation: {p.stem.replace('_', ' ')}")
+              for p in sorted(run_dir.glob("**/evaluation/*.png"))]
+    sub_link = ("<h2>Files</h2><ul>" + "".join(
+        f'<li><a href="{html.escape(h)}">{html.escape(h)}</a>: {html.escape(d)}</li>'
+        for h, d in links) + "</ul>") if links else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(plan)}: run report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;vertical-align:top;
