@@ -190,3 +190,19 @@ def test_the_cli_builds_the_configs_from_flags_and_yaml(tmp_path, monkeypatch, c
     assert not kwargs and len(args) == 1 and isinstance(args[0], PredictConfig)
     p = args[0]
     assert (p.threshold, p.agg, p.binarize_how, p.progress) == (0.25, "max", "threshold", False)
+
+
+def test_library_warnings_are_one_line_without_paths(capsys, monkeypatch):
+    import warnings
+
+    from rsna_utils.app.cli import plain_warnings
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)     # restored after
+    plain_warnings("preprocess")
+    lib = "/x/.venv/lib/python3.11/site-packages/pydicom/filereader.py"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        for _ in range(2):
+            warnings.warn_explicit("End of file reached before delimiter\nmore", UserWarning,
+                                   lib, 487)
+    err = capsys.readouterr().err
+    assert err == "rsna preprocess: warning from pydicom: End of file reached before delimiter\n"

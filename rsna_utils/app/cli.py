@@ -96,9 +96,28 @@ def _add_bundle(sub) -> None:
     b.set_defaults(func=_cmd_bundle)
 
 
+def plain_warnings(command: str) -> None:
+    """Library warnings as one line in the project's words: which library, what it said, no
+    site-packages path or source line; each message once."""
+    import warnings
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        parts = Path(str(filename)).parts
+        lib = parts[parts.index("site-packages") + 1] if "site-packages" in parts else ""
+        key = f"{lib}:{text}"
+        if key not in seen:
+            seen.add(key)
+            print(f"rsna {command}: warning{f' from {lib}' if lib else ''}: {text}",
+                  file=sys.stderr)
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    plain_warnings(args.command)
     try:
         return int(args.func(args) or 0)
     except RsnaError as e:

