@@ -57,8 +57,9 @@ def test_resnet18_from_scratch_learns_at_full_aspect(tmp_path):
     preprocessed at 256x128: from random weights, above chance on new patients but far from the
     pretrained model. Guards that the default loop learns from scratch at all. Measured 0.632 on
     the machine of 2026-12-01 and 0.578 on that of 2026-12-06, with the same code, data and
-    seeds (the commit that landed then gives 0.578 here too): a from-scratch run on a CPU
-    diverges with the machine's float rounding, so the bar sits below both. On these 300
+    seeds (the commit that landed then gives 0.578 here too; every pin the same, so likely this
+    machine's CPU, an AMD EPYC, rounding differently in the from-scratch run, which then
+    diverges), so the bar sits below both. On these 300
     breasts (61 with cancer) a chance-level model stays under 0.55 but for about one draw in
     eleven; the pretrained test above is the strong guard."""
     _synthetic(tmp_path, (256, 128))
