@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 # model, for a contributor's inner loop (under a minute on 2 cores). Left out: tests that use a
 # synthetic-set fixture, and those marked `heavy` (they build their own data, run notebooks,
 # train, or start processes). `make test` runs everything.
-DATASET_FIXTURES = {"synth200", "synth_small"}
+DATASET_FIXTURES = {"synth200", "synth_small", "full_synth"}   # full_synth: test_image_plan.py
 
 
 def pytest_addoption(parser):
