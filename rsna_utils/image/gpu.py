@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,13 +22,6 @@ from rsna_utils.dicom.decoders.gpu_batch import GPU_SYNTAXES, DecodeRules, make_
 # ----------------------------------------------------------------------------------------
 # The whole preprocessing step on the GPU
 # ----------------------------------------------------------------------------------------
-
-@dataclass
-class _Pending:
-    item: object
-    header: object
-    precision: int = 16
-
 
 def gpu_preprocess_tensor(x, h, cfg, device):
     """Stored-value tensor (H, W) on the GPU -> output image (numpy) and meta: the plan of

@@ -207,19 +207,25 @@ def _by_score(df: pd.DataFrame, key: str, images: Path, models, pre: dict, devic
     return list(score.sort_values(ascending=False, na_position="last", kind="stable").index)
 
 
+def _table(path, what: str, need: list[str], example: str) -> pd.DataFrame:
+    """A CSV with the columns `need`, or one line naming the file, what is wrong and what to pass."""
+    try:
+        df = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise RsnaError(f"{path}: {what} not readable ({type(e).__name__}); pass a CSV with "
+                        f"{', '.join(need)} ({example})") from None
+    if not set(need) <= set(df.columns):
+        raise RsnaError(f"{path}: needs the columns {' and '.join(need) if len(need) == 2 else need}"
+                        f" (has {list(df.columns)[:8]}); pass {example}")
+    return df
+
+
 def _truth(labels, df: pd.DataFrame) -> dict:
     """prediction_id -> 1 / 0 from a CSV with image_id and cancer (a breast is positive when
     any of its images is)."""
     if labels is None:
         return {}
-    try:
-        lab = pd.read_csv(labels)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise RsnaError(f"{labels}: labels not readable ({type(e).__name__}); pass a CSV with "
-                        "image_id and cancer (test_labels.csv, train.csv)") from None
-    if not {"image_id", "cancer"} <= set(lab.columns):
-        raise RsnaError(f"{labels}: needs the columns image_id and cancer (has "
-                        f"{list(lab.columns)[:8]}); pass test_labels.csv or train.csv")
+    lab = _table(labels, "labels", ["image_id", "cancer"], "test_labels.csv or train.csv")
     m = df[["image_id", "prediction_id"]].merge(lab[["image_id", "cancer"]], on="image_id")
     return {k: int(v) for k, v in m.groupby("prediction_id")["cancer"].max().items()}
 
@@ -228,15 +234,8 @@ def _boxes(lesions) -> dict:
     """image_id -> [(kind, y0, x0, y1, x1)] in original pixels."""
     if lesions is None:
         return {}
-    try:
-        les = pd.read_csv(lesions)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise RsnaError(f"{lesions}: lesion boxes not readable ({type(e).__name__}); pass a CSV "
-                        "with image_id, kind, y0, x0, y1, x1") from None
-    need = {"image_id", "y0", "x0", "y1", "x1"}
-    if not need <= set(les.columns):
-        raise RsnaError(f"{lesions}: needs the columns {sorted(need)} (and kind); has "
-                        f"{list(les.columns)[:8]}")
+    les = _table(lesions, "lesion boxes", ["image_id", "y0", "x0", "y1", "x1"],
+                 "the synthetic lesions.csv; kind optional")
     if "kind" not in les:
         les["kind"] = "lesion"
     out: dict = {}

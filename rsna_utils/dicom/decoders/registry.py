@@ -45,11 +45,6 @@ def get(name: str) -> ModuleType:
     return importlib.import_module(f"rsna_utils.dicom.decoders.{name}")
 
 
-def installed() -> list[str]:
-    """The decoders whose packages are importable here, in registry order."""
-    return [n for n in ALL if get(n).is_available()]
-
-
 def candidates(syntax: str, backend: str = "auto") -> list[str]:
     """The CPU decoders to try for `syntax`, in order (`auto`), or the one asked for. Raises
     RsnaError when the one asked for is not installed or does not take the syntax."""
