@@ -85,3 +85,18 @@ def test_training_and_cpu_inference_feed_the_model_the_same_pixels(tmp_path, syn
         assert x_train.shape == x_infer.shape == (3, 80, 40)
         assert torch.equal(x_train, x_infer), (i, float((x_train - x_infer).abs().max()))
     assert float(x_train.std()) > 0.1                   # a breast, not an empty canvas
+
+
+def test_balance_counts_what_the_sampler_and_the_loss_weight_do():
+    """Issue 30's arithmetic: how often a positive is seen and its share of the loss."""
+    from rsna_utils.learn.data import balance
+    labels = np.array([1] * 20 + [0] * 980)
+    b = balance(labels, upsample=5.0, pos_weight=5.0)
+    assert (b.images, b.positives, b.epoch_images) == (1000, 20, 1080)
+    assert b.exposures == 5.0 and b.epoch_share == pytest.approx(100 / 1080)
+    assert b.loss_share == pytest.approx(500 / (500 + 980)) and b.natural_share == 0.02
+    plain = balance(labels)
+    assert plain.exposures == 1.0 and plain.loss_share == pytest.approx(0.02)
+    ratio = balance(labels, target_ratio=0.125, min_positives=1, batch_size=16)
+    assert ratio.epoch_share >= 0.125 and ratio.loss_share == pytest.approx(ratio.epoch_share)
+    assert "each positive is seen 5.0 times an epoch" in b.line()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -371,6 +372,47 @@ def batches_with_positives(idx: np.ndarray, labels: np.ndarray, batch_size: int,
     # chunk of world_size batches -> position i * world_size + r holds batch r's i-th image
     out = out.reshape(-1, world_size, batch_size).transpose(0, 2, 1)
     return out.reshape(-1)
+
+
+@dataclass
+class Balance:
+    """What the sampler and the loss weight make of the positives in one epoch."""
+    images: int                # training images
+    positives: int             # of them positive
+    epoch_images: int          # images drawn in one epoch
+    exposures: float           # times each positive is seen per epoch (1: once)
+    epoch_share: float         # positives' share of the epoch's images
+    loss_share: float          # positives' share of the loss at the start (logits near 0)
+    natural_share: float       # their share with no sampler and no weight (the data's rate)
+
+    def line(self) -> str:
+        times = self.loss_share / self.natural_share if self.natural_share else float("nan")
+        return (f"balance: {self.positives} of {self.images} training images positive "
+                f"({self.natural_share:.1%}); each positive is seen {self.exposures:.1f} times an "
+                f"epoch ({self.epoch_share:.1%} of its {self.epoch_images} images) and positives "
+                f"carry {self.loss_share:.0%} of the loss at the start, {times:.1f} times their "
+                "natural weight")
+
+
+def balance(labels, upsample: float = 1.0, target_ratio: float | None = None,
+            batch_size: int = 16, min_positives: int = 0, pos_weight: float = 1.0,
+            neg_weight: float = 1.0, seed: int = 0) -> Balance:
+    """The balance of one epoch as `UpsampleSampler` draws it (upsample, or target_ratio when
+    upsample is 1, then at least `min_positives` per batch) and the weighted BCE weighs it:
+    at the start every logit is near 0, so every image's loss is about log 2 and the
+    positives' share of the loss is w_pos * drawn positives / (w_pos * P + w_neg * N)."""
+    labels = np.asarray(labels)
+    idx = UpsampleSampler(labels, seed, upsample, target_ratio if upsample == 1.0 else None,
+                          batch_size=batch_size, min_positives=min_positives)._indices()
+    pos = int((labels[idx] > 0.5).sum())
+    neg = len(idx) - pos
+    n_pos = int((labels > 0.5).sum())
+    return Balance(images=len(labels), positives=n_pos, epoch_images=len(idx),
+                   exposures=pos / n_pos if n_pos else float("nan"),
+                   epoch_share=pos / len(idx) if len(idx) else float("nan"),
+                   loss_share=pos_weight * pos / (pos_weight * pos + neg_weight * neg)
+                   if len(idx) else float("nan"),
+                   natural_share=n_pos / len(labels) if len(labels) else float("nan"))
 
 
 class UpsampleSampler:

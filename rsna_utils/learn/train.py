@@ -271,6 +271,7 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
         PngDataset,
         UpsampleSampler,
         aux_targets,
+        balance,
         load_table,
         worker_init,
     )
@@ -288,6 +289,10 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
     sampler = UpsampleSampler(train_ds.labels, cfg.seed, cfg.upsample,
                               cfg.target_ratio if cfg.upsample == 1.0 else None, rank, world,
                               batch_size=cfg.batch_size, min_positives=cfg.min_positives)
+    if rank == 0:
+        print(balance(train_ds.labels, cfg.upsample, cfg.target_ratio, cfg.batch_size,
+                      cfg.min_positives, cfg.pos_weight, cfg.neg_weight, cfg.seed).line(),
+              file=sys.stderr)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.workers > 0 and not cfg.cache,
                      multiprocessing_context="forkserver" if cfg.workers > 0 else None,
