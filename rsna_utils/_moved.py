@@ -29,7 +29,50 @@ MOVED = {
     "cli": "app.cli", "cli_steps": "app.steps", "notebooks": "app.notebooks",
     "bundle": "app.bundle",
 }
+_GPU = ("GPU_BACKENDS", "GPU_SYNTAXES", "INSTALL_HINT", "PROBE_SHAPE", "DecodeRules",
+        "compare_decodes", "cpu_decode_frame", "cuda_available", "decode_batch", "encode_probe",
+        "looks_scaled", "make_decoder", "package_available", "probe_image",
+        "rescale_to_precision", "resolve_backend")
+# names that left their old module in 0.2: old module -> {name: "new.module:attribute"}
+RENAMED = {
+    "gpu": {**{n: f"dicom.decoders.gpu_batch:{n}" for n in _GPU},
+            "DaliDecoder": "dicom.decoders.dali:DaliDecoder",
+            "NvImageCodecDecoder": "dicom.decoders.nvimgcodec:NvImageCodecDecoder"},
+    "kaggle": {"load_ensemble": "infer.ensemble:Ensemble.read"},
+    "oof": {"submission_tta": "infer.ensemble:submission_tta",
+            "ensemble_tta": "_moved:ensemble_tta", "_finite": "infer.ensemble:finite",
+            **{n: f"learn.checkpoint:{n}" for n in ("checkpoint_recipe", "recipe_key",
+                                                    "CONFIG_FILE", "PER_RUN_FIELDS")}},
+    "models": {**{n: f"learn.weights:{n}" for n in ("load_weights", "pickled_globals",
+                                                  "SAFE_GLOBAL_PREFIXES")},
+               "save_checkpoint": "learn.checkpoint:save_checkpoint",
+               **{n: f"learn.backbones:{n}" for n in ("SUPPORTED", "head_modules")}},
+    "train": {**{n: f"learn.checkpoint:{n}" for n in ("INPUT_RESIZE", "model_contract")},
+              "parse_size": "core.sizes:parse_size"},
+    "predict": {"load_checkpoints": "infer.predict:load_models"},
+    "dicom_io": {n: f"dicom.header:{n}" for n in ("transfer_syntax_name", "VoiLut")},
+    "notebooks": {"KAGGLE_WEIGHTS": "infer.kaggle:KAGGLE_WEIGHTS",
+                  "NOTEBOOKS": "_moved:notebooks_folder"},
+}
 PKG = __name__.rpartition(".")[0]
+
+
+def ensemble_tta(ens: dict):
+    """0.1's `oof.ensemble_tta(dict)`: `Ensemble(ens).tuned_tta`."""
+    return _resolve("infer.ensemble:Ensemble")(ens).tuned_tta
+
+
+def notebooks_folder():
+    """0.1's `notebooks.NOTEBOOKS`, found when asked (`app.notebooks.find_notebooks()`)."""
+    return _resolve("app.notebooks:find_notebooks")()
+
+
+def _resolve(target: str):
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(f"{PKG}.{module}")
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj() if target == "_moved:notebooks_folder" else obj
 
 
 def new_name(fullname: str) -> str | None:
@@ -61,6 +104,8 @@ class MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if new == f"{PKG}.dicom.decoders":
             # the old `decoders` was the registry and the plug-ins' package at once
             module = _Decoders(spec.name, module, importlib.import_module(f"{new}.registry"))
+        elif spec.name.partition(".")[2] in RENAMED:
+            module = _Renamed(spec.name, module, RENAMED[spec.name.partition(".")[2]])
         self._spec = module.__spec__
         return module
 
@@ -77,6 +122,20 @@ class _Decoders(types.ModuleType):
 
     def __getattr__(self, attr):
         return getattr(self._registry, attr)
+
+
+class _Renamed(types.ModuleType):
+    """An old module whose names partly moved elsewhere: its new module's names, and the moved
+    ones from where they went."""
+
+    def __init__(self, name, module, moved):
+        super().__init__(name, module.__doc__)
+        self.__spec__, self._module, self._moved = module.__spec__, module, moved
+
+    def __getattr__(self, attr):
+        if attr in self._moved:
+            return _resolve(self._moved[attr])
+        return getattr(self._module, attr)
 
 
 def install() -> None:

@@ -161,7 +161,7 @@ def test_write_ensemble_stores_a_breast_level_calibrator(runs, tmp_path):
     assert c["method"] == "isotonic" and c["agg"] == "max" and c == res["calibrator"]
     assert all(isinstance(v, float) for v in c["x"] + c["y"])
     # fitted on the same max-aggregated breasts the threshold was tuned on
-    b = breast_level(merge_oof(dirs), agg="max")
+    b = breast_level(merge_oof(dirs, agg="max"), agg="max")   # weights by max-aggregated AUC too
     assert c["n"] == len(b) == saved["n_breasts"]
     ref = fit_calibrator(b.cancer, b.prediction, "isotonic")
     assert apply_calibrator(c, b.prediction) == pytest.approx(apply_calibrator(ref, b.prediction))

@@ -428,3 +428,17 @@ def test_checkpoints_from_before_a_preprocessing_setting_load_with_new_ones(tmp_
     torch.save(dict(ck, preprocess=dict(ck["preprocess"], inverted="fix")), tmp_path / "fix.pt")
     with pytest.raises(RsnaError, match="fix.pt: preprocessing or channels differ"):
         load_models([tiny_ckpt, tmp_path / "fix.pt"], torch.device("cpu"))
+
+
+def test_ensemble_weights_apply_to_all_checkpoints_or_say_which_recipe_has_none(tiny_ckpt):
+    """The weights rsna oof tuned for must not fall back to equal votes silently when the
+    checkpoints given are other runs (reviewer's case: no recipe matches)."""
+    from rsna_utils.infer.predict import ensemble_weights, load_models, set_recipe_weights
+    models, _ = load_models([tiny_ckpt, tiny_ckpt], torch.device("cpu"))
+    set_recipe_weights(models, {models[0].recipe: 1.0})
+    np.testing.assert_allclose(ensemble_weights(models), [0.5, 0.5])
+    with pytest.raises(RsnaError, match=r"best.pt: its training recipe has no weight in the "
+                                        r"ensemble \(2 of 2 checkpoint"):
+        set_recipe_weights(models, {"config:another recipe": 1.0})
+    set_recipe_weights(models, None)
+    assert all(m.recipe_weight is None for m in models)

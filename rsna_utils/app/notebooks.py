@@ -53,7 +53,7 @@ def load_plan(plan: str | Path) -> dict:
     if not p.exists():
         if not (suite / "plans").is_dir():
             raise RsnaError(f"plan {plan!r}: no notebook suite at {suite}; run from a checkout, "
-                            "attach the rsna-bundle dataset, or set RSNA_suite=<folder>")
+                            "attach the rsna-bundle dataset, or set RSNA_NOTEBOOKS=<folder>")
         known = sorted(x.stem for x in (suite / "plans").glob("*.yaml"))
         raise RsnaError(f"plan {plan!r} not found; give a YAML path or one of {known}")
     d = yaml.safe_load(p.read_text()) or {}

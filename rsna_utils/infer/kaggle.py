@@ -5,7 +5,7 @@ A Kaggle code competition re-runs the submission notebook offline on a hidden te
 plan ends by exporting what inference needs into one folder (`export_models`: the checkpoints,
 which carry their preprocessing settings and input contract, and `ensemble.json` with the
 out-of-fold threshold), uploaded as a Kaggle dataset; the `submit` plan reads that folder
-(`load_ensemble`), predicts and says how long the hidden test will take
+(`Ensemble.read`), predicts and says how long the hidden test will take
 (`hidden_test_estimate`). The package itself reaches the offline notebook as a bundle of wheels
 (`rsna_utils.app.bundle`).
 """
@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from rsna_utils.core.errors import RsnaError, atomic_folder
-from rsna_utils.infer.ensemble import ENSEMBLE_FILE, Ensemble
+from rsna_utils.infer.ensemble import ENSEMBLE_FILE, Ensemble, exported_recipe
 
 KAGGLE_INPUT = "/kaggle/input"        # attached datasets (read-only), unless $KAGGLE_INPUT
 KAGGLE_WORKING = "/kaggle/working"    # the notebook's output, unless $KAGGLE_WORKING
@@ -147,14 +147,15 @@ def hidden_test_estimate(result, patients: int = HIDDEN_TEST_PATIENTS,
 
 
 def _recipe(ckpt: Path) -> str | None:
-    """oof.checkpoint_recipe of a training checkpoint; None for a file that is not one."""
+    """checkpoint.checkpoint_recipe of a training checkpoint; None for a file that is not one."""
     from rsna_utils.learn.checkpoint import checkpoint_recipe
     from rsna_utils.learn.weights import load_weights
     try:
         stored = load_weights(ckpt).get("config")
     except (RsnaError, OSError, AttributeError):
         return None
-    return checkpoint_recipe(ckpt, stored) if isinstance(stored, dict) else None
+    return (checkpoint_recipe(ckpt, stored, exported_recipe) if isinstance(stored, dict)
+            else None)
 
 
 def _is_export(d: Path) -> bool:

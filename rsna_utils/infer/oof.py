@@ -7,8 +7,9 @@ RUN/config.json (the TrainConfig). Here:
 
 * runs of one model (same training recipe, different folds) are concatenated: every image once
   per model; an image in two runs of one model is an error naming both folders;
-* models are averaged per image (the mean of the models' probabilities, as inference averages
-  its checkpoints), then aggregated per breast exactly as the submission is
+* models are averaged per image, each weighted by its out-of-fold breast AUC above chance (or
+  equally), as inference averages its checkpoints; then aggregated per breast exactly as the
+  submission is
   (`metrics.breast_level`, mean or max over the views);
 * the threshold (or the top share q to flag) is tuned once, on that averaged breast-level
   prediction.
@@ -78,7 +79,9 @@ def model_weights(keys: list[str], recipe_weights: dict[str, float] | None = Non
                         "`rsna oof` weighed, or without its weights")
     total = sum(recipe_weights[k] for k in counts.index)
     if total <= 0:
-        raise RsnaError("the ensemble's weights of these checkpoints sum to 0; rerun `rsna oof`")
+        raise RsnaError("every checkpoint given belongs to a model with no vote in the ensemble "
+                        "(its out-of-fold AUC was at chance); add the checkpoints of the models "
+                        "that have one, or rerun `rsna oof --weighting equal`")
     return np.array([recipe_weights[k] / (total * counts[k]) for k in keys])
 
 
@@ -170,7 +173,7 @@ WEIGHTINGS = ("auc", "equal")
 
 
 def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False,
-              weighting: str = "auc") -> pd.DataFrame:
+              weighting: str = "auc", agg: str = "mean") -> pd.DataFrame:
     """The OOF predictions of the ensemble, one row per image.
 
     Folds of one model are concatenated (an image in two of its runs raises RsnaError naming
@@ -191,14 +194,15 @@ def merge_oof(run_dirs: list[str | Path], allow_missing: bool = False,
     wide, model_labels, dropped = _complete_images(allr, runs, allow_missing)
     meta = (allr.drop_duplicates("image_id").set_index("image_id")
             [["patient_id", "laterality", "prediction_id", "cancer"]]).loc[wide.index]
-    aucs = {m: _breast_auc(meta, wide[m]) for m in model_labels}
+    aucs = {m: _breast_auc(meta, wide[m], agg) for m in model_labels}
     weights = score_weights(aucs) if weighting == "auc" else {m: 1 / len(aucs) for m in aucs}
     out = _merged_table(allr, wide, model_labels, weights)
     key_of = dict(allr[["model", "model_key"]].drop_duplicates().itertuples(index=False))
     out.attrs["weighting"] = weighting
     out.attrs["weights"] = weights
     out.attrs["model_auc"] = aucs
-    out.attrs["recipe_weights"] = {key_of[m]: w for m, w in weights.items()}
+    if weighting == "auc":        # equal: no weights stored, inference averages as before
+        out.attrs["recipe_weights"] = {key_of[m]: w for m, w in weights.items()}
     out.attrs["runs"] = _run_info(allr, runs)
     out.attrs["models"] = model_labels
     out.attrs["dropped_images"] = dropped
@@ -302,8 +306,9 @@ def score_weights(aucs: dict[str, float]) -> dict[str, float]:
     return {m: max(e, 0.0) / total for m, e in edge.items()}
 
 
-def _breast_auc(meta: pd.DataFrame, pred: pd.Series) -> float:
-    breast = metrics.breast_level(meta.assign(prediction=pred.to_numpy()), "prediction", "cancer")
+def _breast_auc(meta: pd.DataFrame, pred: pd.Series, agg: str = "mean") -> float:
+    breast = metrics.breast_level(meta.assign(prediction=pred.to_numpy()), "prediction", "cancer",
+                                  agg)
     return float(metrics.roc_auc(breast["cancer"], breast["prediction"]))
 
 
@@ -462,7 +467,7 @@ def write_ensemble(run_dirs: list[str | Path], out_json: str | Path, agg: str = 
     if calibration is not None and calibration not in CALIBRATIONS:
         raise RsnaError(f"calibration {calibration!r}: choose one of {', '.join(CALIBRATIONS)} "
                         "or None")
-    df = merge_oof(run_dirs, allow_missing=allow_missing, weighting=weighting)
+    df = merge_oof(run_dirs, allow_missing=allow_missing, weighting=weighting, agg=agg)
     res = ensemble_threshold(df, agg=agg, beta=beta, mode=mode)
     if calibration is not None:
         try:

@@ -98,10 +98,15 @@ def ensemble_weights(models: list[LoadedModel]) -> np.ndarray:
 
 def set_recipe_weights(models: list[LoadedModel], recipe_weights: dict | None) -> None:
     """Give each checkpoint its recipe's weight from ensemble.json ("recipe_weights")."""
+    missing = [m.path for m in models if recipe_weights and m.recipe not in recipe_weights]
+    if missing:
+        raise RsnaError(f"{missing[0]}: its training recipe has no weight in the ensemble "
+                        f"({len(missing)} of {len(models)} checkpoint(s)); the weights were "
+                        "tuned for the runs `rsna oof` merged: predict with those runs' "
+                        "checkpoints (or the exported folder), or rerun `rsna oof --weighting "
+                        "equal` for an ensemble without weights")
     for m in models:
-        m.recipe_weight = None if not recipe_weights else recipe_weights.get(m.recipe)
-    if recipe_weights:
-        ensemble_weights(models)        # a checkpoint of a recipe without weight: one clear line
+        m.recipe_weight = None if not recipe_weights else recipe_weights[m.recipe]
 
 
 def weighted_mean(models: list[LoadedModel], attr: str) -> float:
@@ -203,8 +208,9 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
                    device, batch_size: int = 16, workers: int = 2, tta: bool = False,
                    backend: str = "auto", channels: int = 3, progress: bool = True):
     """Per-image probabilities, reasons and `roi.looks_inverted` flags: NaN and a reason where
-    unreadable. The checkpoints of one recipe (its folds) are averaged, then the recipes equally (`oof.model_weights`: the
-    ensemble whose out-of-fold threshold `rsna oof` tunes), each with its flip when `tta`."""
+    unreadable. The checkpoints of one recipe (its folds) are averaged, then the recipes by
+    the ensemble's weights or equally (`ensemble_weights`: the ensemble whose out-of-fold
+    threshold `rsna oof` tunes), each with its flip when `tta`."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm

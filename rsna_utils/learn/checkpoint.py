@@ -173,7 +173,7 @@ class LoadedModel:
     size: tuple = (0, 0)     # the model's input (height, width)
     norm: tuple = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))   # input mean / std (stored at training)
     channels: int = 3
-    recipe: str = ""         # the training recipe (oof.recipe_key): folds of one recipe share it
+    recipe: str = ""         # the training recipe (`recipe_key`): folds of one recipe share it
     recipe_weight: float | None = None   # the recipe's vote in an ensemble (None: equal)
 
 
@@ -205,7 +205,8 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def file_kind(path: Path) -> str:
     """What a file looks like from its first bytes, in words, for an error message."""
-    head = path.read_bytes()[:16] if path.stat().st_size else b""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
     if not head:
         return "an empty file (a copy cut short?)"
     if head.startswith(b"PK\x03\x04"):
@@ -222,7 +223,7 @@ def file_kind(path: Path) -> str:
 def load_checkpoints(paths: list[str | Path], device,
                      exported=None) -> tuple[list[LoadedModel], dict]:
     """Models and the one preprocessing config they share (an ensemble must agree on it). The
-    input contract comes from each checkpoint (`train.model_contract`): size, channels, mean /
+    input contract comes from each checkpoint (`model_contract`): size, channels, mean /
     std, and the PNG -> input resize, which must be the one this version applies."""
     from rsna_utils.image.preprocess import with_later_settings
     from rsna_utils.learn.models import create_model, set_outputs

@@ -156,7 +156,7 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     summary = _exam_table(table, key, figures)
     csv_path, index = out / "heatmaps.csv", out / "index.html"
     write_atomic(csv_path, table.to_csv(index=False))
-    write_atomic(index, _index_html(summary, key, threshold, [m.path for m in models]))
+    write_atomic(index, _index_html(summary, key, threshold, [m.path for m in models], agg))
     return dict(index=str(index), heatmaps_csv=str(csv_path),
                 figures=[str(out / f) for f in summary["figure"]], views=table, exams=summary,
                 threshold=threshold, seconds=time.perf_counter() - t0)
@@ -402,7 +402,8 @@ def _wrap(text: str, width: int = 48) -> str:
     return "\n".join(textwrap.wrap(text, width)[:6])
 
 
-def _index_html(exams: pd.DataFrame, key: str, threshold: float, checkpoints: list[str]) -> str:
+def _index_html(exams: pd.DataFrame, key: str, threshold: float, checkpoints: list[str],
+                agg: str = "mean") -> str:
     e = html.escape
     rows = []
     for i, r in exams.iterrows():
@@ -425,7 +426,7 @@ def _index_html(exams: pd.DataFrame, key: str, threshold: float, checkpoints: li
 text-align:left;vertical-align:top}} tr.positive td:nth-child(4){{color:#b00;font-weight:bold}}</style>
 </head><body>
 <h1>Exam reports</h1>
-<p>{len(exams)} exams by decreasing score (the highest breast score: the mean of its views'
+<p>{len(exams)} exams by decreasing score (the highest breast score: the {agg} of its views'
 probabilities). Click a figure to open it full size. Decision at threshold {threshold:.4f}. Checkpoints: {e(", ".join(checkpoints))}.
 Heat: HiResCAM (gradient x activation) of the stride-16 feature map, mapped back to the original pixels.</p>
 <table><tr>{head}</tr>

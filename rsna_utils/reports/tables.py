@@ -26,6 +26,8 @@ def tidy(table, digits: int = 3, empty: str = "nothing to show"):
         return None
     fmt = {}
     for c in df.columns:
+        if str(c).endswith("_id") or str(c) == "id":
+            continue                  # identifiers as they are, not 462,822,612
         if COUNT.match(str(c)):
             fmt[c] = lambda v: "" if _missing(v) else f"{int(v):,}"
         elif pd.api.types.is_numeric_dtype(df[c]) or df[c].map(_is_number).all():
@@ -62,6 +64,8 @@ def column_summary(df: pd.DataFrame, top: int = 3) -> pd.DataFrame:
     values with their shares (or the range of a numeric column) - instead of describe()'s
     wall of NaN."""
     rows = []
+    if len(df.columns) == 0:
+        return pd.DataFrame(columns=["kind", "distinct", "missing", "values"])
     for c in df.columns:
         s = df[c]
         numeric = pd.api.types.is_numeric_dtype(s) and s.nunique() > 12
