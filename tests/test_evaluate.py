@@ -254,3 +254,24 @@ def test_compare_auc_is_paired_and_can_say_no():
         ev.compare_auc(y, weak, np.where(np.arange(n) == 3, np.nan, strong), patients)
     with pytest.raises(RsnaError, match="1 row\\(s\\) have no patient id"):
         ev.compare_auc(y, weak, strong, np.where(np.arange(n) == 3, np.nan, patients))
+
+
+def test_compare_metric_pairs_pr_auc_and_the_f1_of_binary_calls():
+    rng = np.random.default_rng(4)
+    n = 400
+    patients = np.repeat(np.arange(n // 2), 2)
+    y = (rng.random(n) < 0.2).astype(int)
+    weak, strong = y * 0.3 + rng.random(n), y * 1.5 + rng.random(n)
+    r = ev.compare_metric(y, weak, strong, patients, "pr_auc", n_boot=300)
+    assert r["a"] == pytest.approx(average_precision_score(y, weak))
+    assert r["b"] == pytest.approx(average_precision_score(y, strong))
+    assert r["difference_low"] > 0 and r["p_not_better"] < 0.01
+    # binarised calls: pF1 of 0/1 predictions is the F1 of the calls
+    ca, cb = (weak >= 1.0).astype(float), (strong >= 1.0).astype(float)
+    f = ev.compare_metric(y, ca, cb, patients, "pf1", n_boot=300)
+    assert f["a"] == pytest.approx(f1_score(y, ca)) and f["b"] == pytest.approx(f1_score(y, cb))
+    assert f["difference"] > 0
+    back = ev.compare_metric(y, cb, ca, patients, "pf1", n_boot=300)
+    assert back["difference_high"] < 0 and back["p_not_better"] > 0.99
+    with pytest.raises(RsnaError, match="metric 'f2': choose auc, pr_auc, pf1 or brier"):
+        ev.compare_metric(y, ca, cb, patients, "f2")

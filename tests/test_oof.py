@@ -322,3 +322,23 @@ def test_inference_weighs_checkpoints_by_the_ensembles_recipe_weights():
     np.testing.assert_allclose(model_weights(keys, {"A": 1.0, "B": 0.0}), [0.25] * 4 + [0, 0])
     with pytest.raises(RsnaError, match="1 checkpoint recipe.s. have no weight in the ensemble"):
         model_weights(keys + ["C"], {"A": 0.5, "B": 0.5})
+
+
+def test_binarize_quantile_flags_the_out_of_fold_positive_rate():
+    """`--binarize quantile` with an ensemble: the share of breasts its tuned cut called on the
+    out-of-fold scores; without an ensemble, or with no rate stored, one line with the fix."""
+    from rsna_utils.core.errors import RsnaError
+    from rsna_utils.infer.ensemble import Ensemble
+    from rsna_utils.infer.predict import PredictConfig
+    ens = Ensemble({"threshold": 0.3, "quantile": 0.0425, "binarize": "threshold", "agg": "mean",
+                    "tta": False})
+    got = ens.predict_settings({"binarize_how": "quantile", "tta": False})
+    assert got["binarize_how"] == "quantile:0.0425"
+    assert ens.predict_settings({"tta": False})["binarize_how"] == "threshold"
+    assert PredictConfig("i", "c.csv", ["x.pt"], **{k: got[k] for k in ("binarize_how", "tta")}
+                         ).binarize_how == "quantile:0.0425"
+    with pytest.raises(RsnaError, match="no out-of-fold positive rate"):
+        Ensemble({"threshold": 0.3, "agg": "mean", "tta": False}).predict_settings(
+            {"binarize_how": "quantile", "tta": False})
+    with pytest.raises(RsnaError, match="binarize quantile: .*pass --ensemble .*quantile:Q"):
+        PredictConfig("i", "c.csv", ["x.pt"], binarize_how="quantile")

@@ -110,3 +110,76 @@ def test_an_image_listed_as_benign_and_malignant_keeps_the_malignant_label(tmp_p
         cv2.imwrite(str(tmp_path / folder / "7_70.png"), _breast("L", 1))
     df = list_images(tmp_path)
     assert len(df) == 1 and df.cancer.iloc[0] == 1
+
+
+def _meta(truth: dict, **change) -> pd.DataFrame:
+    """The competition's columns for the export fixture's images; the true laterality is the
+    opposite of where the fixture drew the breast for patient 2 (the mass rule would miss it)."""
+    rows = []
+    for image_id, (side, _) in sorted(truth.items()):
+        p = (image_id - 1000) // 10
+        rows.append(dict(site_id=1 + p % 2, patient_id=p + 1, image_id=image_id,
+                         laterality=("R" if side == "L" else "L") if p == 1 else side,
+                         view=("CC", "MLO")[image_id % 2], age=50.0 + p, cancer=int(p < 3),
+                         biopsy=int(p < 4), invasive=int(p < 2), BIRADS=float(p % 3), implant=0,
+                         density="ABCD"[p % 4], machine_id=49 + p, difficult_negative_case=p == 4,
+                         fold=p % 4))
+    return pd.DataFrame(rows).assign(**change)
+
+
+def test_wrap_with_the_competition_metadata_gives_true_sides_views_and_columns(export, tmp_path):
+    src, truth = export
+    meta = _meta(truth)
+    meta_csv = tmp_path / "train_folds.csv"
+    meta.to_csv(meta_csv, index=False)
+    counts = wrap(src, tmp_path / "dcm", test_frac=0.25, seed=0, workers=1, progress=False,
+                  meta=meta_csv)
+    out = tmp_path / "dcm"
+    train, test = pd.read_csv(out / "train.csv"), pd.read_csv(out / "test.csv")
+    both = pd.concat([train.assign(part="train"), test.assign(part="test")])
+    want = meta.set_index("image_id")
+    for r in both.itertuples():
+        m = want.loc[r.image_id]
+        assert (r.laterality, r.view, r.site_id, r.age, r.machine_id) == (
+            m.laterality, m.view, m.site_id, m.age, m.machine_id), r.image_id
+        h = read_dicom(out / f"{r.part}_images" / str(r.patient_id) / f"{r.image_id}.dcm").header
+        assert (h.laterality, h.view) == (m.laterality, m.view)
+    for c in ("BIRADS", "density", "biopsy", "invasive", "difficult_negative_case"):
+        assert dict(zip(train.image_id, train[c])) == {i: want.loc[i, c] for i in train.image_id}, c
+    # the same patients are held out as without the table (the split reads patient and label)
+    plain = wrap(src, tmp_path / "plain", test_frac=0.25, seed=0, workers=1, progress=False)
+    assert set(pd.read_csv(tmp_path / "plain" / "test.csv").image_id) == set(test.image_id)
+    assert plain["metadata"] is None and counts["metadata"] == str(meta_csv)
+    # patient 2's two images are drawn on the side opposite their true laterality
+    assert (counts["mass_side_agrees"], counts["mass_side_checked"]) == (14, 16)
+    assert counts["breasts"] == 8 and counts["breasts_with_cc_and_mlo"] == 8
+    sides = pd.read_csv(out / "wrap_sides.csv")
+    assert set(sides.image_id[sides.mass_side != sides.laterality]) == {1010, 1011}
+
+
+def test_a_metadata_table_that_does_not_match_the_images_is_named(export, tmp_path):
+    from rsna_utils.sources.realdata import join_metadata
+    src, truth = export
+    images = list_images(src)
+    with pytest.raises(RsnaError, match=r"nope\.csv: metadata table not found"):
+        join_metadata(images, tmp_path / "nope.csv")
+    bad = tmp_path / "bad.csv"
+    _meta(truth).drop(columns=["view", "density"]).to_csv(bad, index=False)
+    with pytest.raises(RsnaError, match=r"bad\.csv: lacks column\(s\) \['view', 'density'\]"):
+        join_metadata(images, bad)
+    with pytest.raises(RsnaError, match=r"2 of 16 images have no row \(first image_id \[1070, "
+                                        r"1071\].*give the table these images come from"):
+        join_metadata(images, _meta(truth).query("image_id < 1070"))
+    m = _meta(truth)
+    m.loc[m.image_id == 1000, "cancer"] = 0
+    with pytest.raises(RsnaError, match=r"1 images' cancer label differs from their folder "
+                                        r"\(image_id 1000: malignant/ but cancer=0"):
+        join_metadata(images, m)
+    m = _meta(truth)
+    m.loc[m.image_id == 1031, "patient_id"] = 99
+    with pytest.raises(RsnaError, match=r"image_id 1031: 4 in its file name, 99 in the table"):
+        join_metadata(images, m)
+    dup = tmp_path / "dup.csv"
+    pd.concat([_meta(truth), _meta(truth).head(1)]).to_csv(dup, index=False)
+    with pytest.raises(RsnaError, match=r"dup\.csv: image_id 1000 has 2 rows"):
+        join_metadata(images, dup)

@@ -344,18 +344,42 @@ def test_backbone_lr_splits_head_and_backbone(pool, aux):
     cfg = TrainConfig(lr=1e-3, backbone_lr=0.1, epochs=2, warmup_epochs=0, device="cpu",
                       global_pool=pool)
     opt = create_optimisation(cfg, net, 10, torch.device("cpu")).optimizer
-    head, back = opt.param_groups
-    assert (head["name"], back["name"]) == ("head", "backbone")
-    assert head["lr"] == pytest.approx(1e-3) and back["lr"] == pytest.approx(1e-4)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert list(groups) == ["head", "head_no_decay", "backbone", "backbone_no_decay"]
+    head = groups["head"]["params"] + groups["head_no_decay"]["params"]
+    for n, lr in (("head", 1e-3), ("head_no_decay", 1e-3), ("backbone", 1e-4),
+                  ("backbone_no_decay", 1e-4)):
+        assert groups[n]["lr"] == pytest.approx(lr), n
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in net.parameters())       # all, none twice
     want = {id(net.fc.weight), id(net.fc.bias)} | ({id(net.global_pool.p)}
                                                    if pool == "gem" else set())
-    assert {id(p) for p in head["params"]} == want
+    assert {id(p) for p in head} == want
     assert net.fc.out_features == 1 + aux
     one = create_optimisation(TrainConfig(lr=1e-3, device="cpu"), net, 10,
                               torch.device("cpu")).optimizer
-    assert len(one.param_groups) == 1 and one.param_groups[0]["initial_lr"] == pytest.approx(1e-3)
+    assert [g["name"] for g in one.param_groups] == ["all", "all_no_decay"]
+    assert all(g["initial_lr"] == pytest.approx(1e-3) for g in one.param_groups)
+
+
+def test_weight_decay_spares_norms_biases_and_gem():
+    """Decoupled weight decay on conv and linear weights only; BatchNorm scales and shifts,
+    biases and GeM's p keep theirs (a step with zero gradient leaves them as they were)."""
+    from rsna_utils.learn.models import create_model
+    from rsna_utils.learn.train import create_optimisation
+    net = create_model("resnet18", 3, None, global_pool="gem")
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.05, epochs=1, warmup_epochs=0, device="cpu")
+    opt = create_optimisation(cfg, net, 10, torch.device("cpu")).optimizer
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in net.named_parameters():
+        moved = not torch.equal(p, before[n])
+        assert moved == (p.ndim > 1), n                 # only >1-D weights shrink
+    assert not torch.equal(net.conv1.weight, before["conv1.weight"])
+    assert torch.equal(net.bn1.weight, before["bn1.weight"])
+    assert torch.equal(net.global_pool.p, before["global_pool.p"])
 
 
 def test_backbone_lr_out_of_range_is_refused():
@@ -502,3 +526,49 @@ def test_train_names_a_wrong_csv_or_folder_before_anything_else(tmp_path, capsys
         err = capsys.readouterr().err
         assert code == 2 and what in err and err.count("\n") == 1, err
         assert "random weights" not in err and not (tmp_path / "run").exists()
+
+
+def test_select_window_picks_by_the_mean_of_the_last_epochs():
+    """One lucky epoch (0.80 after 0.55) wins alone; with a window of 2 the steadier pair
+    (0.70, 0.72) wins over (0.55, 0.80)."""
+    from rsna_utils.learn.train import update_best
+    aucs = [0.70, 0.72, 0.55, 0.80]
+    hist, best1, best2 = [], None, None
+    for e, a in enumerate(aucs):
+        m = {"breast_mean_auc": a, "breast_mean_pr_auc": 0.1}
+        hist.append(m)
+        best1, _ = update_best(best1, m, e, "auc")
+        best2, _ = update_best(best2, m, e, "auc", hist, window=2)
+    assert best1["epoch"] == 3
+    assert best2["epoch"] == 1 and best2["score"][0] == pytest.approx(0.71)
+    assert best2["window"] == 2 and best2["select_by"] == "auc"
+
+
+def test_ema_decay_from_epochs_fits_the_steps_per_epoch():
+    from rsna_utils.learn.train import create_optimisation, ema_decay, ema_from_epochs
+    assert ema_from_epochs(1, 5000) == pytest.approx(0.9998)
+    assert ema_from_epochs(0.5, 80) == pytest.approx(0.975)
+    assert ema_from_epochs(0.5, 1) == 0.0                     # never below one step
+    net = torch.nn.Linear(3, 1)
+    cfg = TrainConfig(ema_epochs=0.5, device="cpu", epochs=1)
+    ema = create_optimisation(cfg, net, 80, torch.device("cpu")).ema
+    with torch.no_grad():
+        ema.module.weight.fill_(0.0)
+        net.weight.fill_(1.0)
+    ema.n_averaged.fill_(10_000)          # past the warm-up: one blend at the set decay
+    ema.update_parameters(net)
+    assert ema.module.weight.flatten()[0].item() == pytest.approx(1 - 0.975)
+    assert ema_decay(0.975, 10_000) == pytest.approx(0.975)
+    assert create_optimisation(TrainConfig(device="cpu"), net, 80, torch.device("cpu")).ema is None
+
+
+def test_sampler_ratio_settings_are_checked():
+    from rsna_utils.core.errors import RsnaError
+    assert TrainConfig(target_ratio="1:7").target_ratio == pytest.approx(0.125)
+    with pytest.raises(RsnaError, match=r"target_ratio='2:0'.*give a share in \(0, 1\) or POS:NEG"):
+        TrainConfig(target_ratio="2:0")
+    with pytest.raises(RsnaError, match=r"cannot be met with min_positives=1 in a batch of 4: "
+                                        r"at least 25% .*raise batch_size to 8"):
+        TrainConfig(target_ratio="1:7", min_positives=1, batch_size=4)
+    with pytest.raises(RsnaError, match="ema=0.99 and ema_epochs=1.0: give one"):
+        TrainConfig(ema=0.99, ema_epochs=1.0)

@@ -131,7 +131,7 @@ class Ensemble(dict):
         if follow_tta or self.cuts(given):
             out["tta"] = self.submission_tta(given, source)
         if output in (None, "binary"):      # an ensemble alone: binary at its cut
-            out["binarize_how"] = given.get("binarize_how") or self.get("binarize")
+            out["binarize_how"] = self.binarize_how(given.get("binarize_how"), source)
         if output == "calibrated":
             out["calibrator"] = self.get("calibrator")
             if not out["calibrator"]:
@@ -144,6 +144,18 @@ class Ensemble(dict):
         elif self.get("calibrator") is not None:
             out["calibrator"] = self["calibrator"]
         return out
+
+    def binarize_how(self, asked: str | None, source: str = "the ensemble") -> str | None:
+        """The cut to binarise at: `asked` ("threshold", "quantile:q", or "quantile": flag the
+        out-of-fold positive rate, the share of breasts the tuned cut called on the out-of-fold
+        scores, as the 4th place did), else the one the file was tuned for."""
+        if asked != "quantile":
+            return asked or self.get("binarize")
+        q = self.get("quantile")
+        if q is None or not 0 < float(q) < 1:
+            raise RsnaError(f"{source}: no out-of-fold positive rate (quantile {q!r}) to binarise "
+                            "at; rerun `rsna oof` on the training runs, or give quantile:Q")
+        return f"quantile:{float(q)!r}"
 
     def recipe_of(self, checkpoint: str | Path, folder: str | Path) -> str | None:
         """The recipe key this file recorded for `checkpoint` (exports), names resolved

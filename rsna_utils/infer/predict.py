@@ -47,7 +47,8 @@ class PredictConfig(Config):
     agg: str = setting("mean", "views -> breast (rsna predict --ensemble: the JSON's)",
                        choices=("mean", "max"))
     binarize_how: str | None = setting(None, "binary output: threshold (the checkpoints' or "
-                                       "--threshold) or quantile:0.02", flags=("--binarize",))
+                                       "--threshold), quantile:0.02, or quantile (with "
+                                       "--ensemble: its out-of-fold positive rate)", flags=("--binarize",))
     batch_size: int = setting(16, "images per model call", ge=1)
     workers: int = setting(2, "preprocessing processes", ge=0)
     device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
@@ -73,6 +74,10 @@ class PredictConfig(Config):
             self.checkpoints = [self.checkpoints]
         self.check_fields()
         self.checkpoints = [os.fspath(c) for c in self.checkpoints]
+        if self.binarize_how == "quantile":
+            raise RsnaError("binarize quantile: the out-of-fold positive rate comes from an "
+                            "ensemble; pass --ensemble ensemble.json, or give quantile:Q (e.g. "
+                            "quantile:0.02)")
         if self.binarize_how not in (None, "threshold"):
             quantile_share(self.binarize_how)
         resolve_output(self.output, self.binarize_how, self.calibrator, self.agg)

@@ -149,8 +149,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, cfg: T
     dt = time.perf_counter() - t0
     return {"train_loss": loss_sum / max(1, n_seen), "train_images": n_seen,
             "train_img_s": n_seen / dt if dt else 0.0, "lr": optimizer.param_groups[0]["lr"],
-            **({"lr_backbone": optimizer.param_groups[1]["lr"]}
-               if len(optimizer.param_groups) > 1 else {})}
+            **{"lr_backbone": g["lr"] for g in optimizer.param_groups[:: -1]
+               if g.get("name", "").startswith("backbone")}}
 
 
 def predict_loader(model, loader, device, dtype=None, channels_last: bool = True,
@@ -212,7 +212,8 @@ def train(cfg: TrainConfig) -> dict:
                                 cfg.channels_last, cfg.tta)
             row.update(m)
             history.append(row)
-            best, improved = update_best(best, m, epoch, cfg.select_by)
+            best, improved = update_best(best, m, epoch, cfg.select_by, history,
+                                         cfg.select_window)
             state = epoch_state(cfg, epoch, model, opt, contract, m, history, best, data.prior)
             save_epoch(out, state, eval_model if improved else None, preds, history)
             print(f"epoch {epoch}: loss {row['train_loss']:.4f}, breast pF1 "
@@ -349,8 +350,7 @@ def create_optimisation(cfg: TrainConfig, model, batches_per_epoch: int, device)
 
     from rsna_utils.learn.models import WeightedBCE
     loss_fn = CancerAuxLoss(WeightedBCE(cfg.pos_weight, cfg.neg_weight), cfg.aux_weight)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr, cfg.weight_decay))
     steps_per_epoch = max(1, math.ceil(min(batches_per_epoch, cfg.max_steps or 10**9)
                                        / cfg.accumulate))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
@@ -358,28 +358,50 @@ def create_optimisation(cfg: TrainConfig, model, batches_per_epoch: int, device)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     ema = None
-    if cfg.ema:
+    decay = ema_from_epochs(cfg.ema_epochs, steps_per_epoch) if cfg.ema_epochs else cfg.ema
+    if decay:
         from torch.optim.swa_utils import AveragedModel
         # use_buffers: BatchNorm running statistics are averaged too, not left at their start
-        ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.ema), use_buffers=True)
+        ema = AveragedModel(model, multi_avg_fn=ema_update(decay), use_buffers=True)
     return Optimisation(loss_fn, optimizer, scheduler, dtype, scaler, ema)
 
 
-def param_groups(model, lr: float, backbone_share: float = 1.0) -> list[dict]:
+def param_groups(model, lr: float, backbone_share: float = 1.0,
+                 weight_decay: float = 0.0) -> list[dict]:
     """AdamW parameter groups: the head (classifier, auxiliary outputs and GeM's p: new, randomly
-    initialised) at `lr`, every other parameter (the backbone) at `lr * backbone_share`. One group
-    when the share is 1."""
+    initialised) at `lr`, every other parameter (the backbone) at `lr * backbone_share`. Decoupled
+    weight decay on the weights of convolutions and linear layers only: norms' scales and shifts,
+    biases and GeM's p (every parameter of one dimension or none) are not decayed, as the winners'
+    timm recipes did."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if backbone_share == 1.0:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
-    from rsna_utils.learn.backbones import head_modules
-    head_ids = {id(p) for m in head_modules(model) for p in m.parameters()}
-    head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
-    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    if not head:
-        raise RsnaError(f"backbone_lr={backbone_share}: no head found in {type(model).__name__} "
-                        "(timm's get_classifier() returned nothing); use backbone_lr 1")
-    return [{"params": head, "lr": lr, "name": "head"},
-            {"params": backbone, "lr": lr * backbone_share, "name": "backbone"}]
+        parts = [("", trainable, lr)]
+    else:
+        from rsna_utils.learn.backbones import head_modules
+        head_ids = {id(p) for m in head_modules(model) for p in m.parameters()}
+        head = [(n, p) for n, p in trainable if id(p) in head_ids]
+        if not head:
+            raise RsnaError(f"backbone_lr={backbone_share}: no head found in {type(model).__name__} "
+                            "(timm's get_classifier() returned nothing); use backbone_lr 1")
+        parts = [("head", head, lr),
+                 ("backbone", [(n, p) for n, p in trainable if id(p) not in head_ids],
+                  lr * backbone_share)]
+    groups = []
+    for name, params, group_lr in parts:
+        decay = [p for _, p in params if p.ndim > 1]
+        rest = [p for _, p in params if p.ndim <= 1]
+        for suffix, ps, wd in (("", decay, weight_decay), ("_no_decay", rest, 0.0)):
+            if ps:
+                groups.append({"params": ps, "lr": group_lr, "weight_decay": wd,
+                               "name": (name or "all") + suffix})
+    return groups
+
+
+def ema_from_epochs(epochs: float, steps_per_epoch: int) -> float:
+    """The EMA decay whose time constant is `epochs` epochs of optimiser steps: 1 - 1 / (epochs
+    x steps per epoch), so the average spans the same share of training on 50 or 50,000 images
+    (0.9998 at 5,000 steps an epoch and 1 epoch; 0.975 at 80 steps and half an epoch)."""
+    return 1.0 - 1.0 / max(1.0, epochs * steps_per_epoch)
 
 
 def ema_decay(decay: float, n_averaged: int) -> float:
@@ -463,14 +485,23 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
     return int(ck["epoch"]) + 1, ck.get("best"), list(ck.get("history", []))
 
 
-def update_best(best: dict | None, m: dict, epoch: int, select_by: str) -> tuple[dict, bool]:
-    """(best, improved): this epoch becomes the best when its selection score is higher."""
-    score = selection_score(m, select_by)   # the chosen measure (AUC by default), ties by PR-AUC, AUC
+def update_best(best: dict | None, m: dict, epoch: int, select_by: str,
+                history: list[dict] | None = None, window: int = 1) -> tuple[dict, bool]:
+    """(best, improved): this epoch becomes the best when its selection score is higher. With
+    `window` > 1 the chosen measure is averaged over this epoch and the window - 1 before it
+    (`history`, this epoch last): one epoch's breast AUC on ~120 positive breasts is noisy."""
+    score = selection_score(m, select_by, history, window)
     # the best's score is rebuilt from its stored metrics: a resumed run may select by another
-    # measure, and older checkpoints stored (pF1, AUC)
-    if best is not None and score <= selection_score(best.get("metrics", {}), select_by):
-        return best, False
-    return {"epoch": epoch, "score": list(score), "metrics": _plain(m)}, True
+    # measure, and older checkpoints stored (pF1, AUC); a windowed score is kept as it was made
+    if best is not None:
+        if window > 1 and best.get("window") == window and best.get("select_by") == select_by:
+            before = tuple(best["score"])
+        else:
+            before = selection_score(best.get("metrics", {}), select_by)
+        if score <= before:
+            return best, False
+    return {"epoch": epoch, "score": list(score), "metrics": _plain(m), "select_by": select_by,
+            "window": window}, True
 
 
 def epoch_state(cfg: TrainConfig, epoch: int, model, opt: Optimisation, contract: dict, m: dict,
@@ -510,10 +541,14 @@ def teardown(out: Path, model, rank: int, world: int) -> None:
         dist.destroy_process_group()
 
 
-def selection_score(m: dict, select_by: str) -> tuple:
-    """What picks best.pt: the chosen breast-level measure, then PR-AUC, then AUC."""
-    return (_nan0(m.get(SELECT_BY[select_by])), _nan0(m.get("breast_mean_pr_auc")),
-            _nan0(m.get("breast_mean_auc")))
+def selection_score(m: dict, select_by: str, history: list[dict] | None = None,
+                    window: int = 1) -> tuple:
+    """What picks best.pt: the chosen breast-level measure (its mean over the last `window`
+    epochs of `history` when given), then this epoch's PR-AUC, then its AUC."""
+    key = SELECT_BY[select_by]
+    recent = (history or [])[-window:] if window > 1 else []
+    head = float(np.mean([_nan0(h.get(key)) for h in recent])) if recent else _nan0(m.get(key))
+    return (head, _nan0(m.get("breast_mean_pr_auc")), _nan0(m.get("breast_mean_auc")))
 
 
 def _state(model) -> dict:

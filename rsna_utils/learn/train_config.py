@@ -3,12 +3,32 @@
 stores it (its recipe), so inference reads it without importing the training loop."""
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, dataclass, fields
 
 from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size, size_flag
 from rsna_utils.learn.backbones import POOLS
+
+def ratio_flag(value):
+    """A share of positives: 0.125, "0.125" or "1:7" (positives : negatives); None stays None.
+    RsnaError naming the value unless it is in (0, 1)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    try:
+        if isinstance(value, str) and ":" in value:
+            pos, neg = (float(v) for v in value.split(":"))
+            share = pos / (pos + neg)
+        else:
+            share = float(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        share = float("nan")
+    if not 0 < share < 1:
+        raise RsnaError(f"target_ratio={value!r}: give a share in (0, 1) or POS:NEG with both "
+                        "above 0 (e.g. 0.125 or 1:7)")
+    return share
+
 
 SELECT_BY = {"auc": "breast_mean_auc", "pr_auc": "breast_mean_pr_auc", "pf1": "breast_mean_pf1"}
 
@@ -36,9 +56,10 @@ class TrainConfig(Config):
     upsample: float = setting(1.0, "repeat each positive this many times per epoch (> 1 wins "
                               "over target_ratio)", ge=1)
     # on the real 2% RSNA data 0.1 repeats positives about 5x; nothing on a balanced set
-    target_ratio: float | None = setting(0.1, "positives repeated until they are this share of "
-                                         "each epoch (never fewer; used when upsample is 1)",
-                                         gt=0, lt=1)
+    target_ratio: float | str | None = setting(0.1, "positives repeated until they are this share "
+                                               "of each epoch, a share or POS:NEG (1:7 = 0.125, "
+                                               "the 1st place's; never fewer; used when "
+                                               "upsample is 1)", parse=ratio_flag)
     min_positives: int = setting(0, "each training batch holds at least this many positive "
                                  "images, more copies drawn where too few (1st place: 1)", ge=0)
     # off by default: on 150 synthetic patients x 6 epochs it held breast AUC at 0.85 (0.93
@@ -72,6 +93,9 @@ class TrainConfig(Config):
     neg_weight: float = setting(1.0, "w_neg of the weighted BCE", gt=0)
     aux_weight: float = setting(0.1, "loss weight of the aux targets against the cancer", ge=0)
     ema: float = setting(0.0, "EMA decay of the weights, e.g. 0.999 (0 = off)", ge=0, lt=1)
+    ema_epochs: float = setting(0.0, "EMA of the weights whose time constant is this many "
+                                "epochs: decay 1 - 1/(ema_epochs x optimiser steps per epoch), "
+                                "so it fits any data size (0 = off; or a fixed --ema)", ge=0)
     amp: str = setting("auto", "mixed precision on a GPU: auto (bf16 from Ampere on, else fp16) "
                        "| bf16 (fp16 on older GPUs too) | fp16 | off",
                        choices=("auto", "bf16", "fp16", "off"))
@@ -81,6 +105,9 @@ class TrainConfig(Config):
                         "flip-averaged submission")
     select_by: str = setting("auc", "breast-level measure that picks best.pt (auc: "
                              "threshold-free)", choices=tuple(SELECT_BY))
+    select_window: int = setting(1, "best.pt is picked by the mean of select_by over this many "
+                                 "last epochs (1: this epoch's alone; 3 steadies a choice made "
+                                 "on ~120 positive breasts)", ge=1)
     device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     resume: bool = setting(False, "continue from OUT/last.pt")
     max_steps: int | None = setting(None, "stop each epoch after this many batches (smoke "
@@ -96,6 +123,7 @@ class TrainConfig(Config):
         if isinstance(self.aux, (list, tuple)):
             self.aux = [a.strip() for x in self.aux for a in str(x).split(",") if a.strip()]
         self._apply_extra()
+        self.target_ratio = ratio_flag(self.target_ratio)
         if self.amp is False:                              # YAML 1.1 reads `amp: off` as false
             self.amp = "off"
         self.check_fields()
@@ -104,6 +132,17 @@ class TrainConfig(Config):
             raise RsnaError(f"min_positives={self.min_positives}: must be below batch_size="
                             f"{self.batch_size}, or no negative fits in a batch; lower it (1 is "
                             f"usual) or raise batch_size")
+        if self.ema and self.ema_epochs:
+            raise RsnaError(f"ema={self.ema} and ema_epochs={self.ema_epochs}: give one (a fixed "
+                            "decay, or a time constant in epochs)")
+        share = self.min_positives / self.batch_size
+        if (self.upsample == 1.0 and self.target_ratio is not None
+                and share > self.target_ratio + 1e-9):
+            raise RsnaError(f"target_ratio={self.target_ratio:g} cannot be met with min_positives="
+                            f"{self.min_positives} in a batch of {self.batch_size}: at least "
+                            f"{share:.0%} of every batch is positive; raise batch_size to "
+                            f"{math.ceil(self.min_positives / self.target_ratio)} or more, or "
+                            "lower min_positives")
         if self.fold >= self.folds:
             raise RsnaError(f"fold={self.fold}: choose 0..{self.folds - 1} (folds={self.folds})")
 

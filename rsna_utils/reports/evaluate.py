@@ -279,6 +279,18 @@ def compare_auc(y, p_a, p_b, patients, n_boot: int = 2000, seed: int = 0,
     hard cases of this set) cancels. `patients`: one id per row (rows of one patient move
     together). Returns auc_a, auc_b, difference, difference_low/high (the `ci` percentile
     interval), p_not_better (share of resamples where B does not beat A), n_boot_valid."""
+    r = compare_metric(y, p_a, p_b, patients, "auc", n_boot, seed, ci)
+    return {"auc_a": r.pop("a"), "auc_b": r.pop("b"), **{k: v for k, v in r.items() if k != "metric"}}
+
+
+def compare_metric(y, p_a, p_b, patients, metric: str = "auc", n_boot: int = 2000,
+                   seed: int = 0, ci: float = 0.95) -> dict:
+    """`compare_auc` for any metric of METRICS computed without a threshold: auc, pr_auc, or
+    pf1 (probabilistic F1; on 0/1 predictions, such as a binarised submission, it is the F1
+    of those calls). Returns metric, a, b, difference, difference_low/high, p_not_better,
+    n_boot_valid."""
+    if metric not in ("auc", "pr_auc", "pf1", "brier"):
+        raise RsnaError(f"compare_metric: metric {metric!r}: choose auc, pr_auc, pf1 or brier")
     y = np.asarray(y)
     p_a, p_b = np.asarray(p_a, np.float64), np.asarray(p_b, np.float64)
     if not (len(y) == len(p_a) == len(p_b) == len(patients)):
@@ -304,15 +316,17 @@ def compare_auc(y, p_a, p_b, patients, n_boot: int = 2000, seed: int = 0,
     diff = []
     for s in range(0, n_boot, CHUNK):
         w = counts[s:s + CHUNK][:, codes]
-        diff.append(resampled_metrics(y, p_b, w, 0.5)["auc"] - resampled_metrics(y, p_a, w, 0.5)["auc"])
+        diff.append(resampled_metrics(y, p_b, w, 0.5)[metric]
+                    - resampled_metrics(y, p_a, w, 0.5)[metric])
     d = np.concatenate(diff)
     d = d[np.isfinite(d)]                       # a resample with one class has no AUC
-    a, b = metrics.roc_auc(y, p_a), metrics.roc_auc(y, p_b)
+    a, b = (point_metrics(y, p, 0.5)[metric] for p in (p_a, p_b))
     lo, hi = (np.percentile(d, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2]) if d.size
               else (np.nan, np.nan))
-    return {"auc_a": float(a), "auc_b": float(b), "difference": float(b - a),
+    better = (d <= 0) if metric != "brier" else (d >= 0)      # a lower Brier score is better
+    return {"metric": metric, "a": float(a), "b": float(b), "difference": float(b - a),
             "difference_low": float(lo), "difference_high": float(hi),
-            "p_not_better": float((d <= 0).mean()) if d.size else float("nan"),
+            "p_not_better": float(better.mean()) if d.size else float("nan"),
             "n_boot_valid": int(d.size)}
 
 
