@@ -42,6 +42,31 @@ def find_realdata() -> Path | None:
     return None
 
 
+def find_meta() -> Path | None:
+    """$RSNA_META, else ../shared/realdata/rsna_meta/train_folds.csv (the competition's
+    train.csv): the export's images gain their true laterality, view, site, age..."""
+    for c in (os.environ.get("RSNA_META"),
+              REPO.parent / "shared" / "realdata" / "rsna_meta" / "train_folds.csv"):
+        if c and Path(c).is_file():
+            return Path(c)
+    return None
+
+
+# The balance and regularisation of the kaggle plan, scaled to this CPU: `old` is the plan before
+# issue 30 (upsample 5 + pos_weight 5, weight decay 1e-4 on everything, one epoch's AUC picks
+# best.pt), `new` the plan after it (1st place: a 1:7 sampler, one positive per batch, no loss
+# weight; decoupled weight decay 1e-2 off norms and biases, EMA over half an epoch, stochastic
+# depth, best.pt by the mean breast AUC of the last two epochs).
+RECIPES = {
+    "old": dict(upsample="5", target_ratio="none", min_positives="1", pos_weight="5",
+                weight_decay="1e-4", ema_epochs="0", drop_path="0", select_window="1"),
+    "new": dict(upsample="1", target_ratio="1:7", min_positives="1", pos_weight="1",
+                weight_decay="1e-2", ema_epochs="0.5", drop_path="0.1", select_window="2"),
+}
+# the kaggle plan's auxiliary targets (2nd place: x0.1 heads); only with the metadata
+AUX = "BIRADS,density,view,difficult_negative_case,invasive,age"
+
+
 def rsna(*args: str) -> None:
     cmd = [sys.executable, "-m", "rsna_utils", *args]
     print("$ rsna " + " ".join(args), flush=True)
@@ -169,6 +194,49 @@ def oof_versus_probe(runs: list[Path], png: Path, train_part: tuple[pd.DataFrame
     return dict(breasts=int(len(b)), positive_breasts=int(b.cancer.sum()), **res)
 
 
+def held_out_breasts(images: pd.DataFrame, data: Path) -> pd.DataFrame:
+    """The held-out images' predictions as breasts (mean of the views, as the submission), with
+    their labels and patients: what a paired comparison of two runs resamples."""
+    from rsna_utils.learn.metrics import breast_level
+    lab = pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]]
+    b = breast_level(images.drop(columns="cancer", errors="ignore").merge(lab, on="image_id")
+                     .dropna(subset=["prediction"]))
+    b["patient_id"] = b.prediction_id.str.rsplit("_", n=1).str[0]
+    return b
+
+
+def paired_versus(this: Path, other: Path) -> dict:
+    """This run minus `other` on the same breasts, each with a paired patient-bootstrap interval:
+    held-out breast AUC, PR-AUC and the F1 of the binarised calls (at each run's out-of-fold
+    threshold and at its out-of-fold positive rate); out of fold, breast AUC and PR-AUC."""
+    from rsna_utils.learn.metrics import breast_level
+    from rsna_utils.reports.evaluate import compare_metric
+    for f in ("held_out_breasts.csv", "oof_predictions.csv"):
+        if not (other / f).exists():
+            raise SystemExit(f"{other / f}: not found; --versus takes the folder of a run of this "
+                             "script with --folds (where its ensemble.json lies)")
+    a = pd.read_csv(other / "held_out_breasts.csv")
+    b = pd.read_csv(this / "held_out_breasts.csv")
+    j = a.merge(b, on=["prediction_id", "cancer"], suffixes=("_a", "_b"))
+    if len(j) < max(len(a), len(b)) * 0.95:
+        raise SystemExit(f"{other}: only {len(j)} of its {len(a)} held-out breasts are this run's; "
+                         "compare runs on the same wrap (--work)")
+    pid = j.prediction_id.str.rsplit("_", n=1).str[0]
+    out = {"held_out": {}, "out_of_fold": {}, "held_out_breasts": int(len(j))}
+    for name, col, metric in (("breast AUC", "prediction", "auc"), ("breast PR-AUC", "prediction", "pr_auc"),
+                              ("pF1 at OOF threshold", "call_threshold", "pf1"),
+                              ("pF1 at OOF positive rate", "call_quantile", "pf1")):
+        if f"{col}_a" in j and f"{col}_b" in j:
+            out["held_out"][name] = compare_metric(j.cancer, j[f"{col}_a"], j[f"{col}_b"], pid, metric)
+    oa, ob = (breast_level(pd.read_csv(d / "oof_predictions.csv")) for d in (other, this))
+    k = oa.merge(ob, on=["prediction_id", "cancer"], suffixes=("_a", "_b"))
+    kid = k.prediction_id.str.rsplit("_", n=1).str[0]
+    for name, metric in (("breast AUC", "auc"), ("breast PR-AUC", "pr_auc")):
+        out["out_of_fold"][name] = compare_metric(k.cancer, k.prediction_a, k.prediction_b, kid, metric)
+    out["out_of_fold_breasts"] = int(len(k))
+    return out
+
+
 def _held_out_alone(runs: list[Path], data: Path, run: Path, tta: bool) -> dict:
     """With --with-runs: this run's folds alone on the held-out patients (what the ensemble adds
     is then visible). Breast AUC / PR-AUC and image AUC."""
@@ -192,6 +260,8 @@ def _fold_state(run: Path, want: dict) -> str:
     cfg.setdefault("backbone_lr", 1.0)          # runs from before the option had one group
     cfg.setdefault("tta", False)                # ... and validated without the flip
     cfg.setdefault("drop_path", 0.0)            # ... and without stochastic depth
+    cfg.setdefault("ema_epochs", 0.0)           # ... and issue 30's settings
+    cfg.setdefault("select_window", 1)
     differ = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) != v}
     if differ:
         raise SystemExit(f"{run} was trained with other settings ({differ}, as (there, asked)); "
@@ -261,7 +331,18 @@ def curves(hist: pd.DataFrame, out_png: Path, title: str) -> None:
 def main() -> int:
     from rsna_utils.sources.realdata import check_wrapped, wrap
     ap = argparse.ArgumentParser()
-    ap.add_argument("--src", default=None)
+    ap.add_argument("--src", default=None, help="the export's folder (benign/, malignant/); "
+                    "default $RSNA_REALDATA or ../shared/realdata/rsna_dev")
+    ap.add_argument("--meta", default=None, help="the competition's train.csv for those images "
+                    "(default $RSNA_META or ../shared/realdata/rsna_meta/train_folds.csv; none: "
+                    "wrap without it, sides from the pixels, no views)")
+    ap.add_argument("--recipe", default="new", choices=tuple(RECIPES),
+                    help="balance and regularisation: new (the kaggle plan's) or old (before "
+                         "issue 30); flags below override its parts")
+    ap.add_argument("--aux", default=None, help=f"auxiliary targets (default with metadata: "
+                    f"{AUX}; none: off)")
+    ap.add_argument("--versus", default=None, help="another run folder of this script (same "
+                    "--work): paired patient-bootstrap differences, this run minus that one")
     ap.add_argument("--work", default=str(REPO / "data" / "realdata"))
     ap.add_argument("--size", default="384x192")
     ap.add_argument("--png-size", default="640x320")
@@ -277,8 +358,10 @@ def main() -> int:
                     help="predict with the horizontal flip too (--no-tta: without)")
     ap.add_argument("--val-tta", default=None, choices=("true", "false"),
                     help="validate the folds with the flip (default: as --tta)")
-    ap.add_argument("--ema", default="0", help="EMA decay of the weights (0: off)")
-    ap.add_argument("--drop-path", default="0", help="stochastic depth rate (0: off)")
+    ap.add_argument("--ema", default="0", help="fixed EMA decay of the weights (0: off; the "
+                    "recipe's --ema-epochs otherwise)")
+    for k in RECIPES["new"]:
+        ap.add_argument("--" + k.replace("_", "-"), default=None, help=f"the recipe's {k}")
     ap.add_argument("--random-crop", default="0", help="augmentation: crop up to this share")
     ap.add_argument("--tag", default="", help="suffix of the run folder and result files")
     ap.add_argument("--folds", type=int, default=4,
@@ -291,25 +374,43 @@ def main() -> int:
                          "run alone is also scored on the held-out patients")
     a = ap.parse_args()
     a.val_tta = a.tta if a.val_tta is None else a.val_tta == "true"
+    for k, v in RECIPES[a.recipe].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if float(a.ema) and float(a.ema_epochs):
+        a.ema_epochs = "0"                      # a fixed --ema replaces the recipe's
     src = a.src or find_realdata()
     if src is None:
         print("no real data: set RSNA_REALDATA or place ../shared/realdata/rsna_dev")
         return 0
+    meta = None if a.meta == "none" else (Path(a.meta) if a.meta else find_meta())
+    if a.meta is None and meta is None:
+        print("no metadata table found ($RSNA_META, ../shared/realdata/rsna_meta): wrapping "
+              "without it (sides from the pixels, no views)", flush=True)
+    if a.aux is None:
+        a.aux = AUX if meta is not None else "none"
     work = Path(a.work)
     data, png, run = (work / "dcm", work / f"png{a.png_size}",
                       work / f"run_{a.model}_{a.size}{a.tag}")
     t0 = time.perf_counter()
     if not check_wrapped(data):     # an older wrap is refused: its PNGs would be reused
-        print(wrap(src, data, test_frac=0.25, seed=0, limit=a.limit), flush=True)
+        print(wrap(src, data, test_frac=0.25, seed=0, limit=a.limit, meta=meta), flush=True)
+    wrapped = json.loads((data / "wrap.json").read_text())
+    if (wrapped.get("metadata") is None) != (meta is None):
+        raise SystemExit(f"{data} was wrapped {'without' if wrapped.get('metadata') is None else 'with'} "
+                         f"a metadata table, this run asks {'none' if meta is None else meta}: "
+                         "give another --work folder")
     rsna("preprocess", "--images", str(data / "train_images"), "--csv", str(data / "train.csv"),
          "--out", str(png), "--size", a.png_size, "--workers", "2", "--quiet")
     rsna("preprocess", "--images", str(data / "test_images"), "--csv", str(data / "test.csv"),
          "--out", str(png), "--size", a.png_size, "--workers", "2", "--quiet")
     common = ["--data", str(png), "--csv", str(data / "train.csv"), "--model", a.model,
               "--pretrained-path", a.pretrained, "--size", a.size, "--epochs", str(a.epochs),
-              "--batch-size", a.batch_size, "--lr", a.lr, "--backbone-lr", a.backbone_lr, "--pos-weight", "1", "--upsample", "1",
+              "--batch-size", a.batch_size, "--lr", a.lr, "--backbone-lr", a.backbone_lr,
+              *[x for k in RECIPES["new"] for x in ("--" + k.replace("_", "-"), getattr(a, k))],
               "--augment", "true", "--workers", "2", "--quiet", "--ema", a.ema,
-              "--drop-path", a.drop_path, "--random-crop", a.random_crop,
+              "--random-crop", a.random_crop,
+              *(["--aux", a.aux] if a.aux != "none" else []),
               "--global-pool", a.global_pool, "--tta", str(a.val_tta).lower()]
     if a.folds:
         runs = [run / f"fold{k}" for k in range(a.folds)]
@@ -323,6 +424,10 @@ def main() -> int:
             want = dict(model=a.model, size=[int(v) for v in a.size.split("x")], epochs=a.epochs,
                         lr=float(a.lr), backbone_lr=float(a.backbone_lr), ema=float(a.ema), global_pool=a.global_pool,
                         drop_path=float(a.drop_path), random_crop=float(a.random_crop),
+                        upsample=float(a.upsample), pos_weight=float(a.pos_weight),
+                        min_positives=int(a.min_positives), weight_decay=float(a.weight_decay),
+                        ema_epochs=float(a.ema_epochs), select_window=int(a.select_window),
+                        aux=[x for x in a.aux.split(",") if x and a.aux != "none"],
                         batch_size=int(a.batch_size), split="kfold", folds=a.folds, fold=k,
                         pretrained_path=a.pretrained, tta=a.val_tta)
             state = _fold_state(r, want)
@@ -352,12 +457,18 @@ def main() -> int:
     r = predict(data / "test_images", data / "test.csv", [r / "best.pt" for r in runs], out_dir / "submission.csv",
                 labels=data / "test_labels.csv", workers=2, progress=False, tta=a.tta)
     m = r.metrics
-    if ens is not None:         # the binarised submission at the OOF threshold, on new patients
-        from rsna_utils.learn.metrics import breast_level, pfbeta
-        lab = pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]]
-        b = breast_level(r.images.drop(columns="cancer", errors="ignore").merge(lab, on="image_id"))
-        m["breast_pf1_at_oof_threshold"] = float(pfbeta(b.cancer.to_numpy(),
-                                                        (b.prediction >= ens["threshold"]).to_numpy(float)))
+    held = held_out_breasts(r.images, data)
+    if ens is not None:         # the binarised submission at the OOF cuts, on new patients
+        from rsna_utils.infer.predict import binarize
+        from rsna_utils.learn.metrics import pfbeta
+        held["call_threshold"] = (held.prediction >= ens["threshold"]).astype(float)
+        held["call_quantile"] = binarize(held.prediction.to_numpy(), f"quantile:{ens['quantile']!r}",
+                                        ens["threshold"])
+        for how in ("threshold", "quantile"):
+            m[f"breast_pf1_at_oof_{how}"] = float(pfbeta(held.cancer.to_numpy(),
+                                                         held[f"call_{how}"].to_numpy()))
+    held.to_csv(out_dir / "held_out_breasts.csv", index=False)
+    versus_run = paired_versus(out_dir, Path(a.versus)) if a.versus else None
     size = tuple(int(v) for v in a.size.split("x"))
     probe, versus, oof_vs = {}, None, None
     if not a.skip_probe:
@@ -385,6 +496,10 @@ def main() -> int:
                test_breast_pr_auc=m["breast_mean_pr_auc"], test_image_auc=m["image_auc"],
                test_breast_best_f1=m["breast_mean_best_f1"], probe=probe,
                test_breast_pf1_at_oof_threshold=m.get("breast_pf1_at_oof_threshold"),
+               test_breast_pf1_at_oof_quantile=m.get("breast_pf1_at_oof_quantile"),
+               recipe=a.recipe, metadata=None if meta is None else str(meta), aux=a.aux,
+               **{k: getattr(a, k) for k in RECIPES["new"]},
+               versus=versus_run,
                recipe_minus_probe_breast_auc=versus,
                out_of_fold_recipe_minus_probe=oof_vs,
                folds=a.folds, global_pool=a.global_pool,
@@ -392,7 +507,7 @@ def main() -> int:
                train_loss_by_epoch=[[round(float(v), 4) for v in h.train_loss] for _, h in hist.groupby("fold")],
                oof_threshold_without_tta=bool(a.tta and ens is not None and not ens.get("tta")),
                this_run_alone=alone,
-               oof=None if ens is None else {k: ens.get(k) for k in ("auc", "pr_auc", "threshold", "pf1", "n_images", "n_breasts")},
+               oof=None if ens is None else {k: ens.get(k) for k in ("auc", "pr_auc", "threshold", "quantile", "pf1", "n_images", "n_breasts")},
                seconds=round(time.perf_counter() - t0))
     res = REPO / "benchmarks" / "results"
     res.mkdir(exist_ok=True)
@@ -419,6 +534,13 @@ def main() -> int:
                   f"{v['auc_a']:.3f}, recipe {v['auc_b']:.3f}, difference {v['difference']:+.3f} "
                   f"({v['difference_low']:+.3f} to {v['difference_high']:+.3f}; not better in "
                   f"{100 * v['p_not_better']:.1f}% of resamples)")
+    if versus_run:
+        print(f"\nthis run minus {a.versus} (paired patient bootstrap, 95% interval):")
+        for part, rows in versus_run.items():
+            if isinstance(rows, dict):
+                for k, v in rows.items():
+                    print(f"  {part:9s} {k:24s} {v['a']:.3f} -> {v['b']:.3f}  {v['difference']:+.3f} "
+                          f"({v['difference_low']:+.3f} to {v['difference_high']:+.3f})")
     print(json.dumps(out))
     return 0
 

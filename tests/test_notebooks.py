@@ -60,7 +60,8 @@ def test_notebooks_are_thin_and_stored_without_outputs(path):
         tree = ast.parse(c.source)
         bad = [type(n).__name__ for n in ast.walk(tree) if isinstance(n, FORBIDDEN)]
         assert not bad, f"logic belongs in rsna_utils, not a notebook: {bad} in\n{c.source}"
-        assert len(c.source.splitlines()) <= 25
+        # the parameters cell is literals only (checked above): one line per setting a plan sets
+        assert len(c.source.splitlines()) <= (32 if c in params else 25)
         long = [ln for ln in c.source.splitlines() if len(ln) > MAX_LINE]
         assert not long, f"code lines over {MAX_LINE} characters in {path.name}: {long}"
         imported += _imported_names(tree)

@@ -85,20 +85,13 @@ def _substitute(value, ctx: dict):
     return value
 
 
-def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | Path = "runs",
-             name: str | None = None, overrides: list[str] | None = None,
-             only: list[str] | None = None, progress: bool = True,
-             weights: str | Path = KAGGLE_WEIGHTS) -> dict:
-    """Execute every step; returns {"run_dir", "notebooks": [...], "submission", "report"}.
-
-    overrides: "key=value" strings applied to every step whose notebook has that parameter
-    (e.g. ["epochs=1"]), or "step_name.key=value" for one step. weights: the folder that
-    "{weights}" in a plan stands for, one sub-folder per model as `rsna weights export` writes
-    them (default: where Kaggle mounts the dataset rsna-timm-weights)."""
+def plan_steps(plan: str | Path, data: str | Path = "data/synthetic", runs: str | Path = "runs",
+               name: str | None = None, overrides: list[str] | None = None,
+               only: list[str] | None = None, weights: str | Path = KAGGLE_WEIGHTS):
+    """The plan read and resolved: (plan dict, run folder, [(index, step name, notebook,
+    parameters)], every step's name); placeholders filled, overrides applied, parameters
+    checked against each notebook's. Nothing is run (`run_plan` runs them, `estimate` times them)."""
     import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
-    from rsna_utils.reports import html as report
     d = load_plan(plan)
     run_dir = Path(runs) / (name or d["name"])
     # absolute, not resolved: a symlinked mount keeps its siblings ("{data}/../rsna-models")
@@ -111,7 +104,6 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
         k, v = o.split("=", 1)
         step, _, key = k.rpartition(".")
         over.setdefault(step, {})[key] = _parse_value(v)
-    done = []
     names = [s.get("name", Path(s["notebook"]).stem) for s in d["steps"]]
     todo, suite = [], find_notebooks()
     for i, step in enumerate(d["steps"]):
@@ -132,6 +124,25 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
             raise RsnaError(f"plan step {step_name}: {nb.name} has no parameter(s) {sorted(unknown)}; "
                             f"its parameters: {sorted(declared)}")
         todo.append((i, step_name, nb, params))
+    return d, run_dir, todo, names
+
+
+def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | Path = "runs",
+             name: str | None = None, overrides: list[str] | None = None,
+             only: list[str] | None = None, progress: bool = True,
+             weights: str | Path = KAGGLE_WEIGHTS) -> dict:
+    """Execute every step; returns {"run_dir", "notebooks": [...], "submission", "report"}.
+
+    overrides: "key=value" strings applied to every step whose notebook has that parameter
+    (e.g. ["epochs=1"]), or "step_name.key=value" for one step. weights: the folder that
+    "{weights}" in a plan stands for, one sub-folder per model as `rsna weights export` writes
+    them (default: where Kaggle mounts the dataset rsna-timm-weights)."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    from rsna_utils.reports import html as report
+    d, run_dir, todo, names = plan_steps(plan, data, runs, name, overrides, only, weights)
+    done = []
     _check_weights(d["name"], [(name, params) for _, name, _, params in todo])
     run_dir.mkdir(parents=True, exist_ok=True)
     for i, step_name, nb, params in todo:

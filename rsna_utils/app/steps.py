@@ -119,6 +119,11 @@ def _print_run(res: dict) -> None:
 
 def _cmd_notebooks(a: argparse.Namespace) -> int:
     from rsna_utils.app.notebooks import run_plan
+    if a.estimate:
+        from rsna_utils.app.estimate import estimate_plan, table
+        print(table(estimate_plan(a.plan, a.data, a.gpu, runs=a.runs, name=a.name,
+                                  overrides=a.param, weights=a.weights), a.gpu))
+        return 0
     _print_run(run_plan(a.plan, a.data, a.runs, a.name, a.param, progress=not a.quiet,
                         weights=a.weights))
     return 0
@@ -234,6 +239,10 @@ def _reg_notebooks(sub) -> None:
     n.add_argument("-p", "--param", action="append", default=[],
                    help="override a parameter: key=value (all steps) or step.key=value")
     n.add_argument("--quiet", action="store_true", help="no progress bars")
+    n.add_argument("--estimate", action="store_true", help="run nothing: print each step's "
+                   "images, batches, expected hours on one GPU and training memory per batch")
+    n.add_argument("--gpu", default="h100", choices=("h100", "h200"),
+                   help="with --estimate: the GPU to estimate for (default: %(default)s)")
     n.set_defaults(func=_cmd_notebooks)
 
 

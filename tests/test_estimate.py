@@ -1,0 +1,75 @@
+"""`rsna notebooks --estimate`: a plan's steps timed from measured throughputs, memory measured."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rsna_utils.app import estimate as est
+from rsna_utils.core.errors import RsnaError
+
+
+def test_throughput_scales_the_nearest_measured_size_by_pixels():
+    tr, inf, src = est.throughput("resnext50_32x4d", (1024, 512), "h100")
+    assert tr == pytest.approx(675 * 512 * 512 / (1024 * 512) * 0.85)
+    assert inf == pytest.approx(2484 * 0.5 * 0.85)
+    assert "scaled to 1024x512" in src
+    tr, _, src = est.throughput("resnet18", (512, 512), "h200")
+    assert tr == 2584 and "scaled" not in src                 # the measured size itself
+    assert est.throughput("resnet18", (300, 300), "h200")[0] == pytest.approx(5323 * 256**2 / 300**2)
+    with pytest.raises(RsnaError, match=r"model 'vit_huge': no measured throughput.*measured: "
+                                        r"\['convnext_small'"):
+        est.throughput("vit_huge", (512, 512))
+
+
+def test_activation_memory_is_measured_and_grows_with_pixels():
+    small = est.activation_bytes("resnet18", (64, 64), probe=(64, 64))
+    assert small > 0
+    assert est.activation_bytes("resnet18", (128, 128), probe=(64, 64)) == pytest.approx(4 * small)
+    # bf16 autocast keeps the convolutions' outputs at 2 bytes: less than the fp32 weights'
+    # 4 bytes per value of the same tensors would take
+    assert est.training_memory_gib("resnet18", (64, 64), 1, ema=True) > \
+        est.training_memory_gib("resnet18", (64, 64), 1, ema=False)
+
+
+def test_training_step_uses_the_samplers_epoch_and_the_plans_settings(tmp_path):
+    """The kaggle balance on the competition's counts: a 1:7 sampler makes the positives 12.5%
+    of the epoch; time = epochs x (epoch / train speed + validation / inference speed)."""
+    params = dict(csv=str(tmp_path / "absent.csv"), model="resnet18", size=[512, 256],
+                  batch_size=64, epochs=2, split="kfold", folds=4, upsample=1.0,
+                  target_ratio="1:7", min_positives=1, pos_weight=1.0, tta=True)
+    e = est.estimate_training(params, "h200", memory=False)
+    assert "the competition's train.csv (54,706 images" in e.note
+    assert e.batches == math.ceil(e.images / 64)
+    n_train = e.images * 7 / 8 / (1 - 1 / 4)          # negatives are 7/8 of the epoch
+    assert n_train == pytest.approx(54_706, rel=0.03)
+    tr, inf, _ = est.throughput("resnet18", (512, 256), "h200")
+    want = 2 * (e.images / (tr * est.FROM_PNG) + 54_706 / 4 * 2 / (inf * est.FROM_PNG)) / 3600
+    assert e.hours == pytest.approx(want, rel=0.01)
+    # a train.csv at hand is read: half positive, no sampler
+    pd.DataFrame({"cancer": np.r_[np.ones(50), np.zeros(50)].astype(int)}).to_csv(
+        tmp_path / "train.csv", index=False)
+    e2 = est.estimate_training({**params, "csv": str(tmp_path / "train.csv"), "target_ratio": None,
+                                "min_positives": 0}, "h200", memory=False)
+    assert 60 <= e2.images <= 90 and str(tmp_path / "train.csv") in e2.note
+
+
+def test_the_kaggle_plan_fits_one_80_gb_gpu_and_says_its_time(capsys):
+    from rsna_utils.app.cli import main
+    assert main(["notebooks", "--plan", "kaggle", "--estimate", "--data", "/nonexistent"]) == 0
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| 03_train")]
+    assert len(rows) == 13 and any("convnext_small 2048x1024" in r for r in rows)
+    mems = [float(r.split("|")[7]) for r in rows]
+    assert max(mems) < 0.9 * 80 and "(over!)" not in out
+    total = float(out.split("**all**")[1].split("**")[1])
+    assert 20 < total < 100                    # hours on one H100, stated
+    assert "an H100 at 0.85 of an H200 (an assumption)" in out
+
+
+def test_the_table_flags_a_batch_that_does_not_fit():
+    rows = [est.StepEstimate("s", "train x", 10, 1, 1, 0.1, memory_gib=79.0)]
+    assert "79.0 (over!)" in est.table(rows, "h100")
+    assert "(over!)" not in est.table(rows, "h200")
+    with pytest.raises(RsnaError, match="gpu 'a100': choose h100 or h200"):
+        est.estimate_plan("kaggle", gpu="a100")
