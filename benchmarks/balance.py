@@ -16,12 +16,27 @@ from rsna_utils.learn.data import balance, patient_folds
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {   # name: (upsample, target_ratio, min_positives, pos_weight, batch_size)
-    "kaggle plan, resnext50 (upsample 5, 1 per batch, pos_weight 5)": (5.0, None, 1, 5.0, 16),
-    "kaggle plan, efficientnet_b2 (the same at batch 8)": (5.0, None, 1, 5.0, 8),
+    "old kaggle plan, resnext50 (upsample 5, 1 per batch, pos_weight 5)": (5.0, None, 1, 5.0, 16),
+    "old kaggle plan, efficientnet_b2 (the same at batch 8)": (5.0, None, 1, 5.0, 8),
     "TrainConfig defaults (target_ratio 0.1, pos_weight 1)": (1.0, 0.1, 0, 1.0, 16),
     "1st place: sampler 1:7, 1 per batch, pos_weight 1": (1.0, 0.125, 1, 1.0, 16),
     "no sampler, no weight (the data as it is)": (1.0, None, 0, 1.0, 16),
 }
+
+
+def plan_settings() -> dict:
+    """The kaggle plan's own models as it stands (notebooks/plans/kaggle.yaml)."""
+    from rsna_utils.app.notebooks import load_plan
+    from rsna_utils.learn.train_config import ratio_flag
+    plan = load_plan("kaggle")
+    out = {}
+    for key in ("resnext50", "efficientnet", "convnext"):
+        m = plan.get(key)
+        if m:
+            out[f"kaggle plan now, {m['model']} (batch {m['batch_size']})"] = (
+                float(m.get("upsample", 1.0)), ratio_flag(m.get("target_ratio", 0.1)),
+                int(m.get("min_positives", 0)), float(m.get("pos_weight", 1.0)), int(m["batch_size"]))
+    return out
 
 
 def main() -> int:
@@ -37,7 +52,7 @@ def main() -> int:
     print("| setting | positives seen per epoch | positives' share of the epoch | positives' "
           "share of the loss at the start | times their natural weight |")
     print("|---|---|---|---|---|")
-    for name, (up, ratio, minpos, w, bs) in SETTINGS.items():
+    for name, (up, ratio, minpos, w, bs) in {**plan_settings(), **SETTINGS}.items():
         b = balance(labels, up, ratio, bs, minpos, w)
         print(f"| {name} | {b.exposures:.1f} | {b.epoch_share:.1%} | {b.loss_share:.1%} | "
               f"{b.loss_share / b.natural_share:.1f} |")

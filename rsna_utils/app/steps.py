@@ -49,7 +49,8 @@ def _cmd_oof(a: argparse.Namespace) -> int:
     r = cfg.run()
     print(f"{r['n_breasts']} out-of-fold breasts ({r['n_positives']} positive) from {len(cfg.runs)} runs: "
           f"AUC {r['auc']:.3f}, PR-AUC {r['pr_auc']:.3f}; binarised pF1 {r['pf1']:.3f} at "
-          f"{r['binarize']} (threshold {r['threshold']:.4f}); wrote {cfg.out}")
+          f"{r['binarize']} (threshold {r['threshold']:.4f}, which flags {r['quantile']:.1%} of "
+          f"the breasts: `--binarize quantile` flags that share instead); wrote {cfg.out}")
     c = r.get("calibrator")
     if c and "ece_after" in c.get("cross_fitted", {}):
         x = c["cross_fitted"]

@@ -52,7 +52,7 @@ def run_scores(run_dir: str | Path) -> list[dict]:
     if held:
         rows.append(held)
     if ens and (ens.get("auc") is not None or ens.get("pf1") is not None):
-        rows.append({"what": "out-of-fold ensemble", "how": _oof_note(ens),
+        rows.append({"what": "out-of-fold ensemble", "how": _oof_note(ens) + _cut_note(ens),
                      "breasts": ens.get("n_breasts"), "positive": ens.get("n_positives"),
                      "breast AUC": ens.get("auc"), "breast PR-AUC": ens.get("pr_auc"),
                      "breast pF1": ens.get("pf1"), "threshold": ens.get("threshold")})
@@ -156,6 +156,17 @@ def _held_out(images_csv: Path, submission: Path) -> dict | None:
 
 SCORE_COLUMNS = ("what", "how", "breasts", "positive", "flagged", "breast AUC", "breast PR-AUC",
                  "breast pF1", "threshold")
+
+
+def _cut_note(ens: dict) -> str:
+    """Both ways to binarise that the out-of-fold scores give: the tuned threshold, and the
+    share of breasts it flags there (the positive rate that `--binarize quantile` flags)."""
+    t, q = ens.get("threshold"), ens.get("quantile")
+    if t is None or q is None:
+        return ""
+    return (f"; the threshold {t:.4f} flags {q:.1%} of the out-of-fold breasts: the submission "
+            f"binarises at {ens.get('binarize', 'threshold')} (either the threshold, or the top "
+            f"{q:.1%} of the test breasts)")
 
 
 def scores_table(rows: list[dict]) -> str:
