@@ -70,10 +70,51 @@ def test_auto_backend_is_cpu_without_cuda():
     assert gpu_batch.resolve_backend("auto") == "cpu"
 
 
+def needs_package(backend: str) -> None:
+    """Skip where the GPU library is not installed; CI installs both (requirements-gpu.txt) and
+    sets RSNA_REQUIRE_GPU_LIBS=1, which turns that skip into a failure."""
+    import os
+    if not gpu_batch.package_available(backend):
+        why = f"{backend} not installed ({gpu_batch.INSTALL_HINT})"
+        if os.environ.get("RSNA_REQUIRE_GPU_LIBS") == "1":
+            pytest.fail(why + " but RSNA_REQUIRE_GPU_LIBS=1")
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])
+@pytest.mark.parametrize("precision", [10, 12, 16])
+def test_gpu_plugins_cpu_backends_are_bit_exact_and_survive_a_corrupt_frame(backend, precision):
+    """The project's own plug-ins on their libraries' CPU backends (no GPU, no driver): 10-16 bit
+    JPEG 2000 decoded bit-exact against imagecodecs; a corrupt frame in the batch comes back as
+    None while the good frames of the same batch survive; the decoder still decodes afterwards
+    (DALI's pipeline rebuilt)."""
+    import imagecodecs
+    needs_package(backend)
+    from rsna_utils.dicom.decoders import registry
+    rng = np.random.default_rng(precision)
+    imgs = [rng.integers(0, 2**precision, (96, 80), dtype=np.uint16) for _ in range(4)]
+    frames = [bytes(imagecodecs.jpeg2k_encode(x, level=0, reversible=True, codecformat=fmt,
+                                              bitspersample=precision))
+              for x, fmt in zip(imgs, ("j2k", "jp2", "j2k", "jp2"))]
+    for f, x in zip(frames, imgs):         # the reference: imagecodecs agrees with itself
+        assert np.array_equal(imagecodecs.jpeg2k_decode(f), x)
+    dec = registry.get(backend).BatchDecoder(device="cpu", batch_size=8)
+    out = dec.decode(frames)
+    assert all(np.array_equal(np.asarray(o), x) for o, x in zip(out, imgs))
+    assert all(np.asarray(o).dtype == np.uint16 for o in out)
+    broken = [frames[0], b"\xff\x4f\xff\x51" + b"\x00" * 60, frames[2], frames[3]]
+    out = dec.decode(broken)
+    assert out[1] is None
+    assert [np.array_equal(np.asarray(out[k]), imgs[k]) for k in (0, 2, 3)] == [True] * 3
+    again = dec.decode(frames[:2])
+    assert all(np.array_equal(np.asarray(o), x) for o, x in zip(again, imgs[:2]))
+    if backend == "dali":
+        assert dec.rebuilds >= 1        # the failed batch's pipeline was not reused
+
+
 @pytest.mark.parametrize("backend", ["nvimgcodec", "dali"])
 def test_gpu_backend_on_cpu_matches_cpu_path_and_falls_back(tmp_path, synth_small, backend):
-    if not gpu_batch.package_available(backend):
-        pytest.skip(f"{backend} not installed ({gpu_batch.INSTALL_HINT})")
+    needs_package(backend)
     cfg = PreprocessConfig(size=64)
     images, csv = synth_small / "train_images", synth_small / "train.csv"
     s = gpu.GpuPreprocessor(cfg, backend=backend, device="cpu", batch_size=8, progress=False).run(
@@ -352,3 +393,55 @@ def test_the_scaled_rule_is_checked_per_file():
     rules.modes[(h.transfer_syntax, "jp2", 12)] = "scaled"
     assert np.array_equal(rules.fix(scaled, h, cs), stored)
     assert np.array_equal(rules.fix(stored, h, cs), stored)
+
+
+def test_auto_picks_a_gpu_decoder_only_once_it_built_and_passed_its_probe(monkeypatch, capsys):
+    """`auto` builds each GPU plug-in and decodes its probe before choosing it: one that imports
+    but fails to build (a CUDA 13 wheel on a CUDA 12 host) is passed over, the reason said once.
+    Driven on the CPU device, where both libraries run their CPU backends."""
+    from rsna_utils.dicom.decoders import registry
+    needs_package("nvimgcodec")
+    monkeypatch.setattr(gpu_batch, "_UNUSABLE", {})
+    monkeypatch.setattr(gpu_batch, "_SAID", set())
+    gpu_batch.shared_decoder.cache_clear()
+    assert gpu_batch.resolve_backend("auto", "cpu") == "nvimgcodec"     # built, probe exact
+    assert gpu_batch.unusable("nvimgcodec", "cpu") is None
+
+    class Broken:
+        def __init__(self, **kw):
+            raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+    real_get = registry.get
+
+    def get(name):
+        mod = real_get(name)
+        if name in gpu_batch.GPU_BACKENDS:
+            return type("Plugin", (), {"BatchDecoder": Broken, "is_available": staticmethod(lambda: True)})
+        return mod
+    monkeypatch.setattr(registry, "get", get)
+    monkeypatch.setattr(gpu_batch, "_UNUSABLE", {})
+    gpu_batch.shared_decoder.cache_clear()
+    assert gpu_batch.resolve_backend("auto", "cpu") == "cpu"
+    assert gpu_batch.resolve_backend("auto", "cpu") == "cpu"
+    err = capsys.readouterr().err
+    assert err.count("decoding on the CPU:") == 1                       # said once
+    assert "nvimgcodec did not build (RuntimeError: CUDA driver version is insufficient" in err
+    assert "dali did not build" in err
+    gpu_batch.shared_decoder.cache_clear()
+
+
+def test_auto_passes_over_a_decoder_that_fails_its_probe(monkeypatch, capsys):
+    class Wrong:
+        def __init__(self, **kw):
+            pass
+
+        def decode(self, frames):
+            return [np.zeros((4, 4), np.uint16) for _ in frames]
+    from rsna_utils.dicom.decoders import registry
+    monkeypatch.setattr(registry, "get", lambda name: type(
+        "Plugin", (), {"BatchDecoder": Wrong, "is_available": staticmethod(lambda: True)}))
+    monkeypatch.setattr(gpu_batch, "_UNUSABLE", {})
+    monkeypatch.setattr(gpu_batch, "_SAID", set())
+    gpu_batch.shared_decoder.cache_clear()
+    assert gpu_batch.resolve_backend("auto", "cpu") == "cpu"
+    assert "failed its probe (wrong: shape (4, 4), expected (512, 512))" in capsys.readouterr().err
+    gpu_batch.shared_decoder.cache_clear()

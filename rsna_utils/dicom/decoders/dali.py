@@ -28,19 +28,31 @@ class DaliDecoder:
 
     def __init__(self, device: str = "cuda", batch_size: int = 32, device_id: int = 0,
                  num_threads: int = 4):
-        from nvidia.dali import fn, pipeline_def, types
         self.device, self.batch_size = device, batch_size
-        dec_device = "mixed" if device == "cuda" else "cpu"
+        self.device_id, self.num_threads = device_id, num_threads
+        self.rebuilds = 0          # pipelines rebuilt after a failed batch
+        self.pipe = self._build()
 
-        @pipeline_def(batch_size=batch_size, num_threads=num_threads,
-                      device_id=device_id if device == "cuda" else None, prefetch_queue_depth=1,
-                      exec_dynamic=True)
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+        dec_device = "mixed" if self.device == "cuda" else "cpu"
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
+                      device_id=self.device_id if self.device == "cuda" else None,
+                      prefetch_queue_depth=1, exec_dynamic=True)
         def pipe():
             data = fn.external_source(name="frames", dtype=types.UINT8, no_copy=False)
             return fn.decoders.image(data, device=dec_device, output_type=types.ANY_DATA,
                                      dtype=types.UINT16)
-        self.pipe = pipe()
-        self.pipe.build()
+        built = pipe()
+        built.build()
+        return built
+
+    def _rebuild(self) -> None:
+        """A fresh pipeline: after an operator error DALI does not promise the old one still
+        runs (some versions and executors leave it failed), so a retry never relies on it."""
+        self.pipe = self._build()
+        self.rebuilds += 1
 
     def decode(self, frames: list[bytes]) -> list:
         out = []
@@ -49,10 +61,12 @@ class DaliDecoder:
             try:
                 out += self._run(chunk)
             except RuntimeError:
+                self._rebuild()
                 for one in chunk:    # a bad frame fails the whole batch: retry one by one
                     try:
                         out += self._run([one])
                     except RuntimeError:
+                        self._rebuild()
                         out.append(None)
         return out
 

@@ -48,20 +48,58 @@ def package_available(name: str) -> bool:
     return name in GPU_BACKENDS and registry.get(name).is_available()
 
 
-def resolve_backend(name: str) -> str:
-    """`auto` -> the first GPU plug-in whose package imports, when CUDA is present; else the
-    CPU. A GPU plug-in named explicitly must be installed."""
+def resolve_backend(name: str, device: str | None = None) -> str:
+    """`auto` -> the first GPU plug-in that builds on `device` (default: "cuda" when CUDA is
+    present, else the CPU path at once) and decodes its probe as the CPU does (`unusable`); else
+    "cpu", with the reasons printed once. A CUDA 13 wheel imports on a CUDA 12 host and fails only
+    when it runs: importing is not enough. A GPU plug-in named explicitly must be installed."""
     if name == "auto":
-        if cuda_available():
-            for b in GPU_BACKENDS:
-                if package_available(b):
-                    return b
+        device = device or ("cuda" if cuda_available() else None)
+        if device is None:
+            return "cpu"
+        reasons = []
+        for b in GPU_BACKENDS:
+            why = unusable(b, device)
+            if why is None:
+                return b
+            reasons.append(f"{b} {why}")
+        say_once(f"decoding on the CPU: {'; '.join(reasons)}")
         return "cpu"
     if name in GPU_BACKENDS:
         if not package_available(name):
             raise RsnaError(f"backend {name!r} is not installed; {INSTALL_HINT}")
         return name
     return "cpu"
+
+
+_UNUSABLE: dict[tuple[str, str], str | None] = {}
+_SAID: set[str] = set()
+
+
+def unusable(name: str, device: str) -> str | None:
+    """None when the GPU plug-in `name` is installed, builds its batch decoder on `device` and
+    decodes a 12-bit JPEG 2000 probe bit-exact (or on the 16-bit grid, which it rescales); else
+    why not, in words. Checked once per process (the decoder built is the shared one)."""
+    key = (name, device)
+    if key not in _UNUSABLE:
+        if not package_available(name):
+            why = "is not installed"
+        else:
+            try:
+                mode = shared_decoder(name, device).rules.mode(uids.JPEG2000_LOSSLESS, "j2k", 12)
+                why = None if mode in ("exact", "scaled", "unverified") else f"failed its probe ({mode})"
+            except Exception as e:          # a wheel for another CUDA, no driver, no device...
+                why = f"did not build ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        _UNUSABLE[key] = why
+    return _UNUSABLE[key]
+
+
+def say_once(message: str) -> None:
+    """Print `message` to stderr the first time only (a run decides its decoder once)."""
+    import sys
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def rescale_to_precision(x, precision: int):
