@@ -309,3 +309,32 @@ def test_bundle_installs_offline_in_a_fresh_env_and_runs_demo_then_submit(tmp_pa
     assert set(sub.cancer.unique()) <= {0, 1}                 # binarised at the OOF threshold
     executed = next(working.glob("*/04_inference_submission.ipynb")).read_text()
     assert "hidden test" in executed and "images/s" in executed
+
+
+def test_bundle_can_carry_the_gpu_decoder_for_cuda_12_or_13(tmp_path, monkeypatch):
+    """`--gpu-decoders cu12`: nvImageCodec for Kaggle's CUDA 12 image, with its codec libraries
+    (the [all] extra), and install.py installs it when it can and says so either way."""
+    assert bundle.gpu_decoder_pin("cu12") == "nvidia-nvimgcodec-cu12[all]==0.9.0.20"
+    assert bundle.gpu_decoder_pin("cu13") == "nvidia-nvimgcodec-cu13[all]==0.9.0.20"
+    assert bundle.gpu_decoder_pin(None) is None and bundle.gpu_decoder_pin("none") is None
+    with pytest.raises(RsnaError, match=r"--gpu-decoders 'cu11': choose cu12, cu13 or none"):
+        bundle.gpu_decoder_pin("cu11")
+    calls = []
+
+    def fake_pip(*args, what):
+        calls.append([str(a) for a in args])
+        if args[0] in ("wheel", "download"):
+            Path(args[args.index("-d") + 1] if "-d" in args else args[args.index("-w") + 1]
+                 ).joinpath(f"x{len(calls)}-1.0-py3-none-any.whl").write_text("")
+    monkeypatch.setattr(bundle, "_pip", fake_pip)
+    info = bundle.build_bundle(tmp_path / "b", gpu_decoders="cu12")
+    gpu_calls = [c for c in calls if "nvidia-nvimgcodec-cu12[all]==0.9.0.20" in c]
+    assert len(gpu_calls) == 1 and "--no-deps" not in gpu_calls[0]     # its libraries too
+    assert (tmp_path / "b" / "requirements-gpu-kaggle.txt").read_text().strip() == \
+        "nvidia-nvimgcodec-cu12[all]==0.9.0.20"
+    assert "requirements-gpu-kaggle.txt" in (tmp_path / "b" / "install.py").read_text()
+    assert json.loads((tmp_path / "b" / "rsna_bundle.json").read_text())["gpu_decoder"] == \
+        "nvidia-nvimgcodec-cu12[all]==0.9.0.20"
+    assert info["wheels"] >= 3
+    bundle.build_bundle(tmp_path / "c")                          # the default carries none
+    assert not (tmp_path / "c" / "requirements-gpu-kaggle.txt").exists()

