@@ -73,3 +73,11 @@ def test_the_table_flags_a_batch_that_does_not_fit():
     assert "(over!)" not in est.table(rows, "h200")
     with pytest.raises(RsnaError, match="gpu 'a100': choose h100 or h200"):
         est.estimate_plan("kaggle", gpu="a100")
+
+
+def test_the_estimate_refuses_a_ratio_the_per_batch_rule_cannot_keep(tmp_path):
+    params = dict(csv=str(tmp_path / "absent.csv"), model="convnext_small", size=[2048, 1024],
+                  batch_size=4, epochs=1, split="kfold", folds=4, target_ratio="1:7",
+                  min_positives=1)
+    with pytest.raises(RsnaError, match="cannot be met with min_positives=1 in a batch of 4"):
+        est.estimate_training(params, memory=False)

@@ -567,8 +567,14 @@ def test_sampler_ratio_settings_are_checked():
     assert TrainConfig(target_ratio="1:7").target_ratio == pytest.approx(0.125)
     with pytest.raises(RsnaError, match=r"target_ratio='2:0'.*give a share in \(0, 1\) or POS:NEG"):
         TrainConfig(target_ratio="2:0")
+    from rsna_utils.learn.data import check_ratio
+    rare = np.r_[np.ones(2), np.zeros(98)]                 # 2% positive, as the competition
     with pytest.raises(RsnaError, match=r"cannot be met with min_positives=1 in a batch of 4: "
-                                        r"at least 25% .*raise batch_size to 8"):
-        TrainConfig(target_ratio="1:7", min_positives=1, batch_size=4)
+                                        r"at least 25% .*\(the data has 2.0%\); raise batch_size to 8"):
+        check_ratio(rare, 0.125, 1, 4)
+    check_ratio(rare, 0.125, 1, 8)                         # one in 8: the ratio itself
+    check_ratio(rare, 0.125, 0, 4)                         # no per-batch rule
+    check_ratio(np.r_[np.ones(30), np.zeros(70)], 0.125, 1, 4)   # richer than the ratio
+    check_ratio(rare, 0.125, 1, 4, upsample=5.0)           # upsample: the ratio is not used
     with pytest.raises(RsnaError, match="ema=0.99 and ema_epochs=1.0: give one"):
         TrainConfig(ema=0.99, ema_epochs=1.0)

@@ -124,10 +124,11 @@ def _labels(csv: str | Path | None) -> tuple[np.ndarray, pd.DataFrame | None, st
 def estimate_training(params: dict, gpu: str = "h100", memory: bool = True) -> StepEstimate:
     """One `03_train` step: the sampler's epoch length on its training part (`learn.data.balance`),
     batches, time for its epochs (training plus the validation pass, twice with tta), memory."""
-    from rsna_utils.learn.data import balance
+    from rsna_utils.learn.data import balance, check_ratio
     from rsna_utils.learn.train_config import TrainConfig
     cfg = TrainConfig.from_dict(params)
     labels, df, source = _labels(cfg.csv)
+    check_ratio(labels, cfg.target_ratio, cfg.min_positives, cfg.batch_size, cfg.upsample)
     n = len(labels)
     val_share = (1 / cfg.folds) if cfg.split == "kfold" else cfg.val_frac
     rng = np.random.default_rng(0)

@@ -394,6 +394,23 @@ class Balance:
                 "natural weight")
 
 
+def check_ratio(labels, target_ratio: float | None, min_positives: int, batch_size: int,
+                upsample: float = 1.0) -> None:
+    """A sampler ratio the per-batch rule cannot keep is an error naming both and the fix: on data
+    rarer than the ratio, at least `min_positives` of every `batch_size` images make positives
+    min_positives / batch_size of the epoch; above the target that is not the ratio asked for.
+    (On data as rich as the ratio there is nothing to meet.)"""
+    labels = np.asarray(labels)
+    if upsample != 1.0 or target_ratio is None or not min_positives or not len(labels):
+        return
+    natural, floor = float((labels > 0.5).mean()), min_positives / batch_size
+    if natural < target_ratio and floor > target_ratio + 1e-9:
+        raise RsnaError(f"target_ratio={target_ratio:g} cannot be met with min_positives="
+                        f"{min_positives} in a batch of {batch_size}: at least {floor:.0%} of every "
+                        f"batch is positive (the data has {natural:.1%}); raise batch_size to "
+                        f"{math.ceil(min_positives / target_ratio)} or more, or set min_positives 0")
+
+
 def balance(labels, upsample: float = 1.0, target_ratio: float | None = None,
             batch_size: int = 16, min_positives: int = 0, pos_weight: float = 1.0,
             neg_weight: float = 1.0, seed: int = 0) -> Balance:

@@ -273,6 +273,7 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
         UpsampleSampler,
         aux_targets,
         balance,
+        check_ratio,
         load_table,
         worker_init,
     )
@@ -281,6 +282,8 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
         raise RsnaError(f"{cfg.csv}: no 'cancer' column; training needs labels (train.csv)")
     if cfg.aux:
         aux_targets(table, cfg.aux, str(cfg.csv))   # a missing column: one clear line, nothing written
+    check_ratio(table["cancer"].to_numpy(), cfg.target_ratio, cfg.min_positives, cfg.batch_size,
+                cfg.upsample)                     # before the run folder is written
     train_df, val_df = make_split(table, cfg, Path(cfg.out), write=rank == 0)
     size, norm = contract["size"], contract["norm"]
     aug = Augment(random_crop=cfg.random_crop) if cfg.augment else None

@@ -135,14 +135,6 @@ class TrainConfig(Config):
         if self.ema and self.ema_epochs:
             raise RsnaError(f"ema={self.ema} and ema_epochs={self.ema_epochs}: give one (a fixed "
                             "decay, or a time constant in epochs)")
-        share = self.min_positives / self.batch_size
-        if (self.upsample == 1.0 and self.target_ratio is not None
-                and share > self.target_ratio + 1e-9):
-            raise RsnaError(f"target_ratio={self.target_ratio:g} cannot be met with min_positives="
-                            f"{self.min_positives} in a batch of {self.batch_size}: at least "
-                            f"{share:.0%} of every batch is positive; raise batch_size to "
-                            f"{math.ceil(self.min_positives / self.target_ratio)} or more, or "
-                            "lower min_positives")
         if self.fold >= self.folds:
             raise RsnaError(f"fold={self.fold}: choose 0..{self.folds - 1} (folds={self.folds})")
 
