@@ -64,7 +64,7 @@ def test_the_kaggle_plan_fits_one_80_gb_gpu_and_says_its_time(capsys):
     assert max(mems) < 0.9 * 80 and "(over!)" not in out
     total = float(out.split("**all**")[1].split("**")[1])
     assert 20 < total < 100                    # hours on one H100, stated
-    assert "an H100 at 0.85 of an H200 (an assumption)" in out
+    assert "one H100 at 0.85 of an H200 (an assumption" in out
 
 
 def test_the_table_flags_a_batch_that_does_not_fit():
@@ -81,3 +81,23 @@ def test_the_estimate_refuses_a_ratio_the_per_batch_rule_cannot_keep(tmp_path):
                   min_positives=1)
     with pytest.raises(RsnaError, match="cannot be met with min_positives=1 in a batch of 4"):
         est.estimate_training(params, memory=False)
+
+
+def test_the_submit_plan_on_kaggles_t4_decodes_once_and_says_its_assumptions(capsys):
+    """The submit plan (no training steps) is timed with the kaggle plan's exported models on
+    the hidden test set's 32,000 images: decoding once (the T4 box's 4 cores), then every
+    checkpoint at its own ceiling, twice with the flip."""
+    from rsna_utils.app.cli import main
+    assert est.preprocess_img_s("t4") == pytest.approx(min(42.5 * 4 / 16, 193.2 / 15))
+    assert est.preprocess_img_s("h200") == pytest.approx(42.5)
+    hours = {}
+    for flip in ("true", "false"):
+        assert main(["notebooks", "--plan", "submit", "--estimate", "--gpu", "t4", "--data",
+                     "/nonexistent", "-p", f"tta={flip}"]) == 0
+        out = capsys.readouterr().out
+        row = next(r for r in out.splitlines() if r.startswith("| 04_inference"))
+        assert "12 checkpoints" in row and "| 32,000 |" in row
+        hours[flip] = float(row.split("|")[6])
+        assert "one T4 at 0.067 of an H200" in out and "DICOM reading at 10.6 img/s" in out
+    decode = 32_000 / est.preprocess_img_s("t4") / 3600
+    assert hours["true"] - decode == pytest.approx(2 * (hours["false"] - decode), rel=0.01)

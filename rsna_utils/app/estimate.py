@@ -40,7 +40,11 @@ H200_ANCHORS = {
 }
 FROM_PNG = 0.37            # share of the random-input ceiling reached from PNGs (BENCHMARKS.md)
 PREPROCESS_IMG_S = 42.5    # DICOM -> PNG end to end on the H200, nvImageCodec (BENCHMARKS.md)
-GPUS = {"h200": (1.0, 141), "h100": (0.85, 80)}      # speed relative to an H200, memory GiB
+# speed relative to an H200, memory GiB, CPU cores beside it. The T4 (Kaggle's submission GPU)
+# is an assumption from its specifications: 65 fp16 TFLOPS and 320 GB/s against about 990 and
+# 4,800: 1/15 of an H200, the factor BENCHMARKS.md's first estimate used; its 4 CPU cores read
+# the DICOMs, which on the H200 machine took 14 threads.
+GPUS = {"h200": (1.0, 141, 16), "h100": (0.85, 80, 16), "t4": (1 / 15, 16, 4)}
 # the competition's train.csv when the plan's data is not at hand (RSNA_DATA.md)
 COMPETITION = dict(images=54_706, positives=1_158)
 HIDDEN_TEST_IMAGES = 32_000    # about 8,000 patients x 4 views (the hidden test set)
@@ -56,6 +60,17 @@ class StepEstimate:
     hours: float
     memory_gib: float | None = None
     note: str = ""
+
+
+DECODE_CEILING_IMG_S = 193.2   # nvImageCodec decode only, batch 64, the H200 run's mixed set
+
+
+def preprocess_img_s(gpu: str) -> float:
+    """DICOM -> model input end to end: 42.5 img/s on the H200 machine, where reading headers
+    and frames on its 16 cores was the limit (BENCHMARKS.md); scaled by the cores, and never
+    above the GPU's decode ceiling (193 img/s on the H200, scaled by the GPU's speed)."""
+    speed, _, cores = GPUS[gpu]
+    return min(PREPROCESS_IMG_S * min(1.0, cores / 16), DECODE_CEILING_IMG_S * speed)
 
 
 def throughput(model: str, size: tuple[int, int], gpu: str = "h100") -> tuple[float, float, str]:
@@ -157,6 +172,10 @@ def estimate_plan(plan: str | Path, data: str | Path = "data/synthetic", gpu: st
     _, _, todo, _ = plan_steps(plan, data, **kw)
     out = []
     train_steps = [p for _, _, nb, p in todo if nb.name.startswith("03_")]
+    if not train_steps:      # the submit plan: the models of the kaggle plan's export
+        from rsna_utils.app.notebooks import plan_steps
+        train_steps = [p for _, _, nb, p in plan_steps("kaggle", data, **kw)[2]
+                       if nb.name.startswith("03_") and not str(p.get("out", "")).endswith("resnet18_512x256")]
     for _, name, nb, params in todo:
         if nb.name.startswith("03_"):
             e = estimate_training(params, gpu, memory)
@@ -164,7 +183,7 @@ def estimate_plan(plan: str | Path, data: str | Path = "data/synthetic", gpu: st
             labels, _, _ = _labels(params.get("csv_path"))
             n = len(labels)
             e = StepEstimate("", "DICOM -> PNG, nvImageCodec", n, 0, 1,
-                             n / (PREPROCESS_IMG_S * GPUS[gpu][0]) / 3600,
+                             n / preprocess_img_s(gpu) / 3600,
                              note=f"{PREPROCESS_IMG_S} img/s end to end on an H200 (BENCHMARKS.md)")
         elif nb.name.startswith("04_"):
             e = _estimate_inference(params, train_steps, gpu)
@@ -180,20 +199,24 @@ def _estimate_inference(params: dict, train_steps: list[dict], gpu: str) -> Step
     flip) run on them; the hidden test set's size when the plan's test.csv is not at hand."""
     csv = params.get("csv")
     n = len(pd.read_csv(csv)) if csv and Path(csv).is_file() else HIDDEN_TEST_IMAGES
-    ckpts = {str(c) for c in params.get("checkpoints") or []}
-    seconds = n / (PREPROCESS_IMG_S * GPUS[gpu][0])
+    ckpts = {str(c) for c in params.get("checkpoints") or []} if not params.get("ensemble") else set()
+    seconds = n / preprocess_img_s(gpu)
+    used, flip = 0, params.get("tta", True) is not False
     for p in train_steps:
         if ckpts and f"{p['out']}/best.pt" not in ckpts:
             continue
+        used += 1
         size = p["size"] if isinstance(p["size"], (list, tuple)) else (p["size"], p["size"])
         _, inf, _ = throughput(p["model"], tuple(size), gpu)
-        seconds += n * 2 / (inf * FROM_PNG)          # the flip: two passes
-    return StepEstimate("", f"inference, {len(ckpts)} checkpoints with the flip", n, 0, 1,
-                        seconds / 3600, note=f"{n:,} test images")
+        # the input is decoded once and already on the device: the model's own ceiling
+        seconds += n * (2 if flip else 1) / inf
+    return StepEstimate("", f"inference, {used} checkpoints" + (" with the flip" if flip else ""),
+                        n, 0, 1,
+                        seconds / 3600, note=f"{n:,} test images, decoded once")
 
 
 def table(rows: list[StepEstimate], gpu: str = "h100") -> str:
-    speed, gib = GPUS[gpu]
+    speed, gib, _ = GPUS[gpu]
     lines = [f"| step | what | images an epoch | batches an epoch | epochs | hours on one {gpu.upper()} "
              f"| memory (GiB, of {gib}) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -202,8 +225,9 @@ def table(rows: list[StepEstimate], gpu: str = "h100") -> str:
                      f"{r.hours:.2f} | {mem} |")
     total = sum(r.hours for r in rows)
     lines.append(f"| **all** | | | | | **{total:.1f}** | |")
-    lines.append(f"\nAssumed: training from PNGs at {FROM_PNG} of the random-input ceiling (the "
-                 f"H200 run, BENCHMARKS.md); an {gpu.upper()} at {speed} of an H200 "
-                 "(an assumption); memory is a floor (activations measured at 256x128 under bf16 "
-                 "autocast and scaled, plus weights, gradients, AdamW and the EMA).")
+    lines.append(f"\nAssumed: training and inference from PNGs / decoded images at {FROM_PNG} of "
+                 f"the random-input ceiling (the H200 run, BENCHMARKS.md); one {gpu.upper()} at "
+                 f"{speed:.2g} of an H200 (an assumption from its specifications), DICOM reading at "
+                 f"{preprocess_img_s(gpu):.1f} img/s; memory is a floor (activations measured at "
+                 "256x128 under bf16 autocast and scaled, plus weights, gradients, AdamW and the EMA).")
     return "\n".join(lines)

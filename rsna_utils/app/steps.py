@@ -261,7 +261,7 @@ def _reg_notebooks(sub) -> None:
     n.add_argument("--quiet", action="store_true", help="no progress bars")
     n.add_argument("--estimate", action="store_true", help="run nothing: print each step's "
                    "images, batches, expected hours on one GPU and training memory per batch")
-    n.add_argument("--gpu", default="h100", choices=("h100", "h200"),
+    n.add_argument("--gpu", default="h100", choices=("h100", "h200", "t4"),
                    help="with --estimate: the GPU to estimate for (default: %(default)s)")
     n.set_defaults(func=_cmd_notebooks)
 
