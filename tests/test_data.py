@@ -100,3 +100,76 @@ def test_balance_counts_what_the_sampler_and_the_loss_weight_do():
     ratio = balance(labels, target_ratio=0.125, min_positives=1, batch_size=16)
     assert ratio.epoch_share >= 0.125 and ratio.loss_share == pytest.approx(ratio.epoch_share)
     assert "each positive is seen 5.0 times an epoch" in b.line()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_raw_input_made_on_the_device_equals_the_cpu_input(tmp_path, dtype, channels):
+    """Workers hand over the image as read (uint8 / uint16, one channel) with its intensity
+    parameters; `device_input` makes the model input where the batch is (here the CPU device):
+    the same pixels as the finished float input of the CPU path, for the same random draws,
+    augmented or not, through a DataLoader's collate too."""
+    from torch.utils.data.dataloader import default_collate
+
+    from rsna_utils.learn.data import batch_bytes, device_input
+    rng = np.random.default_rng(3)
+    top = 65535 if dtype == np.uint16 else 255
+    rows = []
+    for i in range(4):
+        p = tmp_path / f"{i}.png"
+        cv2.imwrite(str(p), rng.integers(0, top, (64, 32)).astype(dtype))
+        rows.append(dict(png=str(p), cancer=i % 2))
+    df = pd.DataFrame(rows)
+    norm = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    for aug in (Augment(random_crop=0.1), None):
+        cpu = PngDataset(df, (64, 32), channels, aug, seed=7, norm=norm)
+        raw = PngDataset(df, (64, 32), channels, aug, seed=7, norm=norm, raw=True)
+        want = default_collate([cpu[i] for i in range(4)])
+        got = default_collate([raw[i] for i in range(4)])
+        (img, params), y = got
+        assert img.dtype == torch.from_numpy(np.zeros(1, dtype)).dtype and img.shape == (4, 1, 64, 32)
+        assert torch.equal(y, want[1])
+        x = device_input(img, params, norm, channels)
+        assert x.shape == want[0].shape == (4, channels, 64, 32)
+        assert torch.allclose(x, want[0], atol=1e-5), float((x - want[0]).abs().max())
+        # a twelfth (uint8) or a sixth (uint16) of the float batch's bytes, plus 12 per image
+        assert batch_bytes(got[0]) == img.nelement() * img.element_size() + 4 * 3 * 4
+        assert batch_bytes(want[0]) == 4 * channels * 64 * 32 * 4
+    assert torch.equal(device_input(want[0], None, norm, channels), want[0])   # floats pass
+
+
+def test_training_from_raw_batches_matches_the_float_path_step_for_step(tmp_path):
+    """One optimiser step of the same model on the same draws: from the raw batch (cast and
+    normalised in the step) and from the finished float batch, the same loss and weights."""
+    import copy
+
+    from torch.utils.data.dataloader import default_collate
+
+    from rsna_utils.learn.data import device_input
+    from rsna_utils.learn.models import create_model
+    df = _pngs(tmp_path, 4)
+    norm = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    cpu = PngDataset(df, (64, 32), 3, Augment(), seed=2, norm=norm)
+    raw = PngDataset(df, (64, 32), 3, Augment(), seed=2, norm=norm, raw=True)
+    (xf, y), ((img, params), _) = (default_collate([d[i] for i in range(4)]) for d in (cpu, raw))
+    torch.manual_seed(0)
+    a = create_model("resnet18", 3, None).train()
+    b = copy.deepcopy(a)
+    losses = []
+    for net, x in ((a, xf), (b, device_input(img, params, norm, 3))):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x)[:, 0], y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5)
+
+
+def test_birads_aux_target_reads_rsnas_scale_and_masks_other_sources_values():
+    from rsna_utils.learn.data import aux_targets
+    df = pd.DataFrame({"BIRADS": [0, 1, 2, 4, 5, None]})
+    t = aux_targets(df, ["BIRADS"])[:, 0]
+    np.testing.assert_allclose(t[:3], [0.0, 0.5, 1.0])
+    assert np.isnan(t[3:]).all()          # VinDr / CBIS-DDSM BI-RADS 4-5, a missing value

@@ -261,16 +261,16 @@ def test_inference_reads_the_input_contract_from_the_checkpoint(tmp_path, synth_
     (m,), _ = load_models([tmp_path / "other.pt"], torch.device("cpu"))
     assert (m.size, m.norm, m.channels) == ((40, 56), tuple(map(tuple, norm)), 3)
     seen = []
-    real = rsna_utils.learn.data.model_input
+    real = rsna_utils.learn.data.device_input
 
-    def spy(img, size, norm, channels):
-        seen.append((tuple(size), tuple(map(tuple, norm)), channels))
-        return real(img, size, norm, channels)
-    monkeypatch.setattr(rsna_utils.learn.data, "model_input", spy)
+    def spy(raw, intensity, norm, channels, channels_last=False):
+        seen.append((tuple(raw.shape[2:]), tuple(map(tuple, norm)), channels))
+        return real(raw, intensity, norm, channels, channels_last)
+    monkeypatch.setattr(rsna_utils.learn.data, "device_input", spy)
     predict(synth_small / "test_images", synth_small / "test.csv", [tmp_path / "other.pt"], None,
             workers=0, device="cpu", progress=False)
     assert seen and set(seen) == {((40, 56), tuple(map(tuple, norm)), 3)}
-    x = real(np.full((48, 48), 255, np.uint8), (40, 56), norm, 3)
+    x = rsna_utils.learn.data.model_input(np.full((48, 48), 255, np.uint8), (40, 56), norm, 3)
     np.testing.assert_allclose(x[:, 0, 0].numpy(), (1 - np.array(norm[0])) / np.array(norm[1]),
                                rtol=1e-6)
     ck["resize"] = {"mode": "stretch", "filter": "nearest"}
@@ -442,3 +442,44 @@ def test_ensemble_weights_apply_to_all_checkpoints_or_say_which_recipe_has_none(
         set_recipe_weights(models, {"config:another recipe": 1.0})
     set_recipe_weights(models, None)
     assert all(m.recipe_weight is None for m in models)
+
+
+def test_inference_builds_each_input_once_for_all_folds_and_flips(tmp_path, synth_small,
+                                                                   tiny_ckpt, monkeypatch):
+    """Three checkpoints, two at one input size and one at another: each batch is resized and
+    normalised once per size (not once per checkpoint), and the scores equal each checkpoint's
+    own input built the training way (`data.model_input`), averaged."""
+    import rsna_utils.learn.data
+    from rsna_utils.infer.predict import ensemble_weights, load_models
+    from rsna_utils.learn.checkpoint import cancer_probability
+    base = torch.load(tiny_ckpt, weights_only=False)
+    head = [k for k in base["model"] if k.endswith("fc.bias")][0]
+    paths = []
+    for k, (shift, size) in enumerate(((0.0, [48, 48]), (1.0, [48, 48]), (-1.0, [40, 56]))):
+        ck = {**base, "size": size, "config": {**base["config"], "fold": k}}
+        ck["model"] = {**base["model"], head: base["model"][head] + shift}
+        paths.append(tmp_path / f"f{k}.pt")
+        torch.save(ck, paths[-1])
+    calls = []
+    real = rsna_utils.learn.data.device_input
+
+    def spy(raw, intensity, norm, channels, channels_last=False):
+        calls.append(tuple(raw.shape))
+        return real(raw, intensity, norm, channels, channels_last)
+    monkeypatch.setattr(rsna_utils.learn.data, "device_input", spy)
+    r = predict(synth_small / "test_images", synth_small / "test.csv", paths, None, workers=0,
+                device="cpu", progress=False, tta=True, batch_size=64)
+    n = len(r.images)
+    assert sorted(calls) == sorted([(n, 1, 48, 48), (n, 1, 40, 56)])    # one batch, two sizes
+    # the reference: every checkpoint on its own input, built image by image as in training
+    from rsna_utils.infer.predict import DicomStream
+    models, pre = load_models(paths, torch.device("cpu"))
+    assert r.images["prediction"].notna().all()
+    stream = DicomStream(r.images, synth_small / "test_images", pre)
+    imgs = [stream[i][0] for i in range(n)]
+    want = np.zeros(n)
+    for m, w in zip(models, ensemble_weights(models)):
+        x = torch.stack([rsna_utils.learn.data.model_input(im, m.size, m.norm, 3) for im in imgs])
+        with torch.inference_mode():
+            want += w * cancer_probability(m.model, x, True).numpy()
+    np.testing.assert_allclose(r.images["prediction"].to_numpy(), want, rtol=1e-4, atol=1e-6)

@@ -252,6 +252,20 @@ def test_ddp_two_processes_gloo_identical_weights(tmp_path, png48, synth_small):
     d1 = (tmp_path / "ddp" / "weights_rank1.txt").read_text()
     assert d0 == d1
     assert len(pd.read_csv(tmp_path / "ddp" / "metrics.csv")) == 1
+    # validation shared: rank 0 scored half, and the gathered predictions are those of best.pt
+    # on every validation image, in order
+    val = pd.read_csv(tmp_path / "ddp" / "val_predictions.csv")
+    assert f"validation shared by 2 ranks: rank 0 scored {(len(val) + 1) // 2} of {len(val)}" in r.stderr
+    assert val.prediction.notna().all()
+    from rsna_utils.infer.predict import load_models
+    from rsna_utils.learn.data import PngDataset
+    from rsna_utils.learn.train import predict_loader
+    (m,), _ = load_models([tmp_path / "ddp" / "best.pt"], torch.device("cpu"))
+    ds = PngDataset(val.assign(png=[str(png48 / f"{p}_{i}.png") for p, i in
+                                    zip(val.patient_id, val.image_id)]), m.size, 3, norm=m.norm)
+    again = predict_loader(m.model, torch.utils.data.DataLoader(ds, 8), torch.device("cpu"),
+                           norm=m.norm)
+    np.testing.assert_allclose(val.prediction.to_numpy(), again, rtol=1e-4, atol=1e-6)
     # splits.csv is written once (rank 0; two ranks renaming one temporary raced) and whole
     assert len(pd.read_csv(tmp_path / "ddp" / "splits.csv")) == len(pd.read_csv(synth_small / "train.csv"))
     assert not list((tmp_path / "ddp").glob(".*.tmp*"))
@@ -578,3 +592,30 @@ def test_sampler_ratio_settings_are_checked():
     check_ratio(rare, 0.125, 1, 4, upsample=5.0)           # upsample: the ratio is not used
     with pytest.raises(RsnaError, match="ema=0.99 and ema_epochs=1.0: give one"):
         TrainConfig(ema=0.99, ema_epochs=1.0)
+
+
+def test_compile_switch_runs_the_training_forward_through_torch_compile(tmp_path, png48,
+                                                                         synth_small, monkeypatch):
+    """--compile: the loop calls the compiled module (torch.compile stubbed here: no C++
+    toolchain needed), while the checkpoints keep the plain model's weights."""
+    calls = []
+
+    class Compiled(torch.nn.Module):           # what torch.compile returns: a module wrapper
+        def __init__(self, module):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, x):
+            calls.append(tuple(x.shape))
+            return self.inner(x)
+
+    def fake_compile(module):
+        return Compiled(module)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    train(_cfg(tmp_path, png48, synth_small, compile=True, max_steps=2))
+    assert len(calls) == 2 and calls[0][1:] == (3, 48, 48)
+    ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in ck["model"])
+    calls.clear()
+    train(_cfg(tmp_path / "b", png48, synth_small, max_steps=2))
+    assert not calls

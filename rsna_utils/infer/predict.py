@@ -184,14 +184,38 @@ def _collate(batch):
     return tuple([b[k] for b in batch] for k in range(4))
 
 
-def batch_input(imgs: list, m: "LoadedModel", channels: int, fallback_size):
-    """The model's input batch (N, C, H, W) from output images: `data.model_input`, the
-    same resize and normalisation as training."""
+def input_size(m: "LoadedModel", fallback_size) -> tuple[int, int]:
+    return tuple(m.size) if min(m.size) > 0 else tuple(fallback_size)
+
+
+def raw_batch(imgs: list, size):
+    """The output images resized to `size` (`roi.resize`, aspect kept, black padding: training's
+    resize) as one (N, 1, H, W) uint8 / uint16 tensor: what goes to the device, once per size."""
     import torch
 
-    from rsna_utils.learn.data import model_input
-    size = tuple(m.size) if min(m.size) > 0 else tuple(fallback_size)
-    return torch.stack([model_input(im, size, m.norm, channels) for im in imgs])
+    from rsna_utils.image import roi
+    arrays = [roi.resize(im, size, "pad") for im in imgs]
+    if len({a.dtype for a in arrays}) > 1:                    # 8- and 16-bit PNGs mixed
+        arrays = [a.astype(np.uint16) * (257 if a.dtype == np.uint8 else 1) for a in arrays]
+    return torch.from_numpy(np.stack(arrays))[:, None]
+
+
+def batch_input(imgs: list, m: "LoadedModel", channels: int, fallback_size):
+    """The model's input batch (N, C, H, W) from output images: the same resize and
+    normalisation as training (`data.device_input` on `raw_batch`)."""
+    from rsna_utils.learn.data import device_input
+    return device_input(raw_batch(imgs, input_size(m, fallback_size)), None, m.norm, channels)
+
+
+def input_groups(models: list, weights, fallback_size) -> dict:
+    """{size: {norm: [(model, weight)]}}: the checkpoints that read the same input. A batch is
+    resized and uploaded once per size and normalised once per (size, norm): every fold of a
+    recipe, and every model of the same input, reads the same tensor."""
+    groups: dict = {}
+    for m, w in zip(models, weights):
+        key = tuple(map(tuple, m.norm))
+        groups.setdefault(input_size(m, fallback_size), {}).setdefault(key, []).append((m, w))
+    return groups
 
 
 @dataclass
@@ -222,6 +246,7 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
 
     from rsna_utils.dicom.decoders import gpu_batch
     from rsna_utils.learn.checkpoint import cancer_probability
+    from rsna_utils.learn.data import device_input
     from rsna_utils.learn.device import half_dtype
     weights = ensemble_weights(models)
     ds = DicomStream(df, Path(images), pre, backend, channels)
@@ -240,14 +265,17 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     preds = np.full(len(ds), np.nan, np.float32)
     reasons, inverted = [""] * len(ds), [False] * len(ds)
     bar = tqdm(total=len(ds), desc="predict", unit="img", disable=not progress, file=sys.stderr)
+    groups = input_groups(models, weights, ds.cfg.size)
     with torch.inference_mode():
         for imgs, idx, why, flag in dl:
             p = torch.zeros(len(imgs), device=device)
-            for m, w in zip(models, weights):
-                xm = batch_input(imgs, m, channels, ds.cfg.size).to(device, non_blocking=True)
-                xm = xm.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    p += w * cancer_probability(m.model, xm, tta).float()
+            for size, by_norm in groups.items():      # decoded once; uploaded once per size
+                raw = raw_batch(imgs, size).to(device, non_blocking=True)
+                for norm, members in by_norm.items():
+                    xm = device_input(raw, None, norm, channels, channels_last=True)
+                    for m, w in members:                  # every fold (and flip) on one tensor
+                        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                            p += w * cancer_probability(m.model, xm, tta).float()
             p = p.cpu().numpy()
             for j, i in enumerate(idx):
                 inverted[i] = flag[j]

@@ -149,12 +149,19 @@ class Augment:
                 img[y:y + bh, x:x + bw] = 0
         return img
 
-    def intensity(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Gamma, then contrast and brightness, on a [0, 1] image."""
-        if self.gamma:
-            x = np.power(np.clip(x, 0, 1), float(np.exp(rng.uniform(-self.gamma, self.gamma))))
+    def intensity_params(self, rng: np.random.Generator) -> np.ndarray:
+        """(gamma exponent, contrast, brightness) of one draw: what `intensity` applies, drawn
+        in the worker and applied where the image becomes floats (the device, `device_input`)."""
+        g = float(np.exp(rng.uniform(-self.gamma, self.gamma))) if self.gamma else 1.0
         c = 1 + rng.uniform(-self.contrast, self.contrast)
         b = rng.uniform(-self.brightness, self.brightness)
+        return np.array([g, c, b], np.float32)
+
+    def intensity(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Gamma, then contrast and brightness, on a [0, 1] image."""
+        g, c, b = self.intensity_params(rng)
+        if g != 1.0:
+            x = np.power(np.clip(x, 0, 1), g)
         return (x - 0.5) * c + 0.5 + b
 
 
@@ -172,6 +179,46 @@ def to_input(x: np.ndarray, norm=DEFAULT_NORM, channels: int = 3):
     return (t - torch.from_numpy(mean)[:, None, None]) / torch.from_numpy(std)[:, None, None]
 
 
+# identity intensity parameters (gamma 1, contrast 1, brightness 0): no augmentation
+NO_INTENSITY = np.array([1.0, 1.0, 0.0], np.float32)
+
+
+def device_input(raw, intensity=None, norm=DEFAULT_NORM, channels: int = 3,
+                 channels_last: bool = False):
+    """The model's input batch made where the batch already is (the GPU in training): workers
+    hand over the image as read and geometrically augmented, uint8 or uint16 (B, 1, H, W), a
+    twelfth (a sixth) of float32 x 3 channels; here it becomes [0, 1] floats, gets its
+    intensity augmentation (`intensity`: (B, 3) gamma exponent, contrast, brightness, from
+    `Augment.intensity_params`; None: none), then the channels and the backbone's mean / std
+    (`to_input`'s arithmetic, in the same order, so the pixels equal the CPU path's). A float
+    batch (the CPU path) passes through."""
+    import torch
+    if raw.is_floating_point():
+        x = raw
+    else:
+        scale = 65535.0 if raw.dtype == torch.uint16 else 255.0
+        x = raw.to(torch.float32) / scale
+        if intensity is not None:
+            g, c, b = (intensity[:, k].to(x.device, torch.float32).view(-1, 1, 1, 1) for k in range(3))
+            if bool((g != 1).any()):
+                x = torch.where(g != 1, x.clamp(0, 1).pow(g), x)
+            x = (x - 0.5) * c + 0.5 + b
+        mean, std = (torch.tensor(np.asarray(v, np.float32)[:channels], device=x.device)
+                     .view(1, channels, 1, 1) for v in norm)
+        x = (x.expand(-1, channels, -1, -1) - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def batch_bytes(batch) -> int:
+    """Bytes of the tensors of one collated batch (what workers put in shared memory)."""
+    import torch
+    if isinstance(batch, torch.Tensor):
+        return batch.element_size() * batch.nelement()
+    if isinstance(batch, (list, tuple)):
+        return sum(batch_bytes(b) for b in batch)
+    return 0
+
+
 def model_input(img: np.ndarray, size, norm=DEFAULT_NORM, channels: int = 3):
     """An output image (uint8 / uint16, 0 = background) -> model input of `size` (height,
     width): the one resize (`roi.resize`, aspect kept, black padding) of training, CPU and GPU
@@ -186,7 +233,8 @@ def model_input(img: np.ndarray, size, norm=DEFAULT_NORM, channels: int = 3):
 # target in [0, 1] for a BCE-with-logits head, NaN (masked) where missing.
 AUX_TARGETS = {
     "biopsy": "binary", "invasive": "binary", "difficult_negative_case": "binary",
-    "view": "MLO vs CC", "BIRADS": "0-2 scaled to 0-1", "density": "A-D scaled to 0-1",
+    "view": "MLO vs CC", "BIRADS": "0-2 scaled to 0-1 (other values, e.g. another source's "
+    "BI-RADS 3-5, masked)", "density": "A-D scaled to 0-1",
     "age": "(age - 40) / 50, clipped to 0-1",
 }
 
@@ -206,8 +254,9 @@ def aux_targets(df: pd.DataFrame, names: list[str], where: str = "the CSV") -> n
                                  1.0: 1.0, 0.0: 0.0}.get(x, np.nan))
         elif name == "view":
             t = v.astype(str).str.upper().map({"MLO": 1.0, "CC": 0.0})
-        elif name == "BIRADS":
-            t = pd.to_numeric(v, errors="coerce") / 2.0
+        elif name == "BIRADS":      # RSNA's 0-2 scale; other sources' BI-RADS 3-5: masked
+            b = pd.to_numeric(v, errors="coerce")
+            t = (b / 2.0).where(b.between(0, 2))
         elif name == "density":
             t = v.astype(str).str.upper().map({"A": 0.0, "B": 1 / 3, "C": 2 / 3, "D": 1.0})
         else:
@@ -225,16 +274,21 @@ def worker_init(worker_id: int) -> None:
 
 
 class PngDataset:
-    """(image tensor C x H x W float32, label float32) per row of the table.
+    """(input, label float32) per row of the table.
 
-    Images are read with OpenCV (8 or 16-bit PNG), resized if they differ from `size`, scaled to
-    [0, 1], normalised with mean 0.5 / std 0.25, repeated to `channels`. `cache=True` keeps the
-    decoded uint8/uint16 arrays in memory after the first epoch (no PNG decoding afterwards).
+    Images are read with OpenCV (8 or 16-bit PNG), resized if they differ from `size` and
+    geometrically augmented. `raw=True` (training): the input is ((1, H, W) uint8/uint16 tensor,
+    its intensity parameters (3,) float32), made into the model input on the device by
+    `device_input`. `raw=False`: the finished (C, H, W) float32 tensor, scaled to [0, 1],
+    intensity-augmented, repeated to `channels` and normalised here (`to_input`); both give the
+    same pixels. `cache=True` keeps the decoded uint8/uint16 arrays in memory after the first
+    epoch (no PNG decoding afterwards).
     """
 
     def __init__(self, df: pd.DataFrame, size: tuple[int, int] | int, channels: int = 3,
                  augment: Augment | None = None, seed: int = 0, cache: bool = False,
-                 label: str = "cancer", norm=DEFAULT_NORM, aux: list[str] | None = None):
+                 label: str = "cancer", norm=DEFAULT_NORM, aux: list[str] | None = None,
+                 raw: bool = False):
         self.paths = df["png"].tolist()
         self.labels = (df[label].to_numpy(np.float32) if label in df
                        else np.zeros(len(df), np.float32))
@@ -242,6 +296,7 @@ class PngDataset:
         if channels not in (1, 3):
             raise RsnaError(f"channels={channels}: choose 1 or 3")
         self.channels, self.augment, self.seed, self.norm = channels, augment, seed, norm
+        self.raw = raw
         # with auxiliary targets the label is a vector: [cancer, aux...]
         self.aux = aux_targets(df, list(aux)) if aux else None
         self.epoch = 0
@@ -290,13 +345,20 @@ class PngDataset:
         import torch
         img = self.read(i)
         scale = 65535.0 if img.dtype == np.uint16 else 255.0
-        if self.augment is not None:
+        if self.raw:
+            params = NO_INTENSITY
+            if self.augment is not None:
+                rng = self._rng()
+                img = self.augment(img, rng)
+                params = self.augment.intensity_params(rng)
+            t = (torch.from_numpy(np.ascontiguousarray(img))[None], torch.from_numpy(params))
+        elif self.augment is not None:
             rng = self._rng()
             img = self.augment(img, rng)
-            x = self.augment.intensity(img.astype(np.float32) / scale, rng)
+            t = to_input(self.augment.intensity(img.astype(np.float32) / scale, rng), self.norm,
+                         self.channels)
         else:
-            x = img.astype(np.float32) / scale
-        t = to_input(x, self.norm, self.channels)
+            t = to_input(img.astype(np.float32) / scale, self.norm, self.channels)
         if self.aux is not None:
             return t, torch.from_numpy(np.concatenate([[self.labels[i]], self.aux[i]]).astype(np.float32))
         return t, torch.tensor(self.labels[i])

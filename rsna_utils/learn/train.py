@@ -110,20 +110,26 @@ class CancerAuxLoss:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, cfg: TrainConfig,
-                    epoch: int, dtype=None, scaler=None, ema=None, rank: int = 0) -> dict:
+                    epoch: int, dtype=None, scaler=None, ema=None, rank: int = 0,
+                    norm=None) -> dict:
+    """One pass over the loader. Batches arrive as the workers read them (uint8/uint16, one
+    channel) and become the model input on the device (`data.device_input`); the loss is summed
+    on the device and read back every `SYNC_EVERY` steps for the progress bar, not every step."""
     import torch
     from tqdm.auto import tqdm
+
+    from rsna_utils.learn.data import DEFAULT_NORM, device_input
     model.train()
-    n_seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+    n_seen, t0 = 0, time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not cfg.progress or rank != 0,
                file=sys.stderr, dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
     for step, (x, y) in enumerate(bar):
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
-        x = x.to(device, non_blocking=True)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _to_device(x, device, norm or DEFAULT_NORM, cfg.channels, cfg.channels_last,
+                       device_input)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = loss_fn(model(x), y) / cfg.accumulate
@@ -141,39 +147,90 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, cfg: T
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
-        n_seen += len(x)
-        loss_sum += float(loss.detach()) * cfg.accumulate * len(x)
-        bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}",
-                        img_s=f"{n_seen / (time.perf_counter() - t0):.1f}")
+        n_seen += len(y)
+        loss_sum += loss.detach() * (cfg.accumulate * len(y))
+        if step % SYNC_EVERY == 0 and not bar.disable:        # the one host sync, now and then
+            bar.set_postfix(loss=f"{float(loss_sum) / n_seen:.4f}",
+                            img_s=f"{n_seen / (time.perf_counter() - t0):.1f}")
     bar.close()
     dt = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(1, n_seen), "train_images": n_seen,
+    return {"train_loss": float(loss_sum) / max(1, n_seen), "train_images": n_seen,
             "train_img_s": n_seen / dt if dt else 0.0, "lr": optimizer.param_groups[0]["lr"],
             **{"lr_backbone": g["lr"] for g in optimizer.param_groups[:: -1]
                if g.get("name", "").startswith("backbone")}}
 
 
+SYNC_EVERY = 25     # steps between reading the running loss back for the progress bar
+
+
+def _to_device(x, device, norm, channels: int, channels_last: bool, device_input):
+    """A batch from the loader as the model input on `device`: (raw uint8/uint16, intensity
+    parameters) from a raw dataset, or a finished float tensor."""
+    if isinstance(x, (list, tuple)):
+        raw, params = x
+        return device_input(raw.to(device, non_blocking=True), params.to(device, non_blocking=True),
+                            norm, channels, channels_last)
+    return device_input(x.to(device, non_blocking=True), None, norm, channels, channels_last)
+
+
 def predict_loader(model, loader, device, dtype=None, channels_last: bool = True,
-                   tta_flip: bool = False) -> np.ndarray:
+                   tta_flip: bool = False, norm=None, channels: int = 3) -> np.ndarray:
     """Sigmoid probabilities for every item of the loader, in order."""
     import torch
+
+    from rsna_utils.learn.data import DEFAULT_NORM, device_input
     model.eval()
     out = []
     with torch.inference_mode():
         for x, _ in loader:
-            x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = _to_device(x, device, norm or DEFAULT_NORM, channels, channels_last, device_input)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 p = cancer_probability(model, x, tta_flip)
             out.append(p.cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def evaluate(model, loader, val_df: pd.DataFrame, device, dtype=None,
-             channels_last: bool = True, tta: bool = False) -> tuple[dict, pd.DataFrame]:
+def validate(model, data, device, dtype, cfg: TrainConfig, norm, rank: int = 0,
+             world: int = 1) -> np.ndarray | None:
+    """The validation predictions, in val_df's order, on rank 0 (None elsewhere). Under DDP each
+    rank scores every world-th image (`data.val_dl` holds the rank's share) and rank 0 gathers
+    them: no rank idles through a whole validation pass at a barrier, whose timeout (NCCL's 10
+    minutes) a long validation on one rank used to exceed."""
+    import torch.distributed as dist
+    if world > 1:
+        # the weights agree across ranks, BatchNorm's running statistics (and the EMA's copy of
+        # them) by one batch less: every rank scores with rank 0's, the ones best.pt keeps
+        for b in model.buffers():
+            dist.broadcast(b.data, 0)
+    preds = predict_loader(model, data.val_dl, device, dtype, cfg.channels_last, tta_flip=cfg.tta,
+                           norm=norm, channels=cfg.channels)
+    if world == 1:
+        return preds
+    if rank == 0:
+        print(f"validation shared by {world} ranks: rank 0 scored {len(preds)} of "
+              f"{len(data.val_df)} images", file=sys.stderr)
+    parts = [None] * world
+    dist.all_gather_object(parts, preds)
+    if rank != 0:
+        return None
+    out = np.full(len(data.val_df), np.nan, np.float32)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def val_metrics(val_df: pd.DataFrame, preds: np.ndarray) -> tuple[dict, pd.DataFrame]:
     from rsna_utils.learn.metrics import evaluate as metrics
-    preds = predict_loader(model, loader, device, dtype, channels_last, tta_flip=tta)
+    df = val_df.assign(prediction=preds)
+    return metrics(df), df
+
+
+def evaluate(model, loader, val_df: pd.DataFrame, device, dtype=None,
+             channels_last: bool = True, tta: bool = False, norm=None,
+             channels: int = 3) -> tuple[dict, pd.DataFrame]:
+    from rsna_utils.learn.metrics import evaluate as metrics
+    preds = predict_loader(model, loader, device, dtype, channels_last, tta_flip=tta, norm=norm,
+                           channels=channels)
     df = val_df.assign(prediction=preds)
     return metrics(df), df
 
@@ -196,6 +253,9 @@ def train(cfg: TrainConfig) -> dict:
     model, ddp = create_train_model(cfg, device, local_rank, rank, world)
     data = load_data(cfg, device, contract, rank, world)
     opt = create_optimisation(cfg, model, len(data.train_dl), device)
+    if cfg.compile:                     # the module the loop calls; weights stay in `model`
+        import torch
+        opt.forward = torch.compile(ddp)
     start, best, history = resume(cfg, out, model, opt, contract)
     if rank == 0:
         write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
@@ -204,12 +264,14 @@ def train(cfg: TrainConfig) -> dict:
         data.sampler.set_epoch(epoch)
         data.train_ds.set_epoch(epoch)
         row = {"epoch": epoch}
-        row.update(train_one_epoch(ddp, data.train_dl, opt.loss_fn, opt.optimizer, opt.scheduler,
-                                   device, cfg, epoch, opt.dtype, opt.scaler, opt.ema, rank))
+        row.update(train_one_epoch(opt.forward or ddp, data.train_dl, opt.loss_fn, opt.optimizer,
+                                   opt.scheduler, device, cfg, epoch, opt.dtype, opt.scaler,
+                                   opt.ema, rank, contract["norm"]))
+        eval_model = opt.ema.module if opt.ema is not None else model
+        # every rank scores its share of the validation set; rank 0 gathers, scores, saves
+        preds = validate(eval_model, data, device, opt.dtype, cfg, contract["norm"], rank, world)
         if rank == 0:
-            eval_model = opt.ema.module if opt.ema is not None else model
-            m, preds = evaluate(eval_model, data.val_dl, data.val_df, device, opt.dtype,
-                                cfg.channels_last, cfg.tta)
+            m, preds = val_metrics(data.val_df, preds)
             row.update(m)
             history.append(row)
             best, improved = update_best(best, m, epoch, cfg.select_by, history,
@@ -241,6 +303,9 @@ def setup(cfg: TrainConfig, local_rank: int, world: int):
     """The device, the process group under torchrun, the seeds, the run folder."""
     import torch.distributed as dist
     device = resolve_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        import torch
+        torch.backends.cudnn.benchmark = True     # fixed input sizes: pick the fastest kernels
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     seed_everything(cfg.seed)
@@ -287,9 +352,10 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
     train_df, val_df = make_split(table, cfg, Path(cfg.out), write=rank == 0)
     size, norm = contract["size"], contract["norm"]
     aug = Augment(random_crop=cfg.random_crop) if cfg.augment else None
+    # raw: workers hand over uint8/uint16 images; the float input is made on the device
     train_ds = PngDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache, norm=norm,
-                          aux=cfg.aux)
-    val_ds = PngDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm)
+                          aux=cfg.aux, raw=True)
+    val_ds = PngDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm, raw=True)
     sampler = UpsampleSampler(train_ds.labels, cfg.seed, cfg.upsample,
                               cfg.target_ratio if cfg.upsample == 1.0 else None, rank, world,
                               batch_size=cfg.batch_size, min_positives=cfg.min_positives)
@@ -302,6 +368,9 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
                      multiprocessing_context="forkserver" if cfg.workers > 0 else None,
                      worker_init_fn=worker_init if cfg.workers > 0 else None)
     train_dl = DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=False, **loader_kw)
+    if world > 1:          # this rank's share of the validation set: every world-th image
+        from torch.utils.data import Subset
+        val_ds = Subset(val_ds, list(range(rank, len(val_ds), world)))
     val_dl = DataLoader(val_ds, cfg.batch_size * 2, shuffle=False, **loader_kw)
     return TrainData(train_df, val_df, train_ds, sampler, train_dl, val_dl)
 
@@ -346,6 +415,7 @@ class Optimisation:
     dtype: object = None            # autocast dtype; None: full precision
     scaler: object = None           # gradient scaler, fp16 only
     ema: object = None              # AveragedModel of the weights when cfg.ema
+    forward: object = None          # torch.compile'd module the loop calls (cfg.compile)
 
 
 def create_optimisation(cfg: TrainConfig, model, batches_per_epoch: int, device) -> Optimisation:

@@ -79,6 +79,8 @@ class TrainConfig(Config):
     global_pool: str = setting("gem", "pooling (gem: small lesions)", choices=POOLS)
     drop_path: float = setting(0.0, "stochastic depth rate (timm drop_path_rate)", ge=0, lt=1)
     channels_last: bool = setting(True, "channels-last memory format")
+    compile: bool = setting(False, "torch.compile the training forward (a GPU run of many "
+                            "steps; the first steps pay the compilation)")
     # optimiser and loss
     epochs: int = setting(2, "passes over the (upsampled) training set", ge=1)
     batch_size: int = setting(16, "images per step", ge=1)
