@@ -556,6 +556,17 @@ def test_select_window_picks_by_the_mean_of_the_last_epochs():
     assert best1["epoch"] == 3
     assert best2["epoch"] == 1 and best2["score"][0] == pytest.approx(0.71)
     assert best2["window"] == 2 and best2["select_by"] == "auc"
+    # a lucky first epoch is not judged on itself alone: it waits for a full window
+    from rsna_utils.learn.train import full_window
+    cfg = TrainConfig(select_window=3, epochs=4)
+    hist, best = [], None
+    for e, a in enumerate([0.90, 0.60, 0.62, 0.70]):
+        hist.append({"breast_mean_auc": a})
+        best, improved = update_best(best, hist[-1], e, "auc", hist, 3, full_window(cfg, hist))
+        assert improved == (e == 2)            # eligible from epoch 2 on; epoch 3's mean 0.64
+    assert best["epoch"] == 2 and best["score"][0] == pytest.approx((0.9 + 0.6 + 0.62) / 3)
+    assert full_window(TrainConfig(select_window=3, epochs=2), hist[:2])   # a shorter run
+    assert full_window(TrainConfig(), hist[:1])
 
 
 def test_ema_decay_from_epochs_fits_the_steps_per_epoch():

@@ -275,7 +275,7 @@ def train(cfg: TrainConfig) -> dict:
             row.update(m)
             history.append(row)
             best, improved = update_best(best, m, epoch, cfg.select_by, history,
-                                         cfg.select_window)
+                                         cfg.select_window, full_window(cfg, history))
             state = epoch_state(cfg, epoch, model, opt, contract, m, history, best, data.prior)
             save_epoch(out, state, eval_model if improved else None, preds, history)
             print(f"epoch {epoch}: loss {row['train_loss']:.4f}, breast pF1 "
@@ -558,11 +558,21 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
     return int(ck["epoch"]) + 1, ck.get("best"), list(ck.get("history", []))
 
 
+def full_window(cfg: TrainConfig, history: list[dict]) -> bool:
+    """Whether this epoch may become best.pt under `select_window`: once the window is full (or
+    the run is shorter than the window), so an early epoch is not judged on itself alone."""
+    return cfg.select_window <= 1 or len(history) >= min(cfg.select_window, cfg.epochs)
+
+
 def update_best(best: dict | None, m: dict, epoch: int, select_by: str,
-                history: list[dict] | None = None, window: int = 1) -> tuple[dict, bool]:
+                history: list[dict] | None = None, window: int = 1,
+                eligible: bool = True) -> tuple[dict, bool]:
     """(best, improved): this epoch becomes the best when its selection score is higher. With
     `window` > 1 the chosen measure is averaged over this epoch and the window - 1 before it
-    (`history`, this epoch last): one epoch's breast AUC on ~120 positive breasts is noisy."""
+    (`history`, this epoch last): one epoch's breast AUC on ~120 positive breasts is noisy.
+    An epoch before the window is full is not `eligible` (`full_window`)."""
+    if not eligible:
+        return best, False
     score = selection_score(m, select_by, history, window)
     # the best's score is rebuilt from its stored metrics: a resumed run may select by another
     # measure, and older checkpoints stored (pF1, AUC); a windowed score is kept as it was made
