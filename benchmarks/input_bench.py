@@ -101,7 +101,6 @@ def one_pass(ds, n: int, batch: int) -> dict:
 
 def device_side_ms(ds, n: int, batch: int) -> float:
     """What moved off the worker: device_input on a batch, here on the CPU (one thread)."""
-    import torch
     from torch.utils.data import DataLoader
 
     from rsna_utils.learn.data import device_input
@@ -113,7 +112,6 @@ def device_side_ms(ds, n: int, batch: int) -> float:
 
 
 def main() -> int:
-    import pandas as pd
     import torch
 
     from rsna_utils.learn.data import Augment, PngDataset, load_table

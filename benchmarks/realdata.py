@@ -517,7 +517,7 @@ def main() -> int:
     (res / f"{stem}.json").write_text(json.dumps(out, indent=1))
     curves(hist, res / f"{stem}.png",
            f"{a.model} ({a.pretrained}) at {a.size} on real RSNA images")
-    print(f"\n| recipe | held-out breast AUC | breast PR-AUC | image AUC |\n|---|---|---|---|")
+    print("\n| recipe | held-out breast AUC | breast PR-AUC | image AUC |\n|---|---|---|---|")
     if probe:
         print(f"| frozen {a.model} features + logistic regression | {probe['breast_auc']:.3f} | "
               f"{probe['breast_pr_auc']:.3f} | {probe['image_auc']:.3f} |")

@@ -8,6 +8,7 @@ import pydicom
 import pytest
 from conftest import TESTDATA, needs_testdata
 
+from rsna_utils.core import errors as errors_mod
 from rsna_utils.core.errors import DecodeError
 from rsna_utils.dicom.decoders import gpu_batch
 from rsna_utils.dicom.frames import first_frame, parse_codestream
@@ -402,7 +403,7 @@ def test_auto_picks_a_gpu_decoder_only_once_it_built_and_passed_its_probe(monkey
     from rsna_utils.dicom.decoders import registry
     needs_package("nvimgcodec")
     monkeypatch.setattr(gpu_batch, "_UNUSABLE", {})
-    monkeypatch.setattr(gpu_batch, "_SAID", set())
+    monkeypatch.setattr(errors_mod, "_SAID", set())
     gpu_batch.shared_decoder.cache_clear()
     assert gpu_batch.resolve_backend("auto", "cpu") == "nvimgcodec"     # built, probe exact
     assert gpu_batch.unusable("nvimgcodec", "cpu") is None
@@ -440,7 +441,7 @@ def test_auto_passes_over_a_decoder_that_fails_its_probe(monkeypatch, capsys):
     monkeypatch.setattr(registry, "get", lambda name: type(
         "Plugin", (), {"BatchDecoder": Wrong, "is_available": staticmethod(lambda: True)}))
     monkeypatch.setattr(gpu_batch, "_UNUSABLE", {})
-    monkeypatch.setattr(gpu_batch, "_SAID", set())
+    monkeypatch.setattr(errors_mod, "_SAID", set())
     gpu_batch.shared_decoder.cache_clear()
     assert gpu_batch.resolve_backend("auto", "cpu") == "cpu"
     assert "failed its probe (wrong: shape (4, 4), expected (512, 512))" in capsys.readouterr().err

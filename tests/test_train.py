@@ -494,13 +494,16 @@ def test_a_two_group_run_resumes_and_refuses_other_group_settings(tmp_path, png4
     assert np.allclose(h.lr_backbone, h.lr * 0.1)
 
 
-def test_half_precision_is_fp16_on_a_t4_and_bf16_from_ampere(monkeypatch):
+def test_half_precision_is_fp16_on_a_t4_and_bf16_from_ampere(monkeypatch, capsys):
     """A T4 / P100 (Kaggle) has no native bf16; torch.cuda.is_bf16_supported() still says yes
-    there (emulation), so the choice reads the compute capability."""
+    there (emulation), so the choice reads the compute capability, and says so once."""
     import torch
 
+    from rsna_utils.core import errors as errors_mod
     from rsna_utils.learn.device import half_dtype
     from rsna_utils.learn.train import amp_dtype
+    monkeypatch.setattr(errors_mod, "_SAID", set())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
     cuda = torch.device("cuda", 0)
     for major, want in ((6, torch.float16), (7, torch.float16), (8, torch.bfloat16),
                         (9, torch.bfloat16)):
@@ -511,6 +514,10 @@ def test_half_precision_is_fp16_on_a_t4_and_bf16_from_ampere(monkeypatch):
         assert amp_dtype(TrainConfig(amp="fp16"), cuda) is torch.float16
     assert half_dtype(torch.device("cpu")) is None
     assert amp_dtype(TrainConfig(amp="auto"), torch.device("cpu")) is None
+    err = capsys.readouterr().err
+    assert err.count("Tesla T4 (compute capability 6.0) has no native bf16: mixed precision "
+                     "runs in fp16") == 1
+    assert err.count("compute capability 7.0") == 1 and "8.0" not in err
 
 
 def test_a_size_a_fixed_size_backbone_cannot_take_fails_before_anything_is_written(

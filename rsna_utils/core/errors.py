@@ -119,3 +119,15 @@ def writing(path, doing: str, fix: str, tmp=None):
         if full is None:
             raise
         raise full from e
+
+
+_SAID: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """Print `message` to stderr the first time only (a decision a run makes once: the decoder
+    it picked, the precision it computes in)."""
+    import sys
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """Where a model runs: the device asked for, and the half precision it computes natively."""
 from __future__ import annotations
 
-from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.errors import RsnaError, say_once
 
 
 def resolve_device(name: str, local_rank: int = 0):
@@ -23,4 +23,10 @@ def half_dtype(device):
     import torch
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return torch.bfloat16
+    say_once(f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no "
+             "native bf16: mixed precision runs in fp16 (with a gradient scaler in training)")
+    return torch.float16
+

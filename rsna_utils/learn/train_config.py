@@ -3,13 +3,13 @@
 stores it (its recipe), so inference reads it without importing the training loop."""
 from __future__ import annotations
 
-import math
 from dataclasses import MISSING, dataclass, fields
 
 from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size, size_flag
 from rsna_utils.learn.backbones import POOLS
+
 
 def ratio_flag(value):
     """A share of positives: 0.125, "0.125" or "1:7" (positives : negatives); None stays None.

@@ -10,7 +10,7 @@ import importlib
 
 import numpy as np
 
-from rsna_utils.core.errors import DecodeError, RsnaError
+from rsna_utils.core.errors import DecodeError, RsnaError, say_once
 from rsna_utils.dicom import uids
 from rsna_utils.dicom.decoders import registry
 
@@ -73,7 +73,6 @@ def resolve_backend(name: str, device: str | None = None) -> str:
 
 
 _UNUSABLE: dict[tuple[str, str], str | None] = {}
-_SAID: set[str] = set()
 
 
 def unusable(name: str, device: str) -> str | None:
@@ -92,14 +91,6 @@ def unusable(name: str, device: str) -> str | None:
                 why = f"did not build ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
         _UNUSABLE[key] = why
     return _UNUSABLE[key]
-
-
-def say_once(message: str) -> None:
-    """Print `message` to stderr the first time only (a run decides its decoder once)."""
-    import sys
-    if message not in _SAID:
-        _SAID.add(message)
-        print(message, file=sys.stderr, flush=True)
 
 
 def rescale_to_precision(x, precision: int):
