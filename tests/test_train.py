@@ -610,6 +610,12 @@ def test_sampler_ratio_settings_are_checked():
     check_ratio(rare, 0.125, 1, 4, upsample=5.0)           # upsample: the ratio is not used
     with pytest.raises(RsnaError, match="ema=0.99 and ema_epochs=1.0: give one"):
         TrainConfig(ema=0.99, ema_epochs=1.0)
+    from rsna_utils.app.cli import build_parser
+    assert build_parser().parse_args(["train", "--target-ratio", "1:7"]).target_ratio == 0.125
+    assert build_parser().parse_args(["train", "--target-ratio", "none"]).target_ratio is None
+    with pytest.raises(SystemExit) as e:           # one line, not a traceback
+        build_parser().parse_args(["train", "--target-ratio", "3:0"])
+    assert e.value.code == 2
 
 
 def test_compile_switch_runs_the_training_forward_through_torch_compile(tmp_path, png48,

@@ -30,6 +30,15 @@ def ratio_flag(value):
     return share
 
 
+def ratio_arg(text: str) -> float | None:
+    """The argparse `type` of --target-ratio: argparse's one-line error naming the value."""
+    import argparse
+    try:
+        return ratio_flag(text)
+    except RsnaError as e:
+        raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
+
+
 SELECT_BY = {"auc": "breast_mean_auc", "pr_auc": "breast_mean_pr_auc", "pf1": "breast_mean_pf1"}
 
 
@@ -59,7 +68,7 @@ class TrainConfig(Config):
     target_ratio: float | str | None = setting(0.1, "positives repeated until they are this share "
                                                "of each epoch, a share or POS:NEG (1:7 = 0.125, "
                                                "the 1st place's; never fewer; used when "
-                                               "upsample is 1)", parse=ratio_flag)
+                                               "upsample is 1)", parse=ratio_arg)
     min_positives: int = setting(0, "each training batch holds at least this many positive "
                                  "images, more copies drawn where too few (1st place: 1)", ge=0)
     # off by default: on 150 synthetic patients x 6 epochs it held breast AUC at 0.85 (0.93
