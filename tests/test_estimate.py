@@ -101,3 +101,11 @@ def test_the_submit_plan_on_kaggles_t4_decodes_once_and_says_its_assumptions(cap
         assert "one T4 at 0.067 of an H200" in out and "DICOM reading at 10.6 img/s" in out
     decode = 32_000 / est.preprocess_img_s("t4") / 3600
     assert hours["true"] - decode == pytest.approx(2 * (hours["false"] - decode), rel=0.01)
+
+
+def test_a_plan_step_the_estimate_refuses_is_named(capsys):
+    from rsna_utils.app.cli import main
+    assert main(["notebooks", "--plan", "kaggle", "--estimate", "--data", "/nonexistent", "-p",
+                 "03_train_resnext50_1024x512_fold0.batch_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert "plan step 03_train_resnext50_1024x512_fold0: target_ratio=0.125 cannot be met" in err

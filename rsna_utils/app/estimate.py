@@ -178,7 +178,10 @@ def estimate_plan(plan: str | Path, data: str | Path = "data/synthetic", gpu: st
                        if nb.name.startswith("03_") and not str(p.get("out", "")).endswith("resnet18_512x256")]
     for _, name, nb, params in todo:
         if nb.name.startswith("03_"):
-            e = estimate_training(params, gpu, memory)
+            try:
+                e = estimate_training(params, gpu, memory)
+            except RsnaError as err:
+                raise RsnaError(f"plan step {name}: {err}") from None
         elif nb.name.startswith("02_"):
             labels, _, _ = _labels(params.get("csv_path"))
             n = len(labels)
