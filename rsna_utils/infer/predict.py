@@ -266,6 +266,8 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     reasons, inverted = [""] * len(ds), [False] * len(ds)
     bar = tqdm(total=len(ds), desc="predict", unit="img", disable=not progress, file=sys.stderr)
     groups = input_groups(models, weights, ds.cfg.size)
+    # breast-level members: every view's features kept (float16), each breast pooled at the end
+    feats = {id(m): [] for m in models if m.level == "breast"}
     with torch.inference_mode():
         for imgs, idx, why, flag in dl:
             p = torch.zeros(len(imgs), device=device)
@@ -275,7 +277,10 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
                     xm = device_input(raw, None, norm, channels, channels_last=True)
                     for m, w in members:                  # every fold (and flip) on one tensor
                         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                            p += w * cancer_probability(m.model, xm, tta).float()
+                            if m.level == "breast":
+                                feats[id(m)].append(view_features(m.model, xm, tta))
+                            else:
+                                p += w * cancer_probability(m.model, xm, tta).float()
             p = p.cpu().numpy()
             for j, i in enumerate(idx):
                 inverted[i] = flag[j]
@@ -285,7 +290,43 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
                     preds[i] = p[j]
             bar.update(len(idx))
     bar.close()
-    return preds, reasons, inverted
+    attention = np.full(len(ds), np.nan, np.float32)
+    if feats:
+        preds, attention = add_breast_members(preds, reasons, df, models, weights, feats, device)
+    return preds, reasons, inverted, attention
+
+
+def view_features(model, x, tta: bool = False):
+    """(N, 1 or 2, F) float16 on the CPU: a breast model's features of each view (and of its
+    mirror with `tta`), kept until the breast's other views are read."""
+    import torch
+    from rsna_utils.learn.checkpoint import mirrored
+    f = [model.features(x)] + ([model.features(mirrored(x))] if tta else [])
+    return torch.stack(f, dim=1).to(torch.float16).cpu().numpy()
+
+
+def add_breast_members(preds: np.ndarray, reasons: list, df: pd.DataFrame, models, weights,
+                       feats: dict, device) -> tuple[np.ndarray, np.ndarray]:
+    """The breast-level members' votes added to the image members' (`preds`, which holds their
+    weighted sum, 0 without any): each breast's readable views pooled by each breast model
+    (the flip's features pooled apart and the probabilities averaged, as the image models'
+    TTA), the breast's probability given to every view read. Returns (predictions, the
+    views' attention weights averaged over the breast members by their votes)."""
+    from rsna_utils.learn.breast import breast_scores
+    readable = np.array([not r for r in reasons], bool)
+    att_sum = np.zeros(len(preds), np.float32)
+    vote = 0.0
+    for m, w in zip(models, weights):
+        if m.level != "breast":
+            continue
+        f = np.concatenate(feats[id(m)]).astype(np.float32)          # (N, 1 or 2, F)
+        probs, atts = zip(*(breast_scores(m.model, f[:, k], readable, df["prediction_id"], device)
+                            for k in range(f.shape[1])))
+        preds = preds + w * np.nan_to_num(np.mean(probs, axis=0))
+        att_sum += w * np.nan_to_num(np.mean(atts, axis=0))
+        vote += w
+    preds = np.where(readable, preds, np.nan).astype(np.float32)
+    return preds, np.where(readable, att_sum / max(vote, 1e-12), np.nan).astype(np.float32)
 
 
 def aggregate(images: pd.DataFrame, agg: str = "mean", prior: float = DEFAULT_PRIOR) -> pd.DataFrame:
@@ -422,13 +463,15 @@ def score_images(cfg: PredictConfig, df: pd.DataFrame, models: list[LoadedModel]
                  device) -> pd.DataFrame:
     """One row per image of `df`: its ensemble probability (NaN where it could not be read),
     the problem (why not), and whether it looked inverted."""
-    preds, reasons, inverted = predict_images(df, cfg.images, models, pre, device, cfg.batch_size,
-                                              cfg.workers, cfg.tta, cfg.backend,
-                                              models[0].channels, cfg.progress)
+    preds, reasons, inverted, attention = predict_images(
+        df, cfg.images, models, pre, device, cfg.batch_size, cfg.workers, cfg.tta, cfg.backend,
+        models[0].channels, cfg.progress)
     imgs = df[["patient_id", "image_id", "laterality", "prediction_id"]].copy()
     imgs["prediction"] = preds
     imgs["problem"] = reasons
     imgs["looks_inverted"] = inverted       # with --inverted fix: inverted before scoring
+    if any(m.level == "breast" for m in models):
+        imgs["attention"] = attention       # each view's weight in its breast's pooling
     return imgs
 
 

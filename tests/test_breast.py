@@ -1,0 +1,195 @@
+"""The breast-level model (`--level breast`): attention over the views with a missing view
+masked, its dataset, training, checkpoints and inference that pool each breast's views."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+from rsna_utils.learn.breast import (
+    BreastDataset,
+    breast_scores,
+    create_breast_model,
+    view_present,
+)
+from rsna_utils.learn.data import load_table
+from rsna_utils.learn.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    m = create_breast_model("resnet18", 3, global_pool="gem").eval()
+    # a trained-looking attention: the initial one (std 0.01) is nearly uniform
+    for lin in (m.attention_v, m.attention_u, m.attention_w, m.head):
+        torch.nn.init.normal_(lin.weight, std=0.5)
+    return m
+
+
+def test_a_missing_view_is_masked_not_scored_as_a_blank_image(tiny_model):
+    torch.manual_seed(1)
+    x = torch.randn(3, 2, 3, 64, 48)
+    x[1, 1] = -2.0                       # breast 1: its MLO slot empty (a constant input)
+    with torch.no_grad():
+        out = tiny_model(x)
+        w = tiny_model.last_attention
+        alone = tiny_model(x[1:2, :1])   # the same breast read with its one view only
+        swapped = tiny_model(x.flip(1))  # the views in the other order
+    assert torch.allclose(w.sum(1), torch.ones(3))
+    assert w[1, 1] == 0 and w[1, 0] == 1
+    assert (w[[0, 2]] > 0).all() and not torch.allclose(w[0], torch.full((2,), 0.5))
+    assert torch.allclose(out[1], alone[0], atol=1e-5)
+    assert torch.allclose(out, swapped, atol=1e-5)          # pooling ignores the order
+    # had the blank slot been scored, the breast's output would differ
+    x2 = x.clone()
+    x2[1, 1] = torch.randn(3, 64, 48)
+    with torch.no_grad():
+        assert not torch.allclose(tiny_model(x2)[1], out[1], atol=1e-3)
+    assert view_present(x).tolist() == [[True, True], [True, False], [True, True]]
+
+
+def test_features_then_pool_is_the_forward_and_breast_scores_pool_each_breast(tiny_model):
+    torch.manual_seed(2)
+    x = torch.randn(2, 2, 3, 64, 48)
+    with torch.no_grad():
+        direct = torch.sigmoid(tiny_model(x)[:, 0]).numpy()
+        feats = tiny_model.features(x.flatten(0, 1)).numpy()
+    # rows: breast A's two views, then breast B's, interleaved with an unread view of B
+    rows = np.stack([feats[0], feats[2], feats[1], feats[3], feats[3]])
+    pid = ["A", "B", "A", "B", "B"]
+    readable = np.array([True, True, True, True, False])
+    prob, att = breast_scores(tiny_model, rows, readable, pid, "cpu")
+    assert np.allclose(prob[[0, 2]], direct[0], atol=1e-5)
+    assert np.allclose(prob[[1, 3]], direct[1], atol=1e-5)
+    assert np.isnan(prob[4]) and np.isnan(att[4])
+    assert np.isclose(att[0] + att[2], 1) and np.isclose(att[1] + att[3], 1)
+
+
+def test_another_architecture_or_a_non_linear_head_names_both():
+    import timm
+
+    from rsna_utils.learn.breast import drop_classifier
+    m = timm.create_model("resnet18", pretrained=False, num_classes=1)
+    m.fc = torch.nn.Sequential(torch.nn.Linear(512, 1))
+    with pytest.raises(RsnaError, match="Sequential, not a linear layer"):
+        drop_classifier(m)
+    with pytest.raises(RsnaError, match="aux target 'view' is per image"):
+        TrainConfig(level="breast", aux=["view"])
+
+
+@pytest.fixture(scope="module")
+def png48b(tmp_path_factory, synth_small):
+    out = tmp_path_factory.mktemp("png48b")
+    Preprocessor(PreprocessConfig(size=48), workers=2, progress=False).run(
+        synth_small / "train_images", synth_small / "train.csv", out)
+    return out
+
+
+def test_breast_dataset_reads_a_cc_and_an_mlo_per_breast(png48b, synth_small):
+    df = load_table(synth_small / "train.csv", png48b)
+    one = df.drop(df.index[(df.prediction_id == df.prediction_id.iloc[0]) & (df.view == "MLO")])
+    ds = BreastDataset(one, (48, 48), aux=["age", "BIRADS"])
+    assert len(ds) == one.prediction_id.nunique()
+    truth = one.groupby("prediction_id", sort=False).cancer.max().to_numpy()
+    assert np.array_equal(ds.labels, truth)
+    (raw, params), y = ds[0]
+    assert raw.shape == (2, 1, 48, 48) and params.shape == (2, 3) and y.shape == (3,)
+    assert raw[0].amax() > 0 and raw[1].amax() == 0     # its MLO dropped: an empty slot
+    (raw, _), _ = ds[1]
+    rows = ds.rows[1]
+    assert sorted(one.view.to_numpy()[rows]) == ["CC", "MLO"]
+    assert (raw.flatten(1).amax(1) > 0).all()
+    vals = ds.image_values(np.arange(len(ds), dtype=np.float32), len(one))
+    assert (pd.Series(vals).groupby(one.prediction_id.to_numpy()).nunique() == 1).all()
+
+
+@pytest.fixture(scope="module")
+def breast_run(tmp_path_factory, png48b, synth_small):
+    root = tmp_path_factory.mktemp("breast")
+    image = TrainConfig(data=str(png48b), csv=str(synth_small / "train.csv"), out=str(root / "img"),
+                        model="resnet18", size=48, epochs=1, batch_size=8, workers=0,
+                        device="cpu", max_steps=2, progress=False, val_frac=0.3)
+    train(image)
+    cfg = TrainConfig(**{**dataclasses.asdict(image), "out": str(root / "breast"), "level": "breast",
+                         "batch_size": 4, "pretrained_path": str(root / "img" / "best.pt"),
+                         "aux": ["age"], "tta": True})
+    best = train(cfg)
+    return root, best
+
+
+def test_train_level_breast_starts_from_an_image_run_and_scores_breasts(breast_run, synth_small):
+    root, best = breast_run
+    run = root / "breast"
+    assert best["epoch"] == 0
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert np.isfinite(metrics.breast_mean_auc).all()
+    ck = torch.load(run / "best.pt", weights_only=True)
+    assert ck["level"] == "breast" and ck["aux"] == ["age"]
+    val = pd.read_csv(run / "val_predictions.csv")
+    # one score per breast: every view of a breast carries it
+    assert (val.groupby("prediction_id").prediction.nunique() == 1).all()
+    assert val.prediction.notna().all()
+    assert json.loads((run / "config.json").read_text())["level"] == "breast"
+
+
+def test_pretrained_report_names_the_image_run(tmp_path, png48b, synth_small, breast_run, capsys):
+    root, _ = breast_run
+    m = create_breast_model("resnet18", 3, root / "img" / "best.pt")
+    assert "img/best.pt" in m.pretrained_report and "loaded" in m.pretrained_report
+    img = torch.load(root / "img" / "best.pt", weights_only=True)["model"]
+    assert torch.equal(m.backbone.conv1.weight.detach(), img["conv1.weight"])
+
+
+def test_predict_pools_each_breast_and_writes_the_attention(tmp_path, breast_run, synth_small):
+    root, _ = breast_run
+    out = tmp_path / "submission.csv"
+    r = subprocess.run([sys.executable, "-m", "rsna_utils", "predict",
+                        "--images", str(synth_small / "test_images"),
+                        "--csv", str(synth_small / "test.csv"),
+                        "--checkpoints", str(root / "breast" / "best.pt"), str(root / "img" / "best.pt"),
+                        "--out", str(out), "--workers", "0", "--tta", "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    imgs = pd.read_csv(tmp_path / "submission_images.csv")
+    assert "attention" in imgs
+    sums = imgs.groupby("prediction_id").attention.sum()
+    assert np.allclose(sums, 1, atol=1e-4)
+    sub = pd.read_csv(out)
+    assert sub.cancer.between(0, 1).all() and len(sub) == imgs.prediction_id.nunique()
+    # the ensemble's breast score: the image model's mean over views plus the breast model's
+    from rsna_utils.infer.predict import load_models, predict
+    alone = predict(synth_small / "test_images", synth_small / "test.csv",
+                    [str(root / "breast" / "best.pt")], workers=0, tta=True, progress=False)
+    pooled = alone.images.groupby("prediction_id").prediction
+    assert (pooled.nunique() == 1).all()
+    models, _ = load_models([str(root / "breast" / "best.pt")], "cpu")
+    assert models[0].level == "breast"
+
+
+def test_breast_with_no_readable_view_is_reported_not_scored(tmp_path, breast_run, synth_small):
+    import shutil
+    root, _ = breast_run
+    test = pd.read_csv(synth_small / "test.csv")
+    images = tmp_path / "images"
+    shutil.copytree(synth_small / "test_images", images)
+    gone = test.prediction_id.iloc[0]
+    for r in test[test.prediction_id == gone].itertuples():
+        (images / str(r.patient_id) / f"{r.image_id}.dcm").write_bytes(b"not a dicom")
+    from rsna_utils.infer.predict import predict
+    res = predict(images, synth_small / "test.csv", [str(root / "breast" / "best.pt")],
+                  workers=0, progress=False, max_unreadable=0.9)
+    rows = res.images[res.images.prediction_id == gone]
+    assert rows.prediction.isna().all() and rows.problem.astype(bool).all()
+    assert {w["prediction_id"] for w in res.warnings} >= {gone}
+    # the breast gets the training prior, not the score of a blank image
+    from rsna_utils.learn.checkpoint import read_checkpoint
+    prior = read_checkpoint(root / "breast" / "best.pt")["prior"]
+    assert res.submission.set_index("prediction_id").cancer[gone] == pytest.approx(prior)
