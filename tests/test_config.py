@@ -32,6 +32,7 @@ TRAIN_VALUES = {
     "random_crop": (0.2, "0.2", 0.2),
     "aux": (["BIRADS", "view"], "BIRADS,view", ["BIRADS", "view"]),
     "model": ("efficientnet_b2", "efficientnet_b2", "efficientnet_b2"),
+    "level": ("breast", "breast", "breast"),
     "size": ("1024x512", "1024x512", [1024, 512]),
     "channels": (1, "1", 1),
     "pretrained_path": ("w/r18", "w/r18", "w/r18"),
