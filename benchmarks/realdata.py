@@ -135,10 +135,20 @@ def _fold_predictions(ckpt: Path, val: pd.DataFrame, png: Path, tta: bool) -> np
         for i in range(0, len(val), 32):
             x = batch_input([cv2.imread(str(png / f"{r.patient_id}_{r.image_id}.png"), cv2.IMREAD_UNCHANGED)
                              for r in val.iloc[i:i + 32].itertuples()], m, m.channels, m.size)
+            if m.level == "breast":        # each view's features; the breasts pooled below
+                from rsna_utils.infer.predict import view_features
+                out.append(view_features(m.model, x, tta))
+                continue
             p = torch.sigmoid(cancer_logit(m.model(x)))
             if tta:
                 p = (p + torch.sigmoid(cancer_logit(m.model(torch.flip(x, dims=[3]))))) / 2
             out.append(p.numpy())
+    if m.level == "breast":
+        from rsna_utils.learn.breast import breast_scores
+        f = np.concatenate(out).astype(np.float32)
+        ok = np.ones(len(val), bool)
+        return np.mean([breast_scores(m.model, f[:, k], ok, val.prediction_id.to_numpy(), "cpu")[0]
+                        for k in range(f.shape[1])], axis=0)
     return np.concatenate(out)
 
 
@@ -262,6 +272,7 @@ def _fold_state(run: Path, want: dict) -> str:
     cfg.setdefault("drop_path", 0.0)            # ... and without stochastic depth
     cfg.setdefault("ema_epochs", 0.0)           # ... and issue 30's settings
     cfg.setdefault("select_window", 1)
+    cfg.setdefault("level", "image")            # ... and issue 31's breast-level model
     differ = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) != v}
     if differ:
         raise SystemExit(f"{run} was trained with other settings ({differ}, as (there, asked)); "
@@ -368,6 +379,11 @@ def main() -> int:
                     help="train this many folds (--split kfold) and predict with their ensemble; "
                          "0: one holdout run")
     ap.add_argument("--global-pool", default="avg")
+    ap.add_argument("--level", default="image", choices=("image", "breast"),
+                    help="image: each view scored alone, the views averaged; breast: both views "
+                         "of a breast through one backbone, attention-pooled. At equal budget: a "
+                         "breast batch holds half --batch-size breasts (the same views per step) "
+                         "and an epoch reads each view once either way")
     ap.add_argument("--with-runs", nargs="+", default=None,
                     help="with --folds: folders of fold*/ runs of other models (e.g. another "
                          "size) to ensemble with; outputs go to RUN/with_<their names>; this "
@@ -389,6 +405,9 @@ def main() -> int:
               "without it (sides from the pixels, no views)", flush=True)
     if a.aux is None:
         a.aux = AUX if meta is not None else "none"
+    if a.level == "breast":     # 'view' is per image; a breast reads both
+        a.aux = ",".join(x for x in a.aux.split(",") if x != "view") or "none"
+        a.batch_size = str(max(2, int(a.batch_size) // 2))
     work = Path(a.work)
     data, png, run = (work / "dcm", work / f"png{a.png_size}",
                       work / f"run_{a.model}_{a.size}{a.tag}")
@@ -411,7 +430,7 @@ def main() -> int:
               "--augment", "true", "--workers", "2", "--quiet", "--ema", a.ema,
               "--random-crop", a.random_crop,
               *(["--aux", a.aux] if a.aux != "none" else []),
-              "--global-pool", a.global_pool, "--tta", str(a.val_tta).lower()]
+              "--global-pool", a.global_pool, "--tta", str(a.val_tta).lower(), "--level", a.level]
     if a.folds:
         runs = [run / f"fold{k}" for k in range(a.folds)]
         others = [r for w in a.with_runs or [] for r in sorted(Path(w).glob("fold*"))]
@@ -429,7 +448,7 @@ def main() -> int:
                         ema_epochs=float(a.ema_epochs), select_window=int(a.select_window),
                         aux=[x for x in a.aux.split(",") if x and a.aux != "none"],
                         batch_size=int(a.batch_size), split="kfold", folds=a.folds, fold=k,
-                        pretrained_path=a.pretrained, tta=a.val_tta)
+                        pretrained_path=a.pretrained, tta=a.val_tta, level=a.level)
             state = _fold_state(r, want)
             if state != "done":       # an interrupted fold continues from its last.pt
                 rsna("train", *common, "--out", str(r), "--split", "kfold", "--folds", str(a.folds),
@@ -502,7 +521,7 @@ def main() -> int:
                versus=versus_run,
                recipe_minus_probe_breast_auc=versus,
                out_of_fold_recipe_minus_probe=oof_vs,
-               folds=a.folds, global_pool=a.global_pool,
+               folds=a.folds, global_pool=a.global_pool, level=a.level, batch_size=a.batch_size,
                val_auc_by_epoch=[[round(float(v), 4) for v in h.breast_mean_auc] for _, h in hist.groupby("fold")],
                train_loss_by_epoch=[[round(float(v), 4) for v in h.train_loss] for _, h in hist.groupby("fold")],
                oof_threshold_without_tta=bool(a.tta and ens is not None and not ens.get("tta")),
