@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -193,3 +194,23 @@ def test_breast_with_no_readable_view_is_reported_not_scored(tmp_path, breast_ru
     from rsna_utils.learn.checkpoint import read_checkpoint
     prior = read_checkpoint(root / "breast" / "best.pt")["prior"]
     assert res.submission.set_index("prediction_id").cancer[gone] == pytest.approx(prior)
+
+
+def test_exam_report_shows_each_views_attention_and_the_pooled_score(tmp_path, breast_run,
+                                                                     synth_small):
+    from rsna_utils.infer.predict import predict
+    from rsna_utils.reports.exam import write_exam_reports
+    root, _ = breast_run
+    ck = [str(root / "breast" / "best.pt")]
+    res = write_exam_reports(synth_small / "test_images", synth_small / "test.csv", ck,
+                             tmp_path / "exams", limit=2, order="csv", device="cpu",
+                             progress=False)
+    views = pd.read_csv(res["heatmaps_csv"])
+    assert views.attention.notna().all()
+    assert np.allclose(views.groupby("prediction_id").attention.sum(), 1, atol=1e-4)
+    # the breast score is the one `rsna predict` gives the breast
+    pred = predict(synth_small / "test_images", synth_small / "test.csv", ck, workers=0,
+                   progress=False).submission.set_index("prediction_id").cancer
+    got = views.groupby("prediction_id").breast_score.first()
+    assert np.allclose(got, pred.loc[got.index], atol=1e-4)
+    assert all(Path(f).exists() for f in res["figures"])

@@ -69,6 +69,21 @@ class BreastModel(_module()):
         w = torch.softmax(score.masked_fill(~mask, float("-inf")), dim=1)
         return self.head((w.unsqueeze(-1) * feats).sum(dim=1)), w
 
+    # Grad-CAM (`reports.heatmap.grad_cam`) reads one view as a breast of that view alone:
+    # what in it raises the breast's logit
+    def forward_features(self, x):
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, feats):
+        pooled = self.backbone.forward_head(feats)                    # (N, F): the classifier is gone
+        return self.pool(pooled[:, None], pooled.new_ones(len(pooled), 1, dtype=bool))[0]
+
+    @property
+    def feature_info(self):
+        """The backbone's feature stages, named from this module (for hooks)."""
+        info = getattr(self.backbone, "feature_info", None)
+        return None if info is None else [dict(d, module="backbone." + d["module"]) for d in info]
+
     def forward(self, x):
         """(B, V, C, H, W) -> (B, outputs); (B, C, H, W) is read as breasts of one view."""
         if x.ndim == 4:

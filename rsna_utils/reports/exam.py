@@ -24,7 +24,9 @@ from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.learn.checkpoint import TRAIN_FIX
 
 VIEW_COLUMNS = ["image_id", "patient_id", "laterality", "view", "score", "peak_x", "peak_y"]
-MORE_COLUMNS = ["prediction_id", "breast_score", "positive", "truth", "figure", "problem"]
+# attention: a breast-level model's weight of the view in its breast (empty for image models)
+MORE_COLUMNS = ["prediction_id", "breast_score", "positive", "truth", "figure", "problem",
+                "attention"]
 VIEW_ORDER = {"CC": 0, "MLO": 1}          # reader's layout: CC row, MLO row, then other views
 DISPLAY_MAX_SIDE = 800                    # the figure shows views at most this many pixels
 
@@ -107,7 +109,7 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     from rsna_utils.infer.predict import load_models, set_recipe_weights, weighted_mean
     from rsna_utils.learn.checkpoint import in_chans
     from rsna_utils.learn.device import resolve_device
-    from rsna_utils.reports.heatmap import explain_batch
+    from rsna_utils.reports.heatmap import explain_batch, pooled_votes
     t0 = time.perf_counter()
     df, images = _check_inputs(images, csv, checkpoints, by, limit, agg, order)
     dev = resolve_device(device)
@@ -133,10 +135,15 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
                  df[df[key] == exam].to_dict("records")]
         ok = [v for v in views if not v.values.get("problem")]
         if ok:
-            scores, heat = explain_batch([v.values.pop("canvas") for v in ok], models,
-                                         cfg.size, channels, dev, tta=tta)
-            for v, s, h in zip(ok, scores, heat):
+            canvases = [v.values.pop("canvas") for v in ok]
+            scores, heat = explain_batch(canvases, models, cfg.size, channels, dev, tta=tta)
+            # breast-level members: the exam's views of each breast pooled, as `rsna predict`
+            votes, attention = pooled_votes(canvases, [v.row["prediction_id"] for v in ok], models,
+                                            cfg.size, channels, dev, tta)
+            for v, s, h, a in zip(ok, scores + votes, heat, attention):
                 _finish_view(v, float(s), h)
+                if a == a:
+                    v.values["attention"] = float(a)
         _breast_scores(views, agg, threshold)
         for v in views:
             v.values["truth"] = truth.get(v.row["prediction_id"])
@@ -147,7 +154,7 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
         for v in views:
             rows.append(dict(v.row, **{k: v.values.get(k) for k in ("score", "peak_x", "peak_y",
                                                                     "breast_score", "positive",
-                                                                    "truth")},
+                                                                    "truth", "attention")},
                              figure=name, problem=v.values.get("problem", "")))
         bar.update()
     bar.close()
@@ -380,7 +387,8 @@ def _write_figure(path: Path, exam, by: str, views: list[ViewResult], threshold:
             if "peak_x" in v.values:
                 ax.plot([(v.values["peak_x"] + 0.5) * v.scale], [(v.values["peak_y"] + 0.5) * v.scale],
                         marker="+", color="white", markersize=14, mew=2)
-            ax.set_title(f"{lab}  score {v.values.get('score', float('nan')):.3f}", fontsize=9)
+            att = (f"  attention {v.values['attention']:.2f}" if "attention" in v.values else "")
+            ax.set_title(f"{lab}  score {v.values.get('score', float('nan')):.3f}{att}", fontsize=9)
     breasts = {v.row["laterality"]: (v.values.get("breast_score"), v.values.get("positive"),
                                      v.values.get("truth")) for v in views}
     said = {None: "", 1: " (truth: cancer)", 0: " (truth: no cancer)"}
@@ -392,7 +400,9 @@ def _write_figure(path: Path, exam, by: str, views: list[ViewResult], threshold:
     boxed = any(v.values.get("lesions") for v in views)
     note = ("heat: HiResCAM (stride 16) weighted by the view's score, scaled to the exam's "
             "maximum; + marks the peak" + ("; boxes: the lesions (red: malignant, yellow "
-                                           "dashed: benign)" if boxed else ""))
+                                           "dashed: benign)" if boxed else "")
+            + ("; attention: the breast-level model's weight of the view in its breast" if
+               any("attention" in v.values for v in views) else ""))
     fig.supxlabel("\n".join(textwrap.wrap(note, 34 * ncols)), fontsize=7)
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 

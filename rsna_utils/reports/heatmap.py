@@ -245,7 +245,9 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
     back and averaged in, weighted by the mirror's score). Each model's CAM is scaled to its own
     maximum for that view and weighted by that model's score, then the models are averaged
     with the same weights: heat lies in [0, 1], is independent of the batch, no model
-    dominates by the size of its gradients, and a view the models call negative glows faintly."""
+    dominates by the size of its gradients, and a view the models call negative glows faintly.
+    A breast-level model's heat is that of the view read alone; its vote, which needs the
+    breast's other views, is `pooled_votes`'s."""
     import torch
 
     from rsna_utils.infer.predict import batch_input, ensemble_weights
@@ -264,7 +266,8 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
             views.append((mirrored(cams_f), logits_f))
         for cams, logits in views:
             p = torch.sigmoid(logits.float()).cpu().numpy()
-            scores += w * p / len(views)
+            if getattr(m, "level", "image") == "image":   # a breast model's vote: `pooled_votes`
+                scores += w * p / len(views)
             cams = cams.cpu().numpy()
             for i in range(n):
                 c = cam_to_canvas(cams[i], size, canvas)
@@ -272,6 +275,27 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
                 if top > 0:
                     heat[i] += (w * p[i] / top / len(views)) * c
     return scores, heat
+
+
+def pooled_votes(imgs: list[np.ndarray], prediction_ids: list, models: list,
+                 canvas: tuple[int, int], channels: int, device,
+                 tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The breast-level members' part of each view's score (its breast's pooled probability,
+    weighted by the member's vote, as `rsna predict` adds it) and each view's attention weight
+    (NaN without breast-level members), for the readable views of one exam."""
+    import pandas as pd
+
+    from rsna_utils.infer.predict import add_breast_members, batch_input, ensemble_weights, view_features
+    n = len(imgs)
+    import torch
+    with torch.inference_mode():
+        feats = {id(m): [view_features(m.model, batch_input(imgs, m, channels, canvas).to(device), tta)]
+                 for m in models if getattr(m, "level", "image") == "breast"}
+    if not feats or not n:
+        return np.zeros(n), np.full(n, np.nan)
+    ids = pd.DataFrame({"prediction_id": list(prediction_ids)})
+    return add_breast_members(np.zeros(n, np.float32), [""] * n, ids, models,
+                              ensemble_weights(models), feats, device)
 
 
 # ----------------------------------------------------------------------------------------
