@@ -109,3 +109,20 @@ def test_a_plan_step_the_estimate_refuses_is_named(capsys):
                  "03_train_resnext50_1024x512_fold0.batch_size=4"]) == 2
     err = capsys.readouterr().err
     assert "plan step 03_train_resnext50_1024x512_fold0: target_ratio=0.125 cannot be met" in err
+
+
+def test_a_breast_level_step_reads_two_views_per_item(tmp_path):
+    """level breast: the sampler's epoch is in breasts, each read as two views; at equal batch
+    the step holds twice the images (memory), the epoch the same views as the image model's."""
+    params = dict(csv=str(tmp_path / "absent.csv"), model="resnet18", size=[512, 256],
+                  batch_size=32, epochs=1, split="kfold", folds=4, upsample=1.0,
+                  target_ratio=None, min_positives=0, tta=False)
+    img = est.estimate_training(params, "h200", memory=True)
+    brs = est.estimate_training({**params, "level": "breast", "batch_size": 16}, "h200", memory=True)
+    assert "per breast" in brs.note and "breasts" in brs.what
+    assert brs.images == pytest.approx(img.images, rel=0.01)      # the same views an epoch
+    assert brs.batches == pytest.approx(img.batches, rel=0.02)    # 16 breasts = 32 views a step
+    assert brs.hours == pytest.approx(img.hours, rel=0.02)
+    assert brs.memory_gib == pytest.approx(img.memory_gib, rel=0.01)
+    doubled = est.estimate_training({**params, "level": "breast"}, "h200", memory=True)
+    assert doubled.memory_gib > 1.5 * img.memory_gib

@@ -143,6 +143,11 @@ def estimate_training(params: dict, gpu: str = "h100", memory: bool = True) -> S
     from rsna_utils.learn.train_config import TrainConfig
     cfg = TrainConfig.from_dict(params)
     labels, df, source = _labels(cfg.csv)
+    views = 2 if cfg.level == "breast" else 1      # a breast-level item: a CC and an MLO
+    if views == 2:
+        labels = (df.groupby(["patient_id", "laterality"]).cancer.max().to_numpy() if df is not None
+                  else labels[::2])          # the competition's: about two views per breast
+        source += "; per breast"
     check_ratio(labels, cfg.target_ratio, cfg.min_positives, cfg.batch_size, cfg.upsample)
     n = len(labels)
     val_share = (1 / cfg.folds) if cfg.split == "kfold" else cfg.val_frac
@@ -153,14 +158,16 @@ def estimate_training(params: dict, gpu: str = "h100", memory: bool = True) -> S
     size = cfg.size if isinstance(cfg.size, (list, tuple)) else (cfg.size, cfg.size)
     size = tuple(int(v) for v in (size if len(size) == 2 else (size[0], size[0])))
     tr, inf, src = throughput(cfg.model, size, gpu)
-    val_images = int(round(n * val_share))
-    seconds = cfg.epochs * (b.epoch_images / (tr * FROM_PNG)
+    val_images = int(round(n * val_share)) * views
+    seconds = cfg.epochs * (b.epoch_images * views / (tr * FROM_PNG)
                             + val_images * (2 if cfg.tta else 1) / (inf * FROM_PNG))
-    mem = (training_memory_gib(cfg.model, size, cfg.batch_size, bool(cfg.ema or cfg.ema_epochs),
-                               cfg.global_pool, cfg.drop_path) if memory else None)
-    return StepEstimate("", f"train {cfg.model} {size[0]}x{size[1]} batch {cfg.batch_size}",
-                        b.epoch_images, math.ceil(b.epoch_images / cfg.batch_size), cfg.epochs,
-                        seconds / 3600, mem, f"{src}; labels: {source}")
+    mem = (training_memory_gib(cfg.model, size, cfg.batch_size * views,
+                               bool(cfg.ema or cfg.ema_epochs), cfg.global_pool, cfg.drop_path)
+           if memory else None)
+    unit = " breasts" if views == 2 else ""
+    return StepEstimate("", f"train {cfg.model} {size[0]}x{size[1]} batch {cfg.batch_size}{unit}",
+                        b.epoch_images * views, math.ceil(b.epoch_images / cfg.batch_size),
+                        cfg.epochs, seconds / 3600, mem, f"{src}; labels: {source}")
 
 
 def estimate_plan(plan: str | Path, data: str | Path = "data/synthetic", gpu: str = "h100",
