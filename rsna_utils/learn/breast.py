@@ -252,7 +252,6 @@ def breast_scores(model, feats: np.ndarray, readable: np.ndarray, prediction_ids
     att = np.full(len(pid), np.nan, np.float32)
     if not rows:
         return prob, att
-    from rsna_utils.learn.checkpoint import cancer_logit
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
         v = max(len(r) for r in part)
@@ -262,7 +261,7 @@ def breast_scores(model, feats: np.ndarray, readable: np.ndarray, prediction_ids
             f[i, :len(r)], m[i, :len(r)] = feats[r], True
         with torch.inference_mode():
             out, w = model.pool(torch.from_numpy(f).to(device), torch.from_numpy(m).to(device))
-            p = torch.sigmoid(cancer_logit(out)).cpu().numpy()
+            p = torch.sigmoid(out[:, 0].float()).cpu().numpy()      # logit 0: the cancer
             w = w.float().cpu().numpy()
         for i, r in enumerate(part):
             prob[r], att[r] = p[i], w[i, :len(r)]
