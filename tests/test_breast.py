@@ -57,6 +57,34 @@ def test_a_missing_view_is_masked_not_scored_as_a_blank_image(tiny_model):
     assert view_present(x).tolist() == [[True, True], [True, False], [True, True]]
 
 
+def test_a_blank_slot_made_by_the_training_input_is_masked_under_imagenet_norm(tiny_model):
+    """The blank slot as training makes it: zeros (uint8) through the device input with
+    ImageNet's per-channel mean / std, three different constants; masked all the same, and the
+    backbone reads only the views present (its BatchNorm statistics never see a blank)."""
+    from rsna_utils.learn.data import NO_INTENSITY, device_input
+    from rsna_utils.learn.models import input_norm
+    from rsna_utils.learn.train import _to_device
+    g = torch.Generator().manual_seed(3)
+    raw = torch.randint(1, 255, (2, 2, 1, 64, 48), generator=g, dtype=torch.uint8)
+    raw[0, 1] = 0                                    # breast 0: one view
+    params = torch.from_numpy(NO_INTENSITY).expand(2, 2, 3)
+    x = _to_device((raw, params), torch.device("cpu"), input_norm("resnet18"), 3, True, device_input)
+    assert x.shape == (2, 2, 3, 64, 48)
+    assert view_present(x).tolist() == [[True, False], [True, True]]
+    seen = []
+    hook = tiny_model.backbone.conv1.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    try:
+        with torch.no_grad():
+            out = tiny_model(x)
+            w = tiny_model.last_attention.clone()
+            alone = tiny_model(x[:1, :1])
+    finally:
+        hook.remove()
+    assert seen[0] == 3                              # 3 views present of 4 slots
+    assert torch.allclose(out[0], alone[0], atol=1e-5)
+    assert w[0].tolist() == [1.0, 0.0]
+
+
 def test_features_then_pool_is_the_forward_and_breast_scores_pool_each_breast(tiny_model):
     torch.manual_seed(2)
     x = torch.randn(2, 2, 3, 64, 48)

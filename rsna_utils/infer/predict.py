@@ -302,7 +302,8 @@ def view_features(model, x, tta: bool = False):
     import torch
     from rsna_utils.learn.checkpoint import mirrored
     f = [model.features(x)] + ([model.features(mirrored(x))] if tta else [])
-    return torch.stack(f, dim=1).detach().to(torch.float16).cpu().numpy()
+    f = torch.stack(f, dim=1).detach().float().clamp(-6e4, 6e4)       # float16's range
+    return f.to(torch.float16).cpu().numpy()
 
 
 def add_breast_members(preds: np.ndarray, reasons: list, df: pd.DataFrame, models, weights,

@@ -10,7 +10,8 @@ is missing or could not be read is masked out of the attention, never scored as 
   every view once, alone, and pool each breast's views afterwards (`breast_scores`).
 - `BreastDataset`: one item per breast of the table (its prediction_id): V views read and
   augmented as `data.PngDataset` reads an image, a constant (all-zero) input where a slot has no
-  view; in training a random CC and MLO of the breast each epoch, in validation the first.
+  view; in training a random CC and MLO of the breast each epoch, in validation every view of
+  the breast, as inference pools them.
 """
 from __future__ import annotations
 
@@ -89,18 +90,25 @@ class BreastModel(_module()):
         if x.ndim == 4:
             x = x[:, None]
         b, v = x.shape[:2]
-        feats = self.features(x.flatten(0, 1)).view(b, v, -1)
-        out, w = self.pool(feats, view_present(x))
+        present = view_present(x)
+        flat, keep = x.flatten(0, 1), present.flatten()
+        if bool(keep.all()) or not bool(keep.any()):
+            feats = self.features(flat)
+        else:       # only the views present go through the backbone (and its BatchNorm's statistics)
+            f = self.features(flat[keep])
+            feats = f.new_zeros(len(flat), f.shape[1]).index_put((keep,), f)
+        out, w = self.pool(feats.view(b, v, -1), present)
         self.last_attention = w.detach()
         return out
 
 
 def view_present(x):
-    """(B, V, ...) -> (B, V) bool: the views whose input is not constant. An empty slot is all
-    zeros before normalisation (constant after it, and after any intensity change or flip);
-    no mammogram is."""
-    flat = x.flatten(2)
-    return flat.amax(dim=2) > flat.amin(dim=2)
+    """(B, V, C, H, W) -> (B, V) bool: the views whose input is not constant in some channel.
+    An empty slot is all zeros before normalisation, so each channel is one constant after it
+    (the constants differ between channels under ImageNet's mean / std), and after any
+    intensity change or flip; no mammogram is."""
+    flat = x.flatten(3)
+    return (flat.amax(dim=3) > flat.amin(dim=3)).any(dim=2)
 
 
 def create_breast_model(name: str, in_chans: int = 3, pretrained_path=None, global_pool: str = "gem",
@@ -133,7 +141,9 @@ def drop_classifier(model) -> None:
     for part in path[:-1]:
         parent = getattr(parent, part)
     if getattr(parent, path[-1], None) is not old:
-        raise RsnaError(f"{type(model).__name__}: classifier not found at {'.'.join(path)!r}")
+        raise RsnaError(f"{type(model).__name__}: classifier not found at {'.'.join(path)!r} "
+                        "(timm's pretrained_cfg); use a resnet, efficientnet or convnext backbone "
+                        "for --level breast")
     setattr(parent, path[-1], torch.nn.Identity())
 
 
@@ -155,12 +165,13 @@ class BreastDataset:
     augmented as `PngDataset(raw=True)` reads an image (the same `Augment`, drawn per view);
     the label is the breast's (any view with cancer), the auxiliary targets the mean of its
     views' known values. `choose` picks the views: one CC and one MLO when the breast has
-    both (a random one of each in training, the first in validation), else other views of the
-    breast, else an empty slot (zeros: masked by the model)."""
+    both (a random one of each in training), then other views of the breast, up to `views`
+    (None: all of them, as validation reads them), else an empty slot (zeros: masked by the
+    model, which runs its backbone on the views present only)."""
 
     def __init__(self, df: pd.DataFrame, size, channels: int = 3, augment=None, seed: int = 0,
                  cache: bool = False, label: str = "cancer", norm=None, aux: list | None = None,
-                 views: int = VIEWS):
+                 views: int | None = VIEWS):
         from rsna_utils.learn.data import DEFAULT_NORM, PngDataset, aux_targets
         if aux and "view" in aux:
             raise RsnaError("aux target 'view' is per image; a breast-level model reads both "
@@ -177,7 +188,10 @@ class BreastDataset:
             t = aux_targets(df, list(aux))
             with np.errstate(invalid="ignore"):
                 self.aux = np.stack([_nanmean(t[r]) for r in self.rows]).astype(np.float32)
-        self.views, self.train = views, augment is not None
+        # None: every view of every breast (validation, as `rsna predict` pools them), padded
+        # to the most views a breast has here
+        self.views = views or max((len(r) for r in self.rows), default=1)
+        self.train = augment is not None
         self.epoch = 0
 
     def __len__(self) -> int:

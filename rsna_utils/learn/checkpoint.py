@@ -245,6 +245,9 @@ def load_checkpoints(paths: list[str | Path], device,
                             f"resizes as {INPUT_RESIZE}; predict with the rsna_utils version "
                             "that trained it, or retrain")
         level = ck.get("level", "image")
+        if level not in ("image", "breast"):
+            raise RsnaError(f"{p}: level {level!r} is not one this version reads (image, "
+                            "breast); predict with the rsna_utils version that trained it")
         if level == "breast":
             from rsna_utils.learn.breast import create_breast_model
             model = create_breast_model(ck["model_name"], ck.get("channels", 3),

@@ -213,7 +213,7 @@ def validate(model, data, device, dtype, cfg: TrainConfig, norm, rank: int = 0,
         return preds
     if rank == 0:
         print(f"validation shared by {world} ranks: rank 0 scored {len(preds)} of "
-              f"{data.n_val} {'breasts' if data.n_val != len(data.val_df) else 'images'}",
+              f"{data.n_val} {'breasts' if cfg.level == 'breast' else 'images'}",
               file=sys.stderr)
     parts = [None] * world
     dist.all_gather_object(parts, preds)
@@ -376,7 +376,8 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
         from rsna_utils.learn.breast import BreastDataset
         train_ds = BreastDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache,
                                  norm=norm, aux=cfg.aux)
-        val_ds = BreastDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm)
+        val_ds = BreastDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm,
+                               views=None)     # every view, as inference pools them
     else:
         train_ds = PngDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache, norm=norm,
                               aux=cfg.aux, raw=True)
