@@ -432,7 +432,7 @@ def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, wor
         print(model.pretrained_report, file=sys.stderr)
     elif rank == 0 and not cfg.pretrained_path and not cfg.resume:
         print(SCRATCH_NOTE.format(model=cfg.model), file=sys.stderr)
-    if cfg.channels_last and cfg.level == "image":    # a breast model formats its views itself
+    if cfg.channels_last:       # the weights; a breast model formats its views' input itself
         model = model.to(memory_format=torch.channels_last)
     if world == 1:
         return model, model
