@@ -6,9 +6,21 @@
         name: 03_train_resnet18          # the executed copy's name (default: the notebook's)
         parameters: {model: resnet18, size: 64, out_dir: "{run_dir}/resnet18"}
 
-"{run_dir}", "{data}" and "{repo}" in string parameters are replaced. Executed notebooks go to
-runs/<name>/, each also as HTML, with an index.html report of the run (steps, durations, key
-figures, scores); the run stops at the first failing notebook and names it with its error.
+"{run_dir}", "{data}", "{train}" and "{repo}" in string parameters are replaced. Executed
+notebooks go to runs/<name>/, each also as HTML, with an index.html report of the run (steps,
+durations, key figures, scores); the run stops at the first failing notebook and names it with
+its error.
+
+A plan may list `sources:` to train on a mix (`sources.mix.check_plan_sources`):
+
+    sources:
+      - {name: rsna, dir: "{data}"}                   # a folder with train.csv, train_images/
+      - {name: cbis-ddsm, images: data/cbis/train_images, csv: data/cbis/train.csv, weight: 0.5}
+
+Before the first step they are combined (`ingest.combine`) into {run_dir}/sources, which
+"{train}" then stands for ("{data}" in a plan without sources: steps that read
+"{train}/train.csv" and "{train}/train_images" run either way), and every training step gets
+their weights as `source_weights` (in its `extra` unless the step sets them).
 
 The notebooks come from the checkout (`notebooks/`); with rsna_utils installed from a wheel
 (the Kaggle bundle), from $RSNA_NOTEBOOKS or the bundle found under $KAGGLE_INPUT
@@ -26,6 +38,7 @@ from rsna_utils.core.errors import RsnaError
 from rsna_utils.infer.kaggle import KAGGLE_INPUT, KAGGLE_WEIGHTS, kaggle_input, kaggle_working
 
 REPO = Path(__file__).resolve().parents[2]
+MIX_DIR = "sources"        # {run_dir}/sources: a plan's sources combined, "{train}"
 
 
 def find_notebooks() -> Path:
@@ -60,6 +73,9 @@ def load_plan(plan: str | Path) -> dict:
     if not isinstance(d.get("steps"), list) or not d["steps"]:
         raise RsnaError(f"{p}: a plan needs a non-empty 'steps' list")
     d.setdefault("name", p.stem)
+    if "sources" in d:
+        from rsna_utils.sources.mix import check_plan_sources
+        d["sources"] = check_plan_sources(d["sources"], str(p))
     return d
 
 
@@ -97,6 +113,15 @@ def plan_steps(plan: str | Path, data: str | Path = "data/synthetic", runs: str 
     # absolute, not resolved: a symlinked mount keeps its siblings ("{data}/../rsna-models")
     ctx = {"run_dir": run_dir.resolve(), "data": Path(data).absolute(), "repo": REPO,
            "weights": Path(weights).absolute()}
+    # the training data: the plan's sources combined, else the data folder
+    ctx["train"] = run_dir.resolve() / MIX_DIR if d.get("sources") else ctx["data"]
+    mix_weights = None
+    if d.get("sources"):
+        from rsna_utils.sources.mix import plan_weights
+        here = _kernel_cwd()        # relative paths resolve where the notebooks' do
+        d["sources"] = [{k: str(here / v) if k in ("dir", "images", "csv") else v
+                         for k, v in _substitute(s, ctx).items()} for s in d["sources"]]
+        mix_weights = plan_weights(d["sources"])
     over: dict[str, dict] = {}
     for o in overrides or []:
         if "=" not in o:
@@ -119,12 +144,37 @@ def plan_steps(plan: str | Path, data: str | Path = "data/synthetic", runs: str 
             for k, v in over.get(scope, {}).items():
                 if k in declared:
                     params[k] = _substitute(v, ctx)
+        if mix_weights is not None:
+            _give_weights(params, declared, mix_weights)
         unknown = set(params) - declared
         if unknown:
             raise RsnaError(f"plan step {step_name}: {nb.name} has no parameter(s) {sorted(unknown)}; "
                             f"its parameters: {sorted(declared)}")
         todo.append((i, step_name, nb, params))
     return d, run_dir, todo, names
+
+
+def _give_weights(params: dict, declared: set, weights: dict) -> None:
+    """A training step (its notebook declares `source_weights`, or `extra`) gets the plan's
+    source weights, unless the step or an override already sets them."""
+    if "source_weights" in declared:
+        params.setdefault("source_weights", weights)
+    elif "extra" in declared:
+        extra = dict(params.get("extra") or {})
+        extra.setdefault("source_weights", weights)
+        params["extra"] = extra
+
+
+def prepare_sources(d: dict, run_dir: Path, progress: bool = True) -> Path | None:
+    """The plan's sources (resolved by `plan_steps`) combined into run_dir/sources ("{train}"),
+    printed with their weights; None for a plan without sources."""
+    if not d.get("sources"):
+        return None
+    from rsna_utils.sources.mix import combine_sources
+    out = combine_sources(d["sources"], run_dir / MIX_DIR, progress=progress)
+    listed = ", ".join(f"{s['name']} (weight {s['weight']:g})" for s in d["sources"])
+    print(f"sources {listed} combined into {out}", file=sys.stderr, flush=True)
+    return out
 
 
 def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | Path = "runs",
@@ -145,6 +195,7 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
     done = []
     _check_weights(d["name"], [(name, params) for _, name, _, params in todo])
     run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_sources(d, run_dir, progress)
     for i, step_name, nb, params in todo:
         out = run_dir / f"{step_name}.ipynb"
         t0 = time.perf_counter()

@@ -80,13 +80,14 @@ def patient_folds(df: pd.DataFrame, n_splits: int = 5, seed: int = 42,
 def holdout_split(df: pd.DataFrame, val_frac: float = 0.15, seed: int = 42,
                   label: str = "cancer") -> pd.Series:
     """0 = train, 1 = validation: a patient-grouped split stratified by whether the patient has
-    any positive image."""
+    any positive image (the patient's highest `label`: a label of more classes, such as
+    `sources.mix`'s source x cancer strata, is stratified over each)."""
     if not 0 < val_frac < 1:
         raise RsnaError(f"val_frac={val_frac}: give a fraction in (0, 1), e.g. 0.15")
     rng = np.random.default_rng(seed)
     pos = df.groupby("patient_id")[label].max()
     val: set = set()
-    for cls in (0, 1):
+    for cls in sorted({0, 1} | set(pos.unique().tolist())):
         pats = pos.index[pos == cls].to_numpy().copy()
         rng.shuffle(pats)
         val |= set(pats[: int(round(len(pats) * val_frac))])
@@ -368,15 +369,48 @@ class PngDataset:
 # Upsampling positives
 # ----------------------------------------------------------------------------------------
 
+def weighted_draw(weights: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The items one epoch draws by their sampling weights (a source's, `sources.mix`): item i
+    floor(w_i) times, and once more with probability w_i - floor(w_i). The fractional draws
+    are one systematic sample over the items ordered by label, then weight (a source), shuffled
+    within: each such group gets its share to within one item (0.5: half of a source's
+    negatives and half of its positives, a fresh half each epoch), the epoch's length varies by
+    at most one, and a group whose weights add up to 1 or more is never left out."""
+    w = np.asarray(weights, np.float64)
+    if w.shape != (len(labels),) or not np.isfinite(w).all() or (w < 0).any():
+        raise RsnaError(f"sampling weights: need one finite weight >= 0 per training item "
+                        f"({len(labels)}), got shape {w.shape}; check source_weights")
+    whole = np.floor(w).astype(np.int64)
+    frac = w - whole
+    base = np.repeat(np.arange(len(w)), whole)
+    cand = np.flatnonzero(frac > 1e-12)
+    if not len(cand):
+        return base
+    cand = cand[rng.permutation(len(cand))]
+    cand = cand[np.lexsort((frac[cand], labels[cand] > 0.5))]    # stable: shuffled within
+    edges = np.floor(np.concatenate([[0.0], np.cumsum(frac[cand])]) + rng.random())
+    return np.concatenate([base, cand[np.diff(edges) > 0]])
+
+
 def epoch_indices(labels: np.ndarray, epoch: int, seed: int, upsample: float = 1.0,
-                  target_ratio: float | None = None) -> np.ndarray:
+                  target_ratio: float | None = None,
+                  weights: np.ndarray | None = None) -> np.ndarray:
     """Shuffled indices of one epoch with positives repeated.
 
     upsample: each positive appears this many times (the original project used 5).
     target_ratio: alternatively, repeat positives until they make up this share of the epoch.
+    weights: per item, how many times it is drawn an epoch on average before the positives are
+    repeated (`weighted_draw`; a source's weight, `TrainConfig.source_weights`); None: once each.
+    Upsampling and target_ratio then apply to the drawn items, so a positive of weight w is seen
+    w x upsample times on average and target_ratio holds in the weighted epoch.
     """
     labels = np.asarray(labels)
-    pos, neg = np.flatnonzero(labels > 0.5), np.flatnonzero(labels <= 0.5)
+    if weights is None:
+        drawn = np.arange(len(labels))
+    else:
+        drawn = weighted_draw(weights, labels, np.random.default_rng([seed, epoch, 2]))
+    is_pos = labels[drawn] > 0.5
+    pos, neg = drawn[is_pos], drawn[~is_pos]
     if target_ratio is not None:
         if not 0 < target_ratio < 1:
             raise RsnaError(f"target_ratio={target_ratio}: give a share in (0, 1)")
@@ -475,14 +509,16 @@ def check_ratio(labels, target_ratio: float | None, min_positives: int, batch_si
 
 def balance(labels, upsample: float = 1.0, target_ratio: float | None = None,
             batch_size: int = 16, min_positives: int = 0, pos_weight: float = 1.0,
-            neg_weight: float = 1.0, seed: int = 0) -> Balance:
-    """The balance of one epoch as `UpsampleSampler` draws it (upsample, or target_ratio when
-    upsample is 1, then at least `min_positives` per batch) and the weighted BCE weighs it:
-    at the start every logit is near 0, so every image's loss is about log 2 and the
-    positives' share of the loss is w_pos * drawn positives / (w_pos * P + w_neg * N)."""
+            neg_weight: float = 1.0, seed: int = 0, weights: np.ndarray | None = None) -> Balance:
+    """The balance of one epoch as `UpsampleSampler` draws it (the items by their source
+    `weights`, upsample or target_ratio when upsample is 1, then at least `min_positives` per
+    batch) and the weighted BCE weighs it: at the start every logit is near 0, so every image's
+    loss is about log 2 and the positives' share of the loss is w_pos * drawn positives /
+    (w_pos * P + w_neg * N)."""
     labels = np.asarray(labels)
     idx = UpsampleSampler(labels, seed, upsample, target_ratio if upsample == 1.0 else None,
-                          batch_size=batch_size, min_positives=min_positives)._indices()
+                          batch_size=batch_size, min_positives=min_positives,
+                          weights=weights)._indices()
     pos = int((labels[idx] > 0.5).sum())
     neg = len(idx) - pos
     n_pos = int((labels > 0.5).sum())
@@ -498,19 +534,37 @@ class UpsampleSampler:
     """Sampler over `epoch_indices`, sharded for DDP: every rank sees the same shuffled,
     upsampled list, takes every world_size-th entry, padded to equal length (so the ranks
     run the same number of steps). min_positives > 0: laid out by `batches_with_positives`
-    for loaders of `batch_size`."""
+    for loaders of `batch_size`. weights: per item, its source's sampling weight
+    (`epoch_indices`); the epoch's length is fixed by epoch 0's, a later epoch whose weighted
+    draw came out an item longer or shorter is cut or padded to it (whole batches with
+    min_positives)."""
 
     def __init__(self, labels: np.ndarray, seed: int = 0, upsample: float = 1.0,
                  target_ratio: float | None = None, rank: int = 0, world_size: int = 1,
-                 batch_size: int = 1, min_positives: int = 0):
+                 batch_size: int = 1, min_positives: int = 0, weights: np.ndarray | None = None):
         self.labels, self.seed, self.upsample, self.target_ratio = labels, seed, upsample, target_ratio
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.min_positives = batch_size, min_positives
+        self.weights = None if weights is None else np.asarray(weights, np.float64)
         self.epoch = 0
         self._len = math.ceil(len(self._indices()) / world_size)
 
+    @staticmethod
+    def source_weights(dataset, df: pd.DataFrame, source_weights: dict,
+                       where: str = "the CSV") -> np.ndarray | None:
+        """The `weights` of a sampler over `dataset`, made from the rows of `df` it reads: each
+        item's source weight (`sources.mix.row_weights`; an item of several rows, a breast's
+        views in `dataset.rows`, takes theirs). None without source_weights."""
+        from rsna_utils.sources.mix import row_weights
+        w = row_weights(df, source_weights, where)
+        rows = getattr(dataset, "rows", None)
+        if w is None or rows is None:
+            return w
+        return np.array([w[np.asarray(r)].max() if len(r) else 1.0 for r in rows])
+
     def _indices(self) -> np.ndarray:
-        idx = epoch_indices(self.labels, self.epoch, self.seed, self.upsample, self.target_ratio)
+        idx = epoch_indices(self.labels, self.epoch, self.seed, self.upsample, self.target_ratio,
+                            self.weights)
         return batches_with_positives(idx, self.labels, self.batch_size, self.min_positives,
                                       self.seed, self.epoch, self.world_size)
 

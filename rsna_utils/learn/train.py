@@ -54,21 +54,29 @@ def amp_dtype(cfg: TrainConfig, device):
 def make_split(df: pd.DataFrame, cfg: TrainConfig, out: Path,
                write: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Patient-grouped split, saved to out/splits.csv (reused on resume) when `write` (rank 0
-    only under DDP: every rank draws the same split)."""
-    from rsna_utils.learn.data import check_split, holdout_split, patient_folds
+    only under DDP: every rank draws the same split). A table of several sources (site_id):
+    only the rows of `val_sites` are split, stratified by source and label; the other sources'
+    rows get fold -1 and always train (`sources.mix.split_folds`). With `write`, a table with
+    site_id also gets one line per source printed and out/sources.csv (`mix.report_sources`)."""
+    from rsna_utils.learn.data import check_split
+    from rsna_utils.sources import mix
     path = out / "splits.csv"
     if path.exists() and cfg.resume:
         s = pd.read_csv(path)
         df = df.merge(s[["image_id", "fold"]], on="image_id", how="left")
     else:
         df = df.copy()
-        df["fold"] = (holdout_split(df, cfg.val_frac, cfg.seed) if cfg.split == "holdout"
-                      else patient_folds(df, cfg.folds, cfg.seed))
+        df["fold"] = mix.split_folds(df, cfg.split, cfg.val_frac, cfg.folds, cfg.seed,
+                                     cfg.val_sites, str(cfg.csv))
         if write:
             write_atomic(path, df[["patient_id", "image_id", "fold"]].to_csv(index=False))
     val_fold = 1 if cfg.split == "holdout" else cfg.fold    # split and fold: TrainConfig checks
     train, val = df[df.fold != val_fold].reset_index(drop=True), df[df.fold == val_fold].reset_index(drop=True)
     check_split(train, val, f"{cfg.split} split (fold {val_fold}) of {cfg.csv}")
+    if write:
+        mix.report_sources(train, val, cfg, out)
+    else:
+        mix.check_weights(train, cfg)
     return train, val
 
 
@@ -386,10 +394,14 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
     all_val = val_ds
     sampler = UpsampleSampler(train_ds.labels, cfg.seed, cfg.upsample,
                               cfg.target_ratio if cfg.upsample == 1.0 else None, rank, world,
-                              batch_size=cfg.batch_size, min_positives=cfg.min_positives)
+                              batch_size=cfg.batch_size, min_positives=cfg.min_positives,
+                              weights=UpsampleSampler.source_weights(
+                                  train_ds, train_df, cfg.source_weights, str(cfg.csv)))
     if rank == 0:
         print(balance(train_ds.labels, cfg.upsample, cfg.target_ratio, cfg.batch_size,
-                      cfg.min_positives, cfg.pos_weight, cfg.neg_weight, cfg.seed).line(),
+                      cfg.min_positives, cfg.pos_weight, cfg.neg_weight, cfg.seed,
+                      weights=UpsampleSampler.source_weights(
+                          train_ds, train_df, cfg.source_weights, str(cfg.csv))).line(),
               file=sys.stderr)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.workers > 0 and not cfg.cache,

@@ -190,6 +190,48 @@ def scores_table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>{note}"
 
 
+SOURCE_HEADERS = {"source": "source", "sites": "sites", "train_images": "training images",
+                  "train_positives": "positive", "weight": "weight",
+                  "draws_per_epoch": "draws an epoch", "epoch_share": "share of the epoch",
+                  "val_images": "validation images", "val_positives": "positive",
+                  "val_breast_auc": "validation breast AUC"}
+
+
+def sources_section(run_dir: str | Path) -> str:
+    """The training runs that mixed sources (their sources.csv, `sources.mix`): per source the
+    training images, weight, draws an epoch and share, the validation images and, where a run
+    validated on several sources, each one's breast AUC. Runs with the same table share it.
+    Empty when no run mixed sources."""
+    from rsna_utils.sources.mix import run_sources
+    tables: dict[str, list[str]] = {}
+    for f in sorted(Path(run_dir).glob("*/sources.csv")):
+        t = run_sources(f.parent)
+        if t is None or len(t) < 2:
+            continue
+        cols = [c for c in SOURCE_HEADERS if c in t]
+
+        def cell(c, v):
+            if v is None or (isinstance(v, float) and v != v):
+                return ""
+            if c == "epoch_share":
+                return f"{v:.1%}"
+            if c in ("draws_per_epoch", "weight"):
+                return f"{v:g}" if c == "weight" else f"{v:,.1f}"
+            return f"{v:.3f}" if isinstance(v, float) else str(v)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(c, r[c]))}</td>" for c in cols)
+                       + "</tr>" for r in t.to_dict("records"))
+        head = "".join(f"<th>{html.escape(SOURCE_HEADERS[c])}</th>" for c in cols)
+        tables.setdefault(f"<table><tr>{head}</tr>{body}</table>", []).append(f.parent.name)
+    if not tables:
+        return ""
+    parts = "".join(f"<p>{html.escape(', '.join(runs))}</p>{table}"
+                    for table, runs in tables.items())
+    return ("<h2>Sources</h2><p><small>Training on a mix: each source's images, its sampling "
+            "weight, the images drawn of it an epoch (mean of 8 seeded epochs, upsampling "
+            "included) and their share; validation only on the val_sites (RSNA by "
+            "default).</small></p>" + parts)
+
+
 def write_index(run_dir: str | Path, plan: str, steps: list[dict], failed: str | None = None,
                 pending: list[str] = ()) -> Path:
     """steps: dicts with step, notebook, seconds (and html). Returns the index path."""
@@ -233,6 +275,7 @@ border-bottom:1px solid #ddd}}table{{border-collapse:collapse}}</style></head><b
 {status}
 <h2>Scores</h2>
 {score_html}
+{sources_section(run_dir)}
 {sub_link}
 <h2>Steps</h2>
 <table><tr><th>notebook</th><th>duration</th><th>key figure</th></tr>
