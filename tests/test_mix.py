@@ -17,7 +17,7 @@ from rsna_utils.core.errors import RsnaError
 from rsna_utils.learn.data import UpsampleSampler, epoch_indices, holdout_split, patient_folds
 from rsna_utils.learn.train import make_split
 from rsna_utils.learn.train_config import TrainConfig
-from rsna_utils.sources import mix
+from rsna_utils.learn import mix
 
 
 def mixed_table(rsna_patients=40, cbis_patients=12, vindr_patients=10, seed=0) -> pd.DataFrame:
@@ -98,6 +98,13 @@ def _draws(labels, weights, epochs, **kw) -> np.ndarray:
                                  minlength=len(labels)) for e in range(epochs)])
 
 
+def test_source_names_are_the_sites_ingest_gives():
+    from rsna_utils.sources.ingest import FORMATS
+    assert mix.SOURCE_SITES == {"rsna": (1, 2), **{n: (f.site_id,) for n, f in FORMATS.items()}}
+    assert [mix.source_name(s) for s in (1, 2, 101, 102, 103, 7)] == [
+        "rsna", "rsna", "cbis-ddsm", "vindr", "cmmd", "site 7"]
+
+
 def test_source_weights_change_the_expected_draws(tmp_path):
     df = mixed_table(rsna_patients=60, cbis_patients=40, vindr_patients=30)
     labels = df.cancer.to_numpy(np.float32)
@@ -129,7 +136,9 @@ def test_source_weights_change_the_expected_draws(tmp_path):
     # a breast-level model's sampler draws breasts: each takes its views' source weight
     from types import SimpleNamespace
     breasts = SimpleNamespace(rows=[np.flatnonzero(rsna)[:2], np.flatnonzero(vindr)[:2]])
-    assert UpsampleSampler.source_weights(breasts, df, {"vindr": 2.0}).tolist() == [1.0, 2.0]
+    w2 = mix.row_weights(df, {"vindr": 2.0})
+    assert UpsampleSampler.item_weights(breasts, w2).tolist() == [1.0, 2.0]
+    assert UpsampleSampler.item_weights(breasts, None) is None
     t = mix.source_table(df, df.iloc[:0], _cfg(tmp_path, level="breast", target_ratio=None,
                                                 source_weights={"vindr": 2})).set_index("source")
     assert t.loc["vindr", "draws_per_epoch"] == 2 * df[vindr].prediction_id.nunique()
@@ -322,6 +331,8 @@ def test_a_mixed_run_of_rsna_shaped_and_real_cbis_ddsm_files_trains_and_predicts
     err = capsys.readouterr().err
     assert "source cbis-ddsm (site 101): 8 training images, 5 positive; weight 0.5: 4.0 draws" \
         in err, err
+    # the sampler drew with the weights: 32 RSNA images + half of CBIS-DDSM's 8, not 40
+    assert "of its 36 images)" in err, err
     s = pd.read_csv(run / mix.SOURCES_FILE).set_index("source")
     assert s.loc["cbis-ddsm", "val_images"] == 0 and s.loc["rsna", "val_images"] > 0
     val = pd.read_csv(run / "val_predictions.csv")

@@ -81,7 +81,7 @@ def holdout_split(df: pd.DataFrame, val_frac: float = 0.15, seed: int = 42,
                   label: str = "cancer") -> pd.Series:
     """0 = train, 1 = validation: a patient-grouped split stratified by whether the patient has
     any positive image (the patient's highest `label`: a label of more classes, such as
-    `sources.mix`'s source x cancer strata, is stratified over each)."""
+    `learn.mix`'s source x cancer strata, is stratified over each)."""
     if not 0 < val_frac < 1:
         raise RsnaError(f"val_frac={val_frac}: give a fraction in (0, 1), e.g. 0.15")
     rng = np.random.default_rng(seed)
@@ -370,7 +370,7 @@ class PngDataset:
 # ----------------------------------------------------------------------------------------
 
 def weighted_draw(weights: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The items one epoch draws by their sampling weights (a source's, `sources.mix`): item i
+    """The items one epoch draws by their sampling weights (a source's, `learn.mix`): item i
     floor(w_i) times, and once more with probability w_i - floor(w_i). The fractional draws
     are one systematic sample over the items ordered by label, then weight (a source), shuffled
     within: each such group gets its share to within one item (0.5: half of a source's
@@ -550,15 +550,16 @@ class UpsampleSampler:
         self._len = math.ceil(len(self._indices()) / world_size)
 
     @staticmethod
-    def source_weights(dataset, df: pd.DataFrame, source_weights: dict,
-                       where: str = "the CSV") -> np.ndarray | None:
-        """The `weights` of a sampler over `dataset`, made from the rows of `df` it reads: each
-        item's source weight (`sources.mix.row_weights`; an item of several rows, a breast's
-        views in `dataset.rows`, takes theirs). None without source_weights."""
-        from rsna_utils.sources.mix import row_weights
-        w = row_weights(df, source_weights, where)
+    def item_weights(dataset, row_weights) -> np.ndarray | None:
+        """The `weights` of a sampler over `dataset` from one weight per row of the table it
+        reads (the `source_weight` column `train.make_split` adds with source_weights): per
+        item, its row's; an item of several rows (a breast's views, `dataset.rows`) takes
+        theirs. None stays None (no weights)."""
+        if row_weights is None:
+            return None
+        w = np.asarray(row_weights, np.float64)
         rows = getattr(dataset, "rows", None)
-        if w is None or rows is None:
+        if rows is None:
             return w
         return np.array([w[np.asarray(r)].max() if len(r) else 1.0 for r in rows])
 

@@ -56,10 +56,11 @@ def make_split(df: pd.DataFrame, cfg: TrainConfig, out: Path,
     """Patient-grouped split, saved to out/splits.csv (reused on resume) when `write` (rank 0
     only under DDP: every rank draws the same split). A table of several sources (site_id):
     only the rows of `val_sites` are split, stratified by source and label; the other sources'
-    rows get fold -1 and always train (`sources.mix.split_folds`). With `write`, a table with
-    site_id also gets one line per source printed and out/sources.csv (`mix.report_sources`)."""
+    rows get fold -1 and always train (`learn.mix.split_folds`). With `write`, a table with
+    site_id also gets one line per source printed and out/sources.csv (`mix.report_sources`).
+    With source_weights the training rows carry theirs (`source_weight`, for the sampler)."""
+    from rsna_utils.learn import mix
     from rsna_utils.learn.data import check_split
-    from rsna_utils.sources import mix
     path = out / "splits.csv"
     if path.exists() and cfg.resume:
         s = pd.read_csv(path)
@@ -77,6 +78,8 @@ def make_split(df: pd.DataFrame, cfg: TrainConfig, out: Path,
         mix.report_sources(train, val, cfg, out)
     else:
         mix.check_weights(train, cfg)
+    if cfg.source_weights:
+        train["source_weight"] = mix.row_weights(train, cfg.source_weights, str(cfg.csv))
     return train, val
 
 
@@ -395,13 +398,13 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
     sampler = UpsampleSampler(train_ds.labels, cfg.seed, cfg.upsample,
                               cfg.target_ratio if cfg.upsample == 1.0 else None, rank, world,
                               batch_size=cfg.batch_size, min_positives=cfg.min_positives,
-                              weights=UpsampleSampler.source_weights(
-                                  train_ds, train_df, cfg.source_weights, str(cfg.csv)))
+                              weights=UpsampleSampler.item_weights(
+                                  train_ds, train_df.get("source_weight")))
     if rank == 0:
         print(balance(train_ds.labels, cfg.upsample, cfg.target_ratio, cfg.batch_size,
                       cfg.min_positives, cfg.pos_weight, cfg.neg_weight, cfg.seed,
-                      weights=UpsampleSampler.source_weights(
-                          train_ds, train_df, cfg.source_weights, str(cfg.csv))).line(),
+                      weights=UpsampleSampler.item_weights(
+                          train_ds, train_df.get("source_weight"))).line(),
               file=sys.stderr)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.workers > 0 and not cfg.cache,

@@ -41,13 +41,13 @@ def ratio_arg(text: str) -> float | None:
 
 def _source_weights_arg(text: str) -> dict:
     """The argparse `type` of --source-weights ("cbis-ddsm=0.5,vindr=1")."""
-    from rsna_utils.sources.mix import source_weights_arg
+    from rsna_utils.learn.mix import source_weights_arg
     return source_weights_arg(text)
 
 
 def _val_sites_arg(text: str) -> list:
     """The argparse `type` of --val-sites ("1,2", "rsna,cbis-ddsm" or "all")."""
-    from rsna_utils.sources.mix import val_sites_arg
+    from rsna_utils.learn.mix import val_sites_arg
     return val_sites_arg(text)
 
 
@@ -89,7 +89,7 @@ class TrainConfig(Config):
     random_crop: float = setting(0.0, "augment: crop up to this share, resized back", ge=0, lt=1)
     aux: list = setting([], "auxiliary targets from the CSV (list, or comma-separated): biopsy, "
                         "invasive, difficult_negative_case, view, BIRADS, density, age")
-    # a mix of sources (rsna_utils.sources.mix): rsna is sites 1 and 2, cbis-ddsm 101, vindr 102,
+    # a mix of sources (rsna_utils.learn.mix): rsna is sites 1 and 2, cbis-ddsm 101, vindr 102,
     # cmmd 103 (rsna ingest)
     source_weights: dict = setting({}, "sampling weight per source (name or site_id): an image "
                                    "of it is drawn this many times an epoch on average, before "
@@ -160,7 +160,7 @@ class TrainConfig(Config):
             self.aux = [a.strip() for x in self.aux for a in str(x).split(",") if a.strip()]
         self._apply_extra()
         self.target_ratio = ratio_flag(self.target_ratio)
-        from rsna_utils.sources.mix import parse_source_weights, parse_val_sites
+        from rsna_utils.learn.mix import parse_source_weights, parse_val_sites
         self.source_weights = parse_source_weights(self.source_weights)
         self.val_sites = parse_val_sites(self.val_sites)
         if self.amp is False:                              # YAML 1.1 reads `amp: off` as false

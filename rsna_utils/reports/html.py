@@ -198,11 +198,11 @@ SOURCE_HEADERS = {"source": "source", "sites": "sites", "train_images": "trainin
 
 
 def sources_section(run_dir: str | Path) -> str:
-    """The training runs that mixed sources (their sources.csv, `sources.mix`): per source the
+    """The training runs that mixed sources (their sources.csv, `learn.mix`): per source the
     training images, weight, draws an epoch and share, the validation images and, where a run
     validated on several sources, each one's breast AUC. Runs with the same table share it.
     Empty when no run mixed sources."""
-    from rsna_utils.sources.mix import run_sources
+    from rsna_utils.learn.mix import run_sources
     tables: dict[str, list[str]] = {}
     for f in sorted(Path(run_dir).glob("*/sources.csv")):
         t = run_sources(f.parent)
