@@ -213,9 +213,11 @@ def test_demo_plan_runs_headless(tmp_path, synth_small):
                               "workers=1", "03_train_resnet18.size=48"])
     names = [n["step"] for n in res["notebooks"]]
     assert names == ["01_eda", "02_preprocessing_demo", "03_train_resnet18", "03_train_resnext50",
-                     "03_train_efficientnet", "04_inference_submission", "05_explain_evaluate"]
+                     "03_train_efficientnet", "03_train_efficientnet_breast",
+                     "04_inference_submission", "05_explain_evaluate"]
     min_figures = {"01_eda": 5, "02_preprocessing_demo": 3, "03_train_resnet18": 2,
-                   "03_train_resnext50": 2, "03_train_efficientnet": 2, "04_inference_submission": 1,
+                   "03_train_resnext50": 2, "03_train_efficientnet": 2,
+                   "03_train_efficientnet_breast": 2, "04_inference_submission": 1,
                    "05_explain_evaluate": 4}
     for n in res["notebooks"]:
         nb = nbformat.read(n["notebook"], as_version=4)
@@ -233,7 +235,7 @@ def test_demo_plan_runs_headless(tmp_path, synth_small):
     infer = next(n["notebook"] for n in res["notebooks"] if n["step"] == "04_inference_submission")
     printed = "".join(o.get("text", "") for c in nbformat.read(infer, 4).cells
                       if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "out-of-fold:" in printed and "hidden test" in printed and "exported 3" in printed
+    assert "out-of-fold:" in printed and "hidden test" in printed and "exported 4" in printed
     explain = Path(res["run_dir"]) / "explain"
     views = pd.read_csv(explain / "exams" / "heatmaps.csv")
     assert len(views) and {"peak_x", "peak_y", "score"} <= set(views.columns)
@@ -244,7 +246,11 @@ def test_demo_plan_runs_headless(tmp_path, synth_small):
     # the export is all the submit plan needs: the same submission, without the training runs
     export = Path(res["run_dir"]) / "rsna-models"
     ens = json.loads((export / "ensemble.json").read_text())
-    assert len(ens["checkpoints"]) == 3 and all((export / c).is_file() for c in ens["checkpoints"])
+    assert len(ens["checkpoints"]) == 4 and all((export / c).is_file() for c in ens["checkpoints"])
+    import torch
+    breast = torch.load(export / next(c for c in ens["checkpoints"] if "breast" in c),
+                        weights_only=True)
+    assert breast["level"] == "breast"      # the breast-level member travels as any checkpoint
     moved = tmp_path / "elsewhere" / "rsna-models"
     moved.parent.mkdir()
     export.rename(moved)            # the copy on Kaggle knows nothing of the training run folder

@@ -230,10 +230,15 @@ def _check_weights(plan: str, steps: list[tuple[str, dict]]) -> None:
     that is not attached stops the plan now, not hours later at the step that needs it."""
     from rsna_utils.learn.weights import is_pypi
     here = _kernel_cwd()                # relative paths resolve where the notebooks run
-    missing = [(name, str(p["pretrained_path"])) for name, p in steps
-               if isinstance(p.get("pretrained_path"), str)
-               and not is_pypi(p["pretrained_path"])
-               and not (here / p["pretrained_path"]).exists()]
+    missing, written = [], []           # written: the run folders of the steps before
+    for name, p in steps:
+        path = p.get("pretrained_path")
+        made = any(Path(str(path)).is_relative_to(w) for w in written)   # an earlier step's best.pt
+        if (isinstance(path, str) and not is_pypi(path) and not made
+                and not (here / path).exists()):
+            missing.append((name, path))
+        if isinstance(p.get("out"), str):
+            written.append(Path(p["out"]))
     if not missing:
         return
     where = "; ".join(f"{name}: {path}" for name, path in missing)
