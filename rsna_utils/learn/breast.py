@@ -132,19 +132,10 @@ def drop_classifier(model) -> None:
     """The classifier replaced by an identity, the pooling kept (timm's reset_classifier(0)
     would rebuild the pooling too, dropping GeM)."""
     import torch
-    old = model.get_classifier()
-    if not isinstance(old, torch.nn.Linear):
-        raise RsnaError(f"{type(model).__name__}: its classifier is a {type(old).__name__}, not a "
-                        "linear layer; the breast-level model needs a backbone with a linear "
-                        "head (resnet, efficientnet, convnext)")
-    parent, path = model, model.pretrained_cfg.get("classifier", "fc").split(".")
-    for part in path[:-1]:
-        parent = getattr(parent, part)
-    if getattr(parent, path[-1], None) is not old:
-        raise RsnaError(f"{type(model).__name__}: classifier not found at {'.'.join(path)!r} "
-                        "(timm's pretrained_cfg); use a resnet, efficientnet or convnext backbone "
-                        "for --level breast")
-    setattr(parent, path[-1], torch.nn.Identity())
+
+    from rsna_utils.learn.models import replace_classifier
+    replace_classifier(model, torch.nn.Identity(), "the breast-level model needs a backbone with "
+                       "a linear head (resnet, efficientnet, convnext)")
 
 
 # ----------------------------------------------------------------------------------------

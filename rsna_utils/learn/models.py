@@ -95,17 +95,27 @@ def set_outputs(model, n: int) -> None:
     reset_classifier rebuilds the pooling layer too, which would drop GeM)."""
     import torch
     old = model.get_classifier()
+    replace_classifier(model, torch.nn.Linear(old.in_features, n, device=old.weight.device,
+                                              dtype=old.weight.dtype),
+                       "auxiliary targets need a linear head (use another backbone)")
+    init_head(model)
+
+
+def replace_classifier(model, new, why: str) -> None:
+    """Put `new` where timm's linear classifier is (pretrained_cfg's `classifier` path), the
+    pooling untouched; RsnaError naming the head, and `why` a linear one is needed, else."""
+    import torch
+    old = model.get_classifier()
     if not isinstance(old, torch.nn.Linear):
         raise RsnaError(f"{type(model).__name__}: its classifier is a {type(old).__name__}, not a "
-                        "linear layer; auxiliary targets need a linear head (use another backbone)")
+                        f"linear layer; {why}")
     parent, path = model, model.pretrained_cfg.get("classifier", "fc").split(".")
     for name in path[:-1]:
         parent = getattr(parent, name)
     if getattr(parent, path[-1], None) is not old:
-        raise RsnaError(f"{type(model).__name__}: classifier not found at {'.'.join(path)!r}")
-    setattr(parent, path[-1], torch.nn.Linear(old.in_features, n, device=old.weight.device,
-                                              dtype=old.weight.dtype))
-    init_head(model)
+        raise RsnaError(f"{type(model).__name__}: classifier not found at {'.'.join(path)!r} "
+                        f"(timm's pretrained_cfg); {why}")
+    setattr(parent, path[-1], new)
 
 
 def init_head(model, std: float = 0.01) -> None:
