@@ -480,12 +480,13 @@ class Balance:
     epoch_share: float         # positives' share of the epoch's images
     loss_share: float          # positives' share of the loss at the start (logits near 0)
     natural_share: float       # their share with no sampler and no weight (the data's rate)
+    unit: str = "images"       # what an item is: images, or breasts (level breast)
 
     def line(self) -> str:
         times = self.loss_share / self.natural_share if self.natural_share else float("nan")
-        return (f"balance: {self.positives} of {self.images} training images positive "
+        return (f"balance: {self.positives} of {self.images} training {self.unit} positive "
                 f"({self.natural_share:.1%}); each positive is seen {self.exposures:.1f} times an "
-                f"epoch ({self.epoch_share:.1%} of its {self.epoch_images} images) and positives "
+                f"epoch ({self.epoch_share:.1%} of its {self.epoch_images} {self.unit}) and positives "
                 f"carry {self.loss_share:.0%} of the loss at the start, {times:.1f} times their "
                 "natural weight")
 

@@ -401,11 +401,11 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
                               weights=UpsampleSampler.item_weights(
                                   train_ds, train_df.get("source_weight")))
     if rank == 0:
-        print(balance(train_ds.labels, cfg.upsample, cfg.target_ratio, cfg.batch_size,
-                      cfg.min_positives, cfg.pos_weight, cfg.neg_weight, cfg.seed,
-                      weights=UpsampleSampler.item_weights(
-                          train_ds, train_df.get("source_weight"))).line(),
-              file=sys.stderr)
+        b = balance(train_ds.labels, cfg.upsample, cfg.target_ratio, cfg.batch_size,
+                    cfg.min_positives, cfg.pos_weight, cfg.neg_weight, cfg.seed,
+                    weights=UpsampleSampler.item_weights(train_ds, train_df.get("source_weight")))
+        b.unit = "breasts" if cfg.level == "breast" else "images"
+        print(b.line(), file=sys.stderr)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.workers > 0 and not cfg.cache,
                      multiprocessing_context="forkserver" if cfg.workers > 0 else None,
