@@ -535,7 +535,8 @@ def main() -> int:
     stem = f"realdata_{out['date']}_{a.model}_{a.size}{a.tag}{where}"
     (res / f"{stem}.json").write_text(json.dumps(out, indent=1))
     curves(hist, res / f"{stem}.png",
-           f"{a.model} ({a.pretrained}) at {a.size} on real RSNA images")
+           f"{a.model} ({a.pretrained}) at {a.size}{', breast level' if a.level == 'breast' else ''}"
+           " on real RSNA images")
     print("\n| recipe | held-out breast AUC | breast PR-AUC | image AUC |\n|---|---|---|---|")
     if probe:
         print(f"| frozen {a.model} features + logistic regression | {probe['breast_auc']:.3f} | "
