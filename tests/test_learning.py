@@ -72,13 +72,14 @@ def test_resnet18_from_scratch_learns_at_full_aspect(tmp_path):
 
 
 @pytest.mark.slow
-def test_breast_level_model_learns_as_well_as_the_mean_of_views(tmp_path):
+def test_breast_level_model_learns_the_lesions_beside_the_mean_of_views(tmp_path):
     """`--level breast` against the image model averaged over the views: the same pretrained
     Lite0, data, epochs and views per step (16 images = 8 breasts of two views); scored on
     150 new patients, the difference with a paired patient-bootstrap interval (printed; the
-    real-image comparison is in BENCHMARKS.md). The breast model must learn the planted
-    lesions as the image model does: a broken attention or mask (a view ignored, blank slots
-    scored) would leave it near chance."""
+    real-image comparison is in BENCHMARKS.md). Measured 2026-12-06: image 0.940, breast 0.881,
+    breast minus image -0.059 (-0.099 to -0.023): the views' mean wins here. The breast model
+    must still learn the planted lesions: a broken attention or mask (a view ignored, blank
+    slots scored) would leave it near chance."""
     from rsna_utils.learn.metrics import breast_level
     from rsna_utils.reports.evaluate import compare_auc
     _synthetic(tmp_path, (128, 64))
