@@ -28,6 +28,7 @@ def test_crop_keeps_lesions_and_excludes_corner_markers(tmp_path):
         path = tmp_path / f"{index}.dcm"
         ds.save_as(path, enforce_file_format=True)
         _, meta = preprocess_image(path, cfg)
+        assert meta["crop_reason"].startswith("background rule"), meta["crop_reason"]
         crop = (meta["crop_y0"], meta["crop_x0"], meta["crop_y1"], meta["crop_x1"])
         for kind, *box in objects["lesions"]:
             if kind in ("mass", "calc"):
@@ -81,9 +82,149 @@ def test_flip_modes():
         roi.needs_flip("sideways", mask, None)
 
 
-def test_empty_image_has_no_box():
-    mask, box = roi.find_breast(np.zeros((100, 80), np.uint8))
+def test_empty_image_has_no_box_by_the_old_rule_and_the_whole_image_by_the_new():
+    blank = np.zeros((100, 80), np.uint8)
+    mask, box = roi.find_breast(blank, rule="otsu")
     assert box is None and not mask.any()
+    mask, box = roi.find_breast(blank)
+    assert (box.y0, box.x0, box.y1, box.x1) == (0, 0, 100, 80) and mask.all()
+    assert box.reason.startswith("whole image") and "otsu rule found nothing" in box.reason
+    noisy = np.random.default_rng(0).integers(0, 6, (400, 320)).astype(np.uint8)  # noise only
+    _, box = roi.find_breast(noisy)
+    assert (box.height, box.width) == (400, 320) and box.reason.startswith("whole image")
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="choose background or otsu"):
+        roi.find_breast(_phantom(), rule="yolo")
+
+
+# ----------------------------------------------------------------------------------------
+# issue 38: the background rule on the ways the old rule failed, and on bad input
+# ----------------------------------------------------------------------------------------
+
+YY, XX = np.mgrid[0:400, 0:320]
+BREAST = ((YY - 200) / 150.0) ** 2 + (XX / 220.0) ** 2 <= 1          # chest wall on the left
+BREAST_BOX = (50, 0, 351, 220)                                          # y0, x0, y1, x1
+RADIUS = np.sqrt(((YY - 200) / 150.0) ** 2 + (XX / 220.0) ** 2)         # 0 centre, 1 skin
+
+
+def _b(box):
+    return (box.y0, box.x0, box.y1, box.x1)
+
+
+def _keeps(box, inner=BREAST_BOX, tol=3) -> bool:
+    return (box.y0 <= inner[0] + tol and box.x0 <= inner[1] + tol and box.y1 >= inner[2] - tol
+            and box.x1 >= inner[3] - tol)
+
+
+def _not_sliver(box, shape=(400, 320)) -> bool:
+    return box.height >= 0.1 * shape[0] and box.width >= 0.1 * shape[1]
+
+
+def test_dense_breast_keeps_its_dim_fatty_edge():
+    """A bright dense core in a fatty breast that dims towards the skin: Otsu splits core from
+    fat and half of it still drops the dim edge; the background rule keeps all of it."""
+    img = np.where(BREAST, 6 + 60 * (1 - RADIUS), 0)
+    img[RADIUS <= 0.6] = 200
+    img = img.astype(np.uint8)
+    _, old = roi.find_breast(img, rule="otsu")
+    assert old.y0 > 65 and old.x1 < 200                        # the old failure, kept visible
+    _, new = roi.find_breast(img)
+    assert _keeps(new) and new.height <= 310 and new.width <= 230
+    assert new.reason.startswith("background rule")
+
+
+def test_second_body_part_joined_by_a_neck_is_cut_off():
+    """An arm-like blob at the top corner joined to the breast by a narrow bridge: the old
+    rule's largest component takes it in; the background rule cuts it and says so."""
+    img = np.zeros((400, 320), np.uint8)
+    img[BREAST] = 120
+    arm = ((YY - 20) / 40.0) ** 2 + ((XX - 240) / 70.0) ** 2 <= 1
+    img[arm] = 110
+    img[25:120, 165:185] = 110          # the neck: 20 px wide
+    _, old = roi.find_breast(img, rule="otsu")
+    assert old.y0 == 0 and old.x1 > 300
+    mask, new = roi.find_breast(img)
+    assert _keeps(new) and new.y0 >= 40 and new.x1 <= 235, _b(new)
+    assert "second body part cut off" in new.reason
+    assert not mask[arm].any()
+
+
+def test_belly_below_the_fold_is_cut_at_the_waist():
+    """Below the breast, along the chest wall, a narrow body part joined at a pinch (the
+    inframammary fold of an MLO): the crop ends at the fold."""
+    img = np.zeros((400, 320), np.uint8)
+    img[BREAST] = 120
+    img[340:360, 0:16] = 100            # a thin link along the chest wall (the fold)
+    img[356:400, 0:60] = 100            # the belly
+    _, new = roi.find_breast(img)
+    assert _keeps(new) and new.y1 <= 365, _b(new)
+    assert "second body part cut off" in new.reason
+
+
+def test_breast_touching_every_edge_keeps_the_whole_image():
+    rng = np.random.default_rng(1)
+    img = np.clip(rng.normal(120, 25, (400, 320)), 30, 255).astype(np.uint8)
+    mask, box = roi.find_breast(img)
+    assert _b(box) == (0, 0, 400, 320) and box.reason
+
+
+def test_bright_frame_is_not_the_breast():
+    """A film's bright frame (a scanner's edge, wider than the ignored border band) joined to
+    the breast at the chest wall: the crop keeps the breast, and never less."""
+    img = np.zeros((400, 320), np.uint8)
+    img[BREAST] = 120
+    f = 10
+    img[:f], img[-f:], img[:, :f], img[:, -f:] = 250, 250, 250, 250
+    _, box = roi.find_breast(img)
+    assert _keeps(box) and _not_sliver(box) and box.reason
+    assert box.x1 <= 235 and box.y0 >= 40 and box.y1 <= 360, _b(box)
+
+
+def test_marker_touching_the_breast_is_kept_with_the_breast():
+    img = np.zeros((400, 320), np.uint8)
+    img[BREAST] = 120
+    img[180:220, 210:250] = 255         # a lead marker overlapping the breast's edge
+    _, box = roi.find_breast(img)
+    assert _keeps(box) and box.x1 <= 255 and box.reason.startswith("background rule"), _b(box)
+
+
+def test_implant_does_not_leave_only_the_implant():
+    """A breast implant, far brighter than the tissue around it: Otsu's split lands between
+    tissue and implant (the old rule loses the dim edge around it); the background rule keeps
+    the breast."""
+    img = np.where(BREAST, 6 + 40 * (1 - RADIUS), 0)
+    img[((YY - 200) / 110.0) ** 2 + ((XX - 20) / 140.0) ** 2 <= 1] = 250
+    img = img.astype(np.uint8)
+    _, old = roi.find_breast(img, rule="otsu")
+    assert not _keeps(old), roi.find_breast(img, rule="otsu")[1]
+    _, new = roi.find_breast(img)
+    assert _keeps(new) and new.reason.startswith("background rule")
+
+
+@pytest.mark.parametrize("case", ["blank", "flat", "speck", "strip", "frame_only", "noise"])
+def test_never_an_empty_or_sliver_crop(case):
+    img = np.zeros((400, 320), np.uint8)
+    if case == "flat":
+        img[:] = 77
+    elif case == "speck":
+        img[200:204, 100:104] = 200         # a speck: no breast, not a 4-pixel crop
+    elif case == "strip":
+        img[:, 0:12] = 150                  # a thin strip along the edge
+    elif case == "frame_only":
+        img[:12], img[-12:], img[:, :12], img[:, -12:] = 250, 250, 250, 250
+    elif case == "noise":
+        img = np.random.default_rng(2).integers(0, 256, (400, 320)).astype(np.uint8)
+    mask, box = roi.find_breast(img)
+    assert box is not None and _not_sliver(box) and mask.any() and box.reason, (case, box)
+
+
+def test_reason_survives_scaling_and_margin():
+    _, box = roi.find_breast(_phantom())
+    big = roi.add_margin(box.scaled(4.0, 4.0, 1600, 1280), 0.05, 1600, 1280)
+    assert big.reason == box.reason and big.reason.startswith("background rule")
+    assert roi.Box(1, 2, 3, 4, "a") == roi.Box(1, 2, 3, 4, "b")   # the reason is not the box
 
 
 def test_resize_stretch_and_pad():

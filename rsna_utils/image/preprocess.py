@@ -34,7 +34,8 @@ from rsna_utils.image.plan import PreprocessError, apply_numpy, make_plan
 
 META_COLUMNS = ["image_id", "patient_id", "png", "rows", "columns", "transfer_syntax",
                 "photometric", "crop_y0", "crop_x0", "crop_y1", "crop_x1", "flipped", "window",
-                "window_note", "looks_inverted", "backend", "gpu_route", "decode_ms", "total_ms"]
+                "window_note", "looks_inverted", "backend", "gpu_route", "decode_ms", "total_ms",
+                "crop_reason"]
 FAILURE_COLUMNS = ["image_id", "patient_id", "path", "reason"]
 
 
@@ -104,7 +105,8 @@ def preprocess_image(path: str | Path, cfg: PreprocessConfig, backend: str = "au
     out = apply_numpy(pixels, plan)
     t1 = time.perf_counter()
     meta = dict(plan.meta(h), backend=used, decode_ms=round((t_dec - t0) * 1e3, 2),
-                total_ms=round((t1 - t0) * 1e3, 2))
+                total_ms=round((t1 - t0) * 1e3, 2),
+                crop_reason=plan.box.reason if cfg.crop else "crop off")
     return out, meta
 
 
