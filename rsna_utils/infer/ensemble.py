@@ -93,8 +93,22 @@ class Ensemble(dict):
     def cut_line(self) -> str:
         t = self.get("threshold")
         if self.get("binarize") and t is not None:
-            return f"binarised at {self['binarize']} (threshold {t:.4f})"
+            rate = self.oof_rate
+            return (f"binarised at {self['binarize']} (threshold {t:.4f}"
+                    + (f"; out of fold it flagged {rate:.2%} of the breasts" if rate else "")
+                    + ")")
         return "probabilities (no tuned threshold)"
+
+    @property
+    def oof_rate(self) -> float | None:
+        """The out-of-fold positive rate: the share of breasts the tuned cut flagged on the
+        out-of-fold scores ("quantile"), when the file has a threshold and a rate in (0, 1)."""
+        q = self.get("quantile")
+        try:
+            q = float(q)
+        except (TypeError, ValueError):
+            return None
+        return q if self.get("threshold") is not None and 0 < q < 1 else None
 
     def cuts(self, given: dict) -> bool:
         """Whether the output asked for (`given`: output, threshold) uses what was tuned on the
@@ -115,8 +129,10 @@ class Ensemble(dict):
         """The `PredictConfig` fields this ensemble decides, given those set by hand (`given`:
         threshold, agg, output, binarize_how, tta): its threshold (unless given), its
         aggregation (another one is refused), binary output at its cut unless another output
-        is asked for, its calibrator, and the flip TTA (`submission_tta`). `follow_tta` False
-        (the CLI): the flip is decided only where the output cuts, else left to the flags."""
+        is asked for (at its threshold: with its out-of-fold rate, `oof_rate`, for the cut
+        fallback of `predict.binary_cut`), its calibrator, and the flip TTA (`submission_tta`).
+        `follow_tta` False (the CLI): the flip is decided only where the output cuts, else left
+        to the flags."""
         given = given or {}
         source = source or str(self.get("line", "the ensemble")).partition(":")[0]
         agg = given.get("agg")
@@ -132,6 +148,10 @@ class Ensemble(dict):
             out["tta"] = self.submission_tta(given, source)
         if output in (None, "binary"):      # an ensemble alone: binary at its cut
             out["binarize_how"] = self.binarize_how(given.get("binarize_how"), source)
+            # at its own threshold: the out-of-fold rate, for predict's cut fallback
+            if (out["binarize_how"] == "threshold" and given.get("threshold") is None
+                    and self.oof_rate is not None):
+                out["oof_rate"] = self.oof_rate
         if output == "calibrated":
             out["calibrator"] = self.get("calibrator")
             if not out["calibrator"]:

@@ -26,6 +26,19 @@ from rsna_utils.learn.checkpoint import DEFAULT_PRIOR, LoadedModel, load_checkpo
 
 OUTPUTS = ("probability", "calibrated", "binary")
 
+# The cut fallback (`binary_cut`). ensemble.json carries one out-of-fold positive rate (its
+# "quantile": the share of breasts the tuned threshold flagged out of fold), not the spread of
+# that share over the folds, so the range a test set may flag at the threshold is a stated factor
+# around it. A factor of 3 either way leaves alone what ordinary variation does to the share
+# (the test set's cancer rate, and a threshold tuned on a few hundred positive breasts, move it
+# by tens of percent) and catches a shift of the scores' scale (another decoder, scanner mix or
+# flip) that makes the threshold flag next to nothing or several times too many breasts.
+FALLBACK_FACTOR = 3.0
+# The share is judged only where the rate expects at least this many flagged breasts: with 10
+# expected, a count below the range (3 or fewer) has a chance of about 1% when nothing shifted;
+# on a few dozen breasts (Kaggle's visible test) 0 or 1 flagged says nothing about the cut.
+FALLBACK_MIN_EXPECTED = 10.0
+
 
 @dataclass
 class PredictConfig(Config):
@@ -68,6 +81,16 @@ class PredictConfig(Config):
     member_weights: dict | None = setting(None, "ensemble.json's recipe_weights: each model's "
                                           "vote from its out-of-fold score (None: equal)",
                                           cli=False)
+    cut_fallback: bool = setting(True, "binary output at the ensemble's threshold: when the "
+                                 "share of breasts it flags falls outside the out-of-fold range "
+                                 f"(its positive rate /{FALLBACK_FACTOR:g} to "
+                                 f"x{FALLBACK_FACTOR:g}), "
+                                 "flag that rate instead (the quantile cut); acts only with "
+                                 "oof_rate (an ensemble's)", negate="--no-cut-fallback")
+    oof_rate: float | None = setting(None, "ensemble.json's quantile: the share of breasts its "
+                                     "tuned threshold flagged out of fold, the rate and range of "
+                                     "the cut fallback (None: the threshold alone, as before)",
+                                     gt=0, lt=1, cli=False)
 
     def __post_init__(self):
         if isinstance(self.checkpoints, (str, os.PathLike)):
@@ -225,6 +248,7 @@ class PredictResult:
     warnings: list = field(default_factory=list)    # unreadable images, and inverted-looking ones
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
+    cut: dict = field(default_factory=dict)         # binary output: what was flagged (binary_cut)
 
     def counts(self) -> str:
         """"N unreadable" and, when any, "M look inverted" (both listed in the warnings)."""
@@ -352,6 +376,57 @@ def binarize(values: np.ndarray, how: str | None, threshold: float) -> np.ndarra
     return (values >= cut).astype(np.float64)
 
 
+def binary_cut(values: np.ndarray, how: str | None, threshold: float,
+               oof_rate: float | None = None, fallback: bool = True) -> tuple[np.ndarray, dict]:
+    """`binarize`, and what it flagged: (0/1 per breast, record). The record (PredictResult.cut)
+    holds binarize, threshold, breasts, flagged and share (at the cut asked for), oof_rate,
+    range, judged (whether the share was held against the range), fell_back, and the submitted
+    flagged / submitted_share, with "line": one sentence saying all that.
+
+    With "threshold" and `oof_rate` (an ensemble's out-of-fold positive rate): the share flagged
+    is held against the range [rate / FALLBACK_FACTOR, rate x FALLBACK_FACTOR], when the test set
+    is large enough to tell (n x rate >= FALLBACK_MIN_EXPECTED); outside it, and with
+    `fallback`, the top `oof_rate` of the breasts is flagged instead (`binarize` "quantile:rate",
+    the cut the ensemble's quantile mode would make)."""
+    how = how or "threshold"
+    values = np.asarray(values, dtype=np.float64)
+    out = binarize(values, how, threshold)
+    n, flagged = len(values), int(out.sum())
+    share = flagged / n if n else 0.0
+    at = (f"threshold {threshold:.4f}" if how == "threshold"
+          else f"the top {quantile_share(how):.2%} ({how})")
+    rec = {"binarize": how, "threshold": float(threshold) if how == "threshold" else None,
+           "breasts": n, "flagged": flagged, "share": share, "oof_rate": oof_rate,
+           "range": None, "judged": False, "fell_back": False,
+           "submitted_flagged": flagged, "submitted_share": share}
+    head = f"binary output: {flagged:,} of {n:,} breasts ({share:.2%}) flagged at {at}"
+    if how != "threshold" or oof_rate is None:
+        return out, {**rec, "line": head}
+    rate = float(oof_rate)
+    lo, hi = rate / FALLBACK_FACTOR, min(rate * FALLBACK_FACTOR, 1.0)
+    rec["range"] = [lo, hi]
+    span = (f"the out-of-fold range {lo:.2%}-{hi:.2%} (the ensemble's out-of-fold positive rate "
+            f"{rate:.2%}, /{FALLBACK_FACTOR:g} to x{FALLBACK_FACTOR:g})")
+    expected = n * rate
+    if expected < FALLBACK_MIN_EXPECTED:
+        return out, {**rec, "line": f"{head}; too few breasts to hold that share against {span}: "
+                                    f"{expected:.1f} expected flagged, under "
+                                    f"{FALLBACK_MIN_EXPECTED:g}; kept the threshold"}
+    rec["judged"] = True
+    if lo <= share <= hi:
+        return out, {**rec, "line": f"{head}, inside {span}: kept the threshold"}
+    if not fallback:
+        return out, {**rec, "line": f"{head}, OUTSIDE {span}; cut_fallback is off: kept the "
+                                    "threshold"}
+    out = binarize(values, f"quantile:{rate!r}", threshold)
+    now = int(out.sum())
+    rec.update(fell_back=True, submitted_flagged=now, submitted_share=now / n)
+    rec["line"] = (f"cut fallback: threshold {threshold:.4f} flagged {flagged:,} of {n:,} breasts "
+                   f"({share:.2%}), outside {span}; flagged the top {rate:.2%} instead (the "
+                   f"quantile cut: {now:,} breasts, {now / n:.2%})")
+    return out, rec
+
+
 def quantile_share(how: str) -> float:
     """"quantile:0.02" -> 0.02; RsnaError for anything else."""
     kind, _, q = str(how).partition(":")
@@ -426,7 +501,10 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     `output`: probability, calibrated or binary (`resolve_output`); calibrated needs
     `calibrator` (ensemble.json's "calibrator"). Binary output cuts the raw probability (the
     threshold was tuned on it). Breasts with no readable view get the training prior, not
-    calibrated (it already is the cancer rate). Beside `out`: <stem>_warnings.csv and
+    calibrated (it already is the cancer rate). Binary output prints the share of breasts it
+    flags (`binary_cut`, kept in PredictResult.cut); at the ensemble's threshold with its
+    out-of-fold rate (`oof_rate`), a share outside the out-of-fold range flags that rate instead
+    unless `cut_fallback` is off. Beside `out`: <stem>_warnings.csv and
     <stem>_images.csv (per image: the raw probability, the label when `labels` is given)."""
     cfg = _as_config(images, args, settings)
     from rsna_utils.dicom.reader import check_dicom_folder
@@ -442,8 +520,10 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     imgs = score_images(cfg, df, models, pre, dev)
     warnings = image_warnings(cfg, imgs, pre)
     check_readable(cfg, imgs, warnings)
-    sub = submission(cfg, df, imgs, models, output, binarize_how)
-    res = PredictResult(sub, imgs, warnings, seconds=time.perf_counter() - t0)
+    sub, cut = submission(cfg, df, imgs, models, output, binarize_how)
+    if cut:
+        print(cut["line"])
+    res = PredictResult(sub, imgs, warnings, seconds=time.perf_counter() - t0, cut=cut)
     if cfg.labels is not None:
         res.metrics = score(imgs, cfg.labels)
         res.images = imgs.merge(_labels(cfg.labels)[["image_id", "cancer"]], on="image_id", how="left")
@@ -477,23 +557,28 @@ def score_images(cfg: PredictConfig, df: pd.DataFrame, models: list[LoadedModel]
 
 
 def submission(cfg: PredictConfig, df: pd.DataFrame, imgs: pd.DataFrame,
-               models: list[LoadedModel], output: str, binarize_how: str | None) -> pd.DataFrame:
+               models: list[LoadedModel], output: str,
+               binarize_how: str | None) -> tuple[pd.DataFrame, dict]:
     """prediction_id, cancer: one row per breast in test.csv order, aggregated over its views
     (a breast none of whose views was read: the training prior), cut or calibrated as asked,
-    checked against sample_submission's ids."""
+    checked against sample_submission's ids; and for binary output what the cut flagged
+    (`binary_cut`, with the fallback of cfg.cut_fallback / cfg.oof_rate), else {}."""
     breast = aggregate(imgs, cfg.agg, weighted_mean(models, "prior"))
     threshold = cfg.threshold if cfg.threshold is not None else weighted_mean(models, "threshold")
     order = list(dict.fromkeys(df["prediction_id"]))          # test.csv order, each once
     breast = breast.set_index("prediction_id").loc[order].reset_index()
-    sub = pd.DataFrame({"prediction_id": breast["prediction_id"],
-                        "cancer": breast_output(breast["prediction"].to_numpy(), output,
-                                                binarize_how, threshold, cfg.calibrator,
-                                                unread=_unread(imgs, breast["prediction_id"]))})
+    values, cut = breast["prediction"].to_numpy(), {}
+    if output == "binary":
+        column, cut = binary_cut(values, binarize_how, threshold, cfg.oof_rate, cfg.cut_fallback)
+    else:
+        column = breast_output(values, output, binarize_how, threshold, cfg.calibrator,
+                               unread=_unread(imgs, breast["prediction_id"]))
+    sub = pd.DataFrame({"prediction_id": breast["prediction_id"], "cancer": column})
     expected = order
     if cfg.sample_submission is not None:
         expected = list(pd.read_csv(cfg.sample_submission)["prediction_id"])
     validate_submission(sub, expected)
-    return sub
+    return sub, cut
 
 
 def image_warnings(cfg: PredictConfig, imgs: pd.DataFrame, pre: dict) -> list[dict]:
