@@ -178,8 +178,8 @@ def _cut_necks(comp: np.ndarray, b: int, neck_frac: float) -> tuple[np.ndarray, 
     share (its skin line, nipple and corners stay: no opening of the breast itself). Returns
     (mask, whether a part was cut)."""
     r = max(2, int(round(neck_frac * max(comp.shape))))
-    se = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    core = cv2.erode(comp.astype(np.uint8), se)
+    inside = cv2.distanceTransform(comp.astype(np.uint8), cv2.DIST_L2, 3)
+    core = inside > r                   # the erosion by a disk of radius r, in linear time
     n, labels, stats = _label(core)
     if n <= 2:
         return comp, False
@@ -243,6 +243,34 @@ def _waist_cut(mask: np.ndarray, waist_frac: float = 0.3, rise: float = 2.0) -> 
     return cut, True
 
 
+def _strip_tails(mask: np.ndarray, img8: np.ndarray, t_old: float, narrow: float = 0.15,
+                 min_len: float = 0.05) -> tuple[np.ndarray, bool]:
+    """Trim the mask's top and bottom tails that are long thin strips: runs of rows from an
+    end, each narrower than `narrow` of the widest row and mostly dim (fewer than half of its
+    pixels above the old rule's threshold `t_old`: what the old rule kept stays), together
+    longer than `min_len` of the height. A scanned film's glow along its chest-wall edge, a detector's margin or a sliver of
+    body along the edge runs like that; a breast passes through such narrow rows within a few
+    rows of its ends (those short runs are kept). Returns (mask, whether rows were trimmed)."""
+    width = mask.sum(axis=1)
+    bright = ((img8 > t_old) & mask).sum(axis=1)
+    tail = (width < narrow * int(width.max())) & (2 * bright < width)
+    rows = np.flatnonzero(width)
+    first, last = int(rows[0]), int(rows[-1]) + 1
+    lo, hi = first, last
+    while lo < hi and tail[lo]:
+        lo += 1
+    while hi > lo and tail[hi - 1]:
+        hi -= 1
+    n = min_len * mask.shape[0]
+    lo = lo if lo - first >= n else first
+    hi = hi if last - hi >= n else last
+    if (lo, hi) == (first, last) or hi - lo < 0.1 * mask.shape[0]:
+        return mask, False
+    cut = mask.copy()
+    cut[:lo], cut[hi:] = False, False
+    return cut, True
+
+
 def breast_mask_background(img8: np.ndarray, open_frac: float = 0.01, band_frac: float = 0.015,
                            margin: int = 3, neck_frac: float = 0.05
                            ) -> tuple[np.ndarray | None, str]:
@@ -254,7 +282,8 @@ def breast_mask_background(img8: np.ndarray, open_frac: float = 0.01, band_frac:
     level, top = bg
     otsu, _ = cv2.threshold(img8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     # never above the old rule's threshold: the background rule only keeps more of the breast
-    t = float(min(top - 1 + margin, max(level + 1, np.clip(0.5 * otsu, 5, 80))))
+    t_old = float(np.clip(0.5 * otsu, 5, 80))
+    t = float(min(top - 1 + margin, max(level + 1, t_old)))
     binary = (img8 > t).astype(np.uint8)
     b = band_width(img8.shape, band_frac)
     if b:
@@ -265,14 +294,16 @@ def breast_mask_background(img8: np.ndarray, open_frac: float = 0.01, band_frac:
     n, labels, stats = _label(binary)
     pick = _pick_breast(labels, stats, n, b, max(4, int(0.005 * img8.size)))
     if pick == 0:
-        return None, f"nothing above the background (level {level}, threshold {t:g})"
+        return None, f"nothing above the background (background level {level} threshold {t:g})"
     mask = labels == pick
     mask, cut = _cut_necks(mask, b, neck_frac)
     mask, waist = _waist_cut(mask)
-    cut = cut or waist
-    reason = f"background rule (level {level}, threshold {t:g})"
-    if cut:
+    mask, tails = _strip_tails(mask, img8, t_old)
+    reason = f"background rule (background level {level} threshold {t:g})"
+    if cut or waist:
         reason += "; second body part cut off"
+    if tails:
+        reason += "; thin strip along the edge trimmed"
     return mask, reason
 
 
