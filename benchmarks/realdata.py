@@ -1,29 +1,45 @@
-"""Real-data learning benchmark (issue 11): do real RSNA mammograms learn?
+"""Real-data learning benchmark (issues 11 and 37): do real RSNA mammograms learn, and can this
+instrument rank two recipes?
 
 `../shared/realdata/rsna_dev` (or $RSNA_REALDATA: 1,727 real RSNA images exported as 8-bit
-JPEGs, 574 with cancer) is wrapped as an RSNA-shaped DICOM dataset (`rsna_utils.sources.realdata`), a
-quarter of the patients held out as the test set, then the same commands a user runs:
+JPEGs, 574 with cancer) is wrapped as an RSNA-shaped DICOM dataset (`rsna_utils.sources.realdata`)
+and preprocessed as a user would (`rsna preprocess`). Then, in one of two modes:
 
-    rsna preprocess -> rsna train -> rsna predict --labels test_labels.csv
+- held-out (default): a quarter of the patients is held out; `rsna train` trains --folds folds
+  on the rest, `rsna predict --labels` scores the held-out patients, and the training part is
+  also scored out of fold;
+- --all-oof: every image (train and held-out parts together) goes into --folds patient-grouped
+  folds and every breast is scored by the fold model that did not train on it (about 250
+  positive breasts instead of 61); --seeds 2 repeats with a second seed (new folds, new
+  initialisation), paired by breast.
 
-and, on the same PNGs and the same split, the baseline the issue names: a logistic regression on
-the frozen ImageNet features of the same backbone (global average pool). Prints a table and writes
-`benchmarks/results/realdata_<date>.json` and the training curves as a PNG.
+Both compare against the baseline the issue names: a logistic regression on the frozen ImageNet
+features of the same backbone, fitted on the same folds. `--versus RUN` pairs this run with
+another of the same mode, breast by breast, with a patient-bootstrap interval and the smallest
+difference that interval can resolve. Every run scores both best.pt (the epoch validation chose)
+and last.pt (the last epoch; with EMA, its averaged weights, which are what best.pt holds).
 
-    python benchmarks/realdata.py [--size 384x192] [--epochs 4] [--folds 4] [--global-pool avg]
+Training settings are TrainConfig's (`rsna train`'s flags, the same derivation, every field):
+a setting not given takes --config's YAML, then the recipe's (RECIPES, SCALE below), then
+TrainConfig's default. Each fold is trained by `rsna train --config <its TrainConfig as YAML>`.
 
-The defaults are the recipe BENCHMARKS.md records for this CPU (a 4-fold ensemble of Lite0 from
-its ImageNet weights, 384x192, 4 epochs, flip TTA; about 45 min on 2 cores); `--folds 0` trains
-one holdout run instead.
+    python benchmarks/realdata.py [--recipe new|old] [--size 384x192] [--epochs 4] [--folds 4]
+        [--steps N] [--all-oof [--seeds 2]] [--versus RUN] [any rsna train flag]
+
+`--steps N` sets each fold's epochs (and per-epoch cap) so it takes exactly N optimiser steps,
+whatever its recipe's epoch length. Writes `benchmarks/results/realdata_<date>_....json` and the
+training curves as a PNG; `--folds 0` trains one holdout run instead (held-out mode only).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,19 +68,294 @@ def find_meta() -> Path | None:
     return None
 
 
+# -- training settings: TrainConfig's, with what this script states in SCALE and RECIPES -------
+
+# The instrument's scale on this CPU: where it differs from TrainConfig's defaults (resnet18 at
+# 256, 2 epochs, no augmentation, 5 folds). Everything not named here or in a recipe is
+# TrainConfig's default (e.g. global_pool gem, lr 3e-4, batch 16, select_by auc).
+SCALE = dict(model="tf_efficientnet_lite0", pretrained_path="pypi", size="384x192", epochs=4,
+             augment=True, tta=True, folds=4, workers=2, progress=False)
 # The balance and regularisation of the kaggle plan, scaled to this CPU: `old` is the plan before
 # issue 30 (upsample 5 + pos_weight 5, weight decay 1e-4 on everything, one epoch's AUC picks
 # best.pt), `new` the plan after it (1st place: a 1:7 sampler, one positive per batch, no loss
 # weight; decoupled weight decay 1e-2 off norms and biases, EMA over half an epoch, stochastic
-# depth, best.pt by the mean breast AUC of the last two epochs).
+# depth, best.pt by the mean breast AUC of the last two epochs). Values as TrainConfig takes them.
 RECIPES = {
-    "old": dict(upsample="5", target_ratio="none", min_positives="1", pos_weight="5",
-                weight_decay="1e-4", ema_epochs="0", drop_path="0", select_window="1"),
-    "new": dict(upsample="1", target_ratio="1:7", min_positives="1", pos_weight="1",
-                weight_decay="1e-2", ema_epochs="0.5", drop_path="0.1", select_window="2"),
+    "old": dict(upsample=5.0, target_ratio=None, min_positives=1, pos_weight=5.0,
+                weight_decay=1e-4, ema_epochs=0.0, drop_path=0.0, select_window=1),
+    "new": dict(upsample=1.0, target_ratio="1:7", min_positives=1, pos_weight=1.0,
+                weight_decay=1e-2, ema_epochs=0.5, drop_path=0.1, select_window=2),
 }
 # the kaggle plan's auxiliary targets (2nd place: x0.1 heads); only with the metadata
 AUX = "BIRADS,density,view,difficult_negative_case,invasive,age"
+# TrainConfig fields this script sets for each run (the wrap's files, the run folder, the fold)
+PER_RUN = ("data", "csv", "out", "split", "fold", "resume")
+# config.json fields that may differ between a finished run and the one asked for
+NOT_RECIPE = frozenset({"out", "resume", "progress", "workers", "device", "cache", "extra"})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """This script's own flags, then one flag per TrainConfig field (`core.config.add_flags`,
+    as `rsna train` makes them: same names, types, choices; no defaults on the namespace, so
+    only what was typed overrides the recipe)."""
+    from rsna_utils.core.config import add_flags
+    from rsna_utils.learn.train_config import TrainConfig
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("--src", default=None, help="the export's folder (benign/, malignant/); "
+                    "default $RSNA_REALDATA or ../shared/realdata/rsna_dev")
+    ap.add_argument("--meta", default=None, help="the competition's train.csv for those images "
+                    "(default $RSNA_META or ../shared/realdata/rsna_meta/train_folds.csv; none: "
+                    "wrap without it, sides from the pixels, no views)")
+    ap.add_argument("--recipe", default="new", choices=tuple(RECIPES),
+                    help="balance and regularisation (RECIPES): new (the kaggle plan's) or old "
+                         "(before issue 30); training flags override its parts")
+    ap.add_argument("--config", default=None, help="YAML of TrainConfig fields, over the recipe "
+                    "and under the flags")
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps each fold takes: "
+                    "its epochs (and max_steps) are set so it takes exactly this many, whatever "
+                    "the recipe's epoch length (equal steps for two recipes)")
+    ap.add_argument("--all-oof", action="store_true", help="every image in --folds patient-"
+                    "grouped folds, every breast scored out of fold (no held-out part)")
+    ap.add_argument("--seeds", type=int, default=1, help="--all-oof: repeat with this many "
+                    "seeds (--seed, --seed + 1, ...): new folds and initialisation, paired by "
+                    "breast")
+    ap.add_argument("--n-boot", type=int, default=2000, help="patient-bootstrap resamples")
+    ap.add_argument("--versus", default=None, help="another run folder of this script (same "
+                    "--work, same mode): paired patient-bootstrap differences, this run minus "
+                    "that one")
+    ap.add_argument("--work", default=str(REPO / "data" / "realdata"))
+    ap.add_argument("--png-size", default="640x320")
+    ap.add_argument("--limit", type=int, default=None, help="wrap only about this many images")
+    ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--no-tta", dest="tta", action="store_const", const=False,
+                    default=argparse.SUPPRESS, help="predict and validate without the flip")
+    ap.add_argument("--val-tta", default=None, choices=("true", "false"),
+                    help="validate the folds with the flip (default: as --tta, which also "
+                         "sets the prediction's)")
+    ap.add_argument("--pretrained", dest="pretrained_path", default=argparse.SUPPRESS,
+                    help="as --pretrained-path")
+    ap.add_argument("--tag", default="", help="suffix of the run folder and result files")
+    ap.add_argument("--with-runs", nargs="+", default=None,
+                    help="held-out mode with --folds: folders of fold*/ runs of other models "
+                         "(e.g. another size) to ensemble with; outputs go to RUN/with_<their "
+                         "names>; this run alone is also scored on the held-out patients")
+    add_flags(ap.add_argument_group(
+        "training (rsna train's flags, TrainConfig's fields)",
+        "a setting not given takes --config's, then the recipe's (RECIPES, SCALE), then "
+        "TrainConfig's default; --folds 0 (held-out mode): one holdout run"), TrainConfig)
+    return ap
+
+
+def train_settings(a: argparse.Namespace, has_meta: bool) -> tuple[dict, bool]:
+    """(TrainConfig fields shared by every run of this invocation, whether to predict with the
+    flip): SCALE, then RECIPES[a.recipe], then --config's YAML, then the flags given. The
+    per-run fields (PER_RUN) are refused as flags. Rules: a fixed --ema replaces the recipe's
+    ema_epochs; aux defaults to AUX with metadata ('none': off); a breast-level run drops the
+    'view' target and, unless --batch-size is given, halves the batch (the same views a step)."""
+    import yaml
+
+    from rsna_utils.core.config import given_flags
+    from rsna_utils.core.errors import RsnaError
+    from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
+    from rsna_utils.learn.train_config import TrainConfig
+    given = given_flags(a, TrainConfig)
+    owned = [k for k in PER_RUN if k in given]
+    if owned:
+        raise SystemExit(f"--{owned[0].replace('_', '-')}: this script sets it for each run (the "
+                         "wrap under --work, the fold); leave it out")
+    from_yaml = {}
+    if a.config:
+        from_yaml = yaml.safe_load(Path(a.config).read_text()) or {}
+        unknown = sorted(set(from_yaml) - set(TrainConfig.field_names()))
+        if unknown:
+            raise SystemExit(f"{a.config}: unknown training option(s) {unknown}")
+        if any(k in from_yaml for k in PER_RUN):
+            raise SystemExit(f"{a.config}: {[k for k in PER_RUN if k in from_yaml]} are set by "
+                             "this script for each run; remove them")
+    typed = {**from_yaml, **given}
+    s = {**SCALE, **RECIPES[a.recipe], **typed}
+    if typed.get("ema") and "ema_epochs" not in typed:
+        s["ema_epochs"] = 0.0                   # a fixed --ema replaces the recipe's
+    try:        # one spelling, HEIGHTxWIDTH: run folders and result files are named by it
+        s["size"] = "x".join(str(v) for v in parse_size(s["size"], MIN_MODEL_SIDE))
+    except RsnaError as e:
+        raise SystemExit(str(e)) from None
+    predict_tta = bool(s["tta"])
+    if getattr(a, "val_tta", None) is not None:
+        s["tta"] = a.val_tta == "true"
+    aux = s.get("aux") if "aux" in typed else (AUX if has_meta else [])
+    if isinstance(aux, str):
+        aux = aux.split(",")
+    aux = [x.strip() for v in aux for x in str(v).split(",") if x.strip()]
+    s["aux"] = [] if aux in (["none"], ["None"]) else aux
+    if s.get("level") == "breast":          # 'view' is per image; a breast reads both
+        s["aux"] = [x for x in s["aux"] if x != "view"]
+        if "batch_size" not in typed:
+            s["batch_size"] = max(2, int(s.get("batch_size", 16)) // 2)
+    return s, predict_tta
+
+
+def run_config(settings: dict, **per_run):
+    """The TrainConfig of one run: the shared settings and this run's fields; folds=0 is a
+    holdout run. TrainConfig checks every value here, before anything trains."""
+    from rsna_utils.core.errors import RsnaError
+    from rsna_utils.learn.train_config import TrainConfig
+    d = {**settings, **per_run}
+    if not d.get("folds"):
+        d.pop("folds", None)
+        d.pop("fold", None)
+        d["split"] = "holdout"
+    try:
+        return TrainConfig.from_dict(d)
+    except RsnaError as e:
+        raise SystemExit(str(e)) from None
+
+
+def changed_fields(cfg) -> dict:
+    """The fields of `cfg` that differ from TrainConfig's defaults (what a run states)."""
+    from rsna_utils.learn.train_config import TrainConfig
+    base = asdict(TrainConfig())
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_RECIPE and base.get(k) != v}
+
+
+def config_differences(stored: dict, want: dict) -> dict:
+    """{field: (stored, wanted)} for the recipe fields of a finished run's config.json that
+    differ from the run asked for. A field the stored run lacks (made before it existed) counts
+    as TrainConfig's default; sizes and ratios are compared as TrainConfig reads them."""
+    from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
+    from rsna_utils.learn.train_config import TrainConfig, ratio_flag
+    base = asdict(TrainConfig())
+
+    def norm(k, v):
+        if k == "size":
+            return tuple(parse_size(v, MIN_MODEL_SIDE))
+        if k == "target_ratio":
+            return ratio_flag(v)
+        return v
+    out = {}
+    for k, v in want.items():
+        if k in NOT_RECIPE:
+            continue
+        there = stored.get(k, base.get(k))
+        if norm(k, there) != norm(k, v):
+            out[k] = (there, v)
+    return out
+
+
+def fold_state(cfg) -> str:
+    """'new', 'partial' (resume it) or 'done' (reuse it): a run folder is reused only when its
+    config.json is the TrainConfig asked for; otherwise stop rather than score other models."""
+    run = Path(cfg.out)
+    cfg_file = run / "config.json"
+    if not cfg_file.exists():
+        return "new"
+    differ = config_differences(json.loads(cfg_file.read_text()), asdict(cfg))
+    if differ:
+        raise SystemExit(f"{run} was trained with other settings ({differ}, as (there, asked)); "
+                         "give another --tag or delete the folder")
+    m = run / "metrics.csv"
+    done = (run / "best.pt").exists() and m.exists() and len(pd.read_csv(m)) >= cfg.epochs
+    return "done" if done else "partial"
+
+
+# -- equal optimiser steps ------------------------------------------------------------------
+
+def epoch_batches(cfg, table: pd.DataFrame | None = None) -> int:
+    """Batches in one epoch of `cfg`'s training part, as its sampler draws them (upsample or
+    target_ratio, min_positives: `data.balance`), read from its CSV and split (`make_split`),
+    nothing written. `table`: the CSV's rows, when already read."""
+    from rsna_utils.learn.data import balance, load_table
+    from rsna_utils.learn.train import make_split
+    if table is None:
+        table = load_table(cfg.csv, cfg.data)
+    train_df, _ = make_split(table, cfg, Path(cfg.out), write=False)
+    if cfg.level == "breast":
+        labels = train_df.groupby("prediction_id", sort=False).cancer.max().to_numpy()
+    else:
+        labels = train_df.cancer.to_numpy()
+    b = balance(labels, cfg.upsample, cfg.target_ratio, cfg.batch_size, cfg.min_positives,
+                cfg.pos_weight, cfg.neg_weight, cfg.seed)
+    return math.ceil(b.epoch_images / cfg.batch_size)
+
+
+def steps_budget(steps: int, batches_per_epoch: int, accumulate: int = 1) -> dict:
+    """Epochs and per-epoch cap (TrainConfig.max_steps, in batches) that make a run take
+    `steps` optimiser steps when a full epoch has `batches_per_epoch` batches: the fewest epochs
+    that fit (each at most a full epoch), raised by up to a quarter until they divide `steps`
+    exactly; where none does, the epochs of that range whose cap, rounded up, overshoots least
+    (fewer steps over than epochs, said in `total`). Returns epochs, max_steps (None: full
+    epochs), per_epoch, total, full_epoch (optimiser steps in a full epoch)."""
+    if steps < 1:
+        raise SystemExit(f"--steps {steps}: give a positive number of optimiser steps")
+    full = max(1, batches_per_epoch // accumulate)       # optimiser steps in a full epoch
+    first = math.ceil(steps / full)
+    epochs = min(range(first, first + max(2, first // 4) + 1),
+                 key=lambda e: (e * math.ceil(steps / e) - steps, e))
+    per_epoch = math.ceil(steps / epochs)
+    cap = None if per_epoch >= full else per_epoch * accumulate
+    return dict(epochs=epochs, max_steps=cap, per_epoch=min(per_epoch, full),
+                total=epochs * min(per_epoch, full), full_epoch=full)
+
+
+def with_steps(cfg, steps: int, table: pd.DataFrame | None = None):
+    """`cfg` with the epochs and max_steps of `steps_budget` for its epoch length; the plan
+    printed."""
+    b = steps_budget(steps, epoch_batches(cfg, table), cfg.accumulate)
+    print(f"  steps: {Path(cfg.out).name}: {b['epochs']} epochs x {b['per_epoch']} optimiser "
+          f"steps = {b['total']} (asked {steps}; a full epoch of this recipe: "
+          f"{b['full_epoch']})", flush=True)
+    return replace(cfg, epochs=b["epochs"], max_steps=b["max_steps"])
+
+
+def steps_taken(run: Path, batch_size: int, accumulate: int = 1) -> int:
+    """Optimiser steps a finished run took, from its metrics.csv (images seen per epoch)."""
+    h = pd.read_csv(run / "metrics.csv")
+    return int(sum(math.ceil(n / batch_size) // accumulate for n in h.train_images))
+
+
+def train_run(cfg, steps: int | None = None, table: pd.DataFrame | None = None):
+    """Train `cfg` with `rsna train --config` (its TrainConfig written as YAML beside the run)
+    unless its folder already holds it; an interrupted run resumes. Returns the config run."""
+    import yaml
+    if steps:
+        cfg = with_steps(cfg, steps, table)
+    state = fold_state(cfg)
+    if state != "done":
+        cfg = replace(cfg, resume=state == "partial")
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "realdata_train.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        rsna("train", "--config", str(out / "realdata_train.yaml"))
+    print(f"  {Path(cfg.out).name}: {steps_taken(Path(cfg.out), cfg.batch_size, cfg.accumulate)} "
+          "optimiser steps taken", flush=True)
+    return cfg
+
+
+# -- scoring checkpoints ----------------------------------------------------------------------
+
+def uses_ema(cfg: dict) -> bool:
+    """Whether a run's best.pt holds averaged weights: a fixed ema decay or ema_epochs."""
+    return bool(float(cfg.get("ema") or 0) > 0 or float(cfg.get("ema_epochs") or 0) > 0)
+
+
+def last_scored(run: Path) -> Path:
+    """The last epoch's model as its validation scored it: last.pt, or with EMA (`uses_ema`)
+    last.pt's averaged weights written as RUN/last_ema.pt (last.pt's "model" is the live
+    network; best.pt holds the average, so the two are compared like for like)."""
+    last = run / "last.pt"
+    if not uses_ema(json.loads((run / "config.json").read_text())):
+        return last
+    out = run / "last_ema.pt"
+    if out.exists() and out.stat().st_mtime >= last.stat().st_mtime:
+        return out
+    from rsna_utils.learn.checkpoint import read_checkpoint, save_checkpoint
+    ck = read_checkpoint(last)
+    if not ck.get("ema"):
+        raise SystemExit(f"{last}: its run used EMA but the checkpoint holds no averaged weights")
+    model = {k.removeprefix("module."): v for k, v in ck["ema"].items() if k != "n_averaged"}
+    keep = {k: v for k, v in ck.items() if k not in ("optimizer", "scheduler", "ema")}
+    save_checkpoint({**keep, "model": model}, out)
+    return out
 
 
 def rsna(*args: str) -> None:
@@ -158,48 +449,11 @@ def oof_versus_probe(runs: list[Path], png: Path, train_part: tuple[pd.DataFrame
     recipe and the probe are also compared out-of-fold, fold by fold on the same splits (the
     probe refitted on the other folds' features): once with the epoch that validation picked
     (best.pt; optimistic, the fold that scores also chose the epoch) and once with the last epoch
-    (last.pt; no choice made on the scored patients). Runs of one fold (two models) are averaged,
-    as the ensemble is."""
-    from rsna_utils.learn.metrics import breast_level
+    (the last model, `last_scored`: no choice made on the scored patients). Runs of one fold (two
+    models) are averaged, as the ensemble is."""
     from rsna_utils.reports.evaluate import compare_auc
     tr, feats = train_part          # the training part's images and their frozen features
-    tr = tr.reset_index(drop=True)
-    by_fold: dict[int, list[tuple[Path, dict]]] = {}
-    for run in runs:                # with --with-runs: two models per fold, their scores averaged
-        cfg = json.loads((run / "config.json").read_text())
-        by_fold.setdefault(int(cfg["fold"]), []).append((run, cfg))
-    parts, seen = [], set()
-    for k, members in sorted(by_fold.items()):
-        val_ids = None
-        best, last = [], []
-        for run, cfg in members:
-            sp = pd.read_csv(run / "splits.csv")
-            ids = set(sp.image_id[sp.fold == k])
-            if val_ids is not None and ids != val_ids:
-                raise SystemExit(f"{run}: its fold {k} is not the fold {k} of {members[0][0]} "
-                                 "(rerun the folds with one --folds and seed)")
-            val_ids = ids
-            is_val = tr.image_id.isin(val_ids).to_numpy()
-            val = tr[is_val]
-            pred = pd.read_csv(run / "val_predictions.csv").set_index("image_id").prediction
-            if len(pred) != len(val) or not pred.index.isin(val.image_id).all():
-                raise SystemExit(f"{run}: val_predictions.csv does not hold its fold's "
-                                 f"{len(val)} validation images")
-            best.append(pred.loc[val.image_id].to_numpy())
-            last.append(_fold_predictions(run / "last.pt", val, png, bool(cfg.get("tta", False))))
-        if seen & val_ids:
-            raise SystemExit(f"fold {k} shares validation images with another fold")
-        seen |= val_ids
-        probe = _probe().fit(feats[~is_val], tr.cancer[~is_val]).predict_proba(feats[is_val])[:, 1]
-        parts.append(val.assign(probe=probe, best=np.mean(best, 0), last=np.mean(last, 0)))
-        print(f"  fold {k}: {len(val)} validation images scored by the probe and "
-              f"{len(members)} last.pt", flush=True)
-    oof = pd.concat(parts)
-    if seen != set(tr.image_id):
-        raise SystemExit(f"the folds' validation sets cover {len(seen)} of {len(tr)} training images")
-    b = pd.concat([breast_level(oof, c).set_index("prediction_id")[[c] + (["cancer"] if c == "probe" else [])]
-                   for c in ("probe", "best", "last")], axis=1).reset_index()
-    b["patient_id"] = b.prediction_id.str.rsplit("_", n=1).str[0]
+    b = oof_breasts(oof_scores(runs, png, tr, feats), ("probe", "best", "last"))
     res = {c: compare_auc(b.cancer, b.probe, b[c], b.patient_id) for c in ("best", "last")}
     return dict(breasts=int(len(b)), positive_breasts=int(b.cancer.sum()), **res)
 
@@ -260,26 +514,256 @@ def _held_out_alone(runs: list[Path], data: Path, run: Path, tta: bool) -> dict:
     return m
 
 
-def _fold_state(run: Path, want: dict) -> str:
-    """'new', 'partial' (resume it) or 'done' (reuse it): a fold folder is reused only when its
-    config.json is the recipe asked for; otherwise stop rather than score other checkpoints."""
-    cfg_file = run / "config.json"
-    if not cfg_file.exists():
-        return "new"
-    cfg = json.loads(cfg_file.read_text())
-    cfg.setdefault("backbone_lr", 1.0)          # runs from before the option had one group
-    cfg.setdefault("tta", False)                # ... and validated without the flip
-    cfg.setdefault("drop_path", 0.0)            # ... and without stochastic depth
-    cfg.setdefault("ema_epochs", 0.0)           # ... and issue 30's settings
-    cfg.setdefault("select_window", 1)
-    cfg.setdefault("level", "image")            # ... and issue 31's breast-level model
-    differ = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) != v}
-    if differ:
-        raise SystemExit(f"{run} was trained with other settings ({differ}, as (there, asked)); "
-                         "give another --tag or delete the folder")
-    m = run / "metrics.csv"
-    done = (run / "best.pt").exists() and m.exists() and len(pd.read_csv(m)) >= want["epochs"]
-    return "done" if done else "partial"
+
+# -- every breast out of fold ---------------------------------------------------------------
+
+def all_images(data: Path, meta: Path | None) -> Path:
+    """data/all_images.csv: the wrap's train and held-out parts as one labelled table (the
+    held-out rows get their labels from test_labels.csv and, with the metadata table, the
+    columns train.csv has: the auxiliary targets). What --all-oof splits into folds."""
+    tr = pd.read_csv(data / "train.csv")
+    te = pd.read_csv(data / "test.csv").merge(
+        pd.read_csv(data / "test_labels.csv")[["image_id", "cancer"]], on="image_id")
+    missing = [c for c in tr.columns if c not in te.columns]
+    if meta is not None and missing:
+        m = pd.read_csv(meta, usecols=lambda c: c in {"image_id", *missing})
+        te = te.merge(m, on="image_id", how="left")
+    both = pd.concat([tr, te[[c for c in tr.columns if c in te.columns]]], ignore_index=True)
+    if both.image_id.duplicated().any():
+        raise SystemExit(f"{data}: an image is in both train.csv and test.csv")
+    out = data / "all_images.csv"
+    both.to_csv(out, index=False)
+    return out
+
+
+def oof_scores(runs: list[Path], png: Path, images: pd.DataFrame,
+               feats: np.ndarray | None) -> pd.DataFrame:
+    """Every image of `images` scored by the fold runs that did not train on it: `best` (its
+    fold's val_predictions.csv, written with best.pt), `last` (the last epoch's model,
+    `last_scored`) and, with `feats` (frozen features, one row per image), `probe` (the
+    logistic regression refitted on the other folds' features). Runs of one fold (several
+    models) are averaged, as the ensemble is. The folds must cover `images` exactly once."""
+    images = images.reset_index(drop=True)
+    if "prediction_id" not in images:          # a breast-level model pools its views by it
+        images["prediction_id"] = images.patient_id.astype(str) + "_" + images.laterality
+    by_fold: dict[int, list[tuple[Path, dict]]] = {}
+    for run in runs:
+        cfg = json.loads((run / "config.json").read_text())
+        by_fold.setdefault(int(cfg["fold"]), []).append((run, cfg))
+    parts, seen = [], set()
+    for k, members in sorted(by_fold.items()):
+        val_ids = None
+        best, last = [], []
+        for run, cfg in members:
+            sp = pd.read_csv(run / "splits.csv")
+            ids = set(sp.image_id[sp.fold == k])
+            if val_ids is not None and ids != val_ids:
+                raise SystemExit(f"{run}: its fold {k} is not the fold {k} of {members[0][0]} "
+                                 "(rerun the folds with one --folds and seed)")
+            val_ids = ids
+            is_val = images.image_id.isin(val_ids).to_numpy()
+            val = images[is_val]
+            pred = pd.read_csv(run / "val_predictions.csv").set_index("image_id").prediction
+            if len(pred) != len(val) or not pred.index.isin(val.image_id).all():
+                raise SystemExit(f"{run}: val_predictions.csv does not hold its fold's "
+                                 f"{len(val)} validation images")
+            best.append(pred.loc[val.image_id].to_numpy())
+            last.append(_fold_predictions(last_scored(run), val, png, bool(cfg.get("tta", False))))
+        if seen & val_ids:
+            raise SystemExit(f"fold {k} shares validation images with another fold")
+        seen |= val_ids
+        part = val.assign(best=np.mean(best, 0), last=np.mean(last, 0))
+        if feats is not None:
+            part["probe"] = _probe().fit(feats[~is_val], images.cancer[~is_val]).predict_proba(
+                feats[is_val])[:, 1]
+        parts.append(part)
+        print(f"  fold {k}: {len(val)} validation images scored by best.pt, "
+              f"{len(members)} last model(s){' and the probe' if feats is not None else ''}",
+              flush=True)
+    if seen != set(images.image_id):
+        raise SystemExit(f"the folds' validation sets cover {len(seen)} of {len(images)} images")
+    return pd.concat(parts)
+
+
+def oof_breasts(oof: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """One row per breast (mean of its views, as the submission) with its label, patient and
+    each of `columns`."""
+    from rsna_utils.learn.metrics import breast_level
+    b = pd.concat([breast_level(oof, c).set_index("prediction_id")[[c] + (["cancer"] if i == 0 else [])]
+                   for i, c in enumerate(columns)], axis=1).reset_index()
+    b["patient_id"] = b.prediction_id.str.rsplit("_", n=1).str[0]
+    return b
+
+
+def paired_difference(y, a, b, patients, metric: str = "auc", n_boot: int = 2000,
+                      seed: int = 0, ci: float = 0.95) -> dict:
+    """B minus A on the same breasts, over one or more seeds: `a` and `b` are (rows,) or
+    (rows, seeds) scores, column j of both from seed j (the same folds). The difference is the
+    mean over seeds of metric(B_j) - metric(A_j); each patient-bootstrap resample draws
+    patients once and scores every seed's pair on the same drawn rows (paired by breast and
+    seed). Returns a, b (seed means), a_by_seed, b_by_seed, difference, difference_low/high
+    (the `ci` percentile interval), resolution (half that interval's width: the smallest
+    difference this interval can resolve; a true difference of that size gives an interval
+    that just touches 0 about half the time), se (bootstrap standard error; 1.96 x se is the
+    normal-theory resolution, for comparison), p_not_better, n_boot_valid."""
+    from rsna_utils.reports.evaluate import (
+        CHUNK,
+        patient_bootstrap_counts,
+        point_metrics,
+        resampled_metrics,
+    )
+    y = np.asarray(y, np.float64)
+    a = np.asarray(a, np.float64).reshape(len(y), -1)
+    b = np.asarray(b, np.float64).reshape(len(y), -1)
+    if a.shape != b.shape:
+        raise SystemExit(f"paired_difference: {a.shape[1]} seed(s) against {b.shape[1]}; pair runs "
+                         "of the same --seeds")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise SystemExit("paired_difference: NaN scores; every breast needs a score from both runs")
+    codes, uniq = pd.factorize(pd.Series(patients))
+    counts = patient_bootstrap_counts(len(uniq), n_boot, seed)
+    d = []
+    for s in range(0, n_boot, CHUNK):
+        w = counts[s:s + CHUNK][:, codes]
+        d.append(np.mean([resampled_metrics(y, b[:, j], w, 0.5)[metric]
+                          - resampled_metrics(y, a[:, j], w, 0.5)[metric]
+                          for j in range(a.shape[1])], axis=0))
+    d = np.concatenate(d)
+    d = d[np.isfinite(d)]
+    a_by = [float(point_metrics(y, a[:, j], 0.5)[metric]) for j in range(a.shape[1])]
+    b_by = [float(point_metrics(y, b[:, j], 0.5)[metric]) for j in range(b.shape[1])]
+    lo, hi = np.percentile(d, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2]) if d.size else (np.nan,) * 2
+    return dict(metric=metric, a=float(np.mean(a_by)), b=float(np.mean(b_by)), a_by_seed=a_by,
+                b_by_seed=b_by, difference=float(np.mean(b_by) - np.mean(a_by)),
+                difference_low=float(lo), difference_high=float(hi),
+                resolution=float((hi - lo) / 2), se=float(d.std(ddof=1)) if d.size > 1 else np.nan,
+                p_not_better=float((d <= 0).mean()) if d.size else np.nan,
+                n_boot_valid=int(d.size), breasts=int(len(y)),
+                positive_breasts=int((y == 1).sum()), seeds=int(a.shape[1]))
+
+
+def seed_columns(table: pd.DataFrame, which: str) -> list[str]:
+    """`which`'s score columns of an oof_breasts.csv, seed by seed (best_s42, best_s43, ...)."""
+    cols = [c for c in table.columns if c.startswith(f"{which}_s")]
+    return sorted(cols, key=lambda c: int(c.rsplit("_s", 1)[1]))
+
+
+def pair_runs(this: pd.DataFrame, other: pd.DataFrame, which: str) -> tuple:
+    """(labels, other's scores, this run's scores, patients) of `which` (best, last, probe) on
+    the breasts both runs scored, joined by breast (prediction_id), the seeds in order."""
+    ca, cb = seed_columns(other, which), seed_columns(this, which)
+    if not ca or len(ca) != len(cb):
+        raise SystemExit(f"--versus: {len(ca)} seed(s) of {which} there, {len(cb)} here; pair "
+                         "runs of the same --seeds")
+    left = other[["prediction_id", "cancer", "patient_id", *ca]].rename(
+        columns={c: f"a{i}" for i, c in enumerate(ca)})
+    right = this[["prediction_id", "cancer", *cb]].rename(columns={c: f"b{i}" for i, c in enumerate(cb)})
+    j = left.merge(right, on=["prediction_id", "cancer"])
+    if len(j) < 0.95 * max(len(this), len(other)):
+        raise SystemExit(f"--versus: only {len(j)} breasts in common ({len(other)} there, "
+                         f"{len(this)} here): compare runs on the same wrap (--work, --limit)")
+    a = j[[f"a{i}" for i in range(len(ca))]].to_numpy()
+    b = j[[f"b{i}" for i in range(len(cb))]].to_numpy()
+    return j.cancer.to_numpy(), a, b, j.patient_id.to_numpy()
+
+
+def print_paired(title: str, r: dict) -> None:
+    by = ("" if r["seeds"] == 1 else " (seeds: " + ", ".join(
+        f"{x:.3f}->{y:.3f}" for x, y in zip(r["a_by_seed"], r["b_by_seed"])) + ")")
+    print(f"  {title:34s} {r['a']:.3f} -> {r['b']:.3f}  {r['difference']:+.3f} "
+          f"({r['difference_low']:+.3f} to {r['difference_high']:+.3f}; resolves "
+          f"+-{r['resolution']:.3f}){by}", flush=True)
+
+
+def run_all_oof(a, settings: dict, data: Path, png: Path, work: Path, meta: Path | None,
+                t0: float) -> int:
+    """--all-oof: every image of the wrap in `folds` patient-grouped folds, for each seed;
+    every breast scored by best.pt and the last model of the fold that did not train on it
+    (and by the frozen probe on the same folds); RUN/oof_breasts.csv and the comparisons."""
+    from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
+    from rsna_utils.learn.data import load_table
+    folds = int(settings.get("folds") or 0)
+    if folds < 2:
+        raise SystemExit("--all-oof needs --folds 2 or more")
+    csv = all_images(data, meta)
+    table = load_table(csv, png)
+    base_seed = int(settings.get("seed", 42))
+    seeds = [base_seed + i for i in range(max(1, a.seeds))]
+    run = work / f"oof_{settings['model']}_{settings['size']}{a.tag}"
+    print(f"every breast out of fold: {len(table)} images, {table.prediction_id.nunique()} breasts "
+          f"({int(table.groupby('prediction_id').cancer.max().sum())} positive), {folds} folds, "
+          f"seeds {seeds}", flush=True)
+    feats = None
+    size = tuple(parse_size(settings["size"], MIN_MODEL_SIDE))
+    if not a.skip_probe:
+        feats = frozen_features(png, table, settings["model"], settings.get("pretrained_path"), size)
+    cols, steps, hist_runs, cfgs = {}, {}, [], []
+    for s in seeds:
+        runs = []
+        for k in range(folds):
+            cfg = run_config(settings, data=str(png), csv=str(csv), out=str(run / f"seed{s}" / f"fold{k}"),
+                             split="kfold", folds=folds, fold=k, seed=s)
+            if s == seeds[0] and k == 0:
+                print(f"  TrainConfig (not defaults): {changed_fields(cfg)}", flush=True)
+            cfg = train_run(cfg, a.steps, table)
+            cfgs.append(cfg)
+            steps[f"seed{s}/fold{k}"] = steps_taken(Path(cfg.out), cfg.batch_size, cfg.accumulate)
+            runs.append(Path(cfg.out))
+        hist_runs += runs
+        oof = oof_scores(runs, png, table, feats)
+        for c in ("best", "last") + (("probe",) if feats is not None else ()):
+            cols[f"{c}_s{s}"] = oof.rename(columns={c: f"{c}_s{s}"})[["image_id", f"{c}_s{s}"]]
+    images = table[["image_id", "prediction_id", "patient_id", "cancer"]].reset_index(drop=True)
+    for name, col in cols.items():
+        images[name] = col.set_index("image_id")[name].loc[images.image_id].to_numpy()
+    b = oof_breasts(images, tuple(cols))
+    b.to_csv(run / "oof_breasts.csv", index=False)
+    res = dict(mode="all_oof", breasts=int(len(b)), positive_breasts=int(b.cancer.sum()),
+               images=int(len(table)), folds=folds, seeds=seeds, steps_taken=steps,
+               train_config=changed_fields(cfgs[0]), recipe=a.recipe)
+    print(f"\nout of fold, every breast ({len(b)} breasts, {int(b.cancer.sum())} positive; "
+          f"{len(seeds)} seed(s)); 95% paired patient bootstrap, 'resolves' = half the interval's "
+          "width:")
+    y, pid = b.cancer.to_numpy(), b.patient_id.to_numpy()
+    from rsna_utils.learn.metrics import roc_auc
+    for c in ("best", "last", "probe"):
+        if seed_columns(b, c):
+            res[f"{c}_auc_by_seed"] = [float(roc_auc(y, b[k])) for k in seed_columns(b, c)]
+            print(f"  {c:5s} breast AUC by seed: " + ", ".join(f"{v:.3f}" for v in res[f"{c}_auc_by_seed"]))
+    if feats is not None:
+        for c in ("best", "last"):
+            r = paired_difference(y, b[seed_columns(b, "probe")], b[seed_columns(b, c)], pid,
+                                  n_boot=a.n_boot)
+            res[f"{c}_minus_probe"] = r
+            print_paired(f"recipe {c} minus probe, breast AUC", r)
+    r = paired_difference(y, b[seed_columns(b, "best")], b[seed_columns(b, "last")], pid, n_boot=a.n_boot)
+    res["last_minus_best"] = r
+    print_paired("last minus best, breast AUC", r)
+    if a.versus:
+        other_file = Path(a.versus) / "oof_breasts.csv"
+        if not other_file.exists():
+            raise SystemExit(f"{other_file}: not found; --versus with --all-oof takes the folder "
+                             "of another --all-oof run (oof_<model>_<size>...)")
+        other = pd.read_csv(other_file)
+        res["versus"] = {"run": str(a.versus)}
+        print(f"\nthis run minus {a.versus} (paired by breast and seed):")
+        for c in ("best", "last"):
+            for metric in ("auc", "pr_auc"):
+                yy, pa, pb, pp = pair_runs(b, other, c)
+                r = paired_difference(yy, pa, pb, pp, metric, n_boot=a.n_boot)
+                res["versus"][f"{c}_{metric}"] = r
+                print_paired(f"{c}.pt breast {metric.replace('_', '-').upper()}", r)
+    res["seconds"] = round(time.perf_counter() - t0)
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    where = "" if work.resolve() == (REPO / "data" / "realdata").resolve() else f"_{work.name}"
+    stem = f"realdata_{time.strftime('%Y-%m-%d')}_alloof_{settings['model']}_{settings['size']}{a.tag}{where}"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=float))
+    hist = run_history(hist_runs)
+    curves(hist, out / f"{stem}.png", f"{settings['model']} at {settings['size']}, every breast "
+           "out of fold, on real RSNA images")
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, default=float))
+    return 0
 
 
 def run_history(runs: list[Path]) -> pd.DataFrame:
@@ -339,62 +823,12 @@ def curves(hist: pd.DataFrame, out_png: Path, title: str) -> None:
     fig.savefig(out_png, dpi=110)
 
 
-def main() -> int:
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
     from rsna_utils.sources.realdata import check_wrapped, wrap
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--src", default=None, help="the export's folder (benign/, malignant/); "
-                    "default $RSNA_REALDATA or ../shared/realdata/rsna_dev")
-    ap.add_argument("--meta", default=None, help="the competition's train.csv for those images "
-                    "(default $RSNA_META or ../shared/realdata/rsna_meta/train_folds.csv; none: "
-                    "wrap without it, sides from the pixels, no views)")
-    ap.add_argument("--recipe", default="new", choices=tuple(RECIPES),
-                    help="balance and regularisation: new (the kaggle plan's) or old (before "
-                         "issue 30); flags below override its parts")
-    ap.add_argument("--aux", default=None, help=f"auxiliary targets (default with metadata: "
-                    f"{AUX}; none: off)")
-    ap.add_argument("--versus", default=None, help="another run folder of this script (same "
-                    "--work): paired patient-bootstrap differences, this run minus that one")
-    ap.add_argument("--work", default=str(REPO / "data" / "realdata"))
-    ap.add_argument("--size", default="384x192")
-    ap.add_argument("--png-size", default="640x320")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--model", default="tf_efficientnet_lite0")
-    ap.add_argument("--pretrained", default="pypi")
-    ap.add_argument("--lr", default="3e-4")
-    ap.add_argument("--backbone-lr", default="1", help="backbone lr as a share of --lr")
-    ap.add_argument("--batch-size", default="16")
-    ap.add_argument("--limit", type=int, default=None, help="wrap only about this many images")
-    ap.add_argument("--skip-probe", action="store_true")
-    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                    help="predict with the horizontal flip too (--no-tta: without)")
-    ap.add_argument("--val-tta", default=None, choices=("true", "false"),
-                    help="validate the folds with the flip (default: as --tta)")
-    ap.add_argument("--ema", default="0", help="fixed EMA decay of the weights (0: off; the "
-                    "recipe's --ema-epochs otherwise)")
-    for k in RECIPES["new"]:
-        ap.add_argument("--" + k.replace("_", "-"), default=None, help=f"the recipe's {k}")
-    ap.add_argument("--random-crop", default="0", help="augmentation: crop up to this share")
-    ap.add_argument("--tag", default="", help="suffix of the run folder and result files")
-    ap.add_argument("--folds", type=int, default=4,
-                    help="train this many folds (--split kfold) and predict with their ensemble; "
-                         "0: one holdout run")
-    ap.add_argument("--global-pool", default="avg")
-    ap.add_argument("--level", default="image", choices=("image", "breast"),
-                    help="image: each view scored alone, the views averaged; breast: both views "
-                         "of a breast through one backbone, attention-pooled. At equal budget: a "
-                         "breast batch holds half --batch-size breasts (the same views per step) "
-                         "and an epoch reads each view once either way")
-    ap.add_argument("--with-runs", nargs="+", default=None,
-                    help="with --folds: folders of fold*/ runs of other models (e.g. another "
-                         "size) to ensemble with; outputs go to RUN/with_<their names>; this "
-                         "run alone is also scored on the held-out patients")
-    a = ap.parse_args()
-    a.val_tta = a.tta if a.val_tta is None else a.val_tta == "true"
-    for k, v in RECIPES[a.recipe].items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-    if float(a.ema) and float(a.ema_epochs):
-        a.ema_epochs = "0"                      # a fixed --ema replaces the recipe's
+    a = build_parser().parse_args(argv)
     src = a.src or find_realdata()
     if src is None:
         print("no real data: set RSNA_REALDATA or place ../shared/realdata/rsna_dev")
@@ -403,14 +837,10 @@ def main() -> int:
     if a.meta is None and meta is None:
         print("no metadata table found ($RSNA_META, ../shared/realdata/rsna_meta): wrapping "
               "without it (sides from the pixels, no views)", flush=True)
-    if a.aux is None:
-        a.aux = AUX if meta is not None else "none"
-    if a.level == "breast":     # 'view' is per image; a breast reads both
-        a.aux = ",".join(x for x in a.aux.split(",") if x != "view") or "none"
-        a.batch_size = str(max(2, int(a.batch_size) // 2))
+    settings, predict_tta = train_settings(a, meta is not None)
+    run_config(settings, data="x", csv="x", out="x", split="kfold", fold=0)   # checked up front
     work = Path(a.work)
-    data, png, run = (work / "dcm", work / f"png{a.png_size}",
-                      work / f"run_{a.model}_{a.size}{a.tag}")
+    data, png = work / "dcm", work / f"png{a.png_size}"
     t0 = time.perf_counter()
     if not check_wrapped(data):     # an older wrap is refused: its PNGs would be reused
         print(wrap(src, data, test_frac=0.25, seed=0, limit=a.limit, meta=meta), flush=True)
@@ -423,58 +853,48 @@ def main() -> int:
          "--out", str(png), "--size", a.png_size, "--workers", "2", "--quiet")
     rsna("preprocess", "--images", str(data / "test_images"), "--csv", str(data / "test.csv"),
          "--out", str(png), "--size", a.png_size, "--workers", "2", "--quiet")
-    common = ["--data", str(png), "--csv", str(data / "train.csv"), "--model", a.model,
-              "--pretrained-path", a.pretrained, "--size", a.size, "--epochs", str(a.epochs),
-              "--batch-size", a.batch_size, "--lr", a.lr, "--backbone-lr", a.backbone_lr,
-              *[x for k in RECIPES["new"] for x in ("--" + k.replace("_", "-"), getattr(a, k))],
-              "--augment", "true", "--workers", "2", "--quiet", "--ema", a.ema,
-              "--random-crop", a.random_crop,
-              *(["--aux", a.aux] if a.aux != "none" else []),
-              "--global-pool", a.global_pool, "--tta", str(a.val_tta).lower(), "--level", a.level]
-    if a.folds:
-        runs = [run / f"fold{k}" for k in range(a.folds)]
+    if a.all_oof:
+        return run_all_oof(a, settings, data, png, work, meta, t0)
+    if a.seeds != 1:
+        raise SystemExit("--seeds: with --all-oof only")
+    model, size_text = settings["model"], settings["size"]
+    run = work / f"run_{model}_{size_text}{a.tag}"
+    folds = int(settings.get("folds") or 0)
+    per_run = dict(data=str(png), csv=str(data / "train.csv"))
+    if folds:
+        runs = [run / f"fold{k}" for k in range(folds)]
         others = [r for w in a.with_runs or [] for r in sorted(Path(w).glob("fold*"))]
         for r in others:
             other = json.loads((r / "config.json").read_text()).get("tta", False)
-            if other != a.val_tta:    # one OOF threshold needs one kind of score (before training)
-                raise SystemExit(f"{r} validated with tta={other}, this run asks tta={a.val_tta}; "
-                                 "pair runs that validated alike")
-        for k, r in enumerate(runs):
-            want = dict(model=a.model, size=[int(v) for v in a.size.split("x")], epochs=a.epochs,
-                        lr=float(a.lr), backbone_lr=float(a.backbone_lr), ema=float(a.ema), global_pool=a.global_pool,
-                        drop_path=float(a.drop_path), random_crop=float(a.random_crop),
-                        upsample=float(a.upsample), pos_weight=float(a.pos_weight),
-                        min_positives=int(a.min_positives), weight_decay=float(a.weight_decay),
-                        ema_epochs=float(a.ema_epochs), select_window=int(a.select_window),
-                        aux=[x for x in a.aux.split(",") if x and a.aux != "none"],
-                        batch_size=int(a.batch_size), split="kfold", folds=a.folds, fold=k,
-                        pretrained_path=a.pretrained, tta=a.val_tta, level=a.level)
-            state = _fold_state(r, want)
-            if state != "done":       # an interrupted fold continues from its last.pt
-                rsna("train", *common, "--out", str(r), "--split", "kfold", "--folds", str(a.folds),
-                     "--fold", str(k), *(["--resume"] if state == "partial" else []))
+            if other != settings["tta"]:    # one OOF threshold needs one kind of score
+                raise SystemExit(f"{r} validated with tta={other}, this run asks "
+                                 f"tta={settings['tta']}; pair runs that validated alike")
+        cfgs = [run_config(settings, **per_run, out=str(r), split="kfold", folds=folds, fold=k)
+                for k, r in enumerate(runs)]
+        print(f"  TrainConfig (not defaults): {changed_fields(cfgs[0])}", flush=True)
+        cfgs = [train_run(c, a.steps) for c in cfgs]
         # the threshold for the exact ensemble that is scored, tuned on its out-of-fold predictions
         from rsna_utils.infer.oof import write_ensemble
         out_dir = run
         alone = None
         if a.with_runs:
-            alone = _held_out_alone(runs, data, run, a.tta)
+            alone = _held_out_alone(runs, data, run, predict_tta)
             runs += others
             names = [Path(w).name.removeprefix("run_") for w in a.with_runs]
             out_dir = run / ("with_" + "+".join(names))
             a.tag += "".join(f"+{n}" for n in names)
-        # with --tta the folds validate with the flip too, so the OOF threshold fits the
-        # flip-averaged held-out scores (runs made before TrainConfig.tta did not)
         ens = write_ensemble(runs, out_dir / "ensemble.json")
     else:
+        cfgs = [train_run(run_config(settings, **per_run, out=str(run)), a.steps)]
+        print(f"  TrainConfig (not defaults): {changed_fields(cfgs[0])}", flush=True)
         runs, out_dir = [run], run
-        rsna("train", *common, "--out", str(run))
         ens = alone = None
+    steps = {Path(c.out).name: steps_taken(Path(c.out), c.batch_size, c.accumulate) for c in cfgs}
     # what `rsna predict --labels` runs, in-process to keep the per-image scores
     from rsna_utils.infer.predict import predict
     imgs = pd.read_csv(data / "test.csv")
     r = predict(data / "test_images", data / "test.csv", [r / "best.pt" for r in runs], out_dir / "submission.csv",
-                labels=data / "test_labels.csv", workers=2, progress=False, tta=a.tta)
+                labels=data / "test_labels.csv", workers=2, progress=False, tta=predict_tta)
     m = r.metrics
     held = held_out_breasts(r.images, data)
     if ens is not None:         # the binarised submission at the OOF cuts, on new patients
@@ -488,10 +908,11 @@ def main() -> int:
                                                          held[f"call_{how}"].to_numpy()))
     held.to_csv(out_dir / "held_out_breasts.csv", index=False)
     versus_run = paired_versus(out_dir, Path(a.versus)) if a.versus else None
-    size = tuple(int(v) for v in a.size.split("x"))
+    size = tuple(parse_size(size_text, MIN_MODEL_SIDE))
     probe, versus, oof_vs = {}, None, None
     if not a.skip_probe:
-        probe, probe_images, train_part = frozen_probe(png, data, a.model, a.pretrained, size)
+        probe, probe_images, train_part = frozen_probe(png, data, model,
+                                                       settings.get("pretrained_path"), size)
         # paired patient bootstrap of the breast AUC difference, on the breasts both scored
         from rsna_utils.learn.metrics import breast_level
         from rsna_utils.reports.evaluate import compare_auc
@@ -502,29 +923,25 @@ def main() -> int:
         both["patient_id"] = both.prediction_id.str.rsplit("_", n=1).str[0]
         versus = compare_auc(both.cancer, both.prediction_probe, both.prediction, both.patient_id)
         versus["breasts"] = int(len(both))
-        if a.folds and float(a.ema):   # last.pt's "model" is the live network, not the EMA
-            print("out-of-fold comparison skipped: with --ema the last epoch's scored weights are "
-                  "the average, which last.pt keeps apart from the model")
-        elif a.folds:   # the training part out-of-fold: three times the breasts of the test set
+        if folds:   # the training part out-of-fold: three times the breasts of the test set
             oof_vs = oof_versus_probe(runs, png, train_part)
     hist = run_history(runs)
-    out = dict(date=time.strftime("%Y-%m-%d"), model=a.model, pretrained=a.pretrained, size=a.size, tta=a.tta,
-               ema=a.ema, lr=a.lr, backbone_lr=a.backbone_lr,
-               epochs=a.epochs, train_images=int(len(pd.read_csv(data / "train.csv"))),
+    out = dict(date=time.strftime("%Y-%m-%d"), model=model, size=size_text, tta=predict_tta,
+               train_config=changed_fields(cfgs[0]), steps_taken=steps,
+               epochs=cfgs[0].epochs, train_images=int(len(pd.read_csv(data / "train.csv"))),
                test_images=int(len(imgs)), test_breast_auc=m["breast_mean_auc"],
                test_breast_pr_auc=m["breast_mean_pr_auc"], test_image_auc=m["image_auc"],
                test_breast_best_f1=m["breast_mean_best_f1"], probe=probe,
                test_breast_pf1_at_oof_threshold=m.get("breast_pf1_at_oof_threshold"),
                test_breast_pf1_at_oof_quantile=m.get("breast_pf1_at_oof_quantile"),
-               recipe=a.recipe, metadata=None if meta is None else str(meta), aux=a.aux,
-               **{k: getattr(a, k) for k in RECIPES["new"]},
+               recipe=a.recipe, metadata=None if meta is None else str(meta),
                versus=versus_run,
                recipe_minus_probe_breast_auc=versus,
                out_of_fold_recipe_minus_probe=oof_vs,
-               folds=a.folds, global_pool=a.global_pool, level=a.level, batch_size=a.batch_size,
+               folds=folds, level=cfgs[0].level,
                val_auc_by_epoch=[[round(float(v), 4) for v in h.breast_mean_auc] for _, h in hist.groupby("fold")],
                train_loss_by_epoch=[[round(float(v), 4) for v in h.train_loss] for _, h in hist.groupby("fold")],
-               oof_threshold_without_tta=bool(a.tta and ens is not None and not ens.get("tta")),
+               oof_threshold_without_tta=bool(predict_tta and ens is not None and not ens.get("tta")),
                this_run_alone=alone,
                oof=None if ens is None else {k: ens.get(k) for k in ("auc", "pr_auc", "threshold", "quantile", "pf1", "n_images", "n_breasts")},
                seconds=round(time.perf_counter() - t0))
@@ -532,18 +949,21 @@ def main() -> int:
     res.mkdir(exist_ok=True)
     # another --work folder (another wrap) names its results apart, so no earlier run's are replaced
     where = "" if work.resolve() == (REPO / "data" / "realdata").resolve() else f"_{work.name}"
-    stem = f"realdata_{out['date']}_{a.model}_{a.size}{a.tag}{where}"
-    (res / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    stem = f"realdata_{out['date']}_{model}_{size_text}{a.tag}{where}"
+    (res / f"{stem}.json").write_text(json.dumps(out, indent=1, default=str))
+    level = cfgs[0].level
     curves(hist, res / f"{stem}.png",
-           f"{a.model} ({a.pretrained}) at {a.size}{', breast level' if a.level == 'breast' else ''}"
-           " on real RSNA images")
+           f"{model} ({settings.get('pretrained_path')}) at {size_text}"
+           f"{', breast level' if level == 'breast' else ''} on real RSNA images")
     print("\n| recipe | held-out breast AUC | breast PR-AUC | image AUC |\n|---|---|---|---|")
     if probe:
-        print(f"| frozen {a.model} features + logistic regression | {probe['breast_auc']:.3f} | "
+        print(f"| frozen {model} features + logistic regression | {probe['breast_auc']:.3f} | "
               f"{probe['breast_pr_auc']:.3f} | {probe['image_auc']:.3f} |")
-    what = f"{a.folds}-fold ensemble, " if a.folds else ""
-    print(f"| fine-tuned {a.model} ({a.pretrained}) {what}{a.size}, {a.epochs} epochs | {m['breast_mean_auc']:.3f} | "
+    what = f"{folds}-fold ensemble, " if folds else ""
+    print(f"| fine-tuned {model} ({settings.get('pretrained_path')}) {what}{size_text}, "
+          f"{cfgs[0].epochs} epochs | {m['breast_mean_auc']:.3f} | "
           f"{m['breast_mean_pr_auc']:.3f} | {m['image_auc']:.3f} |")
+    print(f"optimiser steps taken: {steps}")
     if versus:
         print(f"\nbreast AUC, recipe minus probe: {versus['difference']:+.3f} (95% paired patient-bootstrap "
               f"interval {versus['difference_low']:+.3f} to {versus['difference_high']:+.3f}; the recipe "
@@ -555,13 +975,15 @@ def main() -> int:
                   f"({v['difference_low']:+.3f} to {v['difference_high']:+.3f}; not better in "
                   f"{100 * v['p_not_better']:.1f}% of resamples)")
     if versus_run:
-        print(f"\nthis run minus {a.versus} (paired patient bootstrap, 95% interval):")
+        print(f"\nthis run minus {a.versus} (paired patient bootstrap, 95% interval; 'resolves': "
+              "half its width):")
         for part, rows in versus_run.items():
             if isinstance(rows, dict):
                 for k, v in rows.items():
                     print(f"  {part:9s} {k:24s} {v['a']:.3f} -> {v['b']:.3f}  {v['difference']:+.3f} "
-                          f"({v['difference_low']:+.3f} to {v['difference_high']:+.3f})")
-    print(json.dumps(out))
+                          f"({v['difference_low']:+.3f} to {v['difference_high']:+.3f}; resolves "
+                          f"+-{(v['difference_high'] - v['difference_low']) / 2:.3f})")
+    print(json.dumps(out, default=str))
     return 0
 
 
