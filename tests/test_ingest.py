@@ -285,7 +285,9 @@ def vindr(tmp_path_factory):
 def test_vindr_real_tables_map_birads5_to_cancer(vindr):
     out, chosen = vindr["out"], vindr["chosen"]
     t = check_rsna_shape(out)
-    assert len(t) == 40 and t.patient_id.nunique() == 10 and (t.site_id == 102).all()
+    four = set(chosen.image_id[chosen.breast_birads == "BI-RADS 4"])
+    assert len(four) == 4                         # the real tables' BI-RADS 4 breasts in the set
+    assert len(t) == 40 - 4 and t.patient_id.nunique() == 10 and (t.site_id == 102).all()
     ids = pd.read_csv(out / "id_map.csv", dtype={"source_id": str})
     src_of = dict(zip(ids.id, ids.source_id))
     want = chosen.set_index("image_id")
@@ -294,7 +296,9 @@ def test_vindr_real_tables_map_birads5_to_cancer(vindr):
     birads = want.breast_birads.str[-1].astype(float).reindex(got.index)
     assert (got.BIRADS == birads).all()
     assert (got.cancer == (birads == 5)).all() and got.cancer.sum() >= 3
-    assert got.loc[birads == 4, "cancer"].eq(0).all()                 # BI-RADS 4 is negative
+    assert not (birads == 4).any()                # BI-RADS 4: neither cancer nor cancer-free
+    u = unmapped_of(out)
+    assert set(u.loc[u.reason.str.startswith("BI-RADS 4"), "item"]) == four
     assert (got.density == want.breast_density.str[-1].reindex(got.index)).all()
     assert (got.view == want.view_position.reindex(got.index)).all()
     assert t.biopsy.isna().all() and t.age.isna().all()
@@ -304,10 +308,13 @@ def test_vindr_real_tables_map_birads5_to_cancer(vindr):
 @needs_vindr
 def test_vindr_images_absent_on_disk_are_unmapped_quickly(vindr):
     u = unmapped_of(vindr["out"])
-    assert len(u) == 20_000 - 40 and set(u.reason) == {"file not found"}
-    assert u.detail.iloc[0].endswith(".dicom") and u["where"].iloc[0].startswith(
+    assert len(u) == 20_000 - 40 + 4
+    assert set(u.reason) == {"file not found", "BI-RADS 4: suspicious, not known cancer-free; left out"}
+    missing = u[u.reason == "file not found"]
+    assert missing.detail.iloc[0].endswith(".dicom") and missing["where"].iloc[0].startswith(
         "breast-level_annotations.csv line ")
-    assert vindr["info"]["unmapped_by_reason"] == {"file not found": 19_960}
+    assert vindr["info"]["unmapped_by_reason"] == {
+        "file not found": 19_960, "BI-RADS 4: suspicious, not known cancer-free; left out": 4}
     assert vindr["seconds"] < 60, f"{vindr['seconds']:.1f} s for the 20,000-row table"
 
 
@@ -484,8 +491,8 @@ def test_combine_two_ingested_sources_and_an_rsna_shaped_folder(vindr, cbis_out,
     out = tmp_path / "mixed"
     info = ing.combine(out, [vindr["out"], cbis_out[0], rsna], progress=False)
     t = check_rsna_shape(out)
-    assert len(t) == 40 + 8 + 3 and set(t.site_id) == {1, 101, 102}
-    assert info["site_ids"] == [1, 101, 102] and info["images"] == 51
+    assert len(t) == 36 + 8 + 3 and set(t.site_id) == {1, 101, 102}    # VinDr less BI-RADS 4
+    assert info["site_ids"] == [1, 101, 102] and info["images"] == 47
     u = unmapped_of(out)
     assert (u.reason == "file not found").sum() == 19_960 + 1 + 1      # VinDr's, CBIS's, this one
     assert "1011" in set(u["item"])

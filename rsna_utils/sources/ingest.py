@@ -256,9 +256,9 @@ VINDR_BOX_NEEDS = ("image_id", "finding_categories", "finding_birads", "xmin", "
 VINDR_LAYOUT = (f"{VINDR_BREAST} and {VINDR_FINDINGS} (in --src or --meta) and "
                 "images/<study_id>/<image_id>.dicom")
 VINDR_LABELS = {
-    "cancer": "a proxy: 1 for breast BI-RADS 5 (highly suggestive of malignancy), else 0. "
-              "VinDr-Mammo has no pathology; BI-RADS 4 (suspicious) is mostly benign at biopsy "
-              "and counts as negative",
+    "cancer": "a proxy: 1 for breast BI-RADS 5 (highly suggestive of malignancy), 0 for "
+              "BI-RADS 1-3. VinDr-Mammo has no pathology; BI-RADS 4 (suspicious: 2-95% malignant "
+              "at biopsy) is neither, so its images are left out (unmapped.csv, 'BI-RADS 4')",
     "BIRADS": "breast_birads 'BI-RADS 1'..'BI-RADS 5' -> 1..5: the source's scale, not RSNA's "
               "0-2 screening one",
     "density": "breast_density 'DENSITY A'..'DENSITY D' -> A..D",
@@ -328,6 +328,8 @@ def read_vindr(src: Path, meta: Path | None, progress: bool) -> Read:
     bad = [(~t.file.isin(_on_disk(src / "images")), "file not found",
             "no " + str(src / "images") + "/" + t.file),
            (~t.BIRADS.between(1, 5), "BI-RADS not known", "breast_birads " + t.breast_birads),
+           (t.BIRADS == 4, "BI-RADS 4: suspicious, not known cancer-free; left out",
+            "breast_birads " + t.breast_birads),
            (~t.laterality.isin(["L", "R"]), "laterality not known", "laterality " + t.laterality)]
     ok = pd.Series(True, index=t.index)
     for mask, reason, detail in bad:
