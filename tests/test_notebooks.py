@@ -276,8 +276,8 @@ def test_the_kaggle_plan_stops_before_step_one_when_weights_are_not_attached(tmp
     """No /kaggle/input/rsna-timm-weights here: the plan names every step that lacks its
     weights and the dataset to attach, and runs nothing (no EDA, no hours of preprocessing)."""
     from rsna_utils.core.errors import RsnaError
-    with pytest.raises(RsnaError, match=r"plan kaggle: pretrained weights not found for 13 "
-                                        r"step\(s\) \(03_train_resnet18_512x256: /kaggle/input/"
+    with pytest.raises(RsnaError, match=r"plan kaggle: pretrained weights not found for 7 "
+                                        r"step\(s\) \(03_train_resnet18_512x256_fold0: /kaggle/input/"
                                         r"rsna-timm-weights/resnet18;.*nothing was run: attach "
                                         r"the Kaggle dataset\(s\) rsna-timm-weights"):
         run_plan("kaggle", data=tmp_path / "data", runs=tmp_path / "runs", progress=False)
@@ -289,12 +289,12 @@ def test_the_kaggle_plan_takes_its_weights_from_the_weights_folder(tmp_path):
     and once they exist it passes (the plan then fails at its first step, on the missing data)."""
     from rsna_utils.core.errors import RsnaError
     w = tmp_path / "w"
-    with pytest.raises(RsnaError, match=r"pretrained weights not found for 13 step\(s\) "
-                                        r"\(03_train_resnet18_512x256: " + re.escape(str(w / "resnet18"))
+    with pytest.raises(RsnaError, match=r"pretrained weights not found for 7 step\(s\) "
+                                        r"\(03_train_resnet18_512x256_fold0: " + re.escape(str(w / "resnet18"))
                                         + r";.*run the plan with --weights DIR"):
         run_plan("kaggle", data=tmp_path / "data", runs=tmp_path / "runs", progress=False, weights=w)
     for m in ("resnet18", "resnext50_32x4d", "efficientnet_b2", "convnext_small"):
-        (w / m).mkdir(parents=True)
+        (w / m).mkdir(parents=True)          # the public sources are not here: skipped
     with pytest.raises(RsnaError, match=r"notebook 01_eda failed"):
         run_plan("kaggle", data=tmp_path / "data", runs=tmp_path / "runs", progress=False, weights=w)
 
@@ -307,10 +307,10 @@ def test_a_relative_weights_folder_is_the_callers_and_a_placeholder_can_be_overr
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RsnaError, match=re.escape(str(tmp_path / "w" / "resnet18")) + ";"):
         run_plan("kaggle", data="data", runs="runs", progress=False, weights="w")
-    with pytest.raises(RsnaError, match=r"\(03_train_resnet18_512x256: "
+    with pytest.raises(RsnaError, match=r"\(03_train_resnet18_512x256_fold0: "
                                         + re.escape(str(tmp_path / "w" / "other")) + ";"):
         run_plan("kaggle", data="data", runs="runs", progress=False, weights="w",
-                 overrides=["03_train_resnet18_512x256.pretrained_path={weights}/other"])
+                 overrides=["03_train_resnet18_*.pretrained_path={weights}/other"])
 
 
 def test_relative_weights_paths_resolve_where_the_notebooks_run(tmp_path, monkeypatch):
@@ -341,9 +341,26 @@ def test_kaggle_plan_trains_every_fold_it_ensembles_and_binarises():
     assert all(p["split"] == "kfold" and p["device"] == "cuda" for p in train.values())
     assert infer["export_dir"] == "{run_dir}/rsna-models"
     # one kind of score: no flip in validation, so none in the submission (the ensemble's flip
-    # follows it): with the flip the 12 checkpoints would pass Kaggle's 9 h on a T4
+    # follows it), as the 1st place
     assert all(p.get("tta") is False for p in train.values()) and infer.get("tta") is None
-    assert any(p["model"] == "convnext_small" and p["size"] == [2048, 1024] for p in train.values())
+    # the winner's shape: the exported ensemble is ConvNeXt-small at 2048x1024 on 4 folds, max
+    # pooling, head dropout, drop path 0.2, label smoothing, the heavy augmentation
+    assert {train[u]["model"] for u in used} == {"convnext_small"} and len(used) == 4
+    for u in used:
+        p = train[u]
+        assert p["size"] == [2048, 1024] and p["drop_path"] == 0.2
+        assert p["extra"]["global_pool"] == "max" and p["extra"]["head_dropout"] == 0.5
+        assert p["extra"]["aug_level"] == "heavy" and p["extra"]["label_smoothing"] > 0
+    # the progression stays as cheap steps: one fold each
+    cheap = [p for o, p in train.items() if o not in used]
+    assert sorted(p["model"] for p in cheap) == ["efficientnet_b2", "resnet18", "resnext50_32x4d"]
+    assert all(p["fold"] == 0 for p in cheap)
+    # more data: the public sources, optional, CBIS-DDSM and CMMD at half weight
+    src = {x["name"]: x for x in d["sources"]}
+    assert set(src) == {"rsna", "vindr", "cbis-ddsm", "cmmd"}
+    assert src["cbis-ddsm"]["weight"] == src["cmmd"]["weight"] == 0.5
+    assert all(x.get("optional") for n, x in src.items() if n != "rsna")
+    assert d["budget_hours"] == 24 and d["variants"]["12h"]["budget_hours"] == 12
 
 
 def test_submit_plan_reads_only_the_exported_ensemble_and_the_test_data():

@@ -35,7 +35,13 @@ import time
 from pathlib import Path
 
 from rsna_utils.core.errors import RsnaError
-from rsna_utils.infer.kaggle import KAGGLE_INPUT, KAGGLE_WEIGHTS, kaggle_input, kaggle_working
+from rsna_utils.infer.kaggle import (
+    KAGGLE_EXTERNAL,
+    KAGGLE_INPUT,
+    KAGGLE_WEIGHTS,
+    kaggle_input,
+    kaggle_working,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MIX_DIR = "sources"        # {run_dir}/sources: a plan's sources combined, "{train}"
@@ -103,25 +109,46 @@ def _substitute(value, ctx: dict):
 
 def plan_steps(plan: str | Path, data: str | Path = "data/synthetic", runs: str | Path = "runs",
                name: str | None = None, overrides: list[str] | None = None,
-               only: list[str] | None = None, weights: str | Path = KAGGLE_WEIGHTS):
+               only: list[str] | None = None, weights: str | Path = KAGGLE_WEIGHTS,
+               variant: str | None = None, external: str | Path = KAGGLE_EXTERNAL,
+               require_sources: bool = False, say=None, skip_missing: bool = True):
     """The plan read and resolved: (plan dict, run folder, [(index, step name, notebook,
-    parameters)], every step's name); placeholders filled, overrides applied, parameters
-    checked against each notebook's. Nothing is run (`run_plan` runs them, `estimate` times them)."""
+    parameters)], every step's name); placeholders filled, the variant's then the caller's
+    overrides applied, parameters checked against each notebook's. Nothing is run (`run_plan`
+    runs them, `estimate` times them).
+
+    variant: a named set of overrides in the plan's `variants:` (e.g. the kaggle plan's 12h).
+    external: the folder "{external}" stands for (ingested public sources, one sub-folder each);
+    an optional source whose folder is missing is skipped with one line (`require_sources`:
+    stopped; `skip_missing=False`: kept, for an estimate made before the data is at hand).
+    Overrides may name steps by a pattern: "03_train_convnext_*.epochs=6"."""
+    import fnmatch
+
     import papermill as pm
     d = load_plan(plan)
     run_dir = Path(runs) / (name or d["name"])
     # absolute, not resolved: a symlinked mount keeps its siblings ("{data}/../rsna-models")
     ctx = {"run_dir": run_dir.resolve(), "data": Path(data).absolute(), "repo": REPO,
-           "weights": Path(weights).absolute()}
-    # the training data: the plan's sources combined, else the data folder
-    ctx["train"] = run_dir.resolve() / MIX_DIR if d.get("sources") else ctx["data"]
+           "weights": Path(weights).absolute(), "external": Path(external).absolute()}
+    if variant is not None:
+        known = d.get("variants") or {}
+        if variant not in known:
+            raise RsnaError(f"plan {d['name']}: no variant {variant!r}; its variants: "
+                            f"{sorted(known) or 'none'}")
+        overrides = [*(known[variant].get("overrides") or []), *(overrides or [])]
     mix_weights = None
     if d.get("sources"):
-        from rsna_utils.sources.mix import plan_weights
+        from rsna_utils.sources.mix import plan_weights, present_sources
         here = _kernel_cwd()        # relative paths resolve where the notebooks' do
-        d["sources"] = [{k: str(here / v) if k in ("dir", "images", "csv") else v
-                         for k, v in _substitute(s, ctx).items()} for s in d["sources"]]
-        mix_weights = plan_weights(d["sources"])
+        resolved = [{k: str(here / v) if k in ("dir", "images", "csv") else v
+                     for k, v in _substitute(s, ctx).items()} for s in d["sources"]]
+        d["sources"] = (present_sources(resolved, require_sources,
+                                        say or (lambda m: print(m, file=sys.stderr)))
+                        if skip_missing else resolved)
+        if d["sources"]:
+            mix_weights = plan_weights(d["sources"])
+    # the training data: the plan's sources combined, else the data folder
+    ctx["train"] = run_dir.resolve() / MIX_DIR if d.get("sources") else ctx["data"]
     over: dict[str, dict] = {}
     for o in overrides or []:
         if "=" not in o:
@@ -140,8 +167,10 @@ def plan_steps(plan: str | Path, data: str | Path = "data/synthetic", runs: str 
             continue
         declared = set(pm.inspect_notebook(str(nb)))
         params = _substitute(dict(step.get("parameters", {})), ctx)
-        for scope in ("", step_name):
-            for k, v in over.get(scope, {}).items():
+        for scope in over:          # every step first, then the steps named or matched
+            if scope and not fnmatch.fnmatchcase(step_name, scope):
+                continue
+            for k, v in over[scope].items():
                 if k in declared:
                     params[k] = _substitute(v, ctx)
         if mix_weights is not None:
@@ -180,7 +209,8 @@ def prepare_sources(d: dict, run_dir: Path, progress: bool = True) -> Path | Non
 def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | Path = "runs",
              name: str | None = None, overrides: list[str] | None = None,
              only: list[str] | None = None, progress: bool = True,
-             weights: str | Path = KAGGLE_WEIGHTS) -> dict:
+             weights: str | Path = KAGGLE_WEIGHTS, variant: str | None = None,
+             external: str | Path = KAGGLE_EXTERNAL, require_sources: bool = False) -> dict:
     """Execute every step; returns {"run_dir", "notebooks": [...], "submission", "report"}.
 
     overrides: "key=value" strings applied to every step whose notebook has that parameter
@@ -191,7 +221,8 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
     from papermill.exceptions import PapermillExecutionError
 
     from rsna_utils.reports import html as report
-    d, run_dir, todo, names = plan_steps(plan, data, runs, name, overrides, only, weights)
+    d, run_dir, todo, names = plan_steps(plan, data, runs, name, overrides, only, weights,
+                                         variant, external, require_sources)
     done = []
     _check_weights(d["name"], [(name, params) for _, name, _, params in todo])
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -119,14 +119,31 @@ def _print_run(res: dict) -> None:
 
 
 def _cmd_notebooks(a: argparse.Namespace) -> int:
-    from rsna_utils.app.notebooks import run_plan
-    if a.estimate:
-        from rsna_utils.app.estimate import estimate_plan, table
-        print(table(estimate_plan(a.plan, a.data, a.gpu, runs=a.runs, name=a.name,
-                                  overrides=a.param, weights=a.weights), a.gpu))
+    from rsna_utils.app.notebooks import load_plan, run_plan
+    where = dict(runs=a.runs, name=a.name, overrides=a.param, weights=a.weights,
+                 variant=a.variant, external=a.external, require_sources=a.require_sources)
+    if a.estimate or a.calibrate:
+        from rsna_utils.app import estimate as est
+        rates = None
+        if a.calibrate:
+            cals = est.calibrate_plan(a.plan, a.data, a.calibrate_steps, progress=not a.quiet,
+                                      **where)
+            print(f"Measured here ({a.calibrate_steps} steps each, random uint8 input made on "
+                  "the device):\n" + est.calibration_table(cals) + "\n")
+            rates = est.measured_rates(cals)
+        d, notes = load_plan(a.plan), []
+        rows = est.estimate_plan(a.plan, a.data, a.gpu, memory=not a.calibrate, rates=rates,
+                                 notes=notes, **where)
+        print(est.table(rows, a.gpu, notes))
+        budget = d.get("budget_hours")
+        if a.variant:
+            budget = (d.get("variants") or {}).get(a.variant, {}).get("budget_hours", budget)
+        if a.budget_hours is not None:
+            budget = a.budget_hours
+        print(est.check_budget(rows, budget, d["name"] + (f" --variant {a.variant}" if a.variant
+                                                          else ""), a.gpu))
         return 0
-    _print_run(run_plan(a.plan, a.data, a.runs, a.name, a.param, progress=not a.quiet,
-                        weights=a.weights))
+    _print_run(run_plan(a.plan, a.data, progress=not a.quiet, **where))
     return 0
 
 
@@ -247,7 +264,7 @@ def _reg_explain(sub) -> None:
 
 
 def _reg_notebooks(sub) -> None:
-    from rsna_utils.infer.kaggle import KAGGLE_WEIGHTS
+    from rsna_utils.infer.kaggle import KAGGLE_EXTERNAL, KAGGLE_WEIGHTS
     n = sub.add_parser("notebooks", help="run a notebook plan headless with papermill")
     n.add_argument("--plan", default="demo", help="demo, kaggle, submit, or a plan YAML path")
     n.add_argument("--data", default="data/synthetic", help="dataset folder ({data} in the plan)")
@@ -263,6 +280,20 @@ def _reg_notebooks(sub) -> None:
                    "images, batches, expected hours on one GPU and training memory per batch")
     n.add_argument("--gpu", default="h100", choices=("h100", "h200", "t4"),
                    help="with --estimate: the GPU to estimate for (default: %(default)s)")
+    n.add_argument("--variant", default=None, help="a named variant of the plan (its "
+                   "`variants:`, e.g. the kaggle plan's 12h)")
+    n.add_argument("--external", default=KAGGLE_EXTERNAL, help="folder of public sources "
+                   "ingested by `rsna ingest`, one sub-folder each: {external} in the plan "
+                   "(default: %(default)s); a missing one is skipped with one line")
+    n.add_argument("--require-sources", action="store_true", help="stop when a source folder "
+                   "of the plan is missing, instead of training without it")
+    n.add_argument("--budget-hours", type=float, default=None, help="with --estimate: refuse a "
+                   "plan longer than this (default: the plan's budget_hours)")
+    n.add_argument("--calibrate", action="store_true", help="run nothing of the plan: time the "
+                   "first steps of each training step's model here (random input on the device) "
+                   "and print the estimate from those measured rates")
+    n.add_argument("--calibrate-steps", type=int, default=200, help="with --calibrate: timed "
+                   "optimiser steps per model (default: %(default)s)")
     n.set_defaults(func=_cmd_notebooks)
 
 

@@ -21,6 +21,9 @@ from rsna_utils.infer.ensemble import ENSEMBLE_FILE, Ensemble, exported_recipe
 KAGGLE_INPUT = "/kaggle/input"        # attached datasets (read-only), unless $KAGGLE_INPUT
 KAGGLE_WORKING = "/kaggle/working"    # the notebook's output, unless $KAGGLE_WORKING
 KAGGLE_WEIGHTS = f"{KAGGLE_INPUT}/rsna-timm-weights"    # {weights} in a plan, unless --weights
+# {external} in a plan, unless --external: public sources ingested by `rsna ingest`, one folder
+# each (vindr/, cbis-ddsm/, cmmd/), attached as the Kaggle dataset rsna-external
+KAGGLE_EXTERNAL = f"{KAGGLE_INPUT}/rsna-external"
 HIDDEN_TEST_PATIENTS = 8000      # RSNA_DATA.md: the hidden test set, ~4 images per patient
 KAGGLE_LIMIT_HOURS = 9.0         # a code competition's run-time limit
 

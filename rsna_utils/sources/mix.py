@@ -19,7 +19,7 @@ def _known() -> str:
 # A plan's sources
 # ----------------------------------------------------------------------------------------
 
-SOURCE_KEYS = {"name", "dir", "images", "csv", "weight"}
+SOURCE_KEYS = {"name", "dir", "images", "csv", "weight", "optional"}
 
 
 def check_plan_sources(sources, where: str) -> list[dict]:
@@ -50,9 +50,38 @@ def check_plan_sources(sources, where: str) -> list[dict]:
                 "images" in s and "csv" in s)):
             raise RsnaError(f"{where}: source {name}: give either dir (a folder with train.csv and "
                             "train_images/) or both images and csv")
-        weight = parse_source_weights({name: s.get("weight", 1)})[name]
+        try:
+            weight = float(s.get("weight", 1))
+        except (TypeError, ValueError):
+            weight = None
+        if weight is not None and weight > 0:
+            weight = parse_source_weights({name: weight})[name]
+        else:
+            raise RsnaError(f"{where}: source {name} has weight {s.get('weight')!r}; a plan's "
+                            "source trains at a weight above 0 (0.5: half as often as an RSNA "
+                            "image): give a number above 0, or remove the entry")
         out.append({**s, "name": name, "weight": weight})
     return out
+
+
+def present_sources(sources: list[dict], require: bool = False, say=print) -> list[dict] | None:
+    """The plan's sources (resolved paths) whose folder is at hand. An `optional: true` source
+    whose folder is missing is skipped with one line (`require`: an RsnaError instead); a
+    missing required one is left for `combine_sources` to name. None when fewer than two remain:
+    the plan trains on its data alone."""
+    kept = []
+    for s in sources:
+        where = Path(s["dir"]) if "dir" in s else Path(s["images"])
+        if s.get("optional") and not where.exists():
+            if require:
+                raise RsnaError(f"source {s['name']}: {where} not found; ingest it there "
+                                f"(`rsna ingest --format {s['name']} --out {where}`), or run "
+                                "without --require-sources to train without it")
+            say(f"source {s['name']}: {where} not found; skipped (train without it; "
+                "--require-sources stops instead)")
+            continue
+        kept.append(s)
+    return kept if len(kept) >= 2 else None
 
 
 def plan_weights(sources: list[dict]) -> dict[str, float]:
