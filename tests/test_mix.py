@@ -346,3 +346,38 @@ def test_a_mixed_run_of_rsna_shaped_and_real_cbis_ddsm_files_trains_and_predicts
     got, want = pd.read_csv(sub), pd.read_csv(synth_small / "sample_submission.csv")
     assert sorted(got.prediction_id) == sorted(want.prediction_id)
     assert got.cancer.between(0, 1).all()
+
+
+@pytest.mark.heavy
+def test_the_kaggle_plan_dry_runs_end_to_end_with_an_external_source_on(
+        tmp_path, synth_small, cbis_out):  # noqa: F811
+    """The winner-shaped kaggle plan at tiny sizes, every step, with the real CBIS-DDSM films
+    under --external (vindr and cmmd absent: skipped with one line each): sources combined,
+    preprocessed, seven training steps (ConvNeXt with max pooling, head dropout, the heavy
+    augmentation, label smoothing), the 4-fold ensemble's out-of-fold threshold, a submission
+    and the export, then the explain step."""
+    import shutil
+
+    from rsna_utils.app.notebooks import run_plan
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    shutil.copytree(cbis_out[0], ext / "cbis-ddsm", symlinks=True)
+    tiny = ["size=[64,32]", "epochs=1", "max_steps=2", "batch_size=4", "min_positives=0",
+            "workers=0", "device=cpu", "pretrained_path=null", "n_header_scan=20",
+            "n_samples=2", "limit=2", "n_boot=20", "02_preprocessing_demo.workers=2"]
+    res = run_plan("kaggle", data=synth_small, runs=tmp_path / "runs", overrides=tiny,
+                   external=ext, weights=tmp_path / "no-weights", progress=False)
+    run = Path(res["run_dir"])
+    t = pd.read_csv(run / "sources" / "train.csv")
+    assert set(t.site_id) == {1, 2, 101}                         # RSNA and CBIS-DDSM combined
+    cfg = json.loads((run / "convnext_2048x1024_fold0" / "config.json").read_text())
+    assert cfg["global_pool"] == "max" and cfg["head_dropout"] == 0.5
+    assert cfg["aug_level"] == "heavy" and cfg["label_smoothing"] == 0.05
+    assert cfg["source_weights"] == {"rsna": 1.0, "cbis-ddsm": 0.5}
+    for fold in range(4):
+        val = pd.read_csv(run / f"convnext_2048x1024_fold{fold}" / "val_predictions.csv")
+        assert set(val.site_id) <= {1, 2}                         # validated on RSNA only
+    ens = json.loads((run / "rsna-models" / "ensemble.json").read_text())
+    assert len(ens["checkpoints"]) == 4
+    sub = pd.read_csv(res["submission"])
+    assert sub.cancer.isin([0, 1]).all() and len(sub) > 0
