@@ -19,7 +19,7 @@ from rsna_utils.image.preprocess import PreprocessConfig, preprocess_image
 
 SIZES = [(1024, 512), (2048, 1024)]
 PLAN_FIELDS = ("rows", "columns", "crop_y0", "crop_x0", "crop_y1", "crop_x1", "flipped",
-               "window", "window_note")
+               "window", "window_note", "crop_reason")   # the GPU path records the crop's reason too
 
 
 def _real_films() -> list[Path]:
@@ -124,3 +124,16 @@ def test_a_header_refused_on_the_cpu_is_refused_on_the_gpu_path_with_the_same_re
         preprocess_image(p, cfg)
     _, _, _, gpu_err = gpu.load_frame(p, cfg.max_pixels)
     assert gpu_err == str(cpu_err.value) and "over the limit of 1,000" in gpu_err
+
+
+def test_the_crop_reason_is_recorded_on_both_paths_and_says_when_the_crop_is_off():
+    films = _real_films()
+    if not films:
+        pytest.skip("no real films here")
+    im = read_dicom(films[0])
+    for crop in (True, False):
+        cfg = PreprocessConfig(size=(256, 128), crop=crop)
+        _, meta = preprocess_image(films[0], cfg, pixels=im.pixels, header=im.header)
+        _, tmeta = gpu.gpu_preprocess_tensor(torch.as_tensor(im.pixels), im.header, cfg, "cpu")
+        assert meta["crop_reason"] == tmeta["crop_reason"]
+        assert (meta["crop_reason"] == "crop off") == (not crop), meta["crop_reason"]

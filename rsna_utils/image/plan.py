@@ -49,7 +49,8 @@ class ImagePlan:
         return dict(rows=self.rows, columns=self.columns, transfer_syntax=h.transfer_syntax,
                     photometric=h.photometric, crop_y0=b.y0, crop_x0=b.x0, crop_y1=b.y1,
                     crop_x1=b.x1, flipped=bool(self.flipped), window=self.window.describe(),
-                    window_note=self.window.note, looks_inverted=bool(self.looks_inverted))
+                    window_note=self.window.note, looks_inverted=bool(self.looks_inverted),
+                    crop_reason=b.reason)
 
 
 def subsample_step(shape: tuple[int, ...], max_side: int) -> int:
@@ -86,7 +87,7 @@ def make_plan(h, small: np.ndarray, cfg, full_shape: tuple[int, int],
         box = roi.add_margin(box_small.scaled(rows / small.shape[0], cols / small.shape[1],
                                               rows, cols), cfg.margin, rows, cols)
     else:
-        box = roi.Box(0, 0, rows, cols)
+        box = roi.Box(0, 0, rows, cols, reason="crop off")
     flipped = roi.needs_flip(cfg.flip, mask if mask is not None else small8 > 0, h.laterality)
     shape = roi.fit_shape(box.height, box.width, cfg.size, cfg.resize_mode)
     return ImagePlan(rows, cols, window, lut, off, box, bool(flipped), shape, tuple(cfg.size),

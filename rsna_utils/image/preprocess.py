@@ -105,8 +105,7 @@ def preprocess_image(path: str | Path, cfg: PreprocessConfig, backend: str = "au
     out = apply_numpy(pixels, plan)
     t1 = time.perf_counter()
     meta = dict(plan.meta(h), backend=used, decode_ms=round((t_dec - t0) * 1e3, 2),
-                total_ms=round((t1 - t0) * 1e3, 2),
-                crop_reason=plan.box.reason if cfg.crop else "crop off")
+                total_ms=round((t1 - t0) * 1e3, 2))
     return out, meta
 
 
