@@ -37,7 +37,7 @@ TRAIN_VALUES = {
     "val_sites": ([1, 101], "1,101", [1, 101]),
     "model": ("efficientnet_b2", "efficientnet_b2", "efficientnet_b2"),
     "level": ("breast", "breast", "breast"),
-    "size": ("1024x512", "1024x512", [1024, 512]),
+    "size": ([1024, 512], "1024x512", [1024, 512]),
     "channels": (1, "1", 1),
     "pretrained_path": ("w/r18", "w/r18", "w/r18"),
     "global_pool": ("avg", "avg", "avg"),
@@ -216,3 +216,16 @@ def test_library_warnings_are_one_line_without_paths(capsys, monkeypatch):
                                    lib, 487)
     err = capsys.readouterr().err
     assert err == "rsna preprocess: warning from pydicom: End of file reached before delimiter\n"
+
+
+def test_a_size_is_one_recipe_however_it_is_spelled(tmp_path):
+    """'1024x512' from a plan's YAML and [1024, 512] from --size were two recipes: out-of-fold
+    merging and predict split one model into two."""
+    from dataclasses import asdict
+
+    from rsna_utils.learn.checkpoint import recipe_key
+    a, b = TrainConfig(size="1024x512"), TrainConfig(size=[1024, 512])
+    assert a.size == b.size == [1024, 512] and TrainConfig(size=256).size == [256, 256]
+    assert recipe_key(asdict(a), tmp_path) == recipe_key(asdict(b), tmp_path)
+    old = {**asdict(a), "size": "1024x512"}            # a config.json written before
+    assert recipe_key(old, tmp_path) == recipe_key(asdict(b), tmp_path)

@@ -136,6 +136,10 @@ def recipe_key(cfg: dict | None, run: Path) -> tuple[str, str]:
     if cfg is not None:
         # a field added since the run was trained counts at its default (its behaviour then)
         recipe = {k: v for k, v in {**_train_defaults(), **cfg}.items() if k not in PER_RUN_FIELDS}
+        try:       # a run written before sizes were normalised: 256 or "1024x512" as [h, w]
+            recipe["size"] = list(parse_size(recipe["size"], MIN_MODEL_SIDE))
+        except (RsnaError, KeyError):
+            pass
         name = str(cfg.get("model", folder_model_fold(run)[0]))
         return "config:" + json.dumps(recipe, sort_keys=True, default=str), name
     folder_model = folder_model_fold(run)[0]

@@ -174,7 +174,9 @@ class TrainConfig(Config):
         if self.amp is False:                              # YAML 1.1 reads `amp: off` as false
             self.amp = "off"
         self.check_fields()
-        parse_size(self.size, MIN_MODEL_SIDE)
+        # one spelling: 256, "1024x512" (a plan's YAML) and [1024, 512] (--size) are the same
+        # recipe, so out-of-fold merging and predict group their runs as one model
+        self.size = list(parse_size(self.size, MIN_MODEL_SIDE))
         if self.min_positives >= self.batch_size:
             raise RsnaError(f"min_positives={self.min_positives}: must be below batch_size="
                             f"{self.batch_size}, or no negative fits in a batch; lower it (1 is "
