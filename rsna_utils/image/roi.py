@@ -83,21 +83,30 @@ def breast_mask(img8: np.ndarray, open_frac: float = 0.01, band_frac: float = 0.
     nz = img8[img8 > 0]
     if nz.size == 0:
         return np.zeros(img8.shape, bool)
-    otsu, _ = cv2.threshold(img8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    # Half of Otsu keeps the dim skin line; a floor stops noise in near-black backgrounds.
-    t = float(np.clip(0.5 * otsu, 5, 80))
-    binary = (img8 > t).astype(np.uint8)
-    b = band_width(img8.shape, band_frac)
-    if b:
-        binary[:b], binary[-b:], binary[:, :b], binary[:, -b:] = 0, 0, 0, 0
-    k = max(3, int(round(open_frac * max(img8.shape))) | 1)
-    binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, cv2.getStructuringElement(
-        cv2.MORPH_ELLIPSE, (k, k)))
+    binary, _ = _opened(img8, _half_otsu(img8), band_frac, open_frac)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     if n <= 1:
         return np.zeros(img8.shape, bool)
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     return labels == largest
+
+
+def _half_otsu(img8: np.ndarray) -> float:
+    """Half of Otsu's threshold: it keeps the dim skin line; a floor stops noise in near-black
+    backgrounds."""
+    otsu, _ = cv2.threshold(img8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(np.clip(0.5 * otsu, 5, 80))
+
+
+def _opened(img8: np.ndarray, t: float, band_frac: float, open_frac: float) -> tuple[np.ndarray, int]:
+    """(pixels above `t` with the border band cleared and a small opening, the band's width)."""
+    binary = (img8 > t).astype(np.uint8)
+    b = band_width(img8.shape, band_frac)
+    if b:
+        binary[:b], binary[-b:], binary[:, :b], binary[:, -b:] = 0, 0, 0, 0
+    k = max(3, int(round(open_frac * max(img8.shape))) | 1)
+    return cv2.morphologyEx(binary, cv2.MORPH_OPEN, cv2.getStructuringElement(
+        cv2.MORPH_ELLIPSE, (k, k))), b
 
 
 def mask_box(mask: np.ndarray) -> Box | None:
@@ -286,17 +295,10 @@ def breast_mask_background(img8: np.ndarray, open_frac: float = 0.01, band_frac:
     if bg is None:
         return None, "no dark background"
     level, top = bg
-    otsu, _ = cv2.threshold(img8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     # never above the old rule's threshold: the background rule only keeps more of the breast
-    t_old = float(np.clip(0.5 * otsu, 5, 80))
+    t_old = _half_otsu(img8)
     t = float(min(top - 1 + margin, max(level + 1, t_old)))
-    binary = (img8 > t).astype(np.uint8)
-    b = band_width(img8.shape, band_frac)
-    if b:
-        binary[:b], binary[-b:], binary[:, :b], binary[:, -b:] = 0, 0, 0, 0
-    k = max(3, int(round(open_frac * max(img8.shape))) | 1)
-    binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, cv2.getStructuringElement(
-        cv2.MORPH_ELLIPSE, (k, k)))
+    binary, b = _opened(img8, t, band_frac, open_frac)
     n, labels, stats = _label(binary)
     pick = _pick_breast(labels, stats, n, b, max(4, int(0.005 * img8.size)))
     if pick == 0:
