@@ -295,11 +295,12 @@ def train(cfg: TrainConfig) -> dict:
                                          cfg.select_window, full_window(cfg, history))
             state = epoch_state(cfg, epoch, model, opt, contract, m, history, best, data.prior)
             save_epoch(out, state, eval_model if improved else None, preds, history)
-            print(f"epoch {epoch}: loss {row['train_loss']:.4f}, breast pF1 "
+            # the training log on stdout (a notebook shows stderr as an error box), flushed so
+            # that it keeps its place between the progress bars and what follows the run
+            print(f"epoch {epoch}: loss {row['train_loss']:.4f}, breast pF1 (probabilities) "
                   f"{m['breast_mean_pf1']:.3f}, breast AUC {m['breast_mean_auc']:.3f}, "
                   f"{row['train_img_s']:.1f} {'breasts' if cfg.level == 'breast' else 'img'}/s"
-                  + (" (best)" if improved else ""),
-                  file=sys.stderr)
+                  + (" (best)" if improved else ""), flush=True)
         if world > 1:
             dist.barrier()
     teardown(out, model, rank, world)
@@ -405,7 +406,7 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
                     cfg.min_positives, cfg.pos_weight, cfg.neg_weight, cfg.seed,
                     weights=UpsampleSampler.item_weights(train_ds, train_df.get("source_weight")))
         b.unit = "breasts" if cfg.level == "breast" else "images"
-        print(b.line(), file=sys.stderr)
+        print(b.line(), flush=True)            # the training log: stdout, as the epochs
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.workers > 0 and not cfg.cache,
                      multiprocessing_context="forkserver" if cfg.workers > 0 else None,

@@ -75,3 +75,35 @@ def timing_summary(png_dir: str | Path) -> pd.DataFrame:
     return meta.groupby(["transfer_syntax", "backend"]).agg(
         images=("image_id", "size"), decode_ms=("decode_ms", "median"),
         total_ms=("total_ms", "median")).reset_index()
+
+
+def balance_note(train: pd.DataFrame, target_ratio: float = 1 / 8, batch_size: int = 16,
+                 min_positives: int = 1) -> str:
+    """What the class-balance chart shows, in words from the data it shows: the positive share
+    of images, breasts and patients, what accuracy would say, and what the kaggle plan's
+    balance (a sampler at 1 positive to 7 negatives, at least one positive a batch, pos_weight
+    1: `learn.data.balance`) makes of these images."""
+    from rsna_utils.learn.data import balance
+    y = train["cancer"].to_numpy()
+    n, k = len(y), int((y > 0.5).sum())
+    if n == 0:
+        return "No images: nothing to balance."
+    breast = train.groupby(["patient_id", "laterality"]).cancer.max()
+    patient = train.groupby("patient_id").cancer.max()
+    share = k / n
+    text = (f"Here {share:.1%} of the images are positive ({k:,} of {n:,}), {breast.mean():.1%} "
+            f"of the breasts and {patient.mean():.1%} of the patients (on the real data about "
+            f"2%, 2% and 4%). A model that answers \"no cancer\" everywhere is {1 - share:.1%} "
+            "accurate on these images and has a pF1 of zero, so accuracy says nothing here. ")
+    if k == 0:
+        return text + "With no positive image there is nothing to learn the cancer class from."
+    b = balance(y, 1.0, target_ratio, batch_size, min_positives if k else 0, 1.0, 1.0)
+    if share >= target_ratio:
+        how = (f"these images are already {share:.1%} positive, more than its 1 in 8, so the "
+               "sampler draws them as they come")
+    else:
+        how = (f"on these images each positive would be seen {b.exposures:.1f} times an epoch, "
+               f"{b.epoch_share:.1%} of the images drawn")
+    return text + ("The kaggle plan balances the classes with the sampler, not the loss: "
+                   "positives drawn until they are 1 in 8 images (target_ratio \"1:7\", at least "
+                   f"one a batch) and pos_weight 1; {how}.")

@@ -271,6 +271,20 @@ def _summarise(y, p, patients, counts, threshold, beta, ci) -> dict:
     return row
 
 
+def patient_intervals(y, p, patients, threshold: float = 0.5, n_boot: int = 1000,
+                      seed: int = 0, beta: float = 1.0, ci: float = 0.95) -> dict:
+    """Every metric of METRICS on these rows (one per breast, say) with its patient-bootstrap
+    interval: `patients` gives each row's patient, and a resample draws patients with
+    replacement, keeping all their rows (the bootstrap of `evaluate_predictions`). Returns
+    n, n_patients, n_positives, prevalence, each metric with _low/_high, n_boot_valid.
+    On 0/1 predictions (a binarised submission) pf1 is the F1 of those calls, and
+    sensitivity/specificity at `threshold` 0.5 are theirs."""
+    codes, uniq = pd.factorize(pd.Series(patients).astype(str))
+    counts = patient_bootstrap_counts(len(uniq), n_boot, seed)
+    return _summarise(np.asarray(y), np.asarray(p, dtype=np.float64), codes, counts,
+                      float(threshold), beta, ci)
+
+
 def compare_auc(y, p_a, p_b, patients, n_boot: int = 2000, seed: int = 0,
                 ci: float = 0.95) -> dict:
     """Is model B's ROC AUC higher than model A's on the same rows? The difference AUC(B) -
@@ -411,7 +425,7 @@ class EvaluateConfig(Config):
 
 def evaluate_predictions(predictions, out_dir=None, meta_csv=None, threshold: float | None = None,
                          n_boot: int = 1000, seed: int = 0, agg: str = "mean", beta: float = 1.0,
-                         ci: float = 0.95) -> dict:
+                         ci: float = 0.95, population: str | None = None) -> dict:
     """Evaluate labelled predictions (CSV path or DataFrame) as a study would report them.
 
     Returns a dict: "headline" (the breast-level row: each metric with _low/_high, n, the
@@ -419,7 +433,8 @@ def evaluate_predictions(predictions, out_dir=None, meta_csv=None, threshold: fl
     (breast-level curves on a grid with their bands), "reliability" (the breast-level
     reliability table), "figures" (name -> PNG path) and "files" (name -> CSV/JSON path),
     "skipped" (breakdown -> why). With `out_dir` the tables, figures and summary.json are
-    written there; without, nothing is written."""
+    written there; without, nothing is written. `population`: whose predictions these are, for
+    the headline and the figures' titles (default from the file's name, `population_of`)."""
     if agg not in ("mean", "max"):
         raise RsnaError(f"agg {agg!r}: choose mean or max (the submission's aggregation)")
     if n_boot < 1:
@@ -482,12 +497,27 @@ def evaluate_predictions(predictions, out_dir=None, meta_csv=None, threshold: fl
     headline.update(threshold_source=source, agg=agg, beta=beta, ci=ci, n_boot=n_boot, seed=seed,
                     dropped_nan=int(df.attrs.get("dropped_nan", 0)),
                     unmatched_meta=int(df.attrs.get("unmatched_meta", 0)),
-                    source=df.attrs["source"])
+                    source=df.attrs["source"],
+                    population=population or population_of(df.attrs["source"]))
     res = {"headline": headline, "metrics": table, "roc": roc, "pr": pr,
            "reliability": reliability, "figures": {}, "files": {}, "skipped": skipped}
     if out_dir is not None:
         _write(res, Path(out_dir))
     return res
+
+
+def population_of(source: str) -> str:
+    """Whose predictions a file holds, by the name the pipeline gives it: `rsna oof`'s
+    oof_predictions.csv (out-of-fold training patients), a run's val_predictions.csv (its
+    validation patients), `rsna predict --labels`'s <out>_images.csv (held-out test patients)."""
+    name = Path(str(source)).name.lower()
+    if "oof" in name or "out_of_fold" in name:
+        return "out-of-fold training patients"
+    if name.startswith("val_predictions"):
+        return "validation patients"
+    if name.endswith("_images.csv"):
+        return "held-out test patients"
+    return "labelled patients"
 
 
 def _sorted_groups(values: pd.Series) -> list:
@@ -512,7 +542,7 @@ def _write(res: dict, out: Path) -> None:
     h = res["headline"]
     figs = {"roc_pr": plots.roc_pr_bands(res["roc"], res["pr"], h),
             "reliability": plots.reliability_diagram(res["reliability"], h),
-            "breakdown": plots.breakdown_forest(res["metrics"])}
+            "breakdown": plots.breakdown_forest(res["metrics"], population=h.get("population"))}
     for name, fig in figs.items():
         path = out / f"{name}.png"
         plots.save(fig, path)

@@ -11,6 +11,7 @@ import html
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from rsna_utils.core.errors import write_atomic
@@ -30,13 +31,23 @@ def notebook_html(ipynb: str | Path) -> Path:
     return out
 
 
+KEY_TAG = "key-figure"
+
+
 def key_figure(ipynb: str | Path) -> str | None:
-    """The last PNG a notebook shows (base64), the summary figure of most steps."""
+    """A notebook's summary figure (base64 PNG): the last one shown by a cell tagged
+    `key-figure` (05 tags its ROC/PR, not the reliability diagram it shows last), else the
+    last PNG it shows."""
     import nbformat
     nb = nbformat.read(Path(ipynb), as_version=4)
-    pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code"
-            for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    return pngs[-1].replace("\n", "") if pngs else None
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    tagged = [c for c in code if KEY_TAG in c.get("metadata", {}).get("tags", [])]
+    for cells in (tagged, code):
+        pngs = [o["data"]["image/png"] for c in cells for o in c.get("outputs", [])
+                if "image/png" in o.get("data", {})]
+        if pngs:
+            return pngs[-1].replace("\n", "")
+    return None
 
 
 def run_scores(run_dir: str | Path) -> list[dict]:
@@ -55,7 +66,8 @@ def run_scores(run_dir: str | Path) -> list[dict]:
         rows.append({"what": "out-of-fold ensemble", "how": _oof_note(ens) + _cut_note(ens),
                      "breasts": ens.get("n_breasts"), "positive": ens.get("n_positives"),
                      "breast AUC": ens.get("auc"), "breast PR-AUC": ens.get("pr_auc"),
-                     "breast pF1": ens.get("pf1"), "threshold": ens.get("threshold")})
+                     "pF1 (binarised at the cut)": ens.get("pf1"),
+                     "pF1 (probabilities)": ens.get("prob_pf1"), "threshold": ens.get("threshold")})
     for m in sorted(run_dir.glob("*/metrics.csv")):
         try:
             df = pd.read_csv(m)
@@ -70,7 +82,7 @@ def run_scores(run_dir: str | Path) -> list[dict]:
                      + f"{int(best.get('epoch', -1))}" + (f"; vote in the ensemble {vote:.0%}"
                                                          if vote is not None else ""),
                      "breast AUC": best[key], "breast PR-AUC": best.get("breast_mean_pr_auc"),
-                     "breast pF1": best.get("breast_mean_pf1")})
+                     "pF1 (probabilities)": best.get("breast_mean_pf1")})
     sub = run_dir / "submission.csv"
     if sub.exists() and not held:
         s = pd.read_csv(sub)
@@ -128,10 +140,17 @@ def _vote(ens: dict, run_dir: Path) -> float | None:
     return None
 
 
+N_BOOT = 1000          # patient-bootstrap resamples of the headline's intervals
+
+
 def _held_out(images_csv: Path, submission: Path) -> dict | None:
-    """The held-out test score: breast AUC and PR-AUC of the probabilities, pF1 of the submitted
-    values, when the prediction run had labels (`predict --labels`)."""
+    """The held-out test score, each with its patient-bootstrap 95% interval
+    (`evaluate.patient_intervals`: patients resampled with their breasts): breast AUC, PR-AUC
+    and pF1 of the probabilities (mean of the views), and of the submitted values the pF1,
+    sensitivity and specificity at the submission's cut (a breast is flagged at 1, or at a
+    probability of 0.5 or more), when the prediction run had labels (`predict --labels`)."""
     from rsna_utils.learn import metrics
+    from rsna_utils.reports import evaluate
     try:
         im = pd.read_csv(images_csv)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
@@ -139,23 +158,80 @@ def _held_out(images_csv: Path, submission: Path) -> dict | None:
     if "cancer" not in im or im["cancer"].isna().all():
         return None
     b = metrics.breast_level(im.dropna(subset=["cancer"]), "prediction", "cancer")
+    patients = b["prediction_id"].astype(str).str.rsplit("_", n=1).str[0]
+    y, p = b["cancer"].astype(int).to_numpy(), b["prediction"].fillna(0).to_numpy()
+    prob = evaluate.patient_intervals(y, p, patients, n_boot=N_BOOT)
     row = {"what": "held-out test patients",
            "how": "never trained or tuned on: the score that matters",
            "breasts": len(b), "positive": int(b["cancer"].sum()),
-           "breast AUC": metrics.roc_auc(b["cancer"], b["prediction"].fillna(0)),
-           "breast PR-AUC": metrics.pr_auc(b["cancer"], b["prediction"].fillna(0))}
+           "n_patients": int(patients.nunique()), "n_boot": N_BOOT,
+           "breast AUC": _with_ci(prob, "auc"), "breast PR-AUC": _with_ci(prob, "pr_auc"),
+           "pF1 (probabilities)": _with_ci(prob, "pf1")}
     try:
-        s = pd.read_csv(submission).merge(b[["prediction_id", "cancer"]], on="prediction_id",
-                                          suffixes=("", "_true"))
-        row["breast pF1"] = metrics.pfbeta(s["cancer_true"], s["cancer"])
-        row["flagged"] = int((s["cancer"] >= 0.5).sum())
+        s = pd.read_csv(submission)
+        values = b[["prediction_id"]].merge(s[["prediction_id", "cancer"]], on="prediction_id",
+                                            how="left")["cancer"]
     except (OSError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):
-        pass
+        return row
+    if values.isna().all():
+        return row
+    v = values.fillna(0).to_numpy(dtype=float)
+    flagged = (v >= 0.5).astype(float)
+    cut = evaluate.patient_intervals(y, flagged, patients, threshold=0.5, n_boot=N_BOOT)
+    row["flagged"] = int(flagged.sum())
+    row["caught"] = int(flagged[y == 1].sum())
+    row["sensitivity at the cut"] = _with_ci(cut, "sensitivity")
+    row["specificity at the cut"] = _with_ci(cut, "specificity")
+    if set(np.unique(v)) <= {0.0, 1.0}:     # a binarised submission: its pF1 is at the cut
+        row["pF1 (binarised at the cut)"] = _with_ci(cut, "pf1")
+    else:
+        row["how"] += "; the submission is probabilities (not binarised)"
     return row
 
 
+def _with_ci(r: dict, k: str) -> tuple[float, float, float]:
+    """(value, 95% low, 95% high) of a metric of `evaluate.patient_intervals`."""
+    return (float(r[k]), float(r[f"{k}_low"]), float(r[f"{k}_high"]))
+
+
+def _ci_text(v) -> str:
+    """0.975 [0.909, 1.000] of a (value, low, high); a plain value as 0.975."""
+    if isinstance(v, tuple):
+        val, lo, hi = v
+        if val != val:
+            return ""
+        return f"{val:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo == lo and hi == hi else "")
+    return f"{v:.3f}"
+
+
+def headline(row: dict) -> str:
+    """The held-out row in one sentence, each score with its interval: what the submission
+    catches and what it costs, e.g. "Held-out test patients (12 patients, 24 breasts, 4 with
+    cancer): breast AUC 0.975 [0.909, 1.000]. The submission flags 1 breast and catches 1 of the
+    4 cancers: sensitivity at the cut 0.250 [0.000, 1.000], specificity ...; pF1 (binarised at
+    the cut) 0.400 [...]"."""
+    pos = row.get("positive")
+    parts = [f"Held-out test patients ({row.get('n_patients', '?')} patients, "
+             f"{row.get('breasts')} breasts, {pos} with cancer): breast AUC "
+             f"{_ci_text(row['breast AUC'])}, pF1 (probabilities) "
+             f"{_ci_text(row['pF1 (probabilities)'])}."]
+    if "flagged" in row:
+        f = row["flagged"]
+        parts.append(f"The submission flags {f} breast{'s' if f != 1 else ''} and catches "
+                     f"{row['caught']} of the {pos} cancers: sensitivity at the cut "
+                     f"{_ci_text(row['sensitivity at the cut'])}, specificity at the cut "
+                     f"{_ci_text(row['specificity at the cut'])}"
+                     + (f", pF1 (binarised at the cut) "
+                        f"{_ci_text(row['pF1 (binarised at the cut)'])}"
+                        if "pF1 (binarised at the cut)" in row else "") + ".")
+    parts.append(f"(95% intervals: {row.get('n_boot', N_BOOT)} bootstrap resamples of the "
+                 "patients, each with all their breasts.)")
+    return " ".join(parts)
+
+
 SCORE_COLUMNS = ("what", "how", "breasts", "positive", "flagged", "breast AUC", "breast PR-AUC",
-                 "breast pF1", "threshold")
+                 "sensitivity at the cut", "specificity at the cut", "pF1 (binarised at the cut)",
+                 "pF1 (probabilities)", "threshold")
 
 
 def _cut_note(ens: dict) -> str:
@@ -170,8 +246,8 @@ def _cut_note(ens: dict) -> str:
 
 
 def scores_table(rows: list[dict]) -> str:
-    """The scores as an HTML table: counts as integers, scores to 3 decimals, empty cells
-    blank; "flagged" explained under it."""
+    """The scores as an HTML table: counts as integers, scores to 3 decimals with their 95%
+    interval where there is one, empty cells blank; the columns explained under it."""
     if not rows:
         return "<p>No scores yet.</p>"
     cols = [c for c in SCORE_COLUMNS if any(r.get(c) is not None for r in rows)]
@@ -181,12 +257,18 @@ def scores_table(rows: list[dict]) -> str:
             return ""
         if c in ("breasts", "positive", "flagged"):
             return f"{int(v):,}"
+        if isinstance(v, tuple):
+            return _ci_text(v)
         return f"{v:.3f}" if isinstance(v, (float, int)) and not isinstance(v, bool) else str(v)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(c, r.get(c)))}</td>" for c in cols)
                    + "</tr>" for r in rows)
-    note = ("<p><small>flagged: breasts the submission calls back (value 1, or a probability of "
-            "0.5 or more). pF1: the competition's probabilistic F1 at breast level.</small></p>")
+    note = ("<p><small>[low, high]: the 95% interval of a patient bootstrap. flagged: breasts the "
+            "submission calls back (value 1, or a probability of 0.5 or more); sensitivity and "
+            "specificity at the cut: of those calls. pF1: the competition's probabilistic F1 at "
+            "breast level, of the binarised calls (binarised at the cut: the F1 of the calls) or "
+            "of the probabilities (mean of the views). Model rows: their best validation epoch, "
+            "on their own validation patients.</small></p>")
     return f"<table><tr>{head}</tr>{body}</table>{note}"
 
 
@@ -232,6 +314,15 @@ def sources_section(run_dir: str | Path) -> str:
             "default).</small></p>" + parts)
 
 
+def _evaluated_on(folder: Path) -> str:
+    """Who an evaluation folder's figures are on: its summary.json's `population`."""
+    try:
+        h = json.loads((folder / "summary.json").read_text()).get("headline", {})
+    except (OSError, ValueError, AttributeError):
+        return "labelled predictions"
+    return str(h.get("population") or "labelled predictions")
+
+
 def write_index(run_dir: str | Path, plan: str, steps: list[dict], failed: str | None = None,
                 pending: list[str] = ()) -> Path:
     """steps: dicts with step, notebook, seconds (and html). Returns the index path."""
@@ -248,12 +339,15 @@ def write_index(run_dir: str | Path, plan: str, steps: list[dict], failed: str |
             png.parent.mkdir(exist_ok=True)
             write_atomic(png, base64.b64decode(fig))
             img = (f'<a href="figures/{html.escape(png.name)}" title="open full size">'
-                   f'<img src="data:image/png;base64,{fig}" style="max-width:420px"></a>')
+                   f'<img src="data:image/png;base64,{fig}" class="fig"></a>')
         rows.append(f'<tr><td><a href="{html.escape(link)}">{html.escape(s["step"])}</a></td>'
                     f'<td>{s["seconds"]:.1f} s</td><td>{img}</td></tr>')
     for name in pending:
         rows.append(f"<tr><td>{html.escape(name)}</td><td>not run</td><td></td></tr>")
-    score_html = scores_table(run_scores(run_dir))
+    scores = run_scores(run_dir)
+    held = next((r for r in scores if r.get("what") == "held-out test patients"), None)
+    score_html = ((f'<p class="headline">{html.escape(headline(held))}</p>' if held else "")
+                  + scores_table(scores))
     total = sum(s["seconds"] for s in steps)
     status = (f'<p style="color:#b00">Stopped: step <b>{html.escape(failed)}</b> failed; its '
               "executed copy holds the traceback.</p>" if failed else "")
@@ -261,15 +355,17 @@ def write_index(run_dir: str | Path, plan: str, steps: list[dict], failed: str |
     links = [("submission.csv", "the submission")] if sub.exists() else []
     links += [(str(p.relative_to(run_dir)), "the exam figures, highest scores first (heatmaps, "
                "decisions, truth where known)") for p in sorted(run_dir.glob("**/exams/index.html"))]
-    links += [(str(p.relative_to(run_dir)), f"evaluation: {p.stem.replace('_', ' ')}")
-              for p in sorted(run_dir.glob("**/evaluation/*.png"))]
+    links += [(str(p.relative_to(run_dir)), f"evaluation on the {_evaluated_on(p.parent)}: "
+               f"{p.stem.replace('_', ' ')}") for p in sorted(run_dir.glob("**/evaluation/*.png"))]
     sub_link = ("<h2>Files</h2><ul>" + "".join(
         f'<li><a href="{html.escape(h)}">{html.escape(h)}</a>: {html.escape(d)}</li>'
         for h, d in links) + "</ul>") if links else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(plan)}: run report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;vertical-align:top;
-border-bottom:1px solid #ddd}}table{{border-collapse:collapse}}</style></head><body>
+border-bottom:1px solid #ddd}}table{{border-collapse:collapse}}
+img.fig{{max-width:1000px;height:auto;border:1px solid #eee}}
+p.headline{{font-size:1.1em;max-width:70em;line-height:1.4}}</style></head><body>
 <h1>Run report: plan {html.escape(plan)}</h1>
 <p>{len(steps)} step(s) in {total:.0f} s; folder {html.escape(str(run_dir.resolve()))}</p>
 {status}

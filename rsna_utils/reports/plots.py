@@ -33,12 +33,18 @@ def class_balance(train: pd.DataFrame):
 
 
 def positives_by(train: pd.DataFrame, columns=("site_id", "machine_id", "density", "BIRADS",
-                                               "implant", "view", "laterality")):
-    """Image count and positive rate for each value of each column (NaN shown as 'missing')."""
+                                               "implant", "view", "laterality"), ncols: int = 4):
+    """Image count and positive rate for each value of each column (NaN shown as 'missing'),
+    one panel per column on a grid of `ncols` columns (seven panels in a row are too thin to
+    read)."""
     plt = _plt()
     cols = [c for c in columns if c in train]
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3))
-    for ax, c in zip(np.atleast_1d(axes), cols):
+    ncols = max(1, min(ncols, len(cols)))
+    nrows = max(1, int(np.ceil(len(cols) / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.1 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(cols):]:
+        ax.axis("off")
+    for ax, c in zip(axes.ravel(), cols):
         g = train.assign(**{c: train[c].astype(str).replace("nan", "missing")}).groupby(c).cancer
         x = np.arange(len(g.size()))
         ax.bar(x - 0.2, g.size().values, width=0.4, color="lightgray", label="images")
@@ -46,7 +52,6 @@ def positives_by(train: pd.DataFrame, columns=("site_id", "machine_id", "density
         ax2.bar(x + 0.2, g.mean().values * 100, width=0.4, color="tab:red", label="% positive")
         ax.set_xticks(x, [str(v) for v in g.size().index], rotation=45, ha="right")
         ax.set_title(c)
-        ax.set_xlabel(c)
         ax.set_ylabel("images")
         ax2.set_ylabel("% positive", color="tab:red")
     fig.tight_layout()
@@ -119,39 +124,71 @@ def pipeline_steps(steps: dict):
 
 
 CURVE_NAMES = {"image_auc": "per image", "breast_mean_auc": "per breast (mean of views)",
-               "image_pf1": "pF1 per image", "breast_mean_pf1": "pF1 per breast",
+               "image_pf1": "pF1 (probabilities) per image",
+               "breast_mean_pf1": "pF1 (probabilities) per breast",
                "breast_mean_best_f1": "F1 per breast at its best threshold"}
+# each curve its own marker and line: a curve that equals another stays visible beside it
+CURVE_STYLES = {"image_auc": dict(marker="o", ls="-"),
+                "breast_mean_auc": dict(marker="s", ls="--", mfc="none", ms=9),
+                "image_pf1": dict(marker="o", ls="-"),
+                "breast_mean_pf1": dict(marker="s", ls="--", mfc="none", ms=9),
+                "breast_mean_best_f1": dict(marker="^", ls=":")}
+
+
+def _same_as(metrics: pd.DataFrame, c: str, before: list[str]) -> str | None:
+    """The name of an earlier curve that `c` equals at every epoch (then drawn on top of it)."""
+    for b in before:
+        x, y = metrics[b].to_numpy(float), metrics[c].to_numpy(float)
+        if len(x) and np.allclose(x, y, equal_nan=True):
+            return CURVE_NAMES[b]
+    return None
+
+
+def _legend_below(ax) -> None:
+    """The legend under the axes, where it covers no curve."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), fontsize=8, frameon=False)
 
 
 def learning_curves(metrics: pd.DataFrame):
+    """Loss, validation AUC and F1 by epoch (on the run's validation patients), each curve
+    with its own marker and line style and the legends under the axes: a breast-level model
+    scores every view of a breast alike, so its per-image and per-breast curves coincide, and
+    the legend says so."""
     from matplotlib.ticker import MaxNLocator
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
     axes[0].plot(metrics.epoch, metrics.train_loss, "o-", label="training (weighted BCE)")
     if "image_log_loss" in metrics:        # runs before this column: training loss only
-        axes[0].plot(metrics.epoch, metrics.image_log_loss, "s-", label="validation (BCE)")
+        axes[0].plot(metrics.epoch, metrics.image_log_loss, "s--", mfc="none", ms=9,
+                     label="validation (BCE)")
     axes[0].set_title("loss")
-    axes[0].legend()
-    for c in ("image_auc", "breast_mean_auc"):
-        axes[1].plot(metrics.epoch, metrics[c], "o-", label=CURVE_NAMES[c])
-    axes[1].set_title("validation ROC AUC")
-    axes[1].legend()
-    for c in ("image_pf1", "breast_mean_pf1", "breast_mean_best_f1"):
-        axes[2].plot(metrics.epoch, metrics[c], "o-", label=CURVE_NAMES[c])
-    axes[2].set_title("validation F1")
-    axes[2].legend()
+    for ax, cols, title in ((axes[1], ("image_auc", "breast_mean_auc"), "validation ROC AUC"),
+                            (axes[2], ("image_pf1", "breast_mean_pf1", "breast_mean_best_f1"),
+                             "validation F1")):
+        drawn = []
+        for c in cols:
+            if c not in metrics:
+                continue
+            same = _same_as(metrics, c, drawn)
+            ax.plot(metrics.epoch, metrics[c], **CURVE_STYLES[c],
+                    label=CURVE_NAMES[c] + (" (equals the curve above)" if same else ""))
+            drawn.append(c)
+        ax.set_title(title + "\n(validation patients)")
     axes[0].set_ylabel("loss")
     axes[1].set_ylabel("AUC")
     axes[2].set_ylabel("F1")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))     # whole epochs
+        _legend_below(ax)
     fig.tight_layout()
     return fig
 
 
-def roc_pr_confusion(preds: pd.DataFrame, threshold: float, level: str = "breast"):
-    """ROC and PR curves and the confusion matrix at `threshold` (breast level: mean of views)."""
+def roc_pr_confusion(preds: pd.DataFrame, threshold: float, level: str = "breast",
+                     on: str = "validation patients"):
+    """ROC and PR curves and the confusion matrix at `threshold` (breast level: mean of views);
+    every title says whose predictions they are (`on`)."""
     from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
     from rsna_utils.learn.metrics import breast_level
@@ -165,14 +202,18 @@ def roc_pr_confusion(preds: pd.DataFrame, threshold: float, level: str = "breast
         pr, rc, _ = precision_recall_curve(y, p)
         axes[1].plot(rc, pr)
     axes[0].plot([0, 1], [0, 1], "--", color="gray")
-    axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({level})")
-    axes[1].set(xlabel="recall", ylabel="precision", title=f"PR ({level})")
+    who = f"{on}: {len(y)} {level}s, {int(np.sum(y))} with cancer"
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate",
+                title=f"ROC ({level})\n{who}")
+    axes[1].set(xlabel="recall", ylabel="precision", title=f"PR ({level})\n{who}")
     cm = confusion_matrix(y, (p >= threshold).astype(int), labels=[0, 1])
     axes[2].imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
-        axes[2].text(j, i, str(v), ha="center", va="center")
-    axes[2].set(xticks=[0, 1], yticks=[0, 1], xlabel="predicted", ylabel="true",
-                title=f"confusion at {threshold:.3f}")
+        axes[2].text(j, i, str(v), ha="center", va="center", fontsize=14,
+                     color="white" if v > cm.max() / 2 else "black")
+    axes[2].set(xticks=[0, 1], yticks=[0, 1], xticklabels=["no cancer", "cancer"],
+                yticklabels=["no cancer", "cancer"], xlabel="predicted", ylabel="true",
+                title=f"confusion at {threshold:.3f}\n{on}")
     fig.tight_layout()
     return fig
 
@@ -186,6 +227,8 @@ def score_distribution(sub: pd.DataFrame, images: pd.DataFrame | None = None):
                 label="images: predicted probability")
     ax.set_xlabel("predicted probability of cancer (or 0 / 1 when binarised)")
     ax.set_ylabel("count (log scale)")
+    ax.set_title("the submission: test patients" + (" (held out: never trained or tuned on)"
+                                                     if images is not None else ""))
     ax.set_yscale("log")
     from matplotlib.ticker import ScalarFormatter
     ax.yaxis.set_major_formatter(ScalarFormatter())
@@ -195,7 +238,7 @@ def score_distribution(sub: pd.DataFrame, images: pd.DataFrame | None = None):
 
 
 def save(fig, path: str | Path) -> None:
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
 def timing_histogram(png_dir: str | Path):
@@ -220,6 +263,13 @@ def _ci(h: dict, k: str) -> str:
     return f"{h[k]:.3f} [{h[k + '_low']:.3f}, {h[k + '_high']:.3f}]"
 
 
+def _population(headline: dict) -> str:
+    """"out-of-fold training patients: 28 breasts, 5 with cancer" from an evaluation's headline."""
+    who = headline.get("population") or "labelled patients"
+    n, k = headline.get("n"), headline.get("n_positives")
+    return f"{who}: {n} breasts, {k} with cancer" if n is not None and k is not None else who
+
+
 def roc_pr_bands(roc: pd.DataFrame, pr: pd.DataFrame, headline: dict):
     """ROC and PR curves with their bootstrap bands (`evaluate.evaluate_predictions`)."""
     plt = _plt()
@@ -231,11 +281,13 @@ def roc_pr_bands(roc: pd.DataFrame, pr: pd.DataFrame, headline: dict):
     if s is not None and t is not None:
         axes[0].plot([1 - t], [s], "o", color="tab:red",
                      label=f"threshold {headline['threshold']:.3g}")
-    axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (breast)")
+    who = _population(headline)
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate",
+                title=f"ROC (breast)\n{who}")
     axes[1].fill_between(pr.recall, pr.precision_low, pr.precision_high, alpha=0.25, label="95% CI")
     axes[1].plot(pr.recall, pr.precision, label=f"AP {_ci(headline, 'pr_auc')}")
     axes[1].axhline(headline.get("prevalence", 0), ls="--", color="gray", label="prevalence")
-    axes[1].set(xlabel="recall", ylabel="precision (interpolated)", title="PR (breast)")
+    axes[1].set(xlabel="recall", ylabel="precision (interpolated)", title=f"PR (breast)\n{who}")
     for ax in axes:
         ax.legend(fontsize=8, loc="lower right" if ax is axes[0] else "upper right")
     fig.tight_layout()
@@ -250,7 +302,8 @@ def reliability_diagram(table: pd.DataFrame, headline: dict):
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect")
     ax.plot(used.mean_prediction, used.observed_rate, "o-",
             label=f"Brier {_ci(headline, 'brier')}\nECE {_ci(headline, 'ece')}")
-    ax.set(ylabel="observed cancer rate", title="Reliability (breast)", xlim=(0, 1), ylim=(0, 1))
+    ax.set(ylabel="observed cancer rate", title=f"Reliability (breast)\n{_population(headline)}",
+           xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=8, loc="lower right")
     hx.bar((table.lo + table.hi) / 2, table.n, width=table.hi - table.lo, color="lightgray",
            edgecolor="gray")
@@ -263,8 +316,9 @@ def reliability_diagram(table: pd.DataFrame, headline: dict):
     return fig
 
 
-def breakdown_forest(table: pd.DataFrame, metric: str = "auc"):
-    """`metric` with its interval for every subgroup (one row each), the whole set on top."""
+def breakdown_forest(table: pd.DataFrame, metric: str = "auc", population: str | None = None):
+    """`metric` with its interval for every subgroup (one row each), the whole set on top;
+    the title names whose predictions they are (`population`)."""
     plt = _plt()
     t = table.reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(t) + 1.2))
@@ -280,6 +334,7 @@ def breakdown_forest(table: pd.DataFrame, metric: str = "auc"):
         if not r.n_positives:
             tick.set_color("gray")
     ax.axvline(est[0], ls=":", color="gray")
-    ax.set(xlabel=f"{metric} (95% CI)", title=f"{metric} by subgroup")
+    ax.set(xlabel=f"{metric} (95% CI)",
+           title=f"{metric} by subgroup" + (f": {population}" if population else ""))
     fig.tight_layout()
     return fig

@@ -12,8 +12,12 @@ COUNT = re.compile(r"^(n|n_.*|.*_n|count|images|breasts|patients|positives?|view
 LEVELS = ("image", "breast_mean", "breast_max")
 LEVEL_NAMES = {"image": "image", "breast_mean": "breast (mean of views)",
                "breast_max": "breast (max of views)"}
-METRIC_NAMES = {"auc": "AUC", "pr_auc": "PR-AUC", "pf1": "pF1", "best_threshold": "best threshold",
-                "best_f1": "F1 at it", "log_loss": "log loss", "brier": "Brier", "ece": "ECE"}
+# pF1 named for what it is scored on: the probabilities, or calls binarised at a cut
+METRIC_NAMES = {"auc": "AUC", "pr_auc": "PR-AUC", "pf1": "pF1 (probabilities)",
+                "f1": "pF1 (binarised at the cut)", "sensitivity": "sensitivity at the cut",
+                "specificity": "specificity at the cut", "best_threshold": "best threshold",
+                "best_f1": "pF1 (binarised at the best threshold)", "log_loss": "log loss",
+                "brier": "Brier", "ece": "ECE"}
 
 
 def tidy(table, digits: int = 3, empty: str = "nothing to show"):
