@@ -5,6 +5,7 @@ PY      = $(VENV)/bin/python
 DATA   ?= data/synthetic
 PLAN   ?= demo
 WEIGHTS ?=
+OVERWRITE ?=
 
 .PHONY: demo test test-fast test-slow install synth preprocess notebooks bench clean lab kaggle-bundle
 
@@ -34,8 +35,9 @@ test-fast: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
+## a DATA that already holds a dataset is refused: OVERWRITE=1 replaces it
 synth: $(VENV)/.installed
-	$(PY) -m rsna_utils synth --out $(DATA) --patients 200 --size small
+	$(PY) -m rsna_utils synth --out $(DATA) --patients 200 --size small $(if $(OVERWRITE),--overwrite)
 
 ## JupyterLab on the notebook suite, with the project's environment as the python3 kernel
 lab: $(VENV)/.installed

@@ -47,8 +47,9 @@ def run_one(work: Path, seed: int, recipe: str) -> dict:
             data / "train_images", data / "train.csv", png)
     t0 = time.perf_counter()
     settings = dict(model="resnet18", size=128, epochs=6) | extra
+    # a rerun trains each draw again into its folder (rsna train refuses that unasked)
     best = train(TrainConfig(data=str(png), csv=str(data / "train.csv"), out=str(root / recipe),
-                             device="cpu", progress=False, **settings))
+                             device="cpu", progress=False, overwrite=True, **settings))
     r = predict(data / "test_images", data / "test.csv", [root / recipe / "best.pt"], None,
                 labels=data / "test_labels.csv", workers=2, device="cpu", progress=False)
     row = dict(seed=seed, recipe=recipe, new_auc=r.metrics["breast_mean_auc"],

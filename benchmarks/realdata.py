@@ -91,7 +91,8 @@ AUX = "BIRADS,density,view,difficult_negative_case,invasive,age"
 # TrainConfig fields this script sets for each run (the wrap's files, the run folder, the fold)
 PER_RUN = ("data", "csv", "out", "split", "fold", "resume")
 # config.json fields that may differ between a finished run and the one asked for
-NOT_RECIPE = frozenset({"out", "resume", "progress", "workers", "device", "cache", "extra"})
+NOT_RECIPE = frozenset({"out", "resume", "overwrite", "progress", "workers", "device", "cache",
+                        "extra"})
 
 
 def build_parser() -> argparse.ArgumentParser:

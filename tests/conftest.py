@@ -39,16 +39,31 @@ def pytest_collection_modifyitems(config, items):
 
 
 def find_testdata() -> Path | None:
-    """../shared/testdata next to the repository (or $RSNA_TESTDATA)."""
-    for c in (os.environ.get("RSNA_TESTDATA"), REPO.parent / "shared" / "testdata"):
-        if c and (Path(c) / "nema_wg04_cr").is_dir():
+    """$RSNA_TESTDATA when set (a folder without the files turns them off), else
+    ../shared/testdata next to the repository."""
+    env = os.environ.get("RSNA_TESTDATA")
+    for c in ((env,) if env else (REPO.parent / "shared" / "testdata",)):
+        if (Path(c) / "nema_wg04_cr").is_dir():
             return Path(c)
     return None
 
 
 TESTDATA = find_testdata()
-needs_testdata = pytest.mark.skipif(TESTDATA is None, reason="../shared/testdata not found "
+NO_TESTDATA = "../shared/testdata not found"
+needs_testdata = pytest.mark.skipif(TESTDATA is None, reason=f"{NO_TESTDATA} "
                                     "(set RSNA_TESTDATA to the folder of real DICOM files)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Tests skipped for want of the real DICOM files are said once, with how to get them (in
+    -q too, where pytest lists no skip reasons)."""
+    n = sum(NO_TESTDATA in str(getattr(r, "longrepr", "") or "")
+            for r in terminalreporter.stats.get("skipped", []))
+    if n:
+        terminalreporter.write_line(
+            f"{n} test(s) skipped: the real DICOM files are not here ({NO_TESTDATA} beside the "
+            f"clone, {REPO.parent / 'shared' / 'testdata'}); set RSNA_TESTDATA to that folder "
+            "(nema_wg04_cr/, vendor_headers/) to run them")
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,7 @@ TRAIN_VALUES = {
     "select_by": ("pr_auc", "pr_auc", "pr_auc"),
     "device": ("cpu", "cpu", "cpu"),
     "resume": (True, "true", True),
+    "overwrite": (True, "true", True),
     "max_steps": (3, "3", 3),
     "progress": (False, None, False),     # --quiet
 }

@@ -121,6 +121,10 @@ def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirement
     renamed, so a half-built bundle never carries the marker). Needs the package index or the
     pip cache to fetch the wheels (`pip download`); installing from it needs neither."""
     out = Path(out)
+    if out.exists() and not _replaceable(out):
+        raise RsnaError(f"{out} exists and is not an earlier bundle (no {MARKER}); the bundle "
+                        "replaces its folder whole, so give a new or empty --out, e.g. "
+                        f"{out / 'rsna-bundle'}")
     here = (platform.python_implementation(), sys.version_info[:2], sys.platform,
             platform.machine())
     if here != ("CPython", (3, 11), "linux", "x86_64"):
@@ -136,6 +140,11 @@ def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirement
     return {"dir": str(out), "wheels": len(files), "bytes": size,
             "line": f"wrote {out}: {len(files)} wheels ({size / 1e6:.0f} MB), install.py, "
                     f"notebooks; upload it as the Kaggle dataset 'rsna-bundle'"}
+
+
+def _replaceable(d: Path) -> bool:
+    """An empty folder, or an earlier bundle (its marker): what `build_bundle` may replace."""
+    return d.is_dir() and not d.is_symlink() and ((d / MARKER).is_file() or not any(d.iterdir()))
 
 
 def gpu_decoder_pin(which: str | None) -> str | None:

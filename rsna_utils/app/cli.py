@@ -12,7 +12,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     from rsna_utils.sources.synth import synthesize
     info = synthesize(a.out, patients=a.patients, seed=a.seed, positive_rate=a.positive_rate,
                       size=a.size, test_patients=a.test_patients, workers=a.workers,
-                      progress=not a.quiet)
+                      progress=not a.quiet, overwrite=a.overwrite)
     print(f"wrote {info['train_images']} train and {info['test_images']} test images "
           f"({info['train_positive_images']} positive train images) to {info['out']}")
     return 0
@@ -114,6 +114,8 @@ def _add_synth(sub) -> None:
     s.add_argument("--size", choices=["small", "full"], default="small",
                    help="small: ~512x416 (tests); full: 2294x1914 to 4096x3328 (benchmarks)")
     s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--overwrite", action="store_true", help="replace the dataset already in "
+                   "--out (a train.csv there is refused without it)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_synth)
 
@@ -121,7 +123,8 @@ def _add_synth(sub) -> None:
 def _add_bundle(sub) -> None:
     b = sub.add_parser("bundle", help="offline Kaggle bundle: wheels of rsna_utils and its pinned "
                        "dependencies, install.py, the notebooks (upload DIR as a dataset)")
-    b.add_argument("--out", default="dist/rsna-bundle", help="output folder (replaced)")
+    b.add_argument("--out", default="dist/rsna-bundle", help="output folder: new, empty or an "
+                   "earlier bundle, which is replaced (another folder is refused)")
     b.add_argument("--gpu-decoders", default="none", choices=("none", "cu12", "cu13"),
                    help="also carry nvImageCodec for this CUDA (cu12: Kaggle's T4/P100 image), "
                         "installed by install.py where it can be; the submit plan then decodes "
@@ -131,20 +134,9 @@ def _add_bundle(sub) -> None:
 
 def plain_warnings(command: str) -> None:
     """Library warnings as one line in the project's words: which library, what it said, no
-    site-packages path or source line; each message once."""
-    import warnings
-    seen: set[str] = set()
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
-        parts = Path(str(filename)).parts
-        lib = parts[parts.index("site-packages") + 1] if "site-packages" in parts else ""
-        key = f"{lib}:{text}"
-        if key not in seen:
-            seen.add(key)
-            print(f"rsna {command}: warning{f' from {lib}' if lib else ''}: {text}",
-                  file=sys.stderr)
-    warnings.showwarning = show
+    site-packages path or source line; each message once (`core.warn`, which workers use too)."""
+    from rsna_utils.core.warn import plain_warnings as install
+    install(command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     except RsnaError as e:
         print(f"rsna {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"rsna {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:      # a command may say how to go on (rsna train: --resume)
+        print(f"rsna {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130

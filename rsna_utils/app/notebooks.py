@@ -194,6 +194,19 @@ def _give_weights(params: dict, declared: set, weights: dict) -> None:
         params["extra"] = extra
 
 
+TRAIN_NOTEBOOK = "03_train.ipynb"
+
+
+def _give_overwrite(params: dict) -> dict:
+    """A plan's training step replaces its own earlier run (`rsna train --overwrite`): running
+    the plan again is the request (`run_plan` says so in one line; --name keeps runs apart).
+    A step whose extra sets overwrite or resume itself keeps its choice."""
+    extra = dict(params.get("extra") or {})
+    if "resume" not in extra:
+        extra.setdefault("overwrite", True)
+    return {**params, "extra": extra}
+
+
 def prepare_sources(d: dict, run_dir: Path, progress: bool = True) -> Path | None:
     """The plan's sources (resolved by `plan_steps`) combined into run_dir/sources ("{train}"),
     printed with their weights; None for a plan without sources."""
@@ -225,10 +238,15 @@ def run_plan(plan: str | Path, data: str | Path = "data/synthetic", runs: str | 
                                          variant, external, require_sources)
     done = []
     _check_weights(d["name"], [(name, params) for _, name, _, params in todo])
+    if run_dir.is_dir() and any(run_dir.glob("*.ipynb")):
+        print(f"{run_dir} holds an earlier run of the plan: its steps run again and replace it "
+              "(--name NAME keeps a new run apart)", file=sys.stderr, flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_sources(d, run_dir, progress)
     for i, step_name, nb, params in todo:
         out = run_dir / f"{step_name}.ipynb"
+        if nb.name == TRAIN_NOTEBOOK:
+            params = _give_overwrite(params)
         t0 = time.perf_counter()
         print(f"[{i + 1}/{len(d['steps'])}] {nb.name} -> {out}", file=sys.stderr, flush=True)
         try:

@@ -34,12 +34,31 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from rsna_utils.learn.train import TrainConfig, train
     flags = given_flags(a, TrainConfig)           # flags given override the YAML's fields
     cfg = TrainConfig.from_yaml(a.config, **flags) if a.config else TrainConfig.from_dict(flags)
-    best = train(cfg)
+    try:
+        best = train(cfg)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_run(cfg)) from None
     if best:
         m = best["metrics"]
         print(f"best epoch {best['epoch']}: breast pF1 {m['breast_mean_pf1']:.3f}, breast AUC "
               f"{m['breast_mean_auc']:.3f}; checkpoints in {cfg.out}")
     return 0
+
+
+def interrupted_run(cfg) -> str:
+    """How to go on after Ctrl-C in `rsna train`: the epochs kept in OUT/last.pt, and --resume."""
+    import pandas as pd
+    out = Path(cfg.out)
+    try:
+        done = len(pd.read_csv(out / "metrics.csv")) if (out / "last.pt").exists() else 0
+    except (OSError, ValueError):
+        done = 0
+    instead = " instead of --overwrite" if cfg.overwrite else ""
+    if done:
+        return (f"{done} of {cfg.epochs} epochs kept in {out / 'last.pt'}; the same command with "
+                f"--resume{instead} continues from there")
+    return (f"no epoch finished, none kept in {out}; run the same command again (--resume "
+            "continues a run once an epoch is kept)")
 
 
 def _cmd_oof(a: argparse.Namespace) -> int:
@@ -67,6 +86,11 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     settings = given_flags(a, PredictConfig)
     if a.ensemble:
         settings.update(_ensemble_settings(a.ensemble, settings))
+        if not settings.get("checkpoints"):         # the ensemble's own members
+            settings["checkpoints"] = ensemble_checkpoints(a.ensemble)
+    elif not settings.get("checkpoints"):
+        raise RsnaError("no --checkpoints given: pass the best.pt files of `rsna train`, or "
+                        "--ensemble ENSEMBLE.json (of `rsna oof` or an export), which lists them")
     cfg = PredictConfig(**settings)
     r = predict(cfg)
     n = len(r.images)
@@ -87,6 +111,25 @@ def _ensemble_settings(path: str, given: dict) -> dict:
     from rsna_utils.infer.ensemble import Ensemble
     return Ensemble.read(path, checkpoints=False).predict_settings(given, source=path,
                                                                    follow_tta=False)
+
+
+def ensemble_checkpoints(path: str) -> list[str]:
+    """The members of ensemble.json: an export's checkpoints (beside it), else the best.pt of
+    each run `rsna oof` merged (its "runs", as given to it)."""
+    from rsna_utils.infer.ensemble import Ensemble
+    ens = Ensemble.read(path, checkpoints=False)
+    if ens.get("checkpoints"):
+        return list(Ensemble.read(path, checkpoints=True)["checkpoints"])
+    runs = [r["run"] for r in ens.get("runs") or [] if isinstance(r, dict) and r.get("run")]
+    if not runs:
+        raise RsnaError(f"{path}: lists no checkpoints or runs; pass --checkpoints")
+    ckpts = [Path(r) / "best.pt" for r in runs]
+    missing = [str(c) for c in ckpts if not c.exists()]
+    if missing:
+        raise RsnaError(f"{path}: the best.pt of its run(s) {missing} not found (run folders as "
+                        "given to `rsna oof`, from where it ran); run from there, or pass "
+                        "--checkpoints")
+    return [str(c) for c in ckpts]
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
@@ -164,9 +207,25 @@ def _cmd_demo(a: argparse.Namespace) -> int:
         print(f"generating the synthetic dataset in {a.data} ...", flush=True)
         synthesize(a.data, patients=a.patients, seed=0, positive_rate=a.positive_rate,
                    size="small", progress=not a.quiet)
+    else:
+        print(reused_data(Path(a.data)), flush=True)
     _print_run(run_plan(a.plan, a.data, a.runs, None, a.param, progress=not a.quiet,
                         weights=a.weights))
     return 0
+
+
+def reused_data(data: Path) -> str:
+    """`rsna demo` on a folder that already holds a dataset: one line saying so (what is in it,
+    and how to make a new one), since --patients and --positive-rate then do nothing."""
+    import pandas as pd
+    try:
+        t = pd.read_csv(data / "train.csv", usecols=["patient_id"])
+        what = f"{len(t)} images of {t.patient_id.nunique()} patients"
+    except (OSError, ValueError):
+        what = "its train.csv"
+    return (f"using the dataset already in {data} ({what}), not a new one: `rsna synth --out "
+            f"{data} --overwrite` (make synth OVERWRITE=1) replaces it, or give another --data "
+            "(DATA=)")
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
@@ -240,9 +299,14 @@ def _reg_predict(sub) -> None:
     from rsna_utils.infer.predict import PredictConfig
     q = sub.add_parser("predict", help="test DICOMs + checkpoints -> submission.csv")
     _flags(q, PredictConfig)
+    for action in q._actions:       # --ensemble lists the checkpoints: not required with it
+        if action.dest == "checkpoints":
+            action.required = False
+            action.help += " (default with --ensemble: the ones it lists)"
     q.add_argument("--ensemble", default=None,
-                   help="ensemble.json of `rsna oof`: its aggregation, and binary output at its "
-                   "out-of-fold threshold (or its calibrator with --output calibrated)")
+                   help="ensemble.json of `rsna oof` or an export: its aggregation, its "
+                   "checkpoints (unless --checkpoints), and binary output at its out-of-fold "
+                   "threshold (or its calibrator with --output calibrated)")
     q.set_defaults(func=_cmd_predict)
 
 

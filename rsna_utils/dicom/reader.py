@@ -7,6 +7,7 @@ chosen by name. Header checks run before any decoder.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,17 @@ def check_dicom_folder(images: str | Path) -> Path:
         raise RsnaError(f"{images}: images folder not found; pass the folder that holds "
                         "{patient_id}/{image_id}.dcm (e.g. train_images or test_images)")
     return images
+
+
+def check_listed_files(images: str | Path, paths: list[str], csv=None) -> None:
+    """At least one of the files a CSV lists under `images` is there, or one line saying none
+    is (a CSV of another folder, or --images one level off), before anything is written. Stops
+    at the first file found: one stat on a good folder."""
+    paths = [p for p in paths if p]
+    if paths and not any(os.path.exists(p) for p in paths):
+        listed = f"{Path(csv).name} lists" if csv is not None else "listed"
+        raise RsnaError(f"none of the {len(paths)} files {listed} exist under {images} (e.g. "
+                        f"{paths[0]}): wrong --images?")
 
 
 def read_dicom(path: str | Path, backend: str = "auto",

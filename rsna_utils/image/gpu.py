@@ -92,8 +92,10 @@ def frame_loader(workers: int):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    from rsna_utils.core.warn import worker_warnings
     from rsna_utils.image.preprocess import _start_method
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context(_start_method()))
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context(_start_method()),
+                               initializer=worker_warnings, initargs=("preprocess",))
 
 
 def gpu_batches(path_batches: list[list[str]], cfg, decoder, backend: str, device,

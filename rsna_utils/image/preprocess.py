@@ -189,9 +189,12 @@ _COMPRESSION = 1
 _HOOK = None
 
 
-def _init_worker(cfg: PreprocessConfig, backend: str, compression: int, hook) -> None:
+def _init_worker(cfg: PreprocessConfig, backend: str, compression: int, hook,
+                 quiet: bool = False) -> None:
     global _CFG, _BACKEND, _COMPRESSION, _HOOK
     _CFG, _BACKEND, _COMPRESSION, _HOOK = cfg, backend, compression, hook
+    from rsna_utils.core.warn import worker_warnings
+    worker_warnings("preprocess", quiet)    # a decoder's warning: one line, none with --quiet
     cv2.setNumThreads(1)
     import faulthandler  # a crashing decoder is recorded in failures.csv; no stack dump
     faulthandler.disable()
@@ -352,7 +355,7 @@ class Preprocessor:
             ctx.set_forkserver_preload(["rsna_utils.image.preprocess"])
         return ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
                                    initargs=(self.cfg, self.backend, self.png_compression,
-                                             self.test_hook))
+                                             self.test_hook, not self.progress))
 
     def _check_pool_starts(self) -> None:
         """A broken pool may mean the workers cannot start at all (then every file would be
@@ -467,16 +470,18 @@ def open_run(out: str | Path, cfg: PreprocessConfig, images, csv_path, shard):
     """What every preprocessing run (CPU or GPU) starts with: the output folder, its settings
     file, the shard's items minus those already done, and the two logs.
     Returns (todo, summary, meta_log, fail_log)."""
-    from rsna_utils.dicom.reader import check_dicom_folder
+    from rsna_utils.dicom.reader import check_dicom_folder, check_listed_files
     check_dicom_folder(images)        # before anything is written
     out = Path(out)
     k, n = shard if isinstance(shard, tuple) else parse_shard(shard)
+    items = list_items(images, csv_path, out, (k, n))     # reads only: the CSV, a folder scan
+    if csv_path is not None:          # a CSV of another folder: one line, no folder left behind
+        check_listed_files(images, [it.path for it in items], csv_path)
     out.mkdir(parents=True, exist_ok=True)
     _write_config(out / "preprocess.json", cfg)
     suffix = "" if n == 1 else f".{k}-of-{n}"
     for stale in [*out.glob(".*.png.tmp*"), *out.glob("*.png.tmp*")]:   # left by a killed run (never under a final name)
         stale.unlink(missing_ok=True)
-    items = list_items(images, csv_path, out, (k, n))
     meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)   # repairs a cut last line
     done = load_done(out)
     todo = [it for it in items if it.image_id not in done]

@@ -282,9 +282,13 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
         # decode on the GPU in batches (CPU fallback per file inside), no worker processes
         dl = _gpu_batches(ds, chosen, batch_size, device)
     else:
+        from functools import partial
+
+        from rsna_utils.core.warn import worker_warnings
         dl = DataLoader(ds, batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
                         multiprocessing_context="forkserver" if workers > 0 else None,
-                        pin_memory=False)
+                        pin_memory=False, worker_init_fn=partial(worker_warnings, "predict",
+                                                                 not progress))
     dtype = half_dtype(device)    # bf16 from Ampere on; fp16 on a T4 / P100 (Kaggle)
     preds = np.full(len(ds), np.nan, np.float32)
     reasons, inverted = [""] * len(ds), [False] * len(ds)
@@ -515,6 +519,9 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     t0 = time.perf_counter()
     dev = resolve_device(cfg.device)
     df = load_table(cfg.csv)    # checks the columns, adds prediction_id when absent
+    from rsna_utils.dicom.reader import check_listed_files
+    check_listed_files(cfg.images, [str(Path(cfg.images) / str(p) / f"{i}.dcm")
+                                    for p, i in zip(df.patient_id, df.image_id)], cfg.csv)
     models, pre = load_models(cfg.checkpoints, dev)
     set_recipe_weights(models, cfg.member_weights)
     imgs = score_images(cfg, df, models, pre, dev)

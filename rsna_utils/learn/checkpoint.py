@@ -91,7 +91,8 @@ CONFIG_FILE = "config.json"
 # config.json fields that differ between the folds of one model without changing the model
 # fields that vary between the runs of one recipe and do not change the model. The input paths
 # stay in: the PNG folder is what says how the images were preprocessed (pad or stretch, bits)
-PER_RUN_FIELDS = frozenset({"fold", "out", "resume", "progress", "workers", "device", "cache"})
+PER_RUN_FIELDS = frozenset({"fold", "out", "resume", "overwrite", "progress", "workers", "device",
+                            "cache"})
 
 
 _FOLD_RE = re.compile(r"^(?P<stem>.*?)[_\-.]?fold[_\-]?(?P<fold>\d+)$", re.IGNORECASE)

@@ -316,6 +316,22 @@ def check_inputs(cfg: TrainConfig) -> None:
                         "preprocess` as --data")
     if "cancer" not in load_table(cfg.csv, cfg.data):
         raise RsnaError(f"{cfg.csv}: no 'cancer' column; training needs labels (train.csv)")
+    check_run_folder(cfg)
+
+
+# what a run leaves in its folder: one of them there means a run was made (and kept) there
+RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "metrics.json", "val_predictions.csv")
+
+
+def check_run_folder(cfg: TrainConfig) -> None:
+    """A run folder that already holds a run is continued (--resume) or replaced (--overwrite),
+    never written over unasked: one line naming it and both flags otherwise."""
+    out = Path(cfg.out)
+    found = [f for f in RUN_FILES if (out / f).exists()]
+    if found and not (cfg.resume or cfg.overwrite):
+        raise RsnaError(f"{out} already holds a run ({', '.join(found)}): --resume continues it, "
+                        "--overwrite replaces it (resume=True / overwrite=True in a notebook), "
+                        "or give another --out")
 
 
 def setup(cfg: TrainConfig, local_rank: int, world: int):
@@ -568,6 +584,9 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
     last = out / "last.pt"
     for stale in out.glob(".*.tmp*"):            # checkpoints' and write_atomic's tables
         stale.unlink(missing_ok=True)
+    if cfg.overwrite:           # the run replaced: none of its files outlives it (a stale best.pt)
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
     if not (cfg.resume and last.exists()):
         return 0, None, []
     ck = load_weights(last)

@@ -154,6 +154,8 @@ class TrainConfig(Config):
                                  "on ~120 positive breasts)", ge=1)
     device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     resume: bool = setting(False, "continue from OUT/last.pt")
+    overwrite: bool = setting(False, "replace the run already in OUT (its best.pt, last.pt and "
+                              "metrics); without it or --resume such an OUT is refused")
     max_steps: int | None = setting(None, "stop each epoch after this many batches (smoke "
                                     "tests)", ge=1)
     progress: bool = setting(True, "progress bars", negate="--quiet")
@@ -187,6 +189,9 @@ class TrainConfig(Config):
         if self.level == "breast" and "view" in self.aux:
             raise RsnaError("aux target 'view' is per image; a breast-level model reads both "
                             "views: remove 'view' from aux for level=breast")
+        if self.resume and self.overwrite:
+            raise RsnaError(f"resume and overwrite both given for {self.out}: --resume continues "
+                            "the run there, --overwrite replaces it; give one")
         if self.fold >= self.folds:
             raise RsnaError(f"fold={self.fold}: choose 0..{self.folds - 1} (folds={self.folds})")
 

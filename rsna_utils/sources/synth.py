@@ -463,10 +463,26 @@ def plan_dataset(patients: int, seed: int, positive_rate: float,
     return _draw_images(rng, train_p, used_img), _draw_images(rng, test_p, used_img)
 
 
+# what `synthesize` writes: removed first when it replaces a dataset, so that no image of the
+# old one stays beside the new CSVs
+SYNTH_FILES = ("train.csv", "test.csv", "sample_submission.csv", "test_labels.csv", "lesions.csv")
+SYNTH_DIRS = ("train_images", "test_images")
+
+
+def _remove_dataset(out: Path) -> None:
+    import shutil
+    for name in SYNTH_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in SYNTH_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
 def synthesize(out: str | Path, patients: int = 200, seed: int = 0, positive_rate: float = 0.02,
                size: str = "small", test_patients: int | None = None, workers: int | None = None,
-               progress: bool = True) -> dict:
-    """Write an RSNA-shaped dataset under `out` and return a summary dict.
+               progress: bool = True, overwrite: bool = False) -> dict:
+    """Write an RSNA-shaped dataset under `out` and return a summary dict. A folder that
+    already holds a dataset (a train.csv) is refused unless `overwrite`, which removes the
+    dataset's files first (SYNTH_FILES, SYNTH_DIRS; nothing else in the folder).
 
     Files: train.csv, test.csv, sample_submission.csv (the Kaggle columns), test_labels.csv
     (the hidden answers for the synthetic test set, for scoring), lesions.csv (planted lesion
@@ -483,6 +499,11 @@ def synthesize(out: str | Path, patients: int = 200, seed: int = 0, positive_rat
     if test_patients < 0:
         raise SynthError(f"--test-patients must be >= 0, got {test_patients!r}")
     out = Path(out)
+    if (out / "train.csv").exists():
+        if not overwrite:
+            raise SynthError(f"{out} already holds a dataset (train.csv): --overwrite replaces "
+                             "it, or give another --out")
+        _remove_dataset(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
