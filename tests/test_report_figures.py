@@ -62,7 +62,8 @@ def test_the_headline_carries_intervals_and_the_cuts_sensitivity_and_specificity
     assert "specificity at the cut 1.000" in line and "bootstrap resamples of the patients" in line
     page = report.write_index(run, "demo", []).read_text()
     assert '<p class="headline">Held-out test patients' in page
-    assert re.search(r"<td>0\.250 \[0\.000, \d\.\d{3}\]</td>", page)       # in the table too
+    assert re.search(r"<td class=\"num\">0\.250<br><small>\[0\.000, \d\.\d{3}\]</small></td>",
+                     page)                                                    # in the table too
     # pF1 named for what it is, on every row; no bare "breast pF1" column
     assert "pF1 (binarised at the cut)</th>" in page and "pF1 (probabilities)</th>" in page
     assert "breast pF1" not in page
@@ -168,7 +169,13 @@ def test_positives_by_is_a_grid_not_a_row():
                           ("site_id", "machine_id", "density", "BIRADS", "implant")})
     train = train.assign(view=rng.choice(["CC", "MLO"], n), laterality=rng.choice(["L", "R"], n),
                          cancer=(rng.random(n) < 0.2).astype(int))
+    train["density"] = train["density"].astype(float).where(train.index % 5 > 0)    # NaN: missing
+    train["machine_id"] = train["machine_id"].map({0: 21, 1: 170, 2: 49})
     fig = plots.positives_by(train)
+    ticks = {ax.get_title(): [t.get_text() for t in ax.get_xticklabels()] for ax in fig.axes
+             if ax.get_title()}
+    assert ticks["density"][-1] == "missing" and ticks["density"][0] == "0"    # not 0.0, nor dropped
+    assert ticks["machine_id"] == ["21", "49", "170"]                          # numeric order
     w, h = fig.get_size_inches()
     assert w / h < 2.5, (w, h)                 # was 22.4 x 3 in: 2217 x 290 px
     shown = [ax for ax in fig.axes if ax.get_visible() and ax.axison and ax.get_title()]

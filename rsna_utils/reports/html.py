@@ -126,7 +126,7 @@ def _oof_note(ens: dict) -> str:
     n_runs = len(ens.get("runs", []))
     if n_runs and len(folds) == 1:
         return (f"{n_runs} models validated on one shared holdout; the threshold was tuned on "
-                "these same breasts, so this pF1 is optimistic")
+                "these same breasts, so its pF1 (binarised at the cut) is optimistic")
     return f"{n_runs} runs, each breast scored by the model that did not train on it"
 
 
@@ -229,9 +229,9 @@ def headline(row: dict) -> str:
     return " ".join(parts)
 
 
-SCORE_COLUMNS = ("what", "how", "breasts", "positive", "flagged", "breast AUC", "breast PR-AUC",
+SCORE_COLUMNS = ("what", "breasts", "positive", "flagged", "breast AUC", "breast PR-AUC",
                  "sensitivity at the cut", "specificity at the cut", "pF1 (binarised at the cut)",
-                 "pF1 (probabilities)", "threshold")
+                 "pF1 (probabilities)", "threshold", "how")
 
 
 def _cut_note(ens: dict) -> str:
@@ -261,15 +261,19 @@ def scores_table(rows: list[dict]) -> str:
             return _ci_text(v)
         return f"{v:.3f}" if isinstance(v, (float, int)) and not isinstance(v, bool) else str(v)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(c, r.get(c)))}</td>" for c in cols)
-                   + "</tr>" for r in rows)
+    def td(c, v):          # a score and its interval on one line; the words wrap
+        text = html.escape(cell(c, v))
+        if isinstance(v, tuple) and " [" in text:
+            text = text.replace(" [", "<br><small>[", 1) + "</small>"
+        return f'<td class="{c if c in ("how", "what") else "num"}">{text}</td>'
+    body = "".join("<tr>" + "".join(td(c, r.get(c)) for c in cols) + "</tr>" for r in rows)
     note = ("<p><small>[low, high]: the 95% interval of a patient bootstrap. flagged: breasts the "
             "submission calls back (value 1, or a probability of 0.5 or more); sensitivity and "
             "specificity at the cut: of those calls. pF1: the competition's probabilistic F1 at "
             "breast level, of the binarised calls (binarised at the cut: the F1 of the calls) or "
             "of the probabilities (mean of the views). Model rows: their best validation epoch, "
             "on their own validation patients.</small></p>")
-    return f"<table><tr>{head}</tr>{body}</table>{note}"
+    return f'<table class="scores"><tr>{head}</tr>{body}</table>{note}'
 
 
 SOURCE_HEADERS = {"source": "source", "sites": "sites", "train_images": "training images",
@@ -364,7 +368,9 @@ def write_index(run_dir: str | Path, plan: str, steps: list[dict], failed: str |
 <html><head><meta charset="utf-8"><title>{html.escape(plan)}: run report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;vertical-align:top;
 border-bottom:1px solid #ddd}}table{{border-collapse:collapse}}
-img.fig{{max-width:1000px;height:auto;border:1px solid #eee}}
+img.fig{{max-width:1000px;height:auto;border:1px solid #eee}}td.num{{white-space:nowrap}}
+td.how{{min-width:14em;max-width:24em;font-size:.85em}}td.what{{max-width:12em}}
+table.scores td,table.scores th{{padding:4px 6px}}
 p.headline{{font-size:1.1em;max-width:70em;line-height:1.4}}</style></head><body>
 <h1>Run report: plan {html.escape(plan)}</h1>
 <p>{len(steps)} step(s) in {total:.0f} s; folder {html.escape(str(run_dir.resolve()))}</p>

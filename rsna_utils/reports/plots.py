@@ -45,17 +45,41 @@ def positives_by(train: pd.DataFrame, columns=("site_id", "machine_id", "density
     for ax in axes.ravel()[len(cols):]:
         ax.axis("off")
     for ax, c in zip(axes.ravel(), cols):
-        g = train.assign(**{c: train[c].astype(str).replace("nan", "missing")}).groupby(c).cancer
-        x = np.arange(len(g.size()))
-        ax.bar(x - 0.2, g.size().values, width=0.4, color="lightgray", label="images")
+        g = train.assign(**{c: _category_names(train[c])}).groupby(c).cancer
+        size, rate = g.size(), g.mean()
+        order = sorted(size.index, key=_category_key)
+        size, rate = size[order], rate[order]
+        x = np.arange(len(size))
+        ax.bar(x - 0.2, size.values, width=0.4, color="lightgray", label="images")
         ax2 = ax.twinx()            # categories, not a sequence: bars side by side, no line
-        ax2.bar(x + 0.2, g.mean().values * 100, width=0.4, color="tab:red", label="% positive")
-        ax.set_xticks(x, [str(v) for v in g.size().index], rotation=45, ha="right")
+        ax2.bar(x + 0.2, rate.values * 100, width=0.4, color="tab:red", label="% positive")
+        ax.set_xticks(x, list(size.index), rotation=45 if len(x) > 4 else 0,
+                      ha="right" if len(x) > 4 else "center", fontsize=8 if len(x) > 8 else 10)
         ax.set_title(c)
         ax.set_ylabel("images")
         ax2.set_ylabel("% positive", color="tab:red")
     fig.tight_layout()
     return fig
+
+
+def _category_names(values: pd.Series) -> pd.Series:
+    """A column's values as tick labels: 2.0 (an integer column with NaN) as 2, NaN as
+    'missing'."""
+    def name(v):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return "missing"
+        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+            return str(int(v))
+        return str(v)
+    return values.map(name)
+
+
+def _category_key(name: str):
+    """Numbers in numeric order (machine 21 before 170), then words, 'missing' last."""
+    try:
+        return (0, float(name), "")
+    except ValueError:
+        return (2 if name == "missing" else 1, 0.0, name)
 
 
 def age_histogram(train: pd.DataFrame):
@@ -280,7 +304,8 @@ def roc_pr_bands(roc: pd.DataFrame, pr: pd.DataFrame, headline: dict):
     s, t = headline.get("sensitivity"), headline.get("specificity")
     if s is not None and t is not None:
         axes[0].plot([1 - t], [s], "o", color="tab:red",
-                     label=f"threshold {headline['threshold']:.3g}")
+                     label=f"the cut {headline['threshold']:.3g}: sensitivity {s:.2f}, "
+                     f"specificity {t:.2f}")
     who = _population(headline)
     axes[0].set(xlabel="false positive rate", ylabel="true positive rate",
                 title=f"ROC (breast)\n{who}")
@@ -289,7 +314,7 @@ def roc_pr_bands(roc: pd.DataFrame, pr: pd.DataFrame, headline: dict):
     axes[1].axhline(headline.get("prevalence", 0), ls="--", color="gray", label="prevalence")
     axes[1].set(xlabel="recall", ylabel="precision (interpolated)", title=f"PR (breast)\n{who}")
     for ax in axes:
-        ax.legend(fontsize=8, loc="lower right" if ax is axes[0] else "upper right")
+        _legend_below(ax)           # over the plot it hid the PR curve at precision 1
     fig.tight_layout()
     return fig
 
