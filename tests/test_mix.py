@@ -64,7 +64,7 @@ def test_split_validates_on_rsna_only_and_keeps_each_patient_on_one_side(tmp_pat
         assert (splits.loc[splits.site_id <= 2, "fold"] >= 0).all()
         assert splits.groupby("patient_id").fold.nunique().max() == 1
     # per source: one line printed each, and sources.csv with the same figures
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out                  # the run's log goes to stdout
     assert "source rsna (site 1 2):" in err and "source cbis-ddsm (site 101):" in err
     assert "source vindr (site 102):" in err and "0 validation images" in err
     s = pd.read_csv(Path(cfg.out) / mix.SOURCES_FILE).set_index("source")
@@ -328,7 +328,7 @@ def test_a_mixed_run_of_rsna_shaped_and_real_cbis_ddsm_files_trains_and_predicts
                  str(run), "--model", "resnet18", "--size", "64x32", "--epochs", "1",
                  "--batch-size", "8", "--max-steps", "2", "--workers", "0", "--device", "cpu",
                  "--val-frac", "0.3", "--source-weights", "cbis-ddsm=0.5", "--quiet"]) == 0
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out                  # the run's log goes to stdout
     assert "source cbis-ddsm (site 101): 8 training images, 5 positive; weight 0.5: 4.0 draws" \
         in err, err
     # the sampler drew with the weights: 32 RSNA images + half of CBIS-DDSM's 8, not 40

@@ -345,7 +345,7 @@ def report_sources(train: pd.DataFrame, val: pd.DataFrame, cfg,
         return None
     table = source_table(train, val, cfg)
     for line in source_lines(table):
-        print(line, file=sys.stderr)
+        print(line, flush=True)        # the run's log (stdout), not a warning
     write_atomic(Path(out) / SOURCES_FILE, table.to_csv(index=False))
     return table
 

@@ -459,7 +459,7 @@ def create_train_model(cfg: TrainConfig, device, local_rank: int, rank: int, wor
     if cfg.aux and cfg.level == "image":
         set_outputs(model, 1 + len(cfg.aux))      # logit 0: cancer; then one per aux target
     if rank == 0 and getattr(model, "pretrained_report", None):
-        print(model.pretrained_report, file=sys.stderr)
+        print(model.pretrained_report, flush=True)
     elif rank == 0 and not cfg.pretrained_path and not cfg.resume:
         print(SCRATCH_NOTE.format(model=cfg.model), file=sys.stderr)
     if cfg.channels_last:       # the weights; a breast model formats its views' input itself
