@@ -519,9 +519,6 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     t0 = time.perf_counter()
     dev = resolve_device(cfg.device)
     df = load_table(cfg.csv)    # checks the columns, adds prediction_id when absent
-    from rsna_utils.dicom.reader import check_listed_files
-    check_listed_files(cfg.images, [str(Path(cfg.images) / str(p) / f"{i}.dcm")
-                                    for p, i in zip(df.patient_id, df.image_id)], cfg.csv)
     models, pre = load_models(cfg.checkpoints, dev)
     set_recipe_weights(models, cfg.member_weights)
     imgs = score_images(cfg, df, models, pre, dev)
@@ -550,7 +547,11 @@ def _as_config(images, args: tuple, settings: dict) -> PredictConfig:
 def score_images(cfg: PredictConfig, df: pd.DataFrame, models: list[LoadedModel], pre: dict,
                  device) -> pd.DataFrame:
     """One row per image of `df`: its ensemble probability (NaN where it could not be read),
-    the problem (why not), and whether it looked inverted."""
+    the problem (why not), and whether it looked inverted. A CSV none of whose files is under
+    the images folder is one line (`check_listed_files`), not every image unreadable."""
+    from rsna_utils.dicom.reader import check_listed_files
+    check_listed_files(cfg.images, [str(Path(cfg.images) / str(p) / f"{i}.dcm")
+                                    for p, i in zip(df.patient_id, df.image_id)], cfg.csv)
     preds, reasons, inverted, attention = predict_images(
         df, cfg.images, models, pre, device, cfg.batch_size, cfg.workers, cfg.tta, cfg.backend,
         models[0].channels, cfg.progress)
