@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from test_predict import tiny_ckpt  # noqa: F401  (pytest fixture: a 2-step resnet18)
+
 from rsna_utils.app.cli import build_parser, main
 from rsna_utils.core.errors import RsnaError
 
@@ -299,3 +301,23 @@ def test_tests_skipped_for_want_of_the_real_files_are_said_once(tmp_path):
     assert r.stdout.count("the real DICOM files are not here") == 1, r.stdout
     assert "1 test(s) skipped: the real DICOM files are not here" in r.stdout, r.stdout
     assert "RSNA_TESTDATA" in r.stdout
+
+
+@pytest.mark.heavy
+def test_a_decoders_warning_in_a_predict_worker_stays_out_of_quiet(tmp_path, synth_small,
+                                                                   tiny_ckpt):
+    """The same truncated file read by `rsna predict`'s DataLoader workers."""
+    import shutil
+    images = tmp_path / "test_images"
+    shutil.copytree(synth_small / "test_images", images)
+    f = sorted(images.rglob("*.dcm"))[0]
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    r = subprocess.run([sys.executable, "-m", "rsna_utils", "predict", "--images", str(images),
+                        "--csv", str(synth_small / "test.csv"), "--checkpoints", str(tiny_ckpt),
+                        "--out", str(tmp_path / "s.csv"), "--workers", "1", "--max-unreadable",
+                        "1", "--device", "cpu", "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "site-packages" not in r.stderr and "warn_and_log" not in r.stderr, r.stderr
+    assert "End of file" not in r.stderr, r.stderr
+    assert pd.read_csv(tmp_path / "s_warnings.csv").shape[0] >= 1
