@@ -60,7 +60,7 @@ def test_flags_and_yaml_override_the_recipe_in_order(tmp_path):
     y.write_text("lr: 0.001\nglobal_pool: max\nhead_dropout: 0.5\n")
     cfg = config("--config", str(y), "--global-pool", "avgmax", "--epochs", "3", "--size", "256x128")
     assert (cfg.lr, cfg.global_pool, cfg.head_dropout, cfg.epochs, cfg.size) == (
-        0.001, "avgmax", 0.5, 3, "256x128")
+        0.001, "avgmax", 0.5, 3, [256, 128])
     # a fixed --ema replaces the recipe's ema_epochs (TrainConfig refuses both)
     cfg = config("--ema", "0.99")
     assert (cfg.ema, cfg.ema_epochs) == (0.99, 0.0)
@@ -88,7 +88,7 @@ def test_per_run_fields_and_bad_values_are_refused(tmp_path):
 def test_a_finished_run_is_reused_only_with_the_same_train_config():
     want = asdict(config())
     stored = {k: v for k, v in want.items() if k not in ("head_dropout", "label_smoothing")}
-    stored["size"] = [int(v) for v in want["size"].split("x")]   # config.json of an older run
+    stored["size"] = "x".join(str(v) for v in want["size"])      # config.json of an older run
     stored["out"] = "elsewhere"
     assert rd.config_differences(stored, want) == {}
     stored["global_pool"] = "avg"

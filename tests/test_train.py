@@ -292,7 +292,7 @@ def test_ddp_two_processes_gloo_identical_weights(tmp_path, png48, synth_small):
 def test_yaml_config_and_cli_errors(tmp_path, png48, synth_small):
     (tmp_path / "t.yaml").write_text(f"data: {png48}\ncsv: {synth_small / 'train.csv'}\nmodel: resnet18\nsize: 48\nepochs: 3\n")
     cfg = TrainConfig.from_yaml(tmp_path / "t.yaml", epochs=1, out=str(tmp_path / "o"))
-    assert cfg.epochs == 1 and cfg.size == 48 and cfg.model == "resnet18"
+    assert cfg.epochs == 1 and cfg.size == [48, 48] and cfg.model == "resnet18"
     (tmp_path / "bad.yaml").write_text("modle: resnet18\n")
     with pytest.raises(RsnaError, match="unknown training option.*modle"):
         TrainConfig.from_yaml(tmp_path / "bad.yaml")
