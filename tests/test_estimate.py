@@ -251,3 +251,14 @@ def test_a_source_weight_of_zero_or_below_is_refused():
                                             "source trains at a weight above 0"):
             check_plan_sources([{"name": "rsna", "dir": "x"},
                                 {"name": "cmmd", "dir": "y", "weight": w}], "p.yaml")
+
+
+def test_a_step_override_wins_over_an_every_step_one_in_any_order(tmp_path):
+    from rsna_utils.app.notebooks import plan_steps
+    for order in (["03_train_convnext_*.epochs=3", "epochs=1"],
+                  ["epochs=1", "03_train_convnext_*.epochs=3"]):
+        _, _, todo, _ = plan_steps("kaggle", tmp_path, runs=tmp_path / "runs", overrides=order,
+                                   external=tmp_path, say=lambda m: None)
+        epochs = {name: p["epochs"] for _, name, nb, p in todo if nb.name.startswith("03_")}
+        assert epochs["03_train_convnext_2048x1024_fold2"] == 3, order
+        assert epochs["03_train_resnet18_512x256_fold0"] == 1, order

@@ -167,7 +167,8 @@ def plan_steps(plan: str | Path, data: str | Path = "data/synthetic", runs: str 
             continue
         declared = set(pm.inspect_notebook(str(nb)))
         params = _substitute(dict(step.get("parameters", {})), ctx)
-        for scope in over:          # every step first, then the steps named or matched
+        # every step's first, then those naming or matching this step (the more specific wins)
+        for scope in sorted(over, key=bool):
             if scope and not fnmatch.fnmatchcase(step_name, scope):
                 continue
             for k, v in over[scope].items():
