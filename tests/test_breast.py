@@ -242,3 +242,52 @@ def test_exam_report_shows_each_views_attention_and_the_pooled_score(tmp_path, b
     got = views.groupby("prediction_id").breast_score.first()
     assert np.allclose(got, pred.loc[got.index], atol=1e-4)
     assert all(Path(f).exists() for f in res["figures"])
+
+
+def test_breast_stream_pools_each_breast_as_its_views_are_read_bit_for_bit(tiny_model):
+    """Issue 41: `BreastStream` (each breast pooled once its rows are read, features dropped)
+    gives exactly `breast_scores`' values (the same chunks), whatever the batches, with views
+    of a breast apart in the table, unread rows, a breast with no view read, and the flip's
+    features pooled apart; it holds a few breasts' features, not the table's."""
+    from rsna_utils.learn.breast import BreastStream
+    rng = np.random.default_rng(0)
+    n, f = 41, tiny_model.num_features
+    pid = np.array([f"b{i // 3}" for i in range(n)], object)    # 3 views a breast, in order
+    pid[[5, 30]] = pid[[30, 5]]                                # two breasts' views far apart
+    readable = rng.random(n) > 0.15
+    readable[[9, 10, 11]] = False                              # b3: no view read
+    feats = rng.normal(size=(n, 2, f)).astype(np.float16)      # (N, K=2 with the flip, F)
+    full = feats.astype(np.float32)
+    for chunk in (2, 3, 512):
+        want = [breast_scores(tiny_model, full[:, k], readable, pid, "cpu", chunk=chunk)
+                for k in range(2)]
+        for batch in (1, 4, 7):
+            s = BreastStream(tiny_model, pid, "cpu", chunk=chunk)
+            for b in range(0, n, batch):
+                s.add(list(range(b, min(n, b + batch))), feats[b:b + batch], readable[b:b + batch])
+            prob, att = s.finish()
+            for k in range(2):
+                np.testing.assert_array_equal(prob[k], want[k][0])
+                np.testing.assert_array_equal(att[k], want[k][1])
+            assert not s.views and s.seen == 0
+            if chunk == 2 and batch == 1:
+                # held at most: the breasts spanning rows 5..30, not the 41 rows
+                assert s.peak_held < readable.sum()
+    assert np.isnan(prob[0, 9:12]).all() and np.isfinite(prob[0, readable]).all()
+
+
+def test_predict_with_a_breast_member_gives_the_same_scores_as_holding_every_view(
+        tmp_path, breast_run, synth_small, monkeypatch):
+    """Streaming the breast pooling inside predict changes no score: equal, bit for bit, to
+    the same run holding every view's features until the end (the behaviour before)."""
+    from rsna_utils.infer.predict import predict
+    from rsna_utils.learn.breast import BreastStream
+    root, _ = breast_run
+    ck = [str(root / "breast" / "best.pt"), str(root / "img" / "best.pt")]
+    args = (synth_small / "test_images", synth_small / "test.csv", ck)
+    now = predict(*args, out=None, workers=0, tta=True, progress=False, batch_size=3)
+    monkeypatch.setattr(BreastStream, "hold_all", True)
+    before = predict(*args, out=None, workers=0, tta=True, progress=False, batch_size=3)
+    np.testing.assert_array_equal(now.images.prediction, before.images.prediction)
+    np.testing.assert_array_equal(now.images.attention, before.images.attention)
+    pd.testing.assert_frame_equal(now.submission, before.submission)

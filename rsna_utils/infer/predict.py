@@ -294,8 +294,10 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     reasons, inverted = [""] * len(ds), [False] * len(ds)
     bar = tqdm(total=len(ds), desc="predict", unit="img", disable=not progress, file=sys.stderr)
     groups = input_groups(models, weights, ds.cfg.size)
-    # breast-level members: every view's features kept (float16), each breast pooled at the end
-    feats = {id(m): [] for m in models if m.level == "breast"}
+    # breast-level members: each breast pooled as soon as its views are read (`BreastStream`)
+    from rsna_utils.learn.breast import BreastStream
+    streams = {id(m): BreastStream(m.model, df["prediction_id"].to_numpy(), device)
+               for m in models if m.level == "breast"}
     with torch.inference_mode():
         for imgs, idx, why, flag in dl:
             p = torch.zeros(len(imgs), device=device)
@@ -306,7 +308,8 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
                     for m, w in members:                  # every fold (and flip) on one tensor
                         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                             if m.level == "breast":
-                                feats[id(m)].append(view_features(m.model, xm, tta))
+                                streams[id(m)].add(idx, view_features(m.model, xm, tta),
+                                                   [not r for r in why])
                             else:
                                 p += w * cancer_probability(m.model, xm, tta).float()
             p = p.cpu().numpy()
@@ -319,14 +322,15 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
             bar.update(len(idx))
     bar.close()
     attention = np.full(len(ds), np.nan, np.float32)
-    if feats:
-        preds, attention = add_breast_members(preds, reasons, df, models, weights, feats, device)
+    if streams:
+        preds, attention = combine_breast_members(
+            preds, reasons, models, weights, {k: s.finish() for k, s in streams.items()})
     return preds, reasons, inverted, attention
 
 
 def view_features(model, x, tta: bool = False):
     """(N, 1 or 2, F) float16 on the CPU: a breast model's features of each view (and of its
-    mirror with `tta`), kept until the breast's other views are read."""
+    mirror with `tta`), kept until the breast's other views are read (`BreastStream`)."""
     import torch
     from rsna_utils.learn.checkpoint import mirrored
     f = [model.features(x)] + ([model.features(mirrored(x))] if tta else [])
@@ -343,14 +347,28 @@ def add_breast_members(preds: np.ndarray, reasons: list, df: pd.DataFrame, model
     views' attention weights averaged over the breast members by their votes)."""
     from rsna_utils.learn.breast import breast_scores
     readable = np.array([not r for r in reasons], bool)
-    att_sum = np.zeros(len(preds), np.float32)
-    vote = 0.0
-    for m, w in zip(models, weights):
+    scored = {}
+    for m in models:
         if m.level != "breast":
             continue
         f = np.concatenate(feats[id(m)]).astype(np.float32)          # (N, 1 or 2, F)
         probs, atts = zip(*(breast_scores(m.model, f[:, k], readable, df["prediction_id"], device)
                             for k in range(f.shape[1])))
+        scored[id(m)] = (np.stack(probs), np.stack(atts))
+    return combine_breast_members(preds, reasons, models, weights, scored)
+
+
+def combine_breast_members(preds: np.ndarray, reasons: list, models, weights,
+                           scored: dict) -> tuple[np.ndarray, np.ndarray]:
+    """`add_breast_members` from each breast member's pooled (K, N) probabilities and
+    attention weights (`scored`, by id of the member; K = 2 with the flip)."""
+    readable = np.array([not r for r in reasons], bool)
+    att_sum = np.zeros(len(preds), np.float32)
+    vote = 0.0
+    for m, w in zip(models, weights):
+        if m.level != "breast":
+            continue
+        probs, atts = scored[id(m)]
         preds = preds + w * np.nan_to_num(np.mean(probs, axis=0))
         att_sum += w * np.nan_to_num(np.mean(atts, axis=0))
         vote += w

@@ -243,31 +243,114 @@ def _nanmean(a: np.ndarray) -> np.ndarray:
 # Inference: every view read once, each breast's views pooled afterwards
 # ----------------------------------------------------------------------------------------
 
+POOL_CHUNK = 512           # breasts pooled per call of the attention (inference)
+
+
 def breast_scores(model, feats: np.ndarray, readable: np.ndarray, prediction_ids, device,
-                  chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+                  chunk: int = POOL_CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """(probability per row, attention per row): the views of each breast (rows sharing a
     prediction_id, `readable` ones only) pooled by `model` from their features (N, F), every
     row of a breast given its breast's probability. NaN where a row was not read, and for
-    every row of a breast none of whose views was read (the caller reports those)."""
-    import torch
+    every row of a breast none of whose views was read (the caller reports those).
+    `BreastStream` gives the same values while the rows are still being read."""
     pid = np.asarray(prediction_ids)
     idx = np.flatnonzero(np.asarray(readable, bool))
     rows = [s.to_numpy() for _, s in pd.Series(idx).groupby(pid[idx], sort=False)]
     prob = np.full(len(pid), np.nan, np.float32)
     att = np.full(len(pid), np.nan, np.float32)
-    if not rows:
-        return prob, att
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
-        v = max(len(r) for r in part)
-        f = np.zeros((len(part), v, feats.shape[1]), np.float32)
-        m = np.zeros((len(part), v), bool)
-        for i, r in enumerate(part):
-            f[i, :len(r)], m[i, :len(r)] = feats[r], True
-        with torch.inference_mode():
-            out, w = model.pool(torch.from_numpy(f).to(device), torch.from_numpy(m).to(device))
-            p = torch.sigmoid(out[:, 0].float()).cpu().numpy()      # logit 0: the cancer
-            w = w.float().cpu().numpy()
+        p, w = pool_breasts(model, [feats[r] for r in part], device)
         for i, r in enumerate(part):
             prob[r], att[r] = p[i], w[i, :len(r)]
     return prob, att
+
+
+def pool_breasts(model, views: list, device) -> tuple[np.ndarray, np.ndarray]:
+    """One call of the attention on breasts given as their views' features ((V_b, F) each):
+    ((B,) probability, (B, V) attention weights, the breasts padded to the most views)."""
+    import torch
+    v = max(len(f) for f in views)
+    f = np.zeros((len(views), v, views[0].shape[1]), np.float32)
+    m = np.zeros((len(views), v), bool)
+    for i, x in enumerate(views):
+        f[i, :len(x)], m[i, :len(x)] = x, True
+    with torch.inference_mode():
+        out, w = model.pool(torch.from_numpy(f).to(device), torch.from_numpy(m).to(device))
+        p = torch.sigmoid(out[:, 0].float()).cpu().numpy()      # logit 0: the cancer
+        w = w.float().cpu().numpy()
+    return p, w
+
+
+class BreastStream:
+    """`breast_scores` while the rows are read: each breast is pooled as soon as every row of it
+    (readable or not) has been seen, and its views' features are dropped, so what is held does
+    not grow with the test set: the breasts waiting for a view still to come (with test.csv's
+    order, a patient's rows together, a few), plus at most `chunk` finished ones. The breasts
+    are pooled in the chunks `breast_scores` makes (in the order of their first readable row,
+    `chunk` at a time), so every value is the same, bit for bit. `add` the rows in order (one
+    batch at a time, features (n, K, F): K = 2 with the flip, each pooled apart), then `finish`
+    for the (K, N) probabilities and attention weights, NaN where not read.
+    `hold_all`: pool nothing until `finish`, every feature kept (the behaviour before issue 41;
+    benchmarks/predict_memory.py measures both)."""
+
+    hold_all = False
+
+    def __init__(self, model, prediction_ids, device, chunk: int = POOL_CHUNK):
+        from collections import Counter, deque
+        self.model, self.device, self.chunk = model, device, chunk
+        self.pid = np.asarray(prediction_ids)
+        self.left = Counter(self.pid.tolist())     # rows of each breast not seen yet
+        self.queue = deque()                       # breasts with a readable view, in first-read order
+        self.views: dict = {}                      # breast -> ([rows], [(K, F) features])
+        self.ready: list = []                      # finished breasts, waiting for a full chunk
+        self.prob = self.att = None
+        self.seen = 0
+        self.peak_held = 0                         # most rows' features held at once
+
+    def add(self, rows, feats: np.ndarray, readable) -> None:
+        """Rows `rows` (positions in the table, in order) with their features (n, K, F);
+        `readable[j]` False: row j was not read (its features are ignored)."""
+        if self.prob is None:
+            k = feats.shape[1]
+            self.prob = np.full((k, len(self.pid)), np.nan, np.float32)
+            self.att = np.full((k, len(self.pid)), np.nan, np.float32)
+        for j, r in enumerate(rows):
+            b = self.pid[r]
+            if readable[j]:
+                if b not in self.views:
+                    self.views[b] = ([], [])
+                    self.queue.append(b)
+                self.views[b][0].append(r)
+                self.views[b][1].append(feats[j])
+                self.seen += 1
+            self.left[b] -= 1
+        self.peak_held = max(self.peak_held, self.seen)
+        if not self.hold_all:
+            self._drain(final=False)
+
+    def _drain(self, final: bool) -> None:
+        while self.queue and (final or self.left[self.queue[0]] == 0):
+            self.ready.append(self.queue.popleft())
+            if len(self.ready) == self.chunk:
+                self._pool()
+        if final and self.ready:
+            self._pool()
+
+    def _pool(self) -> None:
+        done = [self.views.pop(b) for b in self.ready]
+        self.ready = []
+        for k in range(self.prob.shape[0]):
+            views = [np.stack([f[k] for f in feats]).astype(np.float32) for _, feats in done]
+            p, w = pool_breasts(self.model, views, self.device)
+            for i, (rows, _) in enumerate(done):
+                self.prob[k, rows], self.att[k, rows] = p[i], w[i, :len(rows)]
+        self.seen -= sum(len(rows) for rows, _ in done)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """(K, N) probabilities and attention weights of every row; NaN where not read."""
+        if self.prob is None:                     # no row given
+            empty = np.full((1, len(self.pid)), np.nan, np.float32)
+            return empty, empty.copy()
+        self._drain(final=True)
+        return self.prob, self.att
