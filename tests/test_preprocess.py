@@ -251,3 +251,9 @@ def test_a_missing_images_folder_stops_before_anything_is_written(tmp_path, synt
     assert main(["preprocess", "--images", str(tmp_path / "train_imgs"), "--csv",
                  str(synth_small / "train.csv"), "--out", str(out), "--quiet"]) == 2
     assert not out.exists()
+
+
+def test_summary_points_at_failures_csv_only_when_something_failed():
+    from rsna_utils.image.preprocess import RunSummary
+    assert "failures.csv" not in RunSummary(processed=3, seconds=1.0, out="o").line()
+    assert "2 failed (see failures.csv)" in RunSummary(processed=3, failed=2, seconds=1.0).line()

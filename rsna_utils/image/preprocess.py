@@ -313,7 +313,8 @@ class RunSummary:
         """One line (and a second one when images look inverted); `extra` ends the first."""
         rate = self.processed / self.seconds if self.seconds else 0.0
         return (f"preprocessed {self.processed} images, skipped {self.skipped} already done, "
-                f"{self.failed} failed (see failures.csv) in {self.seconds:.1f} s "
+                f"{self.failed} failed{' (see failures.csv)' if self.failed else ''} "
+                f"in {self.seconds:.1f} s "
                 f"({rate:.2f} img/s); output in {self.out}{extra}" + self.inverted_line())
 
     def inverted_line(self) -> str:
