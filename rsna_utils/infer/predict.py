@@ -65,6 +65,11 @@ class PredictConfig(Config):
     batch_size: int = setting(16, "images per model call", ge=1)
     workers: int = setting(2, "preprocessing processes", ge=0)
     device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    shards: int | str = setting(1, "processes the test patients are split over, each on its own "
+                                "device (a patient never split; the submission as one process "
+                                "makes it): auto (one per CUDA GPU found, e.g. both of a Kaggle "
+                                "T4 x2; 1 on the CPU) or N (N GPUs, or N processes on the CPU); "
+                                "workers are shared out among them", parse=str)
     backend: str = setting("auto", "decoder: auto, imagecodecs, dicomsdl, pydicom, nvimgcodec, "
                            "dali")
     progress: bool = setting(True, "progress bar", negate="--quiet")
@@ -103,6 +108,8 @@ class PredictConfig(Config):
                             "quantile:0.02)")
         if self.binarize_how not in (None, "threshold"):
             quantile_share(self.binarize_how)
+        from rsna_utils.infer.shard import parse_shards
+        self.shards = parse_shards(self.shards)
         resolve_output(self.output, self.binarize_how, self.calibrator, self.agg)
 
 
@@ -535,11 +542,14 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     from rsna_utils.learn.device import resolve_device
     output, binarize_how = resolve_output(cfg.output, cfg.binarize_how, cfg.calibrator, cfg.agg)
     t0 = time.perf_counter()
-    dev = resolve_device(cfg.device)
+    from rsna_utils.infer.shard import resolve_shards, score_sharded
+    shards, shard_device = resolve_shards(cfg.shards, cfg.device)
+    dev = resolve_device(cfg.device if shards == 1 else "cpu")    # sharded: the models stay here
     df = load_table(cfg.csv)    # checks the columns, adds prediction_id when absent
     models, pre = load_models(cfg.checkpoints, dev)
     set_recipe_weights(models, cfg.member_weights)
-    imgs = score_images(cfg, df, models, pre, dev)
+    imgs = (score_sharded(cfg, df, shards, shard_device) if shards > 1    # a process a device
+            else score_images(cfg, df, models, pre, dev))
     warnings = image_warnings(cfg, imgs, pre)
     check_readable(cfg, imgs, warnings)
     sub, cut = submission(cfg, df, imgs, models, output, binarize_how)
