@@ -85,8 +85,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # `rsna --help` lists the subcommands in the order of the pipeline
-PIPELINE = ("synth", "ingest", "preprocess", "train", "oof", "predict", "evaluate", "explain",
-            "weights", "notebooks", "demo", "bundle")
+PIPELINE = ("synth", "ingest", "preprocess", "train", "oof", "export", "predict", "evaluate",
+            "explain", "weights", "notebooks", "demo", "bundle")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -96,6 +96,11 @@ class PredictConfig(Config):
                                      "tuned threshold flagged out of fold, the rate and range of "
                                      "the cut fallback (None: the threshold alone, as before)",
                                      gt=0, lt=1, cli=False)
+    runtime: str = setting("torch", "torch: eager PyTorch; onnx: each member's export (`rsna "
+                           "export --format onnx`) through onnxruntime, probed first; a member "
+                           "it cannot run stays in PyTorch, named", choices=("torch", "onnx"))
+    engines: str | None = setting(None, "with runtime onnx: the folder of `rsna export --out "
+                                  "DIR` (default: --ensemble's folder, else each checkpoint's)")
 
     def __post_init__(self):
         if isinstance(self.checkpoints, (str, os.PathLike)):
@@ -547,6 +552,9 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     dev = resolve_device(cfg.device if shards == 1 else "cpu")    # sharded: the models stay here
     df = load_table(cfg.csv)    # checks the columns, adds prediction_id when absent
     models, pre = load_models(cfg.checkpoints, dev)
+    if cfg.runtime == "onnx":       # exported members through onnxruntime (`infer.engine`)
+        from rsna_utils.infer.engine import attach_engines
+        attach_engines(models, dev, cfg.engines)
     set_recipe_weights(models, cfg.member_weights)
     imgs = (score_sharded(cfg, df, shards, shard_device) if shards > 1    # a process a device
             else score_images(cfg, df, models, pre, dev))

@@ -1,0 +1,273 @@
+"""Exported members at inference: `rsna predict --runtime onnx` runs each checkpoint's ONNX
+export (`infer.export`, `rsna export --format onnx`) through onnxruntime instead of eager
+PyTorch, chosen like the decoders are: probed before it is used, the reason said in one line
+when it is not, and the fallback (the member in eager PyTorch) named and taken.
+
+For each member: its contract (DIR/<name>.onnx.json, beside the .onnx) is found by the
+checkpoint it was exported from (`find_contract`); a contract whose sha256 differs from the
+checkpoint's is refused (re-export), never run. The session is built on the execution
+providers present (CPU here; CUDA on a GPU), then a probe batch goes through both the session
+and the PyTorch model: the member runs in onnxruntime only when the two agree within the
+stated tolerance (`TOLERANCE`), so a model that exports wrongly costs speed, never a score.
+`OnnxModel` stands in for the PyTorch model where `predict` calls it (the image models'
+forward, the breast models' `features`; a breast model's attention pooling stays in PyTorch).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from rsna_utils.core.errors import RsnaError, say_once
+
+ORT_PIN = "onnxruntime==1.32.0"         # requirements.txt
+CONTRACT_SUFFIX = ".onnx.json"
+FORMAT = "rsna-onnx-1"
+# The largest |probability| difference between the exported member and its PyTorch model on
+# the probe batch for the member to run in onnxruntime: float32 on both sides (the CPU) agree
+# to about 1e-6; against the autocast (fp16 / bf16) PyTorch path of a GPU to about 1e-3.
+TOLERANCE = {"fp32": 1e-4, "half": 2e-2}
+GPU_PROVIDERS = ("CUDAExecutionProvider",)
+FALLBACK = "eager PyTorch"
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def providers(device_type: str) -> tuple[list[str] | None, str]:
+    """(execution providers to ask onnxruntime for, "") on this device, or (None, why not):
+    onnxruntime missing, or on a GPU no CUDA provider (the CPU provider would leave the GPU idle
+    and run hours slower than eager PyTorch on it)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return None, f"onnxruntime is not installed ({e}; pip install {ORT_PIN})"
+    have = ort.get_available_providers()
+    if device_type == "cuda":
+        gpu = [p for p in GPU_PROVIDERS if p in have]
+        if not gpu:
+            return None, (f"onnxruntime {ort.__version__} has no CUDA execution provider here "
+                          f"(it has {', '.join(have)}; pip install onnxruntime-gpu for the GPU)")
+        return gpu + ["CPUExecutionProvider"], ""
+    if "CPUExecutionProvider" not in have:
+        return None, f"onnxruntime {ort.__version__} has no CPU execution provider"
+    return ["CPUExecutionProvider"], ""
+
+
+def read_contract(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        c = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RsnaError(f"{path}: not a readable contract ({type(e).__name__}: {e}); re-export: "
+                        "rsna export --format onnx --checkpoints CKPT --out DIR") from None
+    if not isinstance(c, dict) or c.get("format") != FORMAT:
+        raise RsnaError(f"{path}: not a contract of `rsna export --format onnx` (format "
+                        f"{c.get('format') if isinstance(c, dict) else None!r}, want {FORMAT!r}); "
+                        "re-export with this version")
+    c["_path"] = str(path)
+    return c
+
+
+def find_contract(checkpoint: str | Path, folder: str | Path | None = None) -> dict | None:
+    """The contract exported from `checkpoint` in `folder` (default: the checkpoint's own): the
+    one whose recorded checkpoint path resolves to it, else one named as an export of it would
+    be (`member_name`: the folders moved together); None when there is none."""
+    ck = Path(checkpoint)
+    folder = Path(folder) if folder is not None else ck.parent
+    here = os.path.normpath(os.path.abspath(ck))
+    contracts = sorted(folder.glob("*" + CONTRACT_SUFFIX)) if folder.is_dir() else []
+    for p in contracts:
+        c = read_contract(p)
+        there = os.path.normpath(os.path.abspath(folder / str(c.get("checkpoint", ""))))
+        if there == here:
+            return c
+    for name in dict.fromkeys([member_name(ck), ck.stem]):
+        p = folder / (name + CONTRACT_SUFFIX)
+        if p.is_file():
+            return read_contract(p)
+    return None
+
+
+def member_name(checkpoint: str | Path) -> str:
+    """The export's name of a checkpoint: its run folder and file stem (runs/r18/fold0/best.pt
+    -> fold0_best), as the Kaggle export names its copies."""
+    ck = Path(checkpoint)
+    return f"{ck.parent.name}_{ck.stem}" if ck.parent.name else ck.stem
+
+
+def check_contract(c: dict, checkpoint: str | Path) -> Path | None:
+    """The .onnx of contract `c` for `checkpoint`, or None when the export failed (the contract
+    says why). Refused (RsnaError) when it was exported from another file than the checkpoint
+    or its .onnx was replaced since: its scores would not be the checkpoint's."""
+    where = c["_path"]
+    fix = (f"re-export: rsna export --format onnx --checkpoints {checkpoint} --out "
+           f"{Path(where).parent}")
+    have = sha256(checkpoint)
+    if c.get("checkpoint_sha256") != have:
+        raise RsnaError(f"{where}: exported from another checkpoint than {checkpoint} (sha256 "
+                        f"{str(c.get('checkpoint_sha256'))[:12]}, the file has {have[:12]}); {fix}")
+    if not c.get("onnx"):
+        return None
+    onnx = Path(where).parent / c["onnx"]
+    if not onnx.is_file():
+        raise RsnaError(f"{onnx}: missing (its contract {where} names it); {fix}")
+    if c.get("onnx_sha256") and sha256(onnx) != c["onnx_sha256"]:
+        raise RsnaError(f"{onnx}: changed since it was exported (sha256 differs from its "
+                        f"contract {where}); {fix}")
+    return onnx
+
+
+def make_session(onnx: str | Path, provider_list: list[str], threads: int | None = None):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3            # errors only: the fallback line says the rest
+    return ort.InferenceSession(str(onnx), so, providers=provider_list)
+
+
+class OnnxModel:
+    """An exported member in the PyTorch model's place: called on a (N, C, H, W) tensor it
+    returns the model's output (the image graph's logits), `features` returns a breast model's
+    per-view features (the breast graph); anything else (a breast model's `pool`, `eval`) is
+    the PyTorch model's. Tensors come back on the input's device."""
+
+    def __init__(self, session, torch_model, graph: str):
+        self.session, self.torch_model, self.graph = session, torch_model, graph
+        self.input = session.get_inputs()[0].name
+        self.output = session.get_outputs()[0].name
+        self.providers = session.get_providers()
+
+    def run(self, x):
+        import numpy as np
+        import torch
+        if x.is_cuda and "CUDAExecutionProvider" in self.providers:
+            return self._run_cuda(x)
+        a = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        out = self.session.run([self.output], {self.input: a})[0]
+        return torch.from_numpy(out).to(x.device)
+
+    def _run_cuda(self, x):
+        """Input and output stay on the GPU (IO binding: no copy through the host)."""
+        import numpy as np
+        import torch
+        x = x.detach().float().contiguous()
+        io = self.session.io_binding()
+        io.bind_input(self.input, "cuda", x.device.index or 0, np.float32, tuple(x.shape),
+                      x.data_ptr())
+        io.bind_output(self.output, "cuda", x.device.index or 0)
+        self.session.run_with_iobinding(io)
+        out = io.get_outputs()[0]
+        return torch.from_dlpack(out.to_dlpack()) if hasattr(out, "to_dlpack") else \
+            torch.from_numpy(out.numpy()).to(x.device)
+
+    def __call__(self, x):
+        if self.graph != "logits":
+            raise RsnaError(f"this export holds the {self.graph} graph, not the model's forward")
+        return self.run(x)
+
+    def features(self, x):
+        if self.graph != "features":
+            raise RsnaError(f"this export holds the {self.graph} graph, not a breast model's "
+                            "features")
+        return self.run(x)
+
+    def __getattr__(self, name):
+        if name in ("session", "torch_model", "graph"):
+            raise AttributeError(name)
+        return getattr(self.torch_model, name)
+
+
+def probe_difference(model, engine: OnnxModel, contract: dict, device, batch: int = 2) -> float:
+    """The largest |difference| between the PyTorch model and its export on a random batch
+    at the member's input size, as `predict` would score it: the cancer probability for an
+    image model; for a breast model its features' pooled probability, each view alone."""
+    import torch
+
+    from rsna_utils.learn.checkpoint import cancer_logit
+    from rsna_utils.learn.device import half_dtype
+    h, w = contract["size"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, contract["channels"], h, w, generator=g).to(device)
+    dtype = half_dtype(device)
+    with torch.inference_mode():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if contract["graph"] == "features":
+                ref, got = model.features(x).float(), engine.features(x).float()
+                mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
+                ref = torch.sigmoid(cancer_logit(model.pool(ref[:, None], mask)[0]))
+                got = torch.sigmoid(cancer_logit(model.pool(got[:, None], mask)[0]))
+            else:
+                ref = torch.sigmoid(cancer_logit(model(x)))
+                got = torch.sigmoid(cancer_logit(engine(x)))
+    return float((ref.float() - got.float()).abs().max())
+
+
+def attach_engines(models: list, device, folder: str | Path | None = None,
+                   say=None) -> list[str]:
+    """Put each member's exported model (`OnnxModel`) in its PyTorch model's place where it is
+    usable; the others stay in eager PyTorch, each with one line saying why. Returns the
+    runtime of each member ("onnx" or "torch"). Refuses (RsnaError) a contract exported from
+    another checkpoint."""
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    device = _device(device)
+    plist, why = providers(device.type)
+    if plist is None:
+        say_once(f"runtime onnx: {why}; running every member in {FALLBACK}")
+        return ["torch"] * len(models)
+    contracts = []
+    for m in models:       # every contract checked before any session is built
+        c = find_contract(m.path, folder)
+        contracts.append((c, None if c is None else check_contract(c, m.path)))
+    tol = TOLERANCE["half" if device.type == "cuda" else "fp32"]
+    runtimes, worst, used = [], 0.0, set()
+    for m, (c, onnx) in zip(models, contracts):
+        where = Path(folder) if folder is not None else Path(m.path).parent
+        reason = None
+        if c is None:
+            reason = (f"no export of it in {where} (rsna export --format onnx --checkpoints "
+                      f"{m.path} --out {where})")
+        elif onnx is None:
+            reason = f"it did not export to ONNX ({c.get('error', 'no .onnx written')})"
+        else:
+            try:
+                engine = OnnxModel(make_session(onnx, plist), m.model, c["graph"])
+                diff = probe_difference(m.model, engine, c, device)
+            except Exception as e:            # noqa: BLE001 - any failure: that member in torch
+                reason = (f"onnxruntime cannot run {onnx.name} ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})")
+            else:
+                if not diff <= tol:
+                    reason = (f"its export scores differ from PyTorch on the probe batch (max "
+                              f"|dp| {diff:.2e} > {tol:g}); re-export it, or keep it in torch")
+        if reason:
+            say(f"{m.path}: runs in {FALLBACK}, not onnxruntime: {reason}")
+            runtimes.append("torch")
+            continue
+        m.model = engine
+        worst = max(worst, diff)
+        used.update(p for p in engine.providers if p != "CPUExecutionProvider" or
+                    device.type != "cuda")
+        runtimes.append("onnx")
+    n = runtimes.count("onnx")
+    if n:
+        import onnxruntime as ort
+        say(f"runtime onnx: {n} of {len(models)} member(s) through onnxruntime {ort.__version__} "
+            f"({', '.join(sorted(used))}); probe max |dp| against PyTorch {worst:.1e} (allowed "
+            f"{tol:g})" + (f"; {len(models) - n} in {FALLBACK} (named above)"
+                           if n < len(models) else ""))
+    return runtimes
+
+
+def _device(device):
+    import torch
+    return device if isinstance(device, torch.device) else torch.device(device)
