@@ -262,3 +262,28 @@ def test_a_step_override_wins_over_an_every_step_one_in_any_order(tmp_path):
         epochs = {name: p["epochs"] for _, name, nb, p in todo if nb.name.startswith("03_")}
         assert epochs["03_train_convnext_2048x1024_fold2"] == 3, order
         assert epochs["03_train_resnet18_512x256_fold0"] == 1, order
+
+
+def test_the_submit_plan_on_a_t4_x2_halves_the_models_time_not_the_reading(capsys):
+    """Issue 41: `--gpu t4x2` (Kaggle's two T4s, the same 4 cores): the submit plan's `shards:
+    auto` runs a process per GPU, so the models' time halves; reading the DICOMs does not
+    (the cores read for both); `-p shards=1` is the one-T4 estimate. With the flip it fits in
+    Kaggle's 9 h, as on one T4 it does not."""
+    from rsna_utils.app.cli import main
+    assert est.preprocess_img_s("t4x2") == est.preprocess_img_s("t4")
+    assert est.inference_devices("auto", "t4x2") == 2 and est.inference_devices(1, "t4x2") == 1
+    assert est.inference_devices("auto", "t4") == 1 and est.inference_devices(3, "t4x2") == 2
+    hours, out = {}, ""
+    for gpu, extra in (("t4", []), ("t4x2", []), ("t4x2", ["-p", "shards=1"])):
+        assert main(["notebooks", "--plan", "submit", "--estimate", "--gpu", gpu, "--data",
+                     "/nonexistent", "-p", "tta=true"] + extra) == 0
+        out = capsys.readouterr().out
+        row = next(r for r in out.splitlines() if r.startswith("| 04_inference"))
+        assert ("on 2 GPUs (a process each)" in row) == (gpu == "t4x2" and not extra)
+        hours[(gpu, bool(extra))] = float(row.split("|")[6])
+    decode = 36_700 / est.preprocess_img_s("t4") / 3600
+    one, two = hours[("t4", False)], hours[("t4x2", False)]
+    assert two - decode == pytest.approx((one - decode) / 2, rel=0.01)
+    assert hours[("t4x2", True)] == one
+    assert two < 9 < one
+    assert "hours on a T4 x2 (2 T4s)" in out and "each T4 at 0.067 of an H200" in out

@@ -61,7 +61,20 @@ PNG_SIZE = (2048, 1024)
 # is an assumption from its specifications: 65 fp16 TFLOPS and 320 GB/s against about 990 and
 # 4,800: 1/15 of an H200, the factor BENCHMARKS.md's first estimate used; its 4 CPU cores read
 # the DICOMs, which on the H200 machine took 14 threads.
-GPUS = {"h200": (1.0, 141, 16), "h100": (0.85, 80, 16), "t4": (1 / 15, 16, 4)}
+GPUS = {"h200": (1.0, 141, 16), "h100": (0.85, 80, 16), "t4": (1 / 15, 16, 4),
+        "t4x2": (1 / 15, 16, 4)}
+# GPUs of a kind (speed and memory above are each one's): Kaggle's "GPU T4 x2" accelerator, two
+# T4s beside the same 4 CPU cores. Inference with `shards: auto` (issue 41) runs a process per
+# GPU on half the patients each: the models' time halves, the DICOM reading does not (the 4
+# cores read for both; one T4's nvImageCodec already reads faster than they hand it frames).
+# Training runs on one of them.
+GPU_COUNT = {"t4x2": 2}
+
+
+def gpu_name(gpu: str) -> str:
+    """"one T4", "a T4 x2 (two T4s)": what the estimate is for, in words."""
+    n = GPU_COUNT.get(gpu, 1)
+    return f"one {gpu.upper()}" if n == 1 else f"a {gpu[:-2].upper()} x{n} ({n} {gpu[:-2].upper()}s)"
 # the competition's train.csv when the plan's data is not at hand (RSNA_DATA.md)
 COMPETITION = dict(images=54_706, positives=1_158)
 # the hidden test set: about 8,000 patients x 4.59 images each (train.csv's images per patient)
@@ -91,7 +104,8 @@ def preprocess_img_s(gpu: str) -> float:
     and frames on its 16 cores was the limit (BENCHMARKS.md); scaled by the cores, and never
     above the GPU's decode ceiling (193 img/s on the H200, scaled by the GPU's speed)."""
     speed, _, cores = GPUS[gpu]
-    return min(PREPROCESS_IMG_S * min(1.0, cores / 16), DECODE_CEILING_IMG_S * speed)
+    return min(PREPROCESS_IMG_S * min(1.0, cores / 16),
+               DECODE_CEILING_IMG_S * speed * GPU_COUNT.get(gpu, 1))
 
 
 def worker_img_s(workers: int, size, gpu: str = "h100", aug_level: str | None = None,
@@ -296,7 +310,9 @@ def _estimate_inference(params: dict, train_steps: list[dict], gpu: str,
                         rates: dict | None = None) -> StepEstimate:
     """04: the test images decoded once per checkpoint's input size, every checkpoint (with the
     flip when the step asks for it, else as the ensemble validated: its training steps' tta) run
-    on them; the hidden test set's size when the plan's test.csv is not at hand."""
+    on them; the hidden test set's size when the plan's test.csv is not at hand. With several
+    GPUs (`GPU_COUNT`) and the step's `shards` auto or N, the models' time is shared by
+    min(N, GPUs) processes; the reading of the DICOMs is not (the box's cores do it for all)."""
     csv = params.get("csv")
     n = len(pd.read_csv(csv)) if csv and Path(csv).is_file() else HIDDEN_TEST_IMAGES
     ckpts = {str(c) for c in params.get("checkpoints") or []} if not params.get("ensemble") else set()
@@ -306,15 +322,25 @@ def _estimate_inference(params: dict, train_steps: list[dict], gpu: str,
         flip = params["tta"] is not False
     else:                     # the ensemble submits as it validated
         flip = any(p.get("tta", False) for p in used)
+    devices = inference_devices(params.get("shards", 1), gpu)
     for p in used:
         size = tuple(parse_size(p["size"], MIN_MODEL_SIDE))
         inf = (rates[(p["model"], size)][1] if rates and (p["model"], size) in rates
                else throughput(p["model"], size, gpu)[1])
         # the input is decoded once and already on the device: the model's own ceiling
-        seconds += n * (2 if flip else 1) / inf
+        seconds += n * (2 if flip else 1) / inf / devices
     return StepEstimate("", f"inference, {len(used)} checkpoints" +
-                        (" with the flip" if flip else " without the flip"), n, 0, 1,
+                        (" with the flip" if flip else " without the flip") +
+                        (f", on {devices} GPUs (a process each)" if devices > 1 else ""), n, 0, 1,
                         seconds / 3600, note=f"{n:,} test images, decoded once")
+
+
+def inference_devices(shards, gpu: str) -> int:
+    """GPUs an inference step uses on `gpu`: its `shards` (auto: all of them, N: at most N)."""
+    from rsna_utils.infer.shard import SHARDS_AUTO, parse_shards
+    n = GPU_COUNT.get(gpu, 1)
+    shards = parse_shards(shards)
+    return n if shards == SHARDS_AUTO else min(shards, n)
 
 
 def check_budget(rows: list[StepEstimate], budget_hours: float | None, plan: str,
@@ -323,19 +349,19 @@ def check_budget(rows: list[StepEstimate], budget_hours: float | None, plan: str
     over."""
     total = sum(r.hours for r in rows)
     if not budget_hours:
-        return f"plan {plan}: {total:.1f} h on one {gpu.upper()} (no budget set)"
+        return f"plan {plan}: {total:.1f} h on {gpu_name(gpu)} (no budget set)"
     if total > budget_hours:
-        raise RsnaError(f"plan {plan}: {total:.1f} h on one {gpu.upper()}, over its budget of "
+        raise RsnaError(f"plan {plan}: {total:.1f} h on {gpu_name(gpu)}, over its budget of "
                         f"{budget_hours:g} h; nothing was run: lower the longest steps' epochs "
                         "(-p STEP.epochs=N), run a shorter variant (--variant), or raise "
                         "--budget-hours")
-    return (f"plan {plan}: {total:.1f} h on one {gpu.upper()}, within its budget of "
+    return (f"plan {plan}: {total:.1f} h on {gpu_name(gpu)}, within its budget of "
             f"{budget_hours:g} h")
 
 
 def table(rows: list[StepEstimate], gpu: str = "h100", assumptions: list[str] | None = None) -> str:
     speed, gib, cores = GPUS[gpu]
-    lines = [f"| step | what | images an epoch | batches an epoch | epochs | hours on one {gpu.upper()} "
+    lines = [f"| step | what | images an epoch | batches an epoch | epochs | hours on {gpu_name(gpu)} "
              f"| memory (GiB, of {gib}) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = "" if r.memory_gib is None else (f"{r.memory_gib:.1f}" + (" (over!)" if r.memory_gib > gib * 0.9 else ""))
@@ -349,7 +375,7 @@ def table(rows: list[StepEstimate], gpu: str = "h100", assumptions: list[str] | 
                  f"input, the H200 anchors, or the rates --calibrate measured) and its workers' "
                  f"rate ({WORKER_MS_PER_MPIX:.1f} ms a megapixel of PNG per worker, "
                  f"+{HEAVY_MS_PER_MPIX:.1f} ms a megapixel of input for the heavy augmentation, "
-                 f"measured on a 2-core CPU; at most {cores - 1} workers); one {gpu.upper()} at "
+                 f"measured on a 2-core CPU; at most {cores - 1} workers); {'each' if gpu in GPU_COUNT else 'one'} {gpu.upper().replace('X2', '')} at "
                  f"{speed:.2g} of an H200 (an assumption from its specifications), DICOM reading at "
                  f"{preprocess_img_s(gpu):.1f} img/s; the hidden test set {HIDDEN_TEST_IMAGES:,} "
                  "images (8,000 patients x 4.59); memory is a floor (activations measured at "

@@ -91,9 +91,6 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     elif not settings.get("checkpoints"):
         raise RsnaError("no --checkpoints given: pass the best.pt files of `rsna train`, or "
                         "--ensemble ENSEMBLE.json (of `rsna oof` or an export), which lists them")
-    if a.ensemble and settings.get("runtime") == "onnx" and not settings.get("engines"):
-        ens = Path(a.ensemble)        # an export's ensemble.json sits beside its .onnx files
-        settings["engines"] = str(ens if ens.is_dir() else ens.parent)
     cfg = PredictConfig(**settings)
     r = predict(cfg)
     n = len(r.images)
@@ -133,13 +130,6 @@ def ensemble_checkpoints(path: str) -> list[str]:
                         "given to `rsna oof`, from where it ran); run from there, or pass "
                         "--checkpoints")
     return [str(c) for c in ckpts]
-
-
-def _cmd_export(a: argparse.Namespace) -> int:
-    from rsna_utils.core.config import given_flags
-    from rsna_utils.infer.export import ExportConfig
-    print(ExportConfig.from_dict(given_flags(a, ExportConfig)).run()["line"])
-    return 0
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
@@ -320,14 +310,6 @@ def _reg_predict(sub) -> None:
     q.set_defaults(func=_cmd_predict)
 
 
-def _reg_export(sub) -> None:
-    from rsna_utils.infer.export import ExportConfig
-    x = sub.add_parser("export", help="checkpoints -> ONNX models with their input contracts "
-                       "and ensemble.json, for `rsna predict --runtime onnx`")
-    _flags(x, ExportConfig)
-    x.set_defaults(func=_cmd_export)
-
-
 def _reg_evaluate(sub) -> None:
     from rsna_utils.reports.evaluate import EvaluateConfig
     e = sub.add_parser("evaluate", help="labelled predictions -> metrics with 95%% CIs by patient, "
@@ -360,8 +342,10 @@ def _reg_notebooks(sub) -> None:
     n.add_argument("--quiet", action="store_true", help="no progress bars")
     n.add_argument("--estimate", action="store_true", help="run nothing: print each step's "
                    "images, batches, expected hours on one GPU and training memory per batch")
-    n.add_argument("--gpu", default="h100", choices=("h100", "h200", "t4"),
-                   help="with --estimate: the GPU to estimate for (default: %(default)s)")
+    n.add_argument("--gpu", default="h100", choices=("h100", "h200", "t4", "t4x2"),
+                   help="with --estimate: the GPU to estimate for; t4x2: Kaggle's two T4s, the "
+                   "submit plan's test patients split over both (shards: auto), training on one "
+                   "(default: %(default)s)")
     n.add_argument("--variant", default=None, help="a named variant of the plan (its "
                    "`variants:`, e.g. the kaggle plan's 12h)")
     n.add_argument("--external", default=KAGGLE_EXTERNAL, help="folder of public sources "
@@ -422,6 +406,5 @@ def _reg_ingest(sub) -> None:
 
 # the subcommands of this module by name; `rsna --help` lists them in pipeline order (cli.py)
 REGISTER = {"preprocess": _reg_preprocess, "train": _reg_train, "oof": _reg_oof,
-            "export": _reg_export, "predict": _reg_predict, "evaluate": _reg_evaluate,
-            "explain": _reg_explain, "notebooks": _reg_notebooks, "demo": _reg_demo,
-            "ingest": _reg_ingest}
+            "predict": _reg_predict, "evaluate": _reg_evaluate, "explain": _reg_explain,
+            "notebooks": _reg_notebooks, "demo": _reg_demo, "ingest": _reg_ingest}

@@ -3,7 +3,7 @@ patients on each GPU.
 
 `predict` with `shards` N > 1 writes each shard's rows of test.csv (whole patients, in the
 table's order, the shards balanced by images) and runs one process per shard,
-`python -m rsna_utils.infer.shard JOB.json`, each on its own device (CUDA_VISIBLE_DEVICES set
+`python -m rsna_utils.infer.shard_job JOB.json`, each on its own device (CUDA_VISIBLE_DEVICES set
 to one GPU; on the CPU, N processes sharing the cores). Each process scores its images as the
 one-process run does (`predict.score_images`) and writes its per-image table; the parent puts
 the rows back in test.csv's order and makes the submission from the whole table (the
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna_utils.core.errors import RsnaError, write_atomic
+from rsna_utils.core.errors import RsnaError
 
 SHARDS_AUTO = "auto"
 
@@ -104,7 +104,7 @@ def score_sharded(cfg, df: pd.DataFrame, n: int, device: str) -> pd.DataFrame:
         else:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         with open(log, "w") as fh:
-            p = subprocess.Popen([sys.executable, "-m", "rsna_utils.infer.shard", str(job)],
+            p = subprocess.Popen([sys.executable, "-m", "rsna_utils.infer.shard_job", str(job)],
                                  stdout=fh, stderr=subprocess.STDOUT, env=env)
         procs.append((k, rows, p, log, time.perf_counter()))
     _wait(procs, len(parts), device, cfg.progress)
@@ -159,41 +159,3 @@ def _last_line(log: Path) -> str:
     except OSError:
         return "no log"
     return lines[-1][:300] if lines else "nothing in its log"
-
-
-def run_job(path: str | Path) -> None:
-    """One shard: score the images of its CSV as `predict` does, write the per-image table."""
-    from rsna_utils.infer.predict import PredictConfig, load_models, score_images, set_recipe_weights
-    from rsna_utils.learn.data import load_table
-    from rsna_utils.learn.device import resolve_device
-    job = json.loads(Path(path).read_text())
-    cfg = PredictConfig(**job["config"])
-    dev = resolve_device(cfg.device)
-    df = load_table(cfg.csv)
-    models, pre = load_models(cfg.checkpoints, dev)
-    if getattr(cfg, "runtime", "torch") == "onnx":     # as predict does (`infer.engine`)
-        from rsna_utils.infer.engine import attach_engines
-        attach_engines(models, dev, cfg.engines)
-    set_recipe_weights(models, cfg.member_weights)
-    imgs = score_images(cfg, df, models, pre, dev)
-    write_atomic(Path(job["result"]), lambda tmp: imgs.to_pickle(tmp))
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m rsna_utils.infer.shard JOB.json (written by predict --shards)",
-              file=sys.stderr)
-        return 2
-    from rsna_utils.core.warn import plain_warnings
-    plain_warnings("predict")
-    try:
-        run_job(argv[0])
-    except RsnaError as e:
-        print(f"rsna predict (shard): error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
