@@ -91,6 +91,9 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     elif not settings.get("checkpoints"):
         raise RsnaError("no --checkpoints given: pass the best.pt files of `rsna train`, or "
                         "--ensemble ENSEMBLE.json (of `rsna oof` or an export), which lists them")
+    if a.ensemble and settings.get("runtime") == "onnx" and not settings.get("engines"):
+        ens = Path(a.ensemble)        # an export's ensemble.json sits beside its .onnx files
+        settings["engines"] = str(ens if ens.is_dir() else ens.parent)
     cfg = PredictConfig(**settings)
     r = predict(cfg)
     n = len(r.images)
@@ -130,6 +133,13 @@ def ensemble_checkpoints(path: str) -> list[str]:
                         "given to `rsna oof`, from where it ran); run from there, or pass "
                         "--checkpoints")
     return [str(c) for c in ckpts]
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from rsna_utils.core.config import given_flags
+    from rsna_utils.infer.export import ExportConfig
+    print(ExportConfig.from_dict(given_flags(a, ExportConfig)).run()["line"])
+    return 0
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
@@ -310,6 +320,14 @@ def _reg_predict(sub) -> None:
     q.set_defaults(func=_cmd_predict)
 
 
+def _reg_export(sub) -> None:
+    from rsna_utils.infer.export import ExportConfig
+    x = sub.add_parser("export", help="checkpoints -> ONNX models with their input contracts "
+                       "and ensemble.json, for `rsna predict --runtime onnx`")
+    _flags(x, ExportConfig)
+    x.set_defaults(func=_cmd_export)
+
+
 def _reg_evaluate(sub) -> None:
     from rsna_utils.reports.evaluate import EvaluateConfig
     e = sub.add_parser("evaluate", help="labelled predictions -> metrics with 95%% CIs by patient, "
@@ -406,5 +424,6 @@ def _reg_ingest(sub) -> None:
 
 # the subcommands of this module by name; `rsna --help` lists them in pipeline order (cli.py)
 REGISTER = {"preprocess": _reg_preprocess, "train": _reg_train, "oof": _reg_oof,
-            "predict": _reg_predict, "evaluate": _reg_evaluate, "explain": _reg_explain,
-            "notebooks": _reg_notebooks, "demo": _reg_demo, "ingest": _reg_ingest}
+            "export": _reg_export, "predict": _reg_predict, "evaluate": _reg_evaluate,
+            "explain": _reg_explain, "notebooks": _reg_notebooks, "demo": _reg_demo,
+            "ingest": _reg_ingest}
