@@ -1,6 +1,11 @@
 """The package's folders are its layers and imports point one way: a module may import its own
 subpackage and the subpackages ranked below it, never a higher or a sibling one, and no two
-modules import each other, directly or round a circle (function-level imports count too)."""
+modules import each other, directly or round a circle. Every way of importing counts:
+function-level imports, relative imports (`from . import x`, `from ..core import errors`) and
+modules loaded by name through `importlib.import_module`: a constant name, or an f-string whose
+constant head names a package (`f"rsna_utils.dicom.decoders.{name}"`), which counts as importing
+each module of that package named by a string constant in the same file (the registry's lists
+of plug-in names), or every module of the package when the file names none."""
 import ast
 from pathlib import Path
 
@@ -50,17 +55,87 @@ def _target(name: str) -> str:
     return "__init__"        # a name defined in rsna_utils/__init__.py (e.g. __version__)
 
 
+def _package(path: Path) -> list[str]:
+    """The package (parts below rsna_utils) that a relative import in `path` starts from."""
+    if not path.resolve().is_relative_to(PKG):
+        return []            # a file outside the package (the checks' own examples)
+    parts = list(path.resolve().relative_to(PKG).with_suffix("").parts)
+    return parts[:-1]        # a module's folder; for an __init__, the folder it is the init of
+
+
+def _absolute(package: list[str], n: ast.ImportFrom) -> str | None:
+    """The absolute dotted module of a `from ... import` in a module of `package`, below
+    rsna_utils ("" for the package itself); None when it is not the package's."""
+    if n.level == 0:
+        if not n.module or n.module.split(".")[0] != "rsna_utils":
+            return None
+        return n.module.partition(".")[2]
+    base = package
+    if n.level - 1 > len(base):
+        return None                                  # above rsna_utils/
+    base = base[:len(base) - (n.level - 1)]
+    return ".".join(base + (n.module.split(".") if n.module else []))
+
+
+def _modules_in(package: str) -> set[str]:
+    """The modules directly in a package of rsna_utils (dotted below it)."""
+    folder = PKG.joinpath(*package.split(".")) if package else PKG
+    return {f"{package}.{p.stem}" if package else p.stem for p in folder.glob("*.py")
+            if p.stem != "__init__"} | {f"{package}.{d.name}" if package else d.name
+                                        for d in folder.iterdir()
+                                        if (d / "__init__.py").exists()}
+
+
+def _loaded_by_name(n: ast.Call, names: set[str]) -> set[str]:
+    """What `importlib.import_module(...)` / `import_module(...)` loads, when its name is a
+    constant or an f-string with a constant head inside rsna_utils; else nothing. `names`: the
+    string constants of the file (the names an f-string's `{name}` may take)."""
+    f = n.func
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+    if name != "import_module" or not n.args:
+        return set()
+    arg = n.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        if arg.value.startswith("rsna_utils."):
+            return {_target(arg.value.partition(".")[2])}
+        return set()
+    if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+        head = str(arg.values[0].value)
+        if head.startswith("rsna_utils.") and head.endswith("."):
+            package = _target(head[len("rsna_utils."):-1])
+            if package == "__init__" and head != "rsna_utils.":
+                return set()
+            found = _modules_in("" if package == "__init__" else package)
+            named = {m for m in found if m.rpartition(".")[2] in names}
+            return named or found
+        if head.startswith("rsna_utils."):
+            return {_target(head.partition(".")[2].rstrip("."))}
+    return set()
+
+
 def imports(path: Path) -> set[str]:
-    """The rsna_utils modules (dotted, below the package) that `path` imports, anywhere in it."""
-    out = set()
-    for n in ast.walk(ast.parse(path.read_text())):
-        if isinstance(n, ast.ImportFrom) and n.module and n.module.split(".")[0] == "rsna_utils":
-            base = n.module.partition(".")[2]
+    """The rsna_utils modules (dotted, below the package) that `path` imports, anywhere in it:
+    absolute and relative imports, and modules loaded by name through importlib."""
+    return imports_in(path.read_text(), _package(path))
+
+
+def imports_in(code: str, package: list[str]) -> set[str]:
+    """`imports` of the source `code` of a module in `package` (parts below rsna_utils)."""
+    out, tree = set(), ast.parse(code)
+    names = {n.value for n in ast.walk(tree)
+             if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.isidentifier()}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom):
+            base = _absolute(package, n)
+            if base is None:
+                continue
             for a in n.names:       # `from pkg import module` names a module, else a name in pkg
                 out.add(_target(f"{base}.{a.name}" if base else a.name))
         elif isinstance(n, ast.Import):
             out |= {_target(a.name.partition(".")[2]) for a in n.names
                     if a.name.startswith("rsna_utils.")}
+        elif isinstance(n, ast.Call):
+            out |= _loaded_by_name(n, names)
     return out
 
 
@@ -130,6 +205,37 @@ def test_the_checks_catch_an_upward_import_and_a_circle(tmp_path):
     assert imports(f) == {"learn.train", "infer"}
     assert rank("learn.train") > rank("image.voi") and rank("reports.x") == rank("sources.y")
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_relative_imports_and_modules_loaded_by_name_count():
+    """The graph sees `from . import x`, `from ..x import y` and importlib's string targets: a
+    registry that loads its plug-ins by name imports each of them, so a plug-in that imports the
+    registry back closes a circle."""
+    code = ("from . import registry\nfrom .gpu_batch import resolve_backend\n"
+            "from ..header import read_header\nfrom ...core import errors\n"
+            "import importlib\n"
+            "def f(name):\n"
+            "    importlib.import_module('rsna_utils.learn.train')\n"
+            "    return importlib.import_module(f'rsna_utils.dicom.decoders.{name}')\n")
+    # as if the code were a module of rsna_utils/dicom/decoders/
+    got = imports_in(code, ["dicom", "decoders"])
+    named = imports_in(code + "NAMES = ('dali', 'pydicom')\n", ["dicom", "decoders"])
+    every = {f"dicom.decoders.{p.stem}" for p in (PKG / "dicom" / "decoders").glob("*.py")
+             if p.stem != "__init__"}
+    assert {"dicom.decoders.registry", "dicom.decoders.gpu_batch", "dicom.header", "core.errors",
+            "learn.train"} <= got
+    assert every <= got          # no names in the file: any module of the package may be loaded
+    assert {"dicom.decoders.dali", "dicom.decoders.pydicom"} <= named
+    assert "dicom.decoders.dicomsdl" not in named   # names in the file: those modules only
+    loop = {"registry": {"plugin"}, "plugin": {"gpu"}, "gpu": {"registry"}}
+    assert cycles(loop) == [["gpu", "plugin", "registry"]]
+
+
+def test_the_decoder_registry_counts_as_importing_every_plugin():
+    """`registry.get(name)` loads `rsna_utils.dicom.decoders.{name}`: the graph has those edges
+    (without them the registry -> plug-in -> gpu_batch -> registry circle went unseen)."""
+    assert {"dicom.decoders.dali", "dicom.decoders.nvimgcodec", "dicom.decoders.pydicom"} <= \
+        GRAPH["dicom.decoders.registry"]
 
 
 def test_inference_never_imports_the_training_loop():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from rsna_utils.dicom import uids
-from rsna_utils.dicom.decoders.gpu_batch import decode_one, imports
+from rsna_utils.dicom.decoders.gpu_shared import decode_one, imports
 
 NAME = "dali"
 SYNTAXES = uids.FRAME_DECODABLE
@@ -18,7 +18,7 @@ def is_available() -> bool:
 
 
 def decode(path: str, h) -> np.ndarray:
-    return decode_one(NAME, h)
+    return decode_one(NAME, h, BatchDecoder)
 
 
 class DaliDecoder:

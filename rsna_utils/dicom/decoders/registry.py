@@ -47,7 +47,8 @@ def get(name: str) -> ModuleType:
 
 def candidates(syntax: str, backend: str = "auto") -> list[str]:
     """The CPU decoders to try for `syntax`, in order (`auto`), or the one asked for. Raises
-    RsnaError when the one asked for is not installed or does not take the syntax."""
+    RsnaError when the one asked for is not installed; one that does not take the syntax is
+    returned all the same (`decode` then names it as not taking it)."""
     if backend == "auto":
         return [n for n in CPU_ORDER if syntax in get(n).SYNTAXES and get(n).is_available()]
     mod = get(backend)
