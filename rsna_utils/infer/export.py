@@ -249,10 +249,19 @@ def _write_contract(path: Path, contract: dict) -> None:
 @contextlib.contextmanager
 def _quiet_exporter():
     """The exporter's deprecation and tracer warnings are about its own future, not the
-    model: not shown (a failure still raises)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    model, and on a failure it prints the whole traced graph to the process's stdout: neither
+    shown (the failure still raises, and is said in one line)."""
+    import tempfile
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with warnings.catch_warnings(), tempfile.TemporaryFile() as sink:
+            warnings.simplefilter("ignore")
+            os.dup2(sink.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def random_checkpoint(path: str | Path, model: str = "resnet18", size=(64, 32),

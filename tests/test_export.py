@@ -1,0 +1,185 @@
+"""`rsna export --format onnx` and `rsna predict --runtime onnx` (issue 41): every backbone family
+of the plans scores through onnxruntime as through eager PyTorch within `engine.TOLERANCE`
+(random weights at 64x32, nothing downloaded); what cannot run exported (onnxruntime or its
+provider missing, a layer that does not export, an export whose scores differ) is one line and
+the member in eager PyTorch; a contract of another checkpoint is refused."""
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rsna_utils.core import errors
+from rsna_utils.core.errors import RsnaError
+from rsna_utils.infer import engine
+from rsna_utils.infer.engine import TOLERANCE, attach_engines, providers
+from rsna_utils.infer.export import ExportConfig, export_member, export_onnx, random_checkpoint
+from rsna_utils.infer.predict import load_models
+from rsna_utils.learn.checkpoint import cancer_probability
+
+pytest.importorskip("onnxruntime")
+CPU = torch.device("cpu")
+SIZE = (64, 32)
+
+# (timm name, level, pooling): the backbone families of the plans. ConvNeXt-Small exports in
+# about 25 s on 2 cores, so the default run takes ConvNeXt-Atto (the same blocks: depthwise 7x7,
+# LayerNorm, GELU MLP, layer scale) and the slow run the Small as well.
+FAMILIES = [
+    ("resnet18", "image", "gem"),
+    pytest.param("resnext50_32x4d", "image", "gem", marks=pytest.mark.slow),
+    ("tf_efficientnet_lite0", "image", "gem"),
+    ("efficientnet_b2", "image", "gem"),
+    ("convnext_atto", "image", "max"),
+    pytest.param("convnext_small", "image", "max", marks=pytest.mark.slow),
+    ("resnet18", "breast", "gem"),
+]
+
+
+def _scores(m, x, tta=True):
+    """What predict takes from a member for the batch x: the cancer probability (image
+    models, with the flip), a breast model's per-view features pooled as a one-view breast."""
+    with torch.inference_mode():
+        if m.level == "breast":
+            f = m.model.features(x)
+            out, _ = m.model.pool(f[:, None].float(), torch.ones(len(x), 1, dtype=torch.bool))
+            return torch.sigmoid(out[:, 0]).numpy(), f.numpy()
+        return cancer_probability(m.model, x, tta).numpy(), None
+
+
+@pytest.mark.parametrize("name, level, pool", FAMILIES)
+def test_every_backbone_family_scores_as_pytorch(tmp_path, name, level, pool):
+    ck = random_checkpoint(tmp_path / name / "best.pt", name, SIZE, level, pool)
+    r = export_onnx(ExportConfig(out=str(tmp_path / "onnx"), checkpoints=[str(ck)]))
+    (c,) = r["members"]
+    assert c["onnx"] and c["export_check"] <= TOLERANCE["fp32"], c
+    (ref,), _ = load_models([ck], CPU)
+    (got,), _ = load_models([ck], CPU)
+    lines = []
+    assert attach_engines([got], CPU, tmp_path / "onnx", say=lines.append) == ["onnx"]
+    assert isinstance(got.model, engine.OnnxModel) and "1 of 1 member(s)" in lines[-1]
+    x = torch.randn(5, 3, *SIZE, generator=torch.Generator().manual_seed(1))   # batch 5: dynamic
+    p_ref, f_ref = _scores(ref, x)
+    p_got, f_got = _scores(got, x)
+    assert np.ptp(p_ref) > 0.1, "scores too alike for the comparison to mean anything"
+    assert np.abs(p_ref - p_got).max() <= TOLERANCE["fp32"]
+    if f_ref is not None:
+        assert np.abs(f_ref - f_got).max() <= 1e-3 * max(1.0, np.abs(f_ref).max())
+
+
+def test_the_comparison_can_fail(tmp_path):
+    """The same check on an export of other weights than the model's: caught."""
+    a = random_checkpoint(tmp_path / "a" / "best.pt", "resnet18", SIZE, seed=0)
+    b = random_checkpoint(tmp_path / "b" / "best.pt", "resnet18", SIZE, seed=1)
+    export_onnx(ExportConfig(out=str(tmp_path / "onnx"), checkpoints=[str(b)]))
+    (m,), _ = load_models([a], CPU)
+    contract = engine.read_contract(tmp_path / "onnx" / f"b_best{engine.CONTRACT_SUFFIX}")
+    other = engine.OnnxModel(engine.make_session(tmp_path / "onnx" / contract["onnx"],
+                                                 ["CPUExecutionProvider"]), m.model, "logits")
+    assert engine.probe_difference(m.model, other, contract, CPU) > TOLERANCE["fp32"]
+
+
+def test_contract_says_the_input_and_the_source(tmp_path):
+    ck = random_checkpoint(tmp_path / "r18" / "fold0" / "best.pt", "resnet18", SIZE)
+    export_onnx(ExportConfig(out=str(tmp_path / "out"), checkpoints=[str(ck)]))
+    c = json.loads((tmp_path / "out" / "fold0_best.onnx.json").read_text())
+    assert c["size"] == [64, 32] and c["channels"] == 3 and c["level"] == "image"
+    assert c["model_name"] == "resnet18" and c["threshold"] == 0.5
+    assert c["norm"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert c["resize"] == {"mode": "pad", "filter": "area_shrink_linear_enlarge"}
+    assert c["checkpoint_sha256"] == engine.sha256(ck) and c["onnx"] == "fold0_best.onnx"
+    ens = json.loads((tmp_path / "out" / "ensemble.json").read_text())
+    assert ens["engines"] == ["fold0_best.onnx"]
+    assert ens["checkpoints"] == ["../r18/fold0/best.pt"]
+
+
+def test_an_export_of_another_checkpoint_is_refused_with_the_fix(tmp_path):
+    ck = random_checkpoint(tmp_path / "run" / "best.pt", "resnet18", SIZE, seed=0)
+    export_onnx(ExportConfig(out=str(tmp_path / "onnx"), checkpoints=[str(ck)], check=False))
+    random_checkpoint(ck, "resnet18", SIZE, seed=5)            # retrained in place
+    models, _ = load_models([ck], CPU)
+    with pytest.raises(RsnaError, match=r"exported from another checkpoint.*re-export: rsna "
+                                        r"export --format onnx --checkpoints"):
+        attach_engines(models, CPU, tmp_path / "onnx")
+
+
+def test_a_layer_that_does_not_export_is_named_and_runs_in_pytorch(tmp_path, capsys):
+    ck = random_checkpoint(tmp_path / "run" / "best.pt", "resnet18", SIZE)
+    (m,), _ = load_models([ck], CPU)
+
+    class Spectral(torch.nn.Module):          # aten::fft_rfft2: no ONNX symbolic in opset 17
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 0 * torch.fft.rfft2(x).abs().mean()
+    m.model = Spectral(m.model).eval()
+    c = export_member(m, tmp_path, "spectral")
+    assert c["onnx"] is None and "fft_rfft2" in c["error"] and "eager PyTorch" in c["line"]
+    assert not (tmp_path / "spectral.onnx").exists()
+    assert "Torch IR graph" not in capsys.readouterr().out        # one line, not the graph
+    lines = []
+    assert attach_engines([m], CPU, tmp_path, say=lines.append) == ["torch"]
+    assert len(lines) == 1 and "runs in eager PyTorch" in lines[0] and "fft_rfft2" in lines[0]
+    assert isinstance(m.model, Spectral)
+
+
+def test_missing_onnxruntime_or_gpu_provider_falls_back_in_one_line(tmp_path, monkeypatch,
+                                                                       capsys):
+    ck = random_checkpoint(tmp_path / "run" / "best.pt", "resnet18", SIZE)
+    models, _ = load_models([ck], CPU)
+    before = models[0].model
+    monkeypatch.setattr(errors, "_SAID", set())
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)        # import fails
+    assert attach_engines(models, CPU) == ["torch"] and models[0].model is before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "onnxruntime is not installed" in err[0] and "eager PyTorch" in err[0]
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    plist, why = providers("cuda")
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        assert plist is None and "no CUDA execution provider" in why and "onnxruntime-gpu" in why
+
+
+def test_no_export_beside_a_checkpoint_is_named(tmp_path):
+    ck = random_checkpoint(tmp_path / "run" / "best.pt", "resnet18", SIZE)
+    models, _ = load_models([ck], CPU)
+    lines = []
+    assert attach_engines(models, CPU, say=lines.append) == ["torch"]
+    assert "no export of it" in lines[0] and "rsna export --format onnx" in lines[0]
+
+
+def test_export_needs_one_source_of_members(tmp_path):
+    with pytest.raises(RsnaError, match="either as --checkpoints"):
+        ExportConfig(out=str(tmp_path))
+    from rsna_utils.app.cli import main
+    assert main(["export", "--out", str(tmp_path), "--format", "onnx"]) == 2
+
+
+def test_rsna_predict_runtime_onnx_gives_the_pytorch_submission(tmp_path, synth_small, capsys):
+    """The whole command: an image and a breast member exported by `rsna export --ensemble`,
+    predicted with --runtime onnx: every image's score within the tolerance of --runtime torch."""
+    from rsna_utils.app.cli import main
+    from rsna_utils.infer.ensemble import Ensemble
+    image = random_checkpoint(tmp_path / "r18" / "best.pt", "resnet18", SIZE)
+    breast = random_checkpoint(tmp_path / "r18b" / "best.pt", "resnet18", SIZE, "breast", seed=2)
+    Ensemble({"checkpoints": ["r18/best.pt", "r18b/best.pt"], "threshold": 0.5,
+              "binarize": "threshold", "agg": "mean", "tta": False}).write(tmp_path / "ensemble.json")
+    assert main(["export", "--format", "onnx", "--ensemble", str(tmp_path / "ensemble.json"),
+                 "--out", str(tmp_path / "engines")]) == 0
+    assert "exported 2 of 2 member(s)" in capsys.readouterr().out
+    common = ["predict", "--images", str(synth_small / "test_images"), "--csv",
+              str(synth_small / "test.csv"), "--workers", "0", "--quiet", "--output",
+              "probability", "--ensemble", str(tmp_path / "engines" / "ensemble.json")]
+    assert main(common + ["--out", str(tmp_path / "torch.csv")]) == 0
+    assert main(common + ["--out", str(tmp_path / "onnx.csv"), "--runtime", "onnx"]) == 0
+    err = capsys.readouterr().err
+    assert "runtime onnx: 2 of 2 member(s) through onnxruntime" in err
+    a = pd.read_csv(tmp_path / "torch_images.csv")
+    b = pd.read_csv(tmp_path / "onnx_images.csv")
+    assert a.prediction.notna().all() and np.ptp(a.prediction) > 0.01
+    assert np.abs(a.prediction - b.prediction).max() <= TOLERANCE["fp32"]
+    sa, sb = pd.read_csv(tmp_path / "torch.csv"), pd.read_csv(tmp_path / "onnx.csv")
+    assert list(sa.prediction_id) == list(sb.prediction_id)
+    assert np.abs(sa.cancer - sb.cancer).max() <= TOLERANCE["fp32"]
