@@ -9,6 +9,7 @@ import numpy as np
 
 from rsna_utils.dicom.reader import read_dicom
 from rsna_utils.image import roi
+from rsna_utils.core.table import dicom_path
 from rsna_utils.image.plan import apply_numpy, make_plan
 from rsna_utils.image.preprocess import PreprocessConfig
 from rsna_utils.image.voi import Window, apply_lut, build_lut
@@ -61,7 +62,7 @@ def pick_example(data_dir: str | Path) -> str:
     from rsna_utils.dicom.header import read_header
     df = pd.read_csv(Path(data_dir) / "train.csv")
     df = pd.concat([df[df.cancer == 1], df[df.cancer == 0]]).head(60)
-    paths = [Path(data_dir) / "train_images" / str(r.patient_id) / f"{r.image_id}.dcm"
+    paths = [dicom_path(Path(data_dir) / "train_images", r.patient_id, r.image_id)
              for r in df.itertuples()]
     for p in paths:
         h = read_header(p)

@@ -27,15 +27,17 @@ import pandas as pd
 from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import DiskFullError, RsnaError, free_bytes, human_bytes, write_atomic, writing
 from rsna_utils.core.sizes import MIN_SIDE, parse_size, size_flag
+from rsna_utils.core.table import DICOM_GLOB, dicom_path, png_path
 from rsna_utils.dicom.header import DEFAULT_MAX_PIXELS, read_header
 from rsna_utils.dicom.reader import decode_pixels
 from rsna_utils.image import roi
 from rsna_utils.image.plan import PreprocessError, apply_numpy, make_plan
 
-META_COLUMNS = ["image_id", "patient_id", "png", "rows", "columns", "transfer_syntax",
-                "photometric", "crop_y0", "crop_x0", "crop_y1", "crop_x1", "flipped", "window",
-                "window_note", "looks_inverted", "backend", "gpu_route", "decode_ms", "total_ms",
-                "crop_reason"]
+# meta.csv: one row per image written
+META_CSV_COLUMNS = ["image_id", "patient_id", "png", "rows", "columns", "transfer_syntax",
+                    "photometric", "crop_y0", "crop_x0", "crop_y1", "crop_x1", "flipped",
+                    "window", "window_note", "looks_inverted", "backend", "gpu_route",
+                    "decode_ms", "total_ms", "crop_reason"]
 FAILURE_COLUMNS = ["image_id", "patient_id", "path", "reason"]
 
 
@@ -168,15 +170,15 @@ def list_items(images: str | Path, csv_path: str | Path | None, out: str | Path,
                                   f"{csv_path} line {i + 2}: patient_id {pid!r} / image_id "
                                   f"{iid!r} is missing or not a number; fix the row"))
                 continue
-            items.append(Item(iid, pid, str(images / pid / f"{iid}.dcm"),
-                              str(out / f"{pid}_{iid}.png")))
+            items.append(Item(iid, pid, str(dicom_path(images, pid, iid)),
+                              str(png_path(out, pid, iid))))
     else:
-        for p in sorted(images.glob("*/*.dcm")):
+        for p in sorted(images.glob(DICOM_GLOB)):
             iid, pid = p.stem, p.parent.name
             if (int(iid) if iid.isdigit() else hash(iid)) % n != k:
                 continue
-            items.append(Item(iid, pid, str(p), str(out / f"{pid}_{iid}.png")))
-        if not items and not any(images.glob("*/*.dcm")):
+            items.append(Item(iid, pid, str(p), str(png_path(out, pid, iid))))
+        if not items and not any(images.glob(DICOM_GLOB)):
             raise RsnaError(f"{images}: no */*.dcm files; point --images at the folder that "
                             "holds {patient_id}/{image_id}.dcm")
     return items
@@ -483,7 +485,7 @@ def open_run(out: str | Path, cfg: PreprocessConfig, images, csv_path, shard):
     suffix = "" if n == 1 else f".{k}-of-{n}"
     for stale in [*out.glob(".*.png.tmp*"), *out.glob("*.png.tmp*")]:   # left by a killed run (never under a final name)
         stale.unlink(missing_ok=True)
-    meta_log = _CsvLog(out / f"meta{suffix}.csv", META_COLUMNS)   # repairs a cut last line
+    meta_log = _CsvLog(out / f"meta{suffix}.csv", META_CSV_COLUMNS)   # repairs a cut last line
     done = load_done(out)
     todo = [it for it in items if it.image_id not in done]
     summary = RunSummary(skipped=len(items) - len(todo), out=str(out), inverted_policy=cfg.inverted)

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.table import patient_of, with_prediction_id
 from rsna_utils.learn import metrics
 
 METHODS = ("platt", "temperature", "isotonic")
@@ -152,7 +153,7 @@ def _breast_folds(oof_df: pd.DataFrame, breast: pd.DataFrame, n_folds: int) -> n
     if cols and oof_df[cols[0]].notna().all():
         f = oof_df.groupby("prediction_id", sort=False)[cols[0]].first()
         return f.loc[breast["prediction_id"]].to_numpy()
-    pid = breast["prediction_id"].astype(str).str.rsplit("_", n=1).str[0]
+    pid = patient_of(breast["prediction_id"])
     return pd.util.hash_array(pid.to_numpy(dtype=object)) % n_folds
 
 
@@ -171,9 +172,7 @@ def calibrate_oof(oof_df: pd.DataFrame, agg: str = "mean", method: str = DEFAULT
     y, p = breast["cancer"].to_numpy(), breast["prediction"].to_numpy(dtype=np.float64)
     cal = fit_calibrator(y, p, method)
     cal["agg"] = agg
-    if "prediction_id" not in oof_df:
-        oof_df = oof_df.assign(prediction_id=oof_df["patient_id"].astype(str) + "_"
-                               + oof_df["laterality"].astype(str))
+    oof_df = with_prediction_id(oof_df)
     folds = _breast_folds(oof_df, breast, n_folds)
     try:
         q = cross_fit(y, p, folds, method)

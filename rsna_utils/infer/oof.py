@@ -43,6 +43,7 @@ from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.infer.calibrate import METHODS as CALIBRATIONS
 from rsna_utils.infer.calibrate import calibrate_oof
 from rsna_utils.infer.ensemble import Ensemble
+from rsna_utils.core.table import with_prediction_id
 from rsna_utils.learn import metrics
 from rsna_utils.learn.checkpoint import PER_RUN_FIELDS, folder_model_fold, read_run_config, recipe_key
 
@@ -117,8 +118,7 @@ def _read_run(run: Path) -> tuple[pd.DataFrame, dict | None]:
     df["cancer"] = pd.to_numeric(df["cancer"]).astype("int64")
     df["prediction"] = pd.to_numeric(df["prediction"]).astype("float64")
     df["laterality"] = df["laterality"].astype(str)
-    if "prediction_id" not in df.columns:
-        df["prediction_id"] = df["patient_id"].astype(str) + "_" + df["laterality"]
+    df = with_prediction_id(df)
     df["prediction_id"] = df["prediction_id"].astype(str)
 
     cfg = read_run_config(run)

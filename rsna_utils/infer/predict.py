@@ -21,6 +21,7 @@ import pandas as pd
 
 from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import RsnaError, write_atomic
+from rsna_utils.core.table import dicom_path
 from rsna_utils.infer.ensemble import exported_recipe
 from rsna_utils.learn.checkpoint import DEFAULT_PRIOR, LoadedModel, load_checkpoints
 
@@ -162,7 +163,7 @@ class DicomStream:
     def __init__(self, df: pd.DataFrame, images: Path, pre: dict, backend: str = "auto",
                  channels: int = 3):
         from rsna_utils.image.preprocess import PreprocessConfig
-        self.paths = [str(images / str(p) / f"{i}.dcm") for p, i in zip(df.patient_id, df.image_id)]
+        self.paths = [str(dicom_path(images, p, i)) for p, i in zip(df.patient_id, df.image_id)]
         self.cfg = PreprocessConfig(**{k: (tuple(v) if k == "size" else v) for k, v in pre.items()})
         self.backend, self.channels = backend, channels
 
@@ -586,7 +587,7 @@ def score_images(cfg: PredictConfig, df: pd.DataFrame, models: list[LoadedModel]
     the problem (why not), and whether it looked inverted. A CSV none of whose files is under
     the images folder is one line (`check_listed_files`), not every image unreadable."""
     from rsna_utils.dicom.reader import check_listed_files
-    check_listed_files(cfg.images, [str(Path(cfg.images) / str(p) / f"{i}.dcm")
+    check_listed_files(cfg.images, [str(dicom_path(cfg.images, p, i))
                                     for p, i in zip(df.patient_id, df.image_id)], cfg.csv)
     preds, reasons, inverted, attention = predict_images(
         df, cfg.images, models, pre, device, cfg.batch_size, cfg.workers, cfg.tta, cfg.backend,
@@ -629,7 +630,7 @@ def image_warnings(cfg: PredictConfig, imgs: pd.DataFrame, pre: dict) -> list[di
     """One row per image that was not read, or was scored while looking inverted."""
     def note(r):
         if r.looks_inverted and pre.get("inverted", "warn") == "warn":
-            return inverted_note(str(Path(cfg.images) / str(r.patient_id) / f"{r.image_id}.dcm"))
+            return inverted_note(str(dicom_path(cfg.images, r.patient_id, r.image_id)))
         return ""
     return [dict(image_id=r.image_id, prediction_id=r.prediction_id, reason=r.problem or note(r))
             for r in imgs.itertuples() if r.problem or note(r)]

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.table import png_path, with_prediction_id
 
 # ----------------------------------------------------------------------------------------
 # Table of images
@@ -34,12 +35,11 @@ def load_table(csv: str | Path, png_dir: str | Path | None = None,
     df = df.dropna(subset=["patient_id", "image_id"]).copy()
     df["patient_id"] = df["patient_id"].astype("int64")
     df["image_id"] = df["image_id"].astype("int64")
-    if "prediction_id" not in df:
-        df["prediction_id"] = df["patient_id"].astype(str) + "_" + df["laterality"].astype(str)
+    df = with_prediction_id(df)
     if png_dir is None:
         return df
     png_dir = Path(png_dir)
-    df["png"] = [str(png_dir / f"{p}_{i}.png") for p, i in zip(df.patient_id, df.image_id)]
+    df["png"] = [str(png_path(png_dir, p, i)) for p, i in zip(df.patient_id, df.image_id)]
     failed: set[int] = set()
     for f in png_dir.glob("failures*.csv"):
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from rsna_utils.core.table import with_prediction_id
+
 
 def pfbeta(labels, predictions, beta: float = 1.0) -> float:
     """Probabilistic F-beta exactly as the Kaggle metric: predictions clipped to [0, 1],
@@ -142,9 +144,7 @@ def breast_level(df: pd.DataFrame, pred_col: str = "prediction", label_col: str 
     training's validation, out-of-fold tuning, the submission and the exam reports use it."""
     if agg not in ("mean", "max"):
         raise ValueError(f"aggregation {agg!r}: choose mean or max")
-    d = df.copy()
-    if "prediction_id" not in d:
-        d["prediction_id"] = d["patient_id"].astype(str) + "_" + d["laterality"].astype(str)
+    d = with_prediction_id(df.copy())
     cols = {pred_col: agg}
     if label_col in d:
         cols[label_col] = "max"

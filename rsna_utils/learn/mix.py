@@ -25,15 +25,10 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.core.errors import RsnaError, write_atomic
+from rsna_utils.core.table import RSNA_SITES, SOURCE_SITES  # noqa: F401 - read here by callers
 
-RSNA_SITES = (1, 2)
 SOURCES_FILE = "sources.csv"
 DRAW_EPOCHS = 8          # sampler epochs averaged for the expected draws per source
-
-
-# source name -> its site ids: RSNA's own two, and the site `rsna ingest` gives each format
-SOURCE_SITES = {"rsna": RSNA_SITES, "cbis-ddsm": (101,), "vindr": (102,),
-                "cmmd": (103,)}
 
 
 def source_sites() -> dict[str, tuple[int, ...]]:

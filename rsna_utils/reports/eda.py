@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.table import dicom_path, prediction_id
 
 
 def load_train(data_dir: str | Path) -> pd.DataFrame:
@@ -30,7 +31,7 @@ def scan_headers(data_dir: str | Path, split: str = "train", limit: int | None =
     rows = []
     for r in tqdm(df.itertuples(), total=len(df), desc="headers", disable=not progress,
                   file=sys.stderr):
-        path = Path(data_dir) / f"{split}_images" / str(r.patient_id) / f"{r.image_id}.dcm"
+        path = dicom_path(Path(data_dir) / f"{split}_images", r.patient_id, r.image_id)
         try:
             h = read_header(path)
         except RsnaError as e:
@@ -60,12 +61,12 @@ def sample_images(data_dir: str | Path, n: int = 12, seed: int = 0, positives: i
                       df[df.cancer == 0].sample(n - min(positives, len(pos)), random_state=seed)])
     imgs, titles = [], []
     for r in pick.itertuples():
-        im = read_dicom(Path(data_dir) / "train_images" / str(r.patient_id) / f"{r.image_id}.dcm")
+        im = read_dicom(dicom_path(Path(data_dir) / "train_images", r.patient_id, r.image_id))
         disp, _ = apply_voi_lut(im.pixels, im.header)
         f = max(disp.shape) / max_side
         disp = cv2.resize(disp, (int(disp.shape[1] / f), int(disp.shape[0] / f)), interpolation=cv2.INTER_AREA)
         imgs.append(disp)
-        titles.append(f"{r.patient_id}_{r.laterality} {r.view} cancer={r.cancer}")
+        titles.append(f"{prediction_id(r.patient_id, r.laterality)} {r.view} cancer={r.cancer}")
     return imgs, titles
 
 

@@ -34,9 +34,10 @@ import pandas as pd
 
 from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.table import with_prediction_id
 from rsna_utils.learn import metrics
 
-META_COLUMNS = ("site_id", "machine_id", "view", "density", "age")
+BREAKDOWN_COLUMNS = ("site_id", "machine_id", "view", "density", "age")   # joined from the meta
 BREAST_BREAKDOWNS = ("site_id", "machine_id", "density", "age_band")   # a breast's attribute
 IMAGE_BREAKDOWNS = ("view",)                                            # differs per image
 AGE_BANDS = (50, 60, 70)            # -> <50, 50-59, 60-69, 70+
@@ -63,8 +64,8 @@ def _read(table, what: str) -> tuple[pd.DataFrame, str]:
 
 
 def _with_prediction_id(d: pd.DataFrame) -> pd.DataFrame:
-    if "prediction_id" not in d and {"patient_id", "laterality"} <= set(d.columns):
-        d = d.assign(prediction_id=d["patient_id"].astype(str) + "_" + d["laterality"].astype(str))
+    if {"patient_id", "laterality"} <= set(d.columns):
+        d = with_prediction_id(d)
     return d
 
 
@@ -87,7 +88,7 @@ def load_predictions(predictions, meta=None) -> pd.DataFrame:
         if key not in df or key not in m:
             raise RsnaError(f"{name} and {mname} share neither image_id nor prediction_id "
                             "(patient_id + laterality); pass train.csv as the meta")
-        wanted = ("cancer", "patient_id", "laterality", "prediction_id") + META_COLUMNS
+        wanted = ("cancer", "patient_id", "laterality", "prediction_id") + BREAKDOWN_COLUMNS
         add = [c for c in wanted if c in m and c not in df and c != key]
         if add:
             m = m.assign(**{key: m[key].astype(str)})

@@ -21,6 +21,7 @@ import pandas as pd
 
 from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import RsnaError, write_atomic
+from rsna_utils.core.table import dicom_path
 from rsna_utils.learn.checkpoint import TRAIN_FIX
 
 VIEW_COLUMNS = ["image_id", "patient_id", "laterality", "view", "score", "peak_x", "peak_y"]
@@ -262,7 +263,7 @@ def _load_view(row: dict, images: Path, cfg, backend: str) -> ViewResult:
     from rsna_utils.reports.heatmap import ViewGeometry
     row = {k: row[k] for k in ("image_id", "patient_id", "laterality", "view", "prediction_id")}
     v = ViewResult(row)
-    path = images / str(row["patient_id"]) / f"{row['image_id']}.dcm"
+    path = dicom_path(images, row["patient_id"], row["image_id"])
     try:
         if not path.exists():
             raise RsnaError(f"{path}: file not found (listed in the CSV)")

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.table import dicom_path
 from rsna_utils.image import roi
 
 # ----------------------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def pointing_game(views, lesions, images, threshold: float | None = None,
         detected = v["score"] >= threshold
     rows = []
     for r in v[v["lesion"] & detected].itertuples():
-        h = read_header(f"{images}/{r.patient_id}/{r.image_id}.dcm")
+        h = read_header(dicom_path(images, r.patient_id, r.image_id))
         px, _ = decode_pixels(h)
         k = int(np.ceil(max(px.shape) / 512))
         shown, _ = apply_voi_lut(roi.subsample(px, 512), h)

@@ -2,7 +2,7 @@
 
 Each adapter reads a dataset in the layout its publisher distributes and writes, in OUT:
 
-- `train.csv`: the competition's columns and types (`synth.TRAIN_COLUMNS`), one row per image;
+- `train.csv`: the competition's columns and types (`core.table.TRAIN_COLUMNS`), one row per image;
   a value the source does not record is empty (as RSNA's own age, BIRADS and density can be);
 - `train_images/{patient_id}/{image_id}.dcm`: a symbolic link to the source's file (a copy where
   the file system refuses links), so `rsna preprocess --images OUT/train_images --csv
@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.core.errors import SPACE_FIX, RsnaError, atomic_folder, writing
+from rsna_utils.core.table import SOURCE_SITES, TRAIN_COLUMNS, dicom_path
 
 INGEST_FILE = "ingest.json"
 UNMAPPED_COLUMNS = ["where", "item", "reason", "detail"]
@@ -500,9 +501,9 @@ def read_cmmd(src: Path, meta: Path | None, progress: bool) -> Read:
 
 
 FORMATS = {f.name: f for f in (
-    Format("cbis-ddsm", 101, read_cbis, CBIS_LAYOUT, CBIS_LABELS),
-    Format("vindr", 102, read_vindr, VINDR_LAYOUT, VINDR_LABELS),
-    Format("cmmd", 103, read_cmmd, CMMD_LAYOUT, CMMD_LABELS),
+    Format("cbis-ddsm", SOURCE_SITES["cbis-ddsm"][0], read_cbis, CBIS_LAYOUT, CBIS_LABELS),
+    Format("vindr", SOURCE_SITES["vindr"][0], read_vindr, VINDR_LAYOUT, VINDR_LABELS),
+    Format("cmmd", SOURCE_SITES["cmmd"][0], read_cmmd, CMMD_LAYOUT, CMMD_LABELS),
 )}
 
 
@@ -527,7 +528,6 @@ def stable_ids(texts: pd.Series, site_id: int, kind: str, fmt: str) -> pd.Series
 
 def rsna_table(r: Read, fmt: Format) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train.csv's rows with a `path` column, id_map) from an adapter's images."""
-    from rsna_utils.sources.synth import TRAIN_COLUMNS
     d = r.images.copy()
     d["patient_id"] = stable_ids(d.patient, fmt.site_id, "patient", fmt.name)
     d["image_id"] = stable_ids(d.image, fmt.site_id, "image", fmt.name)
@@ -562,7 +562,7 @@ def link_images(table: pd.DataFrame, out: Path, progress: bool, desc: str) -> di
     rows = zip(table.path, table.patient_id, table.image_id)
     for path, pid, iid in tqdm(rows, total=len(table), desc=desc, unit="img",
                                disable=not progress, file=sys.stderr):
-        kinds[link(path, out / "train_images" / str(pid) / f"{iid}.dcm")] += 1
+        kinds[link(path, dicom_path(out / "train_images", pid, iid))] += 1
     return kinds
 
 
@@ -638,7 +638,6 @@ def _with_ids(df: pd.DataFrame, id_map: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------
 
 def _read_part(part: Path) -> pd.DataFrame:
-    from rsna_utils.sources.synth import TRAIN_COLUMNS
     csv = part / "train.csv"
     if not csv.is_file():
         raise RsnaError(f"{csv}: not found; each folder to combine needs train.csv and "
@@ -649,7 +648,7 @@ def _read_part(part: Path) -> pd.DataFrame:
         raise RsnaError(f"{csv}: lacks column(s) {lacking}; expected the competition's train.csv "
                         "columns")
     t = t[TRAIN_COLUMNS].assign(part=str(part))
-    t["path"] = [str(part / "train_images" / str(p) / f"{i}.dcm")
+    t["path"] = [str(dicom_path(part / "train_images", p, i))
                  for p, i in zip(t.patient_id, t.image_id)]
     return t
 

@@ -25,15 +25,13 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.core.errors import RsnaError
+from rsna_utils.core.table import (SUBMISSION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS, dicom_path,
+                                     prediction_id)
 
 NAME = re.compile(r"^(\d+)_(\d+)")
 # 2: inverted exports wrapped as MONOCHROME1 (1 wrapped them as they were, bright background)
 # 3: the competition's metadata joined when given (true laterality, view, site, age...)
 WRAP_VERSION = 3
-# the competition's columns a metadata table must have (train.csv; `fold` is optional)
-META_COLUMNS = ("site_id", "patient_id", "image_id", "laterality", "view", "age", "cancer",
-                "biopsy", "invasive", "BIRADS", "implant", "density", "machine_id",
-                "difficult_negative_case")
 WRAP_FILE = "wrap.json"
 
 
@@ -70,10 +68,10 @@ def read_metadata(meta: str | Path) -> pd.DataFrame:
         raise RsnaError(f"{meta}: metadata table not found; give the competition's train.csv "
                         "(e.g. ../shared/realdata/rsna_meta/train_folds.csv)")
     table = pd.read_csv(meta)
-    missing = [c for c in META_COLUMNS if c not in table.columns]
+    missing = [c for c in TRAIN_COLUMNS if c not in table.columns]   # `fold` is optional
     if missing:
         raise RsnaError(f"{meta}: lacks column(s) {missing}; give the competition's train.csv "
-                        f"(columns {', '.join(META_COLUMNS)})")
+                        f"(columns {', '.join(TRAIN_COLUMNS)})")
     dup = table.image_id[table.image_id.duplicated()]
     if len(dup):
         raise RsnaError(f"{meta}: image_id {int(dup.iloc[0])} has {int((table.image_id == dup.iloc[0]).sum())} "
@@ -88,7 +86,7 @@ def join_metadata(images: pd.DataFrame, meta: str | Path | pd.DataFrame,
     that differs from the image's folder (benign/ or malignant/)."""
     table = read_metadata(meta) if not isinstance(meta, pd.DataFrame) else meta
     where = str(meta) if not isinstance(meta, pd.DataFrame) else where
-    cols = [c for c in META_COLUMNS if c not in ("patient_id", "cancer")]
+    cols = [c for c in TRAIN_COLUMNS if c not in ("patient_id", "cancer")]
     j = images.merge(table[[*cols, "patient_id", "cancer"]].rename(
         columns={"patient_id": "meta_patient_id", "cancer": "meta_cancer"}), on="image_id", how="left",
         indicator=True)
@@ -168,7 +166,6 @@ def wrap(src: str | Path, out: str | Path, test_frac: float = 0.25, seed: int = 
     from tqdm.auto import tqdm
 
     from rsna_utils.learn.data import holdout_split
-    from rsna_utils.sources.synth import SUBMISSION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS
     df = list_images(src)
     if meta is not None:
         df = join_metadata(df, meta)
@@ -185,7 +182,7 @@ def wrap(src: str | Path, out: str | Path, test_frac: float = 0.25, seed: int = 
     df["fold"] = holdout_split(df, test_frac, seed)     # by patient and label only
     df["part"] = np.where(df.fold == 1, "test", "train")
     known = ["laterality", "view"] if meta is not None else []
-    jobs = [(r.path, str(out / f"{r.part}_images" / str(r.patient_id) / f"{r.image_id}.dcm"),
+    jobs = [(r.path, str(dicom_path(out / f"{r.part}_images", r.patient_id, r.image_id)),
              dict(patient_id=int(r.patient_id), image_id=int(r.image_id),
                   **{k: getattr(r, k) for k in known})) for r in df.itertuples()]
     res = []
@@ -200,7 +197,7 @@ def wrap(src: str | Path, out: str | Path, test_frac: float = 0.25, seed: int = 
         df["machine_id"] = df.wrap_machine
         for c in ("biopsy", "invasive", "BIRADS", "density", "difficult_negative_case"):
             df[c] = np.nan
-    df["prediction_id"] = df.patient_id.astype(str) + "_" + df.laterality
+    df["prediction_id"] = prediction_id(df.patient_id, df.laterality)
     out.mkdir(parents=True, exist_ok=True)
     train, test = df[df.part == "train"], df[df.part == "test"]
     train[TRAIN_COLUMNS].to_csv(out / "train.csv", index=False)

@@ -24,14 +24,9 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.core.errors import RsnaError, write_atomic
+from rsna_utils.core.table import (  # noqa: F401 - the columns' names here are kept for callers
+    SUBMISSION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS, dicom_path, prediction_id)
 from rsna_utils.dicom.uids import EXPLICIT_VR_LE, JPEG2000_LOSSLESS, JPEG_LOSSLESS_SV1, RLE_LOSSLESS
-
-TRAIN_COLUMNS = ["site_id", "patient_id", "image_id", "laterality", "view", "age", "cancer",
-                 "biopsy", "invasive", "BIRADS", "implant", "density", "machine_id",
-                 "difficult_negative_case"]
-TEST_COLUMNS = ["site_id", "patient_id", "image_id", "laterality", "view", "age", "implant",
-                "machine_id", "prediction_id"]
-SUBMISSION_COLUMNS = ["prediction_id", "cancer"]
 
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 
@@ -518,9 +513,9 @@ def synthesize(out: str | Path, patients: int = 200, seed: int = 0, positive_rat
     jobs = []
     for split, rows in (("train", train_rows), ("test", test_rows)):
         for r in rows:
-            d = out / f"{split}_images" / str(r["patient_id"])
-            d.mkdir(parents=True, exist_ok=True)
-            jobs.append((r, size, seed, len(jobs), d / f"{r['image_id']}.dcm"))
+            path = dicom_path(out / f"{split}_images", r["patient_id"], r["image_id"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append((r, size, seed, len(jobs), path))
 
     lesions: list = []
     workers = workers or min(os.cpu_count() or 1, 8)
@@ -544,7 +539,7 @@ def synthesize(out: str | Path, patients: int = 200, seed: int = 0, positive_rat
     train[TRAIN_COLUMNS].to_csv(out / "train.csv", index=False)
     test = pd.DataFrame(test_rows, columns=list(train_rows[0]) if train_rows else None)
     # both sides as str: pandas 3.0 refuses str + object on an empty frame (test_patients=0)
-    test["prediction_id"] = test["patient_id"].astype(str) + "_" + test["laterality"].astype(str)
+    test["prediction_id"] = prediction_id(test["patient_id"], test["laterality"])
     test[TEST_COLUMNS].to_csv(out / "test.csv", index=False)
     sub = pd.DataFrame({"prediction_id": test["prediction_id"].drop_duplicates(), "cancer": 0.021})
     sub[SUBMISSION_COLUMNS].to_csv(out / "sample_submission.csv", index=False)
