@@ -17,7 +17,7 @@ from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
 from rsna_utils.learn.train_config import TrainConfig
 
 # The resize from the PNG to the model input, the same in training (data.PngDataset) and
-# inference (data.model_input): `roi.resize` in "pad" mode (aspect kept, black right/bottom),
+# inference (predict.raw_batch): `roi.resize` in "pad" mode (aspect kept, black right/bottom),
 # OpenCV area filter when shrinking, linear when enlarging. Stored in every checkpoint.
 INPUT_RESIZE = {"mode": "pad", "filter": "area_shrink_linear_enlarge"}
 

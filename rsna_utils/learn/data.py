@@ -233,7 +233,9 @@ DEFAULT_NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))   # checkpoints written bef
 def to_input(x: np.ndarray, norm=DEFAULT_NORM, channels: int = 3):
     """A [0, 1] float image (H, W) -> the model's input tensor (C, H, W): repeated to
     `channels` and normalised per channel with the backbone's pretrained mean / std (stored in
-    the checkpoint). Training and inference both end here."""
+    the checkpoint). The dataset's finished tensors (`raw=False`) and `model_input` end here;
+    the batch path (`device_input`: training on the device and inference) does the same
+    arithmetic in the same order."""
     import torch
     mean, std = (np.asarray(v, np.float32)[:channels] for v in norm)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -283,8 +285,9 @@ def batch_bytes(batch) -> int:
 
 def model_input(img: np.ndarray, size, norm=DEFAULT_NORM, channels: int = 3):
     """An output image (uint8 / uint16, 0 = background) -> model input of `size` (height,
-    width): the one resize (`roi.resize`, aspect kept, black padding) of training, CPU and GPU
-    inference."""
+    width), one image on the CPU: the resize of training and inference (`roi.resize`, aspect
+    kept, black padding) and `to_input`. The package's own paths batch it (`predict.raw_batch`
+    + `device_input`); tests and benchmarks use this as the reference they must equal."""
     from rsna_utils.image import roi
     size = (size, size) if isinstance(size, int) else tuple(size)
     img = roi.resize(img, size, "pad")

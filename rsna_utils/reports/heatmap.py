@@ -3,9 +3,10 @@ DICOM pixels.
 
 A view goes original pixels -> crop box -> resize (aspect kept or stretched) -> mirror when the
 chest wall was on the right -> black padding at the right / bottom (the preprocessed image, the
-"canvas", `preprocess.preprocess_image`) -> `data.model_input`'s resize with padding to the
-model's input. Every step is an axis-aligned scale, shift or mirror, so the whole chain is one
-affine map per axis (`ViewGeometry`), inverted exactly.
+"canvas", `preprocess.preprocess_image`) -> the model input's resize with padding
+(`roi.resize` "pad", as in training and `predict.raw_batch`) to the model's input. Every step
+is an axis-aligned scale, shift or mirror, so the whole chain is one affine map per axis
+(`ViewGeometry`), inverted exactly.
 
 Coordinates are continuous: pixel column i covers [i, i + 1) and its centre is i + 0.5, in every
 image of the chain (OpenCV's resize uses the same half-pixel convention). A point reported as an
@@ -113,7 +114,7 @@ class ViewGeometry:
 
 
 def input_content(canvas: tuple[int, int], input_size: tuple[int, int]) -> tuple[int, int]:
-    """Where `data.model_input` puts the canvas inside the model input: (height, width) at its
+    """Where the model input's resize (`roi.resize` "pad") puts the canvas: (height, width) at its
     top left (aspect kept, black padding)."""
     return roi.fit_shape(canvas[0], canvas[1], tuple(input_size), "pad")
 
