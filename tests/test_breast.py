@@ -274,6 +274,13 @@ def test_breast_stream_pools_each_breast_as_its_views_are_read_bit_for_bit(tiny_
                 # held at most: the breasts spanning rows 5..30, not the 41 rows
                 assert s.peak_held < readable.sum()
     assert np.isnan(prob[0, 9:12]).all() and np.isfinite(prob[0, readable]).all()
+    # fed under the backbone's autocast (as predict feeds it), the attention still runs in
+    # float32, as it did at the end of the run
+    s = BreastStream(tiny_model, pid, "cpu", chunk=512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s.add(list(range(n)), feats, readable)
+        prob, att = s.finish()
+    np.testing.assert_array_equal(prob[1], want[1][0])
 
 
 def test_predict_with_a_breast_member_gives_the_same_scores_as_holding_every_view(

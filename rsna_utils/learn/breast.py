@@ -339,11 +339,16 @@ class BreastStream:
             self._pool()
 
     def _pool(self) -> None:
+        import torch
         done = [self.views.pop(b) for b in self.ready]
         self.ready = []
+        kind = torch.device(self.device).type
         for k in range(self.prob.shape[0]):
             views = [np.stack([f[k] for f in feats]).astype(np.float32) for _, feats in done]
-            p, w = pool_breasts(self.model, views, self.device)
+            # float32 as at the end of the run before: `add` may be called under the backbone's
+            # autocast, which must not reach the attention
+            with torch.autocast(kind, enabled=False):
+                p, w = pool_breasts(self.model, views, self.device)
             for i, (rows, _) in enumerate(done):
                 self.prob[k, rows], self.att[k, rows] = p[i], w[i, :len(rows)]
         self.seen -= sum(len(rows) for rows, _ in done)
