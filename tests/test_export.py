@@ -183,3 +183,17 @@ def test_rsna_predict_runtime_onnx_gives_the_pytorch_submission(tmp_path, synth_
     sa, sb = pd.read_csv(tmp_path / "torch.csv"), pd.read_csv(tmp_path / "onnx.csv")
     assert list(sa.prediction_id) == list(sb.prediction_id)
     assert np.abs(sa.cancer - sb.cancer).max() <= TOLERANCE["fp32"]
+
+
+def test_an_ensemble_json_already_in_out_is_kept_unless_exported_in_place(tmp_path):
+    ck = random_checkpoint(tmp_path / "run" / "best.pt", "resnet18", SIZE)
+    other = {"checkpoints": ["run/best.pt"], "threshold": 0.3, "agg": "mean"}
+    (tmp_path / "ensemble.json").write_text(json.dumps(other))
+    with pytest.raises(RsnaError, match="not an earlier `rsna export`"):
+        export_onnx(ExportConfig(out=str(tmp_path), checkpoints=[str(ck)], check=False))
+    assert json.loads((tmp_path / "ensemble.json").read_text()) == other
+    export_onnx(ExportConfig(out=str(tmp_path), ensemble=str(tmp_path / "ensemble.json"),
+                             check=False))                  # in place: its engines added
+    ens = json.loads((tmp_path / "ensemble.json").read_text())
+    assert ens["threshold"] == 0.3 and ens["engines"] == ["run_best.onnx"]
+    assert ens["checkpoints"] == ["run/best.pt"]

@@ -101,6 +101,7 @@ def export_onnx(cfg: ExportConfig, progress=None) -> dict:
     else:
         ens, ckpts = Ensemble({"threshold": None, "binarize": None, "agg": "mean"}), cfg.checkpoints
     out = Path(cfg.out)
+    _check_out(out, cfg.ensemble)
     out.mkdir(parents=True, exist_ok=True)
     models, _ = load_models(ckpts, torch.device("cpu"))
     names = unique_names(ckpts)
@@ -121,6 +122,26 @@ def export_onnx(cfg: ExportConfig, progress=None) -> dict:
                "onnx` runs those in eager PyTorch" if done < len(contracts) else "")
             + f"; predict with --runtime onnx --engines {out}")
     return {"members": contracts, "ensemble": str(out / ENSEMBLE_FILE), "line": line}
+
+
+def _check_out(out: Path, source: str | None) -> None:
+    """An ensemble.json already in `out` is replaced only when it is the one exported (in
+    place: the export adds its engines) or an earlier export's; another is refused."""
+    there = out / ENSEMBLE_FILE
+    if not there.is_file():
+        return
+    if source is not None:
+        src = Path(source)
+        src = src / ENSEMBLE_FILE if src.is_dir() else src
+        if os.path.samefile(src, there):
+            return
+    try:
+        earlier = "engines" in json.loads(there.read_text())
+    except (OSError, ValueError, TypeError):
+        earlier = False
+    if not earlier:
+        raise RsnaError(f"{there}: an ensemble.json that is not an earlier `rsna export`; give "
+                        f"another --out, or --ensemble {there} to export that ensemble in place")
 
 
 def unique_names(ckpts) -> list[str]:
