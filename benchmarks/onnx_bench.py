@@ -8,7 +8,8 @@ the ratio onnxruntime / PyTorch (median of the per-round ratios, with its range)
 |difference| of the cancer probability (for a breast model: of its one-view pooled probability).
 
     python benchmarks/onnx_bench.py [--size 256x128] [--batch 8] [--rounds 5] [--threads 2]
-        [--models resnet18,resnext50_32x4d,tf_efficientnet_lite0,efficientnet_b2,convnext_small,breast:resnet18]
+        [--models resnet18,resnext50_32x4d,tf_efficientnet_lite0,efficientnet_b2,
+                  convnext_small,breast:resnet18]
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def bench_one(spec: str, size, batch: int, rounds: int, threads: int, root: Path
     pool = "max" if name.startswith("convnext") else "gem"
     ck = random_checkpoint(root / spec.replace(":", "_") / "best.pt", name, size, level, pool)
     t = time.perf_counter()
-    export_onnx(ExportConfig(out=str(root / "onnx"), checkpoints=[str(ck)]), progress=lambda s: None)
+    export_onnx(ExportConfig(out=str(root / "onnx"), checkpoints=[str(ck)]),
+                progress=lambda s: None)
     export_s = time.perf_counter() - t
     cpu = torch.device("cpu")
     (ref,), _ = load_models([ck], cpu)
@@ -97,7 +99,8 @@ def table(rows: list[dict], rounds: int) -> str:
            f"ratio (median, range of {rounds} rounds) | max abs diff of p | export s |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['level']} | {r['size'][0]}x{r['size'][1]} | {r['batch']} | "
+        out.append(f"| {r['model']} | {r['level']} | {r['size'][0]}x{r['size'][1]} | "
+                   f"{r['batch']} | "
                    f"{r['torch_ips']:.1f} | {r['onnx_ips']:.1f} | **{r['ratio']:.2f}x** "
                    f"({r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}) | {r['max_dp']:.1e} | "
                    f"{r['export_s']:.0f} |")

@@ -165,7 +165,8 @@ def test_rsna_predict_runtime_onnx_gives_the_pytorch_submission(tmp_path, synth_
     image = random_checkpoint(tmp_path / "r18" / "best.pt", "resnet18", SIZE)
     breast = random_checkpoint(tmp_path / "r18b" / "best.pt", "resnet18", SIZE, "breast", seed=2)
     Ensemble({"checkpoints": ["r18/best.pt", "r18b/best.pt"], "threshold": 0.5,
-              "binarize": "threshold", "agg": "mean", "tta": False}).write(tmp_path / "ensemble.json")
+              "binarize": "threshold", "agg": "mean",
+              "tta": False}).write(tmp_path / "ensemble.json")
     assert main(["export", "--format", "onnx", "--ensemble", str(tmp_path / "ensemble.json"),
                  "--out", str(tmp_path / "engines")]) == 0
     assert "exported 2 of 2 member(s)" in capsys.readouterr().out
