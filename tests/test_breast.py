@@ -298,3 +298,20 @@ def test_predict_with_a_breast_member_gives_the_same_scores_as_holding_every_vie
     np.testing.assert_array_equal(now.images.prediction, before.images.prediction)
     np.testing.assert_array_equal(now.images.attention, before.images.attention)
     pd.testing.assert_frame_equal(now.submission, before.submission)
+
+
+def test_two_cpu_shards_with_a_breast_member_match_one_process_within_float_rounding(
+        tmp_path, breast_run, synth_small):
+    """`--shards 2` with a breast-level member: each shard pools its own breasts, in other
+    calls than the one process's, so the scores agree within float32 rounding (stated as
+    1e-5)."""
+    from rsna_utils.infer.predict import predict
+    root, _ = breast_run
+    ck = [str(root / "breast" / "best.pt"), str(root / "img" / "best.pt")]
+    args = (synth_small / "test_images", synth_small / "test.csv", ck)
+    one = predict(*args, out=None, workers=0, tta=True, progress=False, device="cpu")
+    two = predict(*args, out=None, workers=0, tta=True, progress=False, device="cpu", shards=2)
+    assert list(two.submission.prediction_id) == list(one.submission.prediction_id)
+    np.testing.assert_allclose(two.submission.cancer, one.submission.cancer, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(two.images.attention, one.images.attention, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(two.images.prediction, one.images.prediction, rtol=0, atol=1e-5)

@@ -10,6 +10,12 @@ the rows back in test.csv's order and makes the submission from the whole table 
 aggregation, the threshold or quantile cut and the calibration see every breast at once), so
 the submission is the one-process one. A shard that fails stops the run with one line naming
 the shard and its log; the other shards are stopped and nothing is written.
+
+Tested on the CPU: two shards give the one-process submission byte for byte with image-level
+members. A breast-level member pools its breasts in calls of up to 512 (`breast.BreastStream`),
+and a shard's calls hold other breasts than the one process's: the same values within float32
+rounding (about 1e-6; tests/test_breast.py). On a GPU the kernels may also round a shard's
+smaller last batch differently.
 """
 from __future__ import annotations
 
@@ -91,23 +97,28 @@ def score_sharded(cfg, df: pd.DataFrame, n: int, device: str) -> pd.DataFrame:
     gpus = _visible_gpus() if device == "cuda" else []
     threads = max(1, (os.cpu_count() or 1) // len(parts))
     procs = []
-    for k, rows in enumerate(parts):
-        csv, job, log = work / f"shard{k}.csv", work / f"shard{k}.json", work / f"shard{k}.log"
-        df.iloc[rows].to_csv(csv, index=False)
-        settings = dict(dataclasses.asdict(cfg), csv=str(csv), out=None, shards=1,
-                        sample_submission=None, labels=None, progress=False, max_unreadable=1.0,
-                        device=device, workers=-(-cfg.workers // len(parts)))
-        job.write_text(json.dumps({"config": settings, "result": str(work / f"shard{k}.pkl")}))
-        env = dict(os.environ)
-        if device == "cuda":
-            env["CUDA_VISIBLE_DEVICES"] = gpus[k]
-        else:
-            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        with open(log, "w") as fh:
-            p = subprocess.Popen([sys.executable, "-m", "rsna_utils.infer.shard_job", str(job)],
-                                 stdout=fh, stderr=subprocess.STDOUT, env=env)
-        procs.append((k, rows, p, log, time.perf_counter()))
-    _wait(procs, len(parts), device, cfg.progress)
+    try:
+        for k, rows in enumerate(parts):
+            csv, job, log = (work / f"shard{k}.{ext}" for ext in ("csv", "json", "log"))
+            df.iloc[rows].to_csv(csv, index=False)
+            settings = dict(dataclasses.asdict(cfg), csv=str(csv), out=None, shards=1,
+                            sample_submission=None, labels=None, progress=False,
+                            max_unreadable=1.0, device=device,
+                            workers=-(-cfg.workers // len(parts)))
+            job.write_text(json.dumps({"config": settings,
+                                       "result": str(work / f"shard{k}.pkl")}))
+            env = dict(os.environ)
+            if device == "cuda":
+                env["CUDA_VISIBLE_DEVICES"] = gpus[k]
+            else:
+                env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            with open(log, "w") as fh:
+                p = subprocess.Popen([sys.executable, "-m", "rsna_utils.infer.shard_job",
+                                      str(job)], stdout=fh, stderr=subprocess.STDOUT, env=env)
+            procs.append((k, rows, p, log, time.perf_counter()))
+        _wait(procs, len(parts), device, cfg.progress)
+    finally:            # an error or Ctrl-C here leaves no shard running
+        _stop([p for _, _, p, _, _ in procs])
     merged = []
     for k, rows, _, _, _ in procs:
         part = pd.read_pickle(work / f"shard{k}.pkl")
@@ -140,10 +151,6 @@ def _wait(procs: list, n: int, device: str, progress: bool) -> None:
                 continue
             running.remove(item)
             if rc != 0:
-                for *_, q, _, _ in running:
-                    q.terminate()
-                for *_, q, _, _ in running:
-                    q.wait()
                 raise RsnaError(f"shard {k} of {n} ({len(rows)} images, {device}) failed with "
                                 f"exit code {rc}: {_last_line(log)}; its log: {log}; no "
                                 "submission written")
@@ -151,6 +158,19 @@ def _wait(procs: list, n: int, device: str, progress: bool) -> None:
                 print(f"shard {k} of {n}: {len(rows)} images scored in "
                       f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         time.sleep(0.2)
+
+
+def _stop(procs: list) -> None:
+    """Terminate the shard processes still running and wait for them."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _last_line(log: Path) -> str:
