@@ -12,12 +12,17 @@ through the functions here and never spells them itself (tests/test_table.py gre
   `{png_dir}/{patient_id}_{image_id}.png` (what `rsna preprocess` writes).
 - `SOURCE_SITES`: source name -> its site ids (RSNA's own 1 and 2; CBIS-DDSM 101, VinDr-Mammo
   102, CMMD 103, the ids `rsna ingest` gives them).
+- The patient split (`holdout_split`, `patient_folds`, `check_split`): always by patient, for
+  training's validation and for the held-out part a real-image folder is wrapped with.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+from rsna_utils.core.errors import RsnaError
 
 TRAIN_COLUMNS = ["site_id", "patient_id", "image_id", "laterality", "view", "age", "cancer",
                  "biopsy", "invasive", "BIRADS", "implant", "density", "machine_id",
@@ -67,3 +72,44 @@ def png_name(patient_id, image_id) -> str:
 def png_path(png_dir, patient_id, image_id) -> Path:
     """`{png_dir}/{patient_id}_{image_id}.png`."""
     return Path(png_dir) / png_name(patient_id, image_id)
+
+
+# The patient split: a patient's images are all on one side
+def patient_folds(df: pd.DataFrame, n_splits: int = 5, seed: int = 42,
+                  label: str = "cancer") -> pd.Series:
+    """Fold number per row: StratifiedGroupKFold on `label`, grouped by patient_id."""
+    from sklearn.model_selection import StratifiedGroupKFold
+    n_pat = df["patient_id"].nunique()
+    if n_splits < 2 or n_splits > n_pat:
+        raise RsnaError(f"n_splits={n_splits}: need 2..{n_pat} (the number of patients)")
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    fold = np.full(len(df), -1)
+    for k, (_, val) in enumerate(sgkf.split(df, df[label], groups=df["patient_id"])):
+        fold[val] = k
+    return pd.Series(fold, index=df.index, name="fold")
+
+
+def holdout_split(df: pd.DataFrame, val_frac: float = 0.15, seed: int = 42,
+                  label: str = "cancer") -> pd.Series:
+    """0 = train, 1 = validation: a patient-grouped split stratified by whether the patient has
+    any positive image (the patient's highest `label`: a label of more classes, such as
+    `learn.mix`'s source x cancer strata, is stratified over each)."""
+    if not 0 < val_frac < 1:
+        raise RsnaError(f"val_frac={val_frac}: give a fraction in (0, 1), e.g. 0.15")
+    rng = np.random.default_rng(seed)
+    pos = df.groupby("patient_id")[label].max()
+    val: set = set()
+    for cls in sorted({0, 1} | set(pos.unique().tolist())):
+        pats = pos.index[pos == cls].to_numpy().copy()
+        rng.shuffle(pats)
+        val |= set(pats[: int(round(len(pats) * val_frac))])
+    return pd.Series(df["patient_id"].isin(val).astype(int), index=df.index, name="fold")
+
+
+def check_split(train: pd.DataFrame, val: pd.DataFrame, where: str, label: str = "cancer") -> None:
+    if set(train.patient_id) & set(val.patient_id):
+        raise RsnaError(f"{where}: a patient is on both sides of the split")
+    for name, d in (("training", train), ("validation", val)):
+        if len(d) == 0 or d[label].sum() == 0:
+            raise RsnaError(f"{where}: the {name} side has no positive images; use fewer folds, "
+                            "a larger val fraction, or more data (synthetic: raise --positive-rate)")

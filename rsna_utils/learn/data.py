@@ -1,5 +1,6 @@
-"""Datasets over the preprocessed PNGs, mammogram augmentations, patient-grouped splits and
-samplers that upsample positives (single process or DDP)."""
+"""Datasets over the preprocessed PNGs, mammogram augmentations and samplers that upsample
+positives (single process or DDP). The patient-grouped splits live with the RSNA table
+(`core.table`) and are re-exported here."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from rsna_utils.core.errors import RsnaError
-from rsna_utils.core.table import png_path, with_prediction_id
+from rsna_utils.core.table import (  # noqa: F401 - the patient split's home is core.table
+    check_split, holdout_split, patient_folds, png_path, with_prediction_id)
 
 # ----------------------------------------------------------------------------------------
 # Table of images
@@ -57,50 +59,6 @@ def load_table(csv: str | Path, png_dir: str | Path | None = None,
             raise RsnaError(f"{len(missing)} PNG(s) missing under {png_dir}, e.g. {missing[0]}; "
                             "run `rsna preprocess` on these images (or fix --data)")
     return df
-
-
-# ----------------------------------------------------------------------------------------
-# Splits: always by patient
-# ----------------------------------------------------------------------------------------
-
-def patient_folds(df: pd.DataFrame, n_splits: int = 5, seed: int = 42,
-                  label: str = "cancer") -> pd.Series:
-    """Fold number per row: StratifiedGroupKFold on `label`, grouped by patient_id."""
-    from sklearn.model_selection import StratifiedGroupKFold
-    n_pat = df["patient_id"].nunique()
-    if n_splits < 2 or n_splits > n_pat:
-        raise RsnaError(f"n_splits={n_splits}: need 2..{n_pat} (the number of patients)")
-    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    fold = np.full(len(df), -1)
-    for k, (_, val) in enumerate(sgkf.split(df, df[label], groups=df["patient_id"])):
-        fold[val] = k
-    return pd.Series(fold, index=df.index, name="fold")
-
-
-def holdout_split(df: pd.DataFrame, val_frac: float = 0.15, seed: int = 42,
-                  label: str = "cancer") -> pd.Series:
-    """0 = train, 1 = validation: a patient-grouped split stratified by whether the patient has
-    any positive image (the patient's highest `label`: a label of more classes, such as
-    `learn.mix`'s source x cancer strata, is stratified over each)."""
-    if not 0 < val_frac < 1:
-        raise RsnaError(f"val_frac={val_frac}: give a fraction in (0, 1), e.g. 0.15")
-    rng = np.random.default_rng(seed)
-    pos = df.groupby("patient_id")[label].max()
-    val: set = set()
-    for cls in sorted({0, 1} | set(pos.unique().tolist())):
-        pats = pos.index[pos == cls].to_numpy().copy()
-        rng.shuffle(pats)
-        val |= set(pats[: int(round(len(pats) * val_frac))])
-    return pd.Series(df["patient_id"].isin(val).astype(int), index=df.index, name="fold")
-
-
-def check_split(train: pd.DataFrame, val: pd.DataFrame, where: str, label: str = "cancer") -> None:
-    if set(train.patient_id) & set(val.patient_id):
-        raise RsnaError(f"{where}: a patient is on both sides of the split")
-    for name, d in (("training", train), ("validation", val)):
-        if len(d) == 0 or d[label].sum() == 0:
-            raise RsnaError(f"{where}: the {name} side has no positive images; use fewer folds, "
-                            "a larger val fraction, or more data (synthetic: raise --positive-rate)")
 
 
 # ----------------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def split_folds(df: pd.DataFrame, split: str, val_frac: float, folds: int, seed:
     `holdout_split` / `patient_folds` split them, stratified by source and label (source ids
     never collide: each ingest source has its own id range); every other row gets -1 and always
     trains. A table of one source (or without site_id) is split exactly as before."""
-    from rsna_utils.learn.data import holdout_split, patient_folds
+    from rsna_utils.core.table import holdout_split, patient_folds
     mask = validatable(df, val_sites, where)
     sub = df[mask].copy()
     src = sources_of(sub)

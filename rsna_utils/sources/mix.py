@@ -3,16 +3,17 @@ RSNA-shaped folder by `ingest.combine` before the plan's first step; their weigh
 training steps' `source_weights`. What training does with the mix: `learn.mix`."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 
 from rsna_utils.core.errors import RsnaError, write_atomic
-from rsna_utils.learn.mix import parse_source_weights, source_sites
+from rsna_utils.core.table import SOURCE_SITES
 
 
 def _known() -> str:
-    return ", ".join(source_sites())
+    return ", ".join(SOURCE_SITES)
 
 
 # ----------------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ def check_plan_sources(sources, where: str) -> list[dict]:
             raise RsnaError(f"{where}: sources[{k}] has unknown key(s) {sorted(unknown)}; give "
                             f"{', '.join(sorted(SOURCE_KEYS))}")
         name = str(s["name"]).strip().lower()
-        if name not in source_sites():
+        if name not in SOURCE_SITES:
             raise RsnaError(f"{where}: sources[{k}] name {s['name']!r} is not a source; use one of "
                             f"{_known()}")
         if name in seen:
@@ -54,9 +55,7 @@ def check_plan_sources(sources, where: str) -> list[dict]:
             weight = float(s.get("weight", 1))
         except (TypeError, ValueError):
             weight = None
-        if weight is not None and weight > 0:
-            weight = parse_source_weights({name: weight})[name]
-        else:
+        if weight is None or not (0 < weight < math.inf):
             raise RsnaError(f"{where}: source {name} has weight {s.get('weight')!r}; a plan's "
                             "source trains at a weight above 0 (0.5: half as often as an RSNA "
                             "image): give a number above 0, or remove the entry")
@@ -120,7 +119,7 @@ def _source_folder(s: dict, staging: Path) -> Path:
 def _check_sites(s: dict, folder: Path) -> None:
     """The source's train.csv holds the sites its name stands for."""
     sites = pd.read_csv(folder / "train.csv", usecols=["site_id"])["site_id"].dropna()
-    want = source_sites()[s["name"]]
+    want = SOURCE_SITES[s["name"]]
     other = sorted(int(x) for x in set(sites.unique()) - set(want))
     if other:
         raise RsnaError(f"source {s['name']}: {folder / 'train.csv'} has site_id {other}, not "

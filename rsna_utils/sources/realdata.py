@@ -26,7 +26,7 @@ import pandas as pd
 
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.core.table import (SUBMISSION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS, dicom_path,
-                                     prediction_id)
+                                     holdout_split, prediction_id)
 
 NAME = re.compile(r"^(\d+)_(\d+)")
 # 2: inverted exports wrapped as MONOCHROME1 (1 wrapped them as they were, bright background)
@@ -165,7 +165,6 @@ def wrap(src: str | Path, out: str | Path, test_frac: float = 0.25, seed: int = 
 
     from tqdm.auto import tqdm
 
-    from rsna_utils.learn.data import holdout_split
     df = list_images(src)
     if meta is not None:
         df = join_metadata(df, meta)
