@@ -25,12 +25,13 @@ SIZE = (64, 32)
 
 # (timm name, level, pooling): the backbone families of the plans. ConvNeXt-Small exports in
 # about 25 s on 2 cores, so the default run takes ConvNeXt-Atto (the same blocks: depthwise 7x7,
-# LayerNorm, GELU MLP, layer scale) and the slow run the Small as well.
+# LayerNorm, GELU MLP, layer scale) and the slow run (-m slow) the Small as well; likewise
+# EfficientNet-Lite0 by default, B2 (about a minute here) and ResNeXt-50 in the slow run.
 FAMILIES = [
     ("resnet18", "image", "gem"),
     pytest.param("resnext50_32x4d", "image", "gem", marks=pytest.mark.slow),
     ("tf_efficientnet_lite0", "image", "gem"),
-    ("efficientnet_b2", "image", "gem"),
+    pytest.param("efficientnet_b2", "image", "gem", marks=pytest.mark.slow),
     ("convnext_atto", "image", "max"),
     pytest.param("convnext_small", "image", "max", marks=pytest.mark.slow),
     ("resnet18", "breast", "gem"),
