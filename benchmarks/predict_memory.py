@@ -1,5 +1,6 @@
 """Peak memory of `predict` with a breast-level member against the number of test images
-(issue 41): before (every view's features held until the end, `BreastStream.hold_all`) and
+(issue 41): before (every view's features held until the end, then concatenated, made float32 and pooled:
+the code of `predict.add_breast_members`, replayed by the class `Before` below) and
 after (each breast pooled as soon as its views are read), on a growing synthetic test set.
 
     python benchmarks/predict_memory.py [--patients 50,100,200] [--model resnet50] [--size 64x32]
@@ -40,7 +41,26 @@ data, csv, ckpt, mode, out, chunk = sys.argv[2:8]
 import rsna_utils.infer.predict as P
 import rsna_utils.learn.breast as B
 B.POOL_CHUNK = int(chunk)
-BreastStream.hold_all = mode == "before"
+
+
+class Before(BreastStream):
+    # the code before issue 41 (predict.add_breast_members): every batch's features kept, then
+    # concatenated, made float32 and pooled by breast_scores at the end; the same values
+    def add(self, rows, feats, readable):
+        self.kept = getattr(self, "kept", []) + [feats]
+        self.read = getattr(self, "read", []) + list(readable)
+        self.peak_held = sum(len(f) for f in self.kept)
+
+    def finish(self):
+        f = np.concatenate(self.kept).astype(np.float32)
+        readable = np.array(self.read, bool)
+        got = [B.breast_scores(self.model, f[:, k], readable, self.pid, self.device, B.POOL_CHUNK)
+               for k in range(f.shape[1])]
+        return np.stack([g[0] for g in got]), np.stack([g[1] for g in got])
+
+
+if mode == "before":
+    B.BreastStream = Before
 score_images = P.score_images
 scoring = {}
 def traced(*a, **k):          # the peak while the images are scored, above what was there
@@ -51,11 +71,11 @@ def traced(*a, **k):          # the peak while the images are scored, above what
     return out
 P.score_images = traced
 held = []
-finish = BreastStream.finish
+finish = B.BreastStream.finish
 def record(self):
     held.append(self.peak_held)
     return finish(self)
-BreastStream.finish = record
+B.BreastStream.finish = record
 import torch
 torch.set_num_threads(1)
 tracemalloc.start()

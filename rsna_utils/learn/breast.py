@@ -323,7 +323,7 @@ class BreastStream:
                     self.views[b] = ([], [])
                     self.queue.append(b)
                 self.views[b][0].append(r)
-                self.views[b][1].append(feats[j])
+                self.views[b][1].append(feats[j].copy())    # not a view: the batch goes
                 self.seen += 1
             self.left[b] -= 1
         self.peak_held = max(self.peak_held, self.seen)
