@@ -124,13 +124,12 @@ def train_feed(png_dir: Path, csv: Path, model_name: str, batch: int, size: int 
 
 def checkpoint(ckpt_dir: Path, model_name: str, size: int, pre_size) -> Path:
     from rsna_utils.image.preprocess import PreprocessConfig
-    from rsna_utils.learn.checkpoint import save_checkpoint
+    from rsna_utils.learn.checkpoint import Checkpoint, InputSpec
     from rsna_utils.learn.models import create_model
     ck = ckpt_dir / f"{model_name}_{size}.pt"
     m = create_model(model_name)
-    save_checkpoint({"model": dict(m.state_dict()), "model_name": model_name, "channels": 3,
-                     "size": [size, size], "preprocess": PreprocessConfig(size=pre_size).to_dict(),
-                     "threshold": 0.5, "prior": 0.021}, ck)
+    Checkpoint(dict(m.state_dict()), model_name, InputSpec(size),
+               preprocess=PreprocessConfig(size=pre_size).to_dict()).save(ck)
     return ck
 
 

@@ -31,13 +31,12 @@ print(json.dumps({"images": len(r.images), "seconds": r.seconds, "self_mb": self
 
 def make_checkpoint(model: str, size: int, out: Path) -> Path:
     from rsna_utils.image.preprocess import PreprocessConfig
-    from rsna_utils.learn.checkpoint import save_checkpoint
+    from rsna_utils.learn.checkpoint import Checkpoint, InputSpec
     from rsna_utils.learn.models import create_model
     m = create_model(model)
     p = out / f"{model}_{size}.pt"
-    save_checkpoint({"model": m.state_dict(), "model_name": model, "channels": 3, "size": [size, size],
-                     "preprocess": PreprocessConfig(size=size).to_dict(), "threshold": 0.5,
-                     "prior": 0.021}, p)
+    Checkpoint(m.state_dict(), model, InputSpec(size),
+               preprocess=PreprocessConfig(size=size).to_dict()).save(p)
     return p
 
 

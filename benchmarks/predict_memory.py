@@ -8,7 +8,7 @@ after (each breast pooled as soon as its views are read), on a growing synthetic
 One synthetic set (`rsna synth`, small images) with the largest number of test patients; the
 smaller test sets are its first patients. The checkpoint: a breast-level model on `--model`,
 randomly initialised (attention weights drawn wide, so the pooling is not uniform) and saved
-through `learn.checkpoint.save_checkpoint` as training saves one. Each (test set, mode) runs in a
+through `learn.checkpoint.Checkpoint` as training saves one. Each (test set, mode) runs in a
 fresh process, the modes alternating: `tracemalloc`'s peak above what was allocated before
 `predict` (numpy's arrays are traced: the features are numpy), the process's peak RSS, and the
 most views' features the pooling held at once. The two modes' submissions and per-image
@@ -99,7 +99,7 @@ def make_checkpoint(model: str, size: tuple[int, int], out: Path) -> Path:
 
     from rsna_utils.image.preprocess import PreprocessConfig
     from rsna_utils.learn.breast import create_breast_model
-    from rsna_utils.learn.checkpoint import save_checkpoint
+    from rsna_utils.learn.checkpoint import Checkpoint, InputSpec
     from rsna_utils.learn.models import input_norm
     torch.manual_seed(0)
     m = create_breast_model(model, 3, global_pool="avg", outputs=1, legacy_pool=True).eval()
@@ -107,11 +107,8 @@ def make_checkpoint(model: str, size: tuple[int, int], out: Path) -> Path:
         torch.nn.init.normal_(lin.weight, std=0.5)
     mean, std = input_norm(model)
     p = out / f"breast_{model}.pt"
-    save_checkpoint({"model": m.state_dict(), "model_name": model, "channels": 3,
-                     "size": list(size), "global_pool": "avg", "level": "breast", "aux": [],
-                     "norm": [list(mean), list(std)],
-                     "preprocess": PreprocessConfig(size=list(size)).to_dict(),
-                     "threshold": 0.5, "prior": 0.021}, p)
+    Checkpoint(m.state_dict(), model, InputSpec(size, 3, (mean, std), level="breast"),
+               preprocess=PreprocessConfig(size=list(size)).to_dict()).save(p)
     return p
 
 

@@ -349,13 +349,12 @@ def last_scored(run: Path) -> Path:
     out = run / "last_ema.pt"
     if out.exists() and out.stat().st_mtime >= last.stat().st_mtime:
         return out
-    from rsna_utils.learn.checkpoint import read_checkpoint, save_checkpoint
-    ck = read_checkpoint(last)
-    if not ck.get("ema"):
+    from rsna_utils.learn.checkpoint import Checkpoint
+    ck = Checkpoint.load(last)
+    if not ck.ema:
         raise SystemExit(f"{last}: its run used EMA but the checkpoint holds no averaged weights")
-    model = {k.removeprefix("module."): v for k, v in ck["ema"].items() if k != "n_averaged"}
-    keep = {k: v for k, v in ck.items() if k not in ("optimizer", "scheduler", "ema")}
-    save_checkpoint({**keep, "model": model}, out)
+    model = {k.removeprefix("module."): v for k, v in ck.ema.items() if k != "n_averaged"}
+    ck.without_resume_state(model).save(out)
     return out
 
 

@@ -293,7 +293,7 @@ def random_checkpoint(path: str | Path, model: str = "resnet18", size=(64, 32),
     import torch
 
     from rsna_utils.image.preprocess import PreprocessConfig
-    from rsna_utils.learn.checkpoint import INPUT_RESIZE, save_checkpoint
+    from rsna_utils.learn.checkpoint import Checkpoint, InputSpec
     from rsna_utils.learn.models import create_model, input_norm
     torch.manual_seed(seed)
     if level == "breast":
@@ -314,11 +314,9 @@ def random_checkpoint(path: str | Path, model: str = "resnet18", size=(64, 32),
     mean, std = input_norm(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint({"model": net.state_dict(), "model_name": model, "channels": 3,
-                     "size": list(size), "global_pool": global_pool,
-                     "norm": [list(mean), list(std)], "resize": dict(INPUT_RESIZE), "aux": [],
-                     "level": level, "threshold": 0.5, "prior": 0.021,
-                     "preprocess": PreprocessConfig(size=tuple(preprocess_size)).to_dict(),
-                     "config": {"model": model, "level": level, "size": list(size),
-                                "seed": seed}}, path)
+    Checkpoint(net.state_dict(), model, InputSpec(size, 3, (mean, std), level=level),
+               preprocess=PreprocessConfig(size=tuple(preprocess_size)).to_dict(),
+               global_pool=global_pool,
+               config={"model": model, "level": level, "size": list(size), "seed": seed}
+               ).save(path)
     return path

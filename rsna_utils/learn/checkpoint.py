@@ -1,25 +1,166 @@
 """The contract between training and inference: what a trained model is (architecture and
 heads, input size, channels, normalisation, the PNG -> input resize, preprocessing, TTA, its
-training recipe) and how a checkpoint is saved and loaded. Training writes it
-(`model_contract`, `save_checkpoint`); inference, heatmaps and the Kaggle export read it
-(`load_checkpoints`, `checkpoint_recipe`) without importing the training loop."""
+training recipe) and how a checkpoint is saved and loaded. `Checkpoint` (with its `InputSpec`)
+is the one typed form of the file and the one place its keys' defaults are spelled: training
+saves through it (`model_contract`, `Checkpoint.save`); inference, heatmaps and the ONNX export
+load through it (`Checkpoint.load`, `load_checkpoints`, `checkpoint_recipe`) without importing
+the training loop. The file stays the dict of tensors and plain settings 0.2 wrote (same keys),
+and a file written by 0.2 or earlier loads, every missing key at its default."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
+from rsna_utils.learn.data import DEFAULT_NORM  # older checkpoints' mean / std
 from rsna_utils.learn.train_config import TrainConfig
 
 # The resize from the PNG to the model input, the same in training (data.PngDataset) and
 # inference (predict.raw_batch): `roi.resize` in "pad" mode (aspect kept, black right/bottom),
 # OpenCV area filter when shrinking, linear when enlarging. Stored in every checkpoint.
 INPUT_RESIZE = {"mode": "pad", "filter": "area_shrink_linear_enlarge"}
+DEFAULT_PRIOR = 0.021   # share of positive breasts in the RSNA training data
+LEVELS = ("image", "breast")
+
+
+def _hw(size) -> tuple[int, int]:
+    """A stored input size as (h, w) ints: [h, w], (h, w), 256 or "1024x512"; (0, 0) unknown."""
+    if size is None or (isinstance(size, (list, tuple, str)) and not size):
+        return (0, 0)
+    if isinstance(size, str):
+        return tuple(parse_size(size, MIN_MODEL_SIDE))
+    if isinstance(size, (int, float)):
+        return (int(size), int(size))
+    try:
+        h, w = size
+        return (int(h), int(w))
+    except (TypeError, ValueError):
+        raise RsnaError(f"checkpoint input size {size!r}: expected [height, width]; retrain, or "
+                        "store the size as a list of two ints") from None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model reads: its input size (h, w), channels, the normalisation mean / std, the
+    PNG -> input resize rule and its level (an image, or a breast's views). Normalised when
+    made: size a (h, w) tuple of ints, norm ((mean...), (std...)) of floats."""
+    size: tuple = (0, 0)
+    channels: int = 3
+    norm: tuple = DEFAULT_NORM
+    resize: dict = field(default_factory=lambda: dict(INPUT_RESIZE))  # not stored before: pad
+    level: str = "image"
+
+    KEYS = ("channels", "size", "norm", "resize", "level")   # the checkpoint keys it reads
+
+    def __post_init__(self):
+        norm = self.norm if self.norm else DEFAULT_NORM
+        object.__setattr__(self, "size", _hw(self.size))
+        object.__setattr__(self, "channels", int(self.channels))
+        object.__setattr__(self, "norm", tuple(tuple(float(v) for v in row) for row in norm))
+        object.__setattr__(self, "resize", dict(self.resize or INPUT_RESIZE))
+        object.__setattr__(self, "level", str(self.level))
+
+    @classmethod
+    def from_checkpoint(cls, ck: dict) -> "InputSpec":
+        """The spec a checkpoint dict stores; a key it lacks (an older file) at its default. A
+        size not stored: the preprocessing's (the PNG size), as before."""
+        kw = {k: ck[k] for k in ("channels", "level") if ck.get(k) is not None}
+        kw.update({k: ck[k] for k in ("norm", "resize") if ck.get(k)})
+        size = ck.get("size") or (ck.get("preprocess") or {}).get("size")
+        if size:
+            kw["size"] = size
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        """The checkpoint keys, as `rsna train` has stored them: lists, not tuples."""
+        return {"channels": self.channels, "size": list(self.size),
+                "norm": [list(self.norm[0]), list(self.norm[1])], "resize": dict(self.resize),
+                "level": self.level}
+
+
+# keys only a resumable last.pt holds (best.pt and exports leave them out)
+RESUME_ONLY = ("optimizer", "scheduler", "ema")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint of `rsna train`: the weights, the model (name, pooling, aux heads), its
+    input (`InputSpec`), the preprocessing of its PNGs, the tuned threshold and the training
+    prior, the TrainConfig it was trained with, and, where training wrote them, the epoch,
+    metrics, history, best epoch and the optimiser / schedule / EMA state to resume from.
+    `load` gives every key an older file lacks its default here; keys this version does not
+    know are kept in `extra` and written back."""
+    model: dict                              # the state_dict
+    model_name: str
+    input: InputSpec = field(default_factory=InputSpec)
+    preprocess: dict = field(default_factory=dict)
+    global_pool: str = "avg"
+    aux: list = field(default_factory=list)
+    threshold: float = 0.5
+    prior: float = DEFAULT_PRIOR
+    config: dict | None = None               # the TrainConfig (asdict)
+    epoch: int | None = None
+    metrics: dict | None = None
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    ema: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    FIELDS = ("model", "model_name", "preprocess", "global_pool", "aux", "threshold", "prior",
+              "config", "epoch", "metrics", "history", "best", *RESUME_ONLY)
+
+    @classmethod
+    def from_dict(cls, ck: dict, path: str | Path = "checkpoint") -> "Checkpoint":
+        """A checkpoint dict as torch.load gives it (0.2's or older); a missing or None key at
+        its default."""
+        if not isinstance(ck, dict) or "model" not in ck or "model_name" not in ck:
+            raise RsnaError(f"{path}: not a checkpoint of `rsna train` (no 'model' and "
+                            f"'model_name'); {TRAIN_FIX}")
+        kw = {k: ck[k] for k in cls.FIELDS if ck.get(k) is not None}
+        extra = {k: v for k, v in ck.items() if k not in cls.FIELDS and k not in InputSpec.KEYS}
+        return cls(input=InputSpec.from_checkpoint(ck), extra=extra, **kw)
+
+    def to_dict(self) -> dict:
+        """The dict `torch.save` writes: the keys 0.2 wrote. The resume-only state only where
+        there is an optimiser (last.pt); training's fields only where set."""
+        d = {"model": self.model}
+        if self.optimizer is not None:
+            d.update(optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema)
+        for k in ("epoch", "config"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        d.update({"preprocess": self.preprocess, "model_name": self.model_name,
+                  **self.input.to_dict(), "global_pool": self.global_pool,
+                  "aux": list(self.aux), "threshold": self.threshold})
+        if self.metrics is not None:
+            d["metrics"] = self.metrics
+        d["prior"] = self.prior
+        if self.epoch is not None:
+            d["history"] = self.history
+        if self.best is not None:
+            d["best"] = self.best
+        return {**d, **self.extra}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Checkpoint":
+        """`read_checkpoint(path)` as a Checkpoint; a one-line error for what is not one."""
+        return cls.from_dict(read_checkpoint(path), path)
+
+    def save(self, path: str | Path) -> None:
+        """Atomic (`save_checkpoint`): a kill leaves the old file intact."""
+        save_checkpoint(self.to_dict(), path)
+
+    def without_resume_state(self, model: dict | None = None) -> "Checkpoint":
+        """best.pt of this last.pt: no optimiser, schedule or EMA, with `model`'s weights."""
+        return dataclasses.replace(self, model=self.model if model is None else model,
+                                   optimizer=None, scheduler=None, ema=None)
 
 
 def cancer_probability(model, x, tta: bool = False):
@@ -50,11 +191,10 @@ def model_contract(cfg: TrainConfig) -> dict:
     architecture and its heads, the input (size, channels, the backbone's mean / std, the
     resize from PNG to input) and the preprocessing (cfg.data's preprocess.json) that test
     DICOMs go through. Checks the model name (timm) before any data is read."""
-    size, norm = list(parse_size(cfg.size, MIN_MODEL_SIDE)), _input_norm(cfg.model, cfg.pretrained_path)
+    spec = InputSpec(parse_size(cfg.size, MIN_MODEL_SIDE), cfg.channels,
+                     _input_norm(cfg.model, cfg.pretrained_path), INPUT_RESIZE, cfg.level)
     return {"preprocess": _preprocess_config(Path(cfg.data)), "model_name": cfg.model,
-            "channels": cfg.channels, "size": size, "global_pool": cfg.global_pool,
-            "norm": [list(norm[0]), list(norm[1])], "resize": dict(INPUT_RESIZE),
-            "aux": list(cfg.aux), "level": cfg.level}
+            **spec.to_dict(), "global_pool": cfg.global_pool, "aux": list(cfg.aux)}
 
 
 def _input_norm(model_name: str, pretrained_path=None):
@@ -64,7 +204,6 @@ def _input_norm(model_name: str, pretrained_path=None):
         from rsna_utils.learn.models import input_norm
         from rsna_utils.learn.weights import folder_norm
     except ImportError:
-        from rsna_utils.learn.data import DEFAULT_NORM
         return DEFAULT_NORM
     return folder_norm(pretrained_path) or input_norm(model_name)
 
@@ -165,9 +304,6 @@ def checkpoint_recipe(path: str | Path, stored: dict | None, exported=None) -> s
     return recipe_key(cfg or stored, run)[0]
 
 
-DEFAULT_PRIOR = 0.021   # share of positive breasts in the RSNA training data
-
-
 @dataclass
 class LoadedModel:
     model: object
@@ -176,7 +312,7 @@ class LoadedModel:
     threshold: float
     prior: float
     size: tuple = (0, 0)     # the model's input (height, width)
-    norm: tuple = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))   # input mean / std (stored at training)
+    norm: tuple = DEFAULT_NORM   # input mean / std (stored at training: `InputSpec.norm`)
     channels: int = 3
     recipe: str = ""         # the training recipe (`recipe_key`): folds of one recipe share it
     recipe_weight: float | None = None   # the recipe's vote in an ensemble (None: equal)
@@ -237,46 +373,42 @@ def load_checkpoints(paths: list[str | Path], device,
         raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
     models, pre, shape = [], None, None
     for p in paths:
-        ck = read_checkpoint(p)
-        this_pre = with_later_settings(dict(ck.get("preprocess") or {}))
-        this_shape = ck.get("channels", 3)
+        ck = Checkpoint.load(p)
+        spec = ck.input
+        this_pre = with_later_settings(dict(ck.preprocess))
+        this_shape = spec.channels
         if pre is not None and (this_pre != pre or this_shape != shape):
             raise RsnaError(f"{p}: preprocessing or channels differ from {paths[0]}; an "
                             "ensemble must share them (train on the same PNG folder)")
         pre, shape = this_pre, this_shape
-        resize = ck.get("resize") or INPUT_RESIZE      # not stored before: pad, as now
-        if resize != INPUT_RESIZE:
-            raise RsnaError(f"{p}: trained with the input resize {resize}, but this version "
+        if spec.resize != INPUT_RESIZE:
+            raise RsnaError(f"{p}: trained with the input resize {spec.resize}, but this version "
                             f"resizes as {INPUT_RESIZE}; predict with the rsna_utils version "
                             "that trained it, or retrain")
-        level = ck.get("level", "image")
-        if level not in ("image", "breast"):
+        level = spec.level
+        if level not in LEVELS:
             raise RsnaError(f"{p}: level {level!r} is not one this version reads (image, "
                             "breast); predict with the rsna_utils version that trained it")
         if level == "breast":
             from rsna_utils.learn.breast import create_breast_model
-            model = create_breast_model(ck["model_name"], ck.get("channels", 3),
-                                        global_pool=ck.get("global_pool", "avg"),
-                                        outputs=1 + len(ck.get("aux") or []), legacy_pool=True)
+            model = create_breast_model(ck.model_name, spec.channels, global_pool=ck.global_pool,
+                                        outputs=1 + len(ck.aux), legacy_pool=True)
             model.channels_last = True
         else:
-            model = create_model(ck["model_name"], ck.get("channels", 3),
-                                 global_pool=ck.get("global_pool", "avg"), legacy_pool=True)
-            if ck.get("aux"):
-                set_outputs(model, 1 + len(ck["aux"]))       # logit 0 is the cancer
+            model = create_model(ck.model_name, spec.channels, global_pool=ck.global_pool,
+                                 legacy_pool=True)
+            if ck.aux:
+                set_outputs(model, 1 + len(ck.aux))       # logit 0 is the cancer
         try:
-            model.load_state_dict(ck["model"])
+            model.load_state_dict(ck.model)
         except RuntimeError as e:
-            raise RsnaError(f"{p}: its weights do not fit a {ck['model_name']!r} model "
+            raise RsnaError(f"{p}: its weights do not fit a {ck.model_name!r} model "
                             f"({str(e).splitlines()[0][:160]}); the checkpoint is damaged or "
                             "mislabelled") from None
         model.to(device).eval()
-        models.append(LoadedModel(model, ck["model_name"], str(p), float(ck.get("threshold", 0.5)),
-                                  float(ck.get("prior", DEFAULT_PRIOR)),
-                                  tuple(ck.get("size") or this_pre.get("size") or (0, 0)),
-                                  tuple(tuple(v) for v in ck.get("norm") or LoadedModel.norm),
-                                  int(this_shape),
-                                  checkpoint_recipe(p, ck.get("config"), exported),
+        models.append(LoadedModel(model, ck.model_name, str(p), float(ck.threshold),
+                                  float(ck.prior), spec.size, spec.norm, int(this_shape),
+                                  checkpoint_recipe(p, ck.config, exported),
                                   level=level))
     if not pre:
         raise RsnaError(f"{paths[0]}: the checkpoint carries no preprocessing settings (trained on "

@@ -20,7 +20,8 @@ import pandas as pd
 
 from rsna_utils.core.errors import RsnaError, write_atomic, writing
 from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
-from rsna_utils.learn.checkpoint import cancer_logit, cancer_probability, model_contract, save_checkpoint
+from rsna_utils.learn.checkpoint import (Checkpoint, cancer_logit, cancer_probability,
+                                        model_contract)
 from rsna_utils.learn.device import half_dtype, resolve_device
 from rsna_utils.learn.train_config import SELECT_BY, TrainConfig
 
@@ -589,9 +590,13 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
             (out / f).unlink(missing_ok=True)
     if not (cfg.resume and last.exists()):
         return 0, None, []
-    ck = load_weights(last)
+    ck = load_weights(last)           # the raw dict: which input keys it stored is checked below
+    if not isinstance(ck, dict) or "model" not in ck or "model_name" not in ck:
+        raise RsnaError(f"{last}: cannot resume from it (not a checkpoint of `rsna train`); "
+                        "delete it to start over")
+    state = Checkpoint.from_dict(ck, last)
     # settings that the saved optimiser groups or validation scores were made with
-    was = {"backbone_lr": 1.0, "tta": False, **(ck.get("config") or {})}
+    was = {"backbone_lr": 1.0, "tta": False, **(state.config or {})}
     for name in ("backbone_lr", "tta"):
         if was[name] != getattr(cfg, name):
             flag = "--" + name.replace("_", "-")
@@ -615,15 +620,18 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
             raise RsnaError(f"{last}: trained on other inputs {diff} (last.pt, this run): the "
                             f"{what} must match, or delete it to start over")
     try:
-        model.load_state_dict(ck["model"])
-        opt.optimizer.load_state_dict(ck["optimizer"])
-        opt.scheduler.load_state_dict(ck["scheduler"])
-        if opt.ema is not None and ck.get("ema"):
-            opt.ema.load_state_dict(ck["ema"])
+        missing = [k for k in ("optimizer", "scheduler", "epoch") if getattr(state, k) is None]
+        if missing:
+            raise KeyError(missing[0])
+        model.load_state_dict(state.model)
+        opt.optimizer.load_state_dict(state.optimizer)
+        opt.scheduler.load_state_dict(state.scheduler)
+        if opt.ema is not None and state.ema:
+            opt.ema.load_state_dict(state.ema)
     except (KeyError, RuntimeError, ValueError) as e:
         raise RsnaError(f"{last}: cannot resume from it ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160]}); delete it to start over") from None
-    return int(ck["epoch"]) + 1, ck.get("best"), list(ck.get("history", []))
+    return int(state.epoch) + 1, state.best, list(state.history)
 
 
 def full_window(cfg: TrainConfig, history: list[dict]) -> bool:
@@ -656,29 +664,29 @@ def update_best(best: dict | None, m: dict, epoch: int, select_by: str,
 
 
 def epoch_state(cfg: TrainConfig, epoch: int, model, opt: Optimisation, contract: dict, m: dict,
-                history: list[dict], best: dict, prior: float) -> dict:
+                history: list[dict], best: dict, prior: float) -> Checkpoint:
     """last.pt: the live weights and the EMA apart (resume needs both), the optimiser and
     schedule, the model contract, this epoch's metrics and tuned threshold, the history."""
-    return {"model": _state(model), "optimizer": opt.optimizer.state_dict(),
-            "scheduler": opt.scheduler.state_dict(),
-            "ema": opt.ema.state_dict() if opt.ema else None, "epoch": epoch,
-            "config": asdict(cfg), **contract, "threshold": m["breast_mean_best_threshold"],
-            "metrics": _plain(m), "prior": prior, "history": [_plain(h) for h in history],
-            "best": best}
+    return Checkpoint.from_dict({
+        "model": _state(model), "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "ema": opt.ema.state_dict() if opt.ema else None, "epoch": epoch,
+        "config": asdict(cfg), **contract, "threshold": m["breast_mean_best_threshold"],
+        "metrics": _plain(m), "prior": prior, "history": [_plain(h) for h in history],
+        "best": best})
 
 
-def save_epoch(out: Path, state: dict, best_model, preds: pd.DataFrame, history: list[dict]) -> None:
+def save_epoch(out: Path, state: Checkpoint, best_model, preds: pd.DataFrame,
+               history: list[dict]) -> None:
     """last.pt, metrics.csv/json; with `best_model` (an improved epoch) also best.pt (the
     weights that were evaluated: the EMA when on) and val_predictions.csv."""
     fix = ("Free some space or give --out a folder on a larger disk; --resume continues from "
            "the last last.pt saved")
     with writing(out, "writing the epoch's files", fix):
         if best_model is not None:
-            resume_only = ("optimizer", "scheduler", "ema")
-            save_checkpoint({**{k: v for k, v in state.items() if k not in resume_only},
-                             "model": _state(best_model)}, out / "best.pt")
+            state.without_resume_state(_state(best_model)).save(out / "best.pt")
             write_atomic(out / "val_predictions.csv", preds.to_csv(index=False), fix)
-        save_checkpoint(state, out / "last.pt")
+        state.save(out / "last.pt")
         write_atomic(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False), fix)
         write_atomic(out / "metrics.json", json.dumps([_plain(h) for h in history], indent=2), fix)
 
