@@ -72,6 +72,8 @@ def test_checkpoint_written_by_0_2_loads(tmp_path):
     assert (m_old.threshold, m_old.prior, m_old.size, m_old.norm, m_old.level) == \
         (0.5, DEFAULT_PRIOR, (64, 48), DEFAULT_NORM, "image")
     assert (m_v02.threshold, m_v02.prior, m_v02.norm[0]) == (0.37, 0.03, (0.485, 0.456, 0.406))
+    assert m_old.input == InputSpec((64, 48)) and m_v02.input == Checkpoint.load(
+        tmp_path / "v02.pt").input                      # LoadedModel reads its input from it
     x = torch.rand(2, 3, 64, 48)
     with torch.no_grad():
         assert torch.equal(m_old.model(x), net(x)) and torch.equal(m_v02.model(x), net(x))

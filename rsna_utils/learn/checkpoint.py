@@ -317,6 +317,12 @@ class LoadedModel:
     recipe: str = ""         # the training recipe (`recipe_key`): folds of one recipe share it
     recipe_weight: float | None = None   # the recipe's vote in an ensemble (None: equal)
     level: str = "image"     # breast: a `breast.BreastModel`, scored per breast (`breast_scores`)
+    input: InputSpec | None = None   # the checkpoint's: when given, size, norm, channels, level
+
+    def __post_init__(self):
+        if self.input is not None:      # the input contract read from one place
+            self.size, self.norm = self.input.size, self.input.norm
+            self.channels, self.level = self.input.channels, self.input.level
 
 
 TRAIN_FIX = "pass a best.pt (or last.pt) written by `rsna train`, e.g. runs/<name>/best.pt"
@@ -407,9 +413,8 @@ def load_checkpoints(paths: list[str | Path], device,
                             "mislabelled") from None
         model.to(device).eval()
         models.append(LoadedModel(model, ck.model_name, str(p), float(ck.threshold),
-                                  float(ck.prior), spec.size, spec.norm, int(this_shape),
-                                  checkpoint_recipe(p, ck.config, exported),
-                                  level=level))
+                                  float(ck.prior),
+                                  recipe=checkpoint_recipe(p, ck.config, exported), input=spec))
     if not pre:
         raise RsnaError(f"{paths[0]}: the checkpoint carries no preprocessing settings (trained on "
                         "PNGs without preprocess.json); retrain from `rsna preprocess` output")
