@@ -594,6 +594,27 @@ def test_select_window_picks_by_the_mean_of_the_last_epochs():
     assert full_window(TrainConfig(), hist[:1])
 
 
+def test_a_tie_goes_to_the_later_epoch():
+    """A saturated validation (breast AUC and PR-AUC 1.000 after each epoch, as on the
+    synthetic check of issue 37 item 6) keeps the later, longer-trained epoch, not the first;
+    a lower later epoch still loses, and a windowed tie also goes to the later epoch."""
+    from rsna_utils.learn.train import update_best
+    best = None
+    for e, a in enumerate([1.0, 1.0]):
+        best, improved = update_best(best, {"breast_mean_auc": a, "breast_mean_pr_auc": 1.0}, e,
+                                     "auc")
+        assert improved
+    assert best["epoch"] == 1
+    best, improved = update_best(best, {"breast_mean_auc": 0.99, "breast_mean_pr_auc": 1.0}, 2,
+                                 "auc")
+    assert not improved and best["epoch"] == 1
+    hist, best = [], None
+    for e in range(3):
+        hist.append({"breast_mean_auc": 1.0, "breast_mean_pr_auc": 1.0})
+        best, _ = update_best(best, hist[-1], e, "auc", hist, window=2)
+    assert best["epoch"] == 2
+
+
 def test_ema_decay_from_epochs_fits_the_steps_per_epoch():
     from rsna_utils.learn.train import create_optimisation, ema_decay, ema_from_epochs
     assert ema_from_epochs(1, 5000) == pytest.approx(0.9998)
