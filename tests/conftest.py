@@ -85,6 +85,21 @@ def synth_small(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, synth_small):
+    """A resnet18 trained 2 steps at 48 px on `synth_small` (its PNGs beside the run folder):
+    a real checkpoint for the predict, shard and overwrite tests, made once per session."""
+    from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
+    from rsna_utils.learn.train import TrainConfig, train
+    root = tmp_path_factory.mktemp("tiny")
+    Preprocessor(PreprocessConfig(size=48), workers=2, progress=False).run(
+        synth_small / "train_images", synth_small / "train.csv", root / "png")
+    train(TrainConfig(data=str(root / "png"), csv=str(synth_small / "train.csv"),
+                      out=str(root / "run"), model="resnet18", size=48, epochs=1, batch_size=8,
+                      workers=0, device="cpu", max_steps=2, progress=False, val_frac=0.3))
+    return root / "run" / "best.pt"
+
+
 class AbortOn:
     """Test hook for the preprocessor: kills the worker process on one chosen file."""
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from test_predict import tiny_ckpt  # noqa: F401  (pytest fixture: a 2-step resnet18)
 
 from rsna_utils.app.cli import build_parser, main
 from rsna_utils.core.errors import RsnaError

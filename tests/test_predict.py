@@ -9,20 +9,7 @@ import pytest
 import torch
 
 from rsna_utils.core.errors import RsnaError
-from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
 from rsna_utils.infer.predict import aggregate, binarize, predict, validate_submission
-from rsna_utils.learn.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, synth_small):
-    root = tmp_path_factory.mktemp("tiny")
-    Preprocessor(PreprocessConfig(size=48), workers=2, progress=False).run(
-        synth_small / "train_images", synth_small / "train.csv", root / "png")
-    train(TrainConfig(data=str(root / "png"), csv=str(synth_small / "train.csv"),
-                      out=str(root / "run"), model="resnet18", size=48, epochs=1, batch_size=8,
-                      workers=0, device="cpu", max_steps=2, progress=False, val_frac=0.3))
-    return root / "run" / "best.pt"
 
 
 def test_rsna_predict_writes_a_valid_submission(tmp_path, synth_small, tiny_ckpt):
