@@ -229,3 +229,17 @@ def finite(d):
     if isinstance(d, float) and not np.isfinite(d):
         return None
     return d
+
+
+def unique_names(bases: list[str]) -> list[str]:
+    """`bases` made unique within one export: a repeat gets a counter before its suffix
+    (`best.pt`, `best_2.pt`; `lite0`, `lite0_2`)."""
+    names, seen = [], set()
+    for base in bases:
+        name, k = base, 1
+        while name in seen:
+            k += 1
+            name = f"{Path(base).stem}_{k}{Path(base).suffix}"
+        seen.add(name)
+        names.append(name)
+    return names

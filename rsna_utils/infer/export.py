@@ -28,7 +28,7 @@ from rsna_utils.core.config import Config, setting
 from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.infer.engine import (CONTRACT_SUFFIX, FORMAT, TOLERANCE, member_name,
                                      providers, sha256)
-from rsna_utils.infer.ensemble import ENSEMBLE_FILE, Ensemble
+from rsna_utils.infer.ensemble import ENSEMBLE_FILE, Ensemble, unique_names
 
 OPSET = 17          # onnxruntime 1.16 and later run it; the legacy exporter's well-trodden opset
 
@@ -104,7 +104,7 @@ def export_onnx(cfg: ExportConfig, progress=None) -> dict:
     _check_out(out, cfg.ensemble)
     out.mkdir(parents=True, exist_ok=True)
     models, _ = load_models(ckpts, torch.device("cpu"))
-    names = unique_names(ckpts)
+    names = member_names(ckpts)
     contracts = []
     for m, name in zip(models, names):
         c = export_member(m, out, name, opset=cfg.opset, check=cfg.check)
@@ -144,18 +144,9 @@ def _check_out(out: Path, source: str | None) -> None:
                         f"another --out, or --ensemble {there} to export that ensemble in place")
 
 
-def unique_names(ckpts) -> list[str]:
+def member_names(ckpts) -> list[str]:
     """`member_name` of each checkpoint, made unique (a counter) within the export."""
-    names, seen = [], set()
-    for c in ckpts:
-        base = member_name(c)
-        name, k = base, 1
-        while name in seen:
-            k += 1
-            name = f"{base}_{k}"
-        seen.add(name)
-        names.append(name)
-    return names
+    return unique_names([member_name(c) for c in ckpts])
 
 
 def features_module(model):

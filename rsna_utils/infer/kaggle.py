@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from rsna_utils.core.errors import RsnaError, atomic_folder
-from rsna_utils.infer.ensemble import ENSEMBLE_FILE, Ensemble, exported_recipe
+from rsna_utils.infer.ensemble import ENSEMBLE_FILE, Ensemble, exported_recipe, unique_names
 
 KAGGLE_INPUT = "/kaggle/input"        # attached datasets (read-only), unless $KAGGLE_INPUT
 KAGGLE_WORKING = "/kaggle/working"    # the notebook's output, unless $KAGGLE_WORKING
@@ -170,16 +170,8 @@ def _is_export(d: Path) -> bool:
 
 def _unique_names(ckpts: list[Path]) -> list[str]:
     """run folder + file name (`resnet18_fold0_best.pt`), unique within the export."""
-    names, seen = [], set()
-    for c in ckpts:
-        base = f"{c.parent.name}_{c.name}" if c.parent.name else c.name
-        name, k = base, 1
-        while name in seen:
-            k += 1
-            name = f"{Path(base).stem}_{k}{Path(base).suffix}"
-        seen.add(name)
-        names.append(name)
-    return names
+    return unique_names([f"{c.parent.name}_{c.name}" if c.parent.name else c.name
+                         for c in ckpts])
 
 
 def _fmt(x) -> str:
