@@ -18,7 +18,7 @@ def test_the_readme_is_short_and_links_every_doc():
     linked = {Path(x).name for x in _links(REPO / "README.md")}
     assert {d.name for d in DOCS} <= linked, {d.name for d in DOCS} - linked
     assert "make demo" in readme and "make test" in readme
-    assert "6.6 GB" in readme and "CPU-only" in readme        # the install size, up front
+    assert "6.7 GB" in readme and "CPU-only" in readme        # the install size, up front
 
 
 def test_every_relative_link_resolves():
