@@ -188,6 +188,7 @@ def test_a_breast_level_step_reads_two_views_per_item(tmp_path):
     assert doubled.memory_gib > 1.5 * img.memory_gib
 
 
+@pytest.mark.heavy          # trains each model of the plan a few steps (about 20 s)
 def test_calibrate_times_each_model_of_the_plan_here_and_estimates_from_it(capsys):
     """On the CPU at tiny sizes: every distinct model of the kaggle plan is trained a few steps
     on random input (loss finite), its rates printed and used in place of the anchors."""
