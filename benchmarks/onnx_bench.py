@@ -40,7 +40,7 @@ def bench_one(spec: str, size, batch: int, rounds: int, threads: int, root: Path
 
     from rsna_utils.infer import engine
     from rsna_utils.infer.export import ExportConfig, export_onnx, random_checkpoint
-    from rsna_utils.infer.predict import load_models
+    from rsna_utils.infer.scoring import load_models
     from rsna_utils.learn.checkpoint import cancer_probability
     level, _, name = spec.rpartition(":")
     level = level or "image"

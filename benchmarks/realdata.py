@@ -418,7 +418,7 @@ def _fold_predictions(ckpt: Path, val: pd.DataFrame, png: Path, tta: bool) -> np
     import cv2
     import torch
 
-    from rsna_utils.infer.predict import batch_input, load_models
+    from rsna_utils.infer.scoring import batch_input, load_models, view_features
     from rsna_utils.learn.checkpoint import cancer_logit
     (m,), _ = load_models([ckpt], torch.device("cpu"))
     out = []
@@ -427,7 +427,6 @@ def _fold_predictions(ckpt: Path, val: pd.DataFrame, png: Path, tta: bool) -> np
             x = batch_input([cv2.imread(str(png / f"{r.patient_id}_{r.image_id}.png"), cv2.IMREAD_UNCHANGED)
                              for r in val.iloc[i:i + 32].itertuples()], m, m.channels, m.size)
             if m.level == "breast":        # each view's features; the breasts pooled below
-                from rsna_utils.infer.predict import view_features
                 out.append(view_features(m.model, x, tta))
                 continue
             p = torch.sigmoid(cancer_logit(m.model(x)))

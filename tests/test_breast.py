@@ -154,6 +154,37 @@ def breast_run(tmp_path_factory, png48b, synth_small):
     return root, best
 
 
+def test_training_reads_two_views_all_of_them_or_a_random_number(png48b, synth_small):
+    """breast_views (issue 41): training read a CC and an MLO per breast while validation and
+    inference pool every view; "all" trains on what inference sees, "random" on 1 to all."""
+    from rsna_utils.learn.data import Augment
+    df = load_table(synth_small / "train.csv", png48b)
+    ids = list(dict.fromkeys(df.prediction_id))
+    first = df[df.prediction_id == ids[0]]
+    table = pd.concat([first, first.iloc[:1], df[df.prediction_id == ids[1]]])   # 3 views, 2
+    aug = Augment.level("light")
+
+    def read(ds, b):
+        (raw, _), _ = ds[b]
+        return raw.shape[0], int((raw.flatten(1).amax(1) > 0).sum())
+
+    assert read(BreastDataset(table, (48, 48), augment=aug, views="2"), 0) == (2, 2)
+    every = BreastDataset(table, (48, 48), augment=aug, views="all")
+    assert read(every, 0) == (3, 3) and read(every, 1) == (3, 2)    # padded to the most views
+    rnd = BreastDataset(table, (48, 48), augment=aug, views="random")
+    seen = set()
+    for _ in range(30):
+        seen.add(read(rnd, 0))
+    assert seen == {(3, 1), (3, 2), (3, 3)}
+    assert read(BreastDataset(table, (48, 48), views="random"), 0) == (3, 3)  # validation: all
+    with pytest.raises(RsnaError, match="breast views 'some': give a number of views >= 1, all "
+                                        "or random"):
+        BreastDataset(table, (48, 48), views="some")
+    with pytest.raises(RsnaError, match="breast_views"):
+        TrainConfig(data=str(png48b), csv=str(synth_small / "train.csv"), level="breast",
+                    breast_views="3")
+
+
 def test_train_level_breast_starts_from_an_image_run_and_scores_breasts(breast_run, synth_small):
     root, best = breast_run
     run = root / "breast"

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from rsna_utils.infer import predict as predict_mod
+from rsna_utils.infer import scoring
 from rsna_utils.infer.ensemble import Ensemble
 from rsna_utils.infer.predict import (FALLBACK_FACTOR, FALLBACK_MIN_EXPECTED, PredictConfig,
                                       binarize, binary_cut, predict)
@@ -133,9 +134,9 @@ def fixed_scores(tmp_path, monkeypatch):
     df.to_csv(tmp_path / "test.csv", index=False)
     scores = {"v": np.linspace(0.6, 0.99, N)}          # all above the threshold 0.5
     model = SimpleNamespace(recipe="r", recipe_weight=None, threshold=0.5, prior=0.02, path="m.pt")
-    monkeypatch.setattr(predict_mod, "load_models", lambda paths, dev: ([model], {}))
+    monkeypatch.setattr(scoring, "load_models", lambda paths, dev: ([model], {}))
 
-    def score_images(cfg, df, models, pre, device):
+    def score_images(cfg, df, ens):
         imgs = df[["patient_id", "image_id", "laterality", "prediction_id"]].copy()
         imgs["prediction"] = scores["v"][:len(imgs)]
         imgs["problem"], imgs["looks_inverted"] = "", False

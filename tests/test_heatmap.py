@@ -254,7 +254,7 @@ def test_the_flip_tta_map_is_the_image_and_its_mirror_averaged():
     """With tta, the map (like the score) averages the image and its mirror: explaining the
     mirrored image gives the mirrored map and the same score. The unflipped image's map alone
     (before) is not mirror-symmetric in this way."""
-    from rsna_utils.infer.predict import LoadedModel
+    from rsna_utils.infer.scoring import LoadedEnsemble, LoadedModel
     from rsna_utils.learn.models import create_model
     from rsna_utils.reports.heatmap import explain_batch
     torch.manual_seed(0)
@@ -266,11 +266,10 @@ def test_the_flip_tta_map_is_the_image_and_its_mirror_averaged():
     img[16:112, :80] = rng.integers(60, 220, (96, 80))        # a breast on the left, textured
     img[40:56, 48:64] = 255                                    # a bright spot
     mirror = np.ascontiguousarray(img[:, ::-1])
-    s, h = explain_batch([img, mirror], [m], (128, 128), 3, torch.device("cpu"),
-                        method="layercam", tta=True)
+    ens = LoadedEnsemble([m], {"size": (128, 128)}, torch.device("cpu"), tta=True)
+    s, h = explain_batch([img, mirror], ens, method="layercam")
     assert h[0].max() > 0
     assert s[0] == pytest.approx(s[1], rel=1e-4)
     np.testing.assert_allclose(h[1], h[0][:, ::-1], atol=1e-4 * max(h[0].max(), 1e-6))
-    s1, h1 = explain_batch([img, mirror], [m], (128, 128), 3, torch.device("cpu"),
-                          method="layercam", tta=False)
+    s1, h1 = explain_batch([img, mirror], ens, method="layercam", tta=False)
     assert np.abs(h1[1] - h1[0][:, ::-1]).max() > 1e-3 * h1[0].max()

@@ -252,8 +252,8 @@ def test_preprocess_a_csv_of_another_folder_is_one_line_and_writes_nothing(tmp_p
 def test_predict_a_csv_of_another_folder_is_one_line(tmp_path, capsys, monkeypatch):
     import types
 
-    import rsna_utils.infer.predict as pr
-    monkeypatch.setattr(pr, "load_models", lambda paths, dev: (
+    import rsna_utils.infer.scoring as scoring
+    monkeypatch.setattr(scoring, "load_models", lambda paths, dev: (
         [types.SimpleNamespace(recipe="r", weight=1.0, channels=3, level="image")], {}))
     images, csv = _csv_of_other_ids(tmp_path)
     code = main(["predict", "--images", str(images), "--csv", str(csv), "--checkpoints",

@@ -94,7 +94,7 @@ def export_onnx(cfg: ExportConfig, progress=None) -> dict:
     [contract...], "ensemble": path, "line": what was written}."""
     import torch
 
-    from rsna_utils.infer.predict import load_models
+    from rsna_utils.infer.scoring import load_models
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     if cfg.ensemble:
         ens, ckpts = ensemble_members(cfg.ensemble)

@@ -13,19 +13,14 @@ from rsna_utils.core.errors import RsnaError, write_atomic
 
 def run_job(path: str | Path) -> None:
     """One shard: score the images of its CSV as `predict` does, write the per-image table."""
-    from rsna_utils.infer.predict import PredictConfig, load_models, score_images, set_recipe_weights
+    from rsna_utils.infer.predict import PredictConfig, load_ensemble, score_images
     from rsna_utils.learn.data import load_table
     from rsna_utils.learn.device import resolve_device
     job = json.loads(Path(path).read_text())
     cfg = PredictConfig(**job["config"])
     dev = resolve_device(cfg.device)
     df = load_table(cfg.csv)
-    models, pre = load_models(cfg.checkpoints, dev)
-    if getattr(cfg, "runtime", "torch") == "onnx":     # as predict does (`infer.engine`)
-        from rsna_utils.infer.engine import attach_engines
-        attach_engines(models, dev, cfg.engines)
-    set_recipe_weights(models, cfg.member_weights)
-    imgs = score_images(cfg, df, models, pre, dev)
+    imgs = score_images(cfg, df, load_ensemble(cfg, dev))     # as predict does
     write_atomic(Path(job["result"]), lambda tmp: imgs.to_pickle(tmp))
 
 

@@ -156,13 +156,15 @@ class BreastDataset:
     augmented as `PngDataset(raw=True)` reads an image (the same `Augment`, drawn per view);
     the label is the breast's (any view with cancer), the auxiliary targets the mean of its
     views' known values. `choose` picks the views: one CC and one MLO when the breast has
-    both (a random one of each in training), then other views of the breast, up to `views`
-    (None: all of them, as validation reads them), else an empty slot (zeros: masked by the
-    model, which runs its backbone on the views present only)."""
+    both (a random one of each in training), then other views of the breast, up to `views`:
+    a number (2: the CC and the MLO), None or "all" (all of them, as validation and inference
+    read them) or "random" (in training 1 to all, drawn per breast and epoch; all without
+    augmentation); the slots a breast leaves empty are zeros, masked by the model, which runs
+    its backbone on the views present only."""
 
     def __init__(self, df: pd.DataFrame, size, channels: int = 3, augment=None, seed: int = 0,
                  cache: bool = False, label: str = "cancer", norm=None, aux: list | None = None,
-                 views: int | None = VIEWS):
+                 views: int | str | None = VIEWS):
         from rsna_utils.learn.data import DEFAULT_NORM, PngDataset, aux_targets
         if aux and "view" in aux:
             raise RsnaError("aux target 'view' is per image; a breast-level model reads both "
@@ -179,9 +181,15 @@ class BreastDataset:
             t = aux_targets(df, list(aux))
             with np.errstate(invalid="ignore"):
                 self.aux = np.stack([_nanmean(t[r]) for r in self.rows]).astype(np.float32)
-        # None: every view of every breast (validation, as `rsna predict` pools them), padded
-        # to the most views a breast has here
-        self.views = views or max((len(r) for r in self.rows), default=1)
+        # None / "all": every view of every breast (validation, as `rsna predict` pools them),
+        # padded to the most views a breast has here; "random": up to that many
+        most = max((len(r) for r in self.rows), default=1)
+        if isinstance(views, str) and views.isdigit():
+            views = int(views)
+        if views not in (None, "all", "random") and not (isinstance(views, int) and views >= 1):
+            raise RsnaError(f"breast views {views!r}: give a number of views >= 1, all or random")
+        self.random_views = views == "random"
+        self.views = most if views in (None, "all", "random") else views
         self.train = augment is not None
         self.epoch = 0
 
@@ -203,7 +211,10 @@ class BreastDataset:
         rest = [r for r in rows if r not in picked]
         if rng is not None:
             rest = list(rng.permutation(rest))
-        return (picked + rest)[: self.views]
+        k = self.views
+        if self.random_views and rng is not None:      # 1 to all of this breast's views
+            k = int(rng.integers(1, len(rows) + 1))
+        return (picked + rest)[:k]
 
     def __getitem__(self, b: int):
         import torch

@@ -404,7 +404,7 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
     if cfg.level == "breast":        # one item per breast: its views, read as images are
         from rsna_utils.learn.breast import BreastDataset
         train_ds = BreastDataset(train_df, size, cfg.channels, aug, cfg.seed, cfg.cache,
-                                 norm=norm, aux=cfg.aux)
+                                 norm=norm, aux=cfg.aux, views=cfg.breast_views)
         val_ds = BreastDataset(val_df, size, cfg.channels, None, cfg.seed, cfg.cache, norm=norm,
                                views=None)     # every view, as inference pools them
     else:

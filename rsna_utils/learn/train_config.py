@@ -108,6 +108,11 @@ class TrainConfig(Config):
                          "averaged; breast: the views of a breast (a CC and an MLO) through one "
                          "backbone, pooled by learned attention, one logit per breast",
                          choices=("image", "breast"))
+    breast_views: str = setting("2", "level breast, in training: the views each breast is read "
+                                "with: 2 (a CC and an MLO), all (every view it has, as "
+                                "validation and inference pool them) or random (1 to all, drawn "
+                                "per breast and epoch); validation always reads all",
+                                choices=("2", "all", "random"), parse=str)
     size: int | list | str = setting(256, "model input: 512, [height, width] or HEIGHTxWIDTH "
                                      "(e.g. 1536x768)", parse=size_flag(MIN_MODEL_SIDE))
     channels: int = setting(3, "input channels", choices=(1, 3))

@@ -106,26 +106,22 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     """
     from tqdm.auto import tqdm
 
-    from rsna_utils.image.preprocess import PreprocessConfig
-    from rsna_utils.infer.predict import load_models, set_recipe_weights, weighted_mean
-    from rsna_utils.learn.checkpoint import in_chans
+    from rsna_utils.infer.scoring import LoadedEnsemble
     from rsna_utils.learn.device import resolve_device
     from rsna_utils.reports.heatmap import explain_batch, pooled_votes
     t0 = time.perf_counter()
     df, images = _check_inputs(images, csv, checkpoints, by, limit, agg, order)
     dev = resolve_device(device)
-    models, pre = load_models(checkpoints, dev)
-    set_recipe_weights(models, weights)
-    cfg = PreprocessConfig(**{k: (tuple(v) if k == "size" else v) for k, v in pre.items()})
-    channels = in_chans(models[0].model) or 3
-    if threshold is None:
-        threshold = weighted_mean(models, "threshold")
+    ens = LoadedEnsemble.from_checkpoints(checkpoints, dev, weights, tta=tta, agg=agg,
+                                          threshold_given=threshold)
+    cfg = ens.preprocess_config()
+    threshold = ens.threshold
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     key = "patient_id" if by == "patient" else "prediction_id"
     exams = list(dict.fromkeys(df[key]))
     if limit is not None and order == "score" and len(exams) > limit:
-        exams = _by_score(df, key, images, models, pre, dev, backend, tta, agg)
+        exams = _by_score(df, key, images, ens, backend)
     if limit is not None:
         exams = exams[:limit]
     truth, boxes = _truth(labels, df), _boxes(lesions)
@@ -137,10 +133,9 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
         ok = [v for v in views if not v.values.get("problem")]
         if ok:
             canvases = [v.values.pop("canvas") for v in ok]
-            scores, heat = explain_batch(canvases, models, cfg.size, channels, dev, tta=tta)
+            scores, heat = explain_batch(canvases, ens)
             # breast-level members: the exam's views of each breast pooled, as `rsna predict`
-            votes, attention = pooled_votes(canvases, [v.row["prediction_id"] for v in ok], models,
-                                            cfg.size, channels, dev, tta)
+            votes, attention = pooled_votes(canvases, [v.row["prediction_id"] for v in ok], ens)
             for v, s, h, a in zip(ok, scores + votes, heat, attention):
                 _finish_view(v, float(s), h)
                 if a == a:
@@ -164,7 +159,7 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     summary = _exam_table(table, key, figures)
     csv_path, index = out / "heatmaps.csv", out / "index.html"
     write_atomic(csv_path, table.to_csv(index=False))
-    write_atomic(index, _index_html(summary, key, threshold, [m.path for m in models], agg))
+    write_atomic(index, _index_html(summary, key, threshold, [m.path for m in ens.models], agg))
     return dict(index=str(index), heatmaps_csv=str(csv_path),
                 figures=[str(out / f) for f in summary["figure"]], views=table, exams=summary,
                 threshold=threshold, seconds=time.perf_counter() - t0)
@@ -201,14 +196,11 @@ def _check_inputs(images, csv, checkpoints, by: str, limit, agg: str,
     return df, images
 
 
-def _by_score(df: pd.DataFrame, key: str, images: Path, models, pre: dict, device, backend: str,
-              tta: bool, agg: str) -> list:
+def _by_score(df: pd.DataFrame, key: str, images: Path, ens, backend: str) -> list:
     """Every exam scored as `rsna predict` scores it (no heat), highest first, unreadable last."""
-    from rsna_utils.infer.predict import predict_images
     from rsna_utils.learn.metrics import breast_level
-    preds, _, _, _ = predict_images(df, images, models, pre, device, 16, 0, tta, backend,
-                                 models[0].channels, False)
-    breast = breast_level(df.assign(prediction=preds), "prediction", None, agg)
+    preds, _, _, _ = ens.score_images(df, images, 16, 0, backend, False)
+    breast = breast_level(df.assign(prediction=preds), "prediction", None, ens.agg)
     exam_of = dict(zip(df["prediction_id"], df[key]))
     score = breast.assign(exam=breast["prediction_id"].map(exam_of)).groupby(
         "exam", sort=False)["prediction"].max()

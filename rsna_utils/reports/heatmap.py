@@ -235,9 +235,9 @@ def _check_map(model, feats) -> None:
                         "not (N, C, H, W); Grad-CAM needs a convolutional backbone")
 
 
-def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
-                  channels: int, device, method: str = DEFAULT_METHOD,
-                  layer: int = DEFAULT_LAYER, tta: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+def explain_batch(imgs: list[np.ndarray], ens, method: str = DEFAULT_METHOD,
+                  layer: int = DEFAULT_LAYER,
+                  tta: bool | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Preprocessed images (canvas-sized uint8 / uint16, as `preprocess_image` returns) ->
     (scores (N,), heat maps on the canvas grid).
 
@@ -249,17 +249,18 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
     with the same weights: heat lies in [0, 1], is independent of the batch, no model
     dominates by the size of its gradients, and a view the models call negative glows faintly.
     A breast-level model's heat is that of the view read alone; its vote, which needs the
-    breast's other views, is `pooled_votes`'s."""
+    breast's other views, is `pooled_votes`'s. `ens`: the `scoring.LoadedEnsemble`; `tta` None:
+    its own."""
     import torch
 
-    from rsna_utils.infer.predict import batch_input, ensemble_weights
     from rsna_utils.learn.checkpoint import mirrored
-    weights = ensemble_weights(models)
+    tta = ens.tta if tta is None else tta
+    canvas, device = tuple(ens.pre["size"]), ens.device
     n = len(imgs)
     scores = np.zeros(n, np.float64)
     heat = [np.zeros(canvas, np.float32) for _ in range(n)]
-    for m, w in zip(models, weights):
-        x = batch_input(imgs, m, channels, canvas).to(device)
+    for m, w in zip(ens.models, ens.weights):
+        x = ens.input_batch(imgs, m).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
         size = tuple(x.shape[-2:])
         views = [grad_cam(m.model, x, method, layer)]
@@ -279,25 +280,26 @@ def explain_batch(imgs: list[np.ndarray], models: list, canvas: tuple[int, int],
     return scores, heat
 
 
-def pooled_votes(imgs: list[np.ndarray], prediction_ids: list, models: list,
-                 canvas: tuple[int, int], channels: int, device,
-                 tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def pooled_votes(imgs: list[np.ndarray], prediction_ids: list, ens,
+                 tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The breast-level members' part of each view's score (its breast's pooled probability,
     weighted by the member's vote, as `rsna predict` adds it) and each view's attention weight
     (NaN without breast-level members), for the readable views of one exam."""
     import pandas as pd
 
-    from rsna_utils.infer.predict import add_breast_members, batch_input, ensemble_weights, view_features
-    n = len(imgs)
     import torch
+
+    from rsna_utils.infer.scoring import add_breast_members, view_features
+    n = len(imgs)
+    tta = ens.tta if tta is None else tta
     with torch.inference_mode():
-        feats = {id(m): [view_features(m.model, batch_input(imgs, m, channels, canvas).to(device), tta)]
-                 for m in models if getattr(m, "level", "image") == "breast"}
+        feats = {id(m): [view_features(m.model, ens.input_batch(imgs, m).to(ens.device), tta)]
+                 for m in ens.models if getattr(m, "level", "image") == "breast"}
     if not feats or not n:
         return np.zeros(n), np.full(n, np.nan)
     ids = pd.DataFrame({"prediction_id": list(prediction_ids)})
-    return add_breast_members(np.zeros(n, np.float32), [""] * n, ids, models,
-                              ensemble_weights(models), feats, device)
+    return add_breast_members(np.zeros(n, np.float32), [""] * n, ids, ens.models,
+                              ens.weights, feats, ens.device)
 
 
 # ----------------------------------------------------------------------------------------
