@@ -192,7 +192,7 @@ def estimate_training(params: dict, gpu: str = "h100", memory: bool = True,
     time for its epochs (training plus the validation pass, twice with tta) at the lower of the
     GPU's ceiling and its workers' rate, memory. `rates`: {(model, size): (train, inference)}
     img/s measured by `calibrate`, in place of the anchors."""
-    from rsna_utils.learn.data import balance, check_ratio
+    from rsna_utils.learn.samplers import balance, check_ratio
     from rsna_utils.learn.train_config import TrainConfig
     cfg = TrainConfig.from_dict(params)
     labels, df, source = _labels(cfg.csv)

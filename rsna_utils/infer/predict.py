@@ -152,7 +152,7 @@ def predict(images: str | Path | PredictConfig, *args, **settings) -> PredictRes
     <stem>_images.csv (per image: the raw probability, the label when `labels` is given)."""
     cfg = _as_config(images, args, settings)
     from rsna_utils.dicom.reader import check_dicom_folder
-    from rsna_utils.learn.data import load_table
+    from rsna_utils.learn.png_table import load_table
     check_dicom_folder(cfg.images)
     from rsna_utils.learn.device import resolve_device
     output, binarize_how = resolve_output(cfg.output, cfg.binarize_how, cfg.calibrator, cfg.agg)

@@ -14,7 +14,7 @@ from rsna_utils.core.errors import RsnaError, write_atomic
 def run_job(path: str | Path) -> None:
     """One shard: score the images of its CSV as `predict` does, write the per-image table."""
     from rsna_utils.infer.predict import PredictConfig, load_ensemble, score_images
-    from rsna_utils.learn.data import load_table
+    from rsna_utils.learn.png_table import load_table
     from rsna_utils.learn.device import resolve_device
     job = json.loads(Path(path).read_text())
     cfg = PredictConfig(**job["config"])

@@ -225,7 +225,7 @@ class BreastDataset:
             (raw, p), _ = self.images[r]
             raws.append(raw)
             params.append(p)
-        from rsna_utils.learn.data import NO_INTENSITY
+        from rsna_utils.learn.augment import NO_INTENSITY
         while len(raws) < self.views:                        # an empty slot: masked
             raws.append(torch.zeros_like(raws[0]))
             params.append(torch.from_numpy(NO_INTENSITY))

@@ -248,7 +248,7 @@ def source_table(train: pd.DataFrame, val: pd.DataFrame, cfg) -> pd.DataFrame:
     seeded epochs of `UpsampleSampler` with the run's weights, upsampling, target_ratio and
     min_positives), of them positive, their share of the epoch, the validation images and
     positives."""
-    from rsna_utils.learn.data import UpsampleSampler
+    from rsna_utils.learn.samplers import UpsampleSampler
     labels = train["cancer"].to_numpy(np.float32)
     w = row_weights(train, cfg.source_weights, str(cfg.csv))
     src_train, src_val = sources_of(train).to_numpy(), sources_of(val).to_numpy()

@@ -61,7 +61,7 @@ def make_split(df: pd.DataFrame, cfg: TrainConfig, out: Path,
     site_id also gets one line per source printed and out/sources.csv (`mix.report_sources`).
     With source_weights the training rows carry theirs (`source_weight`, for the sampler)."""
     from rsna_utils.learn import mix
-    from rsna_utils.learn.data import check_split
+    from rsna_utils.core.table import check_split
     path = out / "splits.csv"
     if path.exists() and cfg.resume:
         s = pd.read_csv(path)
@@ -311,7 +311,7 @@ def train(cfg: TrainConfig) -> dict:
 def check_inputs(cfg: TrainConfig) -> None:
     """The CSV has its columns and labels, and every image it lists has its PNG (`load_table`);
     one line naming the file otherwise, before the run folder is made."""
-    from rsna_utils.learn.data import load_table
+    from rsna_utils.learn.png_table import load_table
     if not Path(cfg.data).is_dir():
         raise RsnaError(f"{cfg.data}: PNG folder not found; pass the --out folder of `rsna "
                         "preprocess` as --data")
@@ -380,16 +380,10 @@ class TrainData:
 def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -> TrainData:
     from torch.utils.data import DataLoader
 
-    from rsna_utils.learn.data import (
-        Augment,
-        PngDataset,
-        UpsampleSampler,
-        aux_targets,
-        balance,
-        check_ratio,
-        load_table,
-        worker_init,
-    )
+    from rsna_utils.learn.augment import Augment
+    from rsna_utils.learn.data import PngDataset, aux_targets, worker_init
+    from rsna_utils.learn.png_table import load_table
+    from rsna_utils.learn.samplers import UpsampleSampler, balance, check_ratio
     table = load_table(cfg.csv, cfg.data)
     if "cancer" not in table:
         raise RsnaError(f"{cfg.csv}: no 'cancer' column; training needs labels (train.csv)")

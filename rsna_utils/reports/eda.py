@@ -84,7 +84,7 @@ def balance_note(train: pd.DataFrame, target_ratio: float = 1 / 8, batch_size: i
     of images, breasts and patients, what accuracy would say, and what the kaggle plan's
     balance (a sampler at 1 positive to 7 negatives, at least one positive a batch, pos_weight
     1: `learn.data.balance`) makes of these images."""
-    from rsna_utils.learn.data import balance
+    from rsna_utils.learn.samplers import balance
     y = train["cancer"].to_numpy()
     n, k = len(y), int((y > 0.5).sum())
     if n == 0:

@@ -172,7 +172,7 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
 def _check_inputs(images, csv, checkpoints, by: str, limit, agg: str,
                   order: str = "score") -> tuple[pd.DataFrame, Path]:
     """One clear line per bad input, before any model is loaded."""
-    from rsna_utils.learn.data import load_table
+    from rsna_utils.learn.png_table import load_table
     if by not in ("patient", "breast"):
         raise RsnaError(f"by={by!r}: choose patient (one figure per exam) or breast (per laterality)")
     if agg not in ("mean", "max"):
