@@ -1,6 +1,6 @@
 """Peak memory of `predict` with a breast-level member against the number of test images
 (issue 41): before (every view's features held until the end, then concatenated, made float32 and pooled:
-the code of `predict.add_breast_members`, replayed by the class `Before` below) and
+the code of `scoring.add_breast_members`, replayed by the class `Before` below) and
 after (each breast pooled as soon as its views are read), on a growing synthetic test set.
 
     python benchmarks/predict_memory.py [--patients 50,100,200] [--model resnet50] [--size 64x32]
@@ -44,7 +44,7 @@ B.POOL_CHUNK = int(chunk)
 
 
 class Before(BreastStream):
-    # the code before issue 41 (predict.add_breast_members): every batch's features kept, then
+    # the code before issue 41 (scoring.add_breast_members): every batch's features kept, then
     # concatenated, made float32 and pooled by breast_scores at the end; the same values
     def add(self, rows, feats, readable):
         self.kept = getattr(self, "kept", []) + [feats]

@@ -62,7 +62,7 @@ def test_a_resumed_run_does_not_replay_the_first_epochs_draws(tmp_path):
 
 def test_training_and_cpu_inference_feed_the_model_the_same_pixels(tmp_path, synth_small):
     """One DICOM, two roads at a 2:1 input: PNG -> PngDataset (training) and DICOM in memory ->
-    predict.batch_input (inference). Both go through roi.resize once, so the tensors are equal."""
+    scoring.batch_input (inference). Both go through roi.resize once, so the tensors are equal."""
     import json
 
     from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor

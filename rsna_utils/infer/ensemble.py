@@ -130,7 +130,7 @@ class Ensemble(dict):
         threshold, agg, output, binarize_how, tta): its threshold (unless given), its
         aggregation (another one is refused), binary output at its cut unless another output
         is asked for (at its threshold: with its out-of-fold rate, `oof_rate`, for the cut
-        fallback of `predict.binary_cut`), its calibrator, and the flip TTA (`submission_tta`).
+        fallback of `cut.binary_cut`), its calibrator, and the flip TTA (`submission_tta`).
         `follow_tta` False (the CLI): the flip is decided only where the output cuts, else left
         to the flags."""
         given = given or {}

@@ -371,7 +371,7 @@ def ensemble_threshold(oof_df: pd.DataFrame, agg: str = "mean", beta: float = 1.
 
     mode "threshold": flag breasts with prediction >= `threshold` (metrics.best_threshold);
     mode "quantile": flag the top share `quantile` of breasts (metrics.best_quantile), the
-    `binarize` string "quantile:q" of predict.binarize. Both keys are always given (the other
+    `binarize` string "quantile:q" of cut.binarize. Both keys are always given (the other
     is what the chosen cut amounts to on the OOF set); `binarize` says which to apply.
     Returns mode, agg, beta, threshold, quantile, binarize, pf1 (binarized, at the cut),
     prob_pf1 (unbinarized), auc, pr_auc, n_images, n_breasts, n_positives, models, runs,

@@ -1,11 +1,13 @@
 """Inference: test DICOMs -> predictions -> a validated Kaggle submission.csv.
 
-Images are preprocessed in memory, in DataLoader worker processes, with the settings stored in
-the checkpoint (no PNGs written, nothing retyped); batches stream through the model(s), so
-memory stays flat as the test set grows. An image that cannot be read still gets its breast a
-prediction: the mean of the breast's other views, or the training prior when none could be read.
-`PredictConfig` is the one place an inference setting is spelled (`rsna predict` flags and
-notebook 04 derive from it); what the model needs of its input comes from the checkpoint.
+One step over the loaded ensemble (`scoring.LoadedEnsemble`, built once by `load_ensemble`):
+its `score_images` preprocesses the images in memory with the settings stored in the
+checkpoints (no PNGs written, nothing retyped) and streams batches through the members, so
+memory stays flat as the test set grows; `submission` pools each breast's views and makes the
+column (`cut`). An image that cannot be read still gets its breast a prediction: the mean of
+the breast's other views, or the training prior when none could be read. `PredictConfig` is
+the one place an inference setting is spelled (`rsna predict` flags and notebook 04 derive
+from it); what the model needs of its input comes from the checkpoint.
 """
 from __future__ import annotations
 

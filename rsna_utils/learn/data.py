@@ -81,7 +81,7 @@ def batch_bytes(batch) -> int:
 def model_input(img: np.ndarray, size, norm=DEFAULT_NORM, channels: int = 3):
     """An output image (uint8 / uint16, 0 = background) -> model input of `size` (height,
     width), one image on the CPU: the resize of training and inference (`roi.resize`, aspect
-    kept, black padding) and `to_input`. The package's own paths batch it (`predict.raw_batch`
+    kept, black padding) and `to_input`. The package's own paths batch it (`scoring.raw_batch`
     + `device_input`); tests and benchmarks use this as the reference they must equal."""
     from rsna_utils.image import roi
     size = (size, size) if isinstance(size, int) else tuple(size)

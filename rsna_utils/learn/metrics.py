@@ -107,7 +107,7 @@ def best_quantile(labels, predictions, beta: float = 1.0) -> tuple[float, float]
 
     Only shares that a cut can realise are tried (a group of tied scores is flagged whole), so
     the optimum is that of `best_threshold` and q = (# predictions >= that threshold) / n, n
-    counting every prediction. `predict.binarize(values, "quantile:q")` (np.quantile(values,
+    counting every prediction. `cut.binarize(values, "quantile:q")` (np.quantile(values,
     1 - q), >= cut) flags exactly those k = q n on the same values. Ties go to the smaller q.
     (0.0, 0.0) when there is nothing to flag."""
     cand, f, called, n = _threshold_curve(labels, predictions, beta)

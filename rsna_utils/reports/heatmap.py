@@ -4,7 +4,7 @@ DICOM pixels.
 A view goes original pixels -> crop box -> resize (aspect kept or stretched) -> mirror when the
 chest wall was on the right -> black padding at the right / bottom (the preprocessed image, the
 "canvas", `preprocess.preprocess_image`) -> the model input's resize with padding
-(`roi.resize` "pad", as in training and `predict.raw_batch`) to the model's input. Every step
+(`roi.resize` "pad", as in training and `scoring.raw_batch`) to the model's input. Every step
 is an axis-aligned scale, shift or mirror, so the whole chain is one affine map per axis
 (`ViewGeometry`), inverted exactly.
 
