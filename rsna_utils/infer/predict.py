@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
