@@ -106,7 +106,7 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
     """
     from tqdm.auto import tqdm
 
-    from rsna_utils.image.preprocess import PreprocessConfig
+    from rsna_utils.image.convert import PreprocessConfig
     from rsna_utils.infer.predict import load_models, set_recipe_weights, weighted_mean
     from rsna_utils.learn.checkpoint import in_chans
     from rsna_utils.learn.device import resolve_device
@@ -258,7 +258,7 @@ def _load_view(row: dict, images: Path, cfg, backend: str) -> ViewResult:
     from rsna_utils.dicom.header import read_header
     from rsna_utils.dicom.reader import decode_pixels
     from rsna_utils.image import roi
-    from rsna_utils.image.preprocess import preprocess_image
+    from rsna_utils.image.convert import preprocess_image
     from rsna_utils.image.voi import apply_voi_lut
     from rsna_utils.reports.heatmap import ViewGeometry
     row = {k: row[k] for k in ("image_id", "patient_id", "laterality", "view", "prediction_id")}
