@@ -13,7 +13,7 @@ from conftest import DiskFullOn
 
 from rsna_utils.core import errors
 from rsna_utils.core.errors import DiskFullError
-from rsna_utils.image import preprocess
+from rsna_utils.image import folder_run
 from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
 from rsna_utils.learn.checkpoint import save_checkpoint
 
@@ -156,7 +156,7 @@ def test_a_full_disk_while_saving_a_checkpoint(tmp_path, monkeypatch):
 def test_a_run_that_will_not_fit_is_warned_about_early(tmp_path, synth_small, monkeypatch, capsys,
                                                        free, warned):
     images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "o"
-    monkeypatch.setattr(preprocess, "SPACE_CHECK_AFTER", 4)
+    monkeypatch.setattr(folder_run, "SPACE_CHECK_AFTER", 4)
     monkeypatch.setattr(errors.shutil, "disk_usage", lambda p: Usage(10**12, 0, free))
     s = Preprocessor(PreprocessConfig(size=48), workers=0, progress=False).run(images, csv, out)
     err = capsys.readouterr().err
@@ -189,14 +189,14 @@ def test_only_a_full_disk_is_called_full(tmp_path, monkeypatch):
 def test_a_full_disk_while_logging_a_row(tmp_path, synth_small, monkeypatch):
     images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "o"
     n = len(pd.read_csv(csv))
-    real_init = preprocess._CsvLog.__init__
+    real_init = folder_run._CsvLog.__init__
 
     def init(self, path, columns, fresh=False):
         real_init(self, path, columns, fresh)
         if path.name == "meta.csv":
             self.fh = FlushFails(self.fh, rows=4)      # the header and three rows fit
-            self.w = preprocess.csv.DictWriter(self.fh, fieldnames=self.columns, extrasaction="ignore")
-    monkeypatch.setattr(preprocess._CsvLog, "__init__", init)
+            self.w = folder_run.csv.DictWriter(self.fh, fieldnames=self.columns, extrasaction="ignore")
+    monkeypatch.setattr(folder_run._CsvLog, "__init__", init)
     with pytest.raises(DiskFullError, match=r"meta\.csv: adding a row failed, its disk is full"):
         Preprocessor(PreprocessConfig(size=48), workers=0, progress=False).run(images, csv, out)
     monkeypatch.undo()

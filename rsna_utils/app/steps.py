@@ -274,7 +274,7 @@ def _flags(parser, cls) -> None:
 
 
 def _reg_preprocess(sub) -> None:
-    from rsna_utils.image.preprocess import PreprocessConfig
+    from rsna_utils.image.convert import PreprocessConfig
     p = sub.add_parser("preprocess", help="DICOM folder -> cropped, windowed, resized PNGs")
     p.add_argument("--images", required=True, help="folder of {patient_id}/{image_id}.dcm")
     p.add_argument("--csv", default=None, help="train.csv / test.csv (default: scan --images)")

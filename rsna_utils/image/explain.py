@@ -11,7 +11,7 @@ from rsna_utils.dicom.reader import read_dicom
 from rsna_utils.image import roi
 from rsna_utils.core.table import dicom_path
 from rsna_utils.image.plan import apply_numpy, make_plan
-from rsna_utils.image.preprocess import PreprocessConfig
+from rsna_utils.image.convert import PreprocessConfig
 from rsna_utils.image.voi import Window, apply_lut, build_lut
 
 

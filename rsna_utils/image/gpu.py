@@ -93,7 +93,7 @@ def frame_loader(workers: int):
     from concurrent.futures import ProcessPoolExecutor
 
     from rsna_utils.core.warn import worker_warnings
-    from rsna_utils.image.preprocess import _start_method
+    from rsna_utils.image.workers import _start_method
     return ProcessPoolExecutor(workers, mp_context=mp.get_context(_start_method()),
                                initializer=worker_warnings, initargs=("preprocess",))
 
@@ -194,7 +194,7 @@ def _on_the_gpu(on_gpu: list[int], loaded: list, cfg, decoder, backend: str, dev
 
 def _on_the_cpu(path: str, cfg, reason: str) -> tuple:
     """(image, meta, error) of one file through the CPU pipeline, with why it left the GPU."""
-    from rsna_utils.image.preprocess import preprocess_image
+    from rsna_utils.image.convert import preprocess_image
     try:
         img, meta = preprocess_image(path, cfg, "auto")
         meta["backend"] = f"cpu-fallback:{meta['backend']}"
@@ -216,7 +216,7 @@ class GpuPreprocessor:
     def __init__(self, cfg=None, backend: str = "nvimgcodec", batch_size: int = 32,
                  png_threads: int = 8, device: str = "cuda", progress: bool = True, decoder=None,
                  load_workers: int | None = None):
-        from rsna_utils.image.preprocess import PreprocessConfig
+        from rsna_utils.image.convert import PreprocessConfig
         self.cfg = cfg or PreprocessConfig()
         self.backend, self.batch_size, self.device = backend, batch_size, device
         self.png_threads, self.progress = png_threads, progress
@@ -227,7 +227,8 @@ class GpuPreprocessor:
     def run(self, images, csv_path, out, shard=None):
         import torch
 
-        from rsna_utils.image.preprocess import FolderRun, write_png
+        from rsna_utils.image.convert import write_png
+        from rsna_utils.image.folder_run import FolderRun
         with FolderRun(out, self.cfg, images, csv_path, shard, f"preprocess ({self.backend})",
                        self.progress) as run:
             todo, s = run.todo, run.summary

@@ -283,7 +283,7 @@ def random_checkpoint(path: str | Path, model: str = "resnet18", size=(64, 32),
     export's tests and benchmark run every backbone family on."""
     import torch
 
-    from rsna_utils.image.preprocess import PreprocessConfig
+    from rsna_utils.image.convert import PreprocessConfig
     from rsna_utils.learn.checkpoint import Checkpoint, InputSpec
     from rsna_utils.learn.models import create_model, input_norm
     torch.manual_seed(seed)

@@ -107,7 +107,7 @@ class LoadedEnsemble:
 
     def preprocess_config(self):
         """The members' shared preprocessing as a `PreprocessConfig`."""
-        from rsna_utils.image.preprocess import PreprocessConfig
+        from rsna_utils.image.convert import PreprocessConfig
         return PreprocessConfig(**{k: (tuple(v) if k == "size" else v)
                                    for k, v in self.pre.items()})
 
@@ -185,7 +185,7 @@ class DicomStream:
 
     def __init__(self, df: pd.DataFrame, images: Path, pre: dict, backend: str = "auto",
                  channels: int = 3):
-        from rsna_utils.image.preprocess import PreprocessConfig
+        from rsna_utils.image.convert import PreprocessConfig
         self.paths = [str(dicom_path(images, p, i)) for p, i in zip(df.patient_id, df.image_id)]
         self.cfg = PreprocessConfig(**{k: (tuple(v) if k == "size" else v) for k, v in pre.items()})
         self.backend, self.channels = backend, channels
@@ -197,7 +197,7 @@ class DicomStream:
         """(output image uint8/uint16 at the preprocessing size, index, reason, looks
         inverted): a reason when the image could not be made (zeros instead); the flag of
         `roi.looks_inverted` (inverted already when the config says fix)."""
-        from rsna_utils.image.preprocess import preprocess_image
+        from rsna_utils.image.convert import preprocess_image
         reason, img, meta = "", None, {}
         try:
             if not os.path.exists(self.paths[i]):

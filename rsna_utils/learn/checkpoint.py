@@ -209,7 +209,7 @@ def _input_norm(model_name: str, pretrained_path=None):
 
 
 def _preprocess_config(data: Path) -> dict:
-    from rsna_utils.image.preprocess import with_later_settings
+    from rsna_utils.image.convert import with_later_settings
     p = data / "preprocess.json"
     if p.exists():
         return with_later_settings(json.loads(p.read_text()))
@@ -373,7 +373,7 @@ def load_checkpoints(paths: list[str | Path], device,
     """Models and the one preprocessing config they share (an ensemble must agree on it). The
     input contract comes from each checkpoint (`model_contract`): size, channels, mean /
     std, and the PNG -> input resize, which must be the one this version applies."""
-    from rsna_utils.image.preprocess import with_later_settings
+    from rsna_utils.image.convert import with_later_settings
     from rsna_utils.learn.models import create_model, set_outputs
     if not paths:
         raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")

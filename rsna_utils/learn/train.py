@@ -597,7 +597,7 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
             raise RsnaError(f"{last}: trained with {name}={was[name]!r}, resumed with "
                             f"{getattr(cfg, name)!r}; resume with {flag} {str(was[name]).lower()}, "
                             "or delete it to start over")
-    from rsna_utils.image.preprocess import with_later_settings
+    from rsna_utils.image.convert import with_later_settings
     for name, what in RESUME_INPUT.items():
         if contract is None or name not in ck:          # older checkpoints did not store it
             continue

@@ -250,7 +250,7 @@ def _load_view(row: dict, images: Path, cfg, backend: str) -> ViewResult:
     from rsna_utils.dicom.header import read_header
     from rsna_utils.dicom.reader import decode_pixels
     from rsna_utils.image import roi
-    from rsna_utils.image.preprocess import preprocess_image
+    from rsna_utils.image.convert import preprocess_image
     from rsna_utils.image.voi import apply_voi_lut
     from rsna_utils.reports.heatmap import ViewGeometry
     row = {k: row[k] for k in ("image_id", "patient_id", "laterality", "view", "prediction_id")}
