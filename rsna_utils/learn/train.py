@@ -43,7 +43,6 @@ from rsna_utils.learn.validate import (  # noqa: F401
 # One epoch
 # ----------------------------------------------------------------------------------------
 
-
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, cfg: TrainConfig,
                     epoch: int, dtype=None, scaler=None, ema=None, rank: int = 0,
                     norm=None) -> dict:
