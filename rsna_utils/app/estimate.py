@@ -25,56 +25,29 @@ weights, gradients, AdamW's two moments and the EMA copy. Held against the 1st p
 trained ConvNeXt-small at 2048x1024 at batch 8 under AMP on a 40 GB A100, this floor is about
 twice too high for ConvNeXt (76 GiB at batch 8): CPU autocast keeps float32 copies that CUDA's
 fused kernels do not. `--calibrate` on a GPU measures the real peak.
+
+The pieces live in their own modules and are re-exported here, so `rsna_utils.app.estimate`
+keeps every name it had: the measured rates and memory (`app.throughput`) and the calibration
+on the machine at hand (`app.calibration`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from rsna_utils.app.calibration import (  # noqa: F401
+    Calibration, calibrate_plan, calibrate_step, calibration_table, measured_rates)
+from rsna_utils.app.throughput import (  # noqa: F401
+    DECODE_CEILING_IMG_S, GPU_COUNT, GPUS, H200_ANCHORS, HEAVY_MS_PER_MPIX, PNG_SIZE,
+    PREPROCESS_IMG_S, WORKER_MS_PER_MPIX, activation_bytes, gpu_name, parameter_count,
+    preprocess_img_s, throughput, training_memory_gib, worker_img_s)
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
 
-# timm, random input, bf16, channels_last, AdamW, one H200 (ANCHORS.md): model -> [((h, w),
-# batch, train img/s, inference img/s)]
-H200_ANCHORS = {
-    "resnet18": [((256, 256), 64, 5323, 25002), ((512, 512), 64, 2584, 7830)],
-    "resnext50_32x4d": [((512, 512), 32, 675, 2484)],
-    "efficientnet_b0": [((512, 512), 32, 841, 4274)],
-    "efficientnet_b2": [((768, 768), 16, 224, 1360)],
-    "convnext_small": [((2048, 1024), 8, 47, 140)],
-}
-PREPROCESS_IMG_S = 42.5    # DICOM -> PNG end to end on the H200, nvImageCodec (BENCHMARKS.md)
-# A DataLoader worker's CPU time per image, ms per megapixel, measured on the 2-core CPU:
-# reading an 8-bit PNG, resizing and the light augmentation, handing over uint8 (issue 32:
-# 11.0 ms an image at 1536x768, benchmarks/input_bench.py), and what the heavy level adds
-# (5.8 ms an image at 1024x512: 7.3 against 1.5, tests/test_recipe.py's transforms)
-WORKER_MS_PER_MPIX = 11.0 / (1536 * 768 / 1e6)
-HEAVY_MS_PER_MPIX = 5.8 / (1024 * 512 / 1e6)
-# the breast box's aspect kept, padded: the PNGs of the kaggle plan are 2048x1024
-PNG_SIZE = (2048, 1024)
-# speed relative to an H200, memory GiB, CPU cores beside it. The T4 (Kaggle's submission GPU)
-# is an assumption from its specifications: 65 fp16 TFLOPS and 320 GB/s against about 990 and
-# 4,800: 1/15 of an H200, the factor BENCHMARKS.md's first estimate used; its 4 CPU cores read
-# the DICOMs, which on the H200 machine took 14 threads.
-GPUS = {"h200": (1.0, 141, 16), "h100": (0.85, 80, 16), "t4": (1 / 15, 16, 4),
-        "t4x2": (1 / 15, 16, 4)}
-# GPUs of a kind (speed and memory above are each one's): Kaggle's "GPU T4 x2" accelerator, two
-# T4s beside the same 4 CPU cores. Inference with `shards: auto` (issue 41) runs a process per
-# GPU on half the patients each: the models' time halves, the DICOM reading does not (the 4
-# cores read for both; one T4's nvImageCodec already reads faster than they hand it frames).
-# Training runs on one of them.
-GPU_COUNT = {"t4x2": 2}
-
-
-def gpu_name(gpu: str) -> str:
-    """"one T4", "a T4 x2 (two T4s)": what the estimate is for, in words."""
-    n = GPU_COUNT.get(gpu, 1)
-    return f"one {gpu.upper()}" if n == 1 else f"a {gpu[:-2].upper()} x{n} ({n} {gpu[:-2].upper()}s)"
 # the competition's train.csv when the plan's data is not at hand (RSNA_DATA.md)
 COMPETITION = dict(images=54_706, positives=1_158)
 # the hidden test set: about 8,000 patients x 4.59 images each (train.csv's images per patient)
@@ -94,84 +67,6 @@ class StepEstimate:
     hours: float
     memory_gib: float | None = None
     note: str = ""
-
-
-DECODE_CEILING_IMG_S = 193.2   # nvImageCodec decode only, batch 64, the H200 run's mixed set
-
-
-def preprocess_img_s(gpu: str) -> float:
-    """DICOM -> model input end to end: 42.5 img/s on the H200 machine, where reading headers
-    and frames on its 16 cores was the limit (BENCHMARKS.md); scaled by the cores, and never
-    above the GPU's decode ceiling (193 img/s on the H200, scaled by the GPU's speed)."""
-    speed, _, cores = GPUS[gpu]
-    return min(PREPROCESS_IMG_S * min(1.0, cores / 16),
-               DECODE_CEILING_IMG_S * speed * GPU_COUNT.get(gpu, 1))
-
-
-def worker_img_s(workers: int, size, gpu: str = "h100", aug_level: str | None = None,
-                 png_size=PNG_SIZE) -> float:
-    """Images a second the DataLoader workers deliver: each reads a PNG of `png_size`, resizes
-    it to `size` and augments it (None: no augmentation, validation), one core a worker, the
-    GPU box's cores less one for the training process."""
-    cores = GPUS[gpu][2]
-    n = max(1, min(int(workers or 1), cores - 1))
-    ms = WORKER_MS_PER_MPIX * png_size[0] * png_size[1] / 1e6
-    if aug_level == "heavy":
-        ms += HEAVY_MS_PER_MPIX * size[0] * size[1] / 1e6
-    return n * 1000.0 / ms
-
-
-def throughput(model: str, size: tuple[int, int], gpu: str = "h100") -> tuple[float, float, str]:
-    """(train img/s, inference img/s, source) on one `gpu` from the H200 anchors, scaled by the
-    pixel count from the nearest measured size of the same model. A model never measured is an
-    error naming those that were."""
-    if model not in H200_ANCHORS:
-        raise RsnaError(f"model {model!r}: no measured throughput to estimate from; measured: "
-                        f"{sorted(H200_ANCHORS)} (add its ANCHORS.md figures to H200_ANCHORS)")
-    pixels = size[0] * size[1]
-    (h, w), _, tr, inf = min(H200_ANCHORS[model], key=lambda a: abs(math.log(a[0][0] * a[0][1] / pixels)))
-    scale = h * w / pixels * GPUS[gpu][0]
-    src = f"{model} @{h}x{w} on an H200" + ("" if (h, w) == tuple(size) else f", scaled to {size[0]}x{size[1]}")
-    return tr * scale, inf * scale, src
-
-
-@lru_cache(maxsize=None)
-def activation_bytes(model: str, size: tuple[int, int], probe: tuple[int, int] = (256, 128),
-                     global_pool: str = "gem", drop_path: float = 0.0) -> float:
-    """Bytes autograd keeps for the backward pass of one image at `size`, measured at `probe`
-    under bf16 autocast on the CPU (every saved tensor counted once) and scaled by the pixels."""
-    import torch
-
-    from rsna_utils.learn.models import create_model
-    net = create_model(model, 3, None, global_pool=global_pool, drop_path=drop_path).train()
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen.setdefault(id(t.untyped_storage()) if t.layout == torch.strided else id(t),
-                        t.untyped_storage().nbytes() if t.layout == torch.strided else 0)
-        return t
-
-    x = torch.zeros(1, 3, *probe)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16):
-        net(x).float().sum()
-    return sum(seen.values()) * (size[0] * size[1]) / (probe[0] * probe[1])
-
-
-@lru_cache(maxsize=None)
-def parameter_count(model: str) -> int:
-    from rsna_utils.learn.models import create_model
-    return sum(p.numel() for p in create_model(model, 3, None).parameters())
-
-
-def training_memory_gib(model: str, size, batch: int, ema: bool, global_pool: str = "gem",
-                        drop_path: float = 0.0) -> float:
-    """Activations of one batch plus fp32 weights, gradients, AdamW's two moments (and the EMA
-    copy): 16 (20) bytes a parameter. A floor: cuDNN's workspace and the allocator's slack come
-    on top (leave about 10%)."""
-    per_param = 16 + (4 if ema else 0)
-    return (activation_bytes(model, tuple(size), global_pool=global_pool, drop_path=drop_path) * batch
-            + parameter_count(model) * per_param) / 2**30
 
 
 def _labels(csv: str | Path | None) -> tuple[np.ndarray, pd.DataFrame | None, str]:
@@ -383,145 +278,3 @@ def table(rows: list[StepEstimate], gpu: str = "h100", assumptions: list[str] | 
                  "AdamW and the EMA; about twice the 1st place's ConvNeXt at batch 8 on 40 GB).")
     lines += [f"- {a}" for a in assumptions or []]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------
-# Calibration: the training steps' rates measured on the machine at hand
-# ----------------------------------------------------------------------------------------
-
-@dataclass
-class Calibration:
-    model: str
-    size: tuple[int, int]
-    batch: int
-    train_img_s: float
-    infer_img_s: float
-    peak_gib: float | None
-    first_loss: float
-    last_loss: float
-    device: str
-
-
-def calibrate_step(params: dict, steps: int = 200, warmup: int = 5,
-                   device: str | None = None) -> Calibration:
-    """`steps` optimiser steps of one training step's model at its size, batch, precision,
-    channels_last, EMA and torch.compile setting, on random uint8 input made on the device
-    (the ceiling any data pipeline can reach), after `warmup` untimed steps; then the
-    inference rate on as many batches. Random weights: the speed does not depend on them."""
-    import contextlib
-    import io
-    import time
-
-    import torch
-
-    from rsna_utils.learn.data import device_input
-    from rsna_utils.learn.train import create_optimisation, create_train_model
-    from rsna_utils.learn.train_config import TrainConfig
-    cfg = TrainConfig.from_dict({**params, "pretrained_path": None, "resume": False,
-                                 **({"device": device} if device else {})})
-    dev = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-                       else "cpu")
-    if cfg.level != "image":
-        raise RsnaError(f"calibrate: level {cfg.level!r} is timed from the anchors; calibrate "
-                        "measures image-level steps")
-    size = tuple(parse_size(cfg.size, MIN_MODEL_SIDE))
-    with contextlib.redirect_stderr(io.StringIO()):     # "training from random weights": meant
-        model, forward = create_train_model(cfg, dev, 0, 0, 1)
-    opt = create_optimisation(cfg, model, steps, dev)
-    if cfg.compile:
-        forward = torch.compile(forward)
-    b, k = cfg.batch_size, 1 + len(cfg.aux)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    norm = ((0.5,) * 3, (0.25,) * 3)
-
-    def batch():
-        raw = torch.randint(0, 256, (b, 1, *size), generator=gen, device=dev, dtype=torch.uint8)
-        y = torch.full((b, k), float("nan"), device=dev)
-        y[:, 0] = 0
-        y[0, 0] = 1                                   # one positive a batch, as the plan's sampler
-        return device_input(raw, None, norm, cfg.channels, cfg.channels_last), y
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    losses = []
-    model.train()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = None
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync()
-            t0 = time.perf_counter()
-        x, y = batch()
-        with torch.autocast(dev.type, dtype=opt.dtype, enabled=opt.dtype is not None):
-            loss = opt.loss_fn(forward(x), y)
-        (opt.scaler.scale(loss) if opt.scaler else loss).backward()
-        if opt.scaler:
-            opt.scaler.step(opt.optimizer)
-            opt.scaler.update()
-        else:
-            opt.optimizer.step()
-        opt.optimizer.zero_grad(set_to_none=True)
-        opt.scheduler.step()
-        if opt.ema is not None:
-            opt.ema.update_parameters(model)
-        if i == warmup or i == warmup + steps - 1:
-            losses.append(float(loss.detach()))
-    sync()
-    train_s = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
-    model.eval()
-    with torch.no_grad(), torch.autocast(dev.type, dtype=opt.dtype, enabled=opt.dtype is not None):
-        x, _ = batch()
-        model(x)
-        sync()
-        t1 = time.perf_counter()
-        n_inf = max(1, steps // 2)
-        for _ in range(n_inf):
-            model(batch()[0])
-        sync()
-        infer_s = time.perf_counter() - t1
-    if not all(math.isfinite(v) for v in losses):
-        raise RsnaError(f"calibrate {cfg.model} {size[0]}x{size[1]}: the loss is not finite "
-                        f"({losses}); check the precision (amp) and the learning rate")
-    return Calibration(cfg.model, size, b, steps * b / train_s, n_inf * b / infer_s, peak,
-                       losses[0], losses[-1], str(dev if dev.type == "cpu"
-                                                  else torch.cuda.get_device_name(dev)))
-
-
-def calibrate_plan(plan: str | Path, data: str | Path = "data/synthetic", steps: int = 200,
-                   device: str | None = None, progress: bool = True, **kw) -> list[Calibration]:
-    """Each distinct (model, size) of the plan's training steps timed once (`calibrate_step`)."""
-    from rsna_utils.app.notebooks import plan_steps
-    _, _, todo, _ = plan_steps(plan, data, **kw)
-    seen, out = set(), []
-    for _, name, nb, params in todo:
-        if not nb.name.startswith("03_") or params.get("level", "image") != "image":
-            continue
-        key = (params["model"], tuple(parse_size(params["size"], MIN_MODEL_SIDE)))
-        if key in seen:
-            continue
-        seen.add(key)
-        if progress:
-            import sys
-            print(f"calibrating {name}: {steps} steps of {key[0]} at {key[1][0]}x{key[1][1]}",
-                  file=sys.stderr, flush=True)
-        out.append(calibrate_step(params, steps, device=device))
-    return out
-
-
-def calibration_table(cals: list[Calibration]) -> str:
-    lines = ["| model | input | batch | train img/s | inference img/s | peak GiB | loss first -> last "
-             "| device |", "|---|---|---|---|---|---|---|---|"]
-    for c in cals:
-        peak = "" if c.peak_gib is None else f"{c.peak_gib:.1f}"
-        lines.append(f"| {c.model} | {c.size[0]}x{c.size[1]} | {c.batch} | {c.train_img_s:.1f} | "
-                     f"{c.infer_img_s:.1f} | {peak} | {c.first_loss:.3f} -> {c.last_loss:.3f} | "
-                     f"{c.device} |")
-    return "\n".join(lines)
-
-
-def measured_rates(cals: list[Calibration]) -> dict:
-    return {(c.model, c.size): (c.train_img_s, c.infer_img_s) for c in cals}
