@@ -165,3 +165,34 @@ def test_limit_keeps_the_highest_scores_and_the_truth_is_drawn(tmp_path, synth_s
         pd.DataFrame({"image_id": [1]}).to_csv(labels, index=False)
         write_exam_reports(synth_small / "test_images", synth_small / "test.csv", [ckpt],
                            tmp_path / "bad", device="cpu", progress=False, labels=labels)
+
+
+def test_explain_takes_the_ensemble_as_the_submission_scores(tmp_path, capsys, synth_small, ckpt):
+    """`ensemble=` (a path or a loaded `LoadedEnsemble`) and `rsna explain --ensemble`: its
+    members, threshold and aggregation, without the notebook spelling them from a dict."""
+    from rsna_utils.infer.ensemble import Ensemble
+    from rsna_utils.infer.kaggle import export_models
+    from rsna_utils.infer.scoring import LoadedEnsemble
+    models = tmp_path / "models"
+    export_models(Ensemble({"checkpoints": [str(ckpt)], "threshold": 0.123, "agg": "max",
+                            "binarize": "threshold", "tta": False}), models)
+    args = (synth_small / "test_images", synth_small / "test.csv")
+    kw = dict(limit=1, order="csv", device="cpu", progress=False)
+    from_json = write_exam_reports(*args, out=tmp_path / "j", ensemble=models / "ensemble.json",
+                                   **kw)
+    by_hand = write_exam_reports(*args, [ckpt], tmp_path / "h", threshold=0.123, agg="max", **kw)
+    assert from_json["threshold"] == by_hand["threshold"] == 0.123
+    cols = ["image_id", "score", "breast_score", "positive"]
+    pd.testing.assert_frame_equal(from_json["views"][cols], by_hand["views"][cols])
+    mean = write_exam_reports(*args, [ckpt], tmp_path / "m", threshold=0.123, **kw)
+    assert not np.allclose(mean["views"]["breast_score"], by_hand["views"]["breast_score"])
+    loaded = LoadedEnsemble.from_json(models, torch.device("cpu"))
+    again = write_exam_reports(*args, out=tmp_path / "l", ensemble=loaded, **kw)
+    pd.testing.assert_frame_equal(again["views"][cols], by_hand["views"][cols])
+    code = main(["explain", "--images", str(args[0]), "--csv", str(args[1]), "--ensemble",
+                 str(models), "--out", str(tmp_path / "cli"), "--limit", "1", "--quiet",
+                 "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert "threshold 0.1230" in capsys.readouterr().out
+    with pytest.raises(RsnaError, match="tuned on max-aggregated breasts but --agg is mean"):
+        write_exam_reports(*args, out=tmp_path / "x", ensemble=models, agg="mean", **kw)

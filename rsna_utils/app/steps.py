@@ -109,6 +109,11 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def ensemble_checkpoints(path: str) -> list[str]:
+    from rsna_utils.infer.ensemble import ensemble_checkpoints as members
+    return members(path)
+
+
 def _ensemble_settings(path: str, given: dict) -> dict:
     """What `--ensemble ensemble.json` (of `rsna oof`) sets (`Ensemble.predict_settings`)."""
     from rsna_utils.infer.ensemble import Ensemble
@@ -116,23 +121,6 @@ def _ensemble_settings(path: str, given: dict) -> dict:
                                                                    follow_tta=False)
 
 
-def ensemble_checkpoints(path: str) -> list[str]:
-    """The members of ensemble.json: an export's checkpoints (beside it), else the best.pt of
-    each run `rsna oof` merged (its "runs", as given to it)."""
-    from rsna_utils.infer.ensemble import Ensemble
-    ens = Ensemble.read(path, checkpoints=False)
-    if ens.get("checkpoints"):
-        return list(Ensemble.read(path, checkpoints=True)["checkpoints"])
-    runs = [r["run"] for r in ens.get("runs") or [] if isinstance(r, dict) and r.get("run")]
-    if not runs:
-        raise RsnaError(f"{path}: lists no checkpoints or runs; pass --checkpoints")
-    ckpts = [Path(r) / "best.pt" for r in runs]
-    missing = [str(c) for c in ckpts if not c.exists()]
-    if missing:
-        raise RsnaError(f"{path}: the best.pt of its run(s) {missing} not found (run folders as "
-                        "given to `rsna oof`, from where it ran); run from there, or pass "
-                        "--checkpoints")
-    return [str(c) for c in ckpts]
 
 
 def _cmd_export(a: argparse.Namespace) -> int:

@@ -29,13 +29,15 @@ _NO_DEFAULT = dataclasses.MISSING
 def setting(default=_NO_DEFAULT, help: str = "", *, choices: tuple | None = None,
             ge: float | None = None, gt: float | None = None, le: float | None = None,
             lt: float | None = None, flags: tuple[str, ...] = (), parse=None,
-            negate: str | None = None, cli: bool = True):
+            negate: str | None = None, cli: bool = True, repeat: bool = False,
+            metavar: str | None = None):
     """A config field. `choices` / `ge` `gt` `le` `lt`: checked on creation (None always passes
     where the type allows it). Command line: `--field-name` plus any `flags` aliases; `parse`
     turns the flag's text into the value; `negate="--quiet"` makes a bool field a flag that
-    sets it False; cli=False: YAML and Python only (dicts)."""
+    sets it False; `repeat`: a list field whose flag is given once per value (`-p a=1 -p b=2`)
+    instead of taking several values; cli=False: YAML and Python only (dicts)."""
     meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, flags=flags, parse=parse,
-                negate=negate, cli=cli)
+                negate=negate, cli=cli, repeat=repeat, metavar=metavar)
     if isinstance(default, (list, dict)):      # a fresh copy per instance
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -184,13 +186,18 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
         elif bool in allowed:
             kw.update(nargs="?", const=True, type=parse_bool, metavar="true|false")
         elif list in allowed:
-            kw["nargs"] = "+"
+            if m.get("repeat"):
+                kw["action"] = "append"
+            else:
+                kw["nargs"] = "+"
         else:
             kw["type"] = next(t for t in (int, float, str) if t in allowed)
             if type(None) in allowed:                     # --target-ratio none
                 kw["type"] = _or_none(kw["type"])
         if m.get("choices"):
             kw["choices"] = m["choices"]
+        if m.get("metavar"):
+            kw["metavar"] = m["metavar"]
         parser.add_argument("--" + f.name.replace("_", "-"), *m.get("flags", ()), **kw)
 
 
@@ -204,3 +211,34 @@ def _or_none(parse):
 def given_flags(args: argparse.Namespace, cls: type[Config]) -> dict:
     """The fields of `cls` whose flags were given on the command line."""
     return {k: getattr(args, k) for k in cls.field_names() if hasattr(args, k)}
+
+
+# ----------------------------------------------------------------------------------------
+# Fields the scoring steps share (predict, explain, oof, evaluate; train's device and
+# progress): their default, choices and check are spelled here once, each config says in its
+# help what the field means for it
+# ----------------------------------------------------------------------------------------
+
+AGGREGATIONS = ("mean", "max")        # views -> breast
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def agg_setting(help: str = "views -> breast score"):
+    return setting("mean", help, choices=AGGREGATIONS)
+
+
+def tta_setting(help: str = "average with the horizontal flip", default: bool | None = False):
+    return setting(default, help)
+
+
+def device_setting(help: str = "auto | cpu | cuda"):
+    return setting("auto", help, choices=DEVICES)
+
+
+def backend_setting(help: str = "decoder: auto, imagecodecs, dicomsdl, pydicom, nvimgcodec, "
+                    "dali"):
+    return setting("auto", help)
+
+
+def progress_setting(help: str = "progress bar"):
+    return setting(True, help, negate="--quiet")

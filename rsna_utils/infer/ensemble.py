@@ -243,3 +243,37 @@ def unique_names(bases: list[str]) -> list[str]:
         seen.add(name)
         names.append(name)
     return names
+
+
+def ensemble_checkpoints(path: str) -> list[str]:
+    """The members of ensemble.json: an export's checkpoints (beside it), else the best.pt of
+    each run `rsna oof` merged (its "runs", as given to it)."""
+    if lists_checkpoints(path):
+        return list(Ensemble.read(path, checkpoints=True)["checkpoints"])
+    ens = Ensemble.read(path, checkpoints=False)
+    runs = [r["run"] for r in ens.get("runs") or [] if isinstance(r, dict) and r.get("run")]
+    if not runs:
+        raise RsnaError(f"{path}: lists no checkpoints or runs; pass --checkpoints")
+    ckpts = [Path(r) / "best.pt" for r in runs]
+    missing = [str(c) for c in ckpts if not c.exists()]
+    if missing:
+        raise RsnaError(f"{path}: the best.pt of its run(s) {missing} not found (run folders as "
+                        "given to `rsna oof`, from where it ran); run from there, or pass "
+                        "--checkpoints")
+    return [str(c) for c in ckpts]
+
+
+def lists_checkpoints(path: str | Path) -> bool:
+    """Whether ensemble.json (or DIR/ensemble.json) lists its checkpoints (an export) rather
+    than the runs `rsna oof` merged; False for a file `Ensemble.read` would refuse."""
+    path = Path(path)
+    try:
+        data = json.loads((path / ENSEMBLE_FILE if path.is_dir() else path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and bool(data.get("checkpoints"))
+
+
+def read_ensemble(path: str | Path) -> Ensemble:
+    """An export (checkpoints resolved beside it) or `rsna oof`'s file (a threshold needed)."""
+    return Ensemble.read(path, checkpoints=lists_checkpoints(path))

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna_utils.core.config import Config, setting
+from rsna_utils.core.config import Config, agg_setting, setting
 from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.infer.calibrate import METHODS as CALIBRATIONS
 from rsna_utils.infer.calibrate import calibrate_oof
@@ -426,8 +426,7 @@ class OofConfig(Config):
 
     runs: list = setting(help="training run folders: every fold of every model of the ensemble")
     out: str = setting("ensemble.json", "the ensemble file (oof_predictions.csv beside it)")
-    agg: str = setting("mean", "views -> breast, as the submission aggregates",
-                       choices=("mean", "max"))
+    agg: str = agg_setting("views -> breast, as the submission aggregates")
     mode: str = setting("threshold", "the cut: a threshold on the score, or the top quantile of "
                         "breasts", choices=("threshold", "quantile"))
     beta: float = setting(1.0, "F-beta that the cut maximises (1: the competition's pF1)", gt=0)

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna_utils.core.config import Config, setting
+from rsna_utils.core.config import (Config, agg_setting, backend_setting, device_setting,
+                                     progress_setting, setting, tta_setting)
 from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.core.table import dicom_path
 # the cut and the loaded ensemble have their own homes; their names are kept here for callers
@@ -51,23 +52,21 @@ class PredictConfig(Config):
     sample_submission: str | None = setting(None, "check the prediction_ids against it")
     labels: str | None = setting(None, "CSV with image_id,cancer: also score image/breast pF1, "
                                  "AUC, threshold")
-    tta: bool = setting(False, "average with the horizontal flip")
-    agg: str = setting("mean", "views -> breast (rsna predict --ensemble: the JSON's)",
-                       choices=("mean", "max"))
+    tta: bool = tta_setting()
+    agg: str = agg_setting("views -> breast (rsna predict --ensemble: the JSON's)")
     binarize_how: str | None = setting(None, "binary output: threshold (the checkpoints' or "
                                        "--threshold), quantile:0.02, or quantile (with "
                                        "--ensemble: its out-of-fold positive rate)", flags=("--binarize",))
     batch_size: int = setting(16, "images per model call", ge=1)
     workers: int = setting(2, "preprocessing processes", ge=0)
-    device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    device: str = device_setting()
     shards: int | str = setting(1, "processes the test patients are split over, each on its own "
                                 "device (a patient never split; the submission as one process "
                                 "makes it): auto (one per CUDA GPU found, e.g. both of a Kaggle "
                                 "T4 x2; 1 on the CPU) or N (N GPUs, or N processes on the CPU); "
                                 "workers are shared out among them", parse=str)
-    backend: str = setting("auto", "decoder: auto, imagecodecs, dicomsdl, pydicom, nvimgcodec, "
-                           "dali")
-    progress: bool = setting(True, "progress bar", negate="--quiet")
+    backend: str = backend_setting()
+    progress: bool = progress_setting()
     max_unreadable: float = setting(0.05, "stop without a submission when more than this share "
                                     "of the images cannot be read (their breasts would go in at "
                                     "the training prior); 1: never stop", ge=0, le=1)

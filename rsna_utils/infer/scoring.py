@@ -62,16 +62,20 @@ class LoadedEnsemble:
 
     @classmethod
     def from_json(cls, path, device, runtime: str = "torch", engines: str | None = None,
-                  **given) -> "LoadedEnsemble":
-        """An exported ensemble (a folder or its ensemble.json, listing its checkpoints), with
-        the settings it decides (`Ensemble.predict_settings`) over those `given` by hand
-        (threshold, agg, output, binarize_how, tta)."""
-        from rsna_utils.infer.ensemble import Ensemble
-        ens = Ensemble.read(path, checkpoints=True)
+                  checkpoints=None, **given) -> "LoadedEnsemble":
+        """An exported ensemble (a folder or its ensemble.json, listing its checkpoints, or
+        with `checkpoints` given instead of those), with the settings it decides
+        (`Ensemble.predict_settings`) over those `given` by hand (threshold, agg, output,
+        binarize_how, tta)."""
+        from rsna_utils.infer.ensemble import ensemble_checkpoints, read_ensemble
+        ens = read_ensemble(path)
+        # the ones given, an export's own files, or the best.pt of the runs `rsna oof` merged
+        checkpoints = checkpoints or ensemble_checkpoints(path)
         decided = ens.predict_settings(given, source=str(path))
         kw = {k: decided[k] for k in ("tta", "agg", "binarize_how", "oof_rate", "calibrator")
               if k in decided}
-        out = cls.from_checkpoints(ens["checkpoints"], device, decided.get("member_weights"),
+        out = cls.from_checkpoints(checkpoints, device,
+                                   decided.get("member_weights"),
                                    runtime, engines, threshold_given=decided.get("threshold"),
                                    **kw)
         out.source, out.settings = str(path), decided

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
 
-from rsna_utils.core.config import Config, setting
+from rsna_utils.core.config import Config, device_setting, progress_setting, setting
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size, size_flag
 from rsna_utils.learn.backbones import POOLS
@@ -157,13 +157,13 @@ class TrainConfig(Config):
     select_window: int = setting(1, "best.pt is picked by the mean of select_by over this many "
                                  "last epochs (1: this epoch's alone; 3 steadies a choice made "
                                  "on ~120 positive breasts)", ge=1)
-    device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    device: str = device_setting()
     resume: bool = setting(False, "continue from OUT/last.pt")
     overwrite: bool = setting(False, "replace the run already in OUT (its best.pt, last.pt and "
                               "metrics); without it or --resume such an OUT is refused")
     max_steps: int | None = setting(None, "stop each epoch after this many batches (smoke "
                                     "tests)", ge=1)
-    progress: bool = setting(True, "progress bars", negate="--quiet")
+    progress: bool = progress_setting("progress bars")
     # a plan or notebook whose parameters list only the common fields reaches the others here
     extra: dict = setting({}, "further fields by name, e.g. {ema: 0.999}; applied on creation",
                           cli=False)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rsna_utils.core.config import Config, setting
+from rsna_utils.core.config import Config, agg_setting, setting
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.core.table import with_prediction_id  # noqa: F401 - a name evaluate had
 from rsna_utils.learn import metrics
@@ -64,7 +64,7 @@ class EvaluateConfig(Config):
                                "predictions lack (joined on image_id)")
     threshold: float | None = setting(None, "for F1 / sensitivity / specificity (default: tuned "
                                       "on these breasts)", ge=0, le=1)
-    agg: str = setting("mean", "views -> breast", choices=("mean", "max"))
+    agg: str = agg_setting("views -> breast")
     n_boot: int = setting(1000, "bootstrap resamples of patients", ge=1)
     seed: int = setting(0, "seed of the bootstrap")
 

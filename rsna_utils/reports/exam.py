@@ -8,7 +8,6 @@ also gives the crop box and flip the heat is mapped back through); one exam is o
 """
 from __future__ import annotations
 
-import dataclasses
 import html
 import sys
 import time
@@ -19,7 +18,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from rsna_utils.core.config import Config, setting
+from rsna_utils.core.config import (AGGREGATIONS, Config, backend_setting, device_setting,
+                                     progress_setting, setting)
 from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.core.table import dicom_path
 from rsna_utils.learn.checkpoint import TRAIN_FIX
@@ -44,17 +44,22 @@ class ViewResult:
 
 @dataclass
 class ExplainConfig(Config):
-    """The settings of `rsna explain` (its flags derive from these fields)."""
+    """The settings of `rsna explain` (its flags derive from these fields), and of
+    `write_exam_reports`: their defaults are spelled here only."""
 
     KIND = "explain"
 
     images: str = setting(help="folder of {patient_id}/{image_id}.dcm")
     csv: str = setting(help="train.csv / test.csv (patient_id, image_id, laterality; view "
                        "optional)")
-    checkpoints: list = setting(help="one or more best.pt")
     out: str = setting(help="output folder (figures, index.html, heatmaps.csv)")
-    threshold: float | None = setting(None, "breast decision cut (default: the checkpoints' "
-                                      "validation threshold)", ge=0, le=1)
+    checkpoints: list = setting([], "one or more best.pt (default with --ensemble: the ones it "
+                                "lists)")
+    ensemble: str | None = setting(None, "ensemble.json of `rsna oof` or an export (or its "
+                                   "folder): its checkpoints, threshold, aggregation, flip and "
+                                   "each model's vote, as `rsna predict --ensemble` submits")
+    threshold: float | None = setting(None, "breast decision cut (default: the ensemble's, else "
+                                      "the checkpoints' validation threshold)", ge=0, le=1)
     limit: int | None = setting(None, "only N exams: the highest scored (order score) or the "
                                 "first of the CSV (order csv)", ge=1)
     order: str = setting("score", "which exams --limit keeps: the highest scores first (every "
@@ -67,12 +72,13 @@ class ExplainConfig(Config):
                                   "the views")
     by: str = setting("patient", "one figure per patient, or per patient and laterality",
                       choices=("patient", "breast"))
-    agg: str = setting("mean", "views -> breast score", choices=("mean", "max"))
-    tta: bool = setting(False, "scores average the flip, as `rsna predict --tta` (give it when "
-                        "the threshold was tuned on flip-averaged scores)")
-    device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    backend: str = setting("auto", "CPU decoder: auto, imagecodecs, dicomsdl, pydicom")
-    progress: bool = setting(True, "progress bar", negate="--quiet")
+    agg: str | None = setting(None, "views -> breast score: mean or max (default: the "
+                              "ensemble's, else mean)", choices=AGGREGATIONS)
+    tta: bool | None = setting(None, "scores average the flip, as `rsna predict --tta` (default: "
+                               "as the ensemble's threshold was tuned, else no flip)")
+    device: str = device_setting()
+    backend: str = backend_setting("CPU decoder: auto, imagecodecs, dicomsdl, pydicom")
+    progress: bool = progress_setting()
     weights: dict | None = setting(None, "ensemble.json's recipe_weights: each model's vote "
                                    "(None: equal)", cli=False)
 
@@ -80,43 +86,52 @@ class ExplainConfig(Config):
         if isinstance(self.checkpoints, (str, Path)):
             self.checkpoints = [self.checkpoints]
         self.check_fields()
+        self.checkpoints = [str(c) for c in self.checkpoints]
 
-    def run(self) -> dict:
-        return write_exam_reports(**dataclasses.asdict(self))
+    def run(self, ensemble=None) -> dict:
+        """`explain(self, ensemble)`: a `LoadedEnsemble` already on its device may be given."""
+        return explain(self, ensemble)
 
 
-def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[str | Path],
-                       out: str | Path, threshold: float | None = None, limit: int | None = None,
-                       device: str = "auto", progress: bool = True, by: str = "patient",
-                       backend: str = "auto", agg: str = "mean", tta: bool = False,
-                       weights: dict | None = None, order: str = "score",
-                       labels: str | Path | None = None, lesions: str | Path | None = None) -> dict:
-    """Per exam (by="patient"; by="breast": per patient and laterality) one PNG figure in
-    `out`, plus `out/index.html` (exams by decreasing score) and `out/heatmaps.csv`.
+def write_exam_reports(images: str | Path, csv: str | Path, checkpoints=(),
+                       out: str | Path | None = None, *, ensemble=None, **settings) -> dict:
+    """`explain` with the `ExplainConfig` of these arguments (its fields; `ensemble` may also be
+    a `LoadedEnsemble`). Per exam (by="patient"; by="breast": per patient and laterality) one
+    PNG figure in `out`, plus `out/index.html` (exams by decreasing score) and
+    `out/heatmaps.csv`."""
+    loaded = None if ensemble is None or isinstance(ensemble, (str, Path)) else ensemble
+    if out is None:
+        raise RsnaError("write_exam_reports: no output folder; pass out (e.g. runs/explain)")
+    cfg = ExplainConfig(images=images, csv=csv, checkpoints=list(checkpoints or []), out=out,
+                        ensemble=None if loaded is not None else ensemble, **settings)
+    return explain(cfg, loaded)
 
-    threshold: the breast decision's cut (default: the checkpoints' stored validation
-    thresholds averaged per recipe, as `rsna predict`); limit: N exams, the highest scored
-    (order="score": every exam is scored first, without heat) or the first of the CSV
-    (order="csv"). labels (image_id, cancer) put the truth beside each decision; lesions
-    (image_id, kind, y0, x0, y1, x1 in original pixels) are drawn on the views.
-    agg and tta: the submission's (ensemble.json's `agg` and `tta`), so that the scores and the
-    positive flags are the ones the threshold was tuned on.
+
+def explain(cfg: ExplainConfig, ens=None) -> dict:
+    """The exam reports of `cfg` (see `ExplainConfig`), with the ensemble `ens` (a
+    `LoadedEnsemble`) or the one `cfg.ensemble` / `cfg.checkpoints` names.
+
+    threshold: the breast decision's cut (default: the ensemble's out-of-fold threshold, else
+    the checkpoints' stored validation thresholds averaged per recipe, as `rsna predict`);
+    limit: N exams, the highest scored (order="score": every exam is scored first, without
+    heat) or the first of the CSV (order="csv"). labels (image_id, cancer) put the truth beside
+    each decision; lesions (image_id, kind, y0, x0, y1, x1 in original pixels) are drawn on
+    the views. agg and tta: the submission's (an ensemble's `agg` and flip), so that the scores
+    and the positive flags are the ones the threshold was tuned on.
     Returns {"index", "heatmaps_csv", "figures" (by decreasing score), "views" (DataFrame, one
     row per view), "exams" (DataFrame), "threshold", "seconds"}.
     """
     from tqdm.auto import tqdm
 
-    from rsna_utils.infer.scoring import LoadedEnsemble
-    from rsna_utils.learn.device import resolve_device
     from rsna_utils.reports.heatmap import explain_batch, pooled_votes
     t0 = time.perf_counter()
-    df, images = _check_inputs(images, csv, checkpoints, by, limit, agg, order)
-    dev = resolve_device(device)
-    ens = LoadedEnsemble.from_checkpoints(checkpoints, dev, weights, tta=tta, agg=agg,
-                                          threshold_given=threshold)
+    df, images = _check_inputs(cfg, ens)
+    ens = _ensemble(cfg) if ens is None else ens
+    by, limit, order, backend, progress = cfg.by, cfg.limit, cfg.order, cfg.backend, cfg.progress
+    labels, lesions, agg = cfg.labels, cfg.lesions, ens.agg
+    out = Path(cfg.out)
     cfg = ens.preprocess_config()
     threshold = ens.threshold
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     key = "patient_id" if by == "patient" else "prediction_id"
     exams = list(dict.fromkeys(df[key]))
@@ -169,31 +184,40 @@ def write_exam_reports(images: str | Path, csv: str | Path, checkpoints: list[st
 # Inputs and one view
 # ----------------------------------------------------------------------------------------
 
-def _check_inputs(images, csv, checkpoints, by: str, limit, agg: str,
-                  order: str = "score") -> tuple[pd.DataFrame, Path]:
-    """One clear line per bad input, before any model is loaded."""
+def _check_inputs(cfg: ExplainConfig, ens) -> tuple[pd.DataFrame, Path]:
+    """One clear line per bad input, before any model is loaded (the config checked its
+    choices and ranges when it was made)."""
     from rsna_utils.learn.png_table import load_table
-    if by not in ("patient", "breast"):
-        raise RsnaError(f"by={by!r}: choose patient (one figure per exam) or breast (per laterality)")
-    if agg not in ("mean", "max"):
-        raise RsnaError(f"agg={agg!r}: choose mean or max (views -> breast, as `rsna predict`)")
-    if order not in ("score", "csv"):
-        raise RsnaError(f"order={order!r}: choose score (the highest scores) or csv")
-    if limit is not None and int(limit) < 1:
-        raise RsnaError(f"--limit {limit}: give a number of exams >= 1")
     from rsna_utils.dicom.reader import check_dicom_folder
-    images = check_dicom_folder(images)
-    if not checkpoints:
-        raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt")
-    for c in checkpoints:
+    images = check_dicom_folder(cfg.images)
+    if ens is None and not cfg.checkpoints and not cfg.ensemble:
+        raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt or "
+                        "--ensemble ensemble.json")
+    for c in cfg.checkpoints:
         if not Path(c).is_file():
             raise RsnaError(f"{c}: checkpoint not found; {TRAIN_FIX}")
+    csv = cfg.csv
     df = load_table(csv)          # names the CSV and the missing column(s)
     if df.empty:
         raise RsnaError(f"{csv}: no images listed (only a header?); pass train.csv or test.csv")
     if "view" not in df:
         df["view"] = ""           # filled from the header's ViewPosition
     return df, images
+
+
+def _ensemble(cfg: ExplainConfig):
+    """The `LoadedEnsemble` of `cfg`: its ensemble.json with the settings it decides (a
+    threshold or aggregation given by hand where it allows them), else its checkpoints."""
+    from rsna_utils.infer.scoring import LoadedEnsemble
+    from rsna_utils.learn.device import resolve_device
+    dev = resolve_device(cfg.device)
+    if cfg.ensemble:
+        given = {k: v for k, v in (("threshold", cfg.threshold), ("agg", cfg.agg),
+                                   ("tta", cfg.tta)) if v is not None}
+        return LoadedEnsemble.from_json(cfg.ensemble, dev, checkpoints=cfg.checkpoints or None,
+                                        **given)
+    return LoadedEnsemble.from_checkpoints(cfg.checkpoints, dev, cfg.weights, tta=bool(cfg.tta),
+                                          agg=cfg.agg or "mean", threshold_given=cfg.threshold)
 
 
 def _by_score(df: pd.DataFrame, key: str, images: Path, ens, backend: str) -> list:
