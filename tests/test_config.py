@@ -231,3 +231,39 @@ def test_a_size_is_one_recipe_however_it_is_spelled(tmp_path):
     assert recipe_key(asdict(a), tmp_path) == recipe_key(asdict(b), tmp_path)
     old = {**asdict(a), "size": "1024x512"}            # a config.json written before
     assert recipe_key(old, tmp_path) == recipe_key(asdict(b), tmp_path)
+
+
+def _entry_points():
+    from rsna_utils.infer.oof import OofConfig, write_ensemble
+    from rsna_utils.reports.evaluate import EvaluateConfig, evaluate_predictions
+    from rsna_utils.reports.exam import ExplainConfig, write_exam_reports
+    return [(ExplainConfig, write_exam_reports, ("i", "t.csv", ["b.pt"], "out")),
+            (EvaluateConfig, evaluate_predictions, ("p.csv", "out")),
+            (OofConfig, write_ensemble, (["run"], "ensemble.json"))]
+
+
+@pytest.mark.parametrize("cls, fn, args", _entry_points(),
+                         ids=lambda x: getattr(x, "__name__", "args"))
+def test_run_functions_take_their_defaults_from_their_config(cls, fn, args):
+    """`rsna explain`, `rsna evaluate` and `rsna oof` call a function that builds its config:
+    no default of a setting is spelled again in the function's signature, where it could drift
+    from the flag's."""
+    again = {p.name: p.default for p in inspect.signature(fn).parameters.values()
+             if p.name in cls.field_names() and p.default not in (inspect.Parameter.empty, None)}
+    assert again == {}
+    with pytest.raises(RsnaError, match=r"^agg='median': choose mean or max$"):   # the config's
+        fn(*args, agg="median")
+
+
+def test_the_shared_scoring_settings_are_spelled_once():
+    """agg, device and the progress bar were declared with their defaults and choices in four
+    configs; each config now takes them from core.config."""
+    import pathlib
+    import re
+
+    import rsna_utils
+    root = pathlib.Path(rsna_utils.__file__).parent
+    spelled = {p.relative_to(root).as_posix() for p in root.rglob("*.py")
+               if re.search(r'setting\("mean"|choices=\("mean", "max"\)|"auto \| cpu \| cuda"|'
+                            r'negate="--quiet"', p.read_text())}
+    assert spelled == {"core/config.py"}

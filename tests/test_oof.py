@@ -167,7 +167,7 @@ def test_write_ensemble_stores_a_breast_level_calibrator(runs, tmp_path):
     assert apply_calibrator(c, b.prediction) == pytest.approx(apply_calibrator(ref, b.prediction))
     assert c["cross_fitted"]["folds"] == 2                 # the runs' folds
     assert "calibrator" not in write_ensemble(dirs, tmp_path / "e2.json", calibration=None)
-    with pytest.raises(RsnaError, match="calibration 'spline': choose one of platt"):
+    with pytest.raises(RsnaError, match="calibration='spline': choose platt, temperature, isotonic or none"):
         write_ensemble(dirs, tmp_path / "e3.json", calibration="spline")
 
 

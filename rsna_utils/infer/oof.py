@@ -432,7 +432,7 @@ class OofConfig(Config):
     beta: float = setting(1.0, "F-beta that the cut maximises (1: the competition's pF1)", gt=0)
     calibration: str = setting("platt", "calibrator stored in the JSON for --output calibrated "
                                "(platt: logistic on the logit; see rsna_utils.infer.calibrate)",
-                               choices=("platt", "temperature", "isotonic", "none"))
+                               choices=(*CALIBRATIONS, "none"))
     allow_missing: bool = setting(False, "tune on the images every model scored when some "
                                   "folds are missing")
     weighting: str = setting("auc", "each model's vote: by its out-of-fold breast AUC above "
@@ -445,35 +445,36 @@ class OofConfig(Config):
         self.check_fields()
 
     def run(self) -> dict:
-        return write_ensemble(self.runs, self.out, agg=self.agg, mode=self.mode, beta=self.beta,
-                              allow_missing=self.allow_missing, weighting=self.weighting,
-                              calibration=None if self.calibration == "none" else self.calibration)
+        return merge_runs(self)
 
 
-def write_ensemble(run_dirs: list[str | Path], out_json: str | Path, agg: str = "mean",
-                   mode: str = "threshold", beta: float = 1.0,
-                   allow_missing: bool = False, calibration: str | None = "platt",
-                   weighting: str = "auc") -> dict:
-    """merge_oof + ensemble_threshold; writes `out_json` (the cut inference applies, with the
+def write_ensemble(run_dirs: list[str | Path], out_json: str | Path, **settings) -> dict:
+    """`merge_runs` with the `OofConfig` of these arguments (calibration None: "none")."""
+    if "calibration" in settings and settings["calibration"] is None:
+        settings["calibration"] = "none"
+    runs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    return merge_runs(OofConfig(runs=runs, out=out_json, **settings))
+
+
+def merge_runs(cfg: OofConfig) -> dict:
+    """merge_oof + ensemble_threshold; writes `cfg.out` (the cut inference applies, with the
     metrics and the runs) and the merged oof_predictions.csv beside it. Returns the dict (with
     "oof_csv" added).
 
-    `calibration` ("platt", "temperature", "isotonic" or None): also fit a calibrator on the
-    same breast-level OOF predictions (`calibrate.calibrate_oof`) and store it, plain JSON
+    `cfg.calibration` ("platt", "temperature", "isotonic" or "none"): also fit a calibrator on
+    the same breast-level OOF predictions (`calibrate.calibrate_oof`) and store it, plain JSON
     numbers, under "calibrator", for `rsna predict --output calibrated`. The threshold is for
     the raw prediction (calibration is monotone: it would flag the same breasts). When no
     calibrator can be fitted, "calibrator" is None and "calibration_error" says why."""
-    if calibration is not None and calibration not in CALIBRATIONS:
-        raise RsnaError(f"calibration {calibration!r}: choose one of {', '.join(CALIBRATIONS)} "
-                        "or None")
-    df = merge_oof(run_dirs, allow_missing=allow_missing, weighting=weighting, agg=agg)
-    res = ensemble_threshold(df, agg=agg, beta=beta, mode=mode)
+    agg, calibration = cfg.agg, None if cfg.calibration == "none" else cfg.calibration
+    df = merge_oof(cfg.runs, allow_missing=cfg.allow_missing, weighting=cfg.weighting, agg=agg)
+    res = ensemble_threshold(df, agg=agg, beta=cfg.beta, mode=cfg.mode)
     if calibration is not None:
         try:
             res["calibrator"] = calibrate_oof(df, agg=agg, method=calibration)
         except RsnaError as e:      # e.g. an untrained smoke-test model: keep the threshold
             res["calibrator"], res["calibration_error"] = None, str(e)
-    out_json = Path(out_json)
+    out_json = Path(cfg.out)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     oof_csv = out_json.parent / OOF_FILE
     res["oof_csv"] = str(oof_csv)

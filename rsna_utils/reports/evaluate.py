@@ -30,6 +30,7 @@ bootstrap, the comparisons of two models and the curves' bands (`reports.bootstr
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +54,15 @@ from rsna_utils.reports.labelled import (  # noqa: F401
 
 @dataclass
 class EvaluateConfig(Config):
-    """The settings of `rsna evaluate` (its flags derive from these fields)."""
+    """The settings of `rsna evaluate` (its flags derive from these fields) and of
+    `evaluate_predictions`: their defaults are spelled here only."""
 
     KIND = "evaluation"
 
     predictions: str = setting(help="val_predictions.csv, oof_predictions.csv or the "
                                "_images.csv of rsna predict")
-    out: str = setting(help="output folder (CSV, JSON and PNG figures)")
+    out: str | None = setting(help="output folder (CSV, JSON and PNG figures); None: write "
+                              "nothing, return the tables")
     meta: str | None = setting(None, "train.csv: labels, site, machine, view, density, age the "
                                "predictions lack (joined on image_id)")
     threshold: float | None = setting(None, "for F1 / sensitivity / specificity (default: tuned "
@@ -67,33 +70,43 @@ class EvaluateConfig(Config):
     agg: str = agg_setting("views -> breast")
     n_boot: int = setting(1000, "bootstrap resamples of patients", ge=1)
     seed: int = setting(0, "seed of the bootstrap")
+    beta: float = setting(1.0, "F-beta of the tuned threshold (1: the competition's pF1)", gt=0)
+    ci: float = setting(0.95, "level of the intervals", gt=0, lt=1)
+    population: str | None = setting(None, "whose predictions these are, for the headline and "
+                                     "the figures' titles (default: from the file's name)")
 
     def __post_init__(self):
         self.check_fields()
 
     def run(self) -> dict:
-        return evaluate_predictions(self.predictions, self.out, meta_csv=self.meta,
-                                    threshold=self.threshold, n_boot=self.n_boot, seed=self.seed,
-                                    agg=self.agg)
+        return evaluate(self)
 
 
-def evaluate_predictions(predictions, out_dir=None, meta_csv=None, threshold: float | None = None,
-                         n_boot: int = 1000, seed: int = 0, agg: str = "mean", beta: float = 1.0,
-                         ci: float = 0.95, population: str | None = None) -> dict:
-    """Evaluate labelled predictions (CSV path or DataFrame) as a study would report them.
+def evaluate_predictions(predictions, out_dir=None, meta_csv=None, **settings) -> dict:
+    """`evaluate` with the `EvaluateConfig` of these arguments; `predictions` and `meta_csv`
+    may be DataFrames instead of CSV paths."""
+    def name(x):
+        return x if x is None or isinstance(x, (str, os.PathLike)) else f"a {type(x).__name__}"
+    cfg = EvaluateConfig(predictions=name(predictions), out=out_dir, meta=name(meta_csv),
+                         **settings)
+    return evaluate(cfg, predictions, meta_csv)
+
+
+def evaluate(cfg: EvaluateConfig, predictions=None, meta=None) -> dict:
+    """Evaluate labelled predictions (`cfg.predictions`, or the DataFrame `predictions`) as a
+    study would report them.
 
     Returns a dict: "headline" (the breast-level row: each metric with _low/_high, n, the
     threshold), "metrics" (DataFrame: one row per breakdown/group/level), "roc" and "pr"
     (breast-level curves on a grid with their bands), "reliability" (the breast-level
     reliability table), "figures" (name -> PNG path) and "files" (name -> CSV/JSON path),
-    "skipped" (breakdown -> why). With `out_dir` the tables, figures and summary.json are
-    written there; without, nothing is written. `population`: whose predictions these are, for
-    the headline and the figures' titles (default from the file's name, `population_of`)."""
-    if agg not in ("mean", "max"):
-        raise RsnaError(f"agg {agg!r}: choose mean or max (the submission's aggregation)")
-    if n_boot < 1:
-        raise RsnaError(f"n_boot {n_boot}: give at least 1 (1000 for reported intervals)")
-    df = load_predictions(predictions, meta_csv)
+    "skipped" (breakdown -> why). With `cfg.out` the tables, figures and summary.json are
+    written there; without, nothing is written. `cfg.population`: whose predictions these are,
+    for the headline and the figures' titles (default from the file's name, `population_of`)."""
+    threshold, n_boot, seed, agg = cfg.threshold, cfg.n_boot, cfg.seed, cfg.agg
+    beta, ci, population = cfg.beta, cfg.ci, cfg.population
+    df = load_predictions(cfg.predictions if predictions is None else predictions,
+                          cfg.meta if meta is None else meta)
     image_level = "image_id" in df
     breast = breast_table(df, agg)
     n_pos = int(breast["cancer"].sum())
@@ -155,8 +168,8 @@ def evaluate_predictions(predictions, out_dir=None, meta_csv=None, threshold: fl
                     population=population or population_of(df.attrs["source"]))
     res = {"headline": headline, "metrics": table, "roc": roc, "pr": pr,
            "reliability": reliability, "figures": {}, "files": {}, "skipped": skipped}
-    if out_dir is not None:
-        _write(res, Path(out_dir))
+    if cfg.out is not None:
+        _write(res, Path(cfg.out))
     return res
 
 

@@ -93,7 +93,7 @@ class ExplainConfig(Config):
         return explain(self, ensemble)
 
 
-def write_exam_reports(images: str | Path, csv: str | Path, checkpoints=(),
+def write_exam_reports(images: str | Path, csv: str | Path, checkpoints=None,
                        out: str | Path | None = None, *, ensemble=None, **settings) -> dict:
     """`explain` with the `ExplainConfig` of these arguments (its fields; `ensemble` may also be
     a `LoadedEnsemble`). Per exam (by="patient"; by="breast": per patient and laterality) one
