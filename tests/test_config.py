@@ -267,3 +267,30 @@ def test_the_shared_scoring_settings_are_spelled_once():
                if re.search(r'setting\("mean"|choices=\("mean", "max"\)|"auto \| cpu \| cuda"|'
                             r'negate="--quiet"', p.read_text())}
     assert spelled == {"core/config.py"}
+
+
+# Flags that are not settings: train's YAML of TrainConfig fields and predict's ensemble file,
+# which both fill fields; `rsna weights` (export / import of one file) has no config.
+NOT_SETTINGS = {("train", "config"), ("predict", "ensemble")}
+
+
+def test_every_flag_of_every_command_derives_from_a_config_field():
+    """`rsna synth`, `preprocess`'s run flags, the plan runner (`notebooks`), `demo`, `ingest`
+    and `bundle` spelled their flags by hand, with their own defaults; every flag is now made
+    from a config field by `add_flags`."""
+    import argparse
+
+    def subcommands(parser):
+        return next(a for a in parser._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+
+    by_hand = []
+    for name, p in subcommands(build_parser()).items():
+        if name == "weights":
+            continue
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction) or (name, action.dest) in NOT_SETTINGS:
+                continue
+            if not getattr(action, "field", None):
+                by_hand.append(f"rsna {name} {action.option_strings or action.dest}")
+    assert by_hand == []

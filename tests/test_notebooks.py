@@ -177,7 +177,8 @@ def _defaults_differing(nb: str, cls) -> dict:
     out = {}
     for f in dataclasses.fields(cls):
         values = _parameter_values(nb)
-        if f.name not in values or f.name in OWN_VALUES:
+        if f.name not in values or f.name in OWN_VALUES or (
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if values[f.name] != default:
@@ -410,3 +411,17 @@ def test_demo_with_a_real_plan_refuses_a_folder_without_train_csv(tmp_path, caps
         run_dir="r", notebooks=[], submission=None))
     assert main(["demo", "--plan", str(NOTEBOOKS / "plans" / "demo.yaml"), "--data", str(data),
                  "--quiet"]) == 0 and made == [str(data)]
+
+
+def test_the_explain_notebook_parameters_are_its_configs_fields():
+    """05 takes `rsna explain`'s and `rsna evaluate`'s settings by their config names (it read
+    `meta_csv` where the flag is --meta) and their defaults, but for its own small values."""
+    import papermill as pm
+
+    from rsna_utils.reports.evaluate import EvaluateConfig
+    from rsna_utils.reports.exam import ExplainConfig
+    params = set(pm.inspect_notebook(str(NOTEBOOKS / "05_explain_evaluate.ipynb")))
+    assert params - set(ExplainConfig.field_names()) - set(EvaluateConfig.field_names()) == set()
+    nb = "05_explain_evaluate.ipynb"
+    differ = {**_defaults_differing(nb, ExplainConfig), **_defaults_differing(nb, EvaluateConfig)}
+    assert differ == {"limit": (8, None), "meta": ("data/synthetic/train.csv", None)}

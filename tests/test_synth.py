@@ -138,8 +138,8 @@ def test_positive_breasts_carry_a_lesion_in_each_view(synth_small):
 
 
 @pytest.mark.parametrize("args, expect", [
-    (["--patients", "-3"], "--patients must be a positive integer"),
-    (["--positive-rate", "1.5"], "--positive-rate must be within [0, 1]"),
+    (["--patients", "-3"], "patients=-3: give an integer >= 1"),
+    (["--positive-rate", "1.5"], "positive_rate=1.5: give a number in [0, 1]"),
     (["--patients", "2", "--out", "{file}/sub"], "cannot write to output folder"),
 ])
 def test_cli_bad_arguments_give_one_line(tmp_path, args, expect):

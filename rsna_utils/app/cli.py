@@ -9,10 +9,9 @@ from rsna_utils.core.errors import RsnaError
 
 
 def _cmd_synth(a: argparse.Namespace) -> int:
-    from rsna_utils.sources.synth import synthesize
-    info = synthesize(a.out, patients=a.patients, seed=a.seed, positive_rate=a.positive_rate,
-                      size=a.size, test_patients=a.test_patients, workers=a.workers,
-                      progress=not a.quiet, overwrite=a.overwrite)
+    from rsna_utils.core.config import given_flags
+    from rsna_utils.sources.synth import SynthConfig
+    info = SynthConfig.from_dict(given_flags(a, SynthConfig)).run()
     print(f"wrote {info['train_images']} train and {info['test_images']} test images "
           f"({info['train_positive_images']} positive train images) to {info['out']}")
     return 0
@@ -47,7 +46,10 @@ def _cmd_weights_import(a: argparse.Namespace) -> int:
 
 def _cmd_bundle(a: argparse.Namespace) -> int:
     from rsna_utils.app.bundle import build_bundle
-    print(build_bundle(a.out, gpu_decoders=a.gpu_decoders)["line"])
+    from rsna_utils.app.command_configs import BundleConfig
+    from rsna_utils.core.config import given_flags
+    cfg = BundleConfig.from_dict(given_flags(a, BundleConfig))
+    print(build_bundle(cfg.out, gpu_decoders=cfg.gpu_decoders)["line"])
     return 0
 
 
@@ -103,32 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_synth(sub) -> None:
+    from rsna_utils.core.config import add_flags
+    from rsna_utils.sources.synth import SynthConfig
     s = sub.add_parser("synth", help="write a synthetic RSNA-shaped dataset")
-    s.add_argument("--out", default="data/synthetic", help="output folder")
-    s.add_argument("--patients", type=int, default=200, help="train patients (~4 images each)")
-    s.add_argument("--test-patients", type=int, default=None,
-                   help="test patients (default: patients // 5, at least 2)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--positive-rate", type=float, default=0.02,
-                   help="share of patients with cancer in one breast (default 0.02)")
-    s.add_argument("--size", choices=["small", "full"], default="small",
-                   help="small: ~512x416 (tests); full: 2294x1914 to 4096x3328 (benchmarks)")
-    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    s.add_argument("--overwrite", action="store_true", help="replace the dataset already in "
-                   "--out (a train.csv there is refused without it)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_flags(s, SynthConfig)
     s.set_defaults(func=_cmd_synth)
 
 
 def _add_bundle(sub) -> None:
+    from rsna_utils.app.command_configs import BundleConfig
+    from rsna_utils.core.config import add_flags
     b = sub.add_parser("bundle", help="offline Kaggle bundle: wheels of rsna_utils and its pinned "
                        "dependencies, install.py, the notebooks (upload DIR as a dataset)")
-    b.add_argument("--out", default="dist/rsna-bundle", help="output folder: new, empty or an "
-                   "earlier bundle, which is replaced (another folder is refused)")
-    b.add_argument("--gpu-decoders", default="none", choices=("none", "cu12", "cu13"),
-                   help="also carry nvImageCodec for this CUDA (cu12: Kaggle's T4/P100 image), "
-                        "installed by install.py where it can be; the submit plan then decodes "
-                        "on the GPU once its probe passes (default: %(default)s)")
+    add_flags(b, BundleConfig)
     b.set_defaults(func=_cmd_bundle)
 
 

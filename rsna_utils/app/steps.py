@@ -8,23 +8,24 @@ from rsna_utils.core.errors import RsnaError
 
 
 def _cmd_preprocess(a: argparse.Namespace) -> int:
+    from rsna_utils.app.command_configs import PreprocessRunConfig
     from rsna_utils.core.config import given_flags
     from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
     cfg = PreprocessConfig.from_dict(given_flags(a, PreprocessConfig))
+    run = PreprocessRunConfig.from_dict(given_flags(a, PreprocessRunConfig))
     from rsna_utils.dicom.decoders import gpu_batch
     from rsna_utils.image import gpu
-    chosen = gpu_batch.resolve_backend(a.backend)
+    chosen = gpu_batch.resolve_backend(run.backend)
     if chosen in gpu_batch.GPU_BACKENDS:
         if not gpu_batch.cuda_available():
-            from rsna_utils.core.errors import RsnaError
-            raise RsnaError(f"--backend {a.backend}: no CUDA GPU here; use --backend auto or a CPU backend")
-        s = gpu.GpuPreprocessor(cfg, backend=chosen, batch_size=a.batch_size,
-                                progress=not a.quiet).run(a.images, a.csv, a.out, a.shard)
+            raise RsnaError(f"--backend {run.backend}: no CUDA GPU here; use --backend auto or a "
+                            "CPU backend")
+        s = gpu.GpuPreprocessor(cfg, backend=chosen, batch_size=run.batch_size,
+                                progress=run.progress).run(run.images, run.csv, run.out, run.shard)
         print(s.line(f" [{chosen} on the GPU, {s.fallbacks} via the CPU fallback]"))
     else:
-        backend = "auto" if a.backend == "auto" else a.backend
-        s = Preprocessor(cfg, backend=backend, workers=a.workers,
-                         progress=not a.quiet).run(a.images, a.csv, a.out, a.shard)
+        s = Preprocessor(cfg, backend=run.backend, workers=run.workers,
+                         progress=run.progress).run(run.images, run.csv, run.out, run.shard)
         print(s.line())
     return 1 if s.processed + s.skipped == 0 and s.failed > 0 else 0
 
@@ -161,54 +162,57 @@ def _print_run(res: dict) -> None:
 
 def _cmd_notebooks(a: argparse.Namespace) -> int:
     from rsna_utils.app.notebooks import load_plan, run_plan
-    where = dict(runs=a.runs, name=a.name, overrides=a.param, weights=a.weights,
-                 variant=a.variant, external=a.external, require_sources=a.require_sources)
-    if a.estimate or a.calibrate:
+    from rsna_utils.app.command_configs import PlanRunConfig
+    from rsna_utils.core.config import given_flags
+    cfg = PlanRunConfig.from_dict(given_flags(a, PlanRunConfig))
+    where = cfg.where()
+    if cfg.estimate or cfg.calibrate:
         from rsna_utils.app import estimate as est
         rates = None
-        if a.calibrate:
-            cals = est.calibrate_plan(a.plan, a.data, a.calibrate_steps, progress=not a.quiet,
-                                      **where)
-            print(f"Measured here ({a.calibrate_steps} steps each, random uint8 input made on "
+        if cfg.calibrate:
+            cals = est.calibrate_plan(cfg.plan, cfg.data, cfg.calibrate_steps,
+                                      progress=cfg.progress, **where)
+            print(f"Measured here ({cfg.calibrate_steps} steps each, random uint8 input made on "
                   "the device):\n" + est.calibration_table(cals) + "\n")
             rates = est.measured_rates(cals)
-        d, notes = load_plan(a.plan), []
-        rows = est.estimate_plan(a.plan, a.data, a.gpu, memory=not a.calibrate, rates=rates,
-                                 notes=notes, **where)
-        print(est.table(rows, a.gpu, notes))
+        d, notes = load_plan(cfg.plan), []
+        rows = est.estimate_plan(cfg.plan, cfg.data, cfg.gpu, memory=not cfg.calibrate,
+                                 rates=rates, notes=notes, **where)
+        print(est.table(rows, cfg.gpu, notes))
         budget = d.get("budget_hours")
-        if a.variant:
-            budget = (d.get("variants") or {}).get(a.variant, {}).get("budget_hours", budget)
-        if a.budget_hours is not None:
-            budget = a.budget_hours
-        print(est.check_budget(rows, budget, d["name"] + (f" --variant {a.variant}" if a.variant
-                                                          else ""), a.gpu))
+        if cfg.variant:
+            budget = (d.get("variants") or {}).get(cfg.variant, {}).get("budget_hours", budget)
+        if cfg.budget_hours is not None:
+            budget = cfg.budget_hours
+        print(est.check_budget(rows, budget, d["name"] + (f" --variant {cfg.variant}"
+                                                          if cfg.variant else ""), cfg.gpu))
         return 0
-    _print_run(run_plan(a.plan, a.data, progress=not a.quiet, **where))
+    _print_run(run_plan(cfg.plan, cfg.data, progress=cfg.progress, **where))
     return 0
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rsna_utils.app.notebooks import load_plan, run_plan
+    from rsna_utils.app.command_configs import DemoConfig
+    from rsna_utils.core.config import given_flags
     from rsna_utils.sources.synth import synthesize
-    name = load_plan(a.plan)["name"]          # a mistyped plan is named here, before any data
-    if not (Path(a.data) / "train.csv").exists():
+    cfg = DemoConfig.from_dict(given_flags(a, DemoConfig))
+    name = load_plan(cfg.plan)["name"]        # a mistyped plan is named here, before any data
+    if not (Path(cfg.data) / "train.csv").exists():
         if name != "demo":
             # only the demo plan is meant for generated data: a mistyped DATA for a real plan
             # must not run it on synthetic patients without a word
-            raise RsnaError(f"{Path(a.data) / 'train.csv'}: not found, and the {name!r} plan "
+            raise RsnaError(f"{Path(cfg.data) / 'train.csv'}: not found, and the {name!r} plan "
                             "runs on a real dataset: point DATA (--data) at the competition's "
                             "folder (train.csv, train_images/, test.csv, test_images/), or use "
                             "PLAN=demo, which generates synthetic data")
-        print(f"generating the synthetic dataset in {a.data} ...", flush=True)
-        synthesize(a.data, patients=a.patients, seed=0, positive_rate=a.positive_rate,
-                   size="small", progress=not a.quiet)
+        print(f"generating the synthetic dataset in {cfg.data} ...", flush=True)
+        synthesize(cfg.data, patients=cfg.patients, seed=0, positive_rate=cfg.positive_rate,
+                   size="small", progress=cfg.progress)
     else:
-        print(reused_data(Path(a.data)), flush=True)
-    _print_run(run_plan(a.plan, a.data, a.runs, None, a.param, progress=not a.quiet,
-                        weights=a.weights))
+        print(reused_data(Path(cfg.data)), flush=True)
+    _print_run(run_plan(cfg.plan, cfg.data, cfg.runs, None, cfg.param, progress=cfg.progress,
+                        weights=cfg.weights))
     return 0
 
 
@@ -238,18 +242,16 @@ def _cmd_explain(a: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(a: argparse.Namespace) -> int:
+    from rsna_utils.app.command_configs import IngestConfig
+    from rsna_utils.core.config import given_flags
     from rsna_utils.sources.ingest import combine, ingest
-    if a.combine:
-        if a.format or a.src or a.meta:
-            raise RsnaError("--combine takes no --format, --src or --meta: it joins folders that "
-                            "`rsna ingest` (or the competition) already made")
-        r = combine(a.out, a.combine, progress=not a.quiet)
-        what = f"{len(a.combine)} folders (sites {', '.join(map(str, r['site_ids']))})"
+    cfg = IngestConfig.from_dict(given_flags(a, IngestConfig))
+    if cfg.combine:
+        r = combine(cfg.out, cfg.combine, progress=cfg.progress)
+        what = f"{len(cfg.combine)} folders (sites {', '.join(map(str, r['site_ids']))})"
     else:
-        if not (a.format and a.src):
-            raise RsnaError("rsna ingest needs --format and --src (or --combine DIR DIR ...)")
-        r = ingest(a.format, a.src, a.out, meta=a.meta, progress=not a.quiet)
-        what = f"{a.src} as site {r['site_id']}"
+        r = ingest(cfg.format, cfg.src, cfg.out, meta=cfg.meta, progress=cfg.progress)
+        what = f"{cfg.src} as site {r['site_id']}"
     print(f"ingested {r['images']} images of {r['patients']} patients ({r['positive_images']} "
           f"positive, {r['positive_breasts']} positive breasts) from {what}; {r['unmapped']} "
           f"source rows unmapped (see unmapped.csv); wrote {r['out']}")
@@ -262,19 +264,11 @@ def _flags(parser, cls) -> None:
 
 
 def _reg_preprocess(sub) -> None:
+    from rsna_utils.app.command_configs import PreprocessRunConfig
     from rsna_utils.image.convert import PreprocessConfig
     p = sub.add_parser("preprocess", help="DICOM folder -> cropped, windowed, resized PNGs")
-    p.add_argument("--images", required=True, help="folder of {patient_id}/{image_id}.dcm")
-    p.add_argument("--csv", default=None, help="train.csv / test.csv (default: scan --images)")
-    p.add_argument("--out", required=True, help="output folder (PNGs, meta.csv, failures.csv)")
+    _flags(p, PreprocessRunConfig)
     _flags(p, PreprocessConfig)
-    p.add_argument("--backend", default="auto",
-                   help="auto (a GPU backend when CUDA and the package are present), "
-                        "imagecodecs, dicomsdl, pydicom, nvimgcodec, dali")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--batch-size", type=int, default=32, help="GPU decode batch")
-    p.add_argument("--shard", default=None, help="K/N: process shard K (from 0) of N")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_preprocess)
 
 
@@ -334,79 +328,27 @@ def _reg_explain(sub) -> None:
 
 
 def _reg_notebooks(sub) -> None:
-    from rsna_utils.infer.kaggle import KAGGLE_EXTERNAL, KAGGLE_WEIGHTS
+    from rsna_utils.app.command_configs import PlanRunConfig
     n = sub.add_parser("notebooks", help="run a notebook plan headless with papermill")
-    n.add_argument("--plan", default="demo", help="demo, kaggle, submit, or a plan YAML path")
-    n.add_argument("--data", default="data/synthetic", help="dataset folder ({data} in the plan)")
-    n.add_argument("--runs", default="runs", help="executed notebooks go to RUNS/<plan name>/")
-    n.add_argument("--name", default=None, help="run name (default: the plan's)")
-    n.add_argument("--weights", default=KAGGLE_WEIGHTS, help="folder of pretrained weights, one "
-                   "sub-folder per model (`rsna weights export --out DIR/MODEL`): {weights} in "
-                   "the plan (default: %(default)s, the Kaggle dataset)")
-    n.add_argument("-p", "--param", action="append", default=[],
-                   help="override a parameter: key=value (all steps) or step.key=value")
-    n.add_argument("--quiet", action="store_true", help="no progress bars")
-    n.add_argument("--estimate", action="store_true", help="run nothing: print each step's "
-                   "images, batches, expected hours on one GPU and training memory per batch")
-    n.add_argument("--gpu", default="h100", choices=("h100", "h200", "t4", "t4x2"),
-                   help="with --estimate: the GPU to estimate for; t4x2: Kaggle's two T4s, the "
-                   "submit plan's test patients split over both (shards: auto), training on one "
-                   "(default: %(default)s)")
-    n.add_argument("--variant", default=None, help="a named variant of the plan (its "
-                   "`variants:`, e.g. the kaggle plan's 12h)")
-    n.add_argument("--external", default=KAGGLE_EXTERNAL, help="folder of public sources "
-                   "ingested by `rsna ingest`, one sub-folder each: {external} in the plan "
-                   "(default: %(default)s); a missing one is skipped with one line")
-    n.add_argument("--require-sources", action="store_true", help="stop when a source folder "
-                   "of the plan is missing, instead of training without it")
-    n.add_argument("--budget-hours", type=float, default=None, help="with --estimate: refuse a "
-                   "plan longer than this (default: the plan's budget_hours)")
-    n.add_argument("--calibrate", action="store_true", help="run nothing of the plan: time the "
-                   "first steps of each training step's model here (random input on the device) "
-                   "and print the estimate from those measured rates")
-    n.add_argument("--calibrate-steps", type=int, default=200, help="with --calibrate: timed "
-                   "optimiser steps per model (default: %(default)s)")
+    _flags(n, PlanRunConfig)
     n.set_defaults(func=_cmd_notebooks)
 
 
 def _reg_demo(sub) -> None:
-    from rsna_utils.infer.kaggle import KAGGLE_WEIGHTS
+    from rsna_utils.app.command_configs import DemoConfig
     d = sub.add_parser("demo", help="synthetic data + the demo notebook plan (make demo)")
-    d.add_argument("--data", default="data/synthetic", help="the dataset folder: generated there "
-                   "when it has no train.csv (default: %(default)s)")
-    d.add_argument("--plan", default="demo", help="the plan to run on it (default: %(default)s; "
-                   "another plan needs a DATA with a train.csv)")
-    d.add_argument("--runs", default="runs", help="executed notebooks and the report go to "
-                   "RUNS/<plan name>/ (default: %(default)s)")
-    d.add_argument("--patients", type=int, default=60, help="synthetic train patients, about 4 "
-                   "images each (default: %(default)s)")
-    d.add_argument("--positive-rate", type=float, default=0.3,
-                   help="share of synthetic patients with cancer, raised from the real 2%% so "
-                   "the small validation split has positives (default: %(default)s)")
-    d.add_argument("--weights", default=KAGGLE_WEIGHTS, help="folder of pretrained weights for "
-                   "{weights} in the plan, as for `rsna notebooks` (default: %(default)s)")
-    d.add_argument("-p", "--param", action="append", default=[],
-                   help="override a parameter: key=value (all steps) or step.key=value")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    _flags(d, DemoConfig)
     d.set_defaults(func=_cmd_demo)
 
 
 def _reg_ingest(sub) -> None:
     """`rsna ingest`: a public dataset (CBIS-DDSM, VinDr-Mammo, CMMD) in the RSNA shape."""
+    from rsna_utils.app.command_configs import IngestConfig
     from rsna_utils.sources.ingest import FORMATS
     g = sub.add_parser("ingest", help="a public mammography dataset -> RSNA-shaped train.csv and "
                        "train_images/ links (sites: " + ", ".join(
                            f"{k} {f.site_id}" for k, f in FORMATS.items()) + ")")
-    g.add_argument("--format", choices=list(FORMATS), default=None, help="the source's layout")
-    g.add_argument("--src", default=None, help="the dataset's folder as its publisher lays it out")
-    g.add_argument("--meta", default=None, help="the source's tables (a file or folder) when they "
-                   "are not in --src (default: look in --src)")
-    g.add_argument("--combine", nargs="+", default=None, metavar="DIR",
-                   help="instead: join these ingested or RSNA-shaped folders into --out "
-                   "(colliding image or patient ids are refused)")
-    g.add_argument("--out", required=True, help="output folder (replaced; train.csv, "
-                   "train_images/, id_map.csv, unmapped.csv, ingest.json)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _flags(g, IngestConfig)
     g.set_defaults(func=_cmd_ingest)
 
 

@@ -48,6 +48,7 @@ class Config:
     call `self.check_fields()` in their `__post_init__`, then check what spans fields."""
 
     KIND = "config"
+    ERROR = RsnaError            # what a bad field raises (a subclass of RsnaError)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -97,7 +98,10 @@ class Config:
             if isinstance(value, tuple) and list in allowed and tuple not in allowed:
                 value = list(value)
             setattr(self, f.name, value)
-            _check_value(f.name, value, allowed, f.metadata)
+            try:
+                _check_value(f.name, value, allowed, f.metadata)
+            except RsnaError as e:
+                raise self.ERROR(str(e)) from None
 
 
 def _types(hint) -> tuple:
@@ -171,8 +175,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
                                          else f.default_factory())
         text = m.get("help", "").replace("%", "%%")
         if m.get("negate"):
-            parser.add_argument(m["negate"], dest=f.name, action="store_const", const=False,
-                                default=argparse.SUPPRESS, help=f"turn off: {text}")
+            action = parser.add_argument(m["negate"], dest=f.name, action="store_const",
+                                         const=False, default=argparse.SUPPRESS,
+                                         help=f"turn off: {text}")
+            action.field = f"{cls.__name__}.{f.name}"
             continue
         allowed = _types(hints[f.name])
         said = required or "default" in text          # the help already says what happens
@@ -198,7 +204,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
             kw["choices"] = m["choices"]
         if m.get("metavar"):
             kw["metavar"] = m["metavar"]
-        parser.add_argument("--" + f.name.replace("_", "-"), *m.get("flags", ()), **kw)
+        action = parser.add_argument("--" + f.name.replace("_", "-"), *m.get("flags", ()), **kw)
+        action.field = f"{cls.__name__}.{f.name}"       # where the flag comes from (tests)
 
 
 def _or_none(parse):

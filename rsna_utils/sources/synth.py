@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from rsna_utils.core.config import Config, progress_setting, setting
 from rsna_utils.core.errors import RsnaError, write_atomic
 from rsna_utils.core.table import (  # noqa: F401 - the columns' names here are kept for callers
     SUBMISSION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS, dicom_path, prediction_id)
@@ -62,27 +64,53 @@ def _remove_dataset(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
-def synthesize(out: str | Path, patients: int = 200, seed: int = 0, positive_rate: float = 0.02,
-               size: str = "small", test_patients: int | None = None, workers: int | None = None,
-               progress: bool = True, overwrite: bool = False) -> dict:
-    """Write an RSNA-shaped dataset under `out` and return a summary dict. A folder that
-    already holds a dataset (a train.csv) is refused unless `overwrite`, which removes the
+@dataclass
+class SynthConfig(Config):
+    """The settings of `rsna synth` (its flags derive from these fields) and of `synthesize`."""
+
+    KIND = "synthetic data"
+    ERROR = SynthError
+
+    out: str = setting("data/synthetic", "output folder")
+    patients: int = setting(200, "train patients (~4 images each)", ge=1)
+    test_patients: int | None = setting(None, "test patients (default: patients // 5, at least "
+                                        "2)", ge=0)
+    seed: int = setting(0, "seed of every draw: the same seed writes the same files")
+    positive_rate: float = setting(0.02, "share of patients with cancer in one breast", ge=0,
+                                   le=1)
+    size: str = setting("small", "small: ~512x416 (tests); full: 2294x1914 to 4096x3328 "
+                        "(benchmarks)", choices=("small", "full"))
+    workers: int | None = setting(None, "processes (default: all cores, at most 8)", ge=1)
+    overwrite: bool = setting(False, "replace the dataset already in --out (a train.csv there "
+                              "is refused without it)")
+    progress: bool = progress_setting()
+
+    def __post_init__(self):
+        self.check_fields()
+        if self.test_patients is None:
+            self.test_patients = max(2, self.patients // 5)
+
+    def run(self) -> dict:
+        return write_dataset(self)
+
+
+def synthesize(out: str | Path, **settings) -> dict:
+    """`write_dataset` with the `SynthConfig` of these arguments."""
+    return write_dataset(SynthConfig(out=out, **settings))
+
+
+def write_dataset(cfg: SynthConfig) -> dict:
+    """Write an RSNA-shaped dataset under `cfg.out` and return a summary dict. A folder that
+    already holds a dataset (a train.csv) is refused unless `cfg.overwrite`, which removes the
     dataset's files first (SYNTH_FILES, SYNTH_DIRS; nothing else in the folder).
 
     Files: train.csv, test.csv, sample_submission.csv (the Kaggle columns), test_labels.csv
     (the hidden answers for the synthetic test set, for scoring), lesions.csv (planted lesion
     boxes), train_images/{patient_id}/{image_id}.dcm and test_images/...
     """
-    if not isinstance(patients, (int, np.integer)) or patients < 1:
-        raise SynthError(f"--patients must be a positive integer, got {patients!r}")
-    if not 0.0 <= positive_rate <= 1.0:
-        raise SynthError(f"--positive-rate must be within [0, 1], got {positive_rate!r}")
-    if size not in ("small", "full"):
-        raise SynthError(f"--size must be 'small' or 'full', got {size!r}")
-    if test_patients is None:
-        test_patients = max(2, patients // 5)
-    if test_patients < 0:
-        raise SynthError(f"--test-patients must be >= 0, got {test_patients!r}")
+    out, patients, seed, size = cfg.out, cfg.patients, cfg.seed, cfg.size
+    positive_rate, test_patients, workers = cfg.positive_rate, cfg.test_patients, cfg.workers
+    overwrite, progress = cfg.overwrite, cfg.progress
     out = Path(out)
     if (out / "train.csv").exists():
         if not overwrite:
