@@ -12,19 +12,20 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
     from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
     cfg = PreprocessConfig.from_dict(given_flags(a, PreprocessConfig))
     from rsna_utils.dicom.decoders import gpu_batch
+    from rsna_utils.dicom.decoders.registry import DecoderSet
     from rsna_utils.image import gpu
-    chosen = gpu_batch.resolve_backend(a.backend)
+    cuda = a.backend in ("auto", *gpu_batch.GPU_BACKENDS) and gpu_batch.cuda_available()
+    decoders = DecoderSet.find(a.backend, "cuda" if cuda else "cpu")   # once for the whole run
+    chosen = gpu_batch.resolve_backend(a.backend, decoders=decoders)
     if chosen in gpu_batch.GPU_BACKENDS:
-        if not gpu_batch.cuda_available():
-            from rsna_utils.core.errors import RsnaError
+        if not cuda:
             raise RsnaError(f"--backend {a.backend}: no CUDA GPU here; use --backend auto or a CPU backend")
-        s = gpu.GpuPreprocessor(cfg, backend=chosen, batch_size=a.batch_size,
-                                progress=not a.quiet).run(a.images, a.csv, a.out, a.shard)
+        s = gpu.GpuPreprocessor(cfg, backend=chosen, batch_size=a.batch_size, progress=not a.quiet,
+                                decoders=decoders).run(a.images, a.csv, a.out, a.shard)
         print(s.line(f" [{chosen} on the GPU, {s.fallbacks} via the CPU fallback]"))
     else:
-        backend = "auto" if a.backend == "auto" else a.backend
-        s = Preprocessor(cfg, backend=backend, workers=a.workers,
-                         progress=not a.quiet).run(a.images, a.csv, a.out, a.shard)
+        s = Preprocessor(cfg, backend=a.backend, workers=a.workers, progress=not a.quiet,
+                         decoders=decoders).run(a.images, a.csv, a.out, a.shard)
         print(s.line())
     return 1 if s.processed + s.skipped == 0 and s.failed > 0 else 0
 
