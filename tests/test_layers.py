@@ -255,7 +255,8 @@ def test_inference_never_imports_the_training_loop():
     ("rsna_utils.exam_report", "write_exam_reports", "rsna_utils.reports.exam"),
     ("rsna_utils.dicom_io", "read_dicom", "rsna_utils.dicom.reader"),
     ("rsna_utils.decoders", "candidates", "rsna_utils.dicom.decoders.registry"),
-    ("rsna_utils.decoders.pydicom", "decode", "rsna_utils.dicom.decoders.pydicom"),
+    ("rsna_utils.decoders.pydicom", "decode", "rsna_utils.dicom.decoders.plugins.pydicom"),
+    ("rsna_utils.dicom.decoders.dali", "DaliDecoder", "rsna_utils.dicom.decoders.plugins.dali"),
     # names that left their module: found where they went
     ("rsna_utils.gpu", "resolve_backend", "rsna_utils.dicom.decoders.gpu_batch"),
     ("rsna_utils.models", "load_weights", "rsna_utils.learn.weights"),
