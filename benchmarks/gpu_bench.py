@@ -27,7 +27,7 @@ def decode_ceiling(files, batch: int = 64) -> float:
     import torch
 
     from rsna_utils.dicom.decoders.gpu_batch import GPU_SYNTAXES
-    from rsna_utils.dicom.decoders.nvimgcodec import NvImageCodecDecoder
+    from rsna_utils.dicom.decoders.plugins.nvimgcodec import NvImageCodecDecoder
     from rsna_utils.dicom.frames import first_frame
     from rsna_utils.dicom.header import read_header
     frames = [first_frame(str(f)) for f in files if read_header(f).transfer_syntax in GPU_SYNTAXES]

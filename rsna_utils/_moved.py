@@ -36,8 +36,8 @@ _GPU = ("GPU_BACKENDS", "GPU_SYNTAXES", "INSTALL_HINT", "PROBE_SHAPE", "DecodeRu
 # names that left their old module in 0.2: old module -> {name: "new.module:attribute"}
 RENAMED = {
     "gpu": {**{n: f"dicom.decoders.gpu_batch:{n}" for n in _GPU},
-            "DaliDecoder": "dicom.decoders.dali:DaliDecoder",
-            "NvImageCodecDecoder": "dicom.decoders.nvimgcodec:NvImageCodecDecoder"},
+            "DaliDecoder": "dicom.decoders.plugins.dali:DaliDecoder",
+            "NvImageCodecDecoder": "dicom.decoders.plugins.nvimgcodec:NvImageCodecDecoder"},
     "kaggle": {"load_ensemble": "infer.ensemble:Ensemble.read"},
     "oof": {"submission_tta": "infer.ensemble:submission_tta",
             "ensemble_tta": "_moved:ensemble_tta", "_finite": "infer.ensemble:finite",
@@ -80,12 +80,23 @@ def new_name(fullname: str) -> str | None:
     head, _, rest = fullname.partition(".")
     if head != PKG or not rest:
         return None
+    if rest.startswith("dicom.decoders.") and rest.count(".") == 2:   # a plug-in before plugins/
+        return _plugin(rest.rpartition(".")[2])
     old, _, tail = rest.partition(".")
     if old not in MOVED:
         return None
-    if old == "decoders" and tail:         # the plug-ins: decoders.dali -> dicom.decoders.dali
-        return f"{PKG}.dicom.decoders.{tail}"
+    if old == "decoders" and tail:         # the plug-ins: decoders.dali -> dicom.decoders.plugins.dali
+        return _plugin(tail) or f"{PKG}.dicom.decoders.{tail}"
     return f"{PKG}.{MOVED[old]}" + (f".{tail}" if tail else "")
+
+
+def _plugin(name: str) -> str | None:
+    """rsna_utils.dicom.decoders.plugins.<name> when that plug-in exists (0.2 kept the plug-ins
+    beside the registry, in rsna_utils.dicom.decoders)."""
+    import os
+    folder = os.path.join(os.path.dirname(__file__), "dicom", "decoders", "plugins")
+    return (f"{PKG}.dicom.decoders.plugins.{name}"
+            if os.path.isfile(os.path.join(folder, f"{name}.py")) else None)
 
 
 class MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -216,25 +216,28 @@ def test_relative_imports_and_modules_loaded_by_name_count():
             "import importlib\n"
             "def f(name):\n"
             "    importlib.import_module('rsna_utils.learn.train')\n"
-            "    return importlib.import_module(f'rsna_utils.dicom.decoders.{name}')\n")
+            "    return importlib.import_module(f'rsna_utils.dicom.decoders.plugins.{name}')\n")
     # as if the code were a module of rsna_utils/dicom/decoders/
     got = imports_in(code, ["dicom", "decoders"])
     named = imports_in(code + "NAMES = ('dali', 'pydicom')\n", ["dicom", "decoders"])
-    every = {f"dicom.decoders.{p.stem}" for p in (PKG / "dicom" / "decoders").glob("*.py")
-             if p.stem != "__init__"}
+    every = {f"dicom.decoders.plugins.{p.stem}" for p in
+             (PKG / "dicom" / "decoders" / "plugins").glob("*.py") if p.stem != "__init__"}
     assert {"dicom.decoders.registry", "dicom.decoders.gpu_batch", "dicom.header", "core.errors",
             "learn.train"} <= got
     assert every <= got          # no names in the file: any module of the package may be loaded
-    assert {"dicom.decoders.dali", "dicom.decoders.pydicom"} <= named
-    assert "dicom.decoders.dicomsdl" not in named   # names in the file: those modules only
+    assert {"dicom.decoders.plugins.dali", "dicom.decoders.plugins.pydicom"} <= named
+    assert "dicom.decoders.plugins.dicomsdl" not in named   # names in the file: those only
     loop = {"registry": {"plugin"}, "plugin": {"gpu"}, "gpu": {"registry"}}
     assert cycles(loop) == [["gpu", "plugin", "registry"]]
 
 
 def test_the_decoder_registry_counts_as_importing_every_plugin():
-    """`registry.get(name)` loads `rsna_utils.dicom.decoders.{name}`: the graph has those edges
-    (without them the registry -> plug-in -> gpu_batch -> registry circle went unseen)."""
-    assert {"dicom.decoders.dali", "dicom.decoders.nvimgcodec", "dicom.decoders.pydicom"} <= \
+    """`registry.get(name)` loads `rsna_utils.dicom.decoders.plugins.{name}`: the graph has those
+    edges (without them the registry -> plug-in -> gpu_batch -> registry circle went unseen), and
+    as the registry names no plug-in, every module of plugins/ counts (`plugin_names` finds them)."""
+    every = {f"dicom.decoders.plugins.{p.stem}" for p in (PKG / "dicom" / "decoders" / "plugins")
+             .glob("*.py") if p.stem != "__init__"}
+    assert {"dicom.decoders.plugins.dali", "dicom.decoders.plugins.pydicom"} <= every <= \
         GRAPH["dicom.decoders.registry"]
 
 
@@ -252,7 +255,8 @@ def test_inference_never_imports_the_training_loop():
     ("rsna_utils.exam_report", "write_exam_reports", "rsna_utils.reports.exam"),
     ("rsna_utils.dicom_io", "read_dicom", "rsna_utils.dicom.reader"),
     ("rsna_utils.decoders", "candidates", "rsna_utils.dicom.decoders.registry"),
-    ("rsna_utils.decoders.pydicom", "decode", "rsna_utils.dicom.decoders.pydicom"),
+    ("rsna_utils.decoders.pydicom", "decode", "rsna_utils.dicom.decoders.plugins.pydicom"),
+    ("rsna_utils.dicom.decoders.dali", "DaliDecoder", "rsna_utils.dicom.decoders.plugins.dali"),
     # names that left their module: found where they went
     ("rsna_utils.gpu", "resolve_backend", "rsna_utils.dicom.decoders.gpu_batch"),
     ("rsna_utils.models", "load_weights", "rsna_utils.learn.weights"),

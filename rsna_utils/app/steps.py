@@ -14,18 +14,22 @@ def _cmd_preprocess(a: argparse.Namespace) -> int:
     cfg = PreprocessConfig.from_dict(given_flags(a, PreprocessConfig))
     run = PreprocessRunConfig.from_dict(given_flags(a, PreprocessRunConfig))
     from rsna_utils.dicom.decoders import gpu_batch
+    from rsna_utils.dicom.decoders.registry import DecoderSet
     from rsna_utils.image import gpu
-    chosen = gpu_batch.resolve_backend(run.backend)
+    cuda = run.backend in ("auto", *gpu_batch.GPU_BACKENDS) and gpu_batch.cuda_available()
+    decoders = DecoderSet.find(run.backend, "cuda" if cuda else "cpu")   # once for the whole run
+    chosen = gpu_batch.resolve_backend(run.backend, decoders=decoders)
     if chosen in gpu_batch.GPU_BACKENDS:
-        if not gpu_batch.cuda_available():
+        if not cuda:
             raise RsnaError(f"--backend {run.backend}: no CUDA GPU here; use --backend auto or a "
                             "CPU backend")
         s = gpu.GpuPreprocessor(cfg, backend=chosen, batch_size=run.batch_size,
-                                progress=run.progress).run(run.images, run.csv, run.out, run.shard)
+                                progress=run.progress, decoders=decoders).run(
+            run.images, run.csv, run.out, run.shard)
         print(s.line(f" [{chosen} on the GPU, {s.fallbacks} via the CPU fallback]"))
     else:
-        s = Preprocessor(cfg, backend=run.backend, workers=run.workers,
-                         progress=run.progress).run(run.images, run.csv, run.out, run.shard)
+        s = Preprocessor(cfg, backend=run.backend, workers=run.workers, progress=run.progress,
+                         decoders=decoders).run(run.images, run.csv, run.out, run.shard)
         print(s.line())
     return 1 if s.processed + s.skipped == 0 and s.failed > 0 else 0
 

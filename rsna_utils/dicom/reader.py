@@ -3,7 +3,7 @@
 The header is always parsed with pydicom, without the pixel data (`rsna_utils.dicom.header`), so every
 decoder sees the same fields; the pixels come from the decoder plug-ins of
 `rsna_utils.dicom.decoders` (imagecodecs, dicomsdl, pydicom on the CPU; nvImageCodec, DALI on a GPU),
-chosen by name. Header checks run before any decoder.
+chosen by name from a `DecoderSet` found once. Header checks run before any decoder.
 """
 from __future__ import annotations
 
@@ -47,15 +47,17 @@ def check_frame(h: DicomHeader) -> None:
         check_rle_header(h.path, h.bits_allocated, h.samples_per_pixel, ds=h.dataset)
 
 
-def decode_pixels(h: DicomHeader, backend: str = "auto",
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
-    """Decode the stored values of the first frame; returns (array, backend used)."""
+def decode_pixels(h: DicomHeader, backend: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
+                  decoders: registry.DecoderSet | None = None) -> tuple[np.ndarray, str]:
+    """Decode the stored values of the first frame; returns (array, backend used). `decoders`:
+    the run's `registry.DecoderSet` (default: the one of this process)."""
     check_header(h, max_pixels)
-    order = registry.candidates(h.transfer_syntax, backend)    # a bad name fails before I/O
+    decoders = decoders or registry.default_set()
+    order = decoders.candidates(h.transfer_syntax, backend)    # a bad name fails before I/O
     if not order:
-        registry.decode(h, backend)       # raises the error that lists what is installed
+        decoders.decode(h, backend)       # raises the error that lists what is installed
     check_frame(h)
-    return registry.decode(h, backend, check=lambda arr: _check_pixels(arr, h))
+    return decoders.decode(h, backend, check=lambda arr: _check_pixels(arr, h))
 
 
 def check_dicom_folder(images: str | Path) -> Path:
@@ -79,14 +81,15 @@ def check_listed_files(images: str | Path, paths: list[str], csv=None) -> None:
                         f"{paths[0]}): wrong --images?")
 
 
-def read_dicom(path: str | Path, backend: str = "auto",
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> DicomImage:
+def read_dicom(path: str | Path, backend: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
+               decoders: registry.DecoderSet | None = None) -> DicomImage:
     """Read one DICOM file: stored pixel values (first frame) and the header fields.
 
     backend: "auto" (imagecodecs for JPEG / JPEG 2000, then dicomsdl, then pydicom),
     "imagecodecs", "dicomsdl", "pydicom", or a GPU decoder ("nvimgcodec", "dali"; for many
-    files, `rsna_utils.image.gpu` decodes in batches).
+    files, `rsna_utils.image.gpu` decodes in batches). `decoders`: a `registry.DecoderSet`
+    found once for many files (default: the one of this process).
     """
     h = read_header(path)
-    arr, used = decode_pixels(h, backend, max_pixels)
+    arr, used = decode_pixels(h, backend, max_pixels, decoders)
     return DicomImage(arr, h, used)

@@ -76,17 +76,19 @@ class PreprocessConfig(Config):
 
 
 def preprocess_image(path: str | Path, cfg: PreprocessConfig, backend: str = "auto",
-                     pixels: np.ndarray | None = None, header=None) -> tuple[np.ndarray, dict]:
+                     pixels: np.ndarray | None = None, header=None,
+                     decoders=None) -> tuple[np.ndarray, dict]:
     """One DICOM file to one output image (uint8 or uint16, shape cfg.size) and its metadata.
 
-    `pixels`/`header` may be given when decoded elsewhere (the GPU path's CPU fallback).
+    `pixels`/`header` may be given when decoded elsewhere. `decoders`: the run's
+    `DecoderSet` (default: the one of this process).
     Raises RsnaError (DecodeError, PreprocessError) for files that cannot be used.
     """
     t0 = time.perf_counter()
     h = header or read_header(path)
     used = backend
     if pixels is None:
-        pixels, used = decode_pixels(h, backend, cfg.max_pixels)
+        pixels, used = decode_pixels(h, backend, cfg.max_pixels, decoders)
     t_dec = time.perf_counter()
     small = roi.subsample(pixels, cfg.roi_max_side)
     plan = make_plan(h, small, cfg, pixels.shape, lambda: pixels.min() == pixels.max())

@@ -18,6 +18,7 @@ import numpy as np
 
 from rsna_utils.core.errors import DecodeError, DiskFullError, RsnaError
 from rsna_utils.dicom.decoders.gpu_batch import GPU_SYNTAXES, DecodeRules, make_decoder
+from rsna_utils.dicom.decoders.registry import DecoderSet
 
 # ----------------------------------------------------------------------------------------
 # The whole preprocessing step on the GPU
@@ -99,10 +100,11 @@ def frame_loader(workers: int):
 
 
 def gpu_batches(path_batches: list[list[str]], cfg, decoder, backend: str, device,
-                load_workers: int, threads: int = 8):
+                load_workers: int, threads: int = 8, decoders=None):
     """Each batch of paths through the GPU pipeline, in order: yields (results, fallbacks) of
     `preprocess_paths`, while the frames of the next batch are read by `load_workers` processes
-    (`frame_loader`). The one prefetch loop: the GPU preprocessor and GPU inference use it."""
+    (`frame_loader`). The one prefetch loop: the GPU preprocessor and GPU inference use it.
+    `decoders`: the run's `DecoderSet`, for the CPU fallback."""
     loader = frame_loader(load_workers) if path_batches else None
     pool = ThreadPoolExecutor(threads)
     try:
@@ -111,7 +113,7 @@ def gpu_batches(path_batches: list[list[str]], cfg, decoder, backend: str, devic
             this = loading
             if k + 1 < len(path_batches):    # read the next batch while this one is on the GPU
                 loading = load_frames(path_batches[k + 1], cfg, loader)
-            yield preprocess_paths(paths, cfg, decoder, backend, device, pool, this)
+            yield preprocess_paths(paths, cfg, decoder, backend, device, pool, this, decoders)
     finally:
         pool.shutdown(wait=True)
         if loader is not None:
@@ -124,7 +126,7 @@ def default_load_workers(device: str) -> int:
 
 
 def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool: ThreadPoolExecutor,
-                     loading=None):
+                     loading=None, decoders=None):
     """One batch through the GPU pipeline, in order: (image, meta, error) per path. Files the
     GPU decoder does not take, fails its self-test for, or rejects go through the CPU pipeline
     (meta["backend"] says "cpu-fallback:...", meta["gpu_route"] why); errors are clean
@@ -142,7 +144,7 @@ def preprocess_paths(paths: list[str], cfg, decoder, backend: str, device, pool:
                 why[i] = r
     on_gpu = [i for i, (h, f, cs, e) in enumerate(loaded) if f is not None and i not in why]
     _on_the_gpu(on_gpu, loaded, cfg, decoder, backend, device, results, why)
-    for i, r in pool.map(lambda i: (i, _on_the_cpu(paths[i], cfg, why[i])), sorted(why)):
+    for i, r in pool.map(lambda i: (i, _on_the_cpu(paths[i], cfg, why[i], decoders)), sorted(why)):
         results[i] = r
     return results, len(why)
 
@@ -192,11 +194,11 @@ def _on_the_gpu(on_gpu: list[int], loaded: list, cfg, decoder, backend: str, dev
             why[i] = f"GPU step failed ({type(e).__name__}: {str(e)[:120]})"
 
 
-def _on_the_cpu(path: str, cfg, reason: str) -> tuple:
+def _on_the_cpu(path: str, cfg, reason: str, decoders=None) -> tuple:
     """(image, meta, error) of one file through the CPU pipeline, with why it left the GPU."""
     from rsna_utils.image.convert import preprocess_image
     try:
-        img, meta = preprocess_image(path, cfg, "auto")
+        img, meta = preprocess_image(path, cfg, "auto", decoders=decoders)
         meta["backend"] = f"cpu-fallback:{meta['backend']}"
         meta["gpu_route"] = reason
         return img, meta, None
@@ -211,11 +213,12 @@ def _on_the_cpu(path: str, cfg, reason: str) -> tuple:
 class GpuPreprocessor:
     """The GPU version of `Preprocessor.run`: same inputs, outputs (PNGs, meta.csv,
     failures.csv), resume and shards. `device="cpu"` runs the same code with the decoder's CPU
-    backend and torch on the CPU (for tests on machines without a GPU)."""
+    backend and torch on the CPU (for tests on machines without a GPU). `decoders`: the run's
+    `DecoderSet` (default: found once per run), whose CPU decoders take the fallback files."""
 
     def __init__(self, cfg=None, backend: str = "nvimgcodec", batch_size: int = 32,
                  png_threads: int = 8, device: str = "cuda", progress: bool = True, decoder=None,
-                 load_workers: int | None = None):
+                 load_workers: int | None = None, decoders=None):
         from rsna_utils.image.convert import PreprocessConfig
         self.cfg = cfg or PreprocessConfig()
         self.backend, self.batch_size, self.device = backend, batch_size, device
@@ -223,6 +226,7 @@ class GpuPreprocessor:
         self.load_workers = default_load_workers(device) if load_workers is None else load_workers
         # any object with decode(frames) -> list of arrays / tensors / None (tests inject one)
         self.decoder = decoder
+        self.decoders = decoders
 
     def run(self, images, csv_path, out, shard=None):
         import torch
@@ -232,6 +236,7 @@ class GpuPreprocessor:
         with FolderRun(out, self.cfg, images, csv_path, shard, f"preprocess ({self.backend})",
                        self.progress) as run:
             todo, s = run.todo, run.summary
+            decoders = self.decoders or DecoderSet.find()   # the CPU fallback's, found once
             dev = torch.device("cuda" if self.device == "cuda" else "cpu")
             decoder = self.decoder or make_decoder(self.backend, self.device, self.batch_size)
             if not hasattr(decoder, "rules"):
@@ -241,7 +246,8 @@ class GpuPreprocessor:
             batches = [todo[b:b + self.batch_size] for b in range(0, len(todo), self.batch_size)]
             ready = [[it for it in batch if not it.problem] for batch in batches]
             stream = gpu_batches([[it.path for it in r] for r in ready], self.cfg, decoder,
-                                 self.backend, dev, self.load_workers, self.png_threads)
+                                 self.backend, dev, self.load_workers, self.png_threads,
+                                 decoders)
             try:
                 for k, batch in enumerate(batches):
                     if run.stopped:         # the disk is full: every later PNG would fail too

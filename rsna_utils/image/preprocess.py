@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rsna_utils.core.errors import DiskFullError, RsnaError
+from rsna_utils.dicom.decoders.registry import DecoderSet
 from rsna_utils.image.convert import (  # noqa: F401 - re-exported: their old home
     LATER_SETTINGS, PNG_SPACE_FIX, PreprocessConfig, PreprocessError, preprocess_image,
     with_later_settings, write_png)
@@ -34,13 +35,18 @@ class Preprocessor:
     """DICOM folder -> PNG folder with meta.csv and failures.csv.
 
     >>> Preprocessor(PreprocessConfig(size=512), workers=2).run("train_images", "train.csv", "png")
+
+    `decoders`: a `DecoderSet`; by default each run finds one (`DecoderSet.find(backend)`: an
+    uninstalled backend fails there, before any file) and hands it to its workers.
     """
 
     def __init__(self, cfg: PreprocessConfig | None = None, backend: str = "auto",
                  workers: int | None = None, png_compression: int = 1, progress: bool = True,
-                 test_hook=None, file_timeout: float = 120.0):
+                 test_hook=None, file_timeout: float = 120.0, decoders: DecoderSet | None = None):
         self.cfg = cfg or PreprocessConfig()
         self.backend = backend
+        self.decoders = decoders
+        self._run_decoders = decoders
         # workers=0 runs in this process (no crash containment); 1 or more use worker processes
         self.workers = (os.cpu_count() or 1) if workers is None else max(0, workers)
         self.png_compression = png_compression
@@ -49,7 +55,7 @@ class Preprocessor:
         self.file_timeout = file_timeout  # seconds one file may take before its worker is killed
 
     def process(self, path: str | Path) -> tuple[np.ndarray, dict]:
-        return preprocess_image(path, self.cfg, self.backend)
+        return preprocess_image(path, self.cfg, self.backend, decoders=self.decoders)
 
     def _pool(self, n: int) -> ProcessPoolExecutor:
         ctx = mp.get_context(_start_method())
@@ -57,7 +63,8 @@ class Preprocessor:
             ctx.set_forkserver_preload(["rsna_utils.image.preprocess"])
         return ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
                                    initargs=(self.cfg, self.backend, self.png_compression,
-                                             self.test_hook, not self.progress))
+                                             self.test_hook, not self.progress,
+                                             self._run_decoders))
 
     def _check_pool_starts(self) -> None:
         """A broken pool may mean the workers cannot start at all (then every file would be
@@ -74,6 +81,7 @@ class Preprocessor:
 
     def run(self, images: str | Path, csv_path: str | Path | None, out: str | Path,
             shard: str | tuple[int, int] | None = None) -> RunSummary:
+        self._run_decoders = self.decoders or DecoderSet.find(self.backend)
         with FolderRun(out, self.cfg, images, csv_path, shard, "preprocess",
                        self.progress) as run:
             def record(status: str, item: Item, info) -> None:
@@ -83,7 +91,8 @@ class Preprocessor:
                 run.advance()
 
             if self.workers == 0:   # in this process: for debugging; a decoder crash ends the run
-                _init_worker(self.cfg, self.backend, self.png_compression, None)
+                _init_worker(self.cfg, self.backend, self.png_compression, None,
+                             decoders=self._run_decoders)
                 for it in run.todo:
                     record(*_work(it))
             else:

@@ -19,12 +19,13 @@ _CFG: PreprocessConfig | None = None
 _BACKEND = "auto"
 _COMPRESSION = 1
 _HOOK = None
+_DECODERS = None        # the run's DecoderSet, found once in the parent and sent by value
 
 
 def _init_worker(cfg: PreprocessConfig, backend: str, compression: int, hook,
-                 quiet: bool = False) -> None:
-    global _CFG, _BACKEND, _COMPRESSION, _HOOK
-    _CFG, _BACKEND, _COMPRESSION, _HOOK = cfg, backend, compression, hook
+                 quiet: bool = False, decoders=None) -> None:
+    global _CFG, _BACKEND, _COMPRESSION, _HOOK, _DECODERS
+    _CFG, _BACKEND, _COMPRESSION, _HOOK, _DECODERS = cfg, backend, compression, hook, decoders
     from rsna_utils.core.warn import worker_warnings
     worker_warnings("preprocess", quiet)    # a decoder's warning: one line, none with --quiet
     cv2.setNumThreads(1)
@@ -41,7 +42,7 @@ def _work(item: Item) -> tuple[str, Item, dict | str]:
             return "fail", item, f"{item.path}: file not found (listed in the CSV)"
         if _HOOK is not None:
             _HOOK(item.path)
-        img, meta = preprocess_image(item.path, _CFG, _BACKEND)
+        img, meta = preprocess_image(item.path, _CFG, _BACKEND, decoders=_DECODERS)
         write_png(item.png, img, _COMPRESSION)
         return "ok", item, meta
     except DiskFullError as e:      # not this file's fault: the run stops

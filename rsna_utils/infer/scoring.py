@@ -188,11 +188,13 @@ class DicomStream:
     image yields zeros and its reason, so one bad file cannot stop the run."""
 
     def __init__(self, df: pd.DataFrame, images: Path, pre: dict, backend: str = "auto",
-                 channels: int = 3):
+                 channels: int = 3, decoders=None):
+        """`decoders`: the run's `DecoderSet` (default: the one of each process); it travels
+        to the DataLoader's workers with the dataset."""
         from rsna_utils.image.convert import PreprocessConfig
         self.paths = [str(dicom_path(images, p, i)) for p, i in zip(df.patient_id, df.image_id)]
         self.cfg = PreprocessConfig(**{k: (tuple(v) if k == "size" else v) for k, v in pre.items()})
-        self.backend, self.channels = backend, channels
+        self.backend, self.channels, self.decoders = backend, channels, decoders
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -206,7 +208,8 @@ class DicomStream:
         try:
             if not os.path.exists(self.paths[i]):
                 raise RsnaError(f"{self.paths[i]}: file not found (listed in the CSV)")
-            img, meta = preprocess_image(self.paths[i], self.cfg, self.backend)
+            img, meta = preprocess_image(self.paths[i], self.cfg, self.backend,
+                                         decoders=self.decoders)
         except RsnaError as e:
             reason = str(e)
         except Exception as e:  # a decoder bug on a strange file costs this image only
@@ -226,7 +229,8 @@ def _gpu_batches(ds: DicomStream, backend: str, batch_size: int, device, workers
     batches = [list(range(b, min(len(ds), b + batch_size))) for b in range(0, len(ds), batch_size)]
     stream = gpu.gpu_batches([[ds.paths[i] for i in idx] for idx in batches], ds.cfg, decoder,
                              backend, device,
-                             gpu.default_load_workers("cuda") if workers is None else workers)
+                             gpu.default_load_workers("cuda") if workers is None else workers,
+                             decoders=ds.decoders)
     try:
         for idx, (results, _) in zip(batches, stream):
             imgs = [img if not err else np.zeros((h, w), np.uint8) for img, _, err in results]
@@ -276,9 +280,11 @@ def input_groups(models: list, weights, fallback_size) -> dict:
 
 def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedModel], pre: dict,
                    device, batch_size: int = 16, workers: int = 2, tta: bool = False,
-                   backend: str = "auto", channels: int = 3, progress: bool = True):
+                   backend: str = "auto", channels: int = 3, progress: bool = True,
+                   decoders=None):
     """Per-image probabilities, reasons and `roi.looks_inverted` flags: NaN and a reason where
-    unreadable. The checkpoints of one recipe (its folds) are averaged, then the recipes by
+    unreadable. `decoders`: a `DecoderSet` (default: found once here, for `device`); the GPU
+    decoder and the CPU ones come from it. The checkpoints of one recipe (its folds) are averaged, then the recipes by
     the ensemble's weights or equally (`ensemble_weights`: the ensemble whose out-of-fold
     threshold `rsna oof` tunes), each with its flip when `tta`."""
     import torch
@@ -286,15 +292,17 @@ def predict_images(df: pd.DataFrame, images: str | Path, models: list[LoadedMode
     from tqdm.auto import tqdm
 
     from rsna_utils.dicom.decoders import gpu_batch
+    from rsna_utils.dicom.decoders.registry import DecoderSet
     from rsna_utils.learn.checkpoint import cancer_probability
     from rsna_utils.learn.data import device_input
     from rsna_utils.learn.device import half_dtype
     weights = ensemble_weights(models)
-    ds = DicomStream(df, Path(images), pre, backend, channels)
     if backend in gpu_batch.GPU_BACKENDS and device.type != "cuda":
         raise RsnaError(f"backend {backend!r} decodes on a GPU but the device is {device.type}; "
                         "use --device cuda or --backend auto")
-    chosen = gpu_batch.resolve_backend(backend) if device.type == "cuda" else "cpu"
+    decoders = decoders or DecoderSet.find(backend, "cuda" if device.type == "cuda" else "cpu")
+    ds = DicomStream(df, Path(images), pre, backend, channels, decoders)
+    chosen = gpu_batch.resolve_backend(backend, decoders=decoders) if device.type == "cuda" else "cpu"
     if chosen in gpu_batch.GPU_BACKENDS:
         # decode on the GPU in batches (CPU fallback per file inside), no worker processes
         dl = _gpu_batches(ds, chosen, batch_size, device)

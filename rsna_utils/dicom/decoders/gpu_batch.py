@@ -27,25 +27,35 @@ def package_available(name: str) -> bool:
     return name in GPU_BACKENDS and registry.get(name).is_available()
 
 
-def resolve_backend(name: str, device: str | None = None) -> str:
+def resolve_backend(name: str, device: str | None = None, decoders=None) -> str:
     """`auto` -> the first GPU plug-in that builds on `device` (default: "cuda" when CUDA is
     present, else the CPU path at once) and decodes its probe as the CPU does (`unusable`); else
     "cpu", with the reasons printed once. A CUDA 13 wheel imports on a CUDA 12 host and fails only
-    when it runs: importing is not enough. A GPU plug-in named explicitly must be installed."""
+    when it runs: importing is not enough. A GPU plug-in named explicitly must be installed.
+    `decoders` (a `registry.DecoderSet`): the GPU plug-ins are its available ones, in its order
+    (no probe of the packages again), and its device is the default device."""
+    gpu = GPU_BACKENDS if decoders is None else decoders.names("gpu")
     if name == "auto":
-        device = device or ("cuda" if cuda_available() else None)
+        if device is None and decoders is not None:    # no CUDA: every GPU plug-in says so
+            device = "cuda" if decoders.device == "cuda" and any(
+                decoders[b].why != registry.NO_CUDA for b in GPU_BACKENDS) else None
+        elif device is None:
+            device = "cuda" if cuda_available() else None
         if device is None:
             return "cpu"
-        reasons = []
-        for b in GPU_BACKENDS:
-            why = unusable(b, device)
+        reasons = [f"{b}: {why}" for b, why in (decoders.unavailable if decoders else {}).items()
+                   if b in GPU_BACKENDS]
+        for b in gpu:
+            why = unusable(b, device, decoders)
             if why is None:
                 return b
             reasons.append(f"{b} {why}")
         say_once(f"decoding on the CPU: {'; '.join(reasons)}")
         return "cpu"
     if name in GPU_BACKENDS:
-        if not package_available(name):
+        if decoders is not None:
+            decoders.require(name)
+        elif not package_available(name):
             raise RsnaError(f"backend {name!r} is not installed; {INSTALL_HINT}")
         return name
     return "cpu"
@@ -54,13 +64,15 @@ def resolve_backend(name: str, device: str | None = None) -> str:
 _UNUSABLE: dict[tuple[str, str], str | None] = {}
 
 
-def unusable(name: str, device: str) -> str | None:
+def unusable(name: str, device: str, decoders=None) -> str | None:
     """None when the GPU plug-in `name` is installed, builds its batch decoder on `device` and
     decodes a 12-bit JPEG 2000 probe bit-exact (or on the 16-bit grid, which it rescales); else
-    why not, in words. Checked once per process (the decoder built is the shared one)."""
+    why not, in words. Checked once per process (the decoder built is the shared one).
+    `decoders`: the `registry.DecoderSet` that says whether it is installed."""
     key = (name, device)
     if key not in _UNUSABLE:
-        if not package_available(name):
+        installed = name in decoders.names("gpu") if decoders is not None else package_available(name)
+        if not installed:
             why = "is not installed"
         else:
             try:

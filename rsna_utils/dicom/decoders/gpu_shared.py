@@ -27,14 +27,20 @@ def cuda_available() -> bool:
         return False
 
 
-def imports(module: str) -> bool:
-    """Whether a GPU plug-in's package imports (a CUDA wheel may import on a machine where it
-    cannot run: the decoder's self-test then sends every file to the CPU path)."""
+def import_error(module: str) -> str | None:
+    """None when a GPU plug-in's package imports, else the error in words (a CUDA wheel may
+    import on a machine where it cannot run: the decoder's self-test then sends every file to
+    the CPU path)."""
     try:
         importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
+    except ImportError as e:
+        return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    return None
+
+
+def imports(module: str) -> bool:
+    """Whether a GPU plug-in's package imports (`import_error` is None)."""
+    return import_error(module) is None
 
 
 def decode_one(name: str, h, batch_decoder) -> np.ndarray:

@@ -12,10 +12,15 @@ NAME = "dicomsdl"
 SYNTAXES = frozenset(uids.NAMES) - {uids.HTJ2K_LOSSLESS, uids.HTJ2K}
 PACKAGES = "dicomsdl"
 DEVICE = "cpu"
+ORDER = 20
+
+
+def why_unavailable() -> str | None:
+    return None if importlib.util.find_spec("dicomsdl") else "No module named 'dicomsdl'"
 
 
 def is_available() -> bool:
-    return importlib.util.find_spec("dicomsdl") is not None
+    return why_unavailable() is None
 
 
 def decode(path: str, h) -> np.ndarray:

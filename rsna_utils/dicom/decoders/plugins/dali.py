@@ -5,16 +5,21 @@ from __future__ import annotations
 import numpy as np
 
 from rsna_utils.dicom import uids
-from rsna_utils.dicom.decoders.gpu_shared import decode_one, imports
+from rsna_utils.dicom.decoders.gpu_shared import decode_one, import_error
 
 NAME = "dali"
 SYNTAXES = uids.FRAME_DECODABLE
 PACKAGES = "nvidia-dali-cuda130 (pip install -r requirements-gpu.txt)"
 DEVICE = "gpu"
+ORDER = 20
+
+
+def why_unavailable() -> str | None:
+    return import_error("nvidia.dali")
 
 
 def is_available() -> bool:
-    return imports("nvidia.dali")
+    return why_unavailable() is None
 
 
 def decode(path: str, h) -> np.ndarray:

@@ -13,10 +13,15 @@ NAME = "pydicom"
 SYNTAXES = frozenset(uids.NAMES)
 PACKAGES = "pydicom with pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle"
 DEVICE = "cpu"
+ORDER = 90                 # the last resort of `auto`
+
+
+def why_unavailable() -> str | None:
+    return None if importlib.util.find_spec("pydicom") else "No module named 'pydicom'"
 
 
 def is_available() -> bool:
-    return importlib.util.find_spec("pydicom") is not None
+    return why_unavailable() is None
 
 
 def decode(path: str, h) -> np.ndarray:

@@ -13,10 +13,15 @@ NAME = "imagecodecs"
 SYNTAXES = uids.FRAME_DECODABLE
 PACKAGES = "imagecodecs"
 DEVICE = "cpu"
+ORDER = 10
+
+
+def why_unavailable() -> str | None:
+    return None if importlib.util.find_spec("imagecodecs") else "No module named 'imagecodecs'"
 
 
 def is_available() -> bool:
-    return importlib.util.find_spec("imagecodecs") is not None
+    return why_unavailable() is None
 
 
 def decode(path: str, h) -> np.ndarray:
