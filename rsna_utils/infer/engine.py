@@ -110,6 +110,14 @@ def find_contract(checkpoint: str | Path, folder: str | Path | None = None) -> d
     return None
 
 
+def engines_folder(ensemble: str | Path) -> str:
+    """Where `--runtime onnx` looks for the exports of an ensemble given without --engines: its
+    own folder (`rsna export` writes the .onnx files beside its ensemble.json); ".." resolved
+    by the text, as `Ensemble.read` does."""
+    ens = Path(os.path.normpath(os.path.abspath(ensemble)))
+    return str(ens if ens.is_dir() else ens.parent)
+
+
 def member_name(checkpoint: str | Path) -> str:
     """The export's name of a checkpoint: its run folder and file stem (runs/r18/fold0/best.pt
     -> fold0_best), as the Kaggle export names its copies."""
