@@ -256,3 +256,21 @@ def test_the_probe_batch_is_made_as_predict_makes_its_batches():
     want = device_input(raw_batch(imgs, (64, 32)), None, spec.norm, 3)
     assert torch.equal(x[:1], want)
     assert float(x[:, :, :, 30:].flatten(2).std(2).max()) == 0   # the padding: one value
+
+
+def test_onnxruntime_gpu_is_an_install_line_of_the_gpu_requirements_never_a_requirement():
+    """onnxruntime-gpu replaces onnxruntime (one package): the GPU requirement files (which CI
+    installs beside requirements.txt) state the swap as a line to run, with engine's pin for
+    their CUDA, and never require it; the missing-provider line names the same swap."""
+    from pathlib import Path
+
+    from rsna_utils.app.bundle import read_pins
+    repo = Path(__file__).resolve().parents[1]
+    assert engine.ORT_PIN in (repo / "requirements.txt").read_text().splitlines()
+    for cuda, name in (("13", "requirements-gpu.txt"), ("12", "requirements-gpu-cu12.txt")):
+        text = (repo / name).read_text()
+        line = f"pip uninstall -y onnxruntime && pip install {engine.ORT_GPU_PINS[cuda]}"
+        assert line in text and line in (repo / "docs" / "gpu.md").read_text(), name
+        assert not [p for p in read_pins(repo / name) if "onnxruntime" in p], name
+        assert engine.gpu_install(f"{cuda}.4") == f"{line} (docs/gpu.md)"
+    assert "1.31.1 (CUDA 13) or" in engine.gpu_install("")

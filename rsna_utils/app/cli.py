@@ -47,7 +47,7 @@ def _cmd_weights_import(a: argparse.Namespace) -> int:
 
 def _cmd_bundle(a: argparse.Namespace) -> int:
     from rsna_utils.app.bundle import build_bundle
-    print(build_bundle(a.out, gpu_decoders=a.gpu_decoders)["line"])
+    print(build_bundle(a.out, gpu_decoders=a.gpu_decoders, onnx_gpu=a.onnx_gpu)["line"])
     return 0
 
 
@@ -129,6 +129,10 @@ def _add_bundle(sub) -> None:
                    help="also carry nvImageCodec for this CUDA (cu12: Kaggle's T4/P100 image), "
                         "installed by install.py where it can be; the submit plan then decodes "
                         "on the GPU once its probe passes (default: %(default)s)")
+    b.add_argument("--onnx-gpu", default="none", choices=("none", "cu12", "cu13"),
+                   help="also carry onnxruntime-gpu for this CUDA (cu12: Kaggle's image), which "
+                        "install.py puts in onnxruntime's place, or puts onnxruntime back; for "
+                        "`-p runtime=onnx` on the GPU (default: %(default)s)")
     b.set_defaults(func=_cmd_bundle)
 
 

@@ -25,6 +25,11 @@ from pathlib import Path
 from rsna_utils.core.errors import RsnaError, say_once
 
 ORT_PIN = "onnxruntime==1.32.0"         # requirements.txt
+# The CUDA provider: onnxruntime-gpu, which replaces onnxruntime (both are the `onnxruntime`
+# package: never both installed), per CUDA major of torch. No 1.32.0 GPU wheel exists; 1.31.1's
+# links libcudart.so.13, and 1.26.0 is the last built for CUDA 12 (Kaggle's image). Stated in
+# requirements-gpu.txt / requirements-gpu-cu12.txt, as an install line (pip -r cannot uninstall).
+ORT_GPU_PINS = {"13": "onnxruntime-gpu==1.31.1", "12": "onnxruntime-gpu==1.26.0"}
 CONTRACT_SUFFIX = ".onnx.json"
 FORMAT = "rsna-onnx-1"
 # The largest |probability| difference between the exported member and its PyTorch model on
@@ -56,11 +61,27 @@ def providers(device_type: str) -> tuple[list[str] | None, str]:
         gpu = [p for p in GPU_PROVIDERS if p in have]
         if not gpu:
             return None, (f"onnxruntime {ort.__version__} has no CUDA execution provider here "
-                          f"(it has {', '.join(have)}; pip install onnxruntime-gpu for the GPU)")
+                          f"(it has {', '.join(have)}; for the GPU: {gpu_install()})")
         return gpu + ["CPUExecutionProvider"], ""
     if "CPUExecutionProvider" not in have:
         return None, f"onnxruntime {ort.__version__} has no CPU execution provider"
     return ["CPUExecutionProvider"], ""
+
+
+def gpu_install(cuda: str | None = None) -> str:
+    """The line that swaps onnxruntime for onnxruntime-gpu built for `cuda` (default: the
+    CUDA torch was built for), docs/gpu.md's route."""
+    if cuda is None:
+        try:
+            import torch
+            cuda = torch.version.cuda or ""
+        except ImportError:
+            cuda = ""
+    pin = ORT_GPU_PINS.get(str(cuda).split(".")[0])
+    if pin is None:
+        return ("pip uninstall -y onnxruntime, then pip install " + " or ".join(
+            f"{p} (CUDA {k})" for k, p in ORT_GPU_PINS.items()) + "; docs/gpu.md")
+    return f"pip uninstall -y onnxruntime && pip install {pin} (docs/gpu.md)"
 
 
 def read_contract(path: str | Path) -> dict:
