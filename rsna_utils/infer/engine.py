@@ -7,9 +7,10 @@ For each member: its contract (DIR/<name>.onnx.json, beside the .onnx) is found 
 checkpoint it was exported from (`find_contract`); a contract whose sha256 differs from the
 checkpoint's is refused (re-export), never run. The contract's input is read back into an
 `InputSpec` (`contract_input`); one that is not the checkpoint's keeps the member in PyTorch,
-and a member that runs exported has its batches made from it, by predict's own code. The session is built on the execution
-providers present (CPU here; CUDA on a GPU), then a probe batch goes through both the session
-and the PyTorch model: the member runs in onnxruntime only when the two agree within the
+and a member that runs exported has its batches made from it, by predict's own code. The
+session is built on the execution providers present (CPU here; CUDA on a GPU), then a probe
+batch (`probe_batch`, made as predict makes its batches) goes through both the session and
+the PyTorch model: the member runs in onnxruntime only when the two agree within the
 stated tolerance (`TOLERANCE`), so a model that exports wrongly costs speed, never a score.
 `OnnxModel` stands in for the PyTorch model where `predict` calls it (the image models'
 forward, the breast models' `features`; a breast model's attention pooling stays in PyTorch).
@@ -231,13 +232,12 @@ class OnnxModel:
 
 
 def probe_batch(spec, device, batch: int = 2):
-    """A batch made as `predict` makes its batches (`scoring.raw_batch`, then
+    """A batch made as `predict` makes its batches (`data.raw_batch`, then
     `data.device_input`) for the input `spec`, from random 8-bit images of 1.5 times its
     height (resized and padded on the way)."""
     import numpy as np
 
-    from rsna_utils.infer.scoring import raw_batch
-    from rsna_utils.learn.data import device_input
+    from rsna_utils.learn.data import device_input, raw_batch
     h, w = spec.size
     rng = np.random.default_rng(0)
     imgs = [rng.integers(0, 256, (h + h // 2, w), dtype=np.uint8) for _ in range(batch)]

@@ -21,7 +21,7 @@ from rsna_utils.learn.data import DEFAULT_NORM  # older checkpoints' mean / std
 from rsna_utils.learn.train_config import TrainConfig
 
 # The resize from the PNG to the model input, the same in training (data.PngDataset) and
-# inference (scoring.raw_batch): `roi.resize` in "pad" mode (aspect kept, black right/bottom),
+# inference (data.raw_batch): `roi.resize` in "pad" mode (aspect kept, black right/bottom),
 # OpenCV area filter when shrinking, linear when enlarging. Stored in every checkpoint.
 INPUT_RESIZE = {"mode": "pad", "filter": "area_shrink_linear_enlarge"}
 DEFAULT_PRIOR = 0.021   # share of positive breasts in the RSNA training data
