@@ -288,3 +288,18 @@ def test_the_submit_plan_on_a_t4_x2_halves_the_models_time_not_the_reading(capsy
     assert hours[("t4x2", True)] == one
     assert two < 9 < one
     assert "hours on a T4 x2 (2 T4s)" in out and "each T4 at 0.067 of an H200" in out
+
+
+def test_the_submit_plan_with_runtime_onnx_is_timed_as_pytorch_and_says_so(capsys):
+    """No GPU figure of onnxruntime exists here (BENCHMARKS.md: CPU only): `-p runtime=onnx`
+    is the eager PyTorch estimate, its row saying so, not a speed-up made up."""
+    from rsna_utils.app.cli import main
+    rows = {}
+    for runtime in ("torch", "onnx"):
+        assert main(["notebooks", "--plan", "submit", "--estimate", "--gpu", "t4", "--data",
+                     "/nonexistent", "-p", f"runtime={runtime}"]) == 0
+        out = capsys.readouterr().out
+        rows[runtime] = next(r for r in out.splitlines() if r.startswith("| 04_inference"))
+    assert "runtime onnx timed as eager PyTorch (not measured on a GPU)" in rows["onnx"]
+    assert "runtime onnx" not in rows["torch"]
+    assert float(rows["onnx"].split("|")[6]) == float(rows["torch"].split("|")[6])

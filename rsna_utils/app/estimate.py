@@ -207,7 +207,10 @@ def _estimate_inference(params: dict, train_steps: list[dict], gpu: str,
     flip when the step asks for it, else as the ensemble validated: its training steps' tta) run
     on them; the hidden test set's size when the plan's test.csv is not at hand. With several
     GPUs (`GPU_COUNT`) and the step's `shards` auto or N, the models' time is shared by
-    min(N, GPUs) processes; the reading of the DICOMs is not (the box's cores do it for all)."""
+    min(N, GPUs) processes; the reading of the DICOMs is not (the box's cores do it for all).
+    `runtime` onnx is timed as eager PyTorch, and says so: onnxruntime on a GPU has not been
+    measured (BENCHMARKS.md "Exported engine" is the CPU's), and a member it cannot run stays
+    in PyTorch."""
     csv = params.get("csv")
     n = len(pd.read_csv(csv)) if csv and Path(csv).is_file() else HIDDEN_TEST_IMAGES
     ckpts = {str(c) for c in params.get("checkpoints") or []} if not params.get("ensemble") else set()
@@ -224,9 +227,12 @@ def _estimate_inference(params: dict, train_steps: list[dict], gpu: str,
                else throughput(p["model"], size, gpu)[1])
         # the input is decoded once and already on the device: the model's own ceiling
         seconds += n * (2 if flip else 1) / inf / devices
+    onnx = params.get("runtime") == "onnx"
     return StepEstimate("", f"inference, {len(used)} checkpoints" +
                         (" with the flip" if flip else " without the flip") +
-                        (f", on {devices} GPUs (a process each)" if devices > 1 else ""), n, 0, 1,
+                        (f", on {devices} GPUs (a process each)" if devices > 1 else "") +
+                        (", runtime onnx timed as eager PyTorch (not measured on a GPU)"
+                         if onnx else ""), n, 0, 1,
                         seconds / 3600, note=f"{n:,} test images, decoded once")
 
 

@@ -97,8 +97,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         raise RsnaError("no --checkpoints given: pass the best.pt files of `rsna train`, or "
                         "--ensemble ENSEMBLE.json (of `rsna oof` or an export), which lists them")
     if a.ensemble and settings.get("runtime") == "onnx" and not settings.get("engines"):
-        ens = Path(a.ensemble)        # an export's ensemble.json sits beside its .onnx files
-        settings["engines"] = str(ens if ens.is_dir() else ens.parent)
+        from rsna_utils.infer.engine import engines_folder
+        settings["engines"] = engines_folder(a.ensemble)
     cfg = PredictConfig(**settings)
     r = predict(cfg)
     n = len(r.images)

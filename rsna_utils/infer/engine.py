@@ -5,9 +5,12 @@ when it is not, and the fallback (the member in eager PyTorch) named and taken.
 
 For each member: its contract (DIR/<name>.onnx.json, beside the .onnx) is found by the
 checkpoint it was exported from (`find_contract`); a contract whose sha256 differs from the
-checkpoint's is refused (re-export), never run. The session is built on the execution
-providers present (CPU here; CUDA on a GPU), then a probe batch goes through both the session
-and the PyTorch model: the member runs in onnxruntime only when the two agree within the
+checkpoint's is refused (re-export), never run. The contract's input is read back into an
+`InputSpec` (`contract_input`); one that is not the checkpoint's keeps the member in PyTorch,
+and a member that runs exported has its batches made from it, by predict's own code. The
+session is built on the execution providers present (CPU here; CUDA on a GPU), then a probe
+batch (`probe_batch`, made as predict makes its batches) goes through both the session and
+the PyTorch model: the member runs in onnxruntime only when the two agree within the
 stated tolerance (`TOLERANCE`), so a model that exports wrongly costs speed, never a score.
 `OnnxModel` stands in for the PyTorch model where `predict` calls it (the image models'
 forward, the breast models' `features`; a breast model's attention pooling stays in PyTorch).
@@ -23,6 +26,11 @@ from pathlib import Path
 from rsna_utils.core.errors import RsnaError, say_once
 
 ORT_PIN = "onnxruntime==1.32.0"         # requirements.txt
+# The CUDA provider: onnxruntime-gpu, which replaces onnxruntime (both are the `onnxruntime`
+# package: never both installed), per CUDA major of torch. No 1.32.0 GPU wheel exists; 1.31.1's
+# links libcudart.so.13, and 1.26.0 is the last built for CUDA 12 (Kaggle's image). Stated in
+# requirements-gpu.txt / requirements-gpu-cu12.txt, as an install line (pip -r cannot uninstall).
+ORT_GPU_PINS = {"13": "onnxruntime-gpu==1.31.1", "12": "onnxruntime-gpu==1.26.0"}
 CONTRACT_SUFFIX = ".onnx.json"
 FORMAT = "rsna-onnx-1"
 # The largest |probability| difference between the exported member and its PyTorch model on
@@ -54,11 +62,27 @@ def providers(device_type: str) -> tuple[list[str] | None, str]:
         gpu = [p for p in GPU_PROVIDERS if p in have]
         if not gpu:
             return None, (f"onnxruntime {ort.__version__} has no CUDA execution provider here "
-                          f"(it has {', '.join(have)}; pip install onnxruntime-gpu for the GPU)")
+                          f"(it has {', '.join(have)}; for the GPU: {gpu_install()})")
         return gpu + ["CPUExecutionProvider"], ""
     if "CPUExecutionProvider" not in have:
         return None, f"onnxruntime {ort.__version__} has no CPU execution provider"
     return ["CPUExecutionProvider"], ""
+
+
+def gpu_install(cuda: str | None = None) -> str:
+    """The line that swaps onnxruntime for onnxruntime-gpu built for `cuda` (default: the
+    CUDA torch was built for), docs/gpu.md's route."""
+    if cuda is None:
+        try:
+            import torch
+            cuda = torch.version.cuda or ""
+        except ImportError:
+            cuda = ""
+    pin = ORT_GPU_PINS.get(str(cuda).split(".")[0])
+    if pin is None:
+        return ("pip uninstall -y onnxruntime, then pip install " + " or ".join(
+            f"{p} (CUDA {k})" for k, p in ORT_GPU_PINS.items()) + "; docs/gpu.md")
+    return f"pip uninstall -y onnxruntime && pip install {pin} (docs/gpu.md)"
 
 
 def read_contract(path: str | Path) -> dict:
@@ -74,6 +98,18 @@ def read_contract(path: str | Path) -> dict:
                         "re-export with this version")
     c["_path"] = str(path)
     return c
+
+
+def contract_input(c: dict):
+    """The contract's `InputSpec` (what the export reads), as a checkpoint's is read: written
+    by `InputSpec.to_dict`, or in the first contracts' spelling (norm {"mean", "std"})."""
+    from rsna_utils.learn.checkpoint import InputSpec
+    try:
+        return InputSpec.from_checkpoint(c)
+    except (KeyError, TypeError, ValueError, RsnaError) as e:
+        raise RsnaError(f"{c.get('_path', 'contract')}: its input (size, channels, norm, resize, "
+                        f"level) does not read ({type(e).__name__}: {e}); re-export: rsna export "
+                        "--format onnx --checkpoints CKPT --out DIR") from None
 
 
 def find_contract(checkpoint: str | Path, folder: str | Path | None = None) -> dict | None:
@@ -94,6 +130,14 @@ def find_contract(checkpoint: str | Path, folder: str | Path | None = None) -> d
         if p.is_file():
             return read_contract(p)
     return None
+
+
+def engines_folder(ensemble: str | Path) -> str:
+    """Where `--runtime onnx` looks for the exports of an ensemble given without --engines: its
+    own folder (`rsna export` writes the .onnx files beside its ensemble.json); ".." resolved
+    by the text, as `Ensemble.read` does."""
+    ens = Path(os.path.normpath(os.path.abspath(ensemble)))
+    return str(ens if ens.is_dir() else ens.parent)
 
 
 def member_name(checkpoint: str | Path) -> str:
@@ -187,17 +231,30 @@ class OnnxModel:
         return getattr(self.torch_model, name)
 
 
+def probe_batch(spec, device, batch: int = 2):
+    """A batch made as `predict` makes its batches (`data.raw_batch`, then
+    `data.device_input`) for the input `spec`, from random 8-bit images of 1.5 times its
+    height (resized and padded on the way)."""
+    import numpy as np
+
+    from rsna_utils.learn.data import device_input, raw_batch
+    h, w = spec.size
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (h + h // 2, w), dtype=np.uint8) for _ in range(batch)]
+    return device_input(raw_batch(imgs, spec.size).to(device), None, spec.norm, spec.channels,
+                        channels_last=True)
+
+
 def probe_difference(model, engine: OnnxModel, contract: dict, device, batch: int = 2) -> float:
     """The largest |difference| between the PyTorch model and its export on a random batch
-    at the member's input size, as `predict` would score it: the cancer probability for an
-    image model; for a breast model its features' pooled probability, each view alone."""
+    made for the contract's input (`probe_batch`), as `predict` would score it: the cancer
+    probability for an image model; for a breast model its features' pooled probability,
+    each view alone."""
     import torch
 
     from rsna_utils.learn.checkpoint import cancer_logit
     from rsna_utils.learn.device import half_dtype
-    h, w = contract["size"]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, contract["channels"], h, w, generator=g).to(device)
+    x = probe_batch(contract_input(contract), device, batch)
     dtype = half_dtype(device)
     with torch.inference_mode():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -238,6 +295,10 @@ def attach_engines(models: list, device, folder: str | Path | None = None,
                       f"{m.path} --out {where})")
         elif onnx is None:
             reason = f"it did not export to ONNX ({c.get('error', 'no .onnx written')})"
+        elif (spec := contract_input(c)) != m.spec:
+            reason = (f"its contract's input ({_said(spec)}) is not its checkpoint's "
+                      f"({_said(m.spec)}); re-export it: rsna export --format onnx "
+                      f"--checkpoints {m.path} --out {where}")
         else:
             try:
                 engine = OnnxModel(make_session(onnx, plist), m.model, c["graph"])
@@ -254,6 +315,7 @@ def attach_engines(models: list, device, folder: str | Path | None = None,
             runtimes.append("torch")
             continue
         m.model = engine
+        m.use_input(spec)         # its batches made from the contract's InputSpec
         worst = max(worst, diff)
         used.update(p for p in engine.providers if p != "CPUExecutionProvider" or
                     device.type != "cuda")
@@ -266,6 +328,14 @@ def attach_engines(models: list, device, folder: str | Path | None = None,
             f"{tol:g})" + (f"; {len(models) - n} in {FALLBACK} (named above)"
                            if n < len(models) else ""))
     return runtimes
+
+
+def _said(spec) -> str:
+    """An InputSpec in a few words, for a line."""
+    d = spec.to_dict()
+    return (f"{d['size'][0]}x{d['size'][1]}x{d['channels']}, {d['level']}, mean "
+            f"{[round(v, 4) for v in d['norm'][0]]}, std {[round(v, 4) for v in d['norm'][1]]}, "
+            f"resize {d['resize']}")
 
 
 def _device(device):

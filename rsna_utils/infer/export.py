@@ -5,8 +5,9 @@ DIR/<name>.onnx holds the graph `predict` calls (a dynamic batch axis, the input
 width fixed at the trained size): for an image-level model its forward, (N, C, H, W) ->
 (N, 1 + aux) logits; for a breast-level model its per-view `features`, (N, C, H, W) -> (N, F)
 (the attention pooling over a breast's views stays in PyTorch, read from the checkpoint).
-DIR/<name>.onnx.json is its contract: the size [h, w], channels, the normalisation mean / std,
-the PNG -> input resize rule, the level, the model name, threshold and prior, the graph, the
+DIR/<name>.onnx.json is its contract: the checkpoint's `InputSpec` as the checkpoint spells it
+(size [h, w], channels, norm [mean, std], the PNG -> input resize rule, level; `predict --runtime
+onnx` reads it back into an InputSpec), the model name, threshold and prior, the graph, the
 opset, the sha256 of the source checkpoint and of the .onnx, and the largest difference from
 PyTorch measured at export. A model that does not export (an unsupported layer) gets a
 contract saying why and no .onnx: `rsna predict --runtime onnx` runs it in eager PyTorch.
@@ -171,15 +172,14 @@ def export_member(m, out: Path, name: str, opset: int = OPSET, check: bool = Tru
     graph = "features" if m.level == "breast" else "logits"
     module = features_module(m.model) if graph == "features" else m.model
     module.eval()
-    h, w = m.size
-    x = torch.randn(2, m.channels, h, w, generator=torch.Generator().manual_seed(0))
+    spec = m.spec                     # the checkpoint's InputSpec, written as it spells it
+    h, w = spec.size
+    x = torch.randn(2, spec.channels, h, w, generator=torch.Generator().manual_seed(0))
     onnx_path, contract_path = out / f"{name}.onnx", out / f"{name}{CONTRACT_SUFFIX}"
     contract = {"format": FORMAT, "name": name, "onnx": None, "graph": graph,
                 "checkpoint": os.path.relpath(os.path.abspath(m.path), os.path.abspath(out)),
-                "checkpoint_sha256": sha256(m.path), "model_name": m.name, "level": m.level,
-                "size": [int(h), int(w)], "channels": int(m.channels),
-                "norm": {"mean": list(m.norm[0]), "std": list(m.norm[1])},
-                "resize": _resize_rule(), "threshold": m.threshold, "prior": m.prior,
+                "checkpoint_sha256": sha256(m.path), "model_name": m.name,
+                **spec.to_dict(), "threshold": m.threshold, "prior": m.prior,
                 "recipe": m.recipe, "opset": opset, "input": "input",
                 "output": graph, "dynamic_axes": {"input": [0], graph: [0]},
                 "torch": torch.__version__}
@@ -210,7 +210,7 @@ def export_member(m, out: Path, name: str, opset: int = OPSET, check: bool = Tru
             if diff > TOLERANCE["fp32"]:
                 what += f" (over {TOLERANCE['fp32']:g}: predict will keep it in eager PyTorch)"
     contract["line"] = (f"{m.path} -> {onnx_path} ({contract['onnx_bytes'] / 1e6:.1f} MB, "
-                        f"{graph} graph, {h}x{w}x{m.channels}){what}")
+                        f"{graph} graph, {h}x{w}x{spec.channels}){what}")
     _write_contract(contract_path, contract)
     return contract
 
@@ -246,11 +246,6 @@ def check_export(m, module, onnx_path: Path, x, graph: str) -> float | None:
         ref = module(x).float().numpy()
     got = s.run(None, {"input": x.numpy()})[0]
     return float(np.abs(ref - got).max())
-
-
-def _resize_rule() -> dict:
-    from rsna_utils.learn.checkpoint import INPUT_RESIZE
-    return dict(INPUT_RESIZE)
 
 
 def _write_contract(path: Path, contract: dict) -> None:

@@ -55,6 +55,20 @@ def ensemble_for_submission(ensemble: str | Path | None = None, oof_runs=(), che
     return ens
 
 
+def submission_config(params, ens: Ensemble, decided: dict):
+    """The `PredictConfig` the inference notebook predicts with: its parameters that are
+    PredictConfig fields (`params`, its globals(): runtime and engines among them), the
+    ensemble's checkpoints and what the ensemble decides (`decided`). With runtime "onnx" and
+    no engines, an exported `ensemble`'s own folder, as `rsna predict --ensemble` takes it."""
+    from rsna_utils.infer.predict import PredictConfig
+    given = {}
+    if params.get("runtime") == "onnx" and not params.get("engines") and params.get("ensemble"):
+        from rsna_utils.infer.engine import engines_folder
+        given["engines"] = engines_folder(params["ensemble"])
+    return PredictConfig.from_namespace(params, checkpoints=ens["checkpoints"],
+                                        **{**decided, **given})
+
+
 def _ensemble_for_submission(ensemble, oof_runs, checkpoints, out_json) -> Ensemble:
     if ensemble:
         return Ensemble.read(ensemble)
@@ -105,7 +119,8 @@ def export_models(ens: Ensemble | dict, out_dir: str | Path) -> dict:
         raise RsnaError(f"export_models: checkpoint(s) {missing} not found; train them first")
     if out_dir.exists() and not _is_export(out_dir):
         raise RsnaError(f"export_models: {out_dir} exists and is not an earlier export (only "
-                        f"{ENSEMBLE_FILE} and .pt files); give a new or empty folder, e.g. "
+                        f"{ENSEMBLE_FILE}, .pt and their ONNX exports); give a new or empty "
+                        "folder, e.g. "
                         f"{out_dir / 'rsna-models'}")
     names = _unique_names(ckpts)
     with atomic_folder(out_dir) as tmp:
@@ -162,10 +177,12 @@ def _recipe(ckpt: Path) -> str | None:
 
 
 def _is_export(d: Path) -> bool:
-    """An empty folder, or one holding only what export_models writes: safe to replace."""
+    """An empty folder, or one holding only what export_models writes (and `rsna export
+    --format onnx` adds in place: .onnx, .onnx.json): safe to replace."""
     files = list(d.iterdir()) if d.is_dir() and not d.is_symlink() else None
     return files is not None and all(
-        f.is_file() and (f.name == ENSEMBLE_FILE or f.suffix == ".pt") for f in files)
+        f.is_file() and (f.name == ENSEMBLE_FILE or f.name.endswith((".pt", ".onnx", ".onnx.json")))
+        for f in files)
 
 
 def _unique_names(ckpts: list[Path]) -> list[str]:

@@ -22,6 +22,7 @@ from rsna_utils.core.errors import RsnaError
 from rsna_utils.core.table import dicom_path
 from rsna_utils.infer.ensemble import exported_recipe
 from rsna_utils.learn.checkpoint import DEFAULT_PRIOR, LoadedModel, load_checkpoints
+from rsna_utils.learn.data import raw_batch
 
 
 @dataclass
@@ -246,18 +247,6 @@ def _collate(batch):
 
 def input_size(m: "LoadedModel", fallback_size) -> tuple[int, int]:
     return tuple(m.size) if min(m.size) > 0 else tuple(fallback_size)
-
-
-def raw_batch(imgs: list, size):
-    """The output images resized to `size` (`roi.resize`, aspect kept, black padding: training's
-    resize) as one (N, 1, H, W) uint8 / uint16 tensor: what goes to the device, once per size."""
-    import torch
-
-    from rsna_utils.image import roi
-    arrays = [roi.resize(im, size, "pad") for im in imgs]
-    if len({a.dtype for a in arrays}) > 1:                    # 8- and 16-bit PNGs mixed
-        arrays = [a.astype(np.uint16) * (257 if a.dtype == np.uint8 else 1) for a in arrays]
-    return torch.from_numpy(np.stack(arrays))[:, None]
 
 
 def batch_input(imgs: list, m: "LoadedModel", channels: int, fallback_size):

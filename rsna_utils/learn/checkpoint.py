@@ -21,7 +21,7 @@ from rsna_utils.learn.data import DEFAULT_NORM  # older checkpoints' mean / std
 from rsna_utils.learn.train_config import TrainConfig
 
 # The resize from the PNG to the model input, the same in training (data.PngDataset) and
-# inference (scoring.raw_batch): `roi.resize` in "pad" mode (aspect kept, black right/bottom),
+# inference (data.raw_batch): `roi.resize` in "pad" mode (aspect kept, black right/bottom),
 # OpenCV area filter when shrinking, linear when enlarging. Stored in every checkpoint.
 INPUT_RESIZE = {"mode": "pad", "filter": "area_shrink_linear_enlarge"}
 DEFAULT_PRIOR = 0.021   # share of positive breasts in the RSNA training data
@@ -48,7 +48,8 @@ def _hw(size) -> tuple[int, int]:
 class InputSpec:
     """What a model reads: its input size (h, w), channels, the normalisation mean / std, the
     PNG -> input resize rule and its level (an image, or a breast's views). Normalised when
-    made: size a (h, w) tuple of ints, norm ((mean...), (std...)) of floats."""
+    made: size a (h, w) tuple of ints, norm ((mean...), (std...)) of floats (also read from
+    {"mean": [...], "std": [...]}, the spelling of the first ONNX contracts)."""
     size: tuple = (0, 0)
     channels: int = 3
     norm: tuple = DEFAULT_NORM
@@ -59,6 +60,8 @@ class InputSpec:
 
     def __post_init__(self):
         norm = self.norm if self.norm else DEFAULT_NORM
+        if isinstance(norm, dict):
+            norm = (norm["mean"], norm["std"])
         object.__setattr__(self, "size", _hw(self.size))
         object.__setattr__(self, "channels", int(self.channels))
         object.__setattr__(self, "norm", tuple(tuple(float(v) for v in row) for row in norm))
@@ -321,8 +324,19 @@ class LoadedModel:
 
     def __post_init__(self):
         if self.input is not None:      # the input contract read from one place
-            self.size, self.norm = self.input.size, self.input.norm
-            self.channels, self.level = self.input.channels, self.input.level
+            self.use_input(self.input)
+
+    @property
+    def spec(self) -> InputSpec:
+        """The input this model reads: the checkpoint's `InputSpec`, else one of the fields."""
+        return self.input if self.input is not None else InputSpec(
+            self.size, self.channels, self.norm, level=self.level)
+
+    def use_input(self, spec: InputSpec) -> None:
+        """Read `spec` from now on (size, norm, channels, level: what its batches are made of)."""
+        self.input = spec
+        self.size, self.norm = spec.size, spec.norm
+        self.channels, self.level = spec.channels, spec.level
 
 
 TRAIN_FIX = "pass a best.pt (or last.pt) written by `rsna train`, e.g. runs/<name>/best.pt"

@@ -81,12 +81,25 @@ def batch_bytes(batch) -> int:
 def model_input(img: np.ndarray, size, norm=DEFAULT_NORM, channels: int = 3):
     """An output image (uint8 / uint16, 0 = background) -> model input of `size` (height,
     width), one image on the CPU: the resize of training and inference (`roi.resize`, aspect
-    kept, black padding) and `to_input`. The package's own paths batch it (`scoring.raw_batch`
+    kept, black padding) and `to_input`. The package's own paths batch it (`raw_batch`
     + `device_input`); tests and benchmarks use this as the reference they must equal."""
     from rsna_utils.image import roi
     size = (size, size) if isinstance(size, int) else tuple(size)
     img = roi.resize(img, size, "pad")
     return to_input(img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0), norm, channels)
+
+
+def raw_batch(imgs: list, size):
+    """The output images resized to `size` (`roi.resize`, aspect kept, black padding: training's
+    resize) as one (N, 1, H, W) uint8 / uint16 tensor: what goes to the device, once per size
+    (inference's batches and the exported engine's probe, then `device_input`)."""
+    import torch
+
+    from rsna_utils.image import roi
+    arrays = [roi.resize(im, size, "pad") for im in imgs]
+    if len({a.dtype for a in arrays}) > 1:                    # 8- and 16-bit PNGs mixed
+        arrays = [a.astype(np.uint16) * (257 if a.dtype == np.uint8 else 1) for a in arrays]
+    return torch.from_numpy(np.stack(arrays))[:, None]
 
 
 # Auxiliary targets from train.csv's metadata (2nd and 4th place used them): each becomes a
