@@ -18,7 +18,7 @@ MOVED = {
     "uids": "dicom.uids", "header": "dicom.header", "frames": "dicom.frames",
     "dicom_io": "dicom.reader", "decoders": "dicom.decoders",
     "voi": "image.voi", "roi": "image.roi", "image_plan": "image.plan",
-    "preprocess": "image.preprocess", "gpu": "image.gpu", "explain": "image.explain",
+    "preprocess": "image.preprocess", "gpu": "image.gpu", "explain": "image.walkthrough",
     "data": "learn.data", "models": "learn.models", "weights": "learn.weights",
     "train": "learn.train", "metrics": "learn.metrics",
     "predict": "infer.predict", "oof": "infer.oof", "calibrate": "infer.calibrate",
@@ -54,6 +54,9 @@ RENAMED = {
     "notebooks": {"KAGGLE_WEIGHTS": "infer.kaggle:KAGGLE_WEIGHTS",
                   "NOTEBOOKS": "_moved:notebooks_folder"},
 }
+# modules renamed inside their folder in 0.3: image.explain (one image through every
+# preprocessing step) shared its name with `rsna explain`, which lives in reports.exam
+RENAMED_MODULES = {"image.explain": "image.walkthrough"}
 PKG = __name__.rpartition(".")[0]
 
 
@@ -80,6 +83,8 @@ def new_name(fullname: str) -> str | None:
     head, _, rest = fullname.partition(".")
     if head != PKG or not rest:
         return None
+    if rest in RENAMED_MODULES:
+        return f"{PKG}.{RENAMED_MODULES[rest]}"
     if rest.startswith("dicom.decoders.") and rest.count(".") == 2:   # a plug-in before plugins/
         return _plugin(rest.rpartition(".")[2])
     old, _, tail = rest.partition(".")

@@ -257,6 +257,8 @@ def test_inference_never_imports_the_training_loop():
     ("rsna_utils.decoders", "candidates", "rsna_utils.dicom.decoders.registry"),
     ("rsna_utils.decoders.pydicom", "decode", "rsna_utils.dicom.decoders.plugins.pydicom"),
     ("rsna_utils.dicom.decoders.dali", "DaliDecoder", "rsna_utils.dicom.decoders.plugins.dali"),
+    ("rsna_utils.image.explain", "explain_image", "rsna_utils.image.walkthrough"),
+    ("rsna_utils.explain", "pick_example", "rsna_utils.image.walkthrough"),
     # names that left their module: found where they went
     ("rsna_utils.gpu", "resolve_backend", "rsna_utils.dicom.decoders.gpu_batch"),
     ("rsna_utils.models", "load_weights", "rsna_utils.learn.weights"),

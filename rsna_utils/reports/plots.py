@@ -136,7 +136,7 @@ def image_grid(images: list[np.ndarray], titles: list[str], cols: int = 6, size:
 
 
 def pipeline_steps(steps: dict):
-    """One image through every step, side by side (`rsna_utils.image.explain.explain_image`)."""
+    """One image through every step, side by side (`rsna_utils.image.walkthrough.explain_image`)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(steps), figsize=(3 * len(steps), 3.6))
     for ax, (name, (img, note)) in zip(np.atleast_1d(axes), steps.items()):

@@ -1,4 +1,5 @@
-"""One image through every preprocessing step, for the preprocessing demo notebook."""
+"""One image through every preprocessing step, for the preprocessing demo notebook (not `rsna
+explain`: its exam reports are reports/exam.py)."""
 from __future__ import annotations
 
 from dataclasses import replace
