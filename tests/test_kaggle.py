@@ -311,14 +311,9 @@ def test_bundle_installs_offline_in_a_fresh_env_and_runs_demo_then_submit(tmp_pa
     assert "hidden test" in executed and "images/s" in executed
 
 
-def test_bundle_can_carry_the_gpu_decoder_for_cuda_12_or_13(tmp_path, monkeypatch):
-    """`--gpu-decoders cu12`: nvImageCodec for Kaggle's CUDA 12 image, with its codec libraries
-    (the [all] extra), and install.py installs it when it can and says so either way."""
-    assert bundle.gpu_decoder_pin("cu12") == "nvidia-nvimgcodec-cu12[all]==0.9.0.20"
-    assert bundle.gpu_decoder_pin("cu13") == "nvidia-nvimgcodec-cu13[all]==0.9.0.20"
-    assert bundle.gpu_decoder_pin(None) is None and bundle.gpu_decoder_pin("none") is None
-    with pytest.raises(RsnaError, match=r"--gpu-decoders 'cu11': choose cu12, cu13 or none"):
-        bundle.gpu_decoder_pin("cu11")
+def _fake_pip(monkeypatch) -> list:
+    """`bundle._pip` recording its calls (what the bundle would download), each download an
+    empty wheel; returns the list of calls."""
     calls = []
 
     def fake_pip(*args, what):
@@ -327,6 +322,18 @@ def test_bundle_can_carry_the_gpu_decoder_for_cuda_12_or_13(tmp_path, monkeypatc
             Path(args[args.index("-d") + 1] if "-d" in args else args[args.index("-w") + 1]
                  ).joinpath(f"x{len(calls)}-1.0-py3-none-any.whl").write_text("")
     monkeypatch.setattr(bundle, "_pip", fake_pip)
+    return calls
+
+
+def test_bundle_can_carry_the_gpu_decoder_for_cuda_12_or_13(tmp_path, monkeypatch):
+    """`--gpu-decoders cu12`: nvImageCodec for Kaggle's CUDA 12 image, with its codec libraries
+    (the [all] extra), and install.py installs it when it can and says so either way."""
+    assert bundle.gpu_decoder_pin("cu12") == "nvidia-nvimgcodec-cu12[all]==0.9.0.20"
+    assert bundle.gpu_decoder_pin("cu13") == "nvidia-nvimgcodec-cu13[all]==0.9.0.20"
+    assert bundle.gpu_decoder_pin(None) is None and bundle.gpu_decoder_pin("none") is None
+    with pytest.raises(RsnaError, match=r"--gpu-decoders 'cu11': choose cu12, cu13 or none"):
+        bundle.gpu_decoder_pin("cu11")
+    calls = _fake_pip(monkeypatch)
     info = bundle.build_bundle(tmp_path / "b", gpu_decoders="cu12")
     gpu_calls = [c for c in calls if "nvidia-nvimgcodec-cu12[all]==0.9.0.20" in c]
     assert len(gpu_calls) == 1 and "--no-deps" not in gpu_calls[0]     # its libraries too
@@ -350,14 +357,7 @@ def test_bundle_can_carry_onnxruntime_gpu_in_onnxruntimes_place(tmp_path, monkey
     assert bundle.onnx_gpu_pin(None) is None and bundle.onnx_gpu_pin("none") is None
     with pytest.raises(RsnaError, match=r"--onnx-gpu 'cu11': choose cu12, cu13 or none"):
         bundle.onnx_gpu_pin("cu11")
-    calls = []
-
-    def fake_pip(*args, what):
-        calls.append([str(a) for a in args])
-        if args[0] in ("wheel", "download"):
-            Path(args[args.index("-d") + 1] if "-d" in args else args[args.index("-w") + 1]
-                 ).joinpath(f"x{len(calls)}-1.0-py3-none-any.whl").write_text("")
-    monkeypatch.setattr(bundle, "_pip", fake_pip)
+    calls = _fake_pip(monkeypatch)
     bundle.build_bundle(tmp_path / "b", onnx_gpu="cu12")
     ort = [c for c in calls if "onnxruntime-gpu==1.26.0" in c]
     assert len(ort) == 1 and "--no-deps" in ort[0]
