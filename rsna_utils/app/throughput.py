@@ -23,7 +23,7 @@ PREPROCESS_IMG_S = 42.5    # DICOM -> PNG end to end on the H200, nvImageCodec (
 # A DataLoader worker's CPU time per image, ms per megapixel, measured on the 2-core CPU:
 # reading an 8-bit PNG, resizing and the light augmentation, handing over uint8 (issue 32:
 # 11.0 ms an image at 1536x768, benchmarks/input_bench.py), and what the heavy level adds
-# (5.8 ms an image at 1024x512: 7.3 against 1.5, tests/test_recipe.py's transforms)
+# (5.8 ms an image at 1024x512: 7.3 against 1.5, tests/learn/test_recipe.py's transforms)
 WORKER_MS_PER_MPIX = 11.0 / (1536 * 768 / 1e6)
 HEAVY_MS_PER_MPIX = 5.8 / (1024 * 512 / 1e6)
 # the breast box's aspect kept, padded: the PNGs of the kaggle plan are 2048x1024

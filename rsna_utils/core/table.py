@@ -1,7 +1,7 @@
 """The RSNA table, spelled once: the competition's columns, the breast key (`prediction_id`),
 where an image's DICOM and PNG live, and the site ids of RSNA and of the sources `rsna ingest`
 reads. Every layer reads the table, so it sits in `core`; the rest of the package builds these
-through the functions here and never spells them itself (tests/test_table.py greps for that).
+through the functions here and never spells them itself (tests/core/test_table.py greps for that).
 
 - train.csv: `TRAIN_COLUMNS`, one row per image; test.csv: `TEST_COLUMNS`; the submission:
   `SUBMISSION_COLUMNS`, one row per breast.

@@ -14,7 +14,7 @@ the shard and its log; the other shards are stopped and nothing is written.
 Tested on the CPU: two shards give the one-process submission byte for byte with image-level
 members. A breast-level member pools its breasts in calls of up to 512 (`breast.BreastStream`),
 and a shard's calls hold other breasts than the one process's: the same values within float32
-rounding (about 1e-6; tests/test_breast.py). On a GPU the kernels may also round a shard's
+rounding (about 1e-6; tests/learn/test_breast.py). On a GPU the kernels may also round a shard's
 smaller last batch differently.
 """
 from __future__ import annotations

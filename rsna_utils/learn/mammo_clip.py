@@ -39,7 +39,7 @@ STEM = "_conv_stem.weight"
 # image repeated on 3 channels (its configs' base.mean / base.std); base.image_size_h/w
 MAMMO_CLIP_MEAN, MAMMO_CLIP_STD = 0.3089279, 0.25053555408335154
 # (stem channels, head channels, blocks) of EfficientNet-B0..B7, the same in efficientnet-pytorch
-# and timm (tests/test_mammo_clip.py checks this table against timm)
+# and timm (tests/learn/test_mammo_clip.py checks this table against timm)
 VARIANTS = {(32, 1280, 16): 0, (32, 1280, 23): 1, (32, 1408, 23): 2, (40, 1536, 26): 3,
             (48, 1792, 32): 4, (48, 2048, 39): 5, (56, 2304, 45): 6, (64, 2560, 55): 7}
 # efficientnet-pytorch module -> timm module, outside the blocks (`_fc`, the classifier, dropped)

@@ -2,7 +2,7 @@
 its shape (`rsna ingest`), told apart by `site_id`.
 
 - Names: a source is `rsna` (sites 1 and 2) or an ingest format (`cbis-ddsm` 101, `vindr` 102,
-  `cmmd` 103: `sources.ingest.FORMATS` gives each its site, tests/test_mix.py holds the two
+  `cmmd` 103: `sources.ingest.FORMATS` gives each its site, tests/learn/test_mix.py holds the two
   equal); any other site is `site N`. SOURCE_SITES is the one map training reads.
 - `TrainConfig.source_weights` ({name or site_id: weight}): an image of that source is drawn
   `weight` times an epoch on average by the sampler (`learn.data.epoch_indices`), before the

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import nbformat
 import pandas as pd
 import pytest
+from conftest import REPO
 
 from rsna_utils.app import bundle
 from rsna_utils.core.errors import RsnaError
@@ -21,7 +22,6 @@ from rsna_utils.infer import kaggle
 from rsna_utils.infer.ensemble import Ensemble
 from rsna_utils.reports import html as report
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _fake_run(root: Path, name: str) -> Path:

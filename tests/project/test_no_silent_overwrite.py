@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import REPO
 
 
 from rsna_utils.app.cli import build_parser, main
 from rsna_utils.core.errors import RsnaError
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _pngs(root: Path) -> tuple[Path, Path]:
@@ -294,7 +294,7 @@ def test_a_decoders_warning_in_a_worker_stays_out_of_quiet(tmp_path):
 def test_tests_skipped_for_want_of_the_real_files_are_said_once(tmp_path):
     """Before: `make test-fast` skipped them silently when ../shared/testdata was absent."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "tests/test_dicom_io.py::test_undecodable_file_names_file_syntax_and_package"],
+                        "tests/dicom/test_dicom_io.py::test_undecodable_file_names_file_syntax_and_package"],
                        cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "RSNA_TESTDATA": str(tmp_path / "none")})
     assert r.stdout.count("the real DICOM files are not here") == 1, r.stdout

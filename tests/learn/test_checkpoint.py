@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.learn.checkpoint import (DEFAULT_NORM, DEFAULT_PRIOR, INPUT_RESIZE, Checkpoint,
                                          InputSpec, load_checkpoints)
 
-PACKAGE = Path(__file__).resolve().parents[1] / "rsna_utils"
+PACKAGE = REPO / "rsna_utils"
 
 
 def test_input_spec_normalised_on_creation():

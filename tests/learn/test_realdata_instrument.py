@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 
 from rsna_utils.learn.train_config import TrainConfig
 from rsna_utils.reports.evaluate import compare_metric
 
-REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("realdata_bench", REPO / "benchmarks" / "realdata.py")
 rd = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rd)

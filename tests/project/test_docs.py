@@ -3,7 +3,8 @@ quote are the ones BENCHMARKS.md measured (a changed estimate fails here, not in
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 DOCS = sorted((REPO / "docs").glob("*.md"))
 
 

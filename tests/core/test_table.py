@@ -3,14 +3,14 @@ path `{patient_id}/{image_id}.dcm` and its PNG path `{patient_id}_{image_id}.png
 in that module only. The package is read as code (every f-string and every `+` of strings), so a
 second spelling anywhere fails here and names its module and line."""
 import ast
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import REPO
 
 from rsna_utils.core import table
 
-PKG = Path(__file__).resolve().parents[1] / "rsna_utils"
+PKG = REPO / "rsna_utils"
 HOME = "core/table.py"
 
 

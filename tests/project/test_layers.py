@@ -10,8 +10,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TESTS
 
-PKG = Path(__file__).resolve().parents[1] / "rsna_utils"
+PKG = REPO / "rsna_utils"
 
 # The pipeline, bottom up. Subpackages of one rank are siblings and may not import each other.
 RANK = {
@@ -144,7 +145,7 @@ GRAPH = {dotted(p): imports(p) - {dotted(p)} for p in FILES}
 
 def test_every_module_is_in_a_ranked_folder():
     unknown = sorted(m for m in GRAPH if m.split(".")[0] not in RANK and m not in TOP)
-    assert not unknown, f"rank these in tests/test_layers.py (RANK or TOP): {unknown}"
+    assert not unknown, f"rank these in tests/project/test_layers.py (RANK or TOP): {unknown}"
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PKG)))
@@ -196,6 +197,52 @@ def test_subpackage_inits_import_nothing_of_the_package():
     busy = sorted(dotted(p) for p in FILES if p.name == "__init__.py" and p.parent != PKG
                   and GRAPH[dotted(p)])
     assert not busy, busy
+
+
+# tests/ mirrors these folders: tests/<layer>/test_<area>.py for the layer folder whose code a
+# test file mainly tests, tests/project/ for the checks of the project as a whole (these
+# layers, the docs, kill and resume, a full disk, fuzzing, nothing overwritten unasked)
+PROJECT = "project"
+
+
+def misplaced_tests(tests: Path) -> list[str]:
+    """The test files outside that mirror, and any file name used twice (pytest imports test
+    files by their name: no __init__.py in tests/, the default prepend import mode)."""
+    out, seen = [], {}
+    for f in sorted(tests.rglob("test_*.py")):
+        rel = f.relative_to(tests)
+        if len(rel.parts) != 2 or rel.parts[0] not in (*RANK, PROJECT):
+            out.append(f"tests/{rel.as_posix()}: not in tests/<layer>/ for a folder of rsna_utils/ "
+                       f"({', '.join(RANK)}) nor in tests/{PROJECT}/")
+        if f.name in seen:
+            out.append(f"tests/{rel.as_posix()}: the name of tests/{seen[f.name]} too")
+        seen.setdefault(f.name, rel.as_posix())
+    return out
+
+
+def test_the_tests_mirror_the_package_folders():
+    folders = {d.name for d in PKG.iterdir() if (d / "__init__.py").exists()}
+    assert folders == set(RANK), f"rank these here (RANK): {folders ^ set(RANK)}"
+    assert not misplaced_tests(TESTS), "\n".join(misplaced_tests(TESTS))
+    assert {f.parent.name for f in TESTS.rglob("test_*.py")} == {*RANK, PROJECT}   # each has tests
+
+
+def test_the_mirror_check_refuses_a_flat_layout_a_stray_folder_and_a_repeated_name(tmp_path):
+    for rel in ("learn/test_train.py", "project/test_docs.py", "test_voi.py", "misc/test_x.py",
+                "image/old/test_y.py", "image/test_train.py", "learn/helper.py", "conftest.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    outside = "not in tests/<layer>/ for a folder of rsna_utils/"
+    assert [m.split(": ")[0] for m in misplaced_tests(tmp_path) if outside in m] == [
+        "tests/image/old/test_y.py", "tests/misc/test_x.py", "tests/test_voi.py"]
+    assert [m for m in misplaced_tests(tmp_path) if outside not in m] == [
+        "tests/learn/test_train.py: the name of tests/image/test_train.py too"]
+    # the flat layout this mirror replaced: every test file is named
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("test_voi.py", "test_train.py", "test_docs.py"):
+        (flat / name).write_text("")
+    assert len(misplaced_tests(flat)) == 3
 
 
 def test_the_checks_catch_an_upward_import_and_a_circle(tmp_path):

@@ -8,8 +8,7 @@ import random
 import shutil
 
 import pandas as pd
-import pytest
-from conftest import TESTDATA
+from conftest import REGRESSIONS, TESTDATA
 from fuzz import mutate, write_mutants
 
 from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
@@ -19,7 +18,6 @@ N = int(os.environ.get("RSNA_FUZZ_N", "2000"))
 # printed, and any input that breaks the run is copied to tests/regressions/).
 _seed = os.environ.get("RSNA_FUZZ_SEED", "20261127")
 SEED = random.SystemRandom().randrange(2**31) if _seed == "random" else int(_seed)
-REGRESSIONS = os.path.join(os.path.dirname(__file__), "regressions")
 
 
 def _seed_files(synth_small):
@@ -78,20 +76,20 @@ def test_fuzz_preprocessor(tmp_path, synth_small):
         os.makedirs(REGRESSIONS, exist_ok=True)
         fails = pd.read_csv(tmp_path / "out" / "failures.csv", dtype=str)
         for r in fails[fails.reason.str.contains("unhandled exception")].head(10).itertuples():
-            shutil.copy(r.path, os.path.join(REGRESSIONS, f"fuzz_{SEED}_{r.image_id}.dcm"))
+            shutil.copy(r.path, REGRESSIONS / f"fuzz_{SEED}_{r.image_id}.dcm")
     assert not problems, f"RSNA_FUZZ_SEED={SEED}: " + "; ".join(problems[:5])
     assert s.processed + s.failed == len(listed)
 
 
 def test_regression_inputs_stay_handled(tmp_path):
-    files = sorted(p for p in os.listdir(REGRESSIONS) if p.endswith(".dcm")) if os.path.isdir(REGRESSIONS) else []
-    if not files:
-        pytest.skip("no regression inputs kept yet")
+    # the kept inputs are tracked: none found is a wrong path, never a pass over nothing
+    files = sorted(p.name for p in REGRESSIONS.glob("*.dcm"))
+    assert files, f"no regression inputs in {REGRESSIONS}"
     images = tmp_path / "images" / "1"
     images.mkdir(parents=True)
     rows = []
     for i, f in enumerate(files):
-        shutil.copy(os.path.join(REGRESSIONS, f), images / f"{1000 + i}.dcm")
+        shutil.copy(REGRESSIONS / f, images / f"{1000 + i}.dcm")
         rows.append(("1", str(1000 + i), "regression"))
     listed = pd.DataFrame(rows, columns=["patient_id", "image_id", "note"])
     listed.to_csv(tmp_path / "list.csv", index=False)

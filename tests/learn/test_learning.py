@@ -5,8 +5,8 @@ learns a little at full aspect.
 
 Until 2026-12-01 the generator's DICOM window was computed with the lesions in it, which
 darkened every cancer image as a whole: from-scratch resnet18 runs scored 0.85-0.95 by reading
-the median brightness (tests/test_synth.py::test_the_window_follows_the_tissue_not_the_lesion),
-and the tests here asked for that. On the corrected set a resnet18 from scratch at 128x128 for 6
+the median brightness
+(tests/sources/test_synth.py::test_the_window_follows_the_tissue_not_the_lesion), and the tests here asked for that. On the corrected set a resnet18 from scratch at 128x128 for 6
 epochs scores 0.52 (chance); see BENCHMARKS.md."""
 import pytest
 
