@@ -130,7 +130,7 @@ def explain(cfg: ExplainConfig, ens=None) -> dict:
     by, limit, order, backend, progress = cfg.by, cfg.limit, cfg.order, cfg.backend, cfg.progress
     labels, lesions, agg = cfg.labels, cfg.lesions, ens.agg
     out = Path(cfg.out)
-    cfg = ens.preprocess_config()
+    pre = ens.preprocess_config()
     threshold = ens.threshold
     out.mkdir(parents=True, exist_ok=True)
     key = "patient_id" if by == "patient" else "prediction_id"
@@ -143,7 +143,7 @@ def explain(cfg: ExplainConfig, ens=None) -> dict:
     rows, figures = [], {}
     bar = tqdm(total=len(exams), desc="explain", unit="exam", disable=not progress, file=sys.stderr)
     for exam in exams:
-        views = [_load_view(r, images, cfg, backend) for r in
+        views = [_load_view(r, images, pre, backend) for r in
                  df[df[key] == exam].to_dict("records")]
         ok = [v for v in views if not v.values.get("problem")]
         if ok:
@@ -190,6 +190,11 @@ def _check_inputs(cfg: ExplainConfig, ens) -> tuple[pd.DataFrame, Path]:
     from rsna_utils.learn.png_table import load_table
     from rsna_utils.dicom.reader import check_dicom_folder
     images = check_dicom_folder(cfg.images)
+    given = [k for k in ("threshold", "agg", "tta") if getattr(cfg, k) is not None]
+    if ens is not None and given:
+        raise RsnaError(f"{', '.join(given)} given with a loaded ensemble, which brings its own; "
+                        "load it with them (LoadedEnsemble.from_json(path, device, "
+                        f"{given[0]}=...)) or pass its path as ensemble")
     if ens is None and not cfg.checkpoints and not cfg.ensemble:
         raise RsnaError("no checkpoint given; pass --checkpoints runs/<name>/best.pt or "
                         "--ensemble ensemble.json")

@@ -189,6 +189,8 @@ def test_explain_takes_the_ensemble_as_the_submission_scores(tmp_path, capsys, s
     loaded = LoadedEnsemble.from_json(models, torch.device("cpu"))
     again = write_exam_reports(*args, out=tmp_path / "l", ensemble=loaded, **kw)
     pd.testing.assert_frame_equal(again["views"][cols], by_hand["views"][cols])
+    with pytest.raises(RsnaError, match="threshold given with a loaded ensemble"):
+        write_exam_reports(*args, out=tmp_path / "t", ensemble=loaded, threshold=0.5, **kw)
     code = main(["explain", "--images", str(args[0]), "--csv", str(args[1]), "--ensemble",
                  str(models), "--out", str(tmp_path / "cli"), "--limit", "1", "--quiet",
                  "--device", "cpu"])
