@@ -22,6 +22,7 @@ def test_throughput_scales_the_nearest_measured_size_by_pixels():
         est.throughput("vit_huge", (512, 512))
 
 
+@pytest.mark.heavy          # runs backbones on the CPU (make test; not --fast)
 def test_activation_memory_is_measured_and_grows_with_pixels():
     small = est.activation_bytes("resnet18", (64, 64), probe=(64, 64))
     assert small > 0
@@ -56,6 +57,7 @@ def test_training_step_uses_the_samplers_epoch_and_the_plans_settings(tmp_path):
     assert 60 <= e2.images <= 90 and str(tmp_path / "train.csv") in e2.note
 
 
+@pytest.mark.heavy          # runs backbones on the CPU (make test; not --fast)
 def test_the_kaggle_plan_fits_its_budget_on_one_h100_and_says_its_time(capsys):
     from rsna_utils.app.cli import main
     assert main(["notebooks", "--plan", "kaggle", "--estimate", "--data", "/nonexistent"]) == 0
@@ -210,6 +212,7 @@ def test_calibrate_times_each_model_of_the_plan_here_and_estimates_from_it(capsy
     assert "plan kaggle:" in out
 
 
+@pytest.mark.heavy          # runs backbones on the CPU (make test; not --fast)
 def test_calibrate_step_honours_the_recipe_and_refuses_a_non_finite_loss():
     c = est.calibrate_step(dict(model="resnet18", size=[64, 32], batch_size=2, device="cpu",
                                 csv="/nonexistent.csv", ema_epochs=0.5), steps=2, warmup=1)

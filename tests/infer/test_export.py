@@ -4,6 +4,7 @@ of the plans scores through onnxruntime as through eager PyTorch within `engine.
 provider missing, a layer that does not export, an export whose scores differ) is one line and
 the member in eager PyTorch; a contract of another checkpoint is refused."""
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -28,14 +29,15 @@ SIZE = (64, 32)
 # about 25 s on 2 cores, so the default run takes ConvNeXt-Atto (the same blocks: depthwise 7x7,
 # LayerNorm, GELU MLP, layer scale) and the slow run (-m slow) the Small as well; likewise
 # EfficientNet-Lite0 by default, B2 (about a minute here) and ResNeXt-50 in the slow run.
+# `make test-fast` keeps ResNet18 alone; `make test` runs Lite0, Atto and the breast model too.
 FAMILIES = [
     ("resnet18", "image", "gem"),
     pytest.param("resnext50_32x4d", "image", "gem", marks=pytest.mark.slow),
-    ("tf_efficientnet_lite0", "image", "gem"),
+    pytest.param("tf_efficientnet_lite0", "image", "gem", marks=pytest.mark.heavy),
     pytest.param("efficientnet_b2", "image", "gem", marks=pytest.mark.slow),
-    ("convnext_atto", "image", "max"),
+    pytest.param("convnext_atto", "image", "max", marks=pytest.mark.heavy),
     pytest.param("convnext_small", "image", "max", marks=pytest.mark.slow),
-    ("resnet18", "breast", "gem"),
+    pytest.param("resnet18", "breast", "gem", marks=pytest.mark.heavy),
 ]
 
 
@@ -206,16 +208,26 @@ def test_an_ensemble_json_already_in_out_is_kept_unless_exported_in_place(tmp_pa
     assert ens["checkpoints"] == ["run/best.pt"]
 
 
-def _exported(tmp_path, seed=0):
-    ck = random_checkpoint(tmp_path / "run" / "best.pt", "resnet18", SIZE, seed=seed)
-    export_onnx(ExportConfig(out=str(tmp_path / "onnx"), checkpoints=[str(ck)], check=False))
-    return ck, tmp_path / "onnx" / f"run_best{engine.CONTRACT_SUFFIX}"
+@pytest.fixture(scope="module")
+def exported_once(tmp_path_factory):
+    """A ResNet18 checkpoint (run/best.pt) and its export (onnx/), made once for the tests that
+    each edit a copy."""
+    root = tmp_path_factory.mktemp("exported")
+    ck = random_checkpoint(root / "run" / "best.pt", "resnet18", SIZE, seed=0)
+    export_onnx(ExportConfig(out=str(root / "onnx"), checkpoints=[str(ck)], check=False))
+    return root
 
 
-def test_a_contract_of_the_first_exports_still_loads_and_scores(tmp_path):
+def _exported(tmp_path, once):
+    """A copy of `exported_once` in tmp_path: (the checkpoint, its contract)."""
+    shutil.copytree(once, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "run" / "best.pt", tmp_path / "onnx" / f"run_best{engine.CONTRACT_SUFFIX}"
+
+
+def test_a_contract_of_the_first_exports_still_loads_and_scores(tmp_path, exported_once):
     """A contract as the first `rsna export` wrote it (norm as {"mean", "std"}) reads back into
     the checkpoint's InputSpec, and its member runs exported with the PyTorch scores."""
-    ck, path = _exported(tmp_path)
+    ck, path = _exported(tmp_path, exported_once)
     c = json.loads(path.read_text())
     c["norm"] = {"mean": c["norm"][0], "std": c["norm"][1]}
     path.write_text(json.dumps(c, indent=2))
@@ -230,12 +242,12 @@ def test_a_contract_of_the_first_exports_still_loads_and_scores(tmp_path):
 
 @pytest.mark.parametrize("key, value", [("norm", [[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]),
                                         ("size", [32, 16]), ("level", "breast")])
-def test_a_contract_whose_input_drifted_from_the_checkpoint_runs_in_pytorch(tmp_path, key,
-                                                                             value):
+def test_a_contract_whose_input_drifted_from_the_checkpoint_runs_in_pytorch(tmp_path, key, value,
+                                                                             exported_once):
     """The contract's InputSpec is what the export's batches are made from: one that is not
     the checkpoint's (edited, or written by an exporter that spelled it otherwise) is named
     and the member stays in PyTorch, whose input is the checkpoint's."""
-    ck, path = _exported(tmp_path)
+    ck, path = _exported(tmp_path, exported_once)
     c = json.loads(path.read_text())
     c[key] = value
     path.write_text(json.dumps(c, indent=2))

@@ -130,6 +130,7 @@ def test_the_folder_states_mammo_clip_normalisation_and_source(b2):
     assert "tf_efficientnetv2-detect" in cfg["weights_origin"]
 
 
+@pytest.mark.heavy          # a second B2 forward (make test; not --fast)
 def test_the_comparison_sees_a_batchnorm_in_the_wrong_place(b2, tmp_path, monkeypatch):
     """Negative control: swapping a block's first two BatchNorms keeps every shape (both have the
     expanded width), so only the features can tell; they must."""
@@ -142,6 +143,7 @@ def test_the_comparison_sees_a_batchnorm_in_the_wrong_place(b2, tmp_path, monkey
     assert not torch.allclose(_features(model, x), _reference_features(net, x), **TOL)
 
 
+@pytest.mark.heavy          # a second B2 forward (make test; not --fast)
 def test_static_padding_for_another_size_is_the_one_difference(b2):
     """Mammo-CLIP builds its encoder with efficientnet-pytorch's default size (260 px for B2),
     which pads the stride-2 convolutions for 260 px whatever the input; timm pads for the input

@@ -132,8 +132,10 @@ def test_heat_outside_the_crop_is_zero_at_a_figure_scale():
     assert small[20:80, 8:60].min() > 0.99
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "tf_efficientnet_lite0",
-                                  "efficientnet_b2"])
+@pytest.mark.parametrize("name", ["resnet18",      # the larger two: make test, not --fast
+                                  pytest.param("resnext50_32x4d", marks=pytest.mark.heavy),
+                                  "tf_efficientnet_lite0",
+                                  pytest.param("efficientnet_b2", marks=pytest.mark.heavy)])
 def test_cams_on_every_plan_backbone(name):
     """GeM pooling and an auxiliary head (logit 0 is the cancer): the CAM has the chosen feature
     map's grid (stride 32 or 16), the logits are the model's own, the weights keep their
