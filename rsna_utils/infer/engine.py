@@ -302,12 +302,13 @@ def attach_engines(models: list, device, folder: str | Path | None = None,
         else:
             try:
                 engine = OnnxModel(make_session(onnx, plist), m.model, c["graph"])
-                diff = probe_difference(m.model, engine, c, device)
+                reason = gpu_provider_lost(engine.providers, device)
+                diff = probe_difference(m.model, engine, c, device) if reason is None else None
             except Exception as e:            # noqa: BLE001 - any failure: that member in torch
                 reason = (f"onnxruntime cannot run {onnx.name} ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})")
             else:
-                if not diff <= tol:
+                if reason is None and not diff <= tol:
                     reason = (f"its export scores differ from PyTorch on the probe batch (max "
                               f"|dp| {diff:.2e} > {tol:g}); re-export it, or keep it in torch")
         if reason:
@@ -328,6 +329,21 @@ def attach_engines(models: list, device, folder: str | Path | None = None,
             f"{tol:g})" + (f"; {len(models) - n} in {FALLBACK} (named above)"
                            if n < len(models) else ""))
     return runtimes
+
+
+def gpu_provider_lost(session_providers: list[str], device) -> str | None:
+    """Why a session built for the GPU would not run on it, or None. onnxruntime-gpu lists its
+    CUDA provider whether or not the provider's libraries load; when they do not (a CUDA or
+    cuDNN other than the wheel's: a cu12 wheel beside CUDA 13, or no GPU), the session is built
+    on the CPU provider alone with a log line and no error, and would score hours slower than
+    eager PyTorch on the GPU. Caught here, from what the session says it runs on."""
+    if _device(device).type != "cuda" or any(p in session_providers for p in GPU_PROVIDERS):
+        return None
+    import onnxruntime as ort
+    return (f"onnxruntime {ort.__version__} lists its CUDA provider but could not load it (the "
+            f"session runs on {', '.join(session_providers) or 'nothing'}: its CUDA or cuDNN "
+            f"libraries are not the ones it was built for, or no GPU is visible); the wheel for "
+            f"this torch: {gpu_install()}")
 
 
 def _said(spec) -> str:

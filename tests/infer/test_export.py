@@ -285,3 +285,23 @@ def test_onnxruntime_gpu_is_an_install_line_of_the_gpu_requirements_never_a_requ
         assert not [p for p in read_pins(repo / name) if "onnxruntime" in p], name
         assert engine.gpu_install(f"{cuda}.4") == f"{line} (docs/gpu.md)"
     assert "1.31.1 (CUDA 13) or" in engine.gpu_install("")
+
+
+def test_a_cuda_provider_that_does_not_load_is_named_not_run_on_the_cpu(tmp_path, monkeypatch,
+                                                                         exported_once):
+    """onnxruntime-gpu lists CUDAExecutionProvider even where its libraries do not load (a cu12
+    wheel beside CUDA 13, seen on this machine with the bundle's swap), and then builds the
+    session on the CPU provider without an error. On a GPU that member would score on the CPU:
+    it stays in eager PyTorch with one line instead. Here the CPU wheel plays the part: asked for
+    CUDA it builds a CPU session, as the GPU wheel does when its provider fails to load."""
+    ck, _ = _exported(tmp_path, exported_once)
+    monkeypatch.setattr(engine, "providers",
+                        lambda device_type: (["CUDAExecutionProvider", "CPUExecutionProvider"], ""))
+    (m,), _ = load_models([ck], CPU)
+    before, lines = m.model, []
+    assert attach_engines([m], torch.device("cuda"), tmp_path / "onnx", say=lines.append) == ["torch"]
+    assert m.model is before and len(lines) == 1
+    assert "lists its CUDA provider but could not load it" in lines[0]
+    assert "runs on CPUExecutionProvider" in lines[0] and "pip install onnxruntime-gpu" in lines[0]
+    assert engine.gpu_provider_lost(["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda") is None
+    assert engine.gpu_provider_lost(["CPUExecutionProvider"], "cpu") is None
