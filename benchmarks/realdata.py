@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -124,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--versus", default=None, help="another run folder of this script (same "
                     "--work, same mode): paired patient-bootstrap differences, this run minus "
                     "that one")
+    ap.add_argument("--pool", nargs="+", default=None, metavar="RUN",
+                    help="no training: pool the folders of --all-oof runs of different seeds "
+                         "(run one at a time) and print their AUCs; with --versus-pool, the "
+                         "paired differences over every seed")
+    ap.add_argument("--versus-pool", nargs="+", default=None, metavar="RUN",
+                    help="with --pool: the other recipe's folders, the same seeds")
     ap.add_argument("--work", default=str(REPO / "data" / "realdata"))
     ap.add_argument("--png-size", default="640x320")
     ap.add_argument("--limit", type=int, default=None, help="wrap only about this many images")
@@ -654,6 +661,10 @@ def pair_runs(this: pd.DataFrame, other: pd.DataFrame, which: str) -> tuple:
     if not ca or len(ca) != len(cb):
         raise SystemExit(f"--versus: {len(ca)} seed(s) of {which} there, {len(cb)} here; pair "
                          "runs of the same --seeds")
+    sa, sb = [c.rsplit("_s", 1)[1] for c in ca], [c.rsplit("_s", 1)[1] for c in cb]
+    if sa != sb:
+        raise SystemExit(f"--versus: seeds {', '.join(sa)} there, {', '.join(sb)} here; pair "
+                         "runs of the same --seed (each seed makes its own folds)")
     left = other[["prediction_id", "cancer", "patient_id", *ca]].rename(
         columns={c: f"a{i}" for i, c in enumerate(ca)})
     right = this[["prediction_id", "cancer", *cb]].rename(columns={c: f"b{i}" for i, c in enumerate(cb)})
@@ -664,6 +675,69 @@ def pair_runs(this: pd.DataFrame, other: pd.DataFrame, which: str) -> tuple:
     a = j[[f"a{i}" for i in range(len(ca))]].to_numpy()
     b = j[[f"b{i}" for i in range(len(cb))]].to_numpy()
     return j.cancer.to_numpy(), a, b, j.patient_id.to_numpy()
+
+
+def pool_runs(folders) -> pd.DataFrame:
+    """One oof_breasts.csv table from several --all-oof run folders of different seeds (each
+    run on its own, e.g. one a session): their seed columns side by side, joined by breast.
+    A seed in two folders, or folders that scored other breasts, is refused."""
+    pooled, where = None, {}
+    for f in map(Path, folders):
+        path = f / "oof_breasts.csv"
+        if not path.exists():
+            raise SystemExit(f"{path}: not found; --pool takes the folders of --all-oof runs "
+                             "(oof_<model>_<size><tag>)")
+        t = pd.read_csv(path)
+        cols = [c for c in t.columns if re.fullmatch(r"(best|last|probe)_s\d+", c)]
+        if not cols:
+            raise SystemExit(f"{path}: no score columns (best_s<seed>...); not an --all-oof table")
+        for c in cols:
+            if c in where:
+                raise SystemExit(f"--pool: {c} is in {where[c]} and in {f}; pool runs of "
+                                 "different seeds (--seed)")
+            where[c] = f
+        t = t[["prediction_id", "cancer", "patient_id", *cols]]
+        if pooled is None:
+            pooled = t
+            continue
+        n = max(len(pooled), len(t))
+        pooled = pooled.merge(t.drop(columns="patient_id"), on=["prediction_id", "cancer"])
+        if len(pooled) < 0.95 * n:
+            raise SystemExit(f"--pool: {f} shares only {len(pooled)} of {n} breasts with the "
+                             "folders before it; pool runs of the same wrap (--work, --limit)")
+    return pooled
+
+
+def run_pooled(a) -> int:
+    """--pool A... --versus-pool B...: A's and B's folders pooled seed by seed (`pool_runs`),
+    every breast's difference paired by breast and seed, as one --all-oof --seeds N run would
+    print it; the result file under benchmarks/results."""
+    this, other = pool_runs(a.pool), pool_runs(a.versus_pool) if a.versus_pool else None
+    y = this.cancer.to_numpy()
+    res = dict(mode="pooled", runs=[str(f) for f in a.pool], breasts=int(len(this)),
+               positive_breasts=int(this.cancer.sum()), seeds=seed_columns(this, "best"))
+    from rsna_utils.learn.metrics import roc_auc
+    print(f"pooled: {len(a.pool)} folder(s), {len(this)} breasts ({int(this.cancer.sum())} "
+          f"positive), seeds {', '.join(c.rsplit('_s', 1)[1] for c in seed_columns(this, 'best'))}")
+    for c in ("best", "last"):
+        res[f"{c}_auc_by_seed"] = [float(roc_auc(y, this[k])) for k in seed_columns(this, c)]
+        print(f"  {c:5s} breast AUC by seed: " + ", ".join(f"{v:.3f}" for v in res[f"{c}_auc_by_seed"]))
+    if other is not None:
+        res["versus"] = {"runs": [str(f) for f in a.versus_pool]}
+        print("\nthis minus the --versus-pool folders (paired by breast and seed; 'resolves' = "
+              "half the 95% interval's width):")
+        for c in ("best", "last"):
+            for metric in ("auc", "pr_auc"):
+                r = paired_difference(*pair_runs(this, other, c), metric, n_boot=a.n_boot)
+                res["versus"][f"{c}_{metric}"] = r
+                print_paired(f"{c}.pt breast {metric.replace('_', '-').upper()}", r)
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    name = "+".join(Path(f).name.removeprefix("oof_") for f in a.pool)
+    path = out / f"realdata_{time.strftime('%Y-%m-%d')}_pooled_{a.tag.lstrip('_') or name}.json"
+    path.write_text(json.dumps(res, indent=1, default=float))
+    print(f"wrote {path}")
+    return 0
 
 
 def print_paired(title: str, r: dict) -> None:
@@ -828,6 +902,10 @@ def main(argv: list[str] | None = None) -> int:
     from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
     from rsna_utils.sources.realdata import check_wrapped, wrap
     a = build_parser().parse_args(argv)
+    if a.pool:
+        return run_pooled(a)
+    if a.versus_pool:
+        raise SystemExit("--versus-pool: with --pool only")
     src = a.src or find_realdata()
     if src is None:
         print("no real data: set RSNA_REALDATA or place ../shared/realdata/rsna_dev")

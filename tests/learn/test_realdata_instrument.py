@@ -256,3 +256,50 @@ def test_oof_breasts_average_the_views():
     b = rd.oof_breasts(img, ("best_s42", "last_s42")).set_index("prediction_id")
     assert b.loc["1_L", "best_s42"] == pytest.approx(0.4) and b.loc["1_L", "last_s42"] == 0.5
     assert b.loc["2_R", "cancer"] == 0 and b.loc["1_L", "patient_id"] == "1"
+
+
+def _oof_folder(root: Path, name: str, ids, y, pid, seed: int, scores) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    pd.DataFrame({"prediction_id": ids, "cancer": y, "patient_id": pid,
+                  f"best_s{seed}": scores, f"last_s{seed}": scores[::-1].copy()}).to_csv(
+        d / "oof_breasts.csv", index=False)
+    return d
+
+
+def test_runs_of_separate_seeds_pool_into_one_paired_comparison(tmp_path, monkeypatch, capsys):
+    """--pool / --versus-pool: two invocations of one seed each (seeds 43 and 44, as sessions run
+    them) give the figures one --seeds 2 run would: the mean of the seeds' differences, paired
+    by breast and seed, whatever the row order of each file."""
+    y, a, b, pid = _breasts(seeds=2)
+    ids = [f"{p}_{'LR'[i % 2]}" for i, p in enumerate(pid)]
+    order = np.random.default_rng(0).permutation(len(y))
+    new = [_oof_folder(tmp_path, f"new{s}", ids, y, pid, s, a[:, j]) for j, s in enumerate((43, 44))]
+    win = [_oof_folder(tmp_path, f"win{s}", [ids[i] for i in order], y[order], pid[order], s,
+                       b[order, j]) for j, s in enumerate((43, 44))]
+    this, other = rd.pool_runs(win), rd.pool_runs(new)
+    assert rd.seed_columns(this, "best") == ["best_s43", "best_s44"] and len(this) == len(y)
+    got = rd.paired_difference(*rd.pair_runs(this, other, "best"), n_boot=200)
+    ref = rd.paired_difference(y, a, b, pid, n_boot=200)
+    assert got["difference"] == pytest.approx(ref["difference"]) and got["seeds"] == 2
+    assert got["resolution"] == pytest.approx(ref["resolution"])
+    # the command: printed and written (here under tmp_path, not the repository's results)
+    monkeypatch.setattr(rd, "REPO", tmp_path)
+    assert rd.main(["--pool", *map(str, win), "--versus-pool", *map(str, new),
+                    "--n-boot", "200", "--tag", "_t"]) == 0
+    out = capsys.readouterr().out
+    assert "seeds 43, 44" in out and f"{ref['difference']:+.3f}" in out
+    saved = json.loads((tmp_path / "benchmarks" / "results").glob("*_pooled_t.json").__next__().read_text())
+    assert saved["versus"]["best_auc"]["difference"] == pytest.approx(ref["difference"])
+    # refused: a seed twice, a pairing of other seeds, folders of other breasts
+    with pytest.raises(SystemExit, match="best_s43 is in .* pool runs of different seeds"):
+        rd.pool_runs([new[0], win[0]])
+    with pytest.raises(SystemExit, match="2 seed\(s\) of best there, 1 here"):
+        rd.pair_runs(rd.pool_runs(win[:1]), other, "best")
+    with pytest.raises(SystemExit, match="seeds 44 there, 43 here"):
+        rd.pair_runs(rd.pool_runs(win[:1]), rd.pool_runs(new[1:]), "best")
+    half = _oof_folder(tmp_path, "half", ids[:40], y[:40], pid[:40], 45, a[:40, 0])
+    with pytest.raises(SystemExit, match="shares only 40 of 80 breasts"):
+        rd.pool_runs([new[0], half])
+    with pytest.raises(SystemExit, match="--versus-pool: with --pool only"):
+        rd.main(["--versus-pool", str(new[0])])
