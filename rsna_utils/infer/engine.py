@@ -286,8 +286,11 @@ def attach_engines(models: list, device, folder: str | Path | None = None,
         c = find_contract(m.path, folder)
         contracts.append((c, None if c is None else check_contract(c, m.path)))
     tol = TOLERANCE["half" if device.type == "cuda" else "fp32"]
-    runtimes, worst, used = [], 0.0, set()
-    for m, (c, onnx) in zip(models, contracts):
+    runtimes, worst, used, lost = [], 0.0, set(), None
+    for i, (m, (c, onnx)) in enumerate(zip(models, contracts)):
+        if lost:                   # the provider loads per process: said once, for the rest
+            runtimes.append("torch")
+            continue
         where = Path(folder) if folder is not None else Path(m.path).parent
         reason = None
         if c is None:
@@ -302,13 +305,18 @@ def attach_engines(models: list, device, folder: str | Path | None = None,
         else:
             try:
                 engine = OnnxModel(make_session(onnx, plist), m.model, c["graph"])
-                reason = gpu_provider_lost(engine.providers, device)
-                diff = probe_difference(m.model, engine, c, device) if reason is None else None
+                lost = gpu_provider_lost(engine.providers, device)
+                diff = probe_difference(m.model, engine, c, device) if lost is None else None
             except Exception as e:            # noqa: BLE001 - any failure: that member in torch
                 reason = (f"onnxruntime cannot run {onnx.name} ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})")
             else:
-                if reason is None and not diff <= tol:
+                if lost:
+                    rest = "every member" if i == 0 else f"{m.path} and the members after it"
+                    say(f"runtime onnx: {lost}; {rest} in {FALLBACK}")
+                    runtimes.append("torch")
+                    continue
+                if not diff <= tol:
                     reason = (f"its export scores differ from PyTorch on the probe batch (max "
                               f"|dp| {diff:.2e} > {tol:g}); re-export it, or keep it in torch")
         if reason:

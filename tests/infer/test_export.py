@@ -297,11 +297,13 @@ def test_a_cuda_provider_that_does_not_load_is_named_not_run_on_the_cpu(tmp_path
     ck, _ = _exported(tmp_path, exported_once)
     monkeypatch.setattr(engine, "providers",
                         lambda device_type: (["CUDAExecutionProvider", "CPUExecutionProvider"], ""))
-    (m,), _ = load_models([ck], CPU)
-    before, lines = m.model, []
-    assert attach_engines([m], torch.device("cuda"), tmp_path / "onnx", say=lines.append) == ["torch"]
-    assert m.model is before and len(lines) == 1
+    models, _ = load_models([ck, ck], CPU)
+    before, lines = [m.model for m in models], []
+    assert attach_engines(models, torch.device("cuda"), tmp_path / "onnx",
+                          say=lines.append) == ["torch", "torch"]
+    assert [m.model for m in models] == before and len(lines) == 1      # once, for every member
     assert "lists its CUDA provider but could not load it" in lines[0]
+    assert lines[0].endswith("every member in eager PyTorch")
     assert "runs on CPUExecutionProvider" in lines[0] and "pip install onnxruntime-gpu" in lines[0]
     assert engine.gpu_provider_lost(["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda") is None
     assert engine.gpu_provider_lost(["CPUExecutionProvider"], "cpu") is None
