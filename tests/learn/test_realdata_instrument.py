@@ -294,7 +294,7 @@ def test_runs_of_separate_seeds_pool_into_one_paired_comparison(tmp_path, monkey
     # refused: a seed twice, a pairing of other seeds, folders of other breasts
     with pytest.raises(SystemExit, match="best_s43 is in .* pool runs of different seeds"):
         rd.pool_runs([new[0], win[0]])
-    with pytest.raises(SystemExit, match="2 seed\(s\) of best there, 1 here"):
+    with pytest.raises(SystemExit, match=r"2 seed\(s\) of best there, 1 here"):
         rd.pair_runs(rd.pool_runs(win[:1]), other, "best")
     with pytest.raises(SystemExit, match="seeds 44 there, 43 here"):
         rd.pair_runs(rd.pool_runs(win[:1]), rd.pool_runs(new[1:]), "best")
