@@ -96,8 +96,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     elif not settings.get("checkpoints"):
         raise RsnaError("no --checkpoints given: pass the best.pt files of `rsna train`, or "
                         "--ensemble ENSEMBLE.json (of `rsna oof` or an export), which lists them")
-    if a.ensemble and settings.get("runtime") == "onnx" and not settings.get("engines"):
-        from rsna_utils.infer.engine import engines_folder
+    from rsna_utils.infer.engine import EXPORTED_RUNTIMES, engines_folder
+    if a.ensemble and settings.get("runtime") in EXPORTED_RUNTIMES and not settings.get("engines"):
         settings["engines"] = engines_folder(a.ensemble)
     cfg = PredictConfig(**settings)
     r = predict(cfg)

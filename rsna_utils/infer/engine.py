@@ -14,6 +14,12 @@ the PyTorch model: the member runs in onnxruntime only when the two agree within
 stated tolerance (`TOLERANCE`), so a model that exports wrongly costs speed, never a score.
 `OnnxModel` stands in for the PyTorch model where `predict` calls it (the image models'
 forward, the breast models' `features`; a breast model's attention pooling stays in PyTorch).
+
+`--runtime tensorrt` is the same route with onnxruntime's TensorRT provider ahead of its CUDA
+one (`infer.trt_engine`: FP16 engines built on the GPU they run on, cached per GPU and version).
+Probed like the rest: no GPU, no TensorRT provider, TensorRT's libraries missing, a provider
+that does not load, or an engine TensorRT cannot build: one line, and the members run on the
+CUDA provider (then as above).
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ import sys
 from pathlib import Path
 
 from rsna_utils.core.errors import RsnaError, say_once
+from rsna_utils.infer.trt_engine import (TRT_BATCH, TRT_PROVIDER, tensorrt_cache, tensorrt_install,
+                                         tensorrt_provider, tensorrt_why_not, torch_cuda)
 
 ORT_PIN = "onnxruntime==1.32.0"         # requirements.txt
 # The CUDA provider: onnxruntime-gpu, which replaces onnxruntime (both are the `onnxruntime`
@@ -39,6 +47,8 @@ FORMAT = "rsna-onnx-1"
 TOLERANCE = {"fp32": 1e-4, "half": 2e-2}
 GPU_PROVIDERS = ("CUDAExecutionProvider",)
 FALLBACK = "eager PyTorch"
+EXPORTED_RUNTIMES = ("onnx", "tensorrt")       # the runtimes that run `rsna export`'s models
+RUNTIMES = ("torch",) + EXPORTED_RUNTIMES     # PredictConfig.runtime
 
 
 def sha256(path: str | Path) -> str:
@@ -72,12 +82,7 @@ def providers(device_type: str) -> tuple[list[str] | None, str]:
 def gpu_install(cuda: str | None = None) -> str:
     """The line that swaps onnxruntime for onnxruntime-gpu built for `cuda` (default: the
     CUDA torch was built for), docs/gpu.md's route."""
-    if cuda is None:
-        try:
-            import torch
-            cuda = torch.version.cuda or ""
-        except ImportError:
-            cuda = ""
+    cuda = torch_cuda() if cuda is None else cuda
     pin = ORT_GPU_PINS.get(str(cuda).split(".")[0])
     if pin is None:
         return ("pip uninstall -y onnxruntime, then pip install " + " or ".join(
@@ -185,8 +190,11 @@ class OnnxModel:
     per-view features (the breast graph); anything else (a breast model's `pool`, `eval`) is
     the PyTorch model's. Tensors come back on the input's device."""
 
-    def __init__(self, session, torch_model, graph: str):
+    def __init__(self, session, torch_model, graph: str, max_batch: int | None = None):
+        """`max_batch`: the largest batch the session takes (a TensorRT engine's profile);
+        larger ones are run in parts."""
         self.session, self.torch_model, self.graph = session, torch_model, graph
+        self.max_batch = max_batch
         self.input = session.get_inputs()[0].name
         self.output = session.get_outputs()[0].name
         self.providers = session.get_providers()
@@ -194,6 +202,8 @@ class OnnxModel:
     def run(self, x):
         import numpy as np
         import torch
+        if self.max_batch and x.shape[0] > self.max_batch:
+            return torch.cat([self.run(part) for part in x.split(self.max_batch)])
         if x.is_cuda and "CUDAExecutionProvider" in self.providers:
             return self._run_cuda(x)
         a = np.ascontiguousarray(x.detach().float().cpu().numpy())
@@ -270,17 +280,28 @@ def probe_difference(model, engine: OnnxModel, contract: dict, device, batch: in
 
 
 def attach_engines(models: list, device, folder: str | Path | None = None,
-                   say=None) -> list[str]:
+                   say=None, tensorrt: bool = False) -> list[str]:
     """Put each member's exported model (`OnnxModel`) in its PyTorch model's place where it is
     usable; the others stay in eager PyTorch, each with one line saying why. Returns the
-    runtime of each member ("onnx" or "torch"). Refuses (RsnaError) a contract exported from
-    another checkpoint."""
+    runtime of each member ("onnx" or "torch"). `tensorrt`: onnxruntime's TensorRT provider
+    first (FP16 engines, `tensorrt_cache`) where it loads, else one line and the CUDA provider.
+    Refuses (RsnaError) a contract exported from another checkpoint."""
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     device = _device(device)
+    label = "runtime tensorrt" if tensorrt else "runtime onnx"
     plist, why = providers(device.type)
     if plist is None:
-        say_once(f"runtime onnx: {why}; running every member in {FALLBACK}")
+        say_once(f"{label}: {why}; running every member in {FALLBACK}")
         return ["torch"] * len(models)
+    cache = None
+    if tensorrt:
+        trt_why = tensorrt_why_not(device.type)
+        if trt_why is None:
+            cache = tensorrt_cache(folder if folder is not None else Path(models[0].path).parent,
+                                   device) if models else None
+        else:
+            say_once(f"{label}: {trt_why}; the members run through onnxruntime's "
+                     f"{'CUDA' if device.type == 'cuda' else 'CPU'} provider where they can")
     contracts = []
     for m in models:       # every contract checked before any session is built
         c = find_contract(m.path, folder)
@@ -304,16 +325,31 @@ def attach_engines(models: list, device, folder: str | Path | None = None,
                       f"--checkpoints {m.path} --out {where}")
         else:
             try:
-                engine = OnnxModel(make_session(onnx, plist), m.model, c["graph"])
+                trt = [tensorrt_provider(c, spec, device, cache)] if cache else []
+                try:
+                    session = make_session(onnx, trt + plist)
+                except Exception as e:    # noqa: BLE001 - TensorRT refused it: the CUDA provider
+                    if not trt:
+                        raise
+                    say(f"{m.path}: TensorRT could not build {onnx.name} ({type(e).__name__}: "
+                        f"{_first_line(e)}); it runs on onnxruntime's CUDA provider")
+                    trt, session = [], make_session(onnx, plist)
+                engine = OnnxModel(session, m.model, c["graph"],
+                                   max_batch=TRT_BATCH if trt else None)
+                if trt and TRT_PROVIDER not in engine.providers:   # listed, did not load
+                    say(f"{label}: onnxruntime lists its TensorRT provider but could not load "
+                        f"it (the session runs on {', '.join(engine.providers)}); the members "
+                        f"run on the CUDA provider; TensorRT 10 for this torch: "
+                        f"{tensorrt_install()}")
+                    cache = None                          # said once: the rest as onnx
                 lost = gpu_provider_lost(engine.providers, device)
                 diff = probe_difference(m.model, engine, c, device) if lost is None else None
             except Exception as e:            # noqa: BLE001 - any failure: that member in torch
-                reason = (f"onnxruntime cannot run {onnx.name} ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})")
+                reason = f"onnxruntime cannot run {onnx.name} ({type(e).__name__}: {_first_line(e)})"
             else:
                 if lost:
                     rest = "every member" if i == 0 else f"{m.path} and the members after it"
-                    say(f"runtime onnx: {lost}; {rest} in {FALLBACK}")
+                    say(f"{label}: {lost}; {rest} in {FALLBACK}")
                     runtimes.append("torch")
                     continue
                 if not diff <= tol:
@@ -332,7 +368,7 @@ def attach_engines(models: list, device, folder: str | Path | None = None,
     n = runtimes.count("onnx")
     if n:
         import onnxruntime as ort
-        say(f"runtime onnx: {n} of {len(models)} member(s) through onnxruntime {ort.__version__} "
+        say(f"{label}: {n} of {len(models)} member(s) through onnxruntime {ort.__version__} "
             f"({', '.join(sorted(used))}); probe max |dp| against PyTorch {worst:.1e} (allowed "
             f"{tol:g})" + (f"; {len(models) - n} in {FALLBACK} (named above)"
                            if n < len(models) else ""))
@@ -360,6 +396,11 @@ def _said(spec) -> str:
     return (f"{d['size'][0]}x{d['size'][1]}x{d['channels']}, {d['level']}, mean "
             f"{[round(v, 4) for v in d['norm'][0]]}, std {[round(v, 4) for v in d['norm'][1]]}, "
             f"resize {d['resize']}")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else ""
 
 
 def _device(device):

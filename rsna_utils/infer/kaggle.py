@@ -58,12 +58,13 @@ def ensemble_for_submission(ensemble: str | Path | None = None, oof_runs=(), che
 def submission_config(params, ens: Ensemble, decided: dict):
     """The `PredictConfig` the inference notebook predicts with: its parameters that are
     PredictConfig fields (`params`, its globals(): runtime and engines among them), the
-    ensemble's checkpoints and what the ensemble decides (`decided`). With runtime "onnx" and
-    no engines, an exported `ensemble`'s own folder, as `rsna predict --ensemble` takes it."""
+    ensemble's checkpoints and what the ensemble decides (`decided`). With runtime "onnx" or
+    "tensorrt" and no engines, an exported `ensemble`'s own folder, as `rsna predict --ensemble` takes it."""
     from rsna_utils.infer.predict import PredictConfig
     given = {}
-    if params.get("runtime") == "onnx" and not params.get("engines") and params.get("ensemble"):
-        from rsna_utils.infer.engine import engines_folder
+    from rsna_utils.infer.engine import EXPORTED_RUNTIMES, engines_folder
+    if params.get("runtime") in EXPORTED_RUNTIMES and not params.get("engines") \
+            and params.get("ensemble"):
         given["engines"] = engines_folder(params["ensemble"])
     return PredictConfig.from_namespace(params, checkpoints=ens["checkpoints"],
                                         **{**decided, **given})

@@ -28,6 +28,7 @@ from rsna_utils.core.table import dicom_path
 from rsna_utils.infer.cut import (FALLBACK_FACTOR, FALLBACK_MIN_EXPECTED, OUTPUTS,  # noqa: F401
                                   binarize, binary_cut, breast_output, quantile_share,
                                   resolve_output, validate_submission)
+from rsna_utils.infer.engine import RUNTIMES
 from rsna_utils.infer.scoring import (DicomStream, LoadedEnsemble, add_breast_members,  # noqa: F401
                                       aggregate, batch_input, combine_breast_members,
                                       ensemble_weights, input_groups, load_models,
@@ -92,8 +93,10 @@ class PredictConfig(Config):
                                      gt=0, lt=1, cli=False)
     runtime: str = setting("torch", "torch: eager PyTorch; onnx: each member's export (`rsna "
                            "export --format onnx`) through onnxruntime, probed first; a member "
-                           "it cannot run stays in PyTorch, named", choices=("torch", "onnx"))
-    engines: str | None = setting(None, "with runtime onnx: the folder of `rsna export --out "
+                           "it cannot run stays in PyTorch, named; tensorrt: onnx with "
+                           "onnxruntime's TensorRT provider first (FP16 engines, GPU only; "
+                           "else the CUDA provider, named)", choices=RUNTIMES)
+    engines: str | None = setting(None, "with runtime onnx or tensorrt: the folder of `rsna export --out "
                                   "DIR` (default: --ensemble's folder, else each checkpoint's)")
 
     def __post_init__(self):

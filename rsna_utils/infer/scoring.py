@@ -20,6 +20,7 @@ import pandas as pd
 
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.core.table import dicom_path
+from rsna_utils.infer.engine import EXPORTED_RUNTIMES, attach_engines
 from rsna_utils.infer.ensemble import exported_recipe
 from rsna_utils.learn.checkpoint import DEFAULT_PRIOR, LoadedModel, load_checkpoints
 from rsna_utils.learn.data import raw_batch
@@ -51,13 +52,12 @@ class LoadedEnsemble:
                          **settings) -> "LoadedEnsemble":
         """The members of `paths` (best.pt of `rsna train`, or an export's), each weighted by
         its recipe's vote (`recipe_weights`, ensemble.json's; None: equally), in eager PyTorch
-        or (`runtime` "onnx") through their exports where they run (`infer.engine`)."""
+        or (`runtime` "onnx", "tensorrt") through their exports where they run (`infer.engine`)."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         models, pre = load_models(list(paths), device)
-        if runtime == "onnx":
-            from rsna_utils.infer.engine import attach_engines
-            attach_engines(models, device, engines)
+        if runtime in EXPORTED_RUNTIMES:
+            attach_engines(models, device, engines, tensorrt=runtime == "tensorrt")
         set_recipe_weights(models, recipe_weights)
         return cls(models, pre, device, source=", ".join(map(str, paths))[:200], **settings)
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pydicom
 import pytest
 from conftest import TESTDATA, needs_testdata
+from fakes import FakeGpuDecoder
 
 from rsna_utils.core import errors as errors_mod
 from rsna_utils.core.errors import DecodeError
@@ -197,37 +198,6 @@ def test_cuda_predict_uses_the_gpu_path(tmp_path, synth_small):
 
 
 # ---- the routing rule: self-test probes decide what a GPU decoder may decode ----------------
-
-class FakeGpuDecoder:
-    """Decodes with imagecodecs, then behaves as a GPU decoder might: "exact", "scaled" (DALI's
-    16-bit scaling of P < 16-bit codestreams), "wrong" (one pixel off) or "none" (rejects),
-    for the codestream kinds in `kinds` (the others decode exactly)."""
-
-    def __init__(self, how: str, kinds=("jp2", "j2k", "jpeg")):
-        self.how, self.kinds, self.device, self.calls = how, kinds, "cpu", 0
-
-    def decode(self, frames):
-        import torch
-        out = []
-        for f in frames:
-            self.calls += 1
-            cs = parse_codestream(f)
-            try:
-                x = gpu_batch.cpu_decode_frame(f, cs.kind).astype(np.int64)
-            except Exception:
-                out.append(None)
-                continue
-            how = self.how if cs.kind in self.kinds else "exact"
-            if how == "none":
-                out.append(None)
-                continue
-            if how == "scaled" and cs.precision < 16:
-                x = np.rint(x * 65535 / (2 ** cs.precision - 1))
-            elif how == "wrong":
-                x[x.shape[0] // 2, x.shape[1] // 2] += 1
-            out.append(torch.from_numpy(x.astype(np.int32)))
-        return out
-
 
 @pytest.mark.parametrize("how, mode", [("exact", "exact"), ("scaled", "scaled"), ("wrong", "wrong"),
                                        ("none", "wrong")])

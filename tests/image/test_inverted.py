@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+from fakes import FakeGpuDecoder, negative_dicom
 
 from rsna_utils.core.errors import RsnaError
 from rsna_utils.image import roi
@@ -21,43 +22,13 @@ def _first_monochrome2(root):
     raise AssertionError("the synthetic set has no MONOCHROME2 image")
 
 
-def _negative(src, dst, photometric, j2k=False):
-    """The image's stored values mirrored (background now at the top of the range), written
-    uncompressed (or JPEG 2000 lossless, which the GPU path decodes), labelled `photometric`,
-    without its window (min-max fallback)."""
-    ds = pydicom.dcmread(src)
-    a = ds.pixel_array.astype(np.uint16)
-    top = 2 ** int(ds.BitsStored) - 1
-    neg = (top - a).astype(np.uint16)
-    if j2k:
-        import imagecodecs
-        from pydicom.encaps import encapsulate
-        frame = imagecodecs.jpeg2k_encode(neg, level=0, reversible=True, codecformat="j2k",
-                                          bitspersample=int(ds.BitsStored), numthreads=1)
-        ds.PixelData = encapsulate([bytes(frame)])
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    else:
-        ds.PixelData = neg.tobytes()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.PhotometricInterpretation = photometric
-    for tag in ("WindowCenter", "WindowWidth", "VOILUTSequence", "VOILUTFunction",
-                "PixelPaddingValue"):
-        if tag in ds:
-            delattr(ds, tag)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(dst, enforce_file_format=True)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, synth_small):
     """(a correct MONOCHROME2 file, the same negative labelled MONOCHROME1 (right), the same
     negative labelled MONOCHROME2 (wrong))."""
     d = tmp_path_factory.mktemp("inv")
     src = _first_monochrome2(synth_small)
-    return src, _negative(src, d / "m1.dcm", "MONOCHROME1"), _negative(src, d / "m2.dcm", "MONOCHROME2")
+    return src, negative_dicom(src, d / "m1.dcm", "MONOCHROME1"), negative_dicom(src, d / "m2.dcm", "MONOCHROME2")
 
 
 def test_looks_inverted_by_the_edges_for_every_dtype():
@@ -112,14 +83,13 @@ def test_the_gpu_pipeline_counts_and_fixes_them_as_the_cpu_one(tmp_path, pair):
     """GpuPreprocessor (torch kernel on the CPU, a decoder that behaves as a GPU one) on a
     JPEG 2000 negative: the same flag, summary and pixels as the CPU pipeline."""
     import cv2
-    from test_gpu import FakeGpuDecoder
 
     from rsna_utils.image import gpu
     src, right, _ = pair
     images = tmp_path / "images" / "1"
     images.mkdir(parents=True)
     (images / "10.dcm").write_bytes(right.read_bytes())
-    _negative(src, images / "11.dcm", "MONOCHROME2", j2k=True)
+    negative_dicom(src, images / "11.dcm", "MONOCHROME2", j2k=True)
     cfg = PreprocessConfig(size=(64, 32), inverted="fix")
     g = gpu.GpuPreprocessor(cfg, backend="fake", device="cpu", batch_size=4, progress=False,
                             decoder=FakeGpuDecoder("exact")).run(tmp_path / "images", None, tmp_path / "g")
@@ -215,7 +185,7 @@ def test_a_gpu_backend_fixes_a_jpeg2000_negative_as_the_cpu_does(tmp_path, pair,
     src, _, _ = pair
     images = tmp_path / "images" / "1"
     images.mkdir(parents=True)
-    _negative(src, images / "11.dcm", "MONOCHROME2", j2k=True)
+    negative_dicom(src, images / "11.dcm", "MONOCHROME2", j2k=True)
     cfg = PreprocessConfig(size=(64, 32), inverted="fix")
     device = "cuda" if gpu_batch.cuda_available() else "cpu"
     g = gpu.GpuPreprocessor(cfg, backend=backend, device=device, batch_size=4,

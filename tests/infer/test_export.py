@@ -307,3 +307,86 @@ def test_a_cuda_provider_that_does_not_load_is_named_not_run_on_the_cpu(tmp_path
     assert "runs on CPUExecutionProvider" in lines[0] and "pip install onnxruntime-gpu" in lines[0]
     assert engine.gpu_provider_lost(["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda") is None
     assert engine.gpu_provider_lost(["CPUExecutionProvider"], "cpu") is None
+
+
+def test_runtime_tensorrt_without_a_gpu_says_so_once_and_runs_on_the_cpu_provider(
+        tmp_path, monkeypatch, capsys, exported_once):
+    ck, _ = _exported(tmp_path, exported_once)
+    monkeypatch.setattr(errors, "_SAID", set())
+    (ref,), _ = load_models([ck], CPU)
+    models, _ = load_models([ck, ck], CPU)
+    lines = []
+    assert attach_engines(models, CPU, tmp_path / "onnx", say=lines.append,
+                          tensorrt=True) == ["onnx", "onnx"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["runtime tensorrt: TensorRT needs a CUDA device (this one is cpu); the "
+                   "members run through onnxruntime's CPU provider where they can"]
+    assert lines[-1].startswith("runtime tensorrt: 2 of 2 member(s) through onnxruntime")
+    assert all(m.model.max_batch is None for m in models)      # no TensorRT profile to keep to
+    x = engine.probe_batch(ref.input, CPU, 3)
+    assert np.abs(_scores(ref, x)[0] - _scores(models[0], x)[0]).max() <= TOLERANCE["fp32"]
+
+
+def test_a_tensorrt_provider_that_does_not_load_or_build_is_named_and_cuda_taken(
+        tmp_path, monkeypatch, exported_once):
+    """onnxruntime-gpu lists its TensorRT provider whether or not TensorRT loads, and builds
+    the session without it when it does not: said once, the CUDA provider runs the members. An
+    engine TensorRT cannot build (an unsupported layer) costs that member the provider, not the
+    run. Here the CPU wheel plays the GPU wheel (asked for TensorRT and CUDA it builds a CPU
+    session), so the CUDA provider is then lost too, and the members stay in PyTorch."""
+    ck, _ = _exported(tmp_path, exported_once)
+    monkeypatch.setattr(engine, "providers",
+                        lambda device_type: (["CUDAExecutionProvider", "CPUExecutionProvider"], ""))
+    monkeypatch.setattr(engine, "tensorrt_why_not", lambda device_type: None)
+    monkeypatch.setattr(engine, "torch_cuda", lambda: "13.0")
+    import rsna_utils.infer.trt_engine as trt
+    monkeypatch.setattr(trt, "torch_cuda", lambda: "13.0")
+    monkeypatch.setattr(engine, "tensorrt_cache", lambda base, device: tmp_path / "cache")
+    asked = []
+    real = engine.make_session
+
+    def session(onnx, plist, threads=None):
+        asked.append([p if isinstance(p, str) else p[0] for p in plist])
+        return real(onnx, plist, threads)
+    monkeypatch.setattr(engine, "make_session", session)
+    models, _ = load_models([ck, ck], CPU)
+    lines = []
+    assert attach_engines(models, torch.device("cuda"), tmp_path / "onnx", say=lines.append,
+                          tensorrt=True) == ["torch", "torch"]
+    assert asked == [["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]]
+    assert lines[0].startswith("runtime tensorrt: onnxruntime lists its TensorRT provider but "
+                               "could not load it (the session runs on CPUExecutionProvider)")
+    assert lines[0].endswith("pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13-libs==10.16.1.11 "
+        "(docs/gpu.md)")
+    assert "lists its CUDA provider but could not load it" in lines[1] and len(lines) == 2
+
+    def refuses(onnx, plist, threads=None):                      # TensorRT cannot build it
+        asked.append([p if isinstance(p, str) else p[0] for p in plist])
+        if not isinstance(plist[0], str):
+            raise RuntimeError("TensorRT EP failed to create engine from network\nmore")
+        return real(onnx, plist, threads)
+    monkeypatch.setattr(engine, "make_session", refuses)
+    asked.clear()
+    lines.clear()
+    models, _ = load_models([ck], CPU)
+    assert attach_engines(models, torch.device("cuda"), tmp_path / "onnx", say=lines.append,
+                          tensorrt=True) == ["torch"]
+    assert asked == [["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+                     ["CUDAExecutionProvider", "CPUExecutionProvider"]]
+    assert lines[0] == (f"{ck}: TensorRT could not build run_best.onnx (RuntimeError: TensorRT "
+                        "EP failed to create engine from network); it runs on onnxruntime's "
+                        "CUDA provider")
+
+
+def test_a_batch_larger_than_the_engines_profile_is_run_in_parts(tmp_path, exported_once):
+    ck, _ = _exported(tmp_path, exported_once)
+    models, _ = load_models([ck], CPU)
+    attach_engines(models, CPU, tmp_path / "onnx", say=lambda line: None)
+    whole = models[0].model
+    calls = []
+    parts = engine.OnnxModel(whole.session, whole.torch_model, whole.graph, max_batch=2)
+    run = parts.session.run
+    parts.session = type("S", (), {"run": lambda self, out, feed: calls.append(
+        len(next(iter(feed.values())))) or run(out, feed)})()
+    x = engine.probe_batch(models[0].input, CPU, 5)
+    assert torch.allclose(parts(x), whole(x), atol=1e-6) and calls == [2, 2, 1]

@@ -370,7 +370,7 @@ def test_an_exported_ensemble_keeps_the_recipes_of_its_run_folders(tmp_path, tin
 
 def test_an_image_that_looks_inverted_is_scored_and_named_in_the_warnings(tmp_path, synth_small,
                                                                          tiny_ckpt):
-    from test_inverted import _negative
+    from fakes import negative_dicom
     images = tmp_path / "test_images"
     shutil.copytree(synth_small / "test_images", images)
     import pydicom
@@ -379,7 +379,7 @@ def test_an_image_that_looks_inverted_is_scored_and_named_in_the_warnings(tmp_pa
         images / str(r.patient_id) / f"{r.image_id}.dcm", stop_before_pixels=True)
         .PhotometricInterpretation == "MONOCHROME2")
     path = images / str(row.patient_id) / f"{row.image_id}.dcm"
-    bad = _negative(path, tmp_path / "neg.dcm", "MONOCHROME2")      # a negative labelled M2
+    bad = negative_dicom(path, tmp_path / "neg.dcm", "MONOCHROME2")      # a negative labelled M2
     path.write_bytes(bad.read_bytes())
     res = predict(images, synth_small / "test.csv", [tiny_ckpt], tmp_path / "s.csv",
                   workers=0, device="cpu", progress=False)

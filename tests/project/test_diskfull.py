@@ -103,7 +103,7 @@ def test_a_full_disk_in_a_worker_stops_the_pool(tmp_path, synth_small):
 
 
 def test_a_full_disk_stops_the_gpu_pipeline(tmp_path, synth_small, monkeypatch):
-    from test_gpu import FakeGpuDecoder
+    from fakes import FakeGpuDecoder
 
     from rsna_utils.image import gpu
     images, csv, out = synth_small / "train_images", synth_small / "train.csv", tmp_path / "g"

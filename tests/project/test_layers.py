@@ -227,6 +227,20 @@ def test_the_tests_mirror_the_package_folders():
     assert {f.parent.name for f in TESTS.rglob("test_*.py")} == {*RANK, PROJECT}   # each has tests
 
 
+def test_no_test_file_imports_another():
+    """A test file that imports another (`from test_gpu import ...`) runs only when pytest has
+    already put the other's folder on sys.path: `pytest tests/infer` alone failed so. Shared
+    helpers live in tests/ (conftest.py, fakes.py, fuzz.py)."""
+    bad = []
+    for f in sorted(TESTS.rglob("test_*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{f.relative_to(TESTS)}:{node.lineno} imports {n}" for n in names
+                    if n.split(".")[0].startswith("test_")]
+    assert not bad, "move what they share into tests/fakes.py: " + "; ".join(bad)
+
+
 def test_the_mirror_check_refuses_a_flat_layout_a_stray_folder_and_a_repeated_name(tmp_path):
     for rel in ("learn/test_train.py", "project/test_docs.py", "test_voi.py", "misc/test_x.py",
                 "image/old/test_y.py", "image/test_train.py", "learn/helper.py", "conftest.py"):
