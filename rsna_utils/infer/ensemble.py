@@ -143,7 +143,7 @@ class Ensemble(dict):
         out = {"threshold": given.get("threshold", self.get("threshold")),
                "agg": self.get("agg", "mean")}
         if self.get("recipe_weights"):
-            out["member_weights"] = self["recipe_weights"]
+            out["member_weights"] = recipe_weights(self["recipe_weights"])
         if follow_tta or self.cuts(given):
             out["tta"] = self.submission_tta(given, source)
         if output in (None, "binary"):      # an ensemble alone: binary at its cut
@@ -190,6 +190,17 @@ class Ensemble(dict):
             if isinstance(recipe, str) and recipe and there == here:
                 return recipe
         return None
+
+
+def recipe_weights(weights: dict) -> dict:
+    """ensemble.json's "recipe_weights" keyed as this version keys recipes (`canonical_recipe`:
+    a 0.2 file's keys held whole paths); two keys that become one add their votes."""
+    from rsna_utils.learn.checkpoint import canonical_recipe
+    out: dict = {}
+    for k, w in weights.items():
+        k = canonical_recipe(k)
+        out[k] = out[k] + w if k in out else w
+    return out
 
 
 def exported_recipe(checkpoint: Path) -> str | None:

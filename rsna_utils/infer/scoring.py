@@ -22,6 +22,7 @@ from rsna_utils.core.errors import RsnaError
 from rsna_utils.core.table import dicom_path
 from rsna_utils.infer.engine import EXPORTED_RUNTIMES, attach_engines
 from rsna_utils.infer.ensemble import exported_recipe
+from rsna_utils.infer.ensemble import recipe_weights as ensemble_recipe_weights
 from rsna_utils.learn.checkpoint import DEFAULT_PRIOR, LoadedModel, load_checkpoints
 from rsna_utils.learn.data import raw_batch
 
@@ -166,7 +167,9 @@ def ensemble_weights(models: list[LoadedModel]) -> np.ndarray:
 
 
 def set_recipe_weights(models: list[LoadedModel], recipe_weights: dict | None) -> None:
-    """Give each checkpoint its recipe's weight from ensemble.json ("recipe_weights")."""
+    """Give each checkpoint its recipe's weight from ensemble.json ("recipe_weights", keyed as
+    this version keys recipes: `ensemble.recipe_weights`)."""
+    recipe_weights = recipe_weights and ensemble_recipe_weights(recipe_weights)
     missing = [m.path for m in models if recipe_weights and m.recipe not in recipe_weights]
     if missing:
         raise RsnaError(f"{missing[0]}: its training recipe has no weight in the ensemble "

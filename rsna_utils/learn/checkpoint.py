@@ -230,11 +230,14 @@ def save_checkpoint(obj: dict, path: str | Path) -> None:
 CONFIG_FILE = "config.json"
 
 
-# config.json fields that differ between the folds of one model without changing the model
-# fields that vary between the runs of one recipe and do not change the model. The input paths
-# stay in: the PNG folder is what says how the images were preprocessed (pad or stretch, bits)
+# config.json fields that vary between the runs of one recipe and do not change the model
 PER_RUN_FIELDS = frozenset({"fold", "out", "resume", "overwrite", "progress", "workers", "device",
                             "cache"})
+# Input paths: a recipe keeps their last part only. The PNG folder's name is what tells two
+# preprocessings apart (png_roi, png_stretch); where it lies is not the recipe, so folds trained
+# in a clone and on /kaggle/input are one recipe. Two recipes whose folders share a name and
+# whose folds overlap are refused by `rsna oof` (each image once per model).
+LOCATION_FIELDS = ("data", "csv", "pretrained_path")
 
 
 _FOLD_RE = re.compile(r"^(?P<stem>.*?)[_\-.]?fold[_\-]?(?P<fold>\d+)$", re.IGNORECASE)
@@ -242,8 +245,6 @@ _FOLD_RE = re.compile(r"^(?P<stem>.*?)[_\-.]?fold[_\-]?(?P<fold>\d+)$", re.IGNOR
 
 def _train_defaults() -> dict:
     """TrainConfig's fields at their defaults, as config.json spells them."""
-
-
     return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
             for f in dataclasses.fields(TrainConfig)}
 
@@ -284,9 +285,34 @@ def recipe_key(cfg: dict | None, run: Path) -> tuple[str, str]:
         except (RsnaError, KeyError):
             pass
         name = str(cfg.get("model", folder_model_fold(run)[0]))
-        return "config:" + json.dumps(recipe, sort_keys=True, default=str), name
+        return "config:" + json.dumps(_unlocated(recipe), sort_keys=True, default=str), name
     folder_model = folder_model_fold(run)[0]
     return "folder:" + folder_model, folder_model
+
+
+def _unlocated(recipe: dict) -> dict:
+    """The recipe with each input path (LOCATION_FIELDS) cut to its last part."""
+    out = dict(recipe)
+    for k in LOCATION_FIELDS:
+        v = out.get(k)
+        if isinstance(v, str) and ("/" in v or "\\" in v):
+            out[k] = v.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or v
+    return out
+
+
+def canonical_recipe(key):
+    """A recipe key as this version writes it. Keys written by 0.2 (in an exported ensemble.json:
+    "recipes", "recipe_weights") hashed the whole input paths; their paths are cut here as
+    `recipe_key` cuts them, so those files still weigh and name the same checkpoints."""
+    if not isinstance(key, str) or not key.startswith("config:"):
+        return key
+    try:
+        recipe = json.loads(key[len("config:"):])
+    except json.JSONDecodeError:
+        return key
+    if not isinstance(recipe, dict):
+        return key
+    return "config:" + json.dumps(_unlocated(recipe), sort_keys=True, default=str)
 
 
 def checkpoint_recipe(path: str | Path, stored: dict | None, exported=None) -> str:
@@ -303,7 +329,7 @@ def checkpoint_recipe(path: str | Path, stored: dict | None, exported=None) -> s
     if cfg is None and exported is not None:
         key = exported(Path(path))
         if key:
-            return key
+            return canonical_recipe(key)
     return recipe_key(cfg or stored, run)[0]
 
 

@@ -233,6 +233,33 @@ def test_a_size_is_one_recipe_however_it_is_spelled(tmp_path):
     assert recipe_key(old, tmp_path) == recipe_key(asdict(b), tmp_path)
 
 
+def test_where_a_recipe_was_trained_is_not_the_recipe(tmp_path):
+    """The same folds trained in a clone and on /kaggle/input were two recipes (their keys held
+    the whole data, csv and weights paths): `rsna oof` and predict split one model into two.
+    The folders' names still tell two preprocessings apart."""
+    from dataclasses import asdict
+
+    from rsna_utils.learn.checkpoint import canonical_recipe, recipe_key
+    here = asdict(TrainConfig(data="data/png_roi", csv="data/synthetic/train.csv",
+                              pretrained_path="weights/lite0.pth"))
+    kaggle = {**here, "data": "/kaggle/input/rsna-pngs/png_roi/", "csv":
+              "/kaggle/input/rsna-breast-cancer-detection/train.csv",
+              "pretrained_path": "/kaggle/input/w/lite0.pth"}
+    assert recipe_key(here, tmp_path) == recipe_key(kaggle, tmp_path)
+    assert recipe_key({**here, "data": "data/png_stretch"}, tmp_path) != recipe_key(here, tmp_path)
+    assert recipe_key({**here, "pretrained_path": "pypi"}, tmp_path) != recipe_key(here, tmp_path)
+    # a key 0.2 wrote (whole paths) reads as this version's, and this version's stays itself
+    import json
+    old = "config:" + json.dumps({k: v for k, v in kaggle.items() if k not in (
+        "fold", "out", "resume", "overwrite", "progress", "workers", "device", "cache")},
+        sort_keys=True, default=str)
+    assert old != recipe_key(here, tmp_path)[0]
+    assert canonical_recipe(old) == recipe_key(here, tmp_path)[0]
+    assert canonical_recipe(canonical_recipe(old)) == canonical_recipe(old)
+    assert canonical_recipe("folder:r18") == "folder:r18" and canonical_recipe("config:{") == \
+        "config:{"
+
+
 def _entry_points():
     from rsna_utils.infer.oof import OofConfig, write_ensemble
     from rsna_utils.reports.evaluate import EvaluateConfig, evaluate_predictions

@@ -470,3 +470,31 @@ def test_inference_builds_each_input_once_for_all_folds_and_flips(tmp_path, synt
         with torch.inference_mode():
             want += w * cancer_probability(m.model, x, True).numpy()
     np.testing.assert_allclose(r.images["prediction"].to_numpy(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_an_ensemble_written_by_0_2_still_weighs_its_checkpoints_moved_elsewhere(tmp_path,
+                                                                                 tiny_ckpt):
+    """0.2 keyed "recipe_weights" and "recipes" by recipes holding the runs' whole data and csv
+    paths; its ensemble.json, read where the runs' folders say another place, still gives each
+    checkpoint its recipe's vote (the same keys, their paths cut as this version cuts them)."""
+    from rsna_utils.infer.scoring import LoadedEnsemble
+    from rsna_utils.learn.checkpoint import PER_RUN_FIELDS, _train_defaults, recipe_key
+    base = torch.load(tiny_ckpt, weights_only=False)
+    runs, old_keys = [], []
+    for name, seed in (("a", 1), ("b", 2)):
+        cfg = {**base["config"], "seed": seed, "data": f"/home/me/rsna/png{name}",
+               "csv": "/home/me/rsna/train.csv", "out": f"/home/me/runs/{name}"}
+        recipe = {k: v for k, v in {**_train_defaults(), **cfg}.items() if k not in PER_RUN_FIELDS}
+        old_keys.append("config:" + json.dumps(recipe, sort_keys=True, default=str))  # as 0.2
+        here = {**cfg, "data": str(tmp_path / "input" / f"png{name}"),
+                "csv": str(tmp_path / "input" / "train.csv")}           # the runs, moved
+        (tmp_path / name).mkdir()
+        torch.save({**base, "config": here}, tmp_path / name / "best.pt")
+        (tmp_path / name / "config.json").write_text(json.dumps(here))
+        assert recipe_key(here, tmp_path / name)[0] != old_keys[-1]
+        runs.append(f"{name}/best.pt")
+    (tmp_path / "ensemble.json").write_text(json.dumps({
+        "checkpoints": runs, "recipes": old_keys, "threshold": 0.5, "agg": "mean",
+        "recipe_weights": {old_keys[0]: 0.75, old_keys[1]: 0.25}}))
+    ens = LoadedEnsemble.from_json(tmp_path / "ensemble.json", torch.device("cpu"))
+    assert [m.recipe_weight for m in ens.models] == [0.75, 0.25]
