@@ -296,9 +296,13 @@ def attach_engines(models: list, device, folder: str | Path | None = None,
     cache = None
     if tensorrt:
         trt_why = tensorrt_why_not(device.type)
-        if trt_why is None:
+        if trt_why is None and models:
             cache = tensorrt_cache(folder if folder is not None else Path(models[0].path).parent,
-                                   device) if models else None
+                                   device)
+            built = cache.is_dir() and any(cache.glob("*.engine"))
+            say(f"{label}: " + (f"TensorRT engines of this GPU and version in {cache}" if built
+                                else f"TensorRT builds each member's engine as it loads (minutes "
+                                     f"each, once for this GPU and version: kept in {cache})"))
         else:
             say_once(f"{label}: {trt_why}; the members run through onnxruntime's "
                      f"{'CUDA' if device.type == 'cuda' else 'CPU'} provider where they can")
@@ -345,7 +349,8 @@ def attach_engines(models: list, device, folder: str | Path | None = None,
                 lost = gpu_provider_lost(engine.providers, device)
                 diff = probe_difference(m.model, engine, c, device) if lost is None else None
             except Exception as e:            # noqa: BLE001 - any failure: that member in torch
-                reason = f"onnxruntime cannot run {onnx.name} ({type(e).__name__}: {_first_line(e)})"
+                reason = (f"onnxruntime cannot run {onnx.name} ({type(e).__name__}: "
+                          f"{_first_line(e)})")
             else:
                 if lost:
                     rest = "every member" if i == 0 else f"{m.path} and the members after it"

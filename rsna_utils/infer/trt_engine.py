@@ -42,7 +42,8 @@ def tensorrt_why_not(device_type: str) -> str | None:
     try:
         import onnxruntime as ort
     except ImportError as e:
-        return f"onnxruntime is not installed ({e}; onnxruntime-gpu carries the provider: docs/gpu.md)"
+        return (f"onnxruntime is not installed ({e}; onnxruntime-gpu carries the provider: "
+                "docs/gpu.md)")
     if TRT_PROVIDER not in ort.get_available_providers():
         return (f"onnxruntime {ort.__version__} has no TensorRT execution provider (it has "
                 f"{', '.join(ort.get_available_providers())}; onnxruntime-gpu carries it: "

@@ -354,11 +354,16 @@ def test_a_tensorrt_provider_that_does_not_load_or_build_is_named_and_cuda_taken
     assert attach_engines(models, torch.device("cuda"), tmp_path / "onnx", say=lines.append,
                           tensorrt=True) == ["torch"]
     assert asked == [["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]]
+    assert lines.pop(0) == ("runtime tensorrt: TensorRT builds each member's engine as it loads "
+                            f"(minutes each, once for this GPU and version: kept in "
+                            f"{tmp_path / 'cache'})")
     assert lines[0].startswith("runtime tensorrt: onnxruntime lists its TensorRT provider but "
                                "could not load it (the session runs on CPUExecutionProvider)")
-    assert lines[0].endswith("pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13-libs==10.16.1.11 "
-        "(docs/gpu.md)")
+    assert lines[0].endswith("pip install --extra-index-url https://pypi.nvidia.com "
+                             "tensorrt-cu13-libs==10.16.1.11 (docs/gpu.md)")
     assert "lists its CUDA provider but could not load it" in lines[1] and len(lines) == 2
+    (tmp_path / "cache").mkdir()                      # engines built before, on this GPU
+    (tmp_path / "cache" / "TensorrtExecutionProvider_TRTKernel_graph_0_fp16_sm75.engine").touch()
 
     def refuses(onnx, plist, threads=None):                      # TensorRT cannot build it
         asked.append([p if isinstance(p, str) else p[0] for p in plist])
@@ -373,6 +378,8 @@ def test_a_tensorrt_provider_that_does_not_load_or_build_is_named_and_cuda_taken
                           tensorrt=True) == ["torch"]
     assert asked == [["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
                      ["CUDAExecutionProvider", "CPUExecutionProvider"]]
+    assert lines.pop(0) == ("runtime tensorrt: TensorRT engines of this GPU and version in "
+                            f"{tmp_path / 'cache'}")
     assert lines[0] == (f"{ck}: TensorRT could not build run_best.onnx (RuntimeError: TensorRT "
                         "EP failed to create engine from network); it runs on onnxruntime's "
                         "CUDA provider")
