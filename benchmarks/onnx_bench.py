@@ -9,7 +9,11 @@ the ratio onnxruntime / PyTorch (median of the per-round ratios, with its range)
 
     python benchmarks/onnx_bench.py [--size 256x128] [--batch 8] [--rounds 5] [--threads 2]
         [--models resnet18,resnext50_32x4d,tf_efficientnet_lite0,efficientnet_b2,
-                  convnext_small,breast:resnet18]
+                  convnext_small,breast:resnet18] [--device cuda] [--runtime tensorrt]
+
+On a GPU (`--device cuda`, for issue 42's table) PyTorch runs as predict runs it there (autocast
+fp16/bf16) and onnxruntime on its CUDA provider (`--runtime onnx`) or TensorRT FP16 first
+(`--runtime tensorrt`); a member that falls back is named and the run stops for it.
 """
 from __future__ import annotations
 
@@ -29,12 +33,16 @@ DEFAULT_MODELS = ("resnet18,resnext50_32x4d,tf_efficientnet_lite0,efficientnet_b
 
 
 def _timed(fn, x) -> tuple[float, object]:
+    import torch
     t = time.perf_counter()
-    out = fn(x)
+    out = fn(x)                       # numpy on the host: the device has finished
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
     return time.perf_counter() - t, out
 
 
-def bench_one(spec: str, size, batch: int, rounds: int, threads: int, root: Path) -> dict:
+def bench_one(spec: str, size, batch: int, rounds: int, threads: int, root: Path,
+              device: str = "cpu", runtime: str = "onnx") -> dict:
     import numpy as np
     import torch
 
@@ -42,6 +50,7 @@ def bench_one(spec: str, size, batch: int, rounds: int, threads: int, root: Path
     from rsna_utils.infer.export import ExportConfig, export_onnx, random_checkpoint
     from rsna_utils.infer.scoring import load_models
     from rsna_utils.learn.checkpoint import cancer_probability
+    from rsna_utils.learn.device import half_dtype
     level, _, name = spec.rpartition(":")
     level = level or "image"
     pool = "max" if name.startswith("convnext") else "gem"
@@ -50,30 +59,35 @@ def bench_one(spec: str, size, batch: int, rounds: int, threads: int, root: Path
     export_onnx(ExportConfig(out=str(root / "onnx"), checkpoints=[str(ck)]),
                 progress=lambda s: None)
     export_s = time.perf_counter() - t
-    cpu = torch.device("cpu")
-    (ref,), _ = load_models([ck], cpu)
-    (exp,), _ = load_models([ck], cpu)
-    orig = engine.make_session
-    engine.make_session = lambda p, pl, threads_=threads: orig(p, pl, threads_)   # same cores
+    dev = torch.device(device)
+    (ref,), _ = load_models([ck], dev)
+    (exp,), _ = load_models([ck], dev)
+    orig, said = engine.make_session, []
+    if dev.type == "cpu":                                                        # same cores
+        engine.make_session = lambda p, pl, threads_=threads: orig(p, pl, threads_)
     try:
-        runtime = engine.attach_engines([exp], cpu, root / "onnx", say=lambda s: None)
+        ran = engine.attach_engines([exp], dev, root / "onnx", say=said.append,
+                                    tensorrt=runtime == "tensorrt")
     finally:
         engine.make_session = orig
-    if runtime != ["onnx"]:
-        raise SystemExit(f"{spec}: did not run through onnxruntime")
+    if ran != ["onnx"]:
+        raise SystemExit(f"{spec}: did not run through onnxruntime: " + " | ".join(said))
+    half = half_dtype(dev)
 
     def score(m):
         def run(x):
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=half,
+                                                        enabled=half is not None):
                 if m.level == "breast":
                     f = m.model.features(x).float()
-                    out, _ = m.model.pool(f[:, None], torch.ones(len(x), 1, dtype=torch.bool))
-                    return torch.sigmoid(out[:, 0]).numpy()
-                return cancer_probability(m.model, x).numpy()
+                    mask = torch.ones(len(x), 1, dtype=torch.bool, device=dev)
+                    out, _ = m.model.pool(f[:, None], mask)
+                    return torch.sigmoid(out[:, 0].float()).cpu().numpy()
+                return cancer_probability(m.model, x).float().cpu().numpy()
         return run
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(batch, 3, *size, generator=g).contiguous(memory_format=torch.channels_last)
-          for _ in range(rounds + 1)]
+    xs = [torch.randn(batch, 3, *size, generator=g).to(dev).contiguous(
+          memory_format=torch.channels_last) for _ in range(rounds + 1)]
     runs = {"torch": score(ref), "onnx": score(exp)}
     for k in runs:                                     # warm-up (first-call allocations)
         runs[k](xs[0])
@@ -91,7 +105,7 @@ def bench_one(spec: str, size, batch: int, rounds: int, threads: int, root: Path
             "torch_ips": batch / statistics.median(secs["torch"]),
             "onnx_ips": batch / statistics.median(secs["onnx"]),
             "ratio": statistics.median(ratios), "ratio_lo": min(ratios), "ratio_hi": max(ratios),
-            "max_dp": diff}
+            "max_dp": diff, "providers": getattr(exp.model, "providers", [])}
 
 
 def table(rows: list[dict], rounds: int) -> str:
@@ -115,6 +129,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="threads for both (default: 2)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    ap.add_argument("--runtime", default="onnx", choices=("onnx", "tensorrt"),
+                    help="onnx: the CPU or CUDA provider; tensorrt: TensorRT FP16 first")
     a = ap.parse_args()
     import onnxruntime
     import torch
@@ -124,13 +141,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in a.models.split(","):
-            r = bench_one(spec.strip(), size, a.batch, a.rounds, a.threads, Path(tmp))
+            r = bench_one(spec.strip(), size, a.batch, a.rounds, a.threads, Path(tmp), a.device,
+                          a.runtime)
             print(f"{spec}: torch {r['torch_ips']:.1f} img/s, onnxruntime {r['onnx_ips']:.1f} "
                   f"img/s, ratio {r['ratio']:.2f}, max |dp| {r['max_dp']:.1e}", file=sys.stderr,
                   flush=True)
             rows.append(r)
+    where = (torch.cuda.get_device_name(torch.device(a.device)) if a.device.startswith("cuda")
+             else f"{a.threads} threads each, {platform.machine()}")
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__} "
-          f"(CPUExecutionProvider), {a.threads} threads each, {platform.machine()}")
+          f"({', '.join(rows[0]['providers']) if rows else '?'}), runtime {a.runtime}, {where}")
     print(table(rows, a.rounds))
 
 
