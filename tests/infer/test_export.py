@@ -192,6 +192,11 @@ def test_rsna_predict_runtime_onnx_gives_the_pytorch_submission(tmp_path, synth_
     sa, sb = pd.read_csv(tmp_path / "torch.csv"), pd.read_csv(tmp_path / "onnx.csv")
     assert list(sa.prediction_id) == list(sb.prediction_id)
     assert np.abs(sa.cancer - sb.cancer).max() <= TOLERANCE["fp32"]
+    # --runtime tensorrt on the CPU: said, then the CPU provider, the same scores
+    assert main(common + ["--out", str(tmp_path / "trt.csv"), "--runtime", "tensorrt"]) == 0
+    err = capsys.readouterr().err
+    assert "runtime tensorrt: 2 of 2 member(s) through onnxruntime" in err
+    assert pd.read_csv(tmp_path / "trt.csv").equals(sb)
 
 
 def test_an_ensemble_json_already_in_out_is_kept_unless_exported_in_place(tmp_path):
