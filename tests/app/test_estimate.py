@@ -167,8 +167,9 @@ def test_the_submit_plan_on_kaggles_t4_decodes_once_and_follows_the_ensembles_fl
     assert hours[None] == hours["false"] < 9 * 0.7          # Kaggle's 9 h, with room
 
 
-def test_a_plan_step_the_estimate_refuses_is_named(capsys):
+def test_a_plan_step_the_estimate_refuses_is_named(capsys, monkeypatch):
     from rsna_utils.app.cli import main
+    monkeypatch.setattr(est, "training_memory_gib", lambda *a, **k: 1.0)    # not the point
     assert main(["notebooks", "--plan", "kaggle", "--estimate", "--data", "/nonexistent", "-p",
                  "03_train_resnext50_1024x512_fold0.batch_size=4"]) == 2
     err = capsys.readouterr().err

@@ -285,6 +285,7 @@ def test_the_kaggle_plan_stops_before_step_one_when_weights_are_not_attached(tmp
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.heavy                   # runs notebook 01 to its first failure
 def test_the_kaggle_plan_takes_its_weights_from_the_weights_folder(tmp_path):
     """Off Kaggle, --weights DIR stands for the dataset: the check names DIR's sub-folders,
     and once they exist it passes (the plan then fails at its first step, on the missing data)."""
