@@ -11,8 +11,9 @@ import pytest
 
 # tests/ mirrors the package: tests/<layer>/test_*.py for the layer folder each one tests
 # (rsna_utils/<layer>/), tests/project/ for the project-wide ones; this folder keeps the shared
-# helpers (this file, fakes.py, fuzz.py, regressions/). pytest puts it on sys.path (the default prepend
-# import mode, no __init__.py), so a test in any subfolder imports `from conftest import ...`;
+# helpers (this file, fakes.py, fuzz.py, regressions/). pytest puts it on sys.path (the default
+# prepend import mode, no __init__.py), so a test in any subfolder imports `from conftest import
+# ...` or `from fakes import ...`;
 # paths come from here, never from a test file's own depth.
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -208,8 +208,8 @@ def _estimate_inference(params: dict, train_steps: list[dict], gpu: str,
     on them; the hidden test set's size when the plan's test.csv is not at hand. With several
     GPUs (`GPU_COUNT`) and the step's `shards` auto or N, the models' time is shared by
     min(N, GPUs) processes; the reading of the DICOMs is not (the box's cores do it for all).
-    `runtime` onnx or tensorrt is timed as eager PyTorch, and says so: onnxruntime on a GPU has not been
-    measured (BENCHMARKS.md "Exported engine" is the CPU's), and a member it cannot run stays
+    `runtime` onnx or tensorrt is timed as eager PyTorch, and says so: neither has been measured
+    on a GPU (BENCHMARKS.md "Exported engine" is the CPU's), and a member they cannot run stays
     in PyTorch."""
     csv = params.get("csv")
     n = len(pd.read_csv(csv)) if csv and Path(csv).is_file() else HIDDEN_TEST_IMAGES
@@ -227,7 +227,8 @@ def _estimate_inference(params: dict, train_steps: list[dict], gpu: str,
                else throughput(p["model"], size, gpu)[1])
         # the input is decoded once and already on the device: the model's own ceiling
         seconds += n * (2 if flip else 1) / inf / devices
-    exported = params.get("runtime") if params.get("runtime") in ("onnx", "tensorrt") else None
+    from rsna_utils.infer.engine import EXPORTED_RUNTIMES
+    exported = params.get("runtime") if params.get("runtime") in EXPORTED_RUNTIMES else None
     return StepEstimate("", f"inference, {len(used)} checkpoints" +
                         (" with the flip" if flip else " without the flip") +
                         (f", on {devices} GPUs (a process each)" if devices > 1 else "") +

@@ -59,7 +59,8 @@ def submission_config(params, ens: Ensemble, decided: dict):
     """The `PredictConfig` the inference notebook predicts with: its parameters that are
     PredictConfig fields (`params`, its globals(): runtime and engines among them), the
     ensemble's checkpoints and what the ensemble decides (`decided`). With runtime "onnx" or
-    "tensorrt" and no engines, an exported `ensemble`'s own folder, as `rsna predict --ensemble` takes it."""
+    "tensorrt" and no engines, an exported `ensemble`'s own folder, as `rsna predict
+    --ensemble` takes it."""
     from rsna_utils.infer.predict import PredictConfig
     given = {}
     from rsna_utils.infer.engine import EXPORTED_RUNTIMES, engines_folder

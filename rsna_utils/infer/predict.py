@@ -96,8 +96,9 @@ class PredictConfig(Config):
                            "it cannot run stays in PyTorch, named; tensorrt: onnx with "
                            "onnxruntime's TensorRT provider first (FP16 engines, GPU only; "
                            "else the CUDA provider, named)", choices=RUNTIMES)
-    engines: str | None = setting(None, "with runtime onnx or tensorrt: the folder of `rsna export --out "
-                                  "DIR` (default: --ensemble's folder, else each checkpoint's)")
+    engines: str | None = setting(None, "with runtime onnx or tensorrt: the folder of `rsna "
+                                  "export --out DIR` (default: --ensemble's folder, else each "
+                                  "checkpoint's)")
 
     def __post_init__(self):
         if isinstance(self.checkpoints, (str, os.PathLike)):

@@ -53,7 +53,8 @@ class LoadedEnsemble:
                          **settings) -> "LoadedEnsemble":
         """The members of `paths` (best.pt of `rsna train`, or an export's), each weighted by
         its recipe's vote (`recipe_weights`, ensemble.json's; None: equally), in eager PyTorch
-        or (`runtime` "onnx", "tensorrt") through their exports where they run (`infer.engine`)."""
+        or (`runtime` "onnx", "tensorrt") through their exports where they run
+        (`infer.engine`)."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         models, pre = load_models(list(paths), device)

@@ -28,7 +28,8 @@ def pair(tmp_path_factory, synth_small):
     negative labelled MONOCHROME2 (wrong))."""
     d = tmp_path_factory.mktemp("inv")
     src = _first_monochrome2(synth_small)
-    return src, negative_dicom(src, d / "m1.dcm", "MONOCHROME1"), negative_dicom(src, d / "m2.dcm", "MONOCHROME2")
+    return (src, negative_dicom(src, d / "m1.dcm", "MONOCHROME1"),
+            negative_dicom(src, d / "m2.dcm", "MONOCHROME2"))
 
 
 def test_looks_inverted_by_the_edges_for_every_dtype():
