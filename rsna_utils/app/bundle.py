@@ -66,6 +66,13 @@ if ort.exists():       # onnxruntime-gpu replaces onnxruntime (never both); fail
     print("onnxruntime-gpu installed: " + ort.read_text().split()[-1] if r.returncode == 0 else
           f"onnxruntime-gpu not installed ({last[0][:200]}): onnxruntime (CPU) put back",
           flush=True)
+trt = here / "requirements-tensorrt-kaggle.txt"     # with `rsna bundle --tensorrt`
+if trt.exists():
+    r = subprocess.run(cmd[:-3] + ["--no-deps", "-r", str(trt)], capture_output=True, text=True)
+    last = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
+    print("TensorRT installed: " + trt.read_text().split()[-1] if r.returncode == 0 else
+          f"TensorRT not installed ({last[0][:200]}): runtime tensorrt will use the CUDA "
+          "provider", flush=True)
 '''
 
 
@@ -130,7 +137,7 @@ def plan_bundle(requirements: str | Path = REPO / "requirements.txt") -> dict:
 
 def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirements.txt",
                  notebooks: str | Path = REPO / "notebooks", gpu_decoders: str | None = None,
-                 onnx_gpu: str | None = None) -> dict:
+                 onnx_gpu: str | None = None, tensorrt: bool = False) -> dict:
     """Write the bundle folder `out` (replaced if present; built in a temporary sibling and
     renamed, so a half-built bundle never carries the marker). Needs the package index or the
     pip cache to fetch the wheels (`pip download`); installing from it needs neither."""
@@ -149,8 +156,9 @@ def build_bundle(out: str | Path, requirements: str | Path = REPO / "requirement
     plan = plan_bundle(requirements)
     gpu_pin = gpu_decoder_pin(gpu_decoders)
     ort_pin = onnx_gpu_pin(onnx_gpu)
+    trt_pin = tensorrt_pin(onnx_gpu) if tensorrt else None
     with atomic_folder(out) as tmp:
-        files = _fill_bundle(tmp, plan, notebooks, gpu_pin, ort_pin)
+        files = _fill_bundle(tmp, plan, notebooks, gpu_pin, ort_pin, trt_pin)
     size = sum(p.stat().st_size for p in (out / "wheels").iterdir())
     return {"dir": str(out), "wheels": len(files), "bytes": size,
             "line": f"wrote {out}: {len(files)} wheels ({size / 1e6:.0f} MB), install.py, "
@@ -190,12 +198,25 @@ def onnx_gpu_pin(which: str | None) -> str | None:
     return ORT_GPU_PINS[ONNX_GPU[which]]
 
 
+def tensorrt_pin(onnx_gpu: str | None) -> str:
+    """TensorRT 10's libraries for the onnxruntime-gpu the bundle carries (`--tensorrt` needs
+    `--onnx-gpu`: the TensorRT provider is part of onnxruntime-gpu)."""
+    from rsna_utils.infer.trt_engine import TRT_LIBS_PINS
+    if onnx_gpu in (None, "none"):
+        raise RsnaError("--tensorrt needs --onnx-gpu cu12 (Kaggle) or cu13: the TensorRT "
+                        "provider comes with onnxruntime-gpu")
+    onnx_gpu_pin(onnx_gpu)                                   # a known CUDA, else its line
+    return TRT_LIBS_PINS[ONNX_GPU[onnx_gpu]]
+
+
 def _fill_bundle(tmp: Path, plan: dict, notebooks: Path, gpu_pin: str | None = None,
-                 ort_pin: str | None = None) -> list[str]:
+                 ort_pin: str | None = None, trt_pin: str | None = None) -> list[str]:
     """The bundle's files in the folder `tmp`: wheels, pins, install.py, notebooks, README; with
     `gpu_pin`, nvImageCodec's wheels and requirements-gpu-kaggle.txt (installed when it can be);
     with `ort_pin`, onnxruntime-gpu's wheel (its dependencies are onnxruntime's, already there;
-    the CUDA libraries are the image's torch's) and requirements-onnx-gpu-kaggle.txt."""
+    the CUDA libraries are the image's torch's) and requirements-onnx-gpu-kaggle.txt; with
+    `trt_pin`, TensorRT 10's libraries from NVIDIA's index (PyPI holds a stub that downloads it
+    at install, which Kaggle's offline notebook cannot) and requirements-tensorrt-kaggle.txt."""
     (tmp / "wheels").mkdir(parents=True)
     _pip("wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "wheels", REPO,
          what="build the rsna_utils wheel")
@@ -213,6 +234,12 @@ def _fill_bundle(tmp: Path, plan: dict, notebooks: Path, gpu_pin: str | None = N
         _pip("download", "--no-deps", "--only-binary=:all:", "-d", tmp / "wheels", ort_pin,
              what=f"download the onnxruntime-gpu wheel ({ort_pin})")
         (tmp / "requirements-onnx-gpu-kaggle.txt").write_text(ort_pin + "\n")
+    if trt_pin:
+        from rsna_utils.infer.trt_engine import NVIDIA_INDEX
+        _pip("download", "--no-deps", "--only-binary=:all:", "--extra-index-url", NVIDIA_INDEX,
+             "-d", tmp / "wheels", trt_pin,
+             what=f"download TensorRT's libraries ({trt_pin}) from {NVIDIA_INDEX}")
+        (tmp / "requirements-tensorrt-kaggle.txt").write_text(trt_pin + "\n")
     (tmp / "requirements-kaggle.txt").write_text(
         "# pinned runtime dependencies; torch/torchvision come from the Kaggle image\n"
         + "\n".join(plan["pins"][n] for n in sorted(plan["pins"])) + "\n")
@@ -223,7 +250,7 @@ def _fill_bundle(tmp: Path, plan: dict, notebooks: Path, gpu_pin: str | None = N
     info = {"rsna_utils": metadata.version("rsna-utils"),
             "python": platform.python_version(), "platform": f"{sys.platform}-{platform.machine()}",
             "wheels": files, "from_image": plan["from_image"], "gpu_decoder": gpu_pin,
-            "onnx_gpu": ort_pin,
+            "onnx_gpu": ort_pin, "tensorrt": trt_pin,
             "left_out": list(NOT_NEEDED)}
     (tmp / "README.md").write_text(_readme(info, plan))
     (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
@@ -265,4 +292,8 @@ EfficientNet-Lite weights) are added.
 Built with --onnx-gpu: install.py replaces onnxruntime with {info['onnx_gpu']} (the two are one
 package: never both) and puts onnxruntime back if it does not install; then
 `-p runtime=onnx` scores each member through its export on the GPU, probed first.
-""" if info.get("onnx_gpu") else "")
+""" if info.get("onnx_gpu") else "") + (f"""
+Built with --tensorrt: install.py also installs {info['tensorrt']} (TensorRT 10's libraries,
+from NVIDIA's index), for `-p runtime=tensorrt`: FP16 engines built on the GPU at the first
+batch of each member, cached under ~/.cache/rsna_utils/trt-cache.
+""" if info.get("tensorrt") else "")

@@ -49,7 +49,8 @@ def _cmd_bundle(a: argparse.Namespace) -> int:
     from rsna_utils.app.command_configs import BundleConfig
     from rsna_utils.core.config import given_flags
     cfg = BundleConfig.from_dict(given_flags(a, BundleConfig))
-    print(build_bundle(cfg.out, gpu_decoders=cfg.gpu_decoders, onnx_gpu=cfg.onnx_gpu)["line"])
+    print(build_bundle(cfg.out, gpu_decoders=cfg.gpu_decoders, onnx_gpu=cfg.onnx_gpu,
+                       tensorrt=cfg.tensorrt)["line"])
     return 0
 
 

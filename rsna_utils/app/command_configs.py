@@ -142,3 +142,5 @@ class BundleConfig(Config):
                             "image), which install.py puts in onnxruntime's place, or puts "
                             "onnxruntime back; for `-p runtime=onnx` on the GPU",
                             choices=("none", "cu12", "cu13"))
+    tensorrt: bool = setting(False, "with --onnx-gpu: also carry TensorRT 10's libraries (from "
+                             "NVIDIA's index, pypi.nvidia.com), for `-p runtime=tensorrt`")

@@ -370,3 +370,27 @@ def test_bundle_can_carry_onnxruntime_gpu_in_onnxruntimes_place(tmp_path, monkey
     assert "onnxruntime-gpu==1.26.0" in (b / "README.md").read_text()
     bundle.build_bundle(tmp_path / "c")                          # the default carries none
     assert not (tmp_path / "c" / "requirements-onnx-gpu-kaggle.txt").exists()
+
+
+def test_bundle_can_carry_tensorrt_beside_onnxruntime_gpu(tmp_path, monkeypatch):
+    """`--onnx-gpu cu12 --tensorrt`: TensorRT 10's libraries for CUDA 12 as a wheel from
+    NVIDIA's index (PyPI's is a stub that downloads at install: offline on Kaggle it could not),
+    installed by install.py after onnxruntime-gpu, said either way; without --onnx-gpu, one
+    line."""
+    with pytest.raises(RsnaError, match=r"--tensorrt needs --onnx-gpu cu12"):
+        bundle.build_bundle(tmp_path / "a", tensorrt=True)
+    calls = _fake_pip(monkeypatch)
+    bundle.build_bundle(tmp_path / "b", onnx_gpu="cu12", tensorrt=True)
+    trt = [c for c in calls if "tensorrt-cu12-libs==10.16.1.11" in c]
+    assert len(trt) == 1 and "--only-binary=:all:" in trt[0] and "--no-deps" in trt[0]
+    assert trt[0][trt[0].index("--extra-index-url") + 1] == "https://pypi.nvidia.com"
+    b = tmp_path / "b"
+    assert (b / "requirements-tensorrt-kaggle.txt").read_text().strip() == \
+        "tensorrt-cu12-libs==10.16.1.11"
+    install = (b / "install.py").read_text()
+    assert install.index('"-r", str(ort)') < install.index('"-r", str(trt)')
+    assert "TensorRT not installed" in install and "runtime tensorrt will use the CUDA" in install
+    assert json.loads((b / "rsna_bundle.json").read_text())["tensorrt"] == \
+        "tensorrt-cu12-libs==10.16.1.11"
+    assert "Built with --tensorrt" in (b / "README.md").read_text()
+    compile(install, "install.py", "exec")
