@@ -50,6 +50,13 @@ from rsna_utils.core.sizes import MIN_MODEL_SIDE, parse_size
 
 # the competition's train.csv when the plan's data is not at hand (RSNA_DATA.md)
 COMPETITION = dict(images=54_706, positives=1_158)
+# its breasts (patient_id x laterality): 23,826, 492 with cancer, by the views each has (2.30
+# on average, up to 8), counted from train.csv
+COMPETITION_BREASTS = dict(breasts=23_826, positives=492)
+COMPETITION_VIEWS = {2: 18_384, 3: 4_227, 4: 904, 5: 239, 6: 60, 7: 10, 8: 2}
+# steps drawn to find a breast-level step's most images (memory): enough for the rare 5-8 view
+# breasts to meet in one batch as often as a run's epochs would let them
+PEAK_STEPS = 20_000
 # the hidden test set: about 8,000 patients x 4.59 images each (train.csv's images per patient)
 HIDDEN_TEST_IMAGES = 36_700
 # images of the public sources, for a plan whose source folders are not at hand: VinDr-Mammo
@@ -79,6 +86,34 @@ def _labels(csv: str | Path | None) -> tuple[np.ndarray, pd.DataFrame | None, st
         f"the competition's train.csv ({n:,} images, {pos:,} positive; {csv} not found)")
 
 
+def _breasts(df: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray]:
+    """(label, views) per breast: from the plan's train.csv when at hand, else the
+    competition's counts."""
+    if df is not None:
+        g = df.groupby(["patient_id", "laterality"]).cancer
+        return g.max().to_numpy(), g.size().to_numpy()
+    views = np.repeat(list(COMPETITION_VIEWS), list(COMPETITION_VIEWS.values()))
+    labels = np.zeros(len(views))
+    labels[:COMPETITION_BREASTS["positives"]] = 1        # the split is drawn at random
+    return labels, views
+
+
+def step_images(views: np.ndarray, breast_views: str, batch: int,
+                steps: int = PEAK_STEPS, seed: int = 0) -> tuple[float, int]:
+    """(mean, most) images a breast-level training step passes through the backbone: `batch`
+    breasts drawn at random from breasts of `views` views each, read as `breast_views` says
+    (`breast.BreastDataset`: all, 2, or random 1 to all). The most over `steps` drawn steps
+    sizes the memory: a batch is padded to its breast of most views, and the backbone runs on
+    the views present."""
+    from rsna_utils.learn.breast import training_views
+    rng = np.random.default_rng(seed)
+    n = np.asarray(views)[rng.integers(len(views), size=(steps, batch))]
+    read = (rng.integers(1, n + 1) if breast_views == "random"
+            else training_views(n, breast_views).astype(int))
+    per_step = read.sum(1)
+    return float(training_views(views, breast_views).mean() * batch), int(per_step.max())
+
+
 def estimate_training(params: dict, gpu: str = "h100", memory: bool = True,
                       extra_images: float = 0.0, png_size=PNG_SIZE,
                       rates: dict | None = None) -> StepEstimate:
@@ -91,10 +126,13 @@ def estimate_training(params: dict, gpu: str = "h100", memory: bool = True,
     from rsna_utils.learn.train_config import TrainConfig
     cfg = TrainConfig.from_dict(params)
     labels, df, source = _labels(cfg.csv)
-    views = 2 if cfg.level == "breast" else 1      # a breast-level item: a CC and an MLO
-    if views == 2:
-        labels = (df.groupby(["patient_id", "laterality"]).cancer.max().to_numpy() if df is not None
-                  else labels[::2])          # the competition's: about two views per breast
+    breast = cfg.level == "breast"
+    views = val_views = 1.0                  # images an item, in training and in validation
+    if breast:                               # an item is a breast: its views (breast_views)
+        from rsna_utils.learn.breast import training_views
+        labels, counts = _breasts(df)
+        views = float(training_views(counts, cfg.breast_views).mean())
+        val_views = float(counts.mean())
         source += "; per breast"
     check_ratio(labels, cfg.target_ratio, cfg.min_positives, cfg.batch_size, cfg.upsample)
     n = len(labels)
@@ -114,18 +152,23 @@ def estimate_training(params: dict, gpu: str = "h100", memory: bool = True,
     feed_val = worker_img_s(cfg.workers, size, gpu, None, png_size)
     train_rate, val_rate = min(tr, feed), min(inf, feed_val)
     bound = "GPU-bound" if tr <= feed else f"input-bound ({cfg.workers} workers)"
-    val_images = int(round(n * val_share)) * views
+    val_images = int(round(n * val_share * val_views))
     seconds = cfg.epochs * (epoch_items * views / train_rate
                             + val_images * (2 if cfg.tta else 1) / val_rate)
-    mem = (training_memory_gib(cfg.model, size, cfg.batch_size * views,
-                               bool(cfg.ema or cfg.ema_epochs), cfg.global_pool, cfg.drop_path)
+    step, unit, how = cfg.batch_size, "", ""
+    if breast:                 # the memory of the step with the most views, not the mean one
+        mean_step, step = step_images(counts, cfg.breast_views, cfg.batch_size)
+        unit = " breasts"
+        how = (f"; {views:.2f} views a breast (breast_views {cfg.breast_views}): "
+               f"{mean_step:.1f} images a step on average, memory for the most, {step}")
+    mem = (training_memory_gib(cfg.model, size, step, bool(cfg.ema or cfg.ema_epochs),
+                               cfg.global_pool, cfg.drop_path)
            if memory else None)
-    unit = " breasts" if views == 2 else ""
     more = f"; {extra_images:,.0f} source images an epoch" if extra_images else ""
     return StepEstimate("", f"train {cfg.model} {size[0]}x{size[1]} batch {cfg.batch_size}{unit}",
-                        epoch_items * views, math.ceil(epoch_items / cfg.batch_size),
+                        int(round(epoch_items * views)), math.ceil(epoch_items / cfg.batch_size),
                         cfg.epochs, seconds / 3600, mem,
-                        f"{src}; {train_rate:.0f} img/s, {bound}; labels: {source}{more}")
+                        f"{src}; {train_rate:.0f} img/s, {bound}; labels: {source}{more}{how}")
 
 
 def source_images(sources: list[dict] | None) -> tuple[float, int, list[str]]:

@@ -1,5 +1,5 @@
-"""The breast-level model (`rsna train --level breast`): the views of one breast (a CC and an
-MLO) through one backbone, their features pooled with learned, gated attention (Ilse et al.,
+"""The breast-level model (`rsna train --level breast`): the views of one breast (a CC, an MLO
+and any other) through one backbone, their features pooled with learned, gated attention (Ilse et al.,
 2018), one logit per breast. Several top RSNA teams read the two views together; a view that
 is missing or could not be read is masked out of the attention, never scored as a blank image.
 
@@ -8,10 +8,11 @@ is missing or could not be read is masked out of the attention, never scored as 
   attention and the head. `forward` takes (B, V, C, H, W) and keeps each view's attention
   weight in `last_attention`; `features` and `pool` are its two halves, so inference can read
   every view once, alone, and pool each breast's views afterwards (`breast_scores`).
-- `BreastDataset`: one item per breast of the table (its prediction_id): V views read and
-  augmented as `data.PngDataset` reads an image, a constant (all-zero) input where a slot has no
-  view; in training a random CC and MLO of the breast each epoch, in validation every view of
-  the breast, as inference pools them.
+- `BreastDataset`: one item per breast of the table (its prediction_id): its views read and
+  augmented as `data.PngDataset` reads an image; in training every view of the breast by
+  default (`views`: or a random CC and MLO each epoch, or a random number), in validation
+  every view, as inference pools them. `collate_breasts` pads a batch to the most views one
+  of its breasts has, with a constant (all-zero) input the model masks.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pandas as pd
 from rsna_utils.core.errors import RsnaError
 
 LEVELS = ("image", "breast")
-VIEWS = 2                 # slots per breast in training and validation: a CC and an MLO
+VIEWS = "all"             # views per breast read in training (validation: always all)
 ATTENTION_HIDDEN = 128
 
 
@@ -159,8 +160,9 @@ class BreastDataset:
     both (a random one of each in training), then other views of the breast, up to `views`:
     a number (2: the CC and the MLO), None or "all" (all of them, as validation and inference
     read them) or "random" (in training 1 to all, drawn per breast and epoch; all without
-    augmentation); the slots a breast leaves empty are zeros, masked by the model, which runs
-    its backbone on the views present only."""
+    augmentation). An item holds only the views read; `collate_breasts` pads a batch to the
+    most views one of its breasts has, with zeros the model masks (its backbone runs on the
+    views present only)."""
 
     def __init__(self, df: pd.DataFrame, size, channels: int = 3, augment=None, seed: int = 0,
                  cache: bool = False, label: str = "cancer", norm=None, aux: list | None = None,
@@ -225,14 +227,16 @@ class BreastDataset:
             (raw, p), _ = self.images[r]
             raws.append(raw)
             params.append(p)
-        from rsna_utils.learn.augment import NO_INTENSITY
-        while len(raws) < self.views:                        # an empty slot: masked
-            raws.append(torch.zeros_like(raws[0]))
-            params.append(torch.from_numpy(NO_INTENSITY))
-        x = (torch.stack(raws), torch.stack(params))
+        x = (torch.stack(raws), torch.stack(params))      # (V_b, 1, H, W), (V_b, 3)
         if self.aux is not None:
             return x, torch.from_numpy(np.concatenate([[self.labels[b]], self.aux[b]]).astype(np.float32))
         return x, torch.tensor(self.labels[b])
+
+    def views_read(self) -> np.ndarray:
+        """Views each breast is read with in training, in expectation ("random": (n + 1) / 2
+        of its n views): what a training epoch passes through the backbone, per breast."""
+        n = np.array([len(r) for r in self.rows], float)
+        return training_views(n, "random" if self.random_views else self.views)
 
     def image_values(self, values: np.ndarray, n_rows: int) -> np.ndarray:
         """Per-breast values (in item order) -> one per row of the table: each view of a breast
@@ -241,6 +245,37 @@ class BreastDataset:
         for b, rows in enumerate(self.rows):
             out[rows] = values[b]
         return out
+
+
+def training_views(n, views) -> np.ndarray:
+    """Views read in training, in expectation, from breasts of `n` views each (an array) under
+    `views` (`BreastDataset`'s: a number, "all"/None or "random")."""
+    n = np.asarray(n, float)
+    if views in (None, "all"):
+        return n
+    if views == "random":
+        return (n + 1) / 2
+    return np.minimum(n, int(views))
+
+
+def collate_breasts(batch):
+    """Breast items of different view counts -> one batch, ((B, V, 1, H, W) raw, (B, V, 3)
+    intensity parameters), label (B, ...): each breast padded to the batch's most views (not
+    the table's: a breast of 8 views in the table no longer makes every batch 8 views wide)
+    with zeros and no intensity change, the slots `BreastModel` masks."""
+    import torch
+
+    from rsna_utils.learn.augment import NO_INTENSITY
+    v = max(raw.shape[0] for (raw, _), _ in batch)
+    raws, params = [], []
+    for (raw, p), _ in batch:
+        k = v - raw.shape[0]
+        if k:
+            raw = torch.cat([raw, raw.new_zeros((k, *raw.shape[1:]))])
+            p = torch.cat([p, torch.from_numpy(NO_INTENSITY).to(p.dtype).expand(k, -1)])
+        raws.append(raw)
+        params.append(p)
+    return (torch.stack(raws), torch.stack(params)), torch.stack([y for _, y in batch])
 
 
 def _nanmean(a: np.ndarray) -> np.ndarray:

@@ -105,13 +105,15 @@ class TrainConfig(Config):
     # model
     model: str = setting("resnet18", "timm name, e.g. resnet18, resnext50_32x4d, efficientnet_b2")
     level: str = setting("image", "image: each view scored alone, the views of a breast "
-                         "averaged; breast: the views of a breast (a CC and an MLO) through one "
-                         "backbone, pooled by learned attention, one logit per breast",
+                         "averaged; breast: the views of a breast (CC, MLO and any other) "
+                         "through one backbone, pooled by learned attention, one logit per "
+                         "breast",
                          choices=("image", "breast"))
-    breast_views: str = setting("2", "level breast, in training: the views each breast is read "
-                                "with: 2 (a CC and an MLO), all (every view it has, as "
-                                "validation and inference pool them) or random (1 to all, drawn "
-                                "per breast and epoch); validation always reads all",
+    breast_views: str = setting("all", "level breast, in training: the views each breast is "
+                                "read with: all (every view it has, as validation and inference "
+                                "pool them; about 2.3 on RSNA), 2 (a CC and an MLO) or random "
+                                "(1 to all, drawn per breast and epoch); validation always "
+                                "reads all",
                                 choices=("2", "all", "random"), parse=str)
     size: int | list | str = setting(256, "model input: 512, [height, width] or HEIGHTxWIDTH "
                                      "(e.g. 1536x768)", parse=size_flag(MIN_MODEL_SIDE))

@@ -171,10 +171,17 @@ def load_data(cfg: TrainConfig, device, contract: dict, rank: int, world: int) -
                     weights=UpsampleSampler.item_weights(train_ds, train_df.get("source_weight")))
         b.unit = "breasts" if cfg.level == "breast" else "images"
         print(b.line(), flush=True)            # the training log: stdout, as the epochs
+        if cfg.level == "breast":
+            print(f"views: {train_ds.views_read().mean():.2f} a training breast on average "
+                  f"(breast_views {cfg.breast_views}), {val_ds.views_read().mean():.2f} a "
+                  "validation breast (every view, as inference)", flush=True)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.workers > 0 and not cfg.cache,
                      multiprocessing_context="forkserver" if cfg.workers > 0 else None,
                      worker_init_fn=worker_init if cfg.workers > 0 else None)
+    if cfg.level == "breast":       # breasts of different view counts, padded per batch
+        from rsna_utils.learn.breast import collate_breasts
+        loader_kw["collate_fn"] = collate_breasts
     train_dl = DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=False, **loader_kw)
     if world > 1:          # this rank's share of the validation set: every world-th image
         from torch.utils.data import Subset

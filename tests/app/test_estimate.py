@@ -176,21 +176,56 @@ def test_a_plan_step_the_estimate_refuses_is_named(capsys, monkeypatch):
     assert "plan step 03_train_resnext50_1024x512_fold0: target_ratio=0.125 cannot be met" in err
 
 
-def test_a_breast_level_step_reads_two_views_per_item(tmp_path):
-    """level breast: the sampler's epoch is in breasts, each read as two views; at equal batch
-    the step holds twice the images (memory), the epoch the same views as the image model's."""
+def test_a_breast_level_step_counts_the_views_it_reads(tmp_path):
+    """level breast (issue 41): the epoch is in breasts, each read with the views breast_views
+    says (all by default: 2.30 a breast in the competition's table; 2; or random 1 to all);
+    time follows the views read, memory the step with the most of them (a batch is padded to
+    its breast of most views, and the backbone runs on the views present)."""
     params = dict(csv=str(tmp_path / "absent.csv"), model="resnet18", size=[512, 256],
                   batch_size=32, epochs=1, split="kfold", folds=4, upsample=1.0,
                   target_ratio=None, min_positives=0, tta=False)
     img = est.estimate_training(params, "h200", memory=True)
-    brs = est.estimate_training({**params, "level": "breast", "batch_size": 16}, "h200", memory=True)
-    assert "per breast" in brs.note and "breasts" in brs.what
-    assert brs.images == pytest.approx(img.images, rel=0.01)      # the same views an epoch
-    assert brs.batches == pytest.approx(img.batches, rel=0.02)    # 16 breasts = 32 views a step
-    assert brs.hours == pytest.approx(img.hours, rel=0.02)
-    assert brs.memory_gib == pytest.approx(img.memory_gib, rel=0.01)
-    doubled = est.estimate_training({**params, "level": "breast"}, "h200", memory=True)
-    assert doubled.memory_gib > 1.5 * img.memory_gib
+    base = {**params, "level": "breast", "batch_size": 16}
+    every = est.estimate_training(base, "h200", memory=True)
+    two = est.estimate_training({**base, "breast_views": "2"}, "h200", memory=True)
+    rnd = est.estimate_training({**base, "breast_views": "random"}, "h200", memory=True)
+    mean = 54_706 / 23_826
+    assert "per breast" in every.note and "breasts" in every.what
+    assert "2.30 views a breast (breast_views all)" in every.note
+    assert every.images == pytest.approx(img.images, rel=0.02)    # every view: the image epoch
+    assert every.hours == pytest.approx(img.hours, rel=0.02)
+    assert two.images == pytest.approx(every.images * 2 / mean, rel=0.01)
+    assert rnd.images == pytest.approx(every.images * (mean + 1) / 2 / mean, rel=0.01)
+    assert two.batches == every.batches == rnd.batches               # an epoch is in breasts
+    assert two.memory_gib == pytest.approx(img.memory_gib, rel=0.01)  # 16 breasts x 2 = 32
+    most = int(every.note.rsplit("memory for the most, ", 1)[1])
+    assert 16 * mean < most <= 16 * 8 and every.memory_gib > two.memory_gib
+    assert est.estimate_training(base, "h200", memory=True).memory_gib == every.memory_gib
+
+
+def test_step_images_mean_and_most():
+    """A breast-level step's images: the mean and the most over the drawn steps, per setting."""
+    assert est.step_images(np.full(50, 2), "all", 8) == (16.0, 16)
+    views = np.array([2, 8])
+    mean, most = est.step_images(views, "all", 4)
+    assert mean == 20.0 and most == 32                 # four 8-view breasts meet in 20,000 steps
+    assert est.step_images(views, "2", 4) == (8.0, 8)
+    mean, most = est.step_images(views, "random", 4)
+    assert mean == 12.0 and 20 < most <= 32
+    assert est.step_images(views, "all", 4, steps=1, seed=3)[1] in range(8, 33, 6)
+
+
+def test_the_views_come_from_the_plans_table_when_at_hand(tmp_path):
+    """A train.csv at hand gives the breasts' own view counts (here 3 a breast)."""
+    rows = [dict(patient_id=p, laterality=lat, image_id=k, cancer=int(p == 0 and lat == "L"))
+            for p in range(40) for lat in "LR" for k in range(3)]
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    s = est.estimate_training(dict(csv=str(tmp_path / "train.csv"), model="resnet18",
+                                   size=[512, 256], batch_size=4, epochs=1, level="breast",
+                                   min_positives=0, target_ratio=None, upsample=1.0),
+                              "h200", memory=False)
+    assert "3.00 views a breast" in s.note and "12.0 images a step on average" in s.note
+    assert s.note.endswith("memory for the most, 12") and str(tmp_path / "train.csv") in s.note
 
 
 @pytest.mark.heavy          # trains each model of the plan a few steps (about 20 s)

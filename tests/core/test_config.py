@@ -37,7 +37,7 @@ TRAIN_VALUES = {
     "val_sites": ([1, 101], "1,101", [1, 101]),
     "model": ("efficientnet_b2", "efficientnet_b2", "efficientnet_b2"),
     "level": ("breast", "breast", "breast"),
-    "breast_views": ("all", "all", "all"),
+    "breast_views": ("random", "random", "random"),
     "size": ([1024, 512], "1024x512", [1024, 512]),
     "channels": (1, "1", 1),
     "pretrained_path": ("w/r18", "w/r18", "w/r18"),

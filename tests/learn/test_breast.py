@@ -18,6 +18,7 @@ from rsna_utils.image.preprocess import PreprocessConfig, Preprocessor
 from rsna_utils.learn.breast import (
     BreastDataset,
     breast_scores,
+    collate_breasts,
     create_breast_model,
     view_present,
 )
@@ -130,8 +131,10 @@ def test_breast_dataset_reads_a_cc_and_an_mlo_per_breast(png48b, synth_small):
     truth = one.groupby("prediction_id", sort=False).cancer.max().to_numpy()
     assert np.array_equal(ds.labels, truth)
     (raw, params), y = ds[0]
-    assert raw.shape == (2, 1, 48, 48) and params.shape == (2, 3) and y.shape == (3,)
-    assert raw[0].amax() > 0 and raw[1].amax() == 0     # its MLO dropped: an empty slot
+    assert raw.shape == (1, 1, 48, 48) and params.shape == (1, 3) and y.shape == (3,)
+    (raw, params), _ = collate_breasts([ds[0], ds[1]])
+    assert raw.shape == (2, 2, 1, 48, 48) and params.shape == (2, 2, 3)
+    assert raw[0, 0].amax() > 0 and raw[0, 1].amax() == 0   # its MLO dropped: an empty slot
     (raw, _), _ = ds[1]
     rows = ds.rows[1]
     assert sorted(one.view.to_numpy()[rows]) == ["CC", "MLO"]
@@ -154,9 +157,10 @@ def breast_run(tmp_path_factory, png48b, synth_small):
     return root, best
 
 
-def test_training_reads_two_views_all_of_them_or_a_random_number(png48b, synth_small):
+def test_training_reads_all_views_two_or_a_random_number(png48b, synth_small):
     """breast_views (issue 41): training read a CC and an MLO per breast while validation and
-    inference pool every view; "all" trains on what inference sees, "random" on 1 to all."""
+    inference pool every view; "all" (now the default) trains on what inference sees, "2" on
+    a CC and an MLO, "random" on 1 to all. An item holds the views read, no padding."""
     from rsna_utils.learn.data import Augment
     df = load_table(synth_small / "train.csv", png48b)
     ids = list(dict.fromkeys(df.prediction_id))
@@ -168,14 +172,17 @@ def test_training_reads_two_views_all_of_them_or_a_random_number(png48b, synth_s
         (raw, _), _ = ds[b]
         return raw.shape[0], int((raw.flatten(1).amax(1) > 0).sum())
 
-    assert read(BreastDataset(table, (48, 48), augment=aug, views="2"), 0) == (2, 2)
-    every = BreastDataset(table, (48, 48), augment=aug, views="all")
-    assert read(every, 0) == (3, 3) and read(every, 1) == (3, 2)    # padded to the most views
+    two = BreastDataset(table, (48, 48), augment=aug, views="2")
+    assert read(two, 0) == (2, 2) and two.views_read().tolist() == [2, 2]
+    every = BreastDataset(table, (48, 48), augment=aug)
+    assert TrainConfig().breast_views == "all" and every.views == 3
+    assert read(every, 0) == (3, 3) and read(every, 1) == (2, 2)    # no padding in the item
+    assert every.views_read().tolist() == [3, 2]
     rnd = BreastDataset(table, (48, 48), augment=aug, views="random")
     seen = set()
     for _ in range(30):
         seen.add(read(rnd, 0))
-    assert seen == {(3, 1), (3, 2), (3, 3)}
+    assert seen == {(1, 1), (2, 2), (3, 3)} and rnd.views_read().tolist() == [2, 1.5]
     assert read(BreastDataset(table, (48, 48), views="random"), 0) == (3, 3)  # validation: all
     with pytest.raises(RsnaError, match="breast views 'some': give a number of views >= 1, all "
                                         "or random"):
@@ -183,6 +190,31 @@ def test_training_reads_two_views_all_of_them_or_a_random_number(png48b, synth_s
     with pytest.raises(RsnaError, match="breast_views"):
         TrainConfig(data=str(png48b), csv=str(synth_small / "train.csv"), level="breast",
                     breast_views="3")
+
+
+def test_a_batch_is_padded_to_its_own_most_views_not_the_tables(png48b, synth_small):
+    """collate_breasts: a breast of 3 views beside one of 2 makes a batch 3 views wide, the
+    missing slot zeros with no intensity change (masked by the model); a batch of 2-view
+    breasts stays 2 wide although the table holds a 3-view breast (before, every item was
+    padded to the table's most: up to 8 views a breast on RSNA)."""
+    import torch
+
+    from rsna_utils.learn.augment import NO_INTENSITY
+    df = load_table(synth_small / "train.csv", png48b)
+    ids = list(dict.fromkeys(df.prediction_id))
+    first = df[df.prediction_id == ids[0]]
+    table = pd.concat([first, first.iloc[:1]] + [df[df.prediction_id == i] for i in ids[1:3]])
+    ds = BreastDataset(table, (48, 48))
+    (raw, params), y = collate_breasts([ds[0], ds[1]])
+    assert raw.shape == (2, 3, 1, 48, 48) and params.shape == (2, 3, 3) and y.shape == (2,)
+    assert not raw[1, 2].any() and torch.equal(params[1, 2], torch.from_numpy(NO_INTENSITY))
+    assert torch.equal(raw[0], ds[0][0][0]) and torch.equal(raw[1, :2], ds[1][0][0])
+    assert view_present(raw.float()).tolist() == [[True] * 3, [True, True, False]]
+    (raw, _), _ = collate_breasts([ds[1], ds[2]])
+    assert raw.shape[:2] == (2, 2)
+    with_aux = BreastDataset(table, (48, 48), aux=["age"])
+    _, y = collate_breasts([with_aux[0], with_aux[1]])
+    assert y.shape == (2, 2)
 
 
 def test_train_level_breast_starts_from_an_image_run_and_scores_breasts(breast_run, synth_small):
