@@ -212,6 +212,17 @@ def test_a_batch_is_padded_to_its_own_most_views_not_the_tables(png48b, synth_sm
     assert view_present(raw.float()).tolist() == [[True] * 3, [True, True, False]]
     (raw, _), _ = collate_breasts([ds[1], ds[2]])
     assert raw.shape[:2] == (2, 2)
+    # the width of the padding does not change a score: the padded slots are masked
+    from rsna_utils.learn.data import DEFAULT_NORM, device_input
+    m = create_breast_model("resnet18", 3, global_pool="gem").eval()
+
+    def score(batch):
+        (r, p), _ = batch
+        x = device_input(r.flatten(0, 1), p.flatten(0, 1), DEFAULT_NORM, 3).unflatten(0, r.shape[:2])
+        with torch.inference_mode():
+            return m(x)[:, 0]
+    wide, narrow = score(collate_breasts([ds[0], ds[1]])), score(collate_breasts([ds[1]]))
+    assert torch.allclose(wide[1], narrow[0], atol=1e-5)
     with_aux = BreastDataset(table, (48, 48), aux=["age"])
     _, y = collate_breasts([with_aux[0], with_aux[1]])
     assert y.shape == (2, 2)
