@@ -19,6 +19,11 @@ H200_ANCHORS = {
     "efficientnet_b2": [((768, 768), 16, 224, 1360)],
     "convnext_small": [((2048, 1024), 8, 47, 140)],
 }
+# models never measured, timed as the measured one of the same shape, and said so: the
+# EfficientNet-Lites are the EfficientNets without squeeze-excitation and with ReLU6 (Lite0:
+# B0's blocks, 4.7M parameters against 5.3M; Lite2: B2's, 6.1M against 9.1M), so no slower on a
+# GPU; timed as those, the estimate errs on the long side
+PROXIES = {"tf_efficientnet_lite0": "efficientnet_b0", "tf_efficientnet_lite2": "efficientnet_b2"}
 PREPROCESS_IMG_S = 42.5    # DICOM -> PNG end to end on the H200, nvImageCodec (BENCHMARKS.md)
 # A DataLoader worker's CPU time per image, ms per megapixel, measured on the 2-core CPU:
 # reading an 8-bit PNG, resizing and the light augmentation, handing over uint8 (issue 32:
@@ -75,15 +80,20 @@ def worker_img_s(workers: int, size, gpu: str = "h100", aug_level: str | None = 
 
 def throughput(model: str, size: tuple[int, int], gpu: str = "h100") -> tuple[float, float, str]:
     """(train img/s, inference img/s, source) on one `gpu` from the H200 anchors, scaled by the
-    pixel count from the nearest measured size of the same model. A model never measured is an
-    error naming those that were."""
-    if model not in H200_ANCHORS:
+    pixel count from the nearest measured size of the same model (or of its `PROXIES` stand-in,
+    named in the source). A model never measured is an error naming those that were."""
+    measured = model if model in H200_ANCHORS else PROXIES.get(model)
+    if measured is None:
         raise RsnaError(f"model {model!r}: no measured throughput to estimate from; measured: "
-                        f"{sorted(H200_ANCHORS)} (add its ANCHORS.md figures to H200_ANCHORS)")
+                        f"{sorted(H200_ANCHORS)}. Measure it on the GPU at hand with --calibrate, "
+                        "or add its ANCHORS.md figures to H200_ANCHORS")
     pixels = size[0] * size[1]
-    (h, w), _, tr, inf = min(H200_ANCHORS[model], key=lambda a: abs(math.log(a[0][0] * a[0][1] / pixels)))
+    (h, w), _, tr, inf = min(H200_ANCHORS[measured],
+                             key=lambda a: abs(math.log(a[0][0] * a[0][1] / pixels)))
     scale = h * w / pixels * GPUS[gpu][0]
-    src = f"{model} @{h}x{w} on an H200" + ("" if (h, w) == tuple(size) else f", scaled to {size[0]}x{size[1]}")
+    src = (f"{measured} @{h}x{w} on an H200" + ("" if (h, w) == tuple(size) else
+                                                  f", scaled to {size[0]}x{size[1]}")
+           + ("" if measured == model else f" (standing in for {model}, not measured itself)"))
     return tr * scale, inf * scale, src
 
 

@@ -18,8 +18,18 @@ def test_throughput_scales_the_nearest_measured_size_by_pixels():
     assert tr == 2584 and "scaled" not in src                 # the measured size itself
     assert est.throughput("resnet18", (300, 300), "h200")[0] == pytest.approx(5323 * 256**2 / 300**2)
     with pytest.raises(RsnaError, match=r"model 'vit_huge': no measured throughput.*measured: "
-                                        r"\['convnext_small'"):
+                                        r"\['convnext_small'.*--calibrate"):
         est.throughput("vit_huge", (512, 512))
+
+
+def test_a_model_never_measured_is_timed_as_its_named_stand_in():
+    """The Lites (the demo's and the real-data instrument's model) are timed as the EfficientNet
+    they are built on, and the source says so: before, the demo plan's estimate was an error."""
+    assert est.throughput("tf_efficientnet_lite0", (512, 256), "h200")[:2] == \
+        est.throughput("efficientnet_b0", (512, 256), "h200")[:2]
+    src = est.throughput("tf_efficientnet_lite0", (512, 256), "h200")[2]
+    assert src.startswith("efficientnet_b0 @512x512")
+    assert "(standing in for tf_efficientnet_lite0, not measured itself)" in src
 
 
 @pytest.mark.heavy          # runs backbones on the CPU (make test; not --fast)
