@@ -159,7 +159,8 @@ def train_settings(a: argparse.Namespace, has_meta: bool) -> tuple[dict, bool]:
     flip): SCALE, then RECIPES[a.recipe], then --config's YAML, then the flags given. The
     per-run fields (PER_RUN) are refused as flags. Rules: a fixed --ema replaces the recipe's
     ema_epochs; aux defaults to AUX with metadata ('none': off); a breast-level run drops the
-    'view' target and, unless --batch-size is given, halves the batch (the same views a step)."""
+    'view' target and, unless --batch-size is given, halves the batch (about the same views a
+    step: 2 a breast with --breast-views 2, 2.3 on RSNA with all, the default)."""
     import yaml
 
     from rsna_utils.core.config import given_flags
@@ -196,7 +197,7 @@ def train_settings(a: argparse.Namespace, has_meta: bool) -> tuple[dict, bool]:
         aux = aux.split(",")
     aux = [x.strip() for v in aux for x in str(v).split(",") if x.strip()]
     s["aux"] = [] if aux in (["none"], ["None"]) else aux
-    if s.get("level") == "breast":          # 'view' is per image; a breast reads both
+    if s.get("level") == "breast":          # 'view' is per image; a breast reads its views
         s["aux"] = [x for x in s["aux"] if x != "view"]
         if "batch_size" not in typed:
             s["batch_size"] = max(2, int(s.get("batch_size", 16)) // 2)

@@ -142,7 +142,8 @@ def estimate_training(params: dict, gpu: str = "h100", memory: bool = True,
     b = balance(train_labels, cfg.upsample, cfg.target_ratio, cfg.batch_size, cfg.min_positives,
                 cfg.pos_weight, cfg.neg_weight, cfg.seed)
     size = tuple(parse_size(cfg.size, MIN_MODEL_SIDE))
-    epoch_items = b.epoch_images + int(round(extra_images / views))
+    # other sources' images become breasts of the views a breast has, each read with `views`
+    epoch_items = b.epoch_images + int(round(extra_images / val_views))
     if rates and (cfg.model, size) in rates:
         tr, inf = rates[(cfg.model, size)]
         src = f"{cfg.model} @{size[0]}x{size[1]} measured here (--calibrate)"

@@ -85,8 +85,10 @@ def throughput(model: str, size: tuple[int, int], gpu: str = "h100") -> tuple[fl
     measured = model if model in H200_ANCHORS else PROXIES.get(model)
     if measured is None:
         raise RsnaError(f"model {model!r}: no measured throughput to estimate from; measured: "
-                        f"{sorted(H200_ANCHORS)}. Measure it on the GPU at hand with --calibrate, "
-                        "or add its ANCHORS.md figures to H200_ANCHORS")
+                        f"{sorted(H200_ANCHORS)}. Measure it on the GPU at hand with --calibrate "
+                        "(it times the plan's image-level steps; a breast-level step takes the "
+                        "rate of an image-level step of the same model and size), or add its "
+                        "ANCHORS.md figures to H200_ANCHORS")
     pixels = size[0] * size[1]
     (h, w), _, tr, inf = min(H200_ANCHORS[measured],
                              key=lambda a: abs(math.log(a[0][0] * a[0][1] / pixels)))

@@ -264,18 +264,18 @@ def collate_breasts(batch):
     the table's: a breast of 8 views in the table no longer makes every batch 8 views wide)
     with zeros and no intensity change, the slots `BreastModel` masks."""
     import torch
+    from torch.utils.data import default_collate
 
     from rsna_utils.learn.augment import NO_INTENSITY
     v = max(raw.shape[0] for (raw, _), _ in batch)
-    raws, params = [], []
-    for (raw, p), _ in batch:
+    padded = []
+    for (raw, p), y in batch:
         k = v - raw.shape[0]
         if k:
             raw = torch.cat([raw, raw.new_zeros((k, *raw.shape[1:]))])
             p = torch.cat([p, torch.from_numpy(NO_INTENSITY).to(p.dtype).expand(k, -1)])
-        raws.append(raw)
-        params.append(p)
-    return (torch.stack(raws), torch.stack(params)), torch.stack([y for _, y in batch])
+        padded.append(((raw, p), y))
+    return default_collate(padded)     # in a worker: straight into shared memory
 
 
 def _nanmean(a: np.ndarray) -> np.ndarray:

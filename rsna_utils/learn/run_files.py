@@ -5,6 +5,7 @@ them."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,6 +61,11 @@ def resume(cfg: TrainConfig, out: Path, model, opt: Optimisation,
             raise RsnaError(f"{last}: trained with {name}={was[name]!r}, resumed with "
                             f"{getattr(cfg, name)!r}; resume with {flag} {str(was[name]).lower()}, "
                             "or delete it to start over")
+    before = (state.config or {}).get("breast_views", "2")    # 2 until 2026-12-07
+    if cfg.level == "breast" and before != cfg.breast_views:    # said, not refused
+        print(f"resume: {last} trained with breast_views {before}; the rest of the run reads "
+              f"{cfg.breast_views} (a step's images, time and memory change with it); "
+              f"--breast-views {before} continues as it trained", file=sys.stderr, flush=True)
     from rsna_utils.image.convert import with_later_settings
     for name, what in RESUME_INPUT.items():
         if contract is None or name not in ck:          # older checkpoints did not store it

@@ -211,6 +211,13 @@ def test_a_breast_level_step_counts_the_views_it_reads(tmp_path):
     most = int(every.note.rsplit("memory for the most, ", 1)[1])
     assert 16 * mean < most <= 16 * 8 and every.memory_gib > two.memory_gib
     assert est.estimate_training(base, "h200", memory=True).memory_gib == every.memory_gib
+    # other sources' images are breasts of the views a breast has, read as breast_views says
+    extra = {v: est.estimate_training({**base, "breast_views": v}, "h200", memory=False,
+                                      extra_images=23_000) for v in ("all", "2", "random")}
+    assert extra["all"].batches == extra["2"].batches == extra["random"].batches
+    assert extra["all"].batches - every.batches == pytest.approx(23_000 / mean / 16, abs=1)
+    assert extra["all"].images - every.images == pytest.approx(23_000, abs=3)
+    assert extra["2"].images - two.images == pytest.approx(23_000 * 2 / mean, abs=3)
 
 
 def test_step_images_mean_and_most():

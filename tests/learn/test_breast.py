@@ -228,6 +228,23 @@ def test_a_batch_is_padded_to_its_own_most_views_not_the_tables(png48b, synth_sm
     assert y.shape == (2, 2)
 
 
+def test_resuming_a_run_trained_on_other_views_says_so(breast_run, tmp_path, capsys):
+    """A breast-level run resumed with another breast_views (a run of two views, from before
+    `all` became the default, continued with the default) is said, with the flag that keeps it."""
+    import shutil
+    root, _ = breast_run
+    shutil.copytree(root / "breast", tmp_path / "breast")
+    ran = torch.load(tmp_path / "breast" / "last.pt", weights_only=False)["config"]
+    base = {**{k: v for k, v in ran.items() if k in TrainConfig.field_names()},
+            "out": str(tmp_path / "breast"), "resume": True}
+    train(TrainConfig(**{**base, "breast_views": "2"}))
+    assert ("trained with breast_views all; the rest of the run reads 2 (a step's images, time "
+            "and memory change with it); --breast-views all continues as it trained"
+            ) in capsys.readouterr().err
+    train(TrainConfig(**base))
+    assert "trained with breast_views" not in capsys.readouterr().err
+
+
 def test_train_level_breast_starts_from_an_image_run_and_scores_breasts(breast_run, synth_small):
     root, best = breast_run
     run = root / "breast"
