@@ -99,19 +99,20 @@ def _breasts(df: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def step_images(views: np.ndarray, breast_views: str, batch: int,
-                steps: int = PEAK_STEPS, seed: int = 0) -> tuple[float, int]:
-    """(mean, most) images a breast-level training step passes through the backbone: `batch`
-    breasts drawn at random from breasts of `views` views each, read as `breast_views` says
-    (`breast.BreastDataset`: all, 2, or random 1 to all). The most over `steps` drawn steps
-    sizes the memory: a batch is padded to its breast of most views, and the backbone runs on
-    the views present."""
+                steps: int = PEAK_STEPS, seed: int = 0) -> tuple[float, int, int]:
+    """(mean, most, widest) images of a breast-level training step: `batch` breasts drawn at
+    random from breasts of `views` views each, read as `breast_views` says
+    (`breast.BreastDataset`: all, 2, or random 1 to all). The backbone runs on the views
+    present: their mean sizes the time and their most over `steps` drawn steps the
+    activations; a batch is padded to its breast of most views (`breast.collate_breasts`), so
+    its input holds batch x that many view slots, the widest of which is the third figure."""
     from rsna_utils.learn.breast import training_views
     rng = np.random.default_rng(seed)
     n = np.asarray(views)[rng.integers(len(views), size=(steps, batch))]
     read = (rng.integers(1, n + 1) if breast_views == "random"
             else training_views(n, breast_views).astype(int))
-    per_step = read.sum(1)
-    return float(training_views(views, breast_views).mean() * batch), int(per_step.max())
+    return (float(training_views(views, breast_views).mean() * batch), int(read.sum(1).max()),
+            int(read.max(1).max()) * batch)
 
 
 def estimate_training(params: dict, gpu: str = "h100", memory: bool = True,
@@ -157,13 +158,16 @@ def estimate_training(params: dict, gpu: str = "h100", memory: bool = True,
     seconds = cfg.epochs * (epoch_items * views / train_rate
                             + val_images * (2 if cfg.tta else 1) / val_rate)
     step, unit, how = cfg.batch_size, "", ""
+    padded = 0.0               # GiB of float input in the padded view slots of the widest batch
     if breast:                 # the memory of the step with the most views, not the mean one
-        mean_step, step = step_images(counts, cfg.breast_views, cfg.batch_size)
+        mean_step, step, slots = step_images(counts, cfg.breast_views, cfg.batch_size)
+        padded = slots * cfg.channels * size[0] * size[1] * 4 / 2**30
         unit = " breasts"
         how = (f"; {views:.2f} views a breast (breast_views {cfg.breast_views}): "
-               f"{mean_step:.1f} images a step on average, memory for the most, {step}")
+               f"{mean_step:.1f} images a step on average; memory for the most, {step}, and "
+               f"the float input of the widest batch, {slots} view slots ({padded:.2f} GiB)")
     mem = (training_memory_gib(cfg.model, size, step, bool(cfg.ema or cfg.ema_epochs),
-                               cfg.global_pool, cfg.drop_path)
+                               cfg.global_pool, cfg.drop_path) + padded
            if memory else None)
     more = f"; {extra_images:,.0f} source images an epoch" if extra_images else ""
     return StepEstimate("", f"train {cfg.model} {size[0]}x{size[1]} batch {cfg.batch_size}{unit}",

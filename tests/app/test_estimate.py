@@ -207,9 +207,13 @@ def test_a_breast_level_step_counts_the_views_it_reads(tmp_path):
     assert two.images == pytest.approx(every.images * 2 / mean, rel=0.01)
     assert rnd.images == pytest.approx(every.images * (mean + 1) / 2 / mean, rel=0.01)
     assert two.batches == every.batches == rnd.batches               # an epoch is in breasts
-    assert two.memory_gib == pytest.approx(img.memory_gib, rel=0.01)  # 16 breasts x 2 = 32
-    most = int(every.note.rsplit("memory for the most, ", 1)[1])
-    assert 16 * mean < most <= 16 * 8 and every.memory_gib > two.memory_gib
+    # 16 breasts x 2 = 32 images, and the 32 slots of float input the image model's count skips
+    assert two.memory_gib == pytest.approx(img.memory_gib + 32 * 3 * 512 * 256 * 4 / 2**30,
+                                           rel=0.01)
+    most, slots = (int(every.note.split(k, 1)[1].split(",")[0].split(" ")[0])
+                   for k in ("memory for the most, ", "the widest batch, "))
+    assert 16 * mean < most <= 16 * 8 and most <= slots <= 16 * 8
+    assert every.memory_gib > two.memory_gib
     assert est.estimate_training(base, "h200", memory=True).memory_gib == every.memory_gib
     # other sources' images are breasts of the views a breast has, read as breast_views says
     extra = {v: est.estimate_training({**base, "breast_views": v}, "h200", memory=False,
@@ -222,14 +226,15 @@ def test_a_breast_level_step_counts_the_views_it_reads(tmp_path):
 
 def test_step_images_mean_and_most():
     """A breast-level step's images: the mean and the most over the drawn steps, per setting."""
-    assert est.step_images(np.full(50, 2), "all", 8) == (16.0, 16)
+    assert est.step_images(np.full(50, 2), "all", 8) == (16.0, 16, 16)
     views = np.array([2, 8])
-    mean, most = est.step_images(views, "all", 4)
-    assert mean == 20.0 and most == 32                 # four 8-view breasts meet in 20,000 steps
-    assert est.step_images(views, "2", 4) == (8.0, 8)
-    mean, most = est.step_images(views, "random", 4)
-    assert mean == 12.0 and 20 < most <= 32
-    assert est.step_images(views, "all", 4, steps=1, seed=3)[1] in range(8, 33, 6)
+    # four 8-view breasts meet in 20,000 steps; one of them makes a batch 8 slots wide
+    assert est.step_images(views, "all", 4) == (20.0, 32, 32)
+    assert est.step_images(views, "2", 4) == (8.0, 8, 8)
+    mean, most, widest = est.step_images(views, "random", 4)
+    assert mean == 12.0 and 20 < most <= 32 and widest == 32
+    _, most, widest = est.step_images(views, "all", 4, steps=1, seed=3)
+    assert most in range(8, 33, 6) and widest == (8 if most == 8 else 32)
 
 
 def test_the_views_come_from_the_plans_table_when_at_hand(tmp_path):
@@ -242,7 +247,8 @@ def test_the_views_come_from_the_plans_table_when_at_hand(tmp_path):
                                    min_positives=0, target_ratio=None, upsample=1.0),
                               "h200", memory=False)
     assert "3.00 views a breast" in s.note and "12.0 images a step on average" in s.note
-    assert s.note.endswith("memory for the most, 12") and str(tmp_path / "train.csv") in s.note
+    assert "memory for the most, 12, and the float input of the widest batch, 12 view slots" \
+        in s.note and str(tmp_path / "train.csv") in s.note
 
 
 @pytest.mark.heavy          # trains each model of the plan a few steps (about 20 s)
